@@ -1,0 +1,327 @@
+"""One typed config tree for the whole system.
+
+A run is described by a `Config`: a preset (`tiny`, `cpu`, `small`, `paper27b`) optionally
+merged with a JSON/TOML file and `section.field=value` overrides from the command line.
+`validate()` fails fast with a `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerConfig:
+    path: str | None = None  # a tokenizer.json to load; None trains a byte-level BPE on the corpus
+    vocab_size: int = 4096  # BPE vocabulary when training; an upper bound when loading
+    cache_dir: str = ".cache/engram"
+
+
+@dataclass(kw_only=True, slots=True)
+class EngramConfig:
+    enabled: bool = True
+    layer_ids: list[int] = field(default_factory=lambda: [1])
+    max_ngram_size: int = 3
+    n_head_per_ngram: int = 8
+    n_embed_per_ngram: int = 512  # dims per n-gram order; each head gets n_embed_per_ngram // n_head
+    table_size_per_ngram: list[int] = field(default_factory=lambda: [5 * 129280, 5 * 129280])
+    kernel_size: int = 4
+    pad_id: int = 2  # raw tokenizer id used before the sequence start (mapped through compression)
+    seed: int = 0
+    init_std: float = 1.0  # N(0, init_std) rows, like nn.Embedding's default
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    mlp_hidden: int = 0  # 0 -> SwiGLU default of 8/3 * d_model rounded to 64
+    max_seq_len: int = 256
+    hc_mult: int = 1  # hyper-connection branches M >= 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    corpus: list[str] = field(default_factory=list)  # files or folders; empty -> Python's stdlib
+    max_corpus_mb: float = 8.0  # cap on the text read from the corpus
+    val_fraction: float = 0.05
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 3e-3
+    engram_lr_mult: float = 5.0  # paper: embeddings at 5x the backbone LR, no weight decay
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0 -> only at the end
+    seed: int = 1234
+    device: str = "cpu"
+    out_dir: str = "runs/latest"
+    progress: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "engram"  # Redis key prefix, so several clusters can share one Redis
+    num_shards: int = 2
+    num_slots: int = 256  # fixed for the life of a cluster; slots move, rows never move one by one
+    host: str = "127.0.0.1"
+    base_port: int = 0  # 0 -> free ports
+    wire_dtype: str = "bf16"  # fp32 | bf16 | fp16
+    optimizer: str = "adam"  # adam (lazy/sparse) | adagrad (row-wise)
+    checkpoint_dir: str = "runs/shards"
+    heartbeat_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    lookup_timeout_s: float = 10.0
+    max_message_mb: int = 64
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def tiny() -> Config:
+    """Seconds on a CPU: unit and integration tests."""
+    return Config(
+        tokenizer=TokenizerConfig(vocab_size=512),
+        model=ModelConfig(vocab_size=512, n_layer=2, n_head=2, d_model=32, max_seq_len=64),
+        engram=EngramConfig(
+            layer_ids=[1], n_head_per_ngram=2, n_embed_per_ngram=16, table_size_per_ngram=[997, 997]
+        ),
+        train=TrainConfig(seq_len=32, batch_size=4, steps=20, eval_every=10, eval_batches=2, max_corpus_mb=0.5),
+        cluster=ClusterConfig(num_shards=2, num_slots=16),
+    )
+
+
+def cpu() -> Config:
+    """The README's main job: a few minutes on a laptop-class CPU."""
+    return Config(
+        tokenizer=TokenizerConfig(vocab_size=2048),
+        model=ModelConfig(vocab_size=2048, n_layer=4, n_head=4, d_model=128, max_seq_len=128),
+        engram=EngramConfig(
+            layer_ids=[1, 3], n_head_per_ngram=4, n_embed_per_ngram=64, table_size_per_ngram=[20011, 20011]
+        ),
+        train=TrainConfig(seq_len=64, batch_size=16, steps=400, lr=3e-3, eval_every=100, max_corpus_mb=4.0),
+    )
+
+
+def small() -> Config:
+    """A single-GPU run where the Engram gain is measurable."""
+    return Config(
+        tokenizer=TokenizerConfig(vocab_size=8192),
+        model=ModelConfig(vocab_size=8192, n_layer=8, n_head=8, d_model=512, max_seq_len=512),
+        engram=EngramConfig(
+            layer_ids=[1, 5], n_head_per_ngram=8, n_embed_per_ngram=256,
+            table_size_per_ngram=[200003, 200003],
+        ),
+        train=TrainConfig(
+            seq_len=256, batch_size=32, steps=3000, lr=1e-3, eval_every=500, device="cuda", max_corpus_mb=64.0
+        ),
+    )
+
+
+def paper27b() -> Config:
+    """The paper's Engram-27B layout, as data (not trainable here).
+
+    Stated in the paper: Engram at layers 2 and 15, N-grams up to 3, 8 heads per order,
+    1280 dims, mHC with 4 branches, DeepSeek-V3's 128k tokenizer. The table size is derived
+    from the stated 5.7B Engram parameters: 5.7e9 / (2 layers * 2 orders * 1280 dims).
+    """
+    return Config(
+        tokenizer=TokenizerConfig(vocab_size=129280),
+        model=ModelConfig(vocab_size=129280, n_layer=30, n_head=16, d_model=2560, max_seq_len=4096, hc_mult=4),
+        engram=EngramConfig(
+            layer_ids=[2, 15], n_head_per_ngram=8, n_embed_per_ngram=1280,
+            table_size_per_ngram=[1_113_281, 1_113_281],
+        ),
+        train=TrainConfig(device="cuda"),
+    )
+
+
+PRESETS = {"tiny": tiny, "cpu": cpu, "small": small, "paper27b": paper27b}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def _set_path(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, field_name = dotted.partition(".")
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section) or not field_name:
+        raise ConfigError(f"{dotted}: unknown config field (expected section.field, sections: "
+                          f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
+    names = {f.name: f for f in dataclasses.fields(section)}
+    if field_name not in names:
+        raise ConfigError(f"{dotted}: unknown field of '{section_name}' (known: {', '.join(names)})")
+    current = getattr(section, field_name)
+    setattr(section, field_name, _coerce(dotted, value, current))
+
+
+def _coerce(dotted: str, value: Any, current: Any) -> Any:
+    if isinstance(value, str) and not isinstance(current, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            if current is not None:
+                raise ConfigError(f"{dotted}: cannot parse {value!r}") from None
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true/false, got {value!r}")
+    elif isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
+    elif isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted}: expected a number, got {value!r}")
+        value = float(value)
+    elif isinstance(current, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted}: expected a list, got {value!r}")
+    return value
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(preset: str = "cpu", file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """preset -> merged file -> `a.b=value` overrides -> validated Config."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[preset]()
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file: {file} does not exist")
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        for dotted, value in _flatten(data).items():
+            _set_path(cfg, dotted, value)
+    for item in overrides or []:
+        dotted, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        _set_path(cfg, dotted.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `Config.to_dict` (checkpoints and the control plane store the tree)."""
+    cfg = Config()
+    for dotted, value in _flatten(data).items():
+        _set_path(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}: must be positive, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    m, e, t, c = cfg.model, cfg.engram, cfg.train, cfg.cluster
+    for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "hc_mult"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_head or (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.d_model: {m.d_model} must split into n_head={m.n_head} even-sized heads")
+    if m.mlp_hidden < 0:
+        raise ConfigError(f"model.mlp_hidden: must be >= 0, got {m.mlp_hidden}")
+    _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
+    if cfg.tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"tokenizer.vocab_size: {cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}"
+        )
+    if e.enabled:
+        if not e.layer_ids:
+            raise ConfigError("engram.layer_ids: empty; set engram.enabled=false for a baseline")
+        if len(set(e.layer_ids)) != len(e.layer_ids):
+            raise ConfigError(f"engram.layer_ids: duplicate layers in {e.layer_ids}")
+        for layer in e.layer_ids:
+            if layer == 0:
+                raise ConfigError(
+                    "engram.layer_ids: Engram cannot be at layer 0 (nothing runs before it to hide the lookup)"
+                )
+            if not 0 < layer < m.n_layer:
+                raise ConfigError(f"engram.layer_ids: layer {layer} is outside 1..{m.n_layer - 1}")
+        if e.max_ngram_size < 2:
+            raise ConfigError(f"engram.max_ngram_size: must be >= 2, got {e.max_ngram_size}")
+        for name in ("n_head_per_ngram", "n_embed_per_ngram", "kernel_size", "init_std"):
+            _positive(f"engram.{name}", getattr(e, name))
+        if e.n_embed_per_ngram % e.n_head_per_ngram:
+            raise ConfigError(
+                f"engram.n_embed_per_ngram: {e.n_embed_per_ngram} not divisible by "
+                f"n_head_per_ngram={e.n_head_per_ngram}"
+            )
+        if len(e.table_size_per_ngram) != e.max_ngram_size - 1:
+            raise ConfigError(
+                f"engram.table_size_per_ngram: needs {e.max_ngram_size - 1} entries (one per order 2.."
+                f"{e.max_ngram_size}), got {len(e.table_size_per_ngram)}"
+            )
+        for size in e.table_size_per_ngram:
+            if not isinstance(size, int) or size <= 1:
+                raise ConfigError(f"engram.table_size_per_ngram: sizes must be integers > 1, got {size!r}")
+        if not 0 <= e.pad_id < m.vocab_size:
+            raise ConfigError(f"engram.pad_id: {e.pad_id} is outside the vocabulary 0..{m.vocab_size - 1}")
+    for name in ("seq_len", "batch_size", "steps", "lr", "eval_every", "eval_batches", "max_corpus_mb"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 < t.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction: must be in (0, 1), got {t.val_fraction}")
+    if t.engram_lr_mult <= 0:
+        raise ConfigError(f"train.engram_lr_mult: must be positive, got {t.engram_lr_mult}")
+    if t.weight_decay < 0 or t.warmup_steps < 0 or t.checkpoint_every < 0 or t.grad_clip < 0:
+        raise ConfigError("train.weight_decay/warmup_steps/checkpoint_every/grad_clip: must be >= 0")
+    for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb"):
+        _positive(f"cluster.{name}", getattr(c, name))
+    if c.num_shards > c.num_slots:
+        raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")
+    if c.wire_dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"cluster.wire_dtype: unknown {c.wire_dtype!r} (fp32, bf16 or fp16)")
+    if c.optimizer not in ("adam", "adagrad"):
+        raise ConfigError(f"cluster.optimizer: unknown {c.optimizer!r} (adam or adagrad)")
+    if not 0 <= c.base_port < 65536:
+        raise ConfigError(f"cluster.base_port: {c.base_port} is not a TCP port")

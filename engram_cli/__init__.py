@@ -1,0 +1,1 @@
+"""The `engram` command: thin argument parsing over the packages that do the work."""

@@ -1,0 +1,308 @@
+"""The Redis control plane: layout, slot map + epoch, shard registry with heartbeats, manifests.
+
+Every key lives under the cluster namespace (`cfg.cluster.namespace`), so several clusters can
+share one Redis. Values are msgpack-encoded.
+
+    {ns}:layout            the Config tree (`Config.to_dict()`) the cluster was initialised with
+    {ns}:slotmap           {"epoch": int, "owners": [shard id per slot]}
+    {ns}:shards            hash shard id -> {"address", "info", "last_seen", "registered_at"}
+    {ns}:alive:{id}        liveness key with a TTL, refreshed by heartbeats (gone = shard dead)
+    {ns}:manifest          the latest checkpoint manifest
+    {ns}:manifests         the last MANIFEST_HISTORY manifests, newest first
+
+Every Redis failure (connection refused, timeout, a Redis still loading) is raised as
+`ControlPlaneUnavailable`, whose message names the Redis URL and the operation.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from engram.config import Config, ConfigError, config_from_dict
+from engram.layout import even_slot_map
+
+T = TypeVar("T")
+MANIFEST_HISTORY = 20
+
+
+class ControlPlaneUnavailable(RuntimeError):
+    """Redis is down or unreachable; the message names the URL and what was being done."""
+
+
+@dataclass(slots=True)
+class SlotMap:
+    epoch: int
+    owners: list[int]  # slot -> shard id
+
+    def slots_of(self, shard_id: int) -> list[int]:
+        return [slot for slot, owner in enumerate(self.owners) if owner == shard_id]
+
+
+@dataclass(slots=True)
+class ShardRecord:
+    shard_id: int
+    address: str
+    alive: bool
+    info: dict[str, Any]
+    last_seen: float
+
+
+def redact_url(url: str) -> str:
+    """redis://user:secret@host:port/0 -> redis://user:***@host:port/0 (never log a password)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class ControlPlane:
+    def __init__(self, client: aioredis.Redis, *, url: str, namespace: str) -> None:
+        if not namespace:
+            raise ValueError("namespace: must be a non-empty key prefix")
+        self._r = client
+        self.url = redact_url(url)
+        self.namespace = namespace
+
+    @classmethod
+    def connect(
+        cls, url: str, namespace: str, *, timeout_s: float = 2.0, retries: int = 1
+    ) -> ControlPlane:
+        """A client for the cluster `namespace` at `url`; connects lazily (first call)."""
+        try:
+            client = aioredis.Redis.from_url(
+                url,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+            )
+        except ValueError as exc:
+            raise ValueError(f"redis url {redact_url(url)!r}: {exc}") from None
+        return cls(client, url=url, namespace=namespace)
+
+    # ---------------------------------------------------------------------------------------
+    # plumbing
+
+    def _key(self, *parts: object) -> str:
+        return ":".join([self.namespace, *map(str, parts)])
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise ControlPlaneUnavailable(
+                f"control plane at {self.url} is unreachable while {what}: {exc}"
+            ) from exc
+
+    async def ping(self) -> None:
+        await self._call("pinging", self._r.ping)
+
+    async def close(self) -> None:
+        try:
+            await self._r.aclose()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass
+
+    # ---------------------------------------------------------------------------------------
+    # layout and slot map
+
+    async def init_cluster(self, cfg: Config, *, num_shards: int, force: bool = False) -> SlotMap:
+        """Store the layout and an even slot map at epoch 1.
+
+        An initialised namespace is refused unless `force`, which first deletes every key of
+        the namespace (registry, manifests included) and starts again from epoch 1.
+        """
+        num_slots = cfg.cluster.num_slots
+        if not 1 <= num_shards <= num_slots:
+            raise ValueError(f"num_shards: must be in 1..{num_slots} (cluster.num_slots), got {num_shards}")
+        stored = copy.deepcopy(cfg)
+        stored.cluster.num_shards = num_shards
+        slot_map = SlotMap(epoch=1, owners=even_slot_map(num_slots, num_shards))
+
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._key("layout"), self._key("slotmap"))
+                current = await pipe.get(self._key("slotmap"))
+                if current is not None and not force:
+                    old = _unpack(current)
+                    raise ValueError(
+                        f"cluster {self.namespace!r} at {self.url} is already initialised (epoch "
+                        f"{old['epoch']}, {len(set(old['owners']))} shards); pass force=True to wipe it"
+                    )
+                stale = [k async for k in pipe.scan_iter(match=self._key("*"), count=500)] if force else []
+                pipe.multi()
+                if stale:
+                    pipe.delete(*stale)
+                pipe.set(self._key("layout"), _pack(stored.to_dict()))
+                pipe.set(self._key("slotmap"), _pack({"epoch": slot_map.epoch, "owners": slot_map.owners}))
+                await pipe.execute()
+
+        try:
+            await self._call("initialising the cluster", run)
+        except WatchError:
+            raise ValueError(f"cluster {self.namespace!r} was initialised concurrently; retry") from None
+        return slot_map
+
+    async def config(self) -> Config:
+        data = await self._call("reading the layout", lambda: self._r.get(self._key("layout")))
+        if data is None:
+            raise ConfigError(
+                f"cluster {self.namespace!r} at {self.url} is not initialised: run `engram cluster init`"
+            )
+        return config_from_dict(_unpack(data))
+
+    async def slot_map(self) -> SlotMap:
+        data = await self._call("reading the slot map", lambda: self._r.get(self._key("slotmap")))
+        if data is None:
+            raise ConfigError(
+                f"cluster {self.namespace!r} at {self.url} has no slot map: run `engram cluster init`"
+            )
+        value = _unpack(data)
+        return SlotMap(epoch=int(value["epoch"]), owners=[int(o) for o in value["owners"]])
+
+    async def set_slot_map(self, owners: list[int], *, expected_epoch: int) -> SlotMap:
+        """Compare-and-set: replace the owners if the epoch is still `expected_epoch`; epoch + 1."""
+        owners = [int(o) for o in owners]
+        if any(o < 0 for o in owners):
+            raise ValueError(f"owners: shard ids must be >= 0, got {sorted(set(o for o in owners if o < 0))}")
+        key = self._key("slotmap")
+
+        async def run() -> SlotMap:
+            async with self._r.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                data = await pipe.get(key)
+                if data is None:
+                    raise ValueError(f"cluster {self.namespace!r} at {self.url} has no slot map to change")
+                current = _unpack(data)
+                if current["epoch"] != expected_epoch:
+                    raise ValueError(f"slot map changed (epoch {current['epoch']}, expected {expected_epoch})")
+                if len(owners) != len(current["owners"]):
+                    raise ValueError(
+                        f"owners: {len(owners)} entries, the cluster has {len(current['owners'])} slots"
+                    )
+                new = SlotMap(epoch=expected_epoch + 1, owners=owners)
+                pipe.multi()
+                pipe.set(key, _pack({"epoch": new.epoch, "owners": new.owners}))
+                await pipe.execute()
+                return new
+
+        try:
+            return await self._call("writing the slot map", run)
+        except WatchError:
+            raise ValueError(f"slot map changed concurrently (expected epoch {expected_epoch})") from None
+
+    # ---------------------------------------------------------------------------------------
+    # shard registry
+
+    async def register_shard(self, shard_id: int, address: str, info: dict, *, ttl_s: float) -> None:
+        now = time.time()
+        record = {"address": address, "info": info, "last_seen": now, "registered_at": now}
+
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key("shards"), str(shard_id), _pack(record))
+                pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._call(f"registering shard {shard_id}", run)
+
+    async def heartbeat(self, shard_id: int, info: dict, *, ttl_s: float) -> None:
+        """Refresh the liveness key and the shard's info.
+
+        Raises LookupError when the shard is not registered (e.g. Redis restarted empty): the
+        caller registers again.
+        """
+
+        async def run() -> None:
+            data = await self._r.hget(self._key("shards"), str(shard_id))
+            if data is None:
+                raise LookupError(f"shard {shard_id} is not registered in cluster {self.namespace!r}")
+            record = _unpack(data)
+            record.update(info=info, last_seen=time.time())
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key("shards"), str(shard_id), _pack(record))
+                pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._call(f"sending the heartbeat of shard {shard_id}", run)
+
+    async def deregister_shard(self, shard_id: int) -> None:
+        """Mark a shard dead at once (clean shutdown); its record stays for `shards()`."""
+        await self._call(f"deregistering shard {shard_id}", lambda: self._r.delete(self._key("alive", shard_id)))
+
+    async def shards(self) -> list[ShardRecord]:
+        """Every shard ever registered, sorted by id; `alive` = its liveness key exists."""
+
+        async def run() -> list[ShardRecord]:
+            raw = await self._r.hgetall(self._key("shards"))
+            ids = sorted(int(k) for k in raw)
+            async with self._r.pipeline(transaction=False) as pipe:
+                for shard_id in ids:
+                    pipe.exists(self._key("alive", shard_id))
+                alive = await pipe.execute() if ids else []
+            out = []
+            for shard_id, is_alive in zip(ids, alive, strict=True):
+                record = _unpack(raw[str(shard_id).encode()])
+                out.append(
+                    ShardRecord(
+                        shard_id=shard_id,
+                        address=record["address"],
+                        alive=bool(is_alive),
+                        info=record.get("info", {}),
+                        last_seen=float(record.get("last_seen", 0.0)),
+                    )
+                )
+            return out
+
+        return await self._call("listing shards", run)
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoint manifests
+
+    async def put_manifest(self, manifest: dict) -> None:
+        if "step" not in manifest or "files" not in manifest:
+            raise ValueError(f"manifest: needs 'step' and 'files', got keys {sorted(manifest)}")
+        data = _pack(manifest)
+
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(self._key("manifest"), data)
+                pipe.lpush(self._key("manifests"), data)
+                pipe.ltrim(self._key("manifests"), 0, MANIFEST_HISTORY - 1)
+                await pipe.execute()
+
+        await self._call("writing the checkpoint manifest", run)
+
+    async def latest_manifest(self) -> dict | None:
+        data = await self._call("reading the checkpoint manifest", lambda: self._r.get(self._key("manifest")))
+        return None if data is None else _unpack(data)
+
+    async def manifests(self) -> list[dict]:
+        """The last MANIFEST_HISTORY manifests, newest first."""
+        raw = await self._call(
+            "reading the manifest history", lambda: self._r.lrange(self._key("manifests"), 0, -1)
+        )
+        return [_unpack(d) for d in raw]

@@ -1,0 +1,153 @@
+"""Shared helpers for integration tests: a real redis-server and real shard processes.
+
+Import the fixtures you need into a test module (`from tests.fixtures_cluster import
+redis_server`); every process started here is killed in teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a loopback port, no persistence; stop/start keeps the port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        cmd = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING in {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ShardProcess:
+    """`python -m services.shard ...` as a child process; `start()` waits for its READY line."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.shard_id = -1
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr = tempfile.TemporaryFile(mode="w+b")
+
+    def start(self, timeout_s: float = 60.0) -> ShardProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.shard", *self.args],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        line = self.wait_line("READY ", timeout_s)
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        self.shard_id, self.address = int(fields["shard"]), fields["address"]
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_line(self, prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise TimeoutError(f"no {prefix!r} line from shard in {timeout_s} s; stderr:\n{self.stderr()}") from None
+            if line is None:
+                rc = self.proc.wait() if self.proc else None
+                raise RuntimeError(f"shard exited ({rc}) before {prefix!r}; stderr:\n{self.stderr()}")
+            if line.startswith(prefix):
+                return line
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def terminate(self, timeout_s: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def shard_procs() -> Iterator[list[ShardProcess]]:
+    """Append ShardProcess objects to the yielded list; all are killed at teardown."""
+    procs: list[ShardProcess] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def run_shard_to_exit(args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    """Run `python -m services.shard` expecting it to exit (bad configuration paths)."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.shard", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

@@ -53,3 +53,40 @@ def rowwise_adagrad_(w: torch.Tensor, acc: torch.Tensor, g: torch.Tensor, *, p: 
     """In place on (U, D) block w and (U,) accumulator acc."""
     acc.add_(g.pow(2).mean(dim=1))
     w.addcdiv_(g, acc.sqrt().add_(p.eps).unsqueeze(1), value=-p.lr)
+
+
+class SparseRowAdam(torch.optim.Optimizer):
+    """torch.optim.Optimizer over embedding tables with sparse gradients, using `lazy_adam_`.
+
+    The local trainer uses it so that local tables and shard-held tables run the very same
+    update code. No weight decay (the paper trains Engram embeddings without it).
+    """
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):  # type: ignore[no-untyped-def]
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def,override]
+        for group in self.param_groups:
+            p_adam = AdamParams(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseRowAdam expects sparse gradients (F.embedding(..., sparse=True))")
+                grad = p.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()  # (U,), (U, D)
+                if rows.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                w, m, v = p.index_select(0, rows), state["exp_avg"].index_select(0, rows), state["exp_avg_sq"].index_select(0, rows)
+                lazy_adam_(w, m, v, values, step=state["step"], p=p_adam)
+                p.index_copy_(0, rows, w)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+        return None

@@ -18,6 +18,8 @@ from engram.layout import TableLayout, table_layouts
 class EngramIndexer(nn.Module):
     """raw ids (B, T) -> {layer: (unique_rows (U,), inverse (B, T, Hn))}."""
 
+    compress: torch.Tensor  # (V,) raw id -> canonical id
+
     def __init__(self, cfg: EngramConfig, compress_lookup: np.ndarray) -> None:
         super().__init__()
         lookup = np.asarray(compress_lookup, dtype=np.int64)

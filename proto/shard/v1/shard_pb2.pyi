@@ -185,12 +185,14 @@ class ImportSlotsResponse(_message.Message):
     def __init__(self, slots_received: _Optional[int] = ...) -> None: ...
 
 class SetSlotMapRequest(_message.Message):
-    __slots__ = ("epoch", "owned_slots")
+    __slots__ = ("epoch", "owned_slots", "owners")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OWNED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     owned_slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, epoch: _Optional[int] = ..., owned_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    owners: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., owned_slots: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SetSlotMapResponse(_message.Message):
     __slots__ = ("slots_dropped",)

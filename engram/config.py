@@ -94,12 +94,24 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DistConfig:
+    """Distributed training on Ray (`engram train --ray`): tables live on the memory shards."""
+
+    mode: str = "sync"  # sync: equals single-process training | async: lookups may miss `staleness` steps
+    staleness: int = 1  # async: lookups of step s see at least steps 1..s-1-staleness applied
+    num_workers: int = 2  # Ray Train workers; train.batch_size is the global batch split across them
+    use_gpu: bool = False  # one GPU per worker, NCCL for the dense parameters (gloo on CPU)
+    ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,3 +337,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.optimizer: unknown {c.optimizer!r} (adam or adagrad)")
     if not 0 <= c.base_port < 65536:
         raise ConfigError(f"cluster.base_port: {c.base_port} is not a TCP port")
+    d = cfg.dist
+    if d.mode not in ("sync", "async"):
+        raise ConfigError(f"dist.mode: unknown {d.mode!r} (sync or async)")
+    if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:
+        raise ConfigError(f"dist.staleness: must be an integer >= 0, got {d.staleness!r}")
+    if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 1:
+        raise ConfigError(f"dist.num_workers: must be an integer >= 1, got {d.num_workers!r}")
+    if d.ray_address is not None and not isinstance(d.ray_address, str):
+        raise ConfigError(f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}")

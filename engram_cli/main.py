@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "benchmarks: lookup, quality, prefetch",
     "serve": "run the model-worker inference server",
     "generate": "generate text from a running model worker",
+    "health": "grpc.health.v1 check of a server (exit 0 when SERVING): container health checks",
 }
 
 

@@ -94,6 +94,18 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class WorkerConfig:
+    row_source: str = "local"  # local (the model's own tables) | remote (memory shards via the cluster)
+    prefetch: bool = True  # issue lookups as soon as ids are known; false -> synchronously at the layer
+    cache_mb: float = 0.0  # hot-row cache on the device for frozen tables; 0 -> off
+    max_batch: int = 8  # dynamic batching: most requests in one model call
+    batch_timeout_ms: float = 5.0  # how long the batcher waits to fill a batch
+    max_new_tokens: int = 512  # upper bound a Generate request may ask for
+    port: int = 50061
+    device: str = "cpu"
+
+
+@dataclass(kw_only=True, slots=True)
 class DistConfig:
     """Distributed training on Ray (`engram train --ray`): tables live on the memory shards."""
 
@@ -112,6 +124,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,3 +359,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.num_workers: must be an integer >= 1, got {d.num_workers!r}")
     if d.ray_address is not None and not isinstance(d.ray_address, str):
         raise ConfigError(f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}")
+    w = cfg.worker
+    if w.row_source not in ("local", "remote"):
+        raise ConfigError(f"worker.row_source: unknown {w.row_source!r} (local or remote)")
+    if w.cache_mb < 0:
+        raise ConfigError(f"worker.cache_mb: must be >= 0, got {w.cache_mb}")
+    for name in ("max_batch", "max_new_tokens"):
+        _positive(f"worker.{name}", getattr(w, name))
+    if w.batch_timeout_ms < 0:
+        raise ConfigError(f"worker.batch_timeout_ms: must be >= 0, got {w.batch_timeout_ms}")
+    if not 0 <= w.port < 65536:
+        raise ConfigError(f"worker.port: {w.port} is not a TCP port")

@@ -1,0 +1,331 @@
+"""The prefetch pipeline: Engram rows are on their way before the forward pass needs them.
+
+A batch goes through four stages (the way torchrec's TrainPipelineSparseDist writes down
+its own); only stage 4 is on the model's critical path:
+
+1. **indices** -- as soon as the batch's token ids are known, `model.engram_indices(ids)`
+   computes every Engram layer's hashed rows, deduplicated: {layer: (unique (U,), inverse
+   (B, T, Hn))}. Pure torch, no I/O; runs on the GPU when the model is there.
+2. **issue** -- per layer, the unique rows (minus hot-cache hits, see `worker.cache`) go to
+   a `RowSource`, which returns a `concurrent.futures.Future` at once. `LocalRowSource`
+   reads the model's own tables (tests, the baseline); `RemoteRowSource` sends them to the
+   memory shards through the asyncio `ShardClient`, running on a dedicated event-loop
+   thread (`LoopThread`) so that the synchronous model code can issue now and wait later;
+   the lookups of all layers are in flight concurrently.
+3. **land** -- on the loop thread, when a layer's rows arrive they are copied into pinned
+   host memory and then to the device on a side CUDA stream, and a CUDA event is recorded
+   after the copy. On CPU the received tensor is used as it is.
+4. **wait** -- when block l is reached, `PrefetchHandle.rows(l)` waits for that layer's
+   future (bounded by the lookup deadline; a timeout is `RowsUnavailable`), then makes the
+   compute stream wait on the event (`current_stream().wait_event`) -- the GPU waits for a
+   copy, never for the network -- and the Engram layer gathers with the inverse index.
+
+Blocks 0..l-1 run while the rows fly: `handle.lazy()` is a mapping that `EngramLM.forward`
+reads per layer (`engram_rows.get(l)` happens when block l runs), so each layer waits for
+its own rows only. With `prefetch=False` the pipeline is the synchronous baseline: indices
+and lookup happen at the layer, and the network time is on the critical path.
+
+    pipeline = PrefetchPipeline(model, LocalRowSource(model))
+    handle = pipeline.prefetch(ids_BT)          # stages 1-3 start
+    ...                                         # anything else (layers 0..l-1)
+    logits, _ = model(ids_BT, engram_rows=handle.lazy())   # stage 4 per layer
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures as cf
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from engram.engram_layer import EngramRows
+from engram.model import EngramLM
+from worker.cache import HotRowCache
+
+T = TypeVar("T")
+
+
+class RowsUnavailable(RuntimeError):
+    """A layer's rows did not arrive (deadline passed or a shard failed); the text says which."""
+
+
+@dataclass(slots=True)
+class Landed:
+    rows: torch.Tensor  # (U, dh) on the target device (or CPU)
+    event: Any = None  # torch.cuda.Event recorded after the device copy, None on CPU
+
+
+class LoopThread:
+    """An asyncio event loop (uvloop when installed) on its own daemon thread."""
+
+    def __init__(self, name: str = "engram-rows") -> None:
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Awaitable[T]) -> cf.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class Lander:
+    """Stage 3: CPU rows -> pinned host memory -> device on a side stream, with an event."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def land(self, rows_cpu: torch.Tensor) -> Landed:
+        if not self.cuda:
+            return Landed(rows_cpu.to(self.device))
+        pinned = torch.empty(rows_cpu.shape, dtype=rows_cpu.dtype, pin_memory=True)  # (U, dh)
+        pinned.copy_(rows_cpu)
+        with torch.cuda.stream(self.stream):
+            rows = pinned.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return Landed(rows, event)
+
+
+class RowSource(abc.ABC):
+    """Stage 2: `issue` returns at once; each future resolves to that layer's `Landed` rows."""
+
+    @abc.abstractmethod
+    def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
+        """{layer: unique rows (U,)} -> {layer: future of rows (U, dh) in the same order}."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalRowSource(RowSource):
+    """The model's own tables (tests and the in-device baseline); futures are already done."""
+
+    def __init__(self, model: EngramLM) -> None:
+        self.model = model
+
+    def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
+        out: dict[int, cf.Future[Landed]] = {}
+        for layer, ids in unique.items():
+            fut: cf.Future[Landed] = cf.Future()
+            fut.set_result(Landed(self.model.tables[str(layer)](ids)))  # (U, dh), sparse grad
+            out[layer] = fut
+        return out
+
+
+class AsyncRowClient(Protocol):
+    """What `RemoteRowSource` needs of a shard client: rows of `row_ids` in request order."""
+
+    def lookup(self, table: int, row_ids: torch.Tensor) -> Awaitable[Any]: ...
+
+
+def rows_of(result: Any) -> torch.Tensor:
+    """Normalise a client lookup result to (U, dh) rows in request order.
+
+    Accepts a tensor, or a handle exposing `rows` (unique rows) and optionally `inverse`
+    (request position -> row), as `services.client.ShardClient` returns.
+    """
+    if isinstance(result, torch.Tensor):
+        return result
+    rows = result.rows
+    inverse = getattr(result, "inverse", None)
+    if inverse is None:
+        return rows
+    inverse = torch.as_tensor(inverse).reshape(-1)
+    if inverse.numel() == rows.shape[0] and bool((inverse == torch.arange(rows.shape[0])).all()):
+        return rows
+    return rows[inverse]
+
+
+class RemoteRowSource(RowSource):
+    """Memory shards through an asyncio client, driven from a `LoopThread`."""
+
+    def __init__(
+        self, client: AsyncRowClient, *, loop: LoopThread, device: torch.device | str = "cpu",
+        timeout_s: float = 10.0, owns: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.client, self.loop, self.timeout_s = client, loop, timeout_s
+        self.lander = Lander(torch.device(device))
+        self._close_client = owns
+
+    async def _fetch(self, layer: int, ids_cpu: torch.Tensor) -> Landed:
+        try:
+            result = await asyncio.wait_for(self._lookup(layer, ids_cpu), self.timeout_s)
+        except TimeoutError:
+            raise RowsUnavailable(
+                f"Engram layer {layer}: the memory shards did not answer a lookup of {ids_cpu.numel()} rows "
+                f"within cluster.lookup_timeout_s={self.timeout_s:g}s"
+            ) from None
+        return self.lander.land(rows_of(result))
+
+    async def _lookup(self, layer: int, ids_cpu: torch.Tensor) -> Any:
+        result = self.client.lookup(layer, ids_cpu)
+        while asyncio.isfuture(result) or asyncio.iscoroutine(result):  # a handle may itself be awaitable
+            result = await result
+        return result
+
+    def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
+        return {layer: self.loop.submit(self._fetch(layer, ids.detach().cpu())) for layer, ids in unique.items()}
+
+    def close(self) -> None:
+        if self._close_client is not None:
+            try:
+                self.loop.call(self._close_client(), timeout=5)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+
+class PrefetchHandle:
+    """One batch's rows in flight; `rows(layer)` is stage 4 for one layer."""
+
+    def __init__(
+        self, *, indices: dict[int, tuple[torch.Tensor, torch.Tensor]], futures: dict[int, cf.Future[Landed]],
+        hits: dict[int, tuple[torch.Tensor, torch.Tensor] | None], pipeline: PrefetchPipeline,
+    ) -> None:
+        self.indices, self.futures, self.hits, self.pipeline = indices, futures, hits, pipeline
+        self._done: dict[int, EngramRows] = {}
+
+    def rows(self, layer: int) -> EngramRows:
+        if layer in self._done:
+            return self._done[layer]
+        unique, inverse = self.indices[layer]
+        fut = self.futures[layer]
+        try:
+            landed = fut.result(timeout=self.pipeline.timeout_s + 1.0)
+        except cf.TimeoutError:
+            fut.cancel()
+            raise RowsUnavailable(
+                f"Engram layer {layer}: rows did not arrive within {self.pipeline.timeout_s:g}s"
+            ) from None
+        except RowsUnavailable:
+            raise
+        except Exception as exc:  # a shard error: name the layer, keep the cause
+            raise RowsUnavailable(f"Engram layer {layer}: lookup failed: {exc}") from exc
+        if landed.event is not None:
+            torch.cuda.current_stream().wait_event(landed.event)
+            landed.rows.record_stream(torch.cuda.current_stream())
+        rows = self.pipeline.assemble(layer, unique, landed.rows, self.hits.get(layer))
+        out = EngramRows(rows=rows, inverse=inverse)
+        self._done[layer] = out
+        return out
+
+    def wait(self) -> dict[int, EngramRows]:
+        return {layer: self.rows(layer) for layer in self.indices}
+
+    def lazy(self) -> LazyRows:
+        return LazyRows(self.rows, list(self.indices))
+
+
+class LazyRows(Mapping[int, EngramRows]):
+    """A mapping `EngramLM.forward` reads per layer: `get(l)` runs when block l is reached."""
+
+    def __init__(self, fetch: Callable[[int], EngramRows], layers: list[int]) -> None:
+        self._fetch, self._layers = fetch, layers
+
+    def __getitem__(self, layer: int) -> EngramRows:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return self._fetch(layer)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+class PrefetchPipeline:
+    """indices -> issue -> land -> wait (module docstring); `prefetch=False` is the sync baseline.
+
+    `train=True` makes remote rows fp32 grad-requiring leaves (their `.grad` is what a trainer
+    pushes to the shards); a cache is for frozen tables unless the caller passes `step` and
+    gives the cache a staleness bound (see `worker.cache`).
+    """
+
+    def __init__(
+        self, model: EngramLM, source: RowSource, *, prefetch: bool = True, cache: HotRowCache | None = None,
+        timeout_s: float = 10.0, train: bool = False,
+    ) -> None:
+        if model.indexer is None:
+            raise ValueError("model: has no Engram layers, nothing to prefetch")
+        self.model, self.source, self.prefetch_enabled = model, source, prefetch
+        self.cache, self.timeout_s, self.train = cache, timeout_s, train
+        self.step: int | None = None  # training step for the cache's staleness check
+
+    def _issue(self, indices: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> PrefetchHandle:
+        hits: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        to_fetch: dict[int, torch.Tensor] = {}
+        for layer, (unique, _) in indices.items():
+            if self.cache is None:
+                hits[layer], to_fetch[layer] = None, unique
+                continue
+            hit_mask, hit_rows = self.cache.lookup(layer, unique, step=self.step)  # (U,), (H, dh)
+            hits[layer] = (hit_mask, hit_rows)
+            to_fetch[layer] = unique[~hit_mask]
+        futures = self.source.issue(to_fetch)
+        return PrefetchHandle(indices=indices, futures=futures, hits=hits, pipeline=self)
+
+    def prefetch(self, ids_BT: torch.Tensor) -> PrefetchHandle:
+        """Stages 1-3 for a batch; returns at once with the lookups in flight."""
+        with torch.no_grad():
+            indices = self.model.engram_indices(ids_BT)
+        return self._issue(indices)
+
+    def assemble(
+        self, layer: int, unique: torch.Tensor, fetched: torch.Tensor,
+        hit: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Merge cache hits with fetched misses -> (U, dh) in `unique` order; fill the cache."""
+        if hit is not None:
+            hit_mask, hit_rows = hit
+            assert self.cache is not None
+            self.cache.insert(layer, unique[~hit_mask], fetched.detach(), version=self.step)
+            merged = torch.empty((unique.numel(), fetched.shape[1]), dtype=fetched.dtype, device=fetched.device)
+            merged[hit_mask] = hit_rows.to(fetched.dtype)
+            merged[~hit_mask] = fetched
+            fetched = merged
+        if self.train and not fetched.requires_grad:
+            fetched = fetched.float().requires_grad_(True)  # leaf: its grad goes back to the shards
+        return fetched
+
+    def engram_rows(self, ids_BT: torch.Tensor) -> Mapping[int, EngramRows]:
+        """What to pass as `engram_rows=`: prefetched now, or (sync baseline) fetched at the layer."""
+        if self.prefetch_enabled:
+            return self.prefetch(ids_BT).lazy()
+        layers = list(self.model.indexer.layouts) if self.model.indexer is not None else []
+        indices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def at_layer(layer: int) -> EngramRows:  # issue this layer's lookup now, then wait for it
+            if not indices:
+                with torch.no_grad():
+                    indices.update(self.model.engram_indices(ids_BT))
+            return self._issue({layer: indices[layer]}).rows(layer)
+
+        return LazyRows(at_layer, layers)
+
+    def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        """-> (logits (B, T, V), loss); rows come from the source through the pipeline."""
+        return self.model(ids_BT, targets_BT, engram_rows=self.engram_rows(ids_BT))
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,73 @@
+"""`python -m services.shard`: run one memory-shard server (also `engram shard`).
+
+    python -m services.shard --preset tiny --standalone --shard-id 0 --port 0
+    python -m services.shard --set cluster.redis_url=redis://10.0.0.5:6379/0 --shard-id 3 --host 0.0.0.0
+
+Exit codes: 0 after a clean SIGTERM/SIGINT shutdown, 2 when it cannot boot (bad configuration,
+control plane down or not initialised, a checkpoint that does not verify), with the reason on
+stderr. Once serving, stdout gets exactly one line: `READY shard=<id> address=<host:port>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvloop
+
+from engram.config import ConfigError, load_config
+from engram_cli.main import add_config_args
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--shard-id", type=int, default=0, help="this shard's id (>= 0)")
+    parser.add_argument("--host", default=None, help="interface to bind (default: cluster.host)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument("--advertise", default="", help="host:port to register (default: host:port bound)")
+    parser.add_argument(
+        "--standalone", action="store_true",
+        help="no control plane: slot map = even split of cluster.num_slots over cluster.num_shards, epoch 1",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="worker threads (0: cores + 2, at most 8)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: cores // 4)")
+    parser.add_argument("--grace-s", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.shard.server import BootError, ServeOptions, serve  # grpc/torch only when serving
+
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.preset, args.config, args.overrides)
+        if args.shard_id < 0:
+            raise ConfigError(f"--shard-id: must be >= 0, got {args.shard_id}")
+        if not 0 <= args.port < 65536:
+            raise ConfigError(f"--port: {args.port} is not a TCP port")
+        opts = ServeOptions(
+            shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
+            standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads, grace_s=args.grace_s,
+        )
+        return uvloop.run(serve(cfg, opts))
+    except (ConfigError, BootError) as exc:
+        print(f"engram shard {args.shard_id}: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.shard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Per-slot checkpoint files: written atomically, verified completely before any restore.
+
+One file per (table, slot), at `<directory>/table<T>/slot<SSSSS>.bin`:
+
+    header  48 bytes, little-endian (_HEADER): magic b"ENGSLOT1", format version, table, slot,
+            num_slots, rows, dim, optimizer kind (0 adam, 1 adagrad), applied step
+    weights (rows, dim) fp32
+    state   adam: m (rows, dim) then v (rows, dim) fp32 ; adagrad: acc (rows,) fp32
+
+The sha256 of the whole file is returned in the SlotFile (and so lands in the manifest).
+Writing: tmp file -> write -> flush -> fsync -> rename -> fsync of the directory.
+Restoring is two passes: `verify_slot` checks existence, size, header and sha256 of every
+file (nothing is touched if any is bad), then `load_slot` reads each file straight into the
+live table's slot block (no second copy of the table in memory) and re-hashes what it read;
+a file changed between the two passes (a concurrent writer) is reported as DATA_LOSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.store import SlotData
+
+MAGIC = b"ENGSLOT1"
+FORMAT_VERSION = 1
+KIND_CODES = {"adam": 0, "adagrad": 1}
+_HEADER = struct.Struct("<8sIiiIQIB3xQ")  # magic, version, table, slot, num_slots, rows, dim, kind, step
+_READ_BLOCK = 8 << 20
+_PARTLY = "table partly restored: restore again from an intact checkpoint"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotMeta:
+    """What a slot file must hold, from this shard's layout."""
+
+    table: int
+    slot: int
+    num_slots: int
+    rows: int
+    dim: int
+    kind: str
+
+    @property
+    def state_floats(self) -> int:
+        return self.rows * (2 * self.dim if self.kind == "adam" else 1)
+
+    @property
+    def file_bytes(self) -> int:
+        return _HEADER.size + 4 * (self.rows * self.dim + self.state_floats)
+
+
+def slot_path(table: int, slot: int) -> str:
+    return f"table{table}/slot{slot:05d}.bin"
+
+
+def _arrays(block: SlotData) -> list[np.ndarray]:
+    """The slot's tensors as contiguous numpy views, in file order."""
+    return [t.contiguous().numpy() for t in (block.weights, *block.state)]
+
+
+def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
+    """Write one slot file atomically (the caller fsyncs the directory) -> SlotFile fields."""
+    rel = slot_path(meta.table, meta.slot)
+    path = Path(directory) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim,
+        KIND_CODES[meta.kind], block.applied_step,
+    )
+    digest = hashlib.sha256(header)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for arr in _arrays(block):
+                view = memoryview(arr).cast("B")
+                digest.update(view)
+                f.write(view)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "table": meta.table, "slot": meta.slot, "path": rel, "sha256": digest.hexdigest(),
+        "num_rows": meta.rows, "num_bytes": meta.file_bytes,
+    }
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve(directory: str, rel: str) -> Path:
+    """A manifest path, which must stay inside the checkpoint directory."""
+    if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise invalid(f"slot file path {rel!r} must be relative to the checkpoint directory")
+    return Path(directory) / rel
+
+
+def _data_loss(path: Path, what: str, outcome: str = "restore refused, tables unchanged") -> ShardError:
+    return ShardError(Code.DATA_LOSS, f"checkpoint file {path}: {what}; {outcome}")
+
+
+def verify_slot(directory: str, rel: str, sha256: str, meta: SlotMeta) -> int:
+    """Check one file completely without loading it -> its applied step."""
+    path = resolve(directory, rel)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise precondition(f"checkpoint file {path} does not exist; restore refused, tables unchanged") from None
+    if size < _HEADER.size:
+        raise _data_loss(path, f"truncated: {size} bytes, shorter than the {_HEADER.size}-byte header")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        raw = f.read(_HEADER.size)
+        digest.update(raw)
+        step = check_header(path, raw, meta)
+        if size != meta.file_bytes:
+            raise _data_loss(path, f"truncated or padded: {size} bytes, expected {meta.file_bytes}")
+        while chunk := f.read(_READ_BLOCK):
+            digest.update(chunk)
+    if sha256 and digest.hexdigest() != sha256:
+        raise _data_loss(path, f"sha256 mismatch (file {digest.hexdigest()[:16]}..., manifest {sha256[:16]}...)")
+    return step
+
+
+def check_header(path: Path, raw: bytes, meta: SlotMeta) -> int:
+    magic, version, table, slot, num_slots, rows, dim, kind, step = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise _data_loss(path, f"not an Engram slot file (magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise precondition(f"checkpoint file {path}: format version {version}, this shard reads {FORMAT_VERSION}")
+    got = (table, slot, num_slots, rows, dim, kind)
+    want = (meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim, KIND_CODES[meta.kind])
+    if got != want:
+        names = ("table", "slot", "num_slots", "rows", "dim", "optimizer")
+        diff = ", ".join(f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want, strict=True) if g != w)
+        raise precondition(f"checkpoint file {path} does not match this cluster's layout: {diff}")
+    return int(step)
+
+
+def load_slot(directory: str, rel: str, sha256: str, meta: SlotMeta, dst: SlotData) -> None:
+    """Read a verified file straight into the slot block `dst` (weights and state views)."""
+    path = resolve(directory, rel)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        raw = f.read(_HEADER.size)
+        digest.update(raw)
+        check_header(path, raw, meta)
+        for arr in _arrays(dst):
+            view = memoryview(arr).cast("B")
+            if f.readinto(view) != view.nbytes:
+                raise _data_loss(path, "changed while restoring (now shorter)", _PARTLY)
+            digest.update(view)
+    if sha256 and digest.hexdigest() != sha256:
+        raise _data_loss(path, "changed while restoring (sha256 differs from the verified file)", _PARTLY)

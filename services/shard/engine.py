@@ -1,0 +1,321 @@
+"""The shard's request handling on the event loop: locks, the worker pool, aggregation, admin.
+
+Concurrency model:
+- every table touch runs in a ThreadPoolExecutor (torch gathers/updates release the GIL), so
+  the event loop only parses, dispatches and replies; tiny lookups run inline;
+- lookups take no lock and run concurrently with everything;
+- updates of one table are serialised by that table's asyncio.Lock; the lock is held until
+  the worker thread has finished, even if the caller goes away (no update ever overlaps
+  another, and a cancelled call's update is either fully applied or not started);
+- admin operations (checkpoint, restore, migration, slot map) are serialised by one admin lock
+  and take the table locks they need, always in table order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+import psutil
+
+from engram.layout import slot_num_rows
+from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.shard import checkpoint as ckpt
+from services.shard.aggregate import StepAggregator
+from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.migrate import Staging, slot_chunks
+from services.shard.store import ShardStore
+
+T = TypeVar("T")
+INLINE_LOOKUP_ROWS = 256  # smaller lookups skip the thread hop
+
+
+class ShardEngine:
+    def __init__(
+        self,
+        store: ShardStore,
+        *,
+        pool: ThreadPoolExecutor,
+        max_message_bytes: int,
+        address: str = "",
+        pending_wait_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.address = address
+        self.pending_wait_s = pending_wait_s
+        self.max_message_bytes = max_message_bytes
+        self.chunk_bytes = max(64 << 10, min(4 << 20, max_message_bytes // 4))
+        self.locks = {t: asyncio.Lock() for t in store.layouts}
+        self.admin = asyncio.Lock()
+        self.import_lock = asyncio.Lock()
+        self.agg = StepAggregator()
+        self.staging = Staging(store)
+        self.lookups = self.rows_served = self.updates = 0
+        self.started = time.time()
+
+    async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run `fn` in the pool; if the caller is cancelled, still wait for the thread to finish."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(fut)
+                break
+            except asyncio.CancelledError:
+                if fut.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    @contextlib.asynccontextmanager
+    async def _all_tables(self) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for t in sorted(self.locks):
+                await stack.enter_async_context(self.locks[t])
+            pending = self.agg.any_pending()
+            if pending:
+                p = pending[0]
+                raise precondition(
+                    f"step {p.step} of table {p.table} is collecting parts ({len(p.parts)} of {p.num_parts} "
+                    "in); retry once it is applied"
+                )
+            yield
+
+    # ---------------------------------------------------------------------------------------
+    # lookups and updates
+
+    async def lookup(self, req: shard_pb2.LookupRequest) -> shard_pb2.LookupResponse:
+        kw = dict(table=req.table, epoch=req.epoch, row_ids=req.row_ids, dtype=req.dtype)
+        n = len(req.row_ids) // 8
+        if n <= INLINE_LOOKUP_ROWS:
+            rows, dim, view = self.store.lookup(**kw)
+        else:
+            rows, dim, view = await self._run(self.store.lookup, **kw)
+        self.lookups += 1
+        self.rows_served += n
+        return shard_pb2.LookupResponse(
+            rows=rows, dim=dim, dtype=req.dtype, epoch=view.epoch, applied_step=self.store.applied_step[req.table]
+        )
+
+    async def apply_gradients(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
+        store, t = self.store, req.table
+        store.check_epoch(store.view, req.epoch)
+        store.table(store.view, t)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pending_wait_s
+        while True:
+            async with self.locks[t]:
+                pend = self.agg.pending(t)
+                if pend is None or req.step == pend.step or req.step <= store.applied_step[t]:
+                    return await self._apply_locked(req)
+                if req.step < pend.step:
+                    raise precondition(
+                        f"step {req.step} of table {t} arrived while step {pend.step} is collecting parts: too late"
+                    )
+                done, waiting_for, got, need = pend.done, pend.step, len(pend.parts), pend.num_parts
+            try:
+                await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise ShardError(
+                    Code.ABORTED,
+                    f"step {req.step} of table {t} waited {self.pending_wait_s:g} s for step {waiting_for} to "
+                    f"collect its parts ({got} of {need} received); send the missing parts first",
+                ) from None
+
+    async def _apply_locked(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
+        store, t, opt = self.store, req.table, req.optimizer
+        upd = await self._run(
+            store.prepare_update, table=t, epoch=req.epoch, row_ids=req.row_ids, grads=req.grads, step=req.step,
+            kind=opt.kind, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
+        )
+        pend = self.agg.pending(t)
+        if req.num_parts <= 1:
+            if pend is not None:
+                raise invalid(
+                    f"num_parts: {req.num_parts}, but step {pend.step} of table {t} is collecting "
+                    f"{pend.num_parts} parts"
+                )
+            rows = await self._run(store.apply_update, upd)
+            self.updates += 1
+            return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], rows_updated=rows)
+        merged = self.agg.add(upd, part_id=req.part_id, num_parts=req.num_parts, version=opt.version)
+        if merged is None:
+            return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], pending=True)
+        try:
+            rows = await self._run(store.apply_update, merged)
+        finally:
+            self.agg.finish(t)
+        self.updates += 1
+        return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], rows_updated=rows)
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _metas(self, table: int, slots: tuple[int, ...]) -> list[ckpt.SlotMeta]:
+        store, layout = self.store, self.store.layouts[table]
+        return [
+            ckpt.SlotMeta(table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots),
+                          layout.dim, store.kind)
+            for s in slots
+        ]
+
+    async def checkpoint(self, req: shard_pb2.CheckpointRequest) -> shard_pb2.CheckpointResponse:
+        """Every owned (table, slot) to `directory`; each table is written under its update lock."""
+        if not req.directory:
+            raise invalid("directory: required")
+        files = []
+        async with self.admin, self._all_tables():
+            view = self.store.view
+
+            def write_all() -> None:
+                for t in sorted(view.tables):
+                    for meta in self._metas(t, view.owned):
+                        files.append(ckpt.write_slot(req.directory, meta, self.store.slot_block(t, meta.slot, view)))
+                    if view.owned:
+                        ckpt.fsync_dir(f"{req.directory}/table{t}")
+
+            try:
+                await self._run(write_all)
+            except OSError as exc:
+                raise ShardError(Code.INTERNAL, f"checkpoint to {req.directory} failed: {exc}") from exc
+        return shard_pb2.CheckpointResponse(files=[shard_pb2.SlotFile(**f) for f in files])
+
+    async def restore(self, req: shard_pb2.RestoreRequest) -> shard_pb2.RestoreResponse:
+        """All-or-nothing: every owned slot's file verified before any is loaded."""
+        store = self.store
+        async with self.admin, self._all_tables():
+            view = store.view
+            wanted = {(t, s) for t in store.layouts for s in view.owned}
+            by_key: dict[tuple[int, int], shard_pb2.SlotFile] = {}
+            for f in req.files:
+                if (f.table, f.slot) in by_key:
+                    raise invalid(f"files: table {f.table} slot {f.slot} is listed twice")
+                if (f.table, f.slot) in wanted:
+                    by_key[(f.table, f.slot)] = f
+            missing = sorted(wanted - set(by_key))
+            if missing:
+                raise precondition(
+                    f"checkpoint {req.directory} has no file for table {missing[0][0]} slot {missing[0][1]} "
+                    f"({len(missing)} owned (table, slot) pairs missing); restore refused, tables unchanged"
+                )
+            jobs = [(by_key[(m.table, m.slot)], m) for t in sorted(store.layouts) for m in self._metas(t, view.owned)]
+
+            def verify_all() -> dict[int, int]:
+                steps: dict[int, int] = {}
+                for f, meta in jobs:
+                    step = ckpt.verify_slot(req.directory, f.path, f.sha256, meta)
+                    steps[meta.table] = max(steps.get(meta.table, 0), step)
+                return steps
+
+            def load_all() -> None:
+                for f, meta in jobs:
+                    ckpt.load_slot(req.directory, f.path, f.sha256, meta, store.slot_block(meta.table, meta.slot, view))
+
+            try:
+                steps = await self._run(verify_all)
+                await self._run(load_all)
+            except OSError as exc:
+                raise ShardError(Code.DATA_LOSS, f"reading checkpoint {req.directory} failed: {exc}") from exc
+            store.applied_step.update(steps)
+        return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))
+
+    # ---------------------------------------------------------------------------------------
+    # migration and the slot map
+
+    async def migrate_slots(self, req: shard_pb2.MigrateSlotsRequest) -> shard_pb2.MigrateSlotsResponse:
+        store = self.store
+        if not req.target:
+            raise invalid("target: required (host:port of the receiving shard)")
+        if req.target == self.address:
+            raise invalid(f"target: {req.target} is this shard")
+        async with self.admin:
+            view = store.view
+            store.check_epoch(view, req.epoch)
+            slots = sorted(set(req.slots))
+            if not slots or len(slots) != len(req.slots):
+                raise invalid(f"slots: need distinct slots to send, got {list(req.slots)}")
+            not_owned = [s for s in slots if s not in view.owned]
+            if not_owned:
+                raise precondition(f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}")
+            async with self._all_tables():  # in-flight updates finish; later ones see the freeze
+                froze = [s for s in slots if s not in store.frozen]
+                store.frozen.update(dict.fromkeys(slots, req.target))
+            sent = {"bytes": 0}
+
+            async def chunks() -> AsyncIterator[shard_pb2.SlotChunk]:
+                for t in sorted(store.layouts):
+                    for s in slots:
+                        gen = slot_chunks(store, table=t, slot=s, epoch=view.epoch, chunk_bytes=self.chunk_bytes)
+                        while (chunk := await self._run(next, gen, None)) is not None:
+                            sent["bytes"] += len(chunk.weights) + len(chunk.state)
+                            yield chunk
+
+            opts = [("grpc.max_send_message_length", self.max_message_bytes),
+                    ("grpc.max_receive_message_length", self.max_message_bytes)]
+            try:
+                async with grpc.aio.insecure_channel(req.target, options=opts) as channel:
+                    resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(chunks())
+            except grpc.aio.AioRpcError as exc:
+                for s in froze:
+                    store.frozen.pop(s, None)
+                raise ShardError(exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}") from None
+            except BaseException:
+                for s in froze:
+                    store.frozen.pop(s, None)
+                raise
+        return shard_pb2.MigrateSlotsResponse(slots_sent=resp.slots_received // max(1, len(store.layouts)),
+                                              bytes_sent=sent["bytes"])
+
+    async def import_slots(self, chunks: AsyncIterator[shard_pb2.SlotChunk]) -> shard_pb2.ImportSlotsResponse:
+        received = 0
+        async with self.import_lock:
+            try:
+                async for chunk in chunks:
+                    received += await self._run(self.staging.add, chunk)
+                for t, s in self.staging.partial_keys()[:1]:
+                    raise invalid(f"stream ended before the last chunk of table {t} slot {s}")
+            finally:
+                self.staging.drop_partial()
+        return shard_pb2.ImportSlotsResponse(slots_received=received)
+
+    async def set_slot_map(self, req: shard_pb2.SetSlotMapRequest) -> shard_pb2.SetSlotMapResponse:
+        async with self.admin, self._all_tables():
+            before = self.store.view.epoch
+            dropped = await self._run(
+                self.store.set_ownership, epoch=req.epoch, owned_slots=list(req.owned_slots),
+                owners=list(req.owners) or None, staged=self.staging.complete,
+            )
+            if self.store.view.epoch != before:
+                self.staging.clear()
+        return shard_pb2.SetSlotMapResponse(slots_dropped=dropped)
+
+    # ---------------------------------------------------------------------------------------
+    # stats
+
+    def info(self) -> dict:
+        """A small summary for the control plane's registry (msgpack-able)."""
+        view = self.store.view
+        return {
+            "epoch": view.epoch, "slots": len(view.owned), "rss_bytes": psutil.Process().memory_info().rss,
+            "rows": sum(d["num_rows"] for d in self.store.table_stats()), "bytes": self.store.nbytes(),
+            "lookups": self.lookups, "rows_served": self.rows_served, "updates": self.updates,
+            "applied_step": dict(self.store.applied_step),
+        }
+
+    def stats(self) -> shard_pb2.StatsResponse:
+        view = self.store.view
+        return shard_pb2.StatsResponse(
+            shard_id=str(self.store.shard_id), epoch=view.epoch, slots=list(view.owned),
+            tables=[shard_pb2.TableStats(**d) for d in self.store.table_stats()],
+            rss_bytes=psutil.Process().memory_info().rss, lookups=self.lookups, rows_served=self.rows_served,
+            updates=self.updates,
+        )

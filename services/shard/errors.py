@@ -1,0 +1,33 @@
+"""The one error type of the shard: a gRPC status code plus a message saying what was wrong.
+
+The store, checkpoint and migration code raise `ShardError`; the servicer only translates it
+into `context.abort(code, message)`. Nothing that raises it has changed any table state.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+Code = grpc.StatusCode
+
+
+class ShardError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid(message: str) -> ShardError:
+    return ShardError(Code.INVALID_ARGUMENT, message)
+
+
+def precondition(message: str) -> ShardError:
+    return ShardError(Code.FAILED_PRECONDITION, message)
+
+
+def unavailable(message: str) -> ShardError:
+    return ShardError(Code.UNAVAILABLE, message)

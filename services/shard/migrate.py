@@ -1,0 +1,126 @@
+"""Slot migration between live shards: chunking on the sender, staging on the receiver.
+
+Protocol (driven by the rebalancer, e.g. `engram cluster rebalance`):
+
+1. `MigrateSlots(slots, target, epoch)` on the source: the source *freezes* the slots
+   (updates touching them get UNAVAILABLE; lookups go on), then streams every (table, slot)
+   to the target's `ImportSlots` as SlotChunk messages of at most `chunk_bytes`.
+2. The target stages complete slots (verified sizes, in-order offsets); staged slots are not
+   served.
+3. The rebalancer writes the new slot map (epoch + 1) to the control plane and sends
+   `SetSlotMap(epoch + 1, owned_slots)` to every shard: the target swaps the staged slots
+   in, the source drops the slots it no longer owns, and frozen slots thaw.
+
+A failed stream unfreezes the source's slots and leaves nothing half-staged on the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engram.layout import slot_num_rows
+from proto.shard.v1 import shard_pb2
+from services.shard.errors import invalid, precondition
+from services.shard.store import ShardStore, SlotData, alloc_state, state_floats_per_row
+
+
+def slot_chunks(
+    store: ShardStore, *, table: int, slot: int, epoch: int, chunk_bytes: int
+) -> Iterator[shard_pb2.SlotChunk]:
+    """SlotChunks of one owned (table, slot); each message carries about `chunk_bytes` of floats."""
+    block = store.slot_block(table, slot)
+    n, dim = block.weights.shape
+    per_row = 4 * (dim + state_floats_per_row(store.kind, dim))
+    step = max(1, chunk_bytes // per_row)
+    for a in range(0, max(n, 1), step):
+        b = min(n, a + step)
+        state = b"".join(s[a:b].numpy().tobytes() for s in block.state)  # adam: m then v; adagrad: acc
+        yield shard_pb2.SlotChunk(
+            table=table, slot=slot, epoch=epoch, weights=block.weights[a:b].numpy().tobytes(), state=state,
+            applied_step=block.applied_step, last=b >= n, offset_rows=a,
+        )
+
+
+class Staging:
+    """Slots received from peers, complete or in progress, keyed by (table, slot)."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self.complete: dict[tuple[int, int], SlotData] = {}
+        self._partial: dict[tuple[int, int], tuple[SlotData, int]] = {}  # -> (block, rows received)
+
+    def add(self, chunk: shard_pb2.SlotChunk) -> bool:
+        """Copy one chunk into its staged slot -> True when the slot is complete.
+
+        Every check runs before the copy; a bad chunk raises and its slot's partial data is dropped.
+        """
+        key = (chunk.table, chunk.slot)
+        try:
+            return self._add(chunk, key)
+        except Exception:
+            self._partial.pop(key, None)
+            raise
+
+    def _add(self, chunk: shard_pb2.SlotChunk, key: tuple[int, int]) -> bool:
+        store = self.store
+        view = store.view
+        store.check_epoch(view, chunk.epoch)
+        layout, _ = store.table(view, chunk.table)
+        if not 0 <= chunk.slot < store.num_slots:
+            raise invalid(f"slot {chunk.slot} is outside 0..{store.num_slots - 1}")
+        if chunk.slot in view.owned:
+            raise precondition(f"slot {chunk.slot} is already served by shard {store.shard_id}; not importing it")
+        dim, total = layout.dim, slot_num_rows(layout.num_rows, chunk.slot, store.num_slots)
+        if len(chunk.weights) % (4 * dim):
+            raise invalid(f"weights: {len(chunk.weights)} bytes is not a whole number of {dim}-dim fp32 rows")
+        rows = len(chunk.weights) // (4 * dim)
+        want_state = 4 * rows * state_floats_per_row(store.kind, dim)
+        if len(chunk.state) != want_state:
+            raise invalid(
+                f"state: {len(chunk.state)} bytes for {rows} rows, expected {want_state} ({store.kind} state)"
+            )
+        if chunk.offset_rows == 0:
+            block = SlotData(
+                weights=torch.empty((total, dim), dtype=torch.float32),
+                state=alloc_state(store.kind, total, dim),
+                applied_step=chunk.applied_step,
+            )
+            self._partial[key] = (block, 0)
+            self.complete.pop(key, None)
+        if key not in self._partial:
+            raise precondition(f"table {chunk.table} slot {chunk.slot}: chunk at row {chunk.offset_rows} without a start")
+        block, received = self._partial[key]
+        if chunk.offset_rows != received or received + rows > total:
+            raise invalid(
+                f"table {chunk.table} slot {chunk.slot}: chunk of {rows} rows at row {chunk.offset_rows}, "
+                f"expected row {received} of {total}"
+            )
+        a, b = received, received + rows
+        block.weights[a:b] = torch.frombuffer(chunk.weights, dtype=torch.float32).view(rows, dim) if rows else 0
+        flat = torch.frombuffer(chunk.state, dtype=torch.float32) if rows else torch.empty(0)
+        offset = 0
+        for s in block.state:
+            width = s[a:b].numel()
+            s[a:b] = flat[offset : offset + width].view_as(s[a:b])
+            offset += width
+        received = b
+        if chunk.last:
+            del self._partial[key]
+            if received != total:
+                raise invalid(f"table {chunk.table} slot {chunk.slot}: stream ended at row {received} of {total}")
+            self.complete[key] = block
+            return True
+        self._partial[key] = (block, received)
+        return False
+
+    def partial_keys(self) -> list[tuple[int, int]]:
+        return list(self._partial)
+
+    def drop_partial(self) -> None:
+        self._partial.clear()
+
+    def clear(self) -> None:
+        self.complete.clear()
+        self._partial.clear()

@@ -1,0 +1,184 @@
+"""One memory-shard process: boot (standalone or from the control plane), serve, heartbeat, stop.
+
+Boot from the control plane: read the stored layout (the Config the cluster was initialised
+with; only redis_url/namespace come from the local config) and the slot map, build the owned
+slots, restore them from the latest checkpoint manifest if there is one, start gRPC, register,
+then heartbeat every `cluster.heartbeat_s` with a TTL of `cluster.heartbeat_ttl_s`. A Redis
+that goes away later only costs a warning: the shard keeps serving and registers again when
+Redis is back (also after a Redis restart that lost the registry).
+
+Once serving it prints exactly one line to stdout, `READY shard=<id> address=<host:port>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from engram.config import Config, ConfigError
+from engram.layout import even_slot_map
+from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.control import ControlPlane, ControlPlaneUnavailable
+from services.shard.engine import ShardEngine
+from services.shard.errors import ShardError
+from services.shard.servicer import MemoryShardServicer
+from services.shard.store import ShardStore
+
+log = logging.getLogger("engram.shard")
+SERVICE_NAME = "engram.shard.v1.MemoryShard"
+
+
+class BootError(Exception):
+    """The shard cannot start (bad configuration, control plane down, bad checkpoint): exit 2."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ServeOptions:
+    shard_id: int
+    host: str
+    port: int = 0
+    advertise: str = ""  # host:port others use; default host:port (hostname for 0.0.0.0)
+    standalone: bool = False
+    threads: int = 0  # worker pool; 0 -> cores + 2, at most 8
+    torch_threads: int = 0  # intra-op threads per gather/update; 0 -> cores // 4 (shards share cores)
+    grace_s: float = 5.0
+
+
+def default_threads(cores: int) -> tuple[int, int]:
+    return min(8, cores + 2), max(1, cores // 4)
+
+
+async def _boot_from_control_plane(cfg: Config, opts: ServeOptions) -> tuple[Config, ControlPlane, list[int], int, dict | None]:
+    cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    try:
+        stored = await cp.config()
+        slot_map = await cp.slot_map()
+        manifest = await cp.latest_manifest()
+    except (ControlPlaneUnavailable, ConfigError) as exc:
+        await cp.close()
+        raise BootError(str(exc)) from None
+    stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
+    return stored, cp, slot_map.owners, slot_map.epoch, manifest
+
+
+async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
+    files = [
+        shard_pb2.SlotFile(**{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes") if k in f})
+        for f in manifest.get("files", [])
+    ]
+    req = shard_pb2.RestoreRequest(directory=str(manifest.get("directory", "")), files=files)
+    try:
+        resp = await engine.restore(req)
+    except ShardError as exc:
+        raise BootError(f"restoring checkpoint step {manifest.get('step')}: {exc.message}") from None
+    log.info("restored %d slots from %s (step %d)", resp.slots_restored, req.directory, resp.step)
+
+
+async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, shard_id: int, address: str) -> None:
+    ttl, registered, healthy = cfg.cluster.heartbeat_ttl_s, True, True
+    while True:
+        await asyncio.sleep(cfg.cluster.heartbeat_s)
+        try:
+            if registered:
+                await cp.heartbeat(shard_id, engine.info(), ttl_s=ttl)
+            else:
+                await cp.register_shard(shard_id, address, engine.info(), ttl_s=ttl)
+                registered = True
+                log.warning("shard %d registered again with the control plane at %s", shard_id, cp.url)
+            if not healthy:
+                log.warning("control plane at %s is reachable again", cp.url)
+            healthy = True
+        except LookupError:
+            registered = False  # Redis restarted empty: register on the next beat
+            log.warning("control plane at %s lost shard %d's registration; registering again", cp.url, shard_id)
+        except ControlPlaneUnavailable as exc:
+            if healthy:
+                log.warning("heartbeat failed, still serving: %s", exc)
+            healthy, registered = False, False
+
+
+async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int:
+    """Run one shard until SIGTERM/SIGINT -> exit code (0 clean, 2 could not boot)."""
+    cores = os.cpu_count() or 1
+    threads, torch_threads = default_threads(cores)
+    torch.set_num_threads(opts.torch_threads or torch_threads)
+    pool = ThreadPoolExecutor(opts.threads or threads, thread_name_prefix="shard")
+    cp: ControlPlane | None = None
+    manifest = None
+    if opts.standalone:
+        owners, epoch = even_slot_map(cfg.cluster.num_slots, cfg.cluster.num_shards), 1
+        if not 0 <= opts.shard_id < cfg.cluster.num_shards:
+            raise BootError(f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)")
+    else:
+        cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg, opts)
+    loop = asyncio.get_running_loop()
+    store = await loop.run_in_executor(
+        pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
+                                               init_threads=max(1, min(4, cores)))
+    )
+    max_bytes = cfg.cluster.max_message_mb << 20
+    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes)
+    if manifest is not None:
+        await _restore_manifest(engine, manifest)
+
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
+                 ("grpc.so_reuseport", 0)],
+    )
+    shard_pb2_grpc.add_MemoryShardServicer_to_server(MemoryShardServicer(engine), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+    except RuntimeError as exc:
+        raise BootError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from None
+    if port == 0:
+        raise BootError(f"cannot listen on {opts.host}:{opts.port} (address in use?)")
+    host = opts.host if opts.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
+    address = opts.advertise or f"{host}:{port}"
+    engine.address = address
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    beat: asyncio.Task | None = None
+    if cp is not None:
+        try:
+            await cp.register_shard(opts.shard_id, address, engine.info(), ttl_s=cfg.cluster.heartbeat_ttl_s)
+        except ControlPlaneUnavailable as exc:
+            await server.stop(0)
+            raise BootError(str(exc)) from None
+        beat = asyncio.create_task(_heartbeat(cp, engine, cfg, opts.shard_id, address))
+    log.info("shard %d serving %d slots at epoch %d on %s", opts.shard_id, len(store.view.owned), epoch, address)
+    print(f"READY shard={opts.shard_id} address={address}", file=ready_out, flush=True)
+
+    await stop.wait()
+    log.info("shard %d shutting down (grace %.1f s)", opts.shard_id, opts.grace_s)
+    await health.enter_graceful_shutdown()
+    if beat is not None:
+        beat.cancel()
+    if cp is not None:
+        try:
+            await asyncio.wait_for(cp.deregister_shard(opts.shard_id), timeout=1.0)
+        except (ControlPlaneUnavailable, TimeoutError):
+            pass
+        await cp.close()
+    await server.stop(opts.grace_s)
+    pool.shutdown(wait=True, cancel_futures=True)
+    return 0

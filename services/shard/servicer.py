@@ -1,0 +1,68 @@
+"""The MemoryShard gRPC servicer: translation only (messages in, messages out, errors to status)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+
+from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.shard.engine import ShardEngine
+from services.shard.errors import ShardError
+
+T = TypeVar("T")
+log = logging.getLogger("engram.shard")
+
+
+async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T], what: str) -> T:
+    try:
+        return await work
+    except ShardError as exc:
+        await context.abort(exc.code, exc.message)
+    except Exception as exc:  # a bug, not bad input: log it with the traceback, say so on the wire
+        log.exception("%s failed", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the shard: {exc!r}")
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+
+    async def Lookup(self, request, context):
+        return await _answer(context, self.engine.lookup(request), "Lookup")
+
+    async def LookupStream(
+        self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context
+    ) -> AsyncIterator[shard_pb2.LookupResponse]:
+        i = 0
+        async for request in request_iterator:
+            try:
+                response = await self.engine.lookup(request)
+            except ShardError as exc:
+                await context.abort(exc.code, f"chunk {i}: {exc.message}")
+            yield response
+            i += 1
+
+    async def ApplyGradients(self, request, context):
+        return await _answer(context, self.engine.apply_gradients(request), "ApplyGradients")
+
+    async def Checkpoint(self, request, context):
+        return await _answer(context, self.engine.checkpoint(request), "Checkpoint")
+
+    async def Restore(self, request, context):
+        return await _answer(context, self.engine.restore(request), "Restore")
+
+    async def MigrateSlots(self, request, context):
+        return await _answer(context, self.engine.migrate_slots(request), "MigrateSlots")
+
+    async def ImportSlots(self, request_iterator, context):
+        return await _answer(context, self.engine.import_slots(request_iterator), "ImportSlots")
+
+    async def SetSlotMap(self, request, context):
+        return await _answer(context, self.engine.set_slot_map(request), "SetSlotMap")
+
+    async def Stats(self, request, context):
+        return self.engine.stats()

@@ -1,0 +1,406 @@
+"""The rows of one shard: per table, the owned slots' rows in one contiguous fp32 tensor.
+
+Layout of a table on a shard (R = rows of the owned slots, D = dims per row):
+
+    weights  (R, D) fp32            slot blocks in ascending slot order
+    state    adam: m, v (R, D) fp32 ; adagrad: acc (R,) fp32
+    base     (num_slots,) int64     position of each owned slot's first row, -1 if not owned
+
+    position(row) = base[row % num_slots] + row // num_slots        (vectorised)
+
+Everything a request carries is validated against one `View` (epoch, owned slots, tables)
+before any state is touched; errors are `ShardError`s with the gRPC code to return. The
+methods here are synchronous and meant to run in a worker thread (torch's index_select /
+index_copy_ release the GIL); the caller serialises updates per table (see engine.py).
+Lookups take no lock: a lookup racing an update of the same rows may see a row before or
+after (or, for the few rows being copied at that instant, partly after) the update -- the
+usual parameter-server read semantics; sync-mode readers look up after the step's apply.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engram.config import Config
+from engram.init import init_rows
+from engram.layout import TableLayout, slot_num_rows, table_layouts
+from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
+from proto.shard.v1 import shard_pb2
+from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
+from services.shard.gather import gather_rows
+from services.wire import TORCH_DTYPES
+
+OPTIMIZERS = ("adam", "adagrad")
+_INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
+
+
+def alloc_state(kind: str, rows: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Zeroed optimizer state, written once so the memory is resident (no surprise OOM later)."""
+    shapes = [(rows, dim), (rows, dim)] if kind == "adam" else [(rows,)]
+    return tuple(torch.empty(shape, dtype=torch.float32).zero_() for shape in shapes)
+
+
+def state_floats_per_row(kind: str, dim: int) -> int:
+    return 2 * dim if kind == "adam" else 1
+
+
+@dataclass(slots=True)
+class TableData:
+    base: np.ndarray  # (num_slots,) int64, -1 = slot not owned
+    weights: torch.Tensor  # (R, D) fp32
+    state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,)
+
+
+@dataclass(slots=True)
+class SlotData:
+    """One (table, slot) block: views into a table, or a staged copy received from a peer."""
+
+    weights: torch.Tensor  # (n, D) fp32
+    state: tuple[torch.Tensor, ...]  # adam: m, v (n, D); adagrad: acc (n,)
+    applied_step: int
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a request is validated and served against; replaced whole, never mutated."""
+
+    epoch: int
+    owned: tuple[int, ...]  # sorted slots served at this epoch
+    owners: tuple[int, ...] | None  # the full slot map (slot -> shard) when known, for messages
+    tables: dict[int, TableData]
+
+
+@dataclass(slots=True)
+class Update:
+    """A validated gradient for one table (rows unique and owned, grads finite)."""
+
+    table: int
+    rows: np.ndarray  # (U,) int64
+    grads: torch.Tensor  # (U, D) fp32
+    step: int
+    params: AdamParams | AdagradParams
+
+
+def optimizer_params(kind: str, *, lr: float, beta1: float, beta2: float, eps: float) -> AdamParams | AdagradParams:
+    if not (np.isfinite(lr) and lr > 0):
+        raise invalid(f"optimizer.lr: must be a positive number, got {lr}")
+    if not (np.isfinite(eps) and eps > 0):
+        raise invalid(f"optimizer.eps: must be a positive number, got {eps}")
+    if kind == "adagrad":
+        return AdagradParams(lr=lr, eps=eps)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise invalid(f"optimizer.{name}: must be in [0, 1), got {beta}")
+    return AdamParams(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+
+
+class ShardStore:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        shard_id: int,
+        owned_slots: list[int],
+        epoch: int,
+        owners: list[int] | None = None,
+        init_threads: int = 2,
+    ) -> None:
+        self.shard_id = shard_id
+        self.num_slots = cfg.cluster.num_slots
+        self.kind = cfg.cluster.optimizer
+        self.seed = cfg.engram.seed
+        self.init_std = cfg.engram.init_std
+        self.layouts: dict[int, TableLayout] = table_layouts(cfg.engram)
+        self.applied_step: dict[int, int] = dict.fromkeys(self.layouts, 0)
+        self.frozen: dict[int, str] = {}  # slot -> migration target; updates refused until SetSlotMap
+        owned = self._check_slots(owned_slots)
+        tables = {t: self._allocate(layout, owned) for t, layout in self.layouts.items()}
+        self._init_weights(tables, owned, init_threads)
+        self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
+
+    @classmethod
+    def from_slot_map(cls, cfg: Config, *, shard_id: int, owners: list[int], epoch: int, **kw) -> ShardStore:
+        owned = [slot for slot, owner in enumerate(owners) if owner == shard_id]
+        return cls(cfg, shard_id=shard_id, owned_slots=owned, epoch=epoch, owners=owners, **kw)
+
+    # ---------------------------------------------------------------------------------------
+    # construction
+
+    def _check_slots(self, slots: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        bad = [s for s in slots if not 0 <= s < self.num_slots]
+        if bad:
+            raise invalid(f"slots {bad[:8]} are outside 0..{self.num_slots - 1}")
+        if len(set(slots)) != len(slots):
+            raise invalid(f"slots: duplicates in {sorted(slots)}")
+        return tuple(sorted(int(s) for s in slots))
+
+    def _allocate(self, layout: TableLayout, owned: tuple[int, ...]) -> TableData:
+        sizes = [slot_num_rows(layout.num_rows, s, self.num_slots) for s in owned]
+        base = np.full(self.num_slots, -1, dtype=np.int64)
+        base[list(owned)] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if owned else []
+        rows = int(sum(sizes))
+        weights = torch.empty((rows, layout.dim), dtype=torch.float32)
+        return TableData(base=base, weights=weights, state=alloc_state(self.kind, rows, layout.dim))
+
+    def _init_weights(self, tables: dict[int, TableData], owned: tuple[int, ...], threads: int) -> None:
+        """init_rows for every owned row, in chunks, on a few threads (numpy releases the GIL)."""
+        jobs = []
+        for t in tables:
+            layout = self.layouts[t]
+            chunk = max(1, _INIT_CHUNK_ELEMS // layout.dim)
+            for slot in owned:
+                n = slot_num_rows(layout.num_rows, slot, self.num_slots)
+                jobs += [(t, slot, a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+        def run(job: tuple[int, int, int, int]) -> None:
+            t, slot, a, b = job
+            data, layout = tables[t], self.layouts[t]
+            rows = slot + self.num_slots * np.arange(a, b, dtype=np.int64)  # global ids, in-slot order
+            block = init_rows(seed=self.seed, layer_id=t, rows=rows, dim=layout.dim, std=self.init_std)
+            p = int(data.base[slot]) + a
+            data.weights[p : p + (b - a)] = torch.from_numpy(block)
+
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="init") as pool:
+            list(pool.map(run, jobs))
+
+    # ---------------------------------------------------------------------------------------
+    # validation
+
+    def check_epoch(self, view: View, epoch: int) -> None:
+        if epoch < view.epoch:
+            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+        if epoch > view.epoch:
+            raise unavailable(f"shard at epoch {view.epoch} has not seen epoch {epoch} yet; retry")
+
+    def table(self, view: View, table: int) -> tuple[TableLayout, TableData]:
+        if table not in view.tables:
+            raise invalid(f"table {table}: no such Engram table (tables are layers {sorted(self.layouts)})")
+        return self.layouts[table], view.tables[table]
+
+    @staticmethod
+    def decode_ids(data: bytes, *, field: str = "row_ids") -> np.ndarray:
+        if len(data) % 8:
+            raise invalid(f"{field}: {len(data)} bytes is not a whole number of int64 ids")
+        return np.frombuffer(data, dtype="<i8")
+
+    def _owner_text(self, view: View, slot: int) -> str:
+        if view.owners is not None and slot < len(view.owners):
+            return f"shard {view.owners[slot]}"
+        return f"another shard (not shard {self.shard_id})"
+
+    def positions(self, view: View, table: int, ids: np.ndarray, *, for_update: bool = False) -> np.ndarray:
+        """(n,) global rows -> (n,) int64 positions in the table's tensors, all checks done."""
+        layout, data = self.table(view, table)
+        if ids.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= layout.num_rows:
+            bad = np.flatnonzero((ids < 0) | (ids >= layout.num_rows))
+            raise ShardError(
+                Code.OUT_OF_RANGE,
+                f"row_ids: {bad.size} of {ids.size} ids are outside table {table}'s rows 0..{layout.num_rows - 1}"
+                f" (first: {int(ids[bad[0]])} at index {int(bad[0])})",
+            )
+        slots = ids % self.num_slots
+        base = data.base[slots]
+        if base.min() < 0:
+            i = int(np.flatnonzero(base < 0)[0])
+            slot = int(slots[i])
+            raise precondition(
+                f"row {int(ids[i])} is in slot {slot} owned by {self._owner_text(view, slot)} at epoch "
+                f"{view.epoch} (this is shard {self.shard_id}); refresh the slot map"
+            )
+        if for_update and self.frozen:
+            moving = np.isin(slots, np.fromiter(self.frozen, dtype=np.int64))
+            if moving.any():
+                slot = int(slots[np.flatnonzero(moving)[0]])
+                raise unavailable(
+                    f"slot {slot} is being migrated to {self.frozen[slot]}: updates to it wait for the new "
+                    f"slot map (epoch > {view.epoch}); retry"
+                )
+        return base + ids // self.num_slots
+
+    # ---------------------------------------------------------------------------------------
+    # lookups
+
+    def lookup(self, *, table: int, epoch: int, row_ids: bytes, dtype: int) -> tuple[bytes, int, View]:
+        """-> (rows packed [n, D] in `dtype`, D, the view served from)."""
+        view = self.view
+        self.check_epoch(view, epoch)
+        layout, data = self.table(view, table)
+        if dtype not in TORCH_DTYPES:
+            name = shard_pb2.WireDtype.Name(dtype) if dtype in shard_pb2.WireDtype.values() else str(dtype)
+            raise invalid(f"dtype: {name} is not a wire dtype (FP32, BF16 or FP16)")
+        ids = self.decode_ids(row_ids)
+        pos = self.positions(view, table, ids)
+        return gather_rows(data.weights, pos, dtype), layout.dim, view
+
+    # ---------------------------------------------------------------------------------------
+    # updates
+
+    def prepare_update(
+        self,
+        *,
+        table: int,
+        epoch: int,
+        row_ids: bytes,
+        grads: bytes,
+        step: int,
+        kind: str,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+    ) -> Update:
+        """Validate a gradient completely; the caller holds the table's update lock."""
+        view = self.view
+        self.check_epoch(view, epoch)
+        layout, _ = self.table(view, table)
+        kind = kind or self.kind
+        if kind not in OPTIMIZERS:
+            raise invalid(f"optimizer.kind: unknown {kind!r} (adam or adagrad)")
+        if kind != self.kind:
+            raise precondition(f"optimizer.kind: this shard keeps {self.kind} state; cannot apply {kind}")
+        params = optimizer_params(kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        if step < 1:
+            raise invalid(f"step: must be >= 1 (1-based optimizer step), got {step}")
+        if step <= self.applied_step[table]:
+            raise precondition(
+                f"step {step} for table {table} is from the past: step {self.applied_step[table]} is "
+                "already applied"
+            )
+        ids = self.decode_ids(row_ids)
+        n, dim = ids.size, layout.dim
+        if len(grads) != n * dim * 4:
+            raise invalid(
+                f"grads: {len(grads)} bytes, expected {n * dim * 4} for {n} rows x {dim} dims of fp32 "
+                f"(table {table})"
+            )
+        uniq, counts = np.unique(ids, return_counts=True)
+        if uniq.size != n:
+            i = int(np.argmax(counts))
+            raise invalid(
+                f"row_ids: row {int(uniq[i])} appears {int(counts[i])} times in the gradient of table {table}; "
+                f"{n - uniq.size} duplicates in all (send each row once with its summed gradient)"
+            )
+        self.positions(view, table, ids, for_update=True)
+        g = torch.frombuffer(grads, dtype=torch.float32).view(n, dim) if n else torch.empty((0, dim))
+        finite = torch.isfinite(g)
+        if not bool(finite.all()):
+            bad_rows = torch.nonzero(~finite.all(dim=1)).flatten()
+            raise invalid(
+                f"grads: {int((~finite).sum())} non-finite values (NaN/Inf) in {bad_rows.numel()} rows of table "
+                f"{table} (first: row {int(ids[int(bad_rows[0])])})"
+            )
+        return Update(table=table, rows=ids, grads=g, step=step, params=params)
+
+    def apply_update(self, upd: Update) -> int:
+        """Apply a validated update (the caller holds the table's update lock) -> rows updated."""
+        data = self.view.tables[upd.table]
+        idx = torch.from_numpy(self.positions(self.view, upd.table, upd.rows, for_update=True))
+        w = data.weights.index_select(0, idx)  # (U, D)
+        if isinstance(upd.params, AdamParams):
+            m, v = (s.index_select(0, idx) for s in data.state)  # (U, D) each
+            lazy_adam_(w, m, v, upd.grads, step=upd.step, p=upd.params)
+            data.state[0].index_copy_(0, idx, m)
+            data.state[1].index_copy_(0, idx, v)
+        else:
+            acc = data.state[0].index_select(0, idx)  # (U,)
+            rowwise_adagrad_(w, acc, upd.grads, p=upd.params)
+            data.state[0].index_copy_(0, idx, acc)
+        data.weights.index_copy_(0, idx, w)
+        self.applied_step[upd.table] = upd.step
+        return int(upd.rows.size)
+
+    # ---------------------------------------------------------------------------------------
+    # slots (checkpoints, migration, ownership changes)
+
+    def slot_block(self, table: int, slot: int, view: View | None = None) -> SlotData:
+        """Views (not copies) of one owned slot's rows and state."""
+        view = view or self.view
+        if slot not in view.owned:
+            raise precondition(f"slot {slot} is not owned by shard {self.shard_id} at epoch {view.epoch}")
+        return self._block(table, view.tables[table], slot)
+
+    def _block(self, table: int, data: TableData, slot: int) -> SlotData:
+        a = int(data.base[slot])
+        n = slot_num_rows(self.layouts[table].num_rows, slot, self.num_slots)
+        return SlotData(
+            weights=data.weights[a : a + n],
+            state=tuple(s[a : a + n] for s in data.state),
+            applied_step=self.applied_step[table],
+        )
+
+    def set_ownership(
+        self,
+        *,
+        epoch: int,
+        owned_slots: list[int],
+        owners: list[int] | None,
+        staged: dict[tuple[int, int], SlotData],
+    ) -> int:
+        """Install the slots served from `epoch` on -> number of slots dropped.
+
+        Kept slots are copied from the live tables, new ones from `staged` (every table must be
+        staged); the new view is swapped in at once. The caller holds every table's lock.
+        """
+        view = self.view
+        owned = self._check_slots(owned_slots)
+        if epoch < view.epoch:
+            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+        if epoch == view.epoch:
+            if owned == view.owned:
+                return 0
+            raise precondition(f"epoch {epoch} is already installed with other slots; a new map needs a new epoch")
+        if owners is not None:
+            if len(owners) != self.num_slots:
+                raise invalid(f"owners: {len(owners)} entries, the cluster has {self.num_slots} slots")
+            mismatch = sorted(set(owned) ^ {s for s, o in enumerate(owners) if o == self.shard_id})
+            if mismatch:
+                raise invalid(f"owned_slots and owners disagree about slots {mismatch[:8]}")
+        missing = [(t, s) for s in owned if s not in view.owned for t in self.layouts if (t, s) not in staged]
+        if missing:
+            t, s = missing[0]
+            raise precondition(
+                f"slot {s}: shard {self.shard_id} has no data for it (table {t} not imported); "
+                "migrate it here (MigrateSlots) before handing it over"
+            )
+        tables = {}
+        for t, layout in self.layouts.items():
+            new = self._allocate(layout, owned)
+            for s in owned:
+                src = self.slot_block(t, s, view) if s in view.owned else staged[(t, s)]
+                dst = self._block(t, new, s)
+                dst.weights.copy_(src.weights)
+                for d, x in zip(dst.state, src.state, strict=True):
+                    d.copy_(x)
+            tables[t] = new
+            steps = [staged[(t, s)].applied_step for s in owned if s not in view.owned]
+            self.applied_step[t] = max([self.applied_step[t], *steps])
+        self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
+        self.frozen.clear()
+        return len(set(view.owned) - set(owned))
+
+    # ---------------------------------------------------------------------------------------
+    # stats
+
+    def table_stats(self) -> list[dict[str, int]]:
+        view = self.view
+        return [
+            {
+                "table": t,
+                "num_rows": int(data.weights.shape[0]),
+                "dim": self.layouts[t].dim,
+                "weight_bytes": data.weights.nbytes,
+                "state_bytes": sum(s.nbytes for s in data.state),
+                "applied_step": self.applied_step[t],
+            }
+            for t, data in sorted(view.tables.items())
+        ]
+
+    def nbytes(self) -> int:
+        return sum(d["weight_bytes"] + d["state_bytes"] for d in self.table_stats())
+

@@ -1,0 +1,358 @@
+"""Pure unit tests of the shard's store, aggregation, checkpoint files and slot staging (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from engram.config import load_config
+from engram.init import init_rows
+from engram.layout import even_slot_map, slot_num_rows, table_layouts
+from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
+from proto.shard.v1 import shard_pb2
+from services.shard import checkpoint as ckpt
+from services.shard.engine import ShardEngine
+from services.shard.errors import Code, ShardError
+from services.shard.migrate import Staging, slot_chunks
+from services.shard.store import ShardStore
+from services.wire import pack_ids, unpack_rows
+
+pytestmark = pytest.mark.timeout(60)
+F32 = np.float32
+
+
+def make_cfg(optimizer: str = "adam"):
+    return load_config("tiny", overrides=[f"cluster.optimizer={optimizer}"])
+
+
+def make_store(cfg, shard_id: int = 0, num_shards: int = 2) -> ShardStore:
+    owners = even_slot_map(cfg.cluster.num_slots, num_shards)
+    return ShardStore.from_slot_map(cfg, shard_id=shard_id, owners=owners, epoch=1, init_threads=2)
+
+
+def owned_rows(store: ShardStore, table: int) -> np.ndarray:
+    n = store.layouts[table].num_rows
+    rows = np.arange(n, dtype=np.int64)
+    return rows[np.isin(rows % store.num_slots, store.view.owned)]
+
+
+def snapshot(store: ShardStore) -> list[torch.Tensor]:
+    return [x.clone() for d in store.view.tables.values() for x in (d.weights, *d.state)] + [
+        torch.tensor(list(store.applied_step.values()))
+    ]
+
+
+def assert_unchanged(store: ShardStore, before: list[torch.Tensor]) -> None:
+    for a, b in zip(before, snapshot(store), strict=True):
+        assert torch.equal(a, b)
+
+
+def adam_kw(**over):
+    kw = dict(kind="adam", lr=float(F32(0.05)), beta1=float(F32(0.9)), beta2=float(F32(0.999)), eps=float(F32(1e-8)))
+    return {**kw, **over}
+
+
+def grad_bytes(g: torch.Tensor) -> bytes:
+    return g.contiguous().numpy().astype("<f4").tobytes()
+
+
+def lookup_f32(store: ShardStore, table: int, rows: np.ndarray) -> torch.Tensor:
+    data, dim, _ = store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32)
+    return unpack_rows(data, shard_pb2.FP32, dim).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# init and lookups
+
+
+def test_init_matches_init_rows_on_any_layout():
+    cfg = make_cfg()
+    (table, layout), = table_layouts(cfg.engram).items()
+    full = init_rows(seed=cfg.engram.seed, layer_id=table, rows=np.arange(layout.num_rows), dim=layout.dim,
+                     std=cfg.engram.init_std)
+    for num_shards in (1, 2, 3):
+        for shard in range(num_shards):
+            store = make_store(cfg, shard, num_shards)
+            rows = owned_rows(store, table)
+            assert np.array_equal(lookup_f32(store, table, rows).numpy(), full[rows])
+            assert store.view.tables[table].weights.shape == (rows.size, layout.dim)
+
+
+def test_lookup_wire_dtypes_and_order():
+    cfg = make_cfg()
+    store = make_store(cfg)
+    table = next(iter(store.layouts))
+    rows = np.random.default_rng(0).permutation(owned_rows(store, table))[:700]  # > inline size, any order
+    ref = torch.from_numpy(init_rows(seed=0, layer_id=table, rows=rows, dim=store.layouts[table].dim, std=1.0))
+    for dtype, tdt in ((shard_pb2.BF16, torch.bfloat16), (shard_pb2.FP16, torch.float16)):
+        data, dim, _ = store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=dtype)
+        got = unpack_rows(data, dtype, dim)
+        assert torch.equal(got, ref.to(tdt))  # exactly one round-to-nearest from the fp32 master
+    assert store.lookup(table=table, epoch=1, row_ids=b"", dtype=shard_pb2.BF16)[0] == b""
+
+
+def test_bad_lookups_name_the_problem():
+    cfg = make_cfg()
+    store = make_store(cfg)
+    table = next(iter(store.layouts))
+    n = store.layouts[table].num_rows
+    other = next(r for r in range(n) if r % store.num_slots not in store.view.owned)
+    mine = int(owned_rows(store, table)[0])
+    cases = [
+        (dict(table=99), Code.INVALID_ARGUMENT, "table 99: no such Engram table"),
+        (dict(row_ids=pack_ids(np.array([mine, n]))), Code.OUT_OF_RANGE, f"outside table {table}'s rows 0..{n - 1}"),
+        (dict(row_ids=pack_ids(np.array([-1]))), Code.OUT_OF_RANGE, "first: -1 at index 0"),
+        (dict(row_ids=pack_ids(np.array([other]))), Code.FAILED_PRECONDITION,
+         f"row {other} is in slot {other % 16} owned by shard 1 at epoch 1"),
+        (dict(epoch=0), Code.FAILED_PRECONDITION, "stale slot-map epoch 0 (shard is at 1)"),
+        (dict(epoch=2), Code.UNAVAILABLE, "shard at epoch 1 has not seen epoch 2 yet; retry"),
+        (dict(row_ids=b"\x00" * 12), Code.INVALID_ARGUMENT, "12 bytes is not a whole number of int64 ids"),
+        (dict(dtype=0), Code.INVALID_ARGUMENT, "WIRE_DTYPE_UNSPECIFIED is not a wire dtype"),
+        (dict(dtype=9), Code.INVALID_ARGUMENT, "9 is not a wire dtype"),
+    ]
+    for over, code, text in cases:
+        kw = dict(table=table, epoch=1, row_ids=pack_ids(np.array([mine])), dtype=shard_pb2.FP32) | over
+        with pytest.raises(ShardError) as err:
+            store.lookup(**kw)
+        assert err.value.code == code and text in err.value.message, (over, err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# updates
+
+
+def test_adam_update_equals_row_optim_and_sparse_adam():
+    cfg = make_cfg("adam")
+    store = make_store(cfg, 0, 1)
+    table, layout = next(iter(store.layouts.items()))
+    emb = torch.nn.Embedding(layout.num_rows, layout.dim, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(init_rows(seed=0, layer_id=table, rows=np.arange(layout.num_rows),
+                                                    dim=layout.dim, std=1.0)))
+    kw = adam_kw()
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=kw["lr"], betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"])
+    w = emb.weight.detach().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    rng = np.random.default_rng(1)
+    for step in (1, 2, 3):
+        rows = rng.choice(layout.num_rows, size=300, replace=False).astype(np.int64)
+        g = torch.from_numpy(rng.standard_normal((300, layout.dim)).astype(F32))
+        upd = store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g), step=step, **kw)
+        assert store.apply_update(upd) == 300 and store.applied_step[table] == step
+        idx = torch.from_numpy(rows)
+        wb, mb, vb = w[idx], m[idx], v[idx]
+        lazy_adam_(wb, mb, vb, g, step=step, p=AdamParams(kw["lr"], kw["beta1"], kw["beta2"], kw["eps"]))
+        w[idx], m[idx], v[idx] = wb, mb, vb
+        opt.zero_grad()
+        (emb(idx) * g).sum().backward()
+        opt.step()
+    data, everything = store.view.tables[table], np.arange(layout.num_rows)
+    pos = torch.from_numpy(store.positions(store.view, table, everything))  # rows sit in slot order
+    assert torch.equal(data.weights[pos], w) and torch.equal(data.state[0][pos], m)
+    assert torch.equal(data.state[1][pos], v)
+    torch.testing.assert_close(lookup_f32(store, table, everything), emb.weight.detach(), rtol=0, atol=1e-6)
+
+
+def test_adagrad_update_equals_row_optim():
+    cfg = make_cfg("adagrad")
+    store = make_store(cfg, 1, 2)
+    table, layout = next(iter(store.layouts.items()))
+    rows = owned_rows(store, table)[::3]
+    g = torch.randn(rows.size, layout.dim)
+    w = lookup_f32(store, table, rows)
+    acc = torch.zeros(rows.size)
+    kw = dict(kind="adagrad", lr=float(F32(0.1)), beta1=0.0, beta2=0.0, eps=float(F32(1e-10)))
+    for step in (1, 2):
+        store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
+                                                step=step, **kw))
+        rowwise_adagrad_(w, acc, g, p=AdagradParams(lr=kw["lr"], eps=kw["eps"]))
+    assert torch.equal(lookup_f32(store, table, rows), w)
+    assert store.view.tables[table].state[0].shape == (store.view.tables[table].weights.shape[0],)
+
+
+def test_bad_updates_change_nothing():
+    cfg = make_cfg("adam")
+    store = make_store(cfg)
+    table, layout = next(iter(store.layouts.items()))
+    d, n = layout.dim, layout.num_rows
+    mine = owned_rows(store, table)[:4]
+    other = next(r for r in range(n) if r % store.num_slots not in store.view.owned)
+    g = torch.ones(4, d)
+    store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(mine), grads=grad_bytes(g),
+                                            step=5, **adam_kw()))
+    nan_g = g.clone()
+    nan_g[1, 2], nan_g[3, 0], nan_g[3, 1] = float("nan"), float("inf"), -float("inf")
+    base = dict(table=table, epoch=1, row_ids=pack_ids(mine), grads=grad_bytes(g), step=6, **adam_kw())
+    cases = [
+        (dict(table=7), Code.INVALID_ARGUMENT, "table 7: no such Engram table"),
+        (dict(epoch=0), Code.FAILED_PRECONDITION, "stale slot-map epoch 0"),
+        (dict(epoch=3), Code.UNAVAILABLE, "has not seen epoch 3"),
+        (dict(step=5), Code.FAILED_PRECONDITION, "step 5 for table 1 is from the past: step 5 is already applied"),
+        (dict(step=0), Code.INVALID_ARGUMENT, "step: must be >= 1"),
+        (dict(grads=grad_bytes(g)[:-4]), Code.INVALID_ARGUMENT, f"expected {4 * d * 4} for 4 rows x {d} dims"),
+        (dict(row_ids=pack_ids(mine)[:-3]), Code.INVALID_ARGUMENT, "not a whole number of int64 ids"),
+        (dict(row_ids=pack_ids(np.array([mine[0], mine[1], mine[0], mine[2]]))), Code.INVALID_ARGUMENT,
+         f"row {mine[0]} appears 2 times in the gradient of table 1"),
+        (dict(grads=grad_bytes(nan_g)), Code.INVALID_ARGUMENT,
+         f"3 non-finite values (NaN/Inf) in 2 rows of table 1 (first: row {mine[1]})"),
+        (dict(row_ids=pack_ids(np.array([*mine[:3], n + 5]))), Code.OUT_OF_RANGE, "1 of 4 ids are outside"),
+        (dict(row_ids=pack_ids(np.array([*mine[:3], other]))), Code.FAILED_PRECONDITION, f"row {other} is in slot"),
+        (dict(kind="adagrad"), Code.FAILED_PRECONDITION, "keeps adam state; cannot apply adagrad"),
+        (dict(kind="sgd"), Code.INVALID_ARGUMENT, "unknown 'sgd'"),
+        (dict(lr=0.0), Code.INVALID_ARGUMENT, "optimizer.lr"),
+        (dict(beta1=1.0), Code.INVALID_ARGUMENT, "optimizer.beta1"),
+        (dict(eps=-1.0), Code.INVALID_ARGUMENT, "optimizer.eps"),
+    ]
+    before = snapshot(store)
+    for over, code, text in cases:
+        with pytest.raises(ShardError) as err:
+            store.prepare_update(**(base | over))
+        assert err.value.code == code and text in err.value.message, (over, err.value)
+    store.frozen[int(mine[0] % store.num_slots)] = "10.0.0.9:1"
+    with pytest.raises(ShardError) as err:
+        store.prepare_update(**base)
+    assert err.value.code == Code.UNAVAILABLE and "being migrated to 10.0.0.9:1" in err.value.message
+    assert_unchanged(store, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# sync-mode aggregation (through the engine, on an event loop)
+
+
+def test_sync_parts_sum_and_apply_once():
+    cfg = make_cfg("adam")
+    ref, store = make_store(cfg, 0, 1), make_store(cfg, 0, 1)
+    table, layout = next(iter(store.layouts.items()))
+    d = layout.dim
+    rows_a, rows_b = np.array([3, 10, 11, 50], dtype=np.int64), np.array([11, 3, 99], dtype=np.int64)
+    g_a, g_b = torch.randn(4, d), torch.randn(3, d)
+    kw = adam_kw()
+    opt = shard_pb2.OptimizerParams(kind="adam", lr=kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"])
+
+    def req(rows, g, step, part, num_parts=2):
+        return shard_pb2.ApplyGradientsRequest(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
+                                               step=step, optimizer=opt, part_id=part, num_parts=num_parts)
+
+    async def body():
+        with ThreadPoolExecutor(2) as pool:
+            eng = ShardEngine(store, pool=pool, max_message_bytes=1 << 20, pending_wait_s=0.5)
+            first = await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+            assert first.pending and first.applied_step == 0
+            with pytest.raises(ShardError, match="part 'w0' of step 1 .* already received"):
+                await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+            with pytest.raises(ShardError, match="num_parts: 3"):
+                await eng.apply_gradients(req(rows_b, g_b, 1, "w1", num_parts=3))
+            with pytest.raises(ShardError, match="ABORTED|waited 0.5 s for step 1") as err:
+                await eng.apply_gradients(req(rows_b, g_b, 2, "w1"))  # step 2 waits for step 1 ... in vain
+            assert err.value.code == Code.ABORTED
+            later = asyncio.create_task(eng.apply_gradients(req(rows_b, g_b, 2, "w1")))
+            await asyncio.sleep(0.05)
+            assert not later.done()  # waits while step 1 is pending
+            done = await eng.apply_gradients(req(rows_b, g_b, 1, "w1"))
+            assert not done.pending and done.applied_step == 1 and done.rows_updated == 5
+            assert (await later).pending  # step 2 went in once step 1 was applied
+            with pytest.raises(ShardError, match="from the past"):
+                await eng.apply_gradients(req(rows_b, g_b, 1, "w2"))
+
+    asyncio.run(body())
+    union = np.array([3, 10, 11, 50, 99], dtype=np.int64)
+    summed = torch.zeros(5, d)
+    summed.index_add_(0, torch.tensor([0, 1, 2, 3]), g_a)
+    summed.index_add_(0, torch.tensor([2, 0, 4]), g_b)
+    ref.apply_update(ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(union), grads=grad_bytes(summed),
+                                        step=1, **kw))
+    assert torch.equal(lookup_f32(store, table, union), lookup_f32(ref, table, union))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files and migration staging
+
+
+def _metas(store, table):
+    layout = store.layouts[table]
+    return [ckpt.SlotMeta(table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots), layout.dim,
+                          store.kind) for s in store.view.owned]
+
+
+def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
+    cfg = make_cfg("adam")
+    src, dst = make_store(cfg), make_store(cfg)
+    table, layout = next(iter(src.layouts.items()))
+    rows = owned_rows(src, table)
+    src.apply_update(src.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows),
+                                        grads=grad_bytes(torch.randn(rows.size, layout.dim)), step=4, **adam_kw()))
+    files = [ckpt.write_slot(tmp_path, m, src.slot_block(table, m.slot)) for m in _metas(src, table)]
+    assert not list(tmp_path.rglob(".*tmp*"))
+    for f, meta in zip(files, _metas(dst, table), strict=True):
+        assert f["num_bytes"] == (tmp_path / f["path"]).stat().st_size
+        assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta) == 4
+        ckpt.load_slot(str(tmp_path), f["path"], f["sha256"], meta, dst.slot_block(table, meta.slot))
+    for a, b in zip(snapshot(src)[:3], snapshot(dst)[:3], strict=True):
+        assert torch.equal(a, b)
+
+    f, meta = files[0], _metas(dst, table)[0]
+    path = tmp_path / f["path"]
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    with pytest.raises(ShardError, match="truncated or padded") as err:
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
+    assert err.value.code == Code.DATA_LOSS and str(path) in err.value.message
+    flipped = bytearray(raw)
+    flipped[100] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ShardError, match="sha256 mismatch"):
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
+    path.write_bytes(raw)
+    with pytest.raises(ShardError, match="does not match this cluster's layout: slot"):
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], _metas(dst, table)[1])
+    with pytest.raises(ShardError, match="must be relative"):
+        ckpt.verify_slot(str(tmp_path), "../x.bin", "", meta)
+    with pytest.raises(ShardError, match="does not exist") as err:
+        ckpt.verify_slot(str(tmp_path), "table1/nope.bin", "", meta)
+    assert err.value.code == Code.FAILED_PRECONDITION
+
+
+def test_slot_chunks_stage_and_switch_ownership():
+    cfg = make_cfg("adagrad")
+    a, b = make_store(cfg, 0, 2), make_store(cfg, 1, 2)
+    table, layout = next(iter(a.layouts.items()))
+    moved = list(a.view.owned[:2])
+    rows = owned_rows(a, table)
+    g = torch.randn(rows.size, layout.dim)
+    a.apply_update(a.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g), step=3,
+                                    kind="adagrad", lr=0.5, beta1=0, beta2=0, eps=1e-10))
+    staging = Staging(b)
+    chunks = [c for s in moved for c in slot_chunks(a, table=table, slot=s, epoch=1, chunk_bytes=1000)]
+    assert len(chunks) > len(moved) and all(len(c.weights) + len(c.state) <= 1000 for c in chunks)
+    with pytest.raises(ShardError, match="chunk at row 27 without a start"):
+        staging.add(chunks[1])  # out of order
+    done = [staging.add(c) for c in chunks]
+    assert sum(done) == len(moved) and not staging.partial_keys()
+    with pytest.raises(ShardError, match="no data for it"):
+        b.set_ownership(epoch=2, owned_slots=[*b.view.owned, a.view.owned[2]], owners=None, staged=staging.complete)
+    owners = [1 if (o == 1 or s in moved) else 0 for s, o in enumerate(even_slot_map(16, 2))]
+    assert b.set_ownership(epoch=2, owned_slots=[*b.view.owned, *moved], owners=owners, staged=staging.complete) == 0
+    assert a.set_ownership(epoch=2, owned_slots=list(a.view.owned[2:]), owners=owners, staged={}) == 2
+    moved_rows = rows[np.isin(rows % 16, moved)]
+    assert torch.equal(
+        unpack_rows(b.lookup(table=table, epoch=2, row_ids=pack_ids(moved_rows), dtype=shard_pb2.FP32)[0],
+                    shard_pb2.FP32, layout.dim),
+        lookup_after(a, table, rows, g, moved_rows),
+    )
+    assert b.applied_step[table] == 3
+    with pytest.raises(ShardError, match="owned by shard 1 at epoch 2"):
+        a.lookup(table=table, epoch=2, row_ids=pack_ids(moved_rows[:1]), dtype=shard_pb2.FP32)
+    with pytest.raises(ShardError, match="stale slot-map epoch 1"):
+        a.set_ownership(epoch=1, owned_slots=[], owners=None, staged={})
+
+
+def lookup_after(store, table, rows, g, wanted):
+    """Expected rows after one adagrad step from init (recomputed independently)."""
+    layout = store.layouts[table]
+    w = torch.from_numpy(init_rows(seed=0, layer_id=table, rows=rows, dim=layout.dim, std=1.0))
+    rowwise_adagrad_(w, torch.zeros(rows.size), g, p=AdagradParams(lr=0.5, eps=1e-10))
+    return w[torch.from_numpy(np.isin(rows, wanted))]

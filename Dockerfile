@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# One image for every Engram process: memory shards, model worker, trainer (Ray head and
+# workers run it too), the control-plane CLI. ENTRYPOINT is `engram`, so a container's
+# command is an engram sub-command:  docker run engram:latest shard --shard-id 0 --port 50060
+#
+#   docker build -t engram:latest .                             # CPU torch (default)
+#   docker build -t engram:cuda --build-arg TORCH_CUDA=cu128 .  # a CUDA build of torch
+#
+# Installs the project the way the README does: torch first, pinned, from PyTorch's wheel
+# index (a bare `torch` requirement would pull CUDA wheels onto a CPU image), then `pip install .`.
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+
+ARG TORCH_VERSION=2.13.0
+# cpu, or a CUDA wheel index of download.pytorch.org/whl (cu126, cu128, ...)
+ARG TORCH_CUDA=cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
+
+# Dependencies change less often than code: install them from pyproject.toml alone first so a
+# code edit does not re-download them.
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY engram/ engram/
+COPY engram_cli/ engram_cli/
+COPY proto/ proto/
+COPY services/ services/
+COPY worker/ worker/
+COPY trainer/ trainer/
+COPY benchmarks/ benchmarks/
+RUN pip install --no-deps . && rm -rf /src
+
+# Non-root; /data is the working directory (tokenizer cache, runs/, checkpoints volume), so
+# the root filesystem can be mounted read-only.
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/engram engram \
+    && mkdir -p /data/checkpoints /data/runs \
+    && chown -R 10001:10001 /data
+USER 10001:10001
+WORKDIR /data
+VOLUME ["/data/checkpoints"]
+
+# 50060 shard gRPC, 50051 model worker gRPC, 9464 Prometheus metrics (--metrics-port)
+EXPOSE 50060 50051 9464
+ENTRYPOINT ["engram"]
+CMD ["--help"]

@@ -197,11 +197,12 @@ class Telemetry:
 
 
 def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-                    env: Mapping[str, str] | None = None) -> Telemetry:
+                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Telemetry:
     """Install tracing/metrics for this process from the OTEL_* environment. Call once, at entry.
 
     `metrics_port` (a CLI value of the caller; 0 picks a free port) serves Prometheus text even
-    when no OTLP endpoint is set. `env` defaults to os.environ (tests pass their own).
+    when no OTLP endpoint is set. `attributes` are added to the resource (e.g. the shard id).
+    `env` defaults to os.environ (tests pass their own).
     """
     env = os.environ if env is None else env
     settings = settings_from_env(service_name, env)
@@ -214,14 +215,27 @@ def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metri
 
     name = settings.service_name if settings else (env.get("OTEL_SERVICE_NAME") or service_name)
     extra = settings.resource_attributes if settings else {}
-    resource = Resource.create({**extra, "service.name": name, "process.pid": os.getpid()})
+    resource = Resource.create({**extra, **(attributes or {}), "service.name": name, "process.pid": os.getpid()})
     tracer_provider = meter_provider = server = None
     instrumentors: list = []
+    readers: list = []
+    if metrics_port is not None:  # first: a port in use must leave nothing installed
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        if not 0 <= metrics_port < 65536:
+            raise ConfigError(f"--metrics-port: {metrics_port} is not a TCP port")
+        registry = CollectorRegistry()
+        readers.append(PrometheusMetricReader(registry=registry))
+        try:
+            server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port: cannot serve Prometheus metrics on {metrics_host}:{metrics_port}: "
+                              f"{exc}") from None
     if settings is not None and settings.traces_endpoint:
         tracer_provider = _tracer_provider(settings, resource)
         instrumentors = _instrument(tracer_provider)
         _state.tracer = tracer_provider.get_tracer(TRACER_NAME)
-    readers = []
     if settings is not None and settings.metrics_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -229,13 +243,6 @@ def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metri
         exporter = OTLPMetricExporter(endpoint=settings.metrics_endpoint,
                                       insecure=_insecure(settings.metrics_endpoint), timeout=EXPORT_TIMEOUT_S)
         readers.append(PeriodicExportingMetricReader(exporter))
-    if metrics_port is not None:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
-
-        registry = CollectorRegistry()
-        readers.append(PrometheusMetricReader(registry=registry))
-        server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 
@@ -314,6 +321,18 @@ def annotate(**attributes: Any) -> None:
     current = otel_trace.get_current_span()
     if current.is_recording():
         current.set_attributes(_clean(attributes))
+
+
+def annotate_rows(row_ids: bytes, **attributes: Any) -> None:
+    """rows, bytes and unique ratio of packed int64 LE ids (plus `attributes`) on the current span."""
+    if _state.tracer is None or not otel_trace.get_current_span().is_recording():
+        return
+    import numpy as np
+
+    n = len(row_ids) // 8
+    ids = np.frombuffer(row_ids, dtype="<i8", count=n)
+    unique = float(np.unique(ids).size) / n if n else 1.0
+    annotate(rows=n, bytes=len(row_ids), unique_ratio=round(unique, 4), **attributes)
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:

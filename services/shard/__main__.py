@@ -34,11 +34,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: cores // 4)")
     parser.add_argument("--grace-s", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from services.shard.server import BootError, ServeOptions, serve  # grpc/torch only when serving
+    from services.telemetry import setup_telemetry
 
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
@@ -54,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
             shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
             standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads, grace_s=args.grace_s,
         )
-        return uvloop.run(serve(cfg, opts))
+        tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, attributes={"engram.shard_id": args.shard_id})
+        try:
+            return uvloop.run(serve(cfg, opts))
+        finally:
+            tel.shutdown()  # flush spans and metrics inside the grace period
     except (ConfigError, BootError) as exc:
         print(f"engram shard {args.shard_id}: cannot start: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -11,6 +12,7 @@ import grpc
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.shard.engine import ShardEngine
 from services.shard.errors import ShardError
+from services.telemetry import annotate, annotate_rows, record_lookup
 
 T = TypeVar("T")
 log = logging.getLogger("engram.shard")
@@ -32,7 +34,12 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
         self.engine = engine
 
     async def Lookup(self, request, context):
-        return await _answer(context, self.engine.lookup(request), "Lookup")
+        annotate_rows(request.row_ids, table=request.table, epoch=request.epoch, request_id=request.request_id or None)
+        t0 = time.perf_counter()
+        response = await _answer(context, self.engine.lookup(request), "Lookup")
+        record_lookup(time.perf_counter() - t0, len(request.row_ids) // 8, side="shard", table=request.table)
+        annotate(bytes_out=len(response.rows), applied_step=response.applied_step)
+        return response
 
     async def LookupStream(
         self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context
@@ -47,7 +54,11 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
             i += 1
 
     async def ApplyGradients(self, request, context):
-        return await _answer(context, self.engine.apply_gradients(request), "ApplyGradients")
+        annotate_rows(request.row_ids, table=request.table, epoch=request.epoch, step=request.step,
+                      grad_bytes=len(request.grads), part_id=request.part_id or None)
+        response = await _answer(context, self.engine.apply_gradients(request), "ApplyGradients")
+        annotate(rows_updated=response.rows_updated, pending=response.pending, applied_step=response.applied_step)
+        return response
 
     async def Checkpoint(self, request, context):
         return await _answer(context, self.engine.checkpoint(request), "Checkpoint")

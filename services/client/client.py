@@ -1,0 +1,251 @@
+"""`ShardClient`: batched, deduplicated, concurrent lookups and gradient pushes to the shards.
+
+    client = await ShardClient.connect(ControlPlane.connect(url, ns))
+    handle = client.lookup(table, ids)          # dedup -> split by slot owner -> chunk -> send
+    rows = await handle                          # (*ids.shape, D) in request order
+    await client.apply_gradients(table, uniq_ids, grads, step=s, optimizer=opt)
+
+Phases of a lookup (all on the caller's event loop; the numpy work is O(N) vectorised):
+  1. dedup (routing.dedup), 2. split unique ids by slot owner, 3. cut each shard's ids into
+  messages under the size limit, 4. one Lookup per message, all concurrent, under one
+  deadline, 5. rows land in (U, D) at their positions, 6. `await handle` expands by inverse.
+
+Failures: UNAVAILABLE is retried with backoff for idempotent calls; FAILED_PRECONDITION
+refreshes the slot map from the control plane and, if the epoch moved, re-routes the ids
+of the failed message; anything else is raised as one `ShardError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from engram.config import Config
+from engram.layout import TableLayout, table_layouts
+from services import wire
+from services.client.channels import ChannelPool, Endpoint, channel_options
+from services.client.codec import encode_lookup_request
+from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
+from services.client.handle import LookupHandle
+from services.client.ops import ShardOps
+from services.client.routing import (
+    as_id_array,
+    assemble,
+    check_range,
+    chunk_groups,
+    dedup,
+    max_rows_per_message,
+    split_by_owner,
+)
+from services.client.state import Routing, gather_or_cancel
+from services.wire import ITEMSIZE, TORCH_DTYPES
+
+T = TypeVar("T")
+DEFAULT_CHUNK_BYTES = 2 << 20  # response bytes per Lookup message: several in flight pipeline better than one
+
+
+class ShardClient(ShardOps):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        epoch: int,
+        owners: list[int],
+        addresses: dict[int, str],
+        control: Any = None,
+        wire_dtype: str | None = None,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh."""
+        if len(owners) != cfg.cluster.num_slots:
+            raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {cfg.cluster.num_slots}")
+        self.cfg = cfg
+        self.control = control
+        self.layouts: dict[int, TableLayout] = table_layouts(cfg.engram)
+        self.wire_dtype = wire_dtype or cfg.cluster.wire_dtype
+        self._dtype = wire.wire_dtype(self.wire_dtype)
+        self._torch_dtype = TORCH_DTYPES[self._dtype]
+        self.timeout_s = float(timeout_s if timeout_s is not None else cfg.cluster.lookup_timeout_s)
+        self.retry = retry or RetryPolicy()
+        self.max_message_bytes = cfg.cluster.max_message_mb << 20
+        self.chunk_bytes = int(chunk_bytes)
+        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses))
+        self._pool = ChannelPool(channel_options(cfg.cluster.max_message_mb))
+        self._refresh_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, control: Any, **kw: Any) -> ShardClient:
+        """Layout, slot map and shard addresses from the control plane."""
+        cfg = await control.config()
+        smap = await control.slot_map()
+        shards = await control.shards()
+        addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins
+        return cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control, **kw)
+
+    # ---------------------------------------------------------------------------------------
+    # slot map
+
+    @property
+    def epoch(self) -> int:
+        return self._routing.epoch
+
+    @property
+    def owners(self) -> list[int]:
+        return self._routing.owners.tolist()
+
+    @property
+    def addresses(self) -> dict[int, str]:
+        return dict(self._routing.addresses)
+
+    def set_routing(self, *, epoch: int, owners: list[int], addresses: dict[int, str] | None = None) -> None:
+        if len(owners) != self.cfg.cluster.num_slots:
+            raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {self.cfg.cluster.num_slots}")
+        addr = self._routing.addresses if addresses is None else dict(addresses)
+        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), addr)
+
+    async def refresh(self) -> int:
+        """Re-read the slot map and shard addresses from the control plane -> epoch."""
+        if self.control is None:
+            raise ShardError(
+                Code.FAILED_PRECONDITION, "the slot map changed and this client has no control plane to refresh "
+                "it from (standalone client: call set_routing)", call="refresh",
+            )
+        smap = await self.control.slot_map()
+        shards = await self.control.shards()
+        addresses = {**self._routing.addresses, **{r.shard_id: r.address for r in shards if r.alive}}
+        for r in shards:
+            addresses.setdefault(r.shard_id, r.address)
+        if smap.epoch >= self._routing.epoch:
+            self.set_routing(epoch=smap.epoch, owners=smap.owners, addresses=addresses)
+        return self._routing.epoch
+
+    async def _newer_than(self, epoch: int) -> bool:
+        """Make sure the routing is newer than `epoch` (one refresh for many waiters) -> moved?"""
+        async with self._refresh_lock:
+            if self._routing.epoch > epoch:
+                return True
+            try:
+                await self.refresh()
+            except ShardError:
+                return False
+            return self._routing.epoch > epoch
+
+    # ---------------------------------------------------------------------------------------
+    # one call with retries
+
+    async def _call(
+        self,
+        shard_id: int,
+        call: str,
+        invoke: Callable[[Endpoint, float], Awaitable[T]],
+        *,
+        routing: Routing,
+        deadline: float,
+        idempotent: bool,
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            address = routing.address(shard_id)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ShardError(
+                    Code.DEADLINE_EXCEEDED, f"no answer before the deadline ({attempt} attempts)",
+                    address=address, shard_id=shard_id, call=call,
+                )
+            try:
+                return await invoke(self._pool.get(address), remaining)
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc, address=address, shard_id=shard_id, call=call)
+            attempt += 1
+            if not idempotent or err.code not in RETRYABLE or attempt >= self.retry.max_attempts:
+                raise err
+            delay = self.retry.backoff(attempt)
+            if loop.time() + delay >= deadline:
+                raise err
+            await asyncio.sleep(delay)
+            if self.control is not None and err.code == Code.UNAVAILABLE:
+                # the shard may have restarted on a new address
+                await self._newer_than(routing.epoch)
+                current = self._routing
+                if current.epoch == routing.epoch:
+                    routing = current
+
+    # ---------------------------------------------------------------------------------------
+    # lookups
+
+    def layout(self, table: int) -> TableLayout:
+        try:
+            return self.layouts[table]
+        except KeyError:
+            raise ValueError(f"table {table}: no such Engram table (layers {sorted(self.layouts)})") from None
+
+    def lookup(
+        self, table: int, row_ids: np.ndarray | torch.Tensor, *, upcast: bool = False, timeout_s: float | None = None
+    ) -> LookupHandle:
+        """Issue a lookup of any-shape int ids now -> handle; `await handle` -> (*shape, D)."""
+        layout = self.layout(table)
+        flat, shape = as_id_array(row_ids)  # (N,)
+        check_range(flat, layout.num_rows, table)
+        d = dedup(flat, shape)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("ShardClient.lookup must be called from a running event loop") from None
+        deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
+        task = loop.create_task(self._gather(table, d.unique, deadline, self.retry.max_refreshes))
+        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast)
+
+    def _chunk_rows(self, dim: int) -> int:
+        itemsize = ITEMSIZE[self._dtype]
+        limit = max_rows_per_message(dim=dim, itemsize=itemsize, max_message_bytes=self.max_message_bytes)
+        return max(1, min(limit, self.chunk_bytes // (dim * itemsize)))
+
+    async def _gather(self, table: int, ids: np.ndarray, deadline: float, refreshes: int) -> torch.Tensor:
+        """(n,) distinct ids -> (n, D) rows in the wire dtype, in the order of `ids`."""
+        dim = self.layouts[table].dim
+        routing = self._routing
+        chunks = chunk_groups(split_by_owner(ids, routing.owners), self._chunk_rows(dim))
+        parts = await gather_or_cancel(
+            [self._lookup_chunk(table, c.shard, c.ids, routing, deadline, refreshes) for c in chunks]
+        )
+        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p) for c, p in zip(chunks, parts)])
+
+    async def _lookup_chunk(
+        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int
+    ) -> torch.Tensor:
+        request = encode_lookup_request(table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype)
+        try:
+            reply = await self._call(
+                shard_id, "Lookup", lambda ep, t: ep.lookup_raw(request, timeout=t),
+                routing=routing, deadline=deadline, idempotent=True,
+            )
+        except ShardError as err:
+            if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
+                return await self._gather(table, ids, deadline, refreshes - 1)
+            raise
+        dim, n = self.layouts[table].dim, ids.size
+        if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * dim * ITEMSIZE[self._dtype]:
+            raise ShardError(
+                Code.INTERNAL,
+                f"malformed reply: {len(reply.rows)} bytes, dim {reply.dim}, dtype {reply.dtype} for {n} rows of "
+                f"{dim} dims in dtype {self._dtype}", address=routing.addresses.get(shard_id, ""),
+                shard_id=shard_id, call="Lookup",
+            )
+        return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim)  # (n, D), no copy
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> ShardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

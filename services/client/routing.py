@@ -1,0 +1,154 @@
+"""The pure math of a lookup: dedup, split by slot owner, chunk, reassemble.
+
+No I/O here. A lookup of ids (any shape) becomes
+
+    flat (N,) -> dedup -> unique (U,) [+ inverse (N,)] -> per shard: positions (n_s,) into unique
+              -> per message: contiguous chunks of each shard's ids
+
+and the rows come back as unique_rows (U, D) filled at `positions`, expanded by `inverse`.
+When the ids hold no duplicates, `unique` keeps the request order and `inverse` is None
+(the identity), so a one-shard, one-message lookup needs no reordering copy at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Dedup:
+    unique: np.ndarray  # (U,) int64; request order if inverse is None, else sorted
+    inverse: np.ndarray | None  # (N,) int64 positions into unique, None = identity (U == N)
+    shape: tuple[int, ...]  # shape of the request
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The unique ids one shard serves."""
+
+    shard: int
+    ids: np.ndarray  # (n,) int64
+    positions: np.ndarray | None  # (n,) int64 indices into unique; None = all of unique, in order
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One message's worth of a group: ids[start:stop] of that group."""
+
+    shard: int
+    ids: np.ndarray  # (m,) int64
+    positions: np.ndarray | slice  # where these rows go in unique_rows
+
+
+def as_id_array(row_ids: np.ndarray | torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Any-shape integer ids (numpy or torch, any device) -> ((N,) int64 contiguous, shape)."""
+    if isinstance(row_ids, torch.Tensor):
+        if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
+            raise ValueError(f"row_ids: expected an integer tensor, got {row_ids.dtype}")
+        row_ids = row_ids.detach().to(device="cpu", dtype=torch.int64).numpy()
+    arr = np.asarray(row_ids)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"row_ids: expected integers, got dtype {arr.dtype}")
+    shape = tuple(arr.shape)
+    flat = np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+    return flat, shape
+
+
+def dedup(flat: np.ndarray, shape: tuple[int, ...]) -> Dedup:
+    """(N,) ids -> unique ids and the inverse map (None when there is nothing to merge)."""
+    if flat.size < 2:
+        return Dedup(unique=flat, inverse=None, shape=shape)
+    s = np.sort(flat)  # (N,) one O(N log N) pass to find out whether a second is needed
+    if not np.any(s[1:] == s[:-1]):
+        return Dedup(unique=flat, inverse=None, shape=shape)
+    unique, inverse = np.unique(flat, return_inverse=True)
+    return Dedup(unique=unique, inverse=inverse.reshape(-1).astype(np.int64, copy=False), shape=shape)
+
+
+def check_range(flat: np.ndarray, num_rows: int, table: int) -> None:
+    if flat.size and (flat.min() < 0 or flat.max() >= num_rows):
+        bad = np.flatnonzero((flat < 0) | (flat >= num_rows))
+        raise ValueError(
+            f"row_ids: {bad.size} of {flat.size} ids are outside table {table}'s rows 0..{num_rows - 1} "
+            f"(first: {int(flat[bad[0]])} at index {int(bad[0])})"
+        )
+
+
+def split_by_owner(unique: np.ndarray, owners: np.ndarray) -> list[Group]:
+    """unique (U,) ids, owners (num_slots,) shard per slot -> one Group per shard with ids.
+
+    Inside a group, ids keep their order in `unique` (stable sort on the owner).
+    """
+    if unique.size == 0:
+        return []
+    num_slots = owners.shape[0]
+    owner = owners[unique % num_slots]  # (U,) shard of each id
+    first = owner[0]
+    if np.all(owner == first):
+        return [Group(shard=int(first), ids=unique, positions=None)]
+    # shard ids are small: a 16/32-bit key makes numpy's stable sort a radix sort, O(U)
+    key = owner.astype(np.uint16 if owners.max() < 65536 else np.uint32)
+    order = np.argsort(key, kind="stable")  # (U,) positions grouped by shard
+    shards, starts = np.unique(key[order], return_index=True)
+    bounds = [*starts.tolist(), unique.size]
+    groups = []
+    for i, shard in enumerate(shards.tolist()):
+        pos = order[bounds[i] : bounds[i + 1]]
+        groups.append(Group(shard=int(shard), ids=unique[pos], positions=pos.astype(np.int64, copy=False)))
+    return groups
+
+
+def max_rows_per_message(*, dim: int, itemsize: int, max_message_bytes: int, headroom: int = 64 << 10) -> int:
+    """Rows that fit one request (8-byte ids) and one response (dim * itemsize per row)."""
+    per_row = max(8, dim * itemsize)
+    rows = (max_message_bytes - headroom) // per_row
+    if rows < 1:
+        raise ValueError(f"max message of {max_message_bytes} bytes cannot hold one {per_row}-byte row")
+    return int(rows)
+
+
+def chunk_groups(groups: list[Group], max_rows: int) -> list[Chunk]:
+    """Split every group into messages of at most `max_rows` ids."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows: must be >= 1, got {max_rows}")
+    chunks = []
+    for g in groups:
+        n = g.ids.size
+        pieces = max(1, -(-n // max_rows))
+        step = -(-n // pieces)  # equal-sized pieces, none tiny
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            pos = slice(a, b) if g.positions is None else g.positions[a:b]
+            chunks.append(Chunk(shard=g.shard, ids=g.ids[a:b], positions=pos))
+    return chunks
+
+
+def assemble(
+    num_unique: int, dim: int, dtype: torch.dtype, parts: list[tuple[np.ndarray | slice, torch.Tensor]]
+) -> torch.Tensor:
+    """(positions, rows (m, D)) parts covering 0..U-1 exactly once -> unique_rows (U, D).
+
+    A single part that covers everything in order is returned as is (no copy).
+    """
+    if len(parts) == 1:
+        pos, rows = parts[0]
+        if isinstance(pos, slice) and pos.start in (0, None) and rows.shape[0] == num_unique:
+            return rows
+    out = torch.empty((num_unique, dim), dtype=dtype)  # (U, D)
+    for pos, rows in parts:
+        if isinstance(pos, slice):
+            out[pos].copy_(rows)
+        else:
+            out.index_copy_(0, torch.from_numpy(pos), rows)
+    return out
+
+
+def expand(unique_rows: torch.Tensor, d: Dedup) -> torch.Tensor:
+    """unique_rows (U, D) -> rows in request order (*shape, D)."""
+    dim = unique_rows.shape[1]
+    if d.inverse is None:
+        return unique_rows.view(*d.shape, dim)
+    return unique_rows.index_select(0, torch.from_numpy(d.inverse)).view(*d.shape, dim)

@@ -1,0 +1,49 @@
+"""Routing snapshots and the concurrency helpers shared by the client's modules."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from services.client.errors import Code, ShardError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """A consistent snapshot of where slots live; replaced whole on refresh."""
+
+    epoch: int
+    owners: np.ndarray  # (num_slots,) int64 shard id per slot
+    addresses: dict[int, str]  # shard id -> host:port
+
+    def address(self, shard_id: int) -> str:
+        address = self.addresses.get(shard_id)
+        if not address:
+            raise ShardError(
+                Code.UNAVAILABLE, f"has no registered address (slot map epoch {self.epoch}); is it running?",
+                shard_id=shard_id, call="routing",
+            )
+        return address
+
+
+async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest and raise that failure."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()

@@ -33,7 +33,9 @@ def test_default_corpus_is_stdlib() -> None:
     files = corpus_files([])
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     assert len(files) > 100
-    assert files == sorted(files)
+    assert files == corpus_files([])  # a stable order, mixed across packages (not alphabetical)
+    first_tenth = {f.relative_to(stdlib).parts[0] for f in files[: len(files) // 10]}
+    assert len(first_tenth) > 20
     assert all(f.suffix == ".py" and f.is_relative_to(stdlib) for f in files)
     assert not any("site-packages" in f.parts for f in files)
     assert stdlib / "os.py" in files

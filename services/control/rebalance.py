@@ -1,0 +1,162 @@
+"""Grow or shrink the cluster by moving whole slots, while lookups go on.
+
+    plan = plan_slot_map(owners, targets)                # pure: fewest slots moved
+    await rebalance(control, num_shards=3)               # or add=[3] / remove=[1]
+
+Steps (see services/shard/migrate.py for the shard side):
+  1. every target shard must be registered and alive (a joining shard is started first and
+     owns no slots until the map gives it some);
+  2. for each (source, target) pair: `MigrateSlots(slots, target, epoch)` on the source,
+     which freezes the slots for updates (lookups go on) and streams them to the target;
+  3. compare-and-set the new map in the control plane (epoch + 1);
+  4. `SetSlotMap(epoch + 1, owned)` on every shard, gainers first: they swap staged slots in,
+     losers drop theirs. Clients still on the old epoch get FAILED_PRECONDITION and refresh;
+     clients already on the new one get UNAVAILABLE from a shard that has not switched yet
+     and retry.
+Re-running `rebalance` with nothing to move re-sends step 4, which repairs shards that
+missed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPlan:
+    owners: list[int]  # new slot -> shard
+    moves: dict[tuple[int, int], list[int]]  # (source, target) -> slots
+
+    @property
+    def num_moved(self) -> int:
+        return sum(len(s) for s in self.moves.values())
+
+
+def plan_slot_map(owners: list[int], targets: Iterable[int]) -> SlotPlan:
+    """New owners giving every target floor/ceil(num_slots / T) slots with the fewest moves.
+
+    The shards that already hold the most slots keep the larger quotas; each shard keeps its
+    lowest-numbered slots and gives away the rest; freed slots go to the emptiest shards.
+    """
+    targets = sorted(set(int(t) for t in targets))
+    if not targets:
+        raise ValueError("targets: at least one shard must own the slots")
+    if any(t < 0 for t in targets):
+        raise ValueError(f"targets: shard ids must be >= 0, got {targets}")
+    n = len(owners)
+    if len(targets) > n:
+        raise ValueError(f"targets: {len(targets)} shards but only {n} slots (cluster.num_slots)")
+    held: dict[int, list[int]] = {t: [] for t in targets}
+    freed: list[int] = []
+    for slot, owner in enumerate(owners):
+        (held[owner] if owner in held else freed).append(slot)
+    base, extra = divmod(n, len(targets))
+    by_size = sorted(targets, key=lambda t: (-len(held[t]), t))
+    quota = {t: base + (1 if i < extra else 0) for i, t in enumerate(by_size)}
+    for t in targets:
+        freed += held[t][quota[t]:]
+        del held[t][quota[t]:]
+    freed.sort()
+    new = list(owners)
+    moves: dict[tuple[int, int], list[int]] = {}
+    for t in sorted(targets, key=lambda t: (len(held[t]), t)):
+        while len(held[t]) < quota[t]:
+            slot = freed.pop(0)
+            held[t].append(slot)
+            moves.setdefault((owners[slot], t), []).append(slot)
+            new[slot] = t
+    assert not freed and all(len(held[t]) == quota[t] for t in targets)
+    return SlotPlan(owners=new, moves=moves)
+
+
+def target_shards(
+    owners: list[int], *, num_shards: int | None = None, add: Iterable[int] = (), remove: Iterable[int] = ()
+) -> list[int]:
+    """The shard ids that should own slots: 0..num_shards-1, or the current ones +add -remove."""
+    add, remove = set(add), set(remove)
+    if num_shards is not None:
+        if add or remove:
+            raise ValueError("give either num_shards or add/remove, not both")
+        if num_shards < 1:
+            raise ValueError(f"num_shards: must be >= 1, got {num_shards}")
+        return list(range(num_shards))
+    both = add & remove
+    if both:
+        raise ValueError(f"shards {sorted(both)} are both added and removed")
+    targets = (set(owners) | add) - remove
+    if not targets:
+        raise ValueError("removing every shard would leave no owner for the slots")
+    return sorted(targets)
+
+
+@dataclass(slots=True)
+class RebalanceReport:
+    old_epoch: int
+    new_epoch: int
+    owners: list[int]
+    moves: dict[tuple[int, int], list[int]]
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    set_on: dict[int, int] = field(default_factory=dict)  # shard -> slots dropped by SetSlotMap
+
+
+async def rebalance(
+    control: Any,
+    *,
+    num_shards: int | None = None,
+    add: Iterable[int] = (),
+    remove: Iterable[int] = (),
+    client: Any = None,
+    timeout_s: float = 600.0,
+) -> RebalanceReport:
+    """Move slots so that the target shards own them evenly; see the module docstring."""
+    from services.client import ShardClient
+
+    t0 = time.monotonic()
+    smap = await control.slot_map()
+    targets = target_shards(smap.owners, num_shards=num_shards, add=add, remove=remove)
+    records = {r.shard_id: r for r in await control.shards()}
+    dead = [t for t in targets if t not in records or not records[t].alive]
+    if dead:
+        raise ValueError(
+            f"shards {dead} are not registered and alive: start them first (`python -m services.shard "
+            "--shard-id N ...` or LocalCluster.add_shard) and let them register"
+        )
+    plan = plan_slot_map(smap.owners, targets)
+    own_client = client is None
+    if own_client:
+        client = await ShardClient.connect(control)
+    try:
+        await client.refresh()
+        addresses = {i: r.address for i, r in records.items()}
+        report = RebalanceReport(old_epoch=smap.epoch, new_epoch=smap.epoch, owners=plan.owners, moves=plan.moves)
+        for (source, target), slots in sorted(plan.moves.items()):
+            reply = await client.migrate_slots(source, slots, addresses[target], epoch=smap.epoch, timeout_s=timeout_s)
+            report.bytes_sent += reply.bytes_sent
+        if plan.moves:
+            new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch)
+        else:
+            new = smap
+        report.new_epoch = new.epoch
+        await client.refresh()
+        gainers = sorted({t for (_, t) in plan.moves})
+        involved = set(smap.owners) | set(new.owners) | {s for s, r in records.items() if r.alive}
+        for group in (gainers, sorted(involved - set(gainers))):
+            replies = await asyncio.gather(*(
+                client.set_slot_map_on(s, epoch=new.epoch, owned_slots=_owned(new.owners, s), timeout_s=timeout_s)
+                for s in group
+            ))
+            report.set_on.update({s: r.slots_dropped for s, r in zip(group, replies, strict=True)})
+        report.seconds = time.monotonic() - t0
+        return report
+    finally:
+        if own_client:
+            await client.close()
+
+
+def _owned(owners: list[int], shard_id: int) -> list[int]:
+    return [slot for slot, owner in enumerate(owners) if owner == shard_id]

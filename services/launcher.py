@@ -1,0 +1,348 @@
+"""`LocalCluster`: a real Redis and N real shard processes on this machine, no Docker.
+
+    with LocalCluster(preset="tiny", num_shards=2) as cluster:       # or `async with`
+        cluster.redis_url, cluster.addresses                           # {0: "127.0.0.1:41234", ...}
+        cluster.add_shard()                                            # a new, empty shard joins
+
+Used by `engram up`, the tests and the benchmarks. Start: redis-server on a free loopback
+port (no persistence) -> `ControlPlane.init_cluster` -> `python -m services.shard` per shard
+(`--port 0`, the control plane given with `--set`), each awaited until it prints READY and
+its health service says SERVING. Stop: SIGTERM to every shard, wait, SIGKILL stragglers,
+then the same for Redis. Children get SIGTERM if this process dies (Linux PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engram.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1
+
+
+class LauncherError(RuntimeError):
+    """A process of the local cluster could not be started; the message says which and why."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(cmd: list[str], **kw: Any) -> subprocess.Popen:
+    # PDEATHSIG fires when the forking *thread* exits, so only the main thread may use it
+    if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+        kw["preexec_fn"] = _die_with_parent
+    return subprocess.Popen(cmd, start_new_session=True, **kw)
+
+
+def stop_process(proc: subprocess.Popen | None, *, grace_s: float, sig: int = signal.SIGTERM) -> int | None:
+    """Signal, wait up to grace_s, then SIGKILL -> exit code (None if it was never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
+class RedisProcess:
+    """redis-server on a loopback port: `--save '' --appendonly no`."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise LauncherError(
+                "redis-server is not on PATH: install it (`apt-get install redis-server`, "
+                "`brew install redis`) or put the binary on PATH"
+            )
+        self.host, self.port, self.log_path = host, port, log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        last = ""
+        for _ in range(3):  # a free port can be taken between probing and binding: try another
+            port = self.port or free_port(self.host)
+            cmd = [self.binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            self.proc = _spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self.log_path:
+                log.close()  # type: ignore[union-attr]
+            if self._wait_pong(port, timeout_s):
+                self.port = port
+                return self
+            last = f"exit code {self.proc.poll()}" if self.proc.poll() is not None else "no PONG"
+            stop_process(self.proc, grace_s=2)
+            if self.port:
+                break
+        raise LauncherError(f"redis-server did not start on {self.host}:{port} ({last}); see {self.log_path}")
+
+    def _wait_pong(self, port: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            with contextlib.suppress(OSError):
+                with socket.create_connection((self.host, port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        stop_process(self.proc, grace_s=grace_s)
+
+
+class ShardProcess:
+    """One `python -m services.shard` child; `wait_ready()` parses its READY line."""
+
+    def __init__(self, shard_id: int, cmd: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+        self.shard_id, self.cmd, self.log_path = shard_id, cmd, log_path
+        self.address = ""
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        with open(log_path, "ab") as log:
+            self.proc = _spawn(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
+                               stdin=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._pump, daemon=True, name=f"shard{shard_id}-stdout").start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise LauncherError(
+                    f"shard {self.shard_id} printed no READY line in {timeout_s:.0f} s; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                ) from None
+            if line is None:
+                raise LauncherError(
+                    f"shard {self.shard_id} exited with code {self.proc.wait()} before READY; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            if line.startswith("READY "):
+                fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+                self.address = fields["address"]
+                return self.address
+
+    def wait_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise LauncherError(f"shard {self.shard_id} at {self.address} is not SERVING; log:\n{self.log_tail()}")
+                time.sleep(0.05)
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        return stop_process(self.proc, grace_s=grace_s)
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        cfg: Config | None = None,
+        *,
+        preset: str = "tiny",
+        config_file: str | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        num_shards: int | None = None,
+        namespace: str | None = None,
+        host: str = "127.0.0.1",
+        log_dir: str | Path | None = None,
+        startup_timeout_s: float = 120.0,
+        shard_args: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
+        self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
+        self.num_shards = num_shards or self.cfg.cluster.num_shards
+        self.namespace = namespace or f"engram-{uuid.uuid4().hex[:8]}"
+        self.host = host
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="engram-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.startup_timeout_s = startup_timeout_s
+        self.shard_args = list(shard_args)
+        self.redis: RedisProcess | None = None
+        self.shards: dict[int, ShardProcess] = {}
+
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None, "cluster not started"
+        return self.redis.url
+
+    @property
+    def addresses(self) -> dict[int, str]:
+        return {i: p.address for i, p in sorted(self.shards.items())}
+
+    @property
+    def cluster_overrides(self) -> list[str]:
+        """The `--set` values other commands need to reach this cluster."""
+        return [f"cluster.redis_url={self.redis_url}", f"cluster.namespace={self.namespace}"]
+
+    def control(self) -> Any:
+        from services.control import ControlPlane
+
+        return ControlPlane.connect(self.redis_url, self.namespace)
+
+    # -----------------------------------------------------------------------------------------
+    # start / stop
+
+    def start(self) -> LocalCluster:
+        try:
+            self._start_redis()
+            asyncio.run(self._init_cluster())
+            self._start_shards(range(self.num_shards))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def astart(self) -> LocalCluster:
+        try:
+            await asyncio.to_thread(self._start_redis)
+            await self._init_cluster()
+            procs = [self._spawn_shard(i) for i in range(self.num_shards)]
+            await asyncio.to_thread(self._wait_all, procs)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return self
+
+    def _start_redis(self) -> None:
+        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log").start()
+
+    async def _init_cluster(self) -> None:
+        cp = self.control()
+        try:
+            await cp.init_cluster(self.cfg, num_shards=self.num_shards)
+        finally:
+            await cp.close()
+
+    def _spawn_shard(self, shard_id: int) -> ShardProcess:
+        if shard_id in self.shards and self.shards[shard_id].proc.poll() is None:
+            raise ValueError(f"shard {shard_id} is already running (pid {self.shards[shard_id].pid})")
+        cmd = [sys.executable, "-m", "services.shard", "--preset", self.preset]
+        if self.config_file:
+            cmd += ["--config", self.config_file]
+        for item in [*self.overrides, *self.cluster_overrides]:
+            cmd += ["--set", item]
+        cmd += ["--shard-id", str(shard_id), "--host", self.host, "--port", "0", *self.shard_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = ShardProcess(shard_id, cmd, log_path=self.log_dir / f"shard{shard_id}.log", env=env)
+        self.shards[shard_id] = proc
+        return proc
+
+    def _wait_all(self, procs: list[ShardProcess]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        for p in procs:
+            p.wait_ready(max(1.0, deadline - time.monotonic()))
+        for p in procs:
+            p.wait_serving(max(1.0, deadline - time.monotonic()))
+
+    def _start_shards(self, ids: range | list[int]) -> None:
+        self._wait_all([self._spawn_shard(i) for i in ids])
+
+    def add_shard(self, shard_id: int | None = None) -> int:
+        """Start one more shard (it registers, owns no slots until a rebalance) -> its id."""
+        shard_id = max(self.shards, default=-1) + 1 if shard_id is None else shard_id
+        self._start_shards([shard_id])
+        return shard_id
+
+    async def aadd_shard(self, shard_id: int | None = None) -> int:
+        shard_id = max(self.shards, default=-1) + 1 if shard_id is None else shard_id
+        proc = self._spawn_shard(shard_id)
+        await asyncio.to_thread(self._wait_all, [proc])
+        return shard_id
+
+    def stop_shard(self, shard_id: int, grace_s: float = 10.0) -> int | None:
+        return self.shards[shard_id].stop(grace_s)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every shard at once, then Redis; SIGKILL whatever outlives `grace_s`."""
+        for p in self.shards.values():
+            if p.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.proc.send_signal(signal.SIGCONT)
+                    p.proc.send_signal(signal.SIGTERM)
+        for p in self.shards.values():
+            p.stop(grace_s)
+        if self.redis is not None:
+            self.redis.stop()
+
+    def pids(self) -> list[int]:
+        out = [p.pid for p in self.shards.values()]
+        if self.redis is not None and self.redis.proc is not None:
+            out.append(self.redis.proc.pid)
+        return out
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalCluster:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)

@@ -89,11 +89,17 @@ class ShardProcess:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
 
     def start(self, timeout_s: float = 60.0) -> ShardProcess:
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.shard", *self.args],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> ShardProcess:
         line = self.wait_line("READY ", timeout_s)
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.shard_id, self.address = int(fields["shard"]), fields["address"]
@@ -132,6 +138,15 @@ class ShardProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def start_all(procs: list[ShardProcess], timeout_s: float = 60.0) -> list[ShardProcess]:
+    """Start several shards at once (boots overlap), then wait for each READY line."""
+    for p in procs:
+        p.launch()
+    for p in procs:
+        p.wait_ready(timeout_s)
+    return procs
 
 
 @pytest.fixture

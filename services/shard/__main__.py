@@ -18,6 +18,7 @@ import uvloop
 
 from engram.config import ConfigError, load_config
 from engram_cli.main import add_config_args
+from services.shard.errors import BootError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +40,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.shard.server import BootError, ServeOptions, serve  # grpc/torch only when serving
-    from services.telemetry import setup_telemetry
-
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -52,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--shard-id: must be >= 0, got {args.shard_id}")
         if not 0 <= args.port < 65536:
             raise ConfigError(f"--port: {args.port} is not a TCP port")
+        if args.standalone and args.shard_id >= cfg.cluster.num_shards:
+            raise ConfigError(
+                f"--shard-id {args.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)"
+            )
+        # torch, grpc and the telemetry SDK load only past the cheap checks: bad arguments fail fast
+        from services.shard.server import ServeOptions, serve
+        from services.telemetry import setup_telemetry
+
         opts = ServeOptions(
             shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
             standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads, grace_s=args.grace_s,
@@ -61,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
             return uvloop.run(serve(cfg, opts))
         finally:
             tel.shutdown()  # flush spans and metrics inside the grace period
-    except (ConfigError, BootError) as exc:
+    except ConfigError as exc:
+        print(f"engram shard {args.shard_id}: bad configuration: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except BootError as exc:
         print(f"engram shard {args.shard_id}: cannot start: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

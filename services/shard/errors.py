@@ -31,3 +31,7 @@ def precondition(message: str) -> ShardError:
 
 def unavailable(message: str) -> ShardError:
     return ShardError(Code.UNAVAILABLE, message)
+
+
+class BootError(Exception):
+    """A shard cannot start (control plane down or not initialised, bad checkpoint, port in use)."""

@@ -31,16 +31,12 @@ from engram.layout import even_slot_map
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.shard.engine import ShardEngine
-from services.shard.errors import ShardError
+from services.shard.errors import BootError, ShardError
 from services.shard.servicer import MemoryShardServicer
 from services.shard.store import ShardStore
 
 log = logging.getLogger("engram.shard")
 SERVICE_NAME = "engram.shard.v1.MemoryShard"
-
-
-class BootError(Exception):
-    """The shard cannot start (bad configuration, control plane down, bad checkpoint): exit 2."""
 
 
 @dataclass(kw_only=True, slots=True)

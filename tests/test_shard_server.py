@@ -1,0 +1,380 @@
+"""The shard server as real processes (`python -m services.shard`) on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engram.config import load_config
+from engram.init import init_rows
+from engram.layout import even_slot_map, table_layouts
+from engram.row_optim import AdamParams, lazy_adam_
+from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.control import ControlPlane
+from services.wire import pack_ids, unpack_rows
+from tests.fixtures_cluster import (  # noqa: F401
+    ShardProcess,
+    free_port,
+    redis_server,
+    run_shard_to_exit,
+    shard_procs,
+    start_all,
+)
+
+pytestmark = pytest.mark.timeout(120)
+F32 = np.float32
+TINY = ["--preset", "tiny", "--set", "cluster.max_message_mb=1"]
+CFG = load_config("tiny", overrides=["cluster.max_message_mb=1"])
+TABLE, LAYOUT = next(iter(table_layouts(CFG.engram).items()))
+DIM, NROWS, NSLOTS = LAYOUT.dim, LAYOUT.num_rows, CFG.cluster.num_slots
+ADAM = shard_pb2.OptimizerParams(kind="adam", lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, version=1)
+ADAM_LOCAL = AdamParams(lr=float(F32(0.05)), beta1=float(F32(0.9)), beta2=float(F32(0.999)), eps=float(F32(1e-8)))
+
+
+def init_table(rows) -> torch.Tensor:
+    return torch.from_numpy(init_rows(seed=0, layer_id=TABLE, rows=np.asarray(rows), dim=DIM, std=1.0))
+
+
+def rows_of(owners: list[int], shard: int) -> np.ndarray:
+    rows = np.arange(NROWS, dtype=np.int64)
+    return rows[np.isin(rows % NSLOTS, [s for s, o in enumerate(owners) if o == shard])]
+
+
+class Client:
+    """A minimal synchronous client for tests (the real one is async and lives elsewhere)."""
+
+    def __init__(self, address: str) -> None:
+        opts = [("grpc.max_receive_message_length", 16 << 20)]
+        self.channel = grpc.insecure_channel(address, options=opts)
+        self.stub = shard_pb2_grpc.MemoryShardStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def lookup(self, rows, *, epoch=1, dtype=shard_pb2.FP32, table=TABLE) -> torch.Tensor:
+        resp = self.stub.Lookup(shard_pb2.LookupRequest(table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)),
+                                                        dtype=dtype), timeout=10)
+        return unpack_rows(resp.rows, dtype, resp.dim).clone()
+
+    def apply(self, rows, grads: torch.Tensor, *, step, epoch=1, part="", num_parts=0, table=TABLE):
+        return self.stub.ApplyGradients(shard_pb2.ApplyGradientsRequest(
+            table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)), grads=grads.numpy().tobytes(), step=step,
+            optimizer=ADAM, part_id=part, num_parts=num_parts), timeout=10)
+
+    def serving(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def expect_error(call, code: grpc.StatusCode, *texts: str) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value
+    for text in texts:
+        assert text in err.value.details(), (text, err.value.details())
+    return err.value.details()
+
+
+@pytest.fixture(scope="module")
+def two_shards():
+    procs = [ShardProcess([*TINY, "--standalone", "--shard-id", str(i)]) for i in range(2)]
+    try:
+        start_all(procs)
+        clients = [Client(p.address) for p in procs]
+        yield procs, clients
+        for c in clients:
+            c.close()
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_lookups_routed_across_two_shards_reassemble(two_shards):
+    procs, clients = two_shards
+    owners = even_slot_map(NSLOTS, 2)
+    rows = np.random.default_rng(0).choice(NROWS, size=1500, replace=False)
+    out_f32, out_bf16 = torch.empty(len(rows), DIM), torch.empty(len(rows), DIM, dtype=torch.bfloat16)
+    shard_of = np.array(owners)[rows % NSLOTS]
+    for shard, client in enumerate(clients):
+        where = np.flatnonzero(shard_of == shard)
+        out_f32[where] = client.lookup(rows[where])
+        out_bf16[where] = client.lookup(rows[where], dtype=shard_pb2.BF16)
+    assert torch.equal(out_f32, init_table(rows))
+    assert torch.equal(out_bf16, init_table(rows).to(torch.bfloat16))
+    stats = clients[0].stub.Stats(shard_pb2.StatsRequest(), timeout=5)
+    assert stats.shard_id == "0" and list(stats.slots) == list(range(8)) and stats.rss_bytes > 0
+    assert stats.tables[0].num_rows == rows_of(owners, 0).size and stats.lookups >= 2
+    assert clients[1].serving() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_lookup_stream_answers_each_chunk_in_order(two_shards):
+    _, clients = two_shards
+    mine = rows_of(even_slot_map(NSLOTS, 2), 1)
+    chunks = [mine[i : i + 300] for i in range(0, 1200, 300)]
+    reqs = [shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(c), dtype=shard_pb2.FP16) for c in chunks]
+    resps = list(clients[1].stub.LookupStream(iter(reqs), timeout=10))
+    assert len(resps) == len(chunks)
+    for c, r in zip(chunks, resps, strict=True):
+        assert torch.equal(unpack_rows(r.rows, shard_pb2.FP16, DIM), init_table(c).half())
+    bad = [reqs[0], shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids([NROWS]), dtype=shard_pb2.FP32)]
+    expect_error(lambda: list(clients[1].stub.LookupStream(iter(bad), timeout=10)), grpc.StatusCode.OUT_OF_RANGE,
+                 "chunk 1: row_ids")
+
+
+def test_every_bad_request_is_refused_and_changes_nothing(two_shards):
+    _, clients = two_shards
+    c = clients[0]
+    owners = even_slot_map(NSLOTS, 2)
+    mine, theirs = rows_of(owners, 0)[:64], rows_of(owners, 1)[:4]
+    c.apply(mine, torch.ones(64, DIM), step=10)
+    before = c.lookup(mine)
+    g, s = torch.ones(4, DIM), grpc.StatusCode
+    nan = g.clone()
+    nan[2, 1] = float("nan")
+    lookup = c.stub.Lookup
+    cases = [
+        (lambda: c.lookup([NROWS + 3]), s.OUT_OF_RANGE, f"outside table {TABLE}'s rows"),
+        (lambda: c.lookup(mine, table=5), s.INVALID_ARGUMENT, "table 5: no such Engram table"),
+        (lambda: c.lookup(theirs), s.FAILED_PRECONDITION, f"row {theirs[0]} is in slot", "owned by shard 1 at epoch 1"),
+        (lambda: c.lookup(mine, epoch=0), s.FAILED_PRECONDITION, "stale slot-map epoch 0 (shard is at 1)"),
+        (lambda: c.lookup(mine, epoch=2), s.UNAVAILABLE, "has not seen epoch 2 yet; retry"),
+        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\x01" * 9, dtype=1), timeout=5),
+         s.INVALID_ARGUMENT, "9 bytes is not a whole number of int64 ids"),
+        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(mine), dtype=7), timeout=5),
+         s.INVALID_ARGUMENT, "dtype: 7 is not a wire dtype"),
+        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\0" * (2 << 20), dtype=1), timeout=5),
+         s.RESOURCE_EXHAUSTED),  # over cluster.max_message_mb=1: refused by grpc itself
+        (lambda: c.apply(mine[:4], nan, step=11), s.INVALID_ARGUMENT, "1 non-finite values (NaN/Inf) in 1 rows of table"),
+        (lambda: c.apply(mine[:4], g, step=10), s.FAILED_PRECONDITION, "step 10 for table 1 is from the past"),
+        (lambda: c.apply(mine[:4], g[:3], step=11), s.INVALID_ARGUMENT, "grads:", "expected 128 for 4 rows"),
+        (lambda: c.apply(mine[[0, 1, 1, 2]], g, step=11), s.INVALID_ARGUMENT, f"row {mine[1]} appears 2 times"),
+        (lambda: c.apply(theirs, g, step=11), s.FAILED_PRECONDITION, "owned by shard 1"),
+        (lambda: c.apply(mine[:4], g, step=11, epoch=7), s.UNAVAILABLE, "not seen epoch 7"),
+        (lambda: c.apply(np.array([-4, *mine[:3]]), g, step=11), s.OUT_OF_RANGE, "first: -4 at index 0"),
+    ]
+    for call, code, *texts in cases:
+        expect_error(call, code, *texts)
+        assert c.serving() == health_pb2.HealthCheckResponse.SERVING
+    assert torch.equal(c.lookup(mine), before)
+    assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 10
+
+
+def test_apply_gradients_over_the_wire_equals_local_optimizer(two_shards):
+    _, clients = two_shards
+    owners = even_slot_map(NSLOTS, 2)
+    rng = np.random.default_rng(3)
+    rows = rng.choice(np.concatenate([rows_of(owners, 1)]), size=200, replace=False)
+    w, m, v = init_table(rows), torch.zeros(200, DIM), torch.zeros(200, DIM)
+    for step in (1, 2, 3):
+        g = torch.from_numpy(rng.standard_normal((200, DIM)).astype(F32))
+        half = g.clone()
+        half[:100] *= 0.5  # sync mode: two parts whose sum is g on the first 100 rows
+        p0 = clients[1].apply(rows, half, step=step, part="w0", num_parts=2)
+        p1 = clients[1].apply(rows[:100], half[:100], step=step, part="w1", num_parts=2)
+        assert p0.pending and not p1.pending and p1.applied_step == step and p1.rows_updated == 200
+        lazy_adam_(w, m, v, g, step=step, p=ADAM_LOCAL)
+    torch.testing.assert_close(clients[1].lookup(rows), w, rtol=0, atol=2e-7)
+
+
+def test_sigterm_exits_zero_within_grace(shard_procs):  # noqa: F811
+    p = ShardProcess([*TINY, "--standalone", "--shard-id", "1", "--grace-s", "2"])
+    shard_procs.append(p.start())
+    c = Client(p.address)
+    assert c.serving() == health_pb2.HealthCheckResponse.SERVING
+    c.close()
+    t0 = time.monotonic()
+    assert p.terminate(timeout_s=10) == 0
+    assert time.monotonic() - t0 < 2 + 3
+    assert "shutting down" in p.stderr()
+
+
+def test_bad_configuration_exits_2():
+    r = run_shard_to_exit(["--preset", "nope", "--standalone"])
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and r.stdout == ""
+    r = run_shard_to_exit([*TINY, "--standalone", "--shard-id", "5"])
+    assert r.returncode == 2 and "--shard-id 5 is outside 0..1" in r.stderr
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    r = run_shard_to_exit([*TINY, "--set", f"cluster.redis_url={url}"])
+    assert r.returncode == 2 and f"control plane at {url} is unreachable while reading the layout" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# with the control plane
+
+
+def redis_args(redis, namespace: str, shard: int) -> list[str]:
+    return [*TINY, "--set", f"cluster.redis_url={redis.url}", "--set", f"cluster.namespace={namespace}",
+            "--shard-id", str(shard)]
+
+
+async def _init(url: str, namespace: str, num_shards: int, manifest: dict | None = None, **over) -> None:
+    cfg = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in over.items()])
+    cp = ControlPlane.connect(url, namespace)
+    try:
+        await cp.init_cluster(cfg, num_shards=num_shards)
+        if manifest is not None:
+            await cp.put_manifest(manifest)
+    finally:
+        await cp.close()
+
+
+async def _shards(url: str, namespace: str):
+    cp = ControlPlane.connect(url, namespace, timeout_s=0.5, retries=0)
+    try:
+        return await cp.shards()
+    finally:
+        await cp.close()
+
+
+def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs, tmp_path):  # noqa: F811
+    asyncio.run(_init(redis_server.url, "two", 2, max_message_mb=1))
+    two = start_all([ShardProcess(redis_args(redis_server, "two", i)) for i in range(2)])
+    shard_procs.extend(two)
+    owners2 = even_slot_map(NSLOTS, 2)
+    clients = [Client(p.address) for p in two]
+    rng = np.random.default_rng(5)
+    for shard, c in enumerate(clients):
+        rows = rows_of(owners2, shard)[::2]
+        for step in (1, 2):
+            c.apply(rows, torch.from_numpy(rng.standard_normal((rows.size, DIM)).astype(F32)), step=step)
+    files = []
+    for c in clients:
+        files += c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck"), step=2), timeout=30).files
+    assert sorted(f.slot for f in files) == list(range(NSLOTS))
+    everything = np.arange(NROWS)
+    expected = torch.empty(NROWS, DIM)
+    for shard, c in enumerate(clients):
+        where = rows_of(owners2, shard)
+        expected[where] = c.lookup(where)
+    manifest = {"step": 2, "directory": str(tmp_path / "ck"),
+                "files": [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
+                          for f in files]}
+
+    asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
+    three = start_all([ShardProcess(redis_args(redis_server, "three", i)) for i in range(3)])
+    shard_procs.extend(three)
+    owners3 = even_slot_map(NSLOTS, 3)
+    got = torch.empty(NROWS, DIM)
+    for shard, p in enumerate(three):
+        c = Client(p.address)
+        got[rows_of(owners3, shard)] = c.lookup(rows_of(owners3, shard))
+        assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 2
+        again = c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck3"), step=2), timeout=30)
+        by_slot = {f.slot: f.sha256 for f in files}
+        assert all(by_slot[f.slot] == f.sha256 for f in again.files)  # identical rows and optimizer state
+    assert torch.equal(got, expected) and not torch.equal(got, init_table(everything))
+    assert {s.shard_id for s in asyncio.run(_shards(redis_server.url, "three")) if s.alive} == {0, 1, 2}
+
+    # a corrupt or truncated file: Restore refuses with the file's name, the live table is unchanged
+    c = Client(three[0].address)
+    mine = [f for f in files if owners3[f.slot] == 0]
+    before = c.lookup(rows_of(owners3, 0))
+    path = tmp_path / "ck" / mine[-1].path
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    req = shard_pb2.RestoreRequest(directory=str(tmp_path / "ck"), files=files)
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "truncated")
+    damaged = bytearray(raw)
+    damaged[-5] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "sha256 mismatch")
+    assert torch.equal(c.lookup(rows_of(owners3, 0)), before)
+    assert c.serving() == health_pb2.HealthCheckResponse.SERVING
+    # ... and a shard booting from that manifest refuses to start
+    three[0].kill()
+    r = run_shard_to_exit(redis_args(redis_server, "three", 0))
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and str(path) in r.stderr
+
+
+def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  # noqa: F811
+    asyncio.run(_init(redis_server.url, "hb", 1, heartbeat_s=0.2, heartbeat_ttl_s=1.0))
+    p = ShardProcess(redis_args(redis_server, "hb", 0)).start()
+    shard_procs.append(p)
+    assert [s.alive for s in asyncio.run(_shards(redis_server.url, "hb"))] == [True]
+    c = Client(p.address)
+    rows = np.arange(0, NROWS, 7)
+    redis_server.stop()
+    time.sleep(1.0)
+    assert torch.equal(c.lookup(rows), init_table(rows))  # still serving without the control plane
+    assert c.serving() == health_pb2.HealthCheckResponse.SERVING
+    redis_server.start()  # restarted empty (no persistence): the shard registers again
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shards = asyncio.run(_shards(redis_server.url, "hb"))
+        if shards and shards[0].alive:
+            break
+        time.sleep(0.2)
+    assert shards and shards[0].alive and shards[0].address == p.address
+    log = p.stderr()
+    assert "heartbeat failed, still serving" in log and "registered again" in log
+
+
+def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
+    procs = start_all([ShardProcess([*TINY, "--standalone", "--shard-id", str(i)]) for i in range(2)])
+    shard_procs.extend(procs)
+    owners = even_slot_map(NSLOTS, 2)
+    c0, c1 = Client(procs[0].address), Client(procs[1].address)
+    moved = [6, 7]
+    rows = rows_of(owners, 0)
+    g1 = torch.ones(rows.size, DIM)
+    c0.apply(rows, g1, step=1)
+    expected = c0.lookup(rows)
+    state = {"map": list(owners), "epoch": 1, "ok": 0, "refreshed": 0, "errors": [], "stop": False}
+
+    def reader():  # a client that routes with its slot map and refreshes on epoch errors
+        clients = [c0, c1]
+        while not state["stop"]:
+            owner = np.array(state["map"])[rows % NSLOTS]
+            try:
+                for shard in (0, 1):
+                    where = np.flatnonzero(owner == shard)
+                    if where.size and not torch.equal(clients[shard].lookup(rows[where], epoch=state["epoch"]),
+                                                      expected[where]):
+                        state["errors"].append("wrong rows")
+                state["ok"] += 1
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE):
+                    state["refreshed"] += 1
+                else:
+                    state["errors"].append(exc.details())
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    resp = c0.stub.MigrateSlots(shard_pb2.MigrateSlotsRequest(slots=moved, target=procs[1].address, epoch=1),
+                                timeout=30)
+    assert resp.slots_sent == 2 and resp.bytes_sent > 0
+    moved_rows = rows[np.isin(rows % NSLOTS, moved)]
+    expect_error(lambda: c0.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2), grpc.StatusCode.UNAVAILABLE,
+                 "being migrated to")
+    new = [1 if s in moved else o for s, o in enumerate(owners)]
+    for c, shard in ((c1, 1), (c0, 0)):
+        c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard],
+                                                      owners=new), timeout=30)
+    state["map"], state["epoch"] = new, 2
+    time.sleep(0.3)
+    state["stop"] = True
+    t.join(10)
+    assert state["ok"] > 3 and not state["errors"], state
+    where = np.isin(rows, moved_rows)
+    assert torch.equal(c1.lookup(moved_rows, epoch=2), expected[torch.from_numpy(where)])
+    expect_error(lambda: c0.lookup(moved_rows, epoch=2), grpc.StatusCode.FAILED_PRECONDITION,
+                 "owned by shard 1 at epoch 2")
+    expect_error(lambda: c0.lookup(rows[:3], epoch=1), grpc.StatusCode.FAILED_PRECONDITION, "stale slot-map epoch 1")
+    # the optimizer state moved too: a second Adam step on the new owner matches the local history
+    c1.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2, epoch=2)
+    w, m, v = init_table(moved_rows), torch.zeros(moved_rows.size, DIM), torch.zeros(moved_rows.size, DIM)
+    for step in (1, 2):
+        lazy_adam_(w, m, v, torch.ones(moved_rows.size, DIM), step=step, p=ADAM_LOCAL)
+    torch.testing.assert_close(c1.lookup(moved_rows, epoch=2), w, rtol=0, atol=1e-6)
+    stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
+    assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
+    expect_error(lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
+                 grpc.StatusCode.FAILED_PRECONDITION, "slot 0: shard 1 has no data for it")

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import collections
 
+import grpc
 import numpy as np
 import pytest
+import torch
 
 from engram.layout import even_slot_map
-from services.control.rebalance import plan_slot_map, target_shards
+from engram.row_optim import AdamParams, lazy_adam_
+from services.client import ShardClient, ShardError
+from services.control.rebalance import plan_slot_map, rebalance, target_shards
+from services.launcher import LocalCluster
+from tests.fixtures_procs import cluster_fixture, expected_rows, run
 
 
 def counts(owners: list[int]) -> dict[int, int]:
@@ -81,4 +87,76 @@ def test_targets_and_bad_requests() -> None:
         plan_slot_map(owners, range(5))
 
 
-_ = asyncio  # the live tests below use it
+# ---------------------------------------------------------------------------------------------
+# live: real Redis, real shards
+
+cluster = cluster_fixture(num_shards=2, overrides=["engram.table_size_per_ngram=[20011,20011]"])
+
+
+@pytest.mark.timeout(90)
+def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        cp = cluster.control()
+        client = await ShardClient.connect(cp)  # keeps looking up throughout
+        stale = await ShardClient.connect(cp)  # at epoch 1, first used after the move
+        pusher = await ShardClient.connect(cp, wire_dtype="fp32")  # pushes a gradient with the old map
+        cfg, n = client.cfg, client.layouts[1].num_rows
+        standalone = ShardClient(cfg, epoch=1, owners=client.owners, addresses=cluster.addresses)
+        stop, epochs, bad = asyncio.Event(), [], []
+
+        async def load() -> None:
+            rng = np.random.default_rng(0)
+            while not stop.is_set():
+                ids = rng.integers(0, n, size=(8, 250))
+                rows = await client.lookup(1, ids, timeout_s=20)
+                if not torch.equal(rows, expected_rows(cfg, 1, ids)):
+                    bad.append(client.epoch)
+                epochs.append(client.epoch)
+
+        task = asyncio.create_task(load())
+        try:
+            await asyncio.sleep(0.3)
+            assert await cluster.aadd_shard() == 2
+            report = await rebalance(cp, num_shards=3)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await task
+        try:
+            assert (report.old_epoch, report.new_epoch) == (1, 2)
+            assert set(report.moves) <= {(0, 2), (1, 2)} and sum(map(len, report.moves.values())) == 5
+            assert not bad, f"{len(bad)} lookups returned wrong rows"
+            assert epochs.count(1) >= 1 and epochs.count(2) >= 1, f"lookups per epoch: {collections.Counter(epochs)}"
+            stats = await client.stats()
+            assert sorted(len(st.slots) for st in stats.values()) == [5, 5, 6]
+            assert {st.epoch for st in stats.values()} == {2}
+
+            # a client still at epoch 1: FAILED_PRECONDITION from the shards -> refresh -> right rows
+            ids = np.arange(0, n, 37)
+            assert stale.epoch == 1
+            assert torch.equal(await stale.lookup(1, ids), expected_rows(cfg, 1, ids))
+            assert stale.epoch == 2
+
+            # without a control plane the stale epoch is a clear error
+            with pytest.raises(ShardError) as info:
+                await standalone.lookup(1, ids)
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "refresh" in str(info.value)
+
+            # a gradient pushed with the old map: refused by every shard before any change, re-sent once
+            rows = np.random.default_rng(5).choice(n, size=300, replace=False)
+            grads = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+            opt = {"kind": "adam", "lr": 0.05, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+            assert pusher.epoch == 1
+            result = await pusher.apply_gradients(1, rows, grads, step=1, optimizer=opt)
+            assert pusher.epoch == 2 and set(result.shards) == {0, 1, 2} and result.rows_updated == 300
+            w = expected_rows(cfg, 1, rows, torch.float32).clone()
+            lazy_adam_(w, torch.zeros_like(w), torch.zeros_like(w), grads, step=1,
+                       p=AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8))
+            torch.testing.assert_close(await pusher.lookup(1, rows), w, rtol=1e-6, atol=1e-6)
+        finally:
+            for c in (client, stale, pusher, standalone):
+                await c.close()
+            await cp.close()
+
+    run(main(), timeout_s=80)

@@ -18,6 +18,7 @@ of the failed message; anything else is raised as one `ShardError`.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -239,7 +240,9 @@ class ShardClient(ShardOps):
                 f"{dim} dims in dtype {self._dtype}", address=routing.addresses.get(shard_id, ""),
                 shard_id=shard_id, call="Lookup",
             )
-        return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim)  # (n, D), no copy
+        with warnings.catch_warnings():  # the buffer is the received message, owned by this tensor alone
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim)  # (n, D), no copy
 
     async def close(self) -> None:
         await self._pool.close()

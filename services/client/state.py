@@ -38,12 +38,15 @@ async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
         return [await coros[0]]
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [t.exception() for t in tasks if t in done and not t.cancelled()]  # all retrieved
+        for exc in errors:
+            if exc is not None:
+                raise exc
         return [t.result() for t in tasks]
     finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        for t in pending:  # retrieve what they end with, so nothing is logged as never retrieved
+            t.add_done_callback(lambda t: t.cancelled() or t.exception())

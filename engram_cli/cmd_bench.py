@@ -1,0 +1,33 @@
+"""`engram bench NAME [args...]`: run benchmarks/NAME.py's main with the remaining arguments.
+
+    engram bench lookup --quick --json benchmarks/results/lookup_cpu-2core.json
+    engram bench quality --preset cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "lookup": "lookup latency and throughput: shards vs in-process numpy vs Redis MGET",
+    "quality": "validation loss with and without Engram",
+    "prefetch": "how much of the lookup the prefetcher hides",
+}
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module(f"benchmarks.{args.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"benchmarks.{args.name}":
+            raise
+        print(f"engram bench: benchmarks/{args.name}.py is not in this checkout")
+        return 2
+    return int(module.main(list(args.args)) or 0)

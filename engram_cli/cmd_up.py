@@ -1,0 +1,75 @@
+"""`engram up`: a local cluster (Redis + N memory shards as processes) until Ctrl-C / SIGTERM.
+
+    engram up --preset tiny --shards 2
+    engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from engram_cli.main import add_config_args
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--shards", type=int, default=None, help="number of shards (default: cluster.num_shards)")
+    parser.add_argument("--namespace", default=None, help="control-plane key prefix (default: cluster.namespace)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface for Redis and the shards")
+    parser.add_argument("--log-dir", default=None, help="where Redis and shard logs go (default: a temp dir)")
+    parser.add_argument("--startup-timeout-s", type=float, default=180.0)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engram.config import load_config
+    from services.launcher import LauncherError, LocalCluster
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    if args.shards is not None and not 1 <= args.shards <= cfg.cluster.num_slots:
+        print(f"engram up: --shards must be in 1..{cfg.cluster.num_slots} (cluster.num_slots)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # while starting: unwinds start(), which stops what it started
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupt)
+    cluster = LocalCluster(
+        cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
+        namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
+        startup_timeout_s=args.startup_timeout_s,
+    )
+    try:
+        print(f"starting Redis and {cluster.num_shards} shards (logs in {cluster.log_dir}) ...", flush=True)
+        cluster.start()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: stop.set())
+        print(f"redis    {cluster.redis_url}  namespace {cluster.namespace}  pid {cluster.redis.proc.pid}")
+        for shard_id, proc in sorted(cluster.shards.items()):
+            print(f"shard {shard_id}  {proc.address}  pid {proc.pid}")
+        sets = " ".join(f"--set {item}" for item in cluster.cluster_overrides)
+        print(f"other commands reach it with: --preset {args.preset} {sets}")
+        print("ready; Ctrl-C stops the cluster", flush=True)
+        while not stop.wait(1.0):
+            for shard_id, proc in sorted(cluster.shards.items()):
+                code = proc.proc.poll()
+                if code is not None and not getattr(proc, "_reported", False):
+                    proc._reported = True  # type: ignore[attr-defined]
+                    print(f"shard {shard_id} exited with code {code}; log {proc.log_path}", file=sys.stderr, flush=True)
+        return 0
+    except LauncherError as exc:
+        print(f"engram up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # stopping is bounded (SIGKILL after the grace period)
+        print("stopping the cluster ...", flush=True)
+        cluster.stop()
+        print("stopped", flush=True)

@@ -1,0 +1,94 @@
+"""`engram up` / `engram cluster status` as real subprocesses, and the launcher's error paths."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from services.launcher import LauncherError, RedisProcess, free_port
+from tests.fixtures_procs import ROOT, engram_cli, pid_alive, wait_gone
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"no {marker!r} from engram up in {timeout_s} s; output:\n" + "\n".join(seen))
+
+
+def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engram_cli.main", "up", "--preset", "tiny", "--shards", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x.rstrip()) for x in proc.stdout], daemon=True).start()
+    pids: list[int] = []
+    try:
+        out = read_until(proc, lines, "ready", 60)
+        text = "\n".join(out)
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+        assert len(pids) == 3, text  # redis + 2 shards
+        sets = re.search(r"reach it with: (.*)$", text, re.M).group(1).split()
+        addresses = re.findall(r"^shard \d+\s+(\S+)", text, re.M)
+        assert len(addresses) == 2
+
+        status = engram_cli("cluster", "status", *sets)
+        assert status.returncode == 0, status.stderr
+        for address in addresses:
+            assert re.search(rf"{re.escape(address)}\s+yes\s+8\s", status.stdout), status.stdout
+        assert "epoch 1, 16 slots, 2 shards registered (2 alive)" in status.stdout
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not wait_gone(pids, 10), "processes outlived engram up"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_status_with_redis_down_fails_clearly() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = engram_cli("cluster", "status", "--preset", "tiny", "--set", f"cluster.redis_url={url}", timeout_s=30)
+    assert result.returncode == 1
+    assert f"control plane at {url} is unreachable" in result.stderr
+    assert "is Redis running" in result.stderr
+
+
+def test_missing_redis_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LauncherError, match="apt-get install redis-server"):
+        RedisProcess()
+
+
+def test_redis_process_starts_and_stops(tmp_path) -> None:
+    redis = RedisProcess(log_path=tmp_path / "redis.log").start()
+    try:
+        assert redis.proc is not None and pid_alive(redis.proc.pid)
+        assert redis.url.startswith("redis://127.0.0.1:")
+    finally:
+        redis.stop()
+    assert not pid_alive(redis.proc.pid)

@@ -1,0 +1,68 @@
+"""Build a serving engine from a checkpoint: config overrides, row source, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from engram.config import Config, ConfigError, load_config
+from engram.model import EngramLM
+from engram.tokenizer import eot_id
+from worker.engine import ModelEngine
+from worker.prefetch import LoopThread, RemoteRowSource, RowSource
+
+SERVING_SECTIONS = ("worker", "cluster")
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A trained model's config with `section.field=value` overrides of the serving sections only."""
+    for item in overrides:
+        section = item.partition("=")[0].strip().partition(".")[0]
+        if section not in SERVING_SECTIONS:
+            raise ConfigError(
+                f"{item.partition('=')[0]}: a trained checkpoint fixes the model; only "
+                f"{' and '.join(s + '.*' for s in SERVING_SECTIONS)} can be overridden when serving"
+            )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg.to_dict(), f)
+    try:
+        return load_config("tiny", f.name, overrides)  # the file sets every field; the preset is irrelevant
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
+def remote_source(cfg: Config, device: torch.device) -> RowSource:
+    """The memory shards of `cfg.cluster` through `services.client.ShardClient` on a loop thread."""
+    try:
+        from services.client import ShardClient  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise ConfigError(f"worker.row_source=remote: the shard client is not available ({exc})") from exc
+    loop = LoopThread()
+    client = loop.call(ShardClient.connect(cfg), timeout=cfg.cluster.lookup_timeout_s + 10)
+    return RemoteRowSource(
+        client, loop=loop, device=device, timeout_s=cfg.cluster.lookup_timeout_s, owns=client.close,
+    )
+
+
+def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:
+    device = torch.device(cfg.worker.device)
+    model = model.to(device)
+    source = remote_source(cfg, device) if cfg.worker.row_source == "remote" and model.indexer is not None else None
+    try:
+        pad = eot_id(tok)
+    except ValueError:
+        pad = 0
+    return ModelEngine(model, cfg, source=source, pad_id=pad, num_tokens=tok.get_vocab_size())
+
+
+def load_engine(checkpoint: str, overrides: list[str]) -> tuple[ModelEngine, Tokenizer, Config]:
+    from trainer.checkpoint import load_model
+
+    model, cfg, tok_json = load_model(checkpoint)
+    cfg = with_overrides(cfg, overrides)
+    tok = Tokenizer.from_str(tok_json)
+    return build_engine(model, cfg, tok), tok, cfg

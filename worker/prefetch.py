@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures as cf
+import inspect
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -162,9 +163,10 @@ class RemoteRowSource(RowSource):
 
     def __init__(
         self, client: AsyncRowClient, *, loop: LoopThread, device: torch.device | str = "cpu",
-        timeout_s: float = 10.0, owns: Callable[[], Awaitable[None]] | None = None,
+        timeout_s: float = 10.0, owns: Callable[[], Awaitable[None]] | None = None, owns_loop: bool = False,
     ) -> None:
-        self.client, self.loop, self.timeout_s = client, loop, timeout_s
+        """`owns`: a coroutine function closing the client at `close()`; `owns_loop`: stop the loop too."""
+        self.client, self.loop, self.timeout_s, self.owns_loop = client, loop, timeout_s, owns_loop
         self.lander = Lander(torch.device(device))
         self._close_client = owns
 
@@ -179,8 +181,8 @@ class RemoteRowSource(RowSource):
         return self.lander.land(rows_of(result))
 
     async def _lookup(self, layer: int, ids_cpu: torch.Tensor) -> Any:
-        result = self.client.lookup(layer, ids_cpu)
-        while asyncio.isfuture(result) or asyncio.iscoroutine(result):  # a handle may itself be awaitable
+        result = self.client.lookup(layer, ids_cpu)  # ShardClient: a LookupHandle, requests already sent
+        while inspect.isawaitable(result):  # await handle -> (U, dh) rows in request order
             result = await result
         return result
 
@@ -193,6 +195,8 @@ class RemoteRowSource(RowSource):
                 self.loop.call(self._close_client(), timeout=5)
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
+        if self.owns_loop:
+            self.loop.close()
 
 
 class PrefetchHandle:

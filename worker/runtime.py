@@ -37,15 +37,37 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def remote_source(cfg: Config, device: torch.device) -> RowSource:
     """The memory shards of `cfg.cluster` through `services.client.ShardClient` on a loop thread."""
-    try:
-        from services.client import ShardClient  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise ConfigError(f"worker.row_source=remote: the shard client is not available ({exc})") from exc
+    from services.client import ShardClient
+    from services.control import ControlPlane
+
     loop = LoopThread()
-    client = loop.call(ShardClient.connect(cfg), timeout=cfg.cluster.lookup_timeout_s + 10)
-    return RemoteRowSource(
-        client, loop=loop, device=device, timeout_s=cfg.cluster.lookup_timeout_s, owns=client.close,
-    )
+
+    async def connect() -> ShardClient:
+        control = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+        client = await ShardClient.connect(
+            control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s
+        )
+        if client.cfg.engram != cfg.engram:
+            await client.close()
+            await control.close()
+            raise ConfigError(
+                f"cluster.namespace: the cluster {cfg.cluster.namespace!r} at {cfg.cluster.redis_url} holds tables "
+                f"of another Engram layout than this model's engram config"
+            )
+        return client
+
+    try:
+        client = loop.call(connect(), timeout=cfg.cluster.lookup_timeout_s + 30)
+    except BaseException:
+        loop.close()
+        raise
+
+    async def close() -> None:
+        await client.close()
+        await client.control.close()
+
+    return RemoteRowSource(client, loop=loop, device=device, timeout_s=cfg.cluster.lookup_timeout_s, owns=close,
+                           owns_loop=True)
 
 
 def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:

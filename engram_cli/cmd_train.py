@@ -1,33 +1,69 @@
-"""`engram train`: train on the default (or given) corpus and report validation loss."""
+"""`engram train`: train on the default (or given) corpus and report validation loss.
+
+Local (default): one process, the tables in the model. `--ray`: Ray Train data-parallel
+workers, the tables on the memory shards of the cluster `engram up` started (cluster.redis_url
+/ cluster.namespace), or of a LocalCluster started for this run with `--up`. Ray runs locally
+unless RAY_ADDRESS (Ray's own convention) or dist.ray_address names a cluster.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 
-from engram.config import load_config
+from engram.config import ConfigError, load_config
 from engram_cli.main import add_config_args
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint (local: <out_dir>/checkpoint.pt; --ray: the last "
+                             "dense+shard checkpoint under <out_dir>/ray, restored onto the shards)")
     parser.add_argument(
         "--compare-baseline", action="store_true",
         help="also train the same backbone without Engram on the same tokens and print both losses",
     )
+    ray = parser.add_argument_group("distributed (Ray)")
+    ray.add_argument("--ray", action="store_true", help="train on Ray with the Engram tables on the memory shards")
+    ray.add_argument("--mode", choices=("sync", "async"), default=None, help="dist.mode (default sync)")
+    ray.add_argument("--staleness", type=int, default=None, help="dist.staleness: async bound k (default 1)")
+    ray.add_argument("--workers", type=int, default=None, help="dist.num_workers (default 2)")
+    ray.add_argument("--gpu", action="store_true", help="dist.use_gpu: one GPU per worker, NCCL")
+    ray.add_argument("--up", action="store_true",
+                     help="start a local cluster (Redis + cluster.num_shards shards) for this run and stop it after")
     parser.set_defaults(func=run)
+
+
+def _dist_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.mode is not None:
+        out.append(f"dist.mode={args.mode}")
+    if args.staleness is not None:
+        out.append(f"dist.staleness={args.staleness}")
+    if args.workers is not None:
+        out.append(f"dist.num_workers={args.workers}")
+    if args.gpu:
+        out.append("dist.use_gpu=true")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from engram.data import prepare_data
-    from trainer.local import train_local
 
-    cfg = load_config(args.preset, args.config, args.overrides)
+    if (args.mode or args.staleness is not None or args.workers or args.gpu or args.up) and not args.ray:
+        raise ConfigError("--mode/--staleness/--workers/--gpu/--up: only with --ray")
+    overrides = list(args.overrides) + _dist_overrides(args)
+    cfg = load_config(args.preset, args.config, overrides)
     data = prepare_data(cfg)
     tok, vocab, dataset = data
     print(f"corpus: {dataset.train.size:,} train / {dataset.val.size:,} val tokens; vocab {vocab.vocab_size} "
           f"-> {vocab.size} after compression ({100 * vocab.ratio:.1f}% smaller)")
+    if args.ray:
+        return _run_ray(args, cfg, overrides, data)
+    from trainer.local import train_local
+
     result = train_local(cfg, data=data, resume=args.resume, label="engram" if cfg.engram.enabled else "baseline")
     print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s); "
           f"checkpoint {result.checkpoint}")
@@ -39,4 +75,39 @@ def run(args: argparse.Namespace) -> int:
         gain = (base.final_val_loss - result.final_val_loss) / base.final_val_loss
         print(f"\n{'model':<10} {'val loss':>9}\n{'baseline':<10} {base.final_val_loss:>9.4f}\n"
               f"{'engram':<10} {result.final_val_loss:>9.4f}\nEngram: {100 * gain:+.2f}% lower validation loss")
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -> int:  # type: ignore[no-untyped-def]
+    import ray
+
+    from trainer.ray_trainer import REPO_ROOT, check_dist_config, train_ray
+
+    if args.compare_baseline:
+        raise ConfigError("--compare-baseline: local training only (drop --ray)")
+    check_dist_config(cfg)
+    cluster = None
+    if args.up:
+        from services.launcher import LocalCluster
+
+        cluster = LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=overrides).start()
+        cfg = load_config(args.preset, args.config, overrides + cluster.cluster_overrides)
+        print(f"cluster: redis {cluster.redis_url}, shards {cluster.addresses}")
+    address = os.environ.get("RAY_ADDRESS") or cfg.dist.ray_address  # Ray's own convention, read only here
+    try:
+        if address:  # a remote cluster: ship this checkout as the workers' working_dir
+            ray.init(address=address, runtime_env={
+                "working_dir": str(REPO_ROOT), "excludes": [".venv/", ".git/", "runs/", ".cache/"]})
+        else:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, include_dashboard=False)
+        result = train_ray(cfg, data=data, resume=args.resume, label=f"ray-{cfg.dist.mode}")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+    st = result.staleness
+    print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s, "
+          f"{cfg.dist.num_workers} workers, {cfg.dist.mode}; staleness max {st.get('max')} mean "
+          f"{st.get('mean', 0):.2f}); checkpoint {result.checkpoint or '(run stopped early)'}")
     return 0

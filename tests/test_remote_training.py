@@ -1,0 +1,230 @@
+"""Ray training with the tables on real shard processes, against single-process local training.
+
+One Ray instance (2 CPUs) for the module; each test starts its own LocalCluster (real
+redis-server + shard processes) and stops it. Tiny preset, fp32 rows on the wire.
+
+The configuration uses train.seed=3: the demo's signed-sqrt gate `sign(g) sqrt(max(|g|, 1e-6))`
+has an unbounded derivative near g = 0, so a token whose gate pre-activation lands near 0
+turns float rounding differences (a batch split in two, any reduction order) into ~1e-4
+loss differences within a few steps -- even with no network at all. With seed 3 no gate
+comes near 0 in 20 steps, and a split batch equals the full batch to ~1e-7.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from engram.config import load_config
+from engram.data import prepare_data
+from services.launcher import LocalCluster
+from trainer.checkpoint import load_model
+from trainer.local import train_local
+from trainer.shard_rows import ShardRows
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from trainer.ray_trainer import REPO_ROOT
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    text = "\n".join(
+        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n" for i in range(400)
+    )
+    (root / "corpus.txt").write_text(text)
+    return root
+
+
+def overrides(root, name: str, *extra: str) -> list[str]:
+    return [
+        f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}",
+        f"train.out_dir={root / name}", f"cluster.checkpoint_dir={root / name / 'shards'}",
+        "train.progress=false", "train.seed=3", "cluster.wire_dtype=fp32", *extra,
+    ]
+
+
+def start_cluster(root, name: str, *extra: str, num_shards: int = 2) -> tuple[LocalCluster, list[str]]:
+    ov = overrides(root, name, *extra)
+    cluster = LocalCluster(preset="tiny", overrides=ov, num_shards=num_shards, log_dir=root / f"{name}-logs",
+                           shard_args=["--threads", "2"]).start()
+    return cluster, ov + cluster.cluster_overrides
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """Single-process training with local tables: the result sync mode must equal."""
+    cfg = load_config("tiny", None, overrides(workdir, "local"))
+    data = prepare_data(cfg)
+    result = train_local(cfg, data=data)
+    model, _, _ = load_model(result.checkpoint)
+    return cfg, data, result, model
+
+
+def pull_tables(cfg) -> dict[int, torch.Tensor]:
+    rows = ShardRows(cfg)
+    try:
+        return {t: rows.pull_table(t, n) for t, n in rows_per_table(cfg).items()}
+    finally:
+        rows.close()
+
+
+def rows_per_table(cfg) -> dict[int, int]:
+    from engram.layout import table_layouts
+
+    return {t: lay.num_rows for t, lay in table_layouts(cfg.engram).items()}
+
+
+def latest_manifest(cfg) -> dict | None:
+    from services.control.store import ControlPlane
+
+    async def read():
+        cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+        try:
+            return await cp.latest_manifest()
+        finally:
+            await cp.close()
+
+    return asyncio.run(read())
+
+
+def test_sync_two_workers_two_shards_equals_local_training(ray_session, workdir, reference) -> None:
+    from trainer.ray_trainer import train_ray
+
+    _, data, local, local_model = reference
+    cluster, ov = start_cluster(workdir, "sync", "train.checkpoint_every=10")
+    try:
+        cfg = load_config("tiny", None, ov)
+        result = train_ray(cfg, data=data)
+        assert len(result.train_losses) == cfg.train.steps == 20
+        np.testing.assert_allclose(result.train_losses, local.train_losses, rtol=1e-4, atol=0)
+        assert [s for s, _ in result.val_losses] == [10, 20]
+        np.testing.assert_allclose([v for _, v in result.val_losses], [v for _, v in local.val_losses], rtol=1e-4)
+        assert result.staleness["max"] == 0 and result.staleness["steps"] == 20
+        shard_tables = pull_tables(cfg)
+        for layer, rows in shard_tables.items():
+            local_rows = local_model.tables[str(layer)].weight.detach()  # (R, dh)
+            touched = (local_rows != load_model_init(cfg, layer)).any(dim=1)
+            assert int(touched.sum()) > 100  # the comparison covers many trained rows
+            torch.testing.assert_close(rows, local_rows, rtol=0, atol=1e-5)
+        manifest = latest_manifest(cfg)
+        assert manifest is not None and manifest["step"] == 20 and len(manifest["files"]) == 16
+        exported, _, _ = load_model(result.checkpoint)  # dense + tables pulled back: a normal local checkpoint
+        for name, p in local_model.state_dict().items():
+            torch.testing.assert_close(exported.state_dict()[name], p, rtol=0, atol=1e-4, msg=name)
+        assert (workdir / "sync" / "loss.png").stat().st_size > 1000
+    finally:
+        cluster.stop()
+
+
+def load_model_init(cfg, layer: int) -> torch.Tensor:
+    """(R, dh) initial rows of `layer`, as both the shards and the local model start."""
+    from engram.init import init_rows
+    from engram.layout import table_layouts
+
+    lay = table_layouts(cfg.engram)[layer]
+    rows = init_rows(seed=cfg.engram.seed, layer_id=layer, rows=np.arange(lay.num_rows), dim=lay.dim,
+                     std=cfg.engram.init_std)
+    return torch.from_numpy(rows)
+
+
+def test_crash_then_resume_on_other_worker_and_shard_counts(ray_session, workdir, reference) -> None:
+    """The trainer dies after step 13 (checkpoint at 10); resume onto 1 worker and 1 shard."""
+    from trainer.ray_trainer import checkpoint_dirs, train_ray
+
+    _, data, local, _ = reference
+    cluster, ov = start_cluster(workdir, "crash", "train.checkpoint_every=10")
+    try:
+        cfg = load_config("tiny", None, ov)
+        with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
+            train_ray(cfg, data=data, crash_at=13)
+        assert [d.name for d in checkpoint_dirs(cfg)] == ["step_000010"]
+        rows = ShardRows(cfg)
+        assert min(rows.applied_steps().values()) == 13  # the shards went past the checkpoint
+        rows.close()
+    finally:
+        cluster.stop()
+    # a new cluster with one shard (slot files restore onto any shard count), and one worker
+    cluster, ov = start_cluster(workdir, "crash", "train.checkpoint_every=10", "dist.num_workers=1", num_shards=1)
+    try:
+        cfg = load_config("tiny", None, ov)
+        resumed = train_ray(cfg, data=data, resume=True)
+        assert resumed.resumed_from == 10
+        np.testing.assert_allclose(resumed.train_losses, local.train_losses, rtol=1e-4)
+        assert resumed.final_val_loss == pytest.approx(local.final_val_loss, rel=1e-4)
+    finally:
+        cluster.stop()
+
+
+def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir, reference) -> None:
+    from trainer.ray_trainer import train_ray
+
+    _, data, local, _ = reference
+    cluster, ov = start_cluster(workdir, "async", "dist.mode=async", "dist.staleness=1", "train.steps=20")
+    try:
+        cfg = load_config("tiny", None, ov)
+        result = train_ray(cfg, data=data)
+        st = result.staleness
+        assert st["steps"] == 20 and 0 <= st["max"] <= 1, st
+        assert sum(st["histogram"].values()) == 20
+        losses = result.train_losses
+        assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
+        assert result.final_val_loss < local.val_losses[0][1]  # better than the sync run halfway
+    finally:
+        cluster.stop()
+
+
+def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
+    from trainer.remote_step import RemoteStep
+    from trainer.shard_rows import AdamHyper, ShardRequestError
+
+    cluster, ov = start_cluster(workdir, "bad")
+    try:
+        cfg = load_config("tiny", None, ov)
+        layer = cfg.engram.layer_ids[0]
+        rows = ShardRows(cfg)
+        before = pull_tables(cfg)
+        ids = np.array([1, 5, 17, 40])
+        dim = before[layer].shape[1]
+        hyper = AdamHyper(lr=1e-2)
+        ok = torch.ones(4, dim)
+        bad = [
+            (torch.full((4, dim), float("nan")), 1, "non-finite"),
+            (torch.ones(4, dim + 1), 1, "grads:"),
+        ]
+        for grads, step, words in bad:
+            with pytest.raises(ShardRequestError, match=words) as err:
+                rows.push(layer, ids, grads, step=step, hyper=hyper, part_id="0", num_parts=1)
+            assert err.value.code.name == "INVALID_ARGUMENT"
+        assert rows.applied_steps() == {layer: 0}
+        torch.testing.assert_close(pull_tables(cfg)[layer], before[layer], rtol=0, atol=0)
+        rows.push(layer, ids, ok, step=1, hyper=hyper, part_id="0", num_parts=1)
+        after_one = pull_tables(cfg)[layer]
+        with pytest.raises(ShardRequestError, match="from the past") as err:
+            rows.push(layer, ids, ok, step=1, hyper=hyper, part_id="0", num_parts=1)
+        assert err.value.code.name == "FAILED_PRECONDITION"
+        torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
+        assert rows.applied_steps() == {layer: 1}
+        # the trainer refuses to compute a step whose tables are already ahead of it
+        step = RemoteStep.__new__(RemoteStep)
+        step.rows, step.mode, step.k, step.inflight, step.device = rows, "sync", 0, __import__("collections").deque(), "cpu"
+        from trainer.remote_step import StaleRowsError
+
+        with pytest.raises(StaleRowsError, match="ahead of the dense state"):
+            step.fetch(1, {layer: (torch.tensor([1, 2]), torch.zeros(1, 1, 1, dtype=torch.long))}, need_grad=True)
+        rows.close()
+    finally:
+        cluster.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import grpc
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from engram.config import load_config
 from engram.row_optim import AdamParams, lazy_adam_
 from services.client import ShardClient, ShardError
-from services.launcher import LocalCluster, free_port
+from services.launcher import LocalCluster, ShardProcess, free_port
 from tests.fixtures_procs import cluster_fixture, expected_rows, run
 
 READ_ONLY_ROWS = 150_000
@@ -210,3 +212,27 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
             await closing(client)
 
     run(main())
+
+
+def test_standalone_shards_without_a_control_plane(tmp_path) -> None:
+    cfg = load_config("tiny")
+    procs = [
+        ShardProcess(i, [sys.executable, "-m", "services.shard", "--preset", "tiny", "--standalone",
+                         "--shard-id", str(i), "--port", "0"], log_path=tmp_path / f"s{i}.log", env=dict(os.environ))
+        for i in range(cfg.cluster.num_shards)
+    ]
+    try:
+        addresses = [p.wait_ready(60) for p in procs]
+
+        async def main() -> None:
+            client = ShardClient.standalone(cfg, addresses)
+            try:
+                ids = np.random.default_rng(6).integers(0, client.layouts[1].num_rows, size=(10, 10))
+                assert torch.equal(await client.lookup(1, ids), expected_rows(cfg, 1, ids))
+            finally:
+                await client.close()
+
+        run(main())
+    finally:
+        for p in procs:
+            p.stop()

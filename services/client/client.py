@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from engram.config import Config
-from engram.layout import TableLayout, table_layouts
+from engram.layout import TableLayout, even_slot_map, table_layouts
 from services import wire
 from services.client.channels import ChannelPool, Endpoint, channel_options
 from services.client.codec import encode_lookup_request
@@ -63,6 +63,7 @@ class ShardClient(ShardOps):
         timeout_s: float | None = None,
         retry: RetryPolicy | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        channel_args: list[tuple[str, Any]] | tuple = (),
     ) -> None:
         """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh."""
         if len(owners) != cfg.cluster.num_slots:
@@ -78,8 +79,16 @@ class ShardClient(ShardOps):
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
         self.chunk_bytes = int(chunk_bytes)
         self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses))
-        self._pool = ChannelPool(channel_options(cfg.cluster.max_message_mb))
+        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb), *channel_args])
         self._refresh_lock = asyncio.Lock()
+
+    @classmethod
+    def standalone(cls, cfg: Config, addresses: list[str], **kw: Any) -> ShardClient:
+        """Shards started with `--standalone`: an even split of the slots over `addresses`, epoch 1."""
+        if len(addresses) != cfg.cluster.num_shards:
+            raise ValueError(f"addresses: {len(addresses)} given, cluster.num_shards is {cfg.cluster.num_shards}")
+        owners = even_slot_map(cfg.cluster.num_slots, len(addresses))
+        return cls(cfg, epoch=1, owners=owners, addresses=dict(enumerate(addresses)), **kw)
 
     @classmethod
     async def connect(cls, control: Any, **kw: Any) -> ShardClient:

@@ -1,0 +1,320 @@
+"""Lookup benchmark: shard lookups over loopback vs in-process numpy vs Redis MGET, one run.
+
+    python -m benchmarks.lookup --json benchmarks/results/lookup_cpu-2core.json
+    engram bench lookup --shards 1 --batches 65536 --dtypes bf16          # a quick look
+
+For 1, 2 and 4 real shard processes (LocalCluster: real redis-server, `python -m services.shard`)
+holding one ~1M-row x 64-dim table, it times `await client.lookup(table, ids)` for batches of
+1K..256K distinct random rows with bf16 and fp32 on the wire: the full client path (dedup
+check, routing, concurrent chunked Lookups, reassembly into a (B, 64) tensor). In the same
+run, the same rows are (a) gathered in this process with numpy (np.take on the fp32 table,
+then torch's bf16 conversion: the memory-bandwidth limit, best of 1 thread and torch's
+default threads) and (b) fetched from the same Redis with one MGET through redis-py +
+hiredis, each row stored as one key holding its bytes. CPU time per lookup is recorded for
+the client process and the shard processes, which shows where the time goes even on a busy
+machine. Latencies: p50/p99 over the repetitions (count in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from engram.config import Config, load_config
+from engram_cli.main import add_config_args
+
+TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_per_ngram=512",
+         "engram.table_size_per_ngram=[65521,65521]", "cluster.optimizer=adagrad"]  # 16 heads: ~1.05M rows x 64
+BATCHES = [1024, 4096, 16384, 65536, 262144]
+ITEMSIZE = {"bf16": 2, "fp32": 4}
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu_count": os.cpu_count(), "cpu_model": model, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "platform": platform.platform(), "load_avg_start": os.getloadavg(),
+    }
+
+
+class Batches:
+    """Batches of B distinct rows: windows of one random permutation at random offsets."""
+
+    def __init__(self, num_rows: int, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.perm = self.rng.permutation(num_rows).astype(np.int64)
+
+    def __call__(self, size: int) -> np.ndarray:
+        start = int(self.rng.integers(0, self.perm.size - size + 1))
+        return self.perm[start : start + size]
+
+
+def summarize(lat_s: list[float], rows: int, row_bytes: int, cpu: dict[str, float] | None = None) -> dict[str, Any]:
+    lat = np.asarray(lat_s)
+    p50 = float(np.median(lat))
+    out = {
+        "reps": int(lat.size), "p50_ms": p50 * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+        "min_ms": float(lat.min()) * 1e3, "rows_per_s": rows / p50, "gb_per_s": rows * row_bytes / p50 / 1e9,
+    }
+    for k, v in (cpu or {}).items():
+        out[f"{k}_cpu_ms"] = v * 1e3 / lat.size
+    return out
+
+
+def reps_for(rows: int, args: argparse.Namespace) -> int:
+    return int(np.clip(args.target_rows // rows, args.min_reps, args.max_reps))
+
+
+def timed(fn: Callable[[np.ndarray], Any], batches: Batches, rows: int, reps: int) -> list[float]:
+    fn(batches(rows))  # warm-up
+    lat = []
+    for _ in range(reps):
+        ids = batches(rows)
+        t0 = time.perf_counter()
+        fn(ids)
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
+# -------------------------------------------------------------------------------------------------
+# baselines
+
+
+def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    default_threads = torch.get_num_threads()
+    for dtype in args.dtypes:
+        def gather(ids: np.ndarray, dtype: str = dtype) -> torch.Tensor:
+            rows = torch.from_numpy(np.take(table, ids, axis=0))  # (B, D) fp32
+            return rows.to(torch.bfloat16) if dtype == "bf16" else rows
+
+        for rows in args.batches:
+            best = None
+            for threads in sorted({1, default_threads}):
+                torch.set_num_threads(threads)
+                r = summarize(timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype])
+                r["torch_threads"] = threads
+                best = r if best is None or r["rows_per_s"] > best["rows_per_s"] else best
+            out.append({"method": "numpy", "dtype": dtype, "batch": rows, **best})
+    torch.set_num_threads(args.torch_threads)
+    return out
+
+
+def load_redis(url: str, table: np.ndarray, dtypes: list[str]) -> Any:
+    import redis
+
+    r = redis.Redis.from_url(url, socket_timeout=60)
+    n, dim = table.shape
+    for dtype in dtypes:
+        data = torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy() if dtype == "bf16" else table
+        raw, width = memoryview(data.tobytes()), dim * ITEMSIZE[dtype]
+        for a in range(0, n, 20000):
+            b = min(n, a + 20000)
+            r.mset({b"%s:%d" % (dtype.encode(), i): raw[i * width : (i + 1) * width] for i in range(a, b)})
+    return r
+
+
+def bench_redis(r: Any, dim: int, batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import redis.utils
+
+    out = []
+    for dtype in args.dtypes:
+        np_dtype, prefix = (np.int16 if dtype == "bf16" else np.float32), dtype.encode() + b":%d"
+
+        def fetch(ids: np.ndarray, np_dtype: Any = np_dtype, prefix: bytes = prefix) -> torch.Tensor:
+            values = r.mget([prefix % i for i in ids.tolist()])
+            rows = torch.from_numpy(np.frombuffer(b"".join(values), dtype=np_dtype).reshape(ids.size, dim))
+            return rows.view(torch.bfloat16) if np_dtype is np.int16 else rows
+
+        for rows in args.batches:
+            reps = max(3, reps_for(rows, args) // 4)
+            res = summarize(timed(fetch, batches, rows, reps), rows, dim * ITEMSIZE[dtype])
+            out.append({"method": "redis_mget", "dtype": dtype, "batch": rows, "hiredis": redis.utils.HIREDIS_AVAILABLE,
+                        **res})
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# shards
+
+
+async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None) -> list:
+    from services.client import ShardClient
+
+    cp = cluster.control()
+    out = []
+    procs = [psutil.Process(p.pid) for p in cluster.shards.values()]
+    try:
+        for dtype in args.dtypes:
+            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120)
+            dim = client.layouts[1].dim
+            try:
+                if table is not None:  # the shards serve exactly the rows the baselines use
+                    ids = batches(4096)
+                    want = torch.from_numpy(table[ids])
+                    got = await client.lookup(1, ids, upcast=True)
+                    assert torch.equal(got, want.to(torch.bfloat16).float() if dtype == "bf16" else want)
+                for rows in args.batches:
+                    await client.lookup(1, batches(rows))  # warm-up
+                    lat, reps = [], reps_for(rows, args)
+                    cpu0, srv0 = time.process_time(), sum(sum(p.cpu_times()[:2]) for p in procs)
+                    for _ in range(reps):
+                        ids = batches(rows)
+                        t0 = time.perf_counter()
+                        await client.lookup(1, ids)
+                        lat.append(time.perf_counter() - t0)
+                    cpu = {"client": time.process_time() - cpu0,
+                           "shards": sum(sum(p.cpu_times()[:2]) for p in procs) - srv0}
+                    res = summarize(lat, rows, dim * ITEMSIZE[dtype], cpu)
+                    out.append({"method": "shards", "shards": len(procs), "dtype": dtype, "batch": rows, **res})
+                    print(f"  {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} Mrows/s "
+                          f"p50 {res['p50_ms']:7.2f} ms", flush=True)
+            finally:
+                await client.close()
+    finally:
+        await cp.close()
+    return out
+
+
+async def fetch_table(cluster: Any) -> np.ndarray:
+    from services.client import ShardClient
+
+    cp = cluster.control()
+    client = await ShardClient.connect(cp, wire_dtype="fp32", timeout_s=300)
+    try:
+        n = client.layouts[1].num_rows
+        return (await client.lookup(1, np.arange(n))).numpy()  # (N, D) fp32, what the shards hold
+    finally:
+        await client.close()
+        await cp.close()
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(f"\n{'method':<14} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
+          f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}")
+    for r in results:
+        name = f"{r['shards']} shard{'s' if r['shards'] > 1 else ''}" if r["method"] == "shards" else r["method"]
+        client_cpu = f"{r['client_cpu_ms']:.2f}" if "client_cpu_ms" in r else ""
+        shard_cpu = f"{r['shards_cpu_ms']:.2f}" if "shards_cpu_ms" in r else ""
+        print(f"{name:<14} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
+              f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}")
+
+
+def targets(results: list[dict[str, Any]], batch: int = 65536) -> dict[str, Any]:
+    def rate(method: str, **kw: Any) -> float | None:
+        for r in results:
+            if r["method"] == method and r["dtype"] == "bf16" and r["batch"] == batch and all(
+                r.get(k) == v for k, v in kw.items()
+            ):
+                return r["rows_per_s"]
+        return None
+
+    shard, local, mget = rate("shards", shards=1), rate("numpy"), rate("redis_mget")
+    out: dict[str, Any] = {"batch": batch, "dtype": "bf16", "shards": 1}
+    if shard and local:
+        out["fraction_of_numpy"] = shard / local
+        out["fraction_of_numpy_target"] = 0.40
+    if shard and mget:
+        out["speedup_over_redis_mget"] = shard / mget
+        out["speedup_over_redis_mget_target"] = 15.0
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="engram bench lookup", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, default_preset="cpu")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--shards", type=ints, default=[1, 2, 4], help="comma-separated shard counts")
+    parser.add_argument("--batches", type=ints, default=BATCHES, help="comma-separated batch sizes (rows)")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp32"])
+    parser.add_argument("--target-rows", type=int, default=1 << 20, help="rows timed per configuration")
+    parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--max-reps", type=int, default=60)
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (client) process")
+    parser.add_argument("--no-baselines", action="store_true", help="skip numpy and Redis")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    bad = [d for d in args.dtypes if d not in ITEMSIZE]
+    if bad:
+        parser.error(f"--dtypes: unknown {bad} (bf16, fp32)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.launcher import LocalCluster
+
+    args = parse_args(argv)
+    cfg: Config = load_config(args.preset, args.config, [*TABLE, *args.overrides])
+    torch.set_num_threads(args.torch_threads)
+    info = machine_info()
+    t_start = time.monotonic()
+    results: list[dict[str, Any]] = []
+    table: np.ndarray | None = None
+    for num_shards in args.shards:
+        print(f"starting {num_shards} shard(s) ...", flush=True)
+        with LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=[*TABLE, *args.overrides],
+                          num_shards=num_shards, startup_timeout_s=300) as cluster:
+            if table is None and not args.no_baselines:
+                table = asyncio.run(fetch_table(cluster))
+                batches = Batches(table.shape[0])
+                print(f"table: {table.shape[0]:,} rows x {table.shape[1]} dims; numpy and Redis baselines ...", flush=True)
+                results += bench_numpy(table, batches, args)
+                r = load_redis(cluster.redis_url, table, args.dtypes)
+                results += bench_redis(r, table.shape[1], batches, args)
+                r.close()
+            num_rows = int(table.shape[0]) if table is not None else sum(cfg_rows(cfg))
+            results += asyncio.run(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table))
+    info["load_avg_end"] = os.getloadavg()
+    info["wall_s"] = time.monotonic() - t_start
+    print_table(results)
+    report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
+              // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
+              "targets": targets(results), "results": results}
+    t = report["targets"]
+    if "fraction_of_numpy" in t:
+        print(f"\n64K bf16 rows from 1 shard: {100 * t['fraction_of_numpy']:.0f}% of the in-process numpy gather "
+              f"(target 40%), {t.get('speedup_over_redis_mget', float('nan')):.1f}x Redis MGET (target 15x); "
+              f"{info['wall_s']:.0f} s, load average {info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cfg_rows(cfg: Config) -> list[int]:
+    from engram.layout import table_layouts
+
+    return [lay.num_rows for lay in table_layouts(cfg.engram).values()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

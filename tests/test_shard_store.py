@@ -60,9 +60,16 @@ def grad_bytes(g: torch.Tensor) -> bytes:
     return g.contiguous().numpy().astype("<f4").tobytes()
 
 
+def lookup(store: ShardStore, table: int, rows: np.ndarray, *, dtype=shard_pb2.FP32, epoch=1) -> torch.Tensor:
+    result = store.lookup(table=table, epoch=epoch, row_ids=pack_ids(rows), dtype=dtype)
+    resp = shard_pb2.LookupResponse.FromString(result.payload)  # the hand-built reply parses as protobuf
+    assert (resp.dtype, resp.epoch, resp.applied_step) == (dtype, epoch, store.applied_step[table])
+    assert result.rows == len(rows) and len(resp.rows) == result.rows_nbytes
+    return unpack_rows(resp.rows, dtype, resp.dim).clone()
+
+
 def lookup_f32(store: ShardStore, table: int, rows: np.ndarray) -> torch.Tensor:
-    data, dim, _ = store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32)
-    return unpack_rows(data, shard_pb2.FP32, dim).clone()
+    return lookup(store, table, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,10 +96,8 @@ def test_lookup_wire_dtypes_and_order():
     rows = np.random.default_rng(0).permutation(owned_rows(store, table))[:700]  # > inline size, any order
     ref = torch.from_numpy(init_rows(seed=0, layer_id=table, rows=rows, dim=store.layouts[table].dim, std=1.0))
     for dtype, tdt in ((shard_pb2.BF16, torch.bfloat16), (shard_pb2.FP16, torch.float16)):
-        data, dim, _ = store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=dtype)
-        got = unpack_rows(data, dtype, dim)
-        assert torch.equal(got, ref.to(tdt))  # exactly one round-to-nearest from the fp32 master
-    assert store.lookup(table=table, epoch=1, row_ids=b"", dtype=shard_pb2.BF16)[0] == b""
+        assert torch.equal(lookup(store, table, rows, dtype=dtype), ref.to(tdt))  # one round-to-nearest
+    assert lookup(store, table, rows[:0], dtype=shard_pb2.BF16).shape == (0, store.layouts[table].dim)
 
 
 def test_bad_lookups_name_the_problem():
@@ -339,8 +344,7 @@ def test_slot_chunks_stage_and_switch_ownership():
     assert a.set_ownership(epoch=2, owned_slots=list(a.view.owned[2:]), owners=owners, staged={}) == 2
     moved_rows = rows[np.isin(rows % 16, moved)]
     assert torch.equal(
-        unpack_rows(b.lookup(table=table, epoch=2, row_ids=pack_ids(moved_rows), dtype=shard_pb2.FP32)[0],
-                    shard_pb2.FP32, layout.dim),
+        lookup(b, table, moved_rows, epoch=2),
         lookup_after(a, table, rows, g, moved_rows),
     )
     assert b.applied_step[table] == 3

@@ -29,6 +29,8 @@ from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.shard import checkpoint as ckpt
 from services.shard.aggregate import StepAggregator
 from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.gather import LookupResult
+from services.shard.memory import Trimmer
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
 
@@ -58,6 +60,7 @@ class ShardEngine:
         self.agg = StepAggregator()
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
+        self.trimmer = Trimmer()
         self.started = time.time()
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
@@ -93,21 +96,22 @@ class ShardEngine:
     # ---------------------------------------------------------------------------------------
     # lookups and updates
 
-    async def lookup(self, req: shard_pb2.LookupRequest) -> shard_pb2.LookupResponse:
-        kw = dict(table=req.table, epoch=req.epoch, row_ids=req.row_ids, dtype=req.dtype)
-        n = len(req.row_ids) // 8
-        if n <= INLINE_LOOKUP_ROWS:
-            rows, dim, view = self.store.lookup(**kw)
+    async def lookup(self, req: shard_pb2.LookupRequest) -> LookupResult:
+        """-> the serialized LookupResponse (the servicer sends it as is) and its numbers."""
+        row_ids = req.row_ids  # each attribute access copies the field
+        kw = dict(table=req.table, epoch=req.epoch, row_ids=row_ids, dtype=req.dtype)
+        if len(row_ids) <= 8 * INLINE_LOOKUP_ROWS:
+            result = self.store.lookup(**kw)
         else:
-            rows, dim, view = await self._run(self.store.lookup, **kw)
+            result = await self._run(self.store.lookup, **kw)
         self.lookups += 1
-        self.rows_served += n
-        return shard_pb2.LookupResponse(
-            rows=rows, dim=dim, dtype=req.dtype, epoch=view.epoch, applied_step=self.store.applied_step[req.table]
-        )
+        self.rows_served += result.rows
+        self.trimmer.note(len(result.payload))
+        return result
 
     async def apply_gradients(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
         store, t = self.store, req.table
+        self.trimmer.note(3 * len(req.grads))  # the request, the update's temporaries
         store.check_epoch(store.view, req.epoch)
         store.table(store.view, t)
         loop = asyncio.get_running_loop()

@@ -1,23 +1,45 @@
-"""The lookup hot path: rows weights[pos] packed in the wire dtype.
+"""The lookup hot path: rows weights[pos] in the wire dtype, written straight into the reply.
 
-One gather and one conversion pass: for bf16/fp16 the fp32 rows are gathered in chunks into
-a small per-thread scratch buffer that stays in cache and converted straight into the output,
-so the full-size fp32 intermediate is never written to memory. The only other copy is the
-final `tobytes()` that protobuf needs.
+`encode_lookup` builds the serialized LookupResponse itself: the small fields, then the
+`rows` field header, then the rows, gathered in one pass directly into the message buffer.
+For bf16/fp16 the fp32 rows are gathered in chunks into a small per-thread scratch buffer
+that stays in cache and converted straight into the buffer, so no full-size fp32 copy is
+ever written. The only other copy on the shard is `bytes(buffer)` (gRPC wants `bytes`);
+protobuf's own path would add three more (message build, serialize, attribute access).
+Fields are in a different order than protobuf writes them, which the wire format allows.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from proto.shard.v1 import shard_pb2
-from services.wire import TORCH_DTYPES
+from services.wire import ITEMSIZE, TORCH_DTYPES
 
-_CHUNK_BYTES = 256 << 10  # fp32 scratch per chunk, sized for L2
+_CHUNK_BYTES = 1 << 20  # fp32 scratch per chunk, sized for L2
 _scratch = threading.local()
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    payload: bytes  # a serialized LookupResponse
+    rows: int
+    rows_nbytes: int
+    epoch: int
+    applied_step: int
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _scratch_buffer(rows: int, dim: int) -> torch.Tensor:
@@ -27,21 +49,33 @@ def _scratch_buffer(rows: int, dim: int) -> torch.Tensor:
     return buf
 
 
-def gather_rows(weights: torch.Tensor, pos: np.ndarray, dtype: int) -> bytes:
-    """weights (R, D) fp32, pos (n,) int64 positions -> bytes of (n, D) rows in wire `dtype`."""
-    n, dim = pos.shape[0], weights.shape[1]
-    idx = torch.from_numpy(pos)
-    out = torch.empty((n, dim), dtype=TORCH_DTYPES[dtype])  # (n, D) wire dtype
-    if dtype == shard_pb2.FP32:
+def gather_into(weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out (n, D) in a wire dtype <- weights (R, D) fp32 rows idx (n,)."""
+    n, dim = out.shape
+    if out.dtype == torch.float32:
         torch.index_select(weights, 0, idx, out=out)
-    else:
-        chunk = max(64, _CHUNK_BYTES // (4 * dim))
-        scratch = _scratch_buffer(chunk, dim)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            tmp = scratch[: b - a]  # (c, D) fp32
-            torch.index_select(weights, 0, idx[a:b], out=tmp)
-            out[a:b].copy_(tmp)
-    if out.dtype == torch.bfloat16:
-        out = out.view(torch.int16)  # numpy has no bf16; the bytes are the same
-    return out.numpy().tobytes()
+        return
+    chunk = max(64, _CHUNK_BYTES // (4 * dim))
+    scratch = _scratch_buffer(chunk, dim)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        tmp = scratch[: b - a]  # (c, D) fp32
+        torch.index_select(weights, 0, idx[a:b], out=tmp)
+        out[a:b].copy_(tmp)
+
+
+def encode_lookup(
+    weights: torch.Tensor, pos: np.ndarray, *, dtype: int, epoch: int, applied_step: int
+) -> LookupResult:
+    """weights (R, D) fp32, pos (n,) int64 -> a serialized LookupResponse with rows weights[pos]."""
+    n, dim = pos.shape[0], weights.shape[1]
+    nbytes = n * dim * ITEMSIZE[dtype]
+    head = shard_pb2.LookupResponse(dim=dim, dtype=dtype, epoch=epoch, applied_step=applied_step).SerializeToString()
+    if nbytes:
+        head += b"\x0a" + _varint(nbytes)  # field 1 (rows), length-delimited
+    buf = bytearray(len(head) + nbytes)
+    buf[: len(head)] = head
+    if n:
+        out = torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype], offset=len(head), count=n * dim).view(n, dim)
+        gather_into(weights, torch.from_numpy(pos), out)
+    return LookupResult(payload=bytes(buf), rows=n, rows_nbytes=nbytes, epoch=epoch, applied_step=applied_step)

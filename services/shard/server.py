@@ -28,11 +28,12 @@ from grpc_health.v1.health import aio as health_aio
 
 from engram.config import Config, ConfigError
 from engram.layout import even_slot_map
-from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
+from services.shard import memory
 from services.shard.engine import ShardEngine
 from services.shard.errors import BootError, ShardError
-from services.shard.servicer import MemoryShardServicer
+from services.shard.servicer import MemoryShardServicer, add_to_server
 from services.shard.store import ShardStore
 
 log = logging.getLogger("engram.shard")
@@ -109,6 +110,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     cores = os.cpu_count() or 1
     threads, torch_threads = default_threads(cores)
     torch.set_num_threads(opts.torch_threads or torch_threads)
+    memory.limit_arenas(2)
     pool = ThreadPoolExecutor(opts.threads or threads, thread_name_prefix="shard")
     cp: ControlPlane | None = None
     manifest = None
@@ -127,12 +129,14 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes)
     if manifest is not None:
         await _restore_manifest(engine, manifest)
+    await loop.run_in_executor(pool, memory.trim)  # drop what init and restore left in the arenas
+    housekeeping = asyncio.create_task(engine.trimmer.run(pool))
 
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
                  ("grpc.so_reuseport", 0)],
     )
-    shard_pb2_grpc.add_MemoryShardServicer_to_server(MemoryShardServicer(engine), server)
+    add_to_server(MemoryShardServicer(engine), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
@@ -167,6 +171,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     await stop.wait()
     log.info("shard %d shutting down (grace %.1f s)", opts.shard_id, opts.grace_s)
     await health.enter_graceful_shutdown()
+    housekeeping.cancel()
     if beat is not None:
         beat.cancel()
     if cp is not None:

@@ -36,21 +36,19 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
     async def Lookup(self, request, context):
         annotate_rows(request.row_ids, table=request.table, epoch=request.epoch, request_id=request.request_id or None)
         t0 = time.perf_counter()
-        response = await _answer(context, self.engine.lookup(request), "Lookup")
-        record_lookup(time.perf_counter() - t0, len(request.row_ids) // 8, side="shard", table=request.table)
-        annotate(bytes_out=len(response.rows), applied_step=response.applied_step)
-        return response
+        result = await _answer(context, self.engine.lookup(request), "Lookup")
+        record_lookup(time.perf_counter() - t0, result.rows, side="shard", table=request.table)
+        annotate(bytes_out=result.rows_nbytes, applied_step=result.applied_step)
+        return result.payload  # already a serialized LookupResponse (see add_to_server)
 
-    async def LookupStream(
-        self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context
-    ) -> AsyncIterator[shard_pb2.LookupResponse]:
+    async def LookupStream(self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context) -> AsyncIterator[bytes]:
         i = 0
         async for request in request_iterator:
             try:
-                response = await self.engine.lookup(request)
+                result = await self.engine.lookup(request)
             except ShardError as exc:
                 await context.abort(exc.code, f"chunk {i}: {exc.message}")
-            yield response
+            yield result.payload
             i += 1
 
     async def ApplyGradients(self, request, context):
@@ -77,3 +75,34 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
 
     async def Stats(self, request, context):
         return self.engine.stats()
+
+
+PRE_SERIALIZED = {"Lookup", "LookupStream"}  # handlers that return serialized responses
+
+
+def _serialize(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(servicer: MemoryShardServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_MemoryShardServicer_to_server, but Lookup replies skip protobuf.
+
+    Built from the service descriptor, so new RPCs in the .proto are picked up as they come.
+    """
+    service = shard_pb2.DESCRIPTOR.services_by_name["MemoryShard"]
+    handlers = {}
+    for method in service.methods:
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        out_cls = getattr(shard_pb2, method.output_type.name)
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(shard_pb2, method.input_type.name).FromString,
+            response_serializer=_serialize if method.name in PRE_SERIALIZED else out_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -19,6 +19,9 @@ usual parameter-server read semantics; sync-mode readers look up after the step'
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,17 +34,33 @@ from engram.layout import TableLayout, slot_num_rows, table_layouts
 from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
 from proto.shard.v1 import shard_pb2
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
-from services.shard.gather import gather_rows
+from services.shard.gather import LookupResult, encode_lookup
 from services.wire import TORCH_DTYPES
 
 OPTIMIZERS = ("adam", "adagrad")
+_HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
+_libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
+
+
+def alloc_table(shape: tuple[int, ...]) -> torch.Tensor:
+    """An fp32 tensor for table data, backed by transparent huge pages where the kernel allows.
+
+    Random row gathers over GiBs miss the TLB on 4 KiB pages; 2 MiB pages cut the page walks.
+    Advised before the first touch, so the pages are huge when they fault in.
+    """
+    t = torch.empty(shape, dtype=torch.float32)
+    if t.nbytes >= 4 * _HUGE_PAGE and _libc is not None:
+        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        end = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # best effort
+    return t
 
 
 def alloc_state(kind: str, rows: int, dim: int) -> tuple[torch.Tensor, ...]:
     """Zeroed optimizer state, written once so the memory is resident (no surprise OOM later)."""
     shapes = [(rows, dim), (rows, dim)] if kind == "adam" else [(rows,)]
-    return tuple(torch.empty(shape, dtype=torch.float32).zero_() for shape in shapes)
+    return tuple(alloc_table(shape).zero_() for shape in shapes)
 
 
 def state_floats_per_row(kind: str, dim: int) -> int:
@@ -143,7 +162,7 @@ class ShardStore:
         base = np.full(self.num_slots, -1, dtype=np.int64)
         base[list(owned)] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if owned else []
         rows = int(sum(sizes))
-        weights = torch.empty((rows, layout.dim), dtype=torch.float32)
+        weights = alloc_table((rows, layout.dim))
         return TableData(base=base, weights=weights, state=alloc_state(self.kind, rows, layout.dim))
 
     def _init_weights(self, tables: dict[int, TableData], owned: tuple[int, ...], threads: int) -> None:
@@ -226,8 +245,11 @@ class ShardStore:
     # ---------------------------------------------------------------------------------------
     # lookups
 
-    def lookup(self, *, table: int, epoch: int, row_ids: bytes, dtype: int) -> tuple[bytes, int, View]:
-        """-> (rows packed [n, D] in `dtype`, D, the view served from)."""
+    def lookup(self, *, table: int, epoch: int, row_ids: bytes, dtype: int) -> LookupResult:
+        """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order.
+
+        applied_step is read before the gather, so the rows are at least that new.
+        """
         view = self.view
         self.check_epoch(view, epoch)
         layout, data = self.table(view, table)
@@ -236,7 +258,8 @@ class ShardStore:
             raise invalid(f"dtype: {name} is not a wire dtype (FP32, BF16 or FP16)")
         ids = self.decode_ids(row_ids)
         pos = self.positions(view, table, ids)
-        return gather_rows(data.weights, pos, dtype), layout.dim, view
+        applied = self.applied_step[table]
+        return encode_lookup(data.weights, pos, dtype=dtype, epoch=view.epoch, applied_step=applied)
 
     # ---------------------------------------------------------------------------------------
     # updates

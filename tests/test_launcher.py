@@ -58,6 +58,13 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
             assert re.search(rf"{re.escape(address)}\s+yes\s+8\s", status.stdout), status.stdout
         assert "epoch 1, 16 slots, 2 shards registered (2 alive)" in status.stdout
 
+        moved = engram_cli("cluster", "rebalance", "--remove", "1", *sets)
+        assert moved.returncode == 0, moved.stderr
+        assert "epoch 1 -> 2: moved 8 slots" in moved.stdout and "shard 1 -> shard 0: 8 slots" in moved.stdout
+        status = engram_cli("cluster", "status", *sets)
+        assert re.search(rf"{re.escape(addresses[0])}\s+yes\s+16\s", status.stdout), status.stdout
+        assert re.search(rf"{re.escape(addresses[1])}\s+yes\s+0\s", status.stdout), status.stdout
+
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert not wait_gone(pids, 10), "processes outlived engram up"

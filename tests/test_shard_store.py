@@ -262,6 +262,9 @@ def test_sync_parts_sum_and_apply_once():
             assert (await later).pending  # step 2 went in once step 1 was applied
             with pytest.raises(ShardError, match="from the past"):
                 await eng.apply_gradients(req(rows_b, g_b, 1, "w2"))
+            # a worker with no rows for this shard still sends its (empty) part
+            empty = np.empty(0, dtype=np.int64)
+            assert (await eng.apply_gradients(req(empty, torch.empty(0, d), 2, "w0"))).applied_step == 2
 
     asyncio.run(body())
     union = np.array([3, 10, 11, 50, 99], dtype=np.int64)
@@ -270,6 +273,8 @@ def test_sync_parts_sum_and_apply_once():
     summed.index_add_(0, torch.tensor([2, 0, 4]), g_b)
     ref.apply_update(ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(union), grads=grad_bytes(summed),
                                         step=1, **kw))
+    ref.apply_update(ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows_b), grads=grad_bytes(g_b),
+                                        step=2, **kw))  # step 2 = w1's part + w0's empty part
     assert torch.equal(lookup_f32(store, table, union), lookup_f32(ref, table, union))
 
 

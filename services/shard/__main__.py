@@ -34,6 +34,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="worker threads (0: cores + 2, at most 8)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: cores // 4)")
     parser.add_argument("--grace-s", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    parser.add_argument(
+        "--pending-wait-s", type=float, default=60.0,
+        help="sync mode: how long a gradient of step s+1 waits for step s to collect its parts (then ABORTED)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.set_defaults(func=run)
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         opts = ServeOptions(
             shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
             standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads, grace_s=args.grace_s,
+            pending_wait_s=args.pending_wait_s,
         )
         tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, attributes={"engram.shard_id": args.shard_id})
         try:

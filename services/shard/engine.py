@@ -111,7 +111,6 @@ class ShardEngine:
 
     async def apply_gradients(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
         store, t = self.store, req.table
-        self.trimmer.note(3 * len(req.grads))  # the request, the update's temporaries
         store.check_epoch(store.view, req.epoch)
         store.table(store.view, t)
         loop = asyncio.get_running_loop()
@@ -141,6 +140,7 @@ class ShardEngine:
             store.prepare_update, table=t, epoch=req.epoch, row_ids=req.row_ids, grads=req.grads, step=req.step,
             kind=opt.kind, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
         )
+        self.trimmer.note(3 * upd.grads.nbytes)  # the request and the update's temporaries
         pend = self.agg.pending(t)
         if req.num_parts <= 1:
             if pend is not None:

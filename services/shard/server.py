@@ -50,13 +50,14 @@ class ServeOptions:
     threads: int = 0  # worker pool; 0 -> cores + 2, at most 8
     torch_threads: int = 0  # intra-op threads per gather/update; 0 -> cores // 4 (shards share cores)
     grace_s: float = 5.0
+    pending_wait_s: float = 60.0  # how long a later step's gradient waits for a pending sync step
 
 
 def default_threads(cores: int) -> tuple[int, int]:
     return min(8, cores + 2), max(1, cores // 4)
 
 
-async def _boot_from_control_plane(cfg: Config, opts: ServeOptions) -> tuple[Config, ControlPlane, list[int], int, dict | None]:
+async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, list[int], int, dict | None]:
     cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
     try:
         stored = await cp.config()
@@ -119,14 +120,14 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         if not 0 <= opts.shard_id < cfg.cluster.num_shards:
             raise BootError(f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)")
     else:
-        cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg, opts)
+        cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg)
     loop = asyncio.get_running_loop()
     store = await loop.run_in_executor(
         pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
                                                init_threads=max(1, min(4, cores)))
     )
     max_bytes = cfg.cluster.max_message_mb << 20
-    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes)
+    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s)
     if manifest is not None:
         await _restore_manifest(engine, manifest)
     await loop.run_in_executor(pool, memory.trim)  # drop what init and restore left in the arenas

@@ -114,8 +114,10 @@ def test_the_cache_serves_repeats_without_changing_results(model, loop) -> None:
     assert torch.equal(pipe.forward(x)[0], ref)
     first = cache.stats()
     assert first.hits == 0 and first.inserts == first.lookups
+    calls = len(client.calls)
     assert torch.equal(pipe.forward(x)[0], ref)
     assert cache.stats().hits == first.lookups  # second pass: every row from the cache
+    assert len(client.calls) == calls  # ... and nothing was sent
     assert cache.stats().hit_rate == pytest.approx(0.5)
 
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -> int:  # type: ignore[no-untyped-def]
     import ray
 
-    from trainer.ray_trainer import REPO_ROOT, check_dist_config, train_ray
+    from trainer.ray_trainer import check_dist_config, init_ray, train_ray
 
     if args.compare_baseline:
         raise ConfigError("--compare-baseline: local training only (drop --ray)")
@@ -95,11 +95,7 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
         print(f"cluster: redis {cluster.redis_url}, shards {cluster.addresses}")
     address = os.environ.get("RAY_ADDRESS") or cfg.dist.ray_address  # Ray's own convention, read only here
     try:
-        if address:  # a remote cluster: ship this checkout as the workers' working_dir
-            ray.init(address=address, runtime_env={
-                "working_dir": str(REPO_ROOT), "excludes": [".venv/", ".git/", "runs/", ".cache/"]})
-        else:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, include_dashboard=False)
+        init_ray(address)
         result = train_ray(cfg, data=data, resume=args.resume, label=f"ray-{cfg.dist.mode}")
     finally:
         if ray.is_initialized():

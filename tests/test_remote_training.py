@@ -13,7 +13,6 @@ comes near 0 in 20 steps, and a split batch equals the full batch to ~1e-7.
 from __future__ import annotations
 
 import asyncio
-import copy
 
 import numpy as np
 import pytest
@@ -32,9 +31,9 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from trainer.ray_trainer import REPO_ROOT
+    from trainer.ray_trainer import init_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -188,7 +187,7 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
 
 
 def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
-    from trainer.remote_step import RemoteStep
+    from trainer.remote_step import RemoteStep, StaleRowsError
     from trainer.shard_rows import AdamHyper, ShardRequestError
 
     cluster, ov = start_cluster(workdir, "bad")
@@ -219,10 +218,8 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
         assert rows.applied_steps() == {layer: 1}
         # the trainer refuses to compute a step whose tables are already ahead of it
-        step = RemoteStep.__new__(RemoteStep)
-        step.rows, step.mode, step.k, step.inflight, step.device = rows, "sync", 0, __import__("collections").deque(), "cpu"
-        from trainer.remote_step import StaleRowsError
-
+        step = RemoteStep(model=None, ddp=None, rows=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
+                          device="cpu")
         with pytest.raises(StaleRowsError, match="ahead of the dense state"):
             step.fetch(1, {layer: (torch.tensor([1, 2]), torch.zeros(1, 1, 1, dtype=torch.long))}, need_grad=True)
         rows.close()

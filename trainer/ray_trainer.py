@@ -60,6 +60,22 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
+def init_ray(address: str | None = None, **kw) -> None:  # type: ignore[no-untyped-def]
+    """ray.init for this repo: local workers find the packages through PYTHONPATH (inherited by
+    the raylet, so prestarted default workers can host the actors); a remote cluster gets this
+    checkout as its working_dir."""
+    import ray
+
+    if address:
+        ray.init(address=address, runtime_env={
+            "working_dir": str(REPO_ROOT), "excludes": [".venv/", ".git/", "runs/", ".cache/"]}, **kw)
+        return
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+    ray.init(include_dashboard=False, **kw)
+
+
 def check_dist_config(cfg: Config) -> None:
     d, t = cfg.dist, cfg.train
     if not cfg.engram.enabled:
@@ -240,7 +256,7 @@ def train_ray(
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=cfg.dist.ray_address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        init_ray(cfg.dist.ray_address)
     resume_dir, start = None, 0
     if resume:
         found = checkpoint_dirs(cfg)

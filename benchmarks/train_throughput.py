@@ -1,0 +1,110 @@
+"""Training throughput: local (tables in the model) vs Ray (2 workers, tables on 2 shards).
+
+    python -m benchmarks.train_throughput --preset tiny --steps 40 --rounds 2 \\
+        --json benchmarks/results/train_throughput_cpu-2core.json
+
+Same config, data and global batch for every run; runs are interleaved (local, sync, async,
+local, ...) so a noisy machine affects all of them alike. tokens/s is measured inside the
+training loop (rank 0 for Ray: every step's global batch over the loop's wall time, which
+includes the final validation pass, as the local trainer's number does); Ray and cluster
+start-up are excluded and reported separately. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.quality import machine
+from engram.config import load_config
+from engram.data import prepare_data
+from services.launcher import LocalCluster
+from trainer.local import train_local
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from trainer.ray_trainer import init_ray, train_ray
+
+    out = Path(args.out_dir).resolve()
+    base = [f"train.steps={args.steps}", f"train.eval_every={args.steps}", "train.progress=false",
+            f"cluster.wire_dtype={args.wire}", f"dist.num_workers={args.workers}", *args.overrides]
+    cfg0 = load_config(args.preset, None, base)
+    data = prepare_data(cfg0)
+    init_ray(num_cpus=args.ray_cpus)
+    runs: dict[str, list[dict]] = {"local": [], **{f"ray-{m}": [] for m in args.modes}}
+    try:
+        for r in range(args.rounds):
+            cfg = load_config(args.preset, None, [*base, f"train.out_dir={out / f'local-{r}'}"])
+            res = train_local(cfg, data=data, label="local")
+            runs["local"].append({"tokens_per_s": res.tokens_per_s, "final_val_loss": res.final_val_loss})
+            print(f"round {r} local: {res.tokens_per_s:,.0f} tok/s", flush=True)
+            for mode in args.modes:
+                t0 = time.perf_counter()
+                cluster = LocalCluster(cfg, preset=args.preset, overrides=base, num_shards=args.shards,
+                                       log_dir=out / f"logs-{mode}-{r}").start()
+                t_cluster = time.perf_counter() - t0
+                try:
+                    cfg = load_config(args.preset, None, [
+                        *base, *cluster.cluster_overrides, f"dist.mode={mode}",
+                        f"train.out_dir={out / f'{mode}-{r}'}", f"cluster.checkpoint_dir={out / f'{mode}-{r}' / 'shards'}",
+                    ])
+                    t1 = time.perf_counter()
+                    res = train_ray(cfg, data=data, label=f"ray-{mode}")
+                    wall = time.perf_counter() - t1
+                finally:
+                    cluster.stop()
+                runs[f"ray-{mode}"].append({
+                    "tokens_per_s": res.tokens_per_s, "final_val_loss": res.final_val_loss, "staleness": res.staleness,
+                    "timings_s": res.timings, "cluster_start_s": t_cluster, "ray_run_wall_s": wall,
+                })
+                print(f"round {r} ray-{mode}: {res.tokens_per_s:,.0f} tok/s (staleness max {res.staleness.get('max')})",
+                      flush=True)
+    finally:
+        ray.shutdown()
+    summary = {name: float(np.median([x["tokens_per_s"] for x in xs])) for name, xs in runs.items()}
+    print(f"\n{'run':<12} {'tokens/s (median)':>18} {'vs local':>9} {'val loss':>9}")
+    for name, xs in runs.items():
+        print(f"{name:<12} {summary[name]:>18,.0f} {summary[name] / summary['local']:>8.2f}x "
+              f"{np.median([x['final_val_loss'] for x in xs]):>9.4f}")
+    return {
+        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "command": args.command, "preset": args.preset, "steps": args.steps, "rounds": args.rounds,
+        "workers": args.workers, "shards": args.shards, "wire_dtype": args.wire,
+        "global_batch_tokens": cfg0.train.batch_size * cfg0.train.seq_len,
+        "median_tokens_per_s": summary, "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--ray-cpus", type=int, default=None, help="num_cpus for the local Ray instance")
+    p.add_argument("--out-dir", default="runs/bench-train-throughput")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.command = "python -m benchmarks.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from services.launcher import LocalCluster
 from tests.fixtures_procs import cluster_fixture
 from tests.worker_proc import WorkerProcess, train_tiny_checkpoint
 from worker.prefetch import PrefetchPipeline
-from worker.runtime import remote_source
+from worker.runtime import check_and_drop_local_tables, remote_source
 
 cluster = cluster_fixture(num_shards=2, overrides=[])
 pytestmark = pytest.mark.timeout(90)
@@ -41,6 +41,9 @@ def test_remote_fp32_logits_equal_the_local_table_bitwise(cluster, prefetch) -> 
     try:
         out, _ = pipe.forward(ids)
         assert torch.equal(out, ref)
+        fresh = EngramLM(cfg, np.arange(cfg.model.vocab_size))
+        assert check_and_drop_local_tables(fresh, pipe.source) == []  # same rows: no warning
+        assert all(t.weight.numel() == 0 for t in fresh.tables.values())  # the local copy is freed
     finally:
         pipe.close()
 
@@ -69,6 +72,7 @@ def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster, tm
         with grpc.insecure_channel(worker.address) as ch:
             stub = worker_pb2_grpc.ModelWorkerStub(ch)
             assert len(stub.Score(pb.ScoreRequest(text="def f(x):"), timeout=30).logprobs) > 0
+            assert "WARNING: the cluster's rows of Engram layers [1] differ" in worker.stderr()  # trained != fresh
             os.kill(shard_pid, signal.SIGSTOP)
             try:
                 t0 = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,10 +71,38 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
                            owns_loop=True)
 
 
+def check_and_drop_local_tables(model: EngramLM, source: RowSource, *, sample: int = 64) -> list[int]:
+    """Compare a sample of each table's rows with the shards', then free the local tables.
+
+    -> the layers whose shard rows differ from the checkpoint's (the cluster holds other
+    weights, e.g. a fresh cluster for a locally trained model); the caller warns.
+    """
+    differ = []
+    gen = torch.Generator().manual_seed(0)
+    for name, table in model.tables.items():
+        layer = int(name)
+        n = table.weight.shape[0]
+        ids = torch.unique(torch.randint(0, n, (min(sample, n),), generator=gen))  # (S,)
+        remote = source.issue({layer: ids})[layer].result(timeout=60).rows.float().cpu()
+        if not torch.allclose(remote, table.weight.detach()[ids].float().cpu(), rtol=1e-2, atol=1e-2):
+            differ.append(layer)
+        table.weight = torch.nn.Parameter(table.weight.new_empty((0, table.weight.shape[1])))  # rows live remotely
+    return differ
+
+
 def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:
     device = torch.device(cfg.worker.device)
     model = model.to(device)
-    source = remote_source(cfg, device) if cfg.worker.row_source == "remote" and model.indexer is not None else None
+    source = None
+    if cfg.worker.row_source == "remote" and model.indexer is not None:
+        source = remote_source(cfg, device)
+        differ = check_and_drop_local_tables(model, source)
+        if differ:
+            print(
+                f"WARNING: the cluster's rows of Engram layers {differ} differ from this checkpoint's tables; "
+                "serving with the cluster's rows (load the trained tables into the shards to serve this model)",
+                file=sys.stderr, flush=True,
+            )
     try:
         pad = eot_id(tok)
     except ValueError:

@@ -27,12 +27,14 @@ OTLP and, when the caller passes `metrics_port`, as Prometheus text on http://ho
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace as otel_trace
@@ -40,6 +42,7 @@ from opentelemetry import trace as otel_trace
 from engram.config import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The variables read here; the deploy validator treats every OTEL_* name as read by this module.
 OTEL_ENV = (
@@ -104,11 +107,31 @@ def settings_from_env(service_name: str, env: Mapping[str, str]) -> TelemetrySet
 
 
 def _sampler(kind: str, ratio: float):
+    """The OTEL_TRACES_SAMPLER choice, minus root CLIENT spans.
+
+    A client call with no operation around it (a shard's Redis heartbeat every second, a
+    background poll) would be a one-span trace of its own: noise in Jaeger. Every operation
+    worth a trace opens a span first (lookup, train step, a served request), and client calls
+    inside it are kept.
+    """
     from opentelemetry.sdk.trace import sampling
 
     inner = {"always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
              "traceidratio": sampling.TraceIdRatioBased(ratio)}[kind.removeprefix("parentbased_")]
-    return sampling.ParentBased(inner) if kind.startswith("parentbased_") else inner
+    chosen = sampling.ParentBased(inner) if kind.startswith("parentbased_") else inner
+
+    class NoOrphanClientSpans(sampling.Sampler):
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                          trace_state=None):
+            parent = otel_trace.get_current_span(parent_context).get_span_context()
+            if kind == otel_trace.SpanKind.CLIENT and not parent.is_valid:
+                return sampling.SamplingResult(sampling.Decision.DROP)
+            return chosen.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return f"NoOrphanClientSpans{{{chosen.get_description()}}}"
+
+    return NoOrphanClientSpans()
 
 
 def _insecure(endpoint: str) -> bool:
@@ -307,11 +330,46 @@ def enabled() -> bool:
     return _state.tracer is not None
 
 
-def span(name: str, **attributes: Any):
-    """`with span("prefetch.issue", table=1, rows=n) as s:` a child of the current span."""
+def span(name: str, *, parent: Any = None, **attributes: Any):
+    """`with span("prefetch.wait", table=1) as s:` a child of the current span.
+
+    `parent` (a Span) is used when no span is current, so work awaited outside any span still
+    joins the trace of the operation it waits for.
+    """
     if _state.tracer is None:
         return _NULL_SPAN
-    return _state.tracer.start_as_current_span(name, attributes=_clean(attributes))
+    context = None
+    if parent is not None and parent.is_recording() and not otel_trace.get_current_span().is_recording():
+        context = otel_trace.set_span_in_context(parent)
+    return _state.tracer.start_as_current_span(name, context=context, attributes=_clean(attributes))
+
+
+def traced_task(coro: Coroutine[Any, Any, T], name: str, *, rows: int | None = None, table: int | None = None,
+                **attributes: Any) -> tuple[asyncio.Task[T], Any]:
+    """Run `coro` as a task inside a span that ends when the task does -> (task, span).
+
+    Calls the task makes (gRPC client spans) become the span's children, although the caller
+    goes on at once. With `rows`, the task's duration also goes to the client lookup metrics.
+    """
+    if _state.tracer is None and _state.instruments is None:
+        return asyncio.ensure_future(coro), otel_trace.INVALID_SPAN
+    sp = tracer().start_span(name, attributes=_clean({"table": table, "rows": rows, **attributes}))
+    with otel_trace.use_span(sp, end_on_exit=False):
+        task = asyncio.ensure_future(coro)  # the task copies the context: sp is its current span
+    t0 = time.perf_counter()
+
+    def done(t: asyncio.Task) -> None:
+        if t.cancelled():
+            sp.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, "cancelled"))
+        elif t.exception() is not None:
+            sp.record_exception(t.exception())
+            sp.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, str(t.exception())))
+        elif rows is not None:
+            record_lookup(time.perf_counter() - t0, rows, side="client", table=table)
+        sp.end()
+
+    task.add_done_callback(done)
+    return task, sp
 
 
 def annotate(**attributes: Any) -> None:

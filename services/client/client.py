@@ -44,10 +44,11 @@ from services.client.routing import (
     split_by_owner,
 )
 from services.client.state import Routing, gather_or_cancel
+from services.telemetry import traced_task
 from services.wire import ITEMSIZE, TORCH_DTYPES
 
 T = TypeVar("T")
-DEFAULT_CHUNK_BYTES = 2 << 20  # response bytes per Lookup message: several in flight pipeline better than one
+DEFAULT_CHUNK_BYTES = 8 << 20  # response bytes per Lookup message (bigger ones get slow in grpc; see benchmark)
 
 
 class ShardClient(ShardOps):
@@ -210,8 +211,10 @@ class ShardClient(ShardOps):
         except RuntimeError:
             raise RuntimeError("ShardClient.lookup must be called from a running event loop") from None
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
-        task = loop.create_task(self._gather(table, d.unique, deadline, self.retry.max_refreshes))
-        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast)
+        task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
+            self._gather(table, d.unique, deadline, self.retry.max_refreshes), "lookup", table=table,
+            rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch)
+        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span)
 
     def _chunk_rows(self, dim: int) -> int:
         itemsize = ITEMSIZE[self._dtype]

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from services.client.routing import Dedup, expand
+from services.telemetry import span as trace_span
 
 
 class LookupHandle:
-    def __init__(self, *, table: int, dedup: Dedup, task: asyncio.Future, upcast: bool) -> None:
+    def __init__(self, *, table: int, dedup: Dedup, task: asyncio.Future, upcast: bool, span: Any = None) -> None:
         self.table = table
+        self._span = span  # the lookup's trace span: "prefetch.wait" joins its trace when nothing else is current
         self._dedup = dedup
         self._task = task
         self._upcast = upcast
@@ -59,13 +61,15 @@ class LookupHandle:
 
         May share memory with the received message: treat it as read-only (clone to write).
         """
-        rows = await asyncio.shield(self._task)
+        with trace_span("prefetch.wait", parent=self._span, table=self.table, ready=self._task.done()):
+            rows = await asyncio.shield(self._task)
         return rows.float() if self._upcast else rows
 
     async def rows(self) -> torch.Tensor:
         """(*shape, D) rows in request order."""
         if self._rows is None:
-            rows = expand(await asyncio.shield(self._task), self._dedup)
+            with trace_span("prefetch.wait", parent=self._span, table=self.table, ready=self._task.done()):
+                rows = expand(await asyncio.shield(self._task), self._dedup)
             self._rows = rows.float() if self._upcast else rows
         return self._rows
 

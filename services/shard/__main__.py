@@ -59,16 +59,18 @@ def run(args: argparse.Namespace) -> int:
                 f"--shard-id {args.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)"
             )
         # torch, grpc and the telemetry SDK load only past the cheap checks: bad arguments fail fast
-        from services.shard.server import ServeOptions, serve
+        # (bad OTEL_* settings too: telemetry is checked before the server imports torch)
         from services.telemetry import setup_telemetry
 
-        opts = ServeOptions(
-            shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
-            standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads, grace_s=args.grace_s,
-            pending_wait_s=args.pending_wait_s,
-        )
         tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, attributes={"engram.shard_id": args.shard_id})
         try:
+            from services.shard.server import ServeOptions, serve
+
+            opts = ServeOptions(
+                shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
+                standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads,
+                grace_s=args.grace_s, pending_wait_s=args.pending_wait_s,
+            )
             return uvloop.run(serve(cfg, opts))
         finally:
             tel.shutdown()  # flush spans and metrics inside the grace period

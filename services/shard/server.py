@@ -122,9 +122,10 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     else:
         cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg)
     loop = asyncio.get_running_loop()
+    # a checkpoint overwrites every owned row (or the shard does not start): skip the init then
     store = await loop.run_in_executor(
         pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
-                                               init_threads=max(1, min(4, cores)))
+                                               init_threads=max(1, min(8, cores)), init_weights=manifest is None)
     )
     max_bytes = cfg.cluster.max_message_mb << 20
     engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s)

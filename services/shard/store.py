@@ -127,7 +127,9 @@ class ShardStore:
         epoch: int,
         owners: list[int] | None = None,
         init_threads: int = 2,
+        init_weights: bool = True,
     ) -> None:
+        """init_weights=False leaves the rows unset: only for a store that is restored next."""
         self.shard_id = shard_id
         self.num_slots = cfg.cluster.num_slots
         self.kind = cfg.cluster.optimizer
@@ -138,7 +140,8 @@ class ShardStore:
         self.frozen: dict[int, str] = {}  # slot -> migration target; updates refused until SetSlotMap
         owned = self._check_slots(owned_slots)
         tables = {t: self._allocate(layout, owned) for t, layout in self.layouts.items()}
-        self._init_weights(tables, owned, init_threads)
+        if init_weights:
+            self._init_weights(tables, owned, init_threads)
         self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
 
     @classmethod

@@ -18,7 +18,7 @@ from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from services.launcher import LocalCluster
 from tests.fixtures_procs import cluster_fixture
-from tests.worker_proc import WorkerProcess, train_tiny_checkpoint
+from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 from worker.prefetch import PrefetchPipeline
 from worker.runtime import check_and_drop_local_tables, remote_source
 
@@ -63,8 +63,8 @@ def test_remote_bf16_logits_are_within_bf16_rounding(cluster) -> None:
         pipe.close()
 
 
-def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster, tmp_path) -> None:
-    checkpoint = train_tiny_checkpoint(tmp_path)
+def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster) -> None:
+    checkpoint = shared_tiny_checkpoint()
     sets = [f"--set={o}" for o in [*cluster.cluster_overrides, "worker.row_source=remote", "cluster.lookup_timeout_s=1.5"]]
     worker = WorkerProcess(checkpoint, *sets).start()
     shard_pid = cluster.shards[0].proc.pid

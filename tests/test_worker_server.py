@@ -13,15 +13,15 @@ from tokenizers import Tokenizer
 
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
-from tests.worker_proc import WorkerProcess, train_tiny_checkpoint
+from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 from trainer.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("worker"))
+def checkpoint():
+    return shared_tiny_checkpoint()
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +16,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def shared_tiny_checkpoint() -> Path:
+    """One tiny checkpoint per test process (the server and remote tests share it)."""
+    tmp = Path(tempfile.mkdtemp(prefix="engram-worker-test-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return train_tiny_checkpoint(tmp)
 
 
 def train_tiny_checkpoint(tmp: Path, *extra: str) -> Path:

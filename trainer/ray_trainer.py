@@ -100,10 +100,10 @@ def shard_model(cfg: Config, compress_lookup: np.ndarray) -> EngramLM:
 
 
 def checkpoint_dirs(cfg: Config) -> list[Path]:
-    """Complete dense checkpoints of this run, oldest first."""
+    """Complete dense checkpoints under <out_dir>/ray (any run), oldest written first."""
     root = Path(cfg.train.out_dir) / "ray"
     found = [p.parent for p in root.glob(f"**/step_*/{MANIFEST_FILE}") if (p.parent / DENSE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(found, key=lambda p: ((p / DENSE_FILE).stat().st_mtime, int(p.name.split("_")[1])))
 
 
 def _report(metrics: dict, state: dict | None, manifest: dict | None, step: int) -> None:
@@ -143,7 +143,8 @@ def train_loop(loop_cfg: dict) -> None:
         model.load_state_dict(state["model"])
         backbone_opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), state["history"]
-    ddp = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if "cuda" in device else None)
+    ddp = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
     rows = ShardRows(cfg)
     applied = min(rows.applied_steps().values())
     if applied != start:

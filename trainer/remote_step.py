@@ -105,7 +105,7 @@ class RemoteStep:
                 rows, applied = self.rows.lookup(layer, unique.cpu().numpy())  # (U, dh) fp32
                 oldest = applied if oldest is None else min(oldest, applied)
                 rows = rows.to(self.device).requires_grad_(need_grad)
-                out[layer] = EngramRows(rows=rows, inverse=inverse)
+                out[layer] = EngramRows(rows=rows, inverse=inverse.to(self.device))
             assert oldest is not None
             if oldest > step - 1:
                 raise StaleRowsError(
@@ -193,14 +193,15 @@ class RemoteStep:
         """Mean validation loss over `batches` (split round-robin over workers) after `step` is applied."""
         self.settle(step)
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of batch losses, batches)
         for i in range(self.rank, len(batches), self.world):
             x = torch.from_numpy(batches[i][0]).to(self.device)
             y = torch.from_numpy(batches[i][1]).to(self.device)
-            rows = {layer: EngramRows(rows=self.rows.lookup(layer, u.cpu().numpy())[0].to(self.device), inverse=inv)
+            rows = {layer: EngramRows(rows=self.rows.lookup(layer, u.cpu().numpy())[0].to(self.device),
+                                      inverse=inv.to(self.device))
                     for layer, (u, inv) in self.model.engram_indices(x).items()}
             _, loss = self.model(x, y, engram_rows=rows)
-            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+            total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.model.train()
         if self.world > 1:
             dist.all_reduce(total)

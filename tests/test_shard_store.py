@@ -159,7 +159,7 @@ def test_adam_update_equals_row_optim_and_sparse_adam():
     pos = torch.from_numpy(store.positions(store.view, table, everything))  # rows sit in slot order
     assert torch.equal(data.weights[pos], w) and torch.equal(data.state[0][pos], m)
     assert torch.equal(data.state[1][pos], v)
-    torch.testing.assert_close(lookup_f32(store, table, everything), emb.weight.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(lookup_f32(store, table, everything), emb.weight.detach())  # SparseAdam, bit for bit
 
 
 def test_adagrad_update_equals_row_optim():

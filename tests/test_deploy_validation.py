@@ -70,8 +70,8 @@ COMPOSE_BREAKS = {
          "`docker compose config` rejects it", "'restart_policy' not allowed"],
     ),
     "unknown engram command": (
-        'command: ["train", "--config"', 'command: ["nosuchcmd", "--config"',
-        ["services.train: `engram nosuchcmd --config /etc/engram/engram.toml`: no such command `nosuchcmd`"],
+        'command: ["train", "--ray", "--config"', 'command: ["nosuchcmd", "--ray", "--config"',
+        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml`: no such command `nosuchcmd`"],
     ),
     "bad configuration": (
         "num_shards = 3\n", 'num_shards = 3\n      wire_dtype = "int9"\n',

@@ -272,6 +272,20 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
     assert torch.equal(got, expected) and not torch.equal(got, init_table(everything))
     assert {s.shard_id for s in asyncio.run(_shards(redis_server.url, "three")) if s.alive} == {0, 1, 2}
 
+    # SetSlotMap without `owners`: the shard reads them from the control plane for its messages
+    async def bump() -> None:
+        cp = ControlPlane.connect(redis_server.url, "three")
+        await cp.set_slot_map(owners3, expected_epoch=1)
+        await cp.close()
+
+    asyncio.run(bump())
+    c2 = Client(three[2].address)
+    c2.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(owners3) if o == 2]),
+                       timeout=10)
+    foreign = rows_of(owners3, 1)[:1]
+    expect_error(lambda: c2.lookup(foreign, epoch=2), grpc.StatusCode.FAILED_PRECONDITION,
+                 f"row {foreign[0]} is in slot {foreign[0] % NSLOTS} owned by shard 1 at epoch 2")
+
     # a corrupt or truncated file: Restore refuses with the file's name, the live table is unchanged
     c = Client(three[0].address)
     mine = [f for f in files if owners3[f.slot] == 0]

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -61,6 +61,9 @@ class ShardEngine:
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
         self.trimmer = Trimmer()
+        # () -> awaitable SlotMap (the control plane's), so SetSlotMap without `owners` can still
+        # name the owner of a row in errors; None when standalone
+        self.slot_map_source: Callable[[], Awaitable] | None = None
         self.started = time.time()
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
@@ -291,12 +294,25 @@ class ShardEngine:
                 self.staging.drop_partial()
         return shard_pb2.ImportSlotsResponse(slots_received=received)
 
+    async def _owners_at(self, epoch: int, owned: list[int]) -> list[int] | None:
+        """The full slot map at `epoch` from the control plane, if it has that epoch (for messages only)."""
+        if self.slot_map_source is None:
+            return None
+        try:
+            smap = await asyncio.wait_for(self.slot_map_source(), timeout=2.0)
+        except Exception:  # best effort: error messages then just say "another shard"
+            return None
+        mine = sorted(s for s, o in enumerate(smap.owners) if o == self.store.shard_id)
+        return list(smap.owners) if smap.epoch == epoch and mine == sorted(owned) else None
+
     async def set_slot_map(self, req: shard_pb2.SetSlotMapRequest) -> shard_pb2.SetSlotMapResponse:
+        owned = list(req.owned_slots)
+        owners = list(req.owners) or await self._owners_at(req.epoch, owned)
         async with self.admin, self._all_tables():
             before = self.store.view.epoch
             dropped = await self._run(
-                self.store.set_ownership, epoch=req.epoch, owned_slots=list(req.owned_slots),
-                owners=list(req.owners) or None, staged=self.staging.complete,
+                self.store.set_ownership, epoch=req.epoch, owned_slots=owned, owners=owners,
+                staged=self.staging.complete,
             )
             if self.store.view.epoch != before:
                 self.staging.clear()

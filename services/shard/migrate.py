@@ -23,7 +23,8 @@ import torch
 from engram.layout import slot_num_rows
 from proto.shard.v1 import shard_pb2
 from services.shard.errors import invalid, precondition
-from services.shard.store import ShardStore, SlotData, alloc_state, state_floats_per_row
+from services.shard.memory import alloc_state, state_floats_per_row
+from services.shard.store import ShardStore, SlotData
 
 
 def slot_chunks(

@@ -129,6 +129,8 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     )
     max_bytes = cfg.cluster.max_message_mb << 20
     engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s)
+    if cp is not None:
+        engine.slot_map_source = cp.slot_map
     if manifest is not None:
         await _restore_manifest(engine, manifest)
     await loop.run_in_executor(pool, memory.trim)  # drop what init and restore left in the arenas

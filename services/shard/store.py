@@ -19,9 +19,6 @@ usual parameter-server read semantics; sync-mode readers look up after the step'
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,36 +32,11 @@ from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adag
 from proto.shard.v1 import shard_pb2
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
+from services.shard.memory import alloc_state, alloc_table
 from services.wire import TORCH_DTYPES
 
 OPTIMIZERS = ("adam", "adagrad")
-_HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
-_libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
-
-
-def alloc_table(shape: tuple[int, ...]) -> torch.Tensor:
-    """An fp32 tensor for table data, backed by transparent huge pages where the kernel allows.
-
-    Random row gathers over GiBs miss the TLB on 4 KiB pages; 2 MiB pages cut the page walks.
-    Advised before the first touch, so the pages are huge when they fault in.
-    """
-    t = torch.empty(shape, dtype=torch.float32)
-    if t.nbytes >= 4 * _HUGE_PAGE and _libc is not None:
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        end = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # best effort
-    return t
-
-
-def alloc_state(kind: str, rows: int, dim: int) -> tuple[torch.Tensor, ...]:
-    """Zeroed optimizer state, written once so the memory is resident (no surprise OOM later)."""
-    shapes = [(rows, dim), (rows, dim)] if kind == "adam" else [(rows,)]
-    return tuple(alloc_table(shape).zero_() for shape in shapes)
-
-
-def state_floats_per_row(kind: str, dim: int) -> int:
-    return 2 * dim if kind == "adam" else 1
 
 
 @dataclass(slots=True)

@@ -7,17 +7,21 @@ Same config, data and global batch for every run; runs are interleaved (local, s
 local, ...) so a noisy machine affects all of them alike. tokens/s is measured inside the
 training loop (rank 0 for Ray: every step's global batch over the loop's wall time, which
 includes the final validation pass, as the local trainer's number does); Ray and cluster
-start-up are excluded and reported separately. Prints a table, writes JSON.
+start-up are excluded and reported separately. Every process uses --threads torch threads
+(default 1: on a small shared box, 2-thread torch in one process was measured 14x slower than
+1-thread). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.quality import machine
 from engram.config import load_config
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> dict:
             f"cluster.wire_dtype={args.wire}", f"dist.num_workers={args.workers}", *args.overrides]
     cfg0 = load_config(args.preset, None, base)
     data = prepare_data(cfg0)
+    torch.set_num_threads(args.threads)  # local run; each Ray worker gets the same count
     init_ray(num_cpus=args.ray_cpus)
     runs: dict[str, list[dict]] = {"local": [], **{f"ray-{m}": [] for m in args.modes}}
     try:
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
                         f"train.out_dir={out / f'{mode}-{r}'}", f"cluster.checkpoint_dir={out / f'{mode}-{r}' / 'shards'}",
                     ])
                     t1 = time.perf_counter()
-                    res = train_ray(cfg, data=data, label=f"ray-{mode}")
+                    res = train_ray(cfg, data=data, label=f"ray-{mode}", torch_threads=args.threads)
                     wall = time.perf_counter() - t1
                 finally:
                     cluster.stop()
@@ -73,9 +78,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name:<12} {summary[name]:>18,.0f} {summary[name] / summary['local']:>8.2f}x "
               f"{np.median([x['final_val_loss'] for x in xs]):>9.4f}")
     return {
-        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"),
+        "machine": {**machine(), "host_cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
         "command": args.command, "preset": args.preset, "steps": args.steps, "rounds": args.rounds,
-        "workers": args.workers, "shards": args.shards, "wire_dtype": args.wire,
+        "workers": args.workers, "shards": args.shards, "wire_dtype": args.wire, "torch_threads": args.threads,
         "global_batch_tokens": cfg0.train.batch_size * cfg0.train.seq_len,
         "median_tokens_per_s": summary, "runs": runs,
     }
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
     p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the local process and of each Ray worker (an oversubscribed box "
+                        "runs 2-thread torch far slower than 1-thread)")
     p.add_argument("--ray-cpus", type=int, default=None, help="num_cpus for the local Ray instance")
     p.add_argument("--out-dir", default="runs/bench-train-throughput")
     p.add_argument("--json", default=None, help="write the results here")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.runtime import remote_source
 
     cfg, model, device = build(args)
+    load_before = os.getloadavg()
     with LocalCluster(cfg, preset=args.preset, overrides=[f"cluster.wire_dtype={args.wire}", *args.overrides],
                       num_shards=args.shards) as cluster:
         remote_cfg = load_config(args.preset, None, [
@@ -225,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {
             "benchmark": "prefetch", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": machine(), "device": str(device), "preset": args.preset,
+            "machine": {**machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()}},
+            "device": str(device), "preset": args.preset,
             "args": {k: v for k, v in vars(args).items() if k != "json"},
             "units": {"prefill": "tokens/s", "decode": "tokens/s", "train": "ms/step (fwd+bwd)"},
             "max_abs_logit_diff_vs_local": errors, "median": results, "samples": samples,
@@ -234,9 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             "overhead_method": "median over repetitions of (way / local of the same repetition)",
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(json.dumps(no_nan(out), indent=2))
         print("wrote", args.json)
     return 0
+
+
+def no_nan(x: Any) -> Any:
+    """NaN (a way that was not measured) -> null, so the file is strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: no_nan(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [no_nan(v) for v in x]
+    return x
 
 
 def overheads(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Any]]:

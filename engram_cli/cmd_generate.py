@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
             req = worker_pb2.GenerateRequest(
                 prompt=args.prompt, truncate=args.truncate, **{k: v for k, v in fields.items() if v is not None}
             )
-            sys.stdout.write(args.prompt)
-            for msg in stub.Generate(req, timeout=args.timeout):
-                sys.stdout.write(msg.text)
+            for i, msg in enumerate(stub.Generate(req, timeout=args.timeout)):
+                sys.stdout.write(args.prompt + msg.text if i == 0 else msg.text)  # the prompt once it is accepted
                 sys.stdout.flush()
             sys.stdout.write("\n")
         except grpc.RpcError as exc:

@@ -94,13 +94,13 @@ class Bench:
 
     @torch.inference_mode()
     def run_prefill(self, way: str) -> int:
-        pipe, ahead = self.pipes.get(way), None
         ahead_ways = ("prefetch", "cached")
-        if way in ahead_ways:
+        pipe, ahead = (self.pipes[way] if way in ahead_ways else None), None
+        if pipe is not None:
             ahead = pipe.prefetch(self.prefill[0])
         for i, ids in enumerate(self.prefill):
             rows = self.rows_for(way, ids, ahead)
-            if way in ahead_ways and i + 1 < len(self.prefill):
+            if pipe is not None and i + 1 < len(self.prefill):
                 ahead = pipe.prefetch(self.prefill[i + 1])  # the next batch's rows fly meanwhile
             self.model(ids, engram_rows=rows)
         return sum(x.numel() for x in self.prefill)
@@ -114,12 +114,12 @@ class Bench:
         return self.args.decode_batch * self.args.new_tokens
 
     def run_train(self, way: str) -> int:
-        pipe, ahead = self.pipes.get(way), None
-        if way == "prefetch":
+        pipe, ahead = (self.pipes[way] if way == "prefetch" else None), None
+        if pipe is not None:
             ahead = pipe.prefetch(self.train[0][0])
         for i, (x, y) in enumerate(self.train):
             rows = self.rows_for(way, x, ahead)
-            if way == "prefetch" and i + 1 < len(self.train):
+            if pipe is not None and i + 1 < len(self.train):
                 ahead = pipe.prefetch(self.train[i + 1][0])  # the loader knows the next batch already
             _, loss = self.model(x, y, engram_rows=rows)
             loss.backward()
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         remote_cfg = load_config(args.preset, None, [
             f"cluster.wire_dtype={args.wire}", *args.overrides, *cluster.cluster_overrides])
         sources = {way: remote_source(remote_cfg, device) for way in ("prefetch", "sync")}
+        assert model.indexer is not None, "the benchmark needs an Engram model"
         cache = HotRowCache(capacity_bytes=int(args.cache_mb * (1 << 20)), device=device,
                             dims={layer: lay.dim for layer, lay in model.indexer.layouts.items()})
         timeout_s = remote_cfg.cluster.lookup_timeout_s

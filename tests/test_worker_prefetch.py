@@ -138,3 +138,20 @@ def test_training_rows_get_the_same_gradient_as_the_local_table(model, loop) -> 
         local = model.tables[str(layer)].weight.grad.coalesce().to_dense()[unique]
         torch.testing.assert_close(rows.grad, local, rtol=1e-5, atol=1e-7)
     model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+@pytest.mark.timeout(30)
+def test_a_training_cache_refetches_rows_older_than_the_staleness_bound(model, loop) -> None:
+    dims = {layer: lay.dim for layer, lay in model.indexer.layouts.items()}
+    cache = HotRowCache(capacity_bytes=1 << 20, dims=dims, max_staleness=0)  # sync mode
+    client = DelayedClient(model)
+    pipe = PrefetchPipeline(model, RemoteRowSource(client, loop=loop), cache=cache)
+    x = ids(5)
+    pipe.step = 1
+    pipe.prefetch(x).wait()
+    pipe.prefetch(x).wait()  # same step: served from the cache
+    assert len(client.calls) == 2 and cache.stats().hits == cache.stats().inserts
+    pipe.step = 2
+    pipe.prefetch(x).wait()  # a new step: every row is too old, fetched again
+    assert len(client.calls) == 4 and cache.stats().stale == cache.stats().inserts

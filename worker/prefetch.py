@@ -65,6 +65,7 @@ class LoopThread:
     """An asyncio event loop (uvloop when installed) on its own daemon thread."""
 
     def __init__(self, name: str = "engram-rows") -> None:
+        self.loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 

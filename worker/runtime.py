@@ -6,11 +6,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer
 
 from engram.config import Config, ConfigError, load_config
+from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
 from engram.tokenizer import eot_id
 from worker.engine import ModelEngine
@@ -77,16 +79,17 @@ def check_and_drop_local_tables(model: EngramLM, source: RowSource, *, sample: i
     -> the layers whose shard rows differ from the checkpoint's (the cluster holds other
     weights, e.g. a fresh cluster for a locally trained model); the caller warns.
     """
-    differ = []
+    differ: list[int] = []
     gen = torch.Generator().manual_seed(0)
-    for name, table in model.tables.items():
+    for name, module in model.tables.items():
+        table = cast(LocalEngramTable, module)
         layer = int(name)
-        n = table.weight.shape[0]
+        n, dim = int(table.weight.shape[0]), int(table.weight.shape[1])
         ids = torch.unique(torch.randint(0, n, (min(sample, n),), generator=gen))  # (S,)
         remote = source.issue({layer: ids})[layer].result(timeout=60).rows.float().cpu()
         if not torch.allclose(remote, table.weight.detach()[ids].float().cpu(), rtol=1e-2, atol=1e-2):
             differ.append(layer)
-        table.weight = torch.nn.Parameter(table.weight.new_empty((0, table.weight.shape[1])))  # rows live remotely
+        table.weight = torch.nn.Parameter(table.weight.new_empty((0, dim)))  # the rows live on the shards
     return differ
 
 

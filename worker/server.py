@@ -84,7 +84,8 @@ class TextDelta:
     """Incremental detokenisation: emit only complete characters."""
 
     def __init__(self, tok: Tokenizer) -> None:
-        self.tok, self.ids, self.emitted = tok, [], ""
+        self.tok, self.emitted = tok, ""
+        self.ids: list[int] = []
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -4,13 +4,16 @@
 `rows` field header, then the rows, gathered in one pass directly into the message buffer.
 For bf16/fp16 the fp32 rows are gathered in chunks into a small per-thread scratch buffer
 that stays in cache and converted straight into the buffer, so no full-size fp32 copy is
-ever written. The only other copy on the shard is `bytes(buffer)` (gRPC wants `bytes`);
-protobuf's own path would add three more (message build, serialize, attribute access).
+ever written. The buffer is the reply's `bytes` object itself (gRPC wants `bytes`; see
+`new_bytes`), so the rows are written once on the shard; protobuf's own path would add four
+copies (tobytes, message build, serialize, attribute access).
 Fields are in a different order than protobuf writes them, which the wire format allows.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -31,6 +34,32 @@ class LookupResult:
     rows_nbytes: int
     epoch: int
     applied_step: int
+
+
+def _bytes_writer():
+    """CPython's `PyBytes_FromStringAndSize(NULL, n)`: a new bytes object to fill before use."""
+    if sys.implementation.name != "cpython":
+        return None
+    fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+    fn.restype, fn.argtypes = ctypes.py_object, (ctypes.c_char_p, ctypes.c_ssize_t)
+    return fn
+
+
+_new_bytes = _bytes_writer()
+_SVAL_OFFSET = bytes.__basicsize__ - 1  # offset of ob_sval, the payload of a bytes object
+
+
+def new_bytes(n: int) -> tuple[bytes | None, memoryview]:
+    """-> (a fresh bytes object of n bytes, a writable view of its contents).
+
+    The C API contract: contents are uninitialised and may be written until the object is
+    shared; it is handed to gRPC only when complete. That saves the reply's copy and page
+    faults. Falls back to (None, bytearray view) elsewhere; the caller then copies.
+    """
+    if _new_bytes is not None and n >= 2:  # 0 and 1 may be shared singletons
+        obj = _new_bytes(None, n)
+        return obj, memoryview((ctypes.c_char * n).from_address(id(obj) + _SVAL_OFFSET)).cast("B")
+    return None, memoryview(bytearray(n))
 
 
 def _varint(value: int) -> bytes:
@@ -73,9 +102,11 @@ def encode_lookup(
     head = shard_pb2.LookupResponse(dim=dim, dtype=dtype, epoch=epoch, applied_step=applied_step).SerializeToString()
     if nbytes:
         head += b"\x0a" + _varint(nbytes)  # field 1 (rows), length-delimited
-    buf = bytearray(len(head) + nbytes)
+    payload, buf = new_bytes(len(head) + nbytes)
     buf[: len(head)] = head
     if n:
         out = torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype], offset=len(head), count=n * dim).view(n, dim)
         gather_into(weights, torch.from_numpy(pos), out)
-    return LookupResult(payload=bytes(buf), rows=n, rows_nbytes=nbytes, epoch=epoch, applied_step=applied_step)
+    if payload is None:
+        payload = bytes(buf)
+    return LookupResult(payload=payload, rows=n, rows_nbytes=nbytes, epoch=epoch, applied_step=applied_step)

@@ -147,3 +147,27 @@ def test_sigterm_finishes_in_flight_requests_then_exits(checkpoint) -> None:
         assert proc.wait_line("STOPPED ", 5)
     finally:
         proc.kill()
+
+
+def test_generation_slides_past_the_context_window(stub) -> None:
+    msgs = list(stub.Generate(pb.GenerateRequest(prompt="def", max_new_tokens=80, temperature=0, ignore_eot=True),
+                              timeout=60))
+    assert len(msgs) == 80 and msgs[-1].finish_reason == "length"  # 81 tokens > max_seq_len=64
+
+
+def test_engram_generate_cli(worker) -> None:
+    import subprocess
+    import sys
+
+    from tests.worker_proc import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    ok = cli("def function_", "--max-new-tokens", "5", "--temperature", "0")
+    assert ok.returncode == 0 and ok.stdout.startswith("def function_")
+    scored = cli("--score", "def f(x):")
+    assert scored.returncode == 0 and "total log-prob" in scored.stdout
+    bad = cli("x", "--top-p", "2")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: top_p" in bad.stderr and bad.stdout == ""

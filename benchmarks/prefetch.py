@@ -17,7 +17,9 @@ Token ids are Zipf-distributed (a=1.2 over a fixed permutation of the vocabulary
 every repetition. Workloads: prefill (one forward pass over a (B, T) batch, tokens/s), decode (greedy, one
 token per step for B sequences, full-window forward each step since the model has no KV
 cache, tokens/s), training step (forward + backward of the model incl. row gradients;
-pushing the row gradients to the shards and the dense optimizer are not timed).
+pushing the row gradients to the shards and the dense optimizer are not timed). Because nothing
+is pushed, prefetching the next training batch is exact here; with pushes it reads rows one
+update old, i.e. it is the async mode (staleness 1) -- sync mode can only overlap within a step.
 Before timing, logits of each remote way are checked against the local table.
 """
 

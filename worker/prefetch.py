@@ -25,6 +25,12 @@ reads per layer (`engram_rows.get(l)` happens when block l runs), so each layer 
 its own rows only. With `prefetch=False` the pipeline is the synchronous baseline: indices
 and lookup happen at the layer, and the network time is on the critical path.
 
+Training (`train=True`): remote rows land as fp32 grad-requiring leaves; after backward,
+`handle.rows(l).rows.grad` (U, dh) is the summed gradient per unique row, what the trainer
+pushes to the shards. Prefetching batch k+1 while step k computes reads rows from before
+step k's update: that is staleness 1, allowed in async mode only; sync mode prefetches
+within the step (after the previous step's push is applied).
+
     pipeline = PrefetchPipeline(model, LocalRowSource(model))
     handle = pipeline.prefetch(ids_BT)          # stages 1-3 start
     ...                                         # anything else (layers 0..l-1)

@@ -217,6 +217,14 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         assert err.value.code.name == "FAILED_PRECONDITION"
         torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
         assert rows.applied_steps() == {layer: 1}
+        # a trainer that dies mid-step leaves a half-collected step; resume still restores
+        manifest = rows.checkpoint(workdir / "bad" / "ckpt1", 1)
+        assert rows.push(layer, ids, ok, step=2, hyper=hyper, part_id="0", num_parts=2).pending
+        with pytest.raises(ShardRequestError, match="collecting parts"):
+            rows.restore(manifest)
+        assert rows.discard_pending(2) >= 1
+        assert rows.restore(manifest) == 1 and rows.applied_steps() == {layer: 1}
+        torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
         # the trainer refuses to compute a step whose tables are already ahead of it
         step = RemoteStep(model=None, ddp=None, rows=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
                           device="cpu")

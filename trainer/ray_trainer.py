@@ -30,7 +30,7 @@ from engram.model import EngramLM
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.plots import plot_loss_curves
 from trainer.remote_step import RemoteStep
-from trainer.shard_rows import ShardRows
+from trainer.shard_rows import ShardRequestError, ShardRows
 from trainer.step import build_optimizers, step_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,14 @@ def _restore(cfg: Config, ckpt_dir: Path) -> int:
     manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text())
     rows = ShardRows(cfg)
     try:
-        return rows.restore(manifest)
+        try:
+            return rows.restore(manifest)
+        except ShardRequestError as exc:
+            if exc.code.name != "FAILED_PRECONDITION" or "collecting parts" not in str(exc):
+                raise
+            # a step half-pushed by the trainer that died: finish it, the restore overwrites it
+            rows.discard_pending(int(manifest.get("world", cfg.dist.num_workers)))
+            return rows.restore(manifest)
     finally:
         rows.close()
 

@@ -213,6 +213,35 @@ class ShardRows:
         _run(put())
         return manifest
 
+    def discard_pending(self, num_parts: int) -> int:
+        """Complete every half-collected step with empty parts -> how many parts were sent.
+
+        A trainer that died mid-step can leave a step waiting for the parts of dead workers;
+        the shard refuses Restore while a step is pending. Right before a restore (which
+        overwrites rows, optimizer state and applied_step) such a step is harmless to finish:
+        each shard gets empty parts 0..num_parts-1 of its next step; parts it already holds
+        are refused ("already received") and ignored.
+        """
+        sent = 0
+        hyper = shard_pb2.OptimizerParams(kind=self.kind, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, version=1)
+        for sid, stub in self.stubs.items():
+            for table in self.cfg.engram.layer_ids:
+                probe = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=b"", dtype=self.wire)
+                step = self._call("Lookup", sid, stub.Lookup.future(probe, timeout=self.timeout_s)).applied_step + 1
+                for part in range(num_parts):
+                    req = shard_pb2.ApplyGradientsRequest(
+                        table=table, epoch=self.epoch, row_ids=b"", grads=b"", step=step, optimizer=hyper,
+                        part_id=str(part), num_parts=num_parts,
+                    )
+                    try:
+                        self._call("ApplyGradients (discarding a pending step)", sid,
+                                   stub.ApplyGradients.future(req, timeout=self.timeout_s))
+                        sent += 1
+                    except ShardRequestError as exc:
+                        if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+        return sent
+
     def restore(self, manifest: dict) -> int:
         """Every shard loads the slot files it owns (any shard count works: files are per slot)."""
         files = [

@@ -60,15 +60,16 @@ def run(args: argparse.Namespace) -> dict:
                         f"train.out_dir={out / f'{mode}-{r}'}", f"cluster.checkpoint_dir={out / f'{mode}-{r}' / 'shards'}",
                     ])
                     t1 = time.perf_counter()
-                    res = train_ray(cfg, data=data, label=f"ray-{mode}", torch_threads=args.threads)
+                    dist_res = train_ray(cfg, data=data, label=f"ray-{mode}", torch_threads=args.threads)
                     wall = time.perf_counter() - t1
                 finally:
                     cluster.stop()
                 runs[f"ray-{mode}"].append({
-                    "tokens_per_s": res.tokens_per_s, "final_val_loss": res.final_val_loss, "staleness": res.staleness,
-                    "timings_s": res.timings, "cluster_start_s": t_cluster, "ray_run_wall_s": wall,
+                    "tokens_per_s": dist_res.tokens_per_s, "final_val_loss": dist_res.final_val_loss,
+                    "staleness": dist_res.staleness, "timings_s": dist_res.timings, "cluster_start_s": t_cluster, "ray_run_wall_s": wall,
                 })
-                print(f"round {r} ray-{mode}: {res.tokens_per_s:,.0f} tok/s (staleness max {res.staleness.get('max')})",
+                print(f"round {r} ray-{mode}: {dist_res.tokens_per_s:,.0f} tok/s "
+                      f"(staleness max {dist_res.staleness.get('max')})",
                       flush=True)
     finally:
         ray.shutdown()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from engram.config import Config, ConfigError, config_from_dict
 from engram.data import prepare_data
+from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.plots import plot_loss_curves
@@ -137,7 +138,8 @@ def train_loop(loop_cfg: dict) -> None:
     _, vocab, dataset = prepare_data(cfg)
     model = shard_model(cfg, vocab.lookup).to(device)
     backbone_opt, _ = build_optimizers(model, t)
-    start, history = 0, {"train_losses": [], "val_losses": []}
+    start = 0
+    history: dict[str, list] = {"train_losses": [], "val_losses": []}
     if loop_cfg.get("resume_dir"):
         state = torch.load(Path(loop_cfg["resume_dir"]) / DENSE_FILE, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -235,7 +237,9 @@ def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
         assert model.indexer is not None
         for layer, layout in model.indexer.layouts.items():
             with torch.no_grad():
-                model.tables[str(layer)].weight.copy_(rows.pull_table(layer, layout.num_rows))  # (R, dh)
+                table = model.tables[str(layer)]
+                assert isinstance(table, LocalEngramTable)
+                table.weight.copy_(rows.pull_table(layer, layout.num_rows))  # (R, dh)
     finally:
         rows.close()
 

@@ -165,10 +165,10 @@ class RemoteStep:
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.dense_parameters(), t.grad_clip)
         self.opt.step()
-        grads = {
-            layer: (indices[layer][0].cpu().numpy(), r.rows.grad.detach().cpu() / self.world)  # (U,), (U, dh)
-            for layer, r in engram_rows.items()
-        }
+        grads = {}
+        for layer, r in engram_rows.items():
+            assert r.rows.grad is not None, f"layer {layer}: the rows got no gradient"
+            grads[layer] = (indices[layer][0].cpu().numpy(), r.rows.grad.detach().cpu() / self.world)  # (U,), (U, dh)
         t2 = time.perf_counter()
         hyper = self.engram_hyper(step0)
         if self.pusher is None:

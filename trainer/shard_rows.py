@@ -119,7 +119,8 @@ class ShardRows:
         futs = {}
         for sid, stub in self.stubs.items():
             pos = np.flatnonzero(owner == sid)
-            req = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=pack_ids(ids[pos]), dtype=dtype)
+            req = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=pack_ids(ids[pos]),
+                                          dtype=dtype)  # type: ignore[arg-type]
             futs[sid] = (pos, stub.Lookup.future(req, timeout=self.timeout_s))
         out: torch.Tensor | None = None
         applied = None
@@ -226,7 +227,8 @@ class ShardRows:
         hyper = shard_pb2.OptimizerParams(kind=self.kind, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, version=1)
         for sid, stub in self.stubs.items():
             for table in self.cfg.engram.layer_ids:
-                probe = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=b"", dtype=self.wire)
+                probe = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=b"",
+                                               dtype=self.wire)  # type: ignore[arg-type]
                 step = self._call("Lookup", sid, stub.Lookup.future(probe, timeout=self.timeout_s)).applied_step + 1
                 for part in range(num_parts):
                     req = shard_pb2.ApplyGradientsRequest(

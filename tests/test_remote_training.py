@@ -225,6 +225,11 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         assert rows.discard_pending(2) >= 1
         assert rows.restore(manifest) == 1 and rows.applied_steps() == {layer: 1}
         torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
+        from engram.config import ConfigError
+        from trainer.ray_trainer import train_ray
+
+        with pytest.raises(ConfigError, match="already trained"):  # a fresh run on trained tables
+            train_ray(cfg)
         # the trainer refuses to compute a step whose tables are already ahead of it
         step = RemoteStep(model=None, ddp=None, rows=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
                           device="cpu")

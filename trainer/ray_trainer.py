@@ -267,15 +267,26 @@ def train_ray(
     data = data if data is not None else prepare_data(cfg)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        init_ray(cfg.dist.ray_address)
     resume_dir, start = None, 0
     if resume:
         found = checkpoint_dirs(cfg)
         if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'ray'}")
+            raise ConfigError(f"--resume: no checkpoint (step_*/{DENSE_FILE} + {MANIFEST_FILE}) under {out / 'ray'}")
         resume_dir = found[-1]
         start = _restore(cfg, resume_dir)
+    else:
+        rows = ShardRows(cfg)
+        try:
+            applied = rows.applied_steps()
+        finally:
+            rows.close()
+        if max(applied.values()) > 0:
+            raise ConfigError(
+                f"cluster.namespace={cfg.cluster.namespace!r}: the shards' tables were already trained "
+                f"(applied steps {applied}); pass --resume, or start a fresh cluster (engram up)"
+            )
+    if not ray.is_initialized():
+        init_ray(cfg.dist.ray_address)
     run_id = f"{out.name}-{int(time.time())}"
     loop_cfg = {
         "config": cfg.to_dict(), "resume_dir": str(resume_dir) if resume_dir else None, "stop_at": stop_at,

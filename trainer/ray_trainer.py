@@ -101,10 +101,20 @@ def shard_model(cfg: Config, compress_lookup: np.ndarray) -> EngramLM:
 
 
 def checkpoint_dirs(cfg: Config) -> list[Path]:
-    """Complete dense checkpoints under <out_dir>/ray (any run), oldest written first."""
+    """Dense checkpoints under <out_dir>/ray (any run) holding both files, oldest written first."""
     root = Path(cfg.train.out_dir) / "ray"
     found = [p.parent for p in root.glob(f"**/step_*/{MANIFEST_FILE}") if (p.parent / DENSE_FILE).is_file()]
     return sorted(found, key=lambda p: ((p / DENSE_FILE).stat().st_mtime, int(p.name.split("_")[1])))
+
+
+def _intact(ckpt_dir: Path) -> bool:
+    """A trainer killed while Ray copied a checkpoint to storage can leave a truncated file."""
+    try:
+        torch.load(ckpt_dir / DENSE_FILE, map_location="cpu", weights_only=False)
+        json.loads((ckpt_dir / MANIFEST_FILE).read_text())
+    except Exception:  # noqa: BLE001 - any unreadable file means: not this one
+        return False
+    return True
 
 
 def _report(metrics: dict, state: dict | None, manifest: dict | None, step: int) -> None:
@@ -269,7 +279,7 @@ def train_ray(
     out.mkdir(parents=True, exist_ok=True)
     resume_dir, start = None, 0
     if resume:
-        found = checkpoint_dirs(cfg)
+        found = [d for d in checkpoint_dirs(cfg) if _intact(d)]
         if not found:
             raise ConfigError(f"--resume: no checkpoint (step_*/{DENSE_FILE} + {MANIFEST_FILE}) under {out / 'ray'}")
         resume_dir = found[-1]

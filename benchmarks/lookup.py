@@ -10,7 +10,9 @@ check, routing, concurrent chunked Lookups, reassembly into a (B, 64) tensor). I
 run, the same rows are (a) gathered in this process with numpy (np.take on the fp32 table,
 then torch's bf16 conversion: the memory-bandwidth limit, best of 1 thread and torch's
 default threads) and (b) fetched from the same Redis with one MGET through redis-py +
-hiredis, each row stored as one key holding its bytes. CPU time per lookup is recorded for
+hiredis, each row stored as one key holding its bytes. This process runs with
+`services.client.keep_heap()` (malloc keeps freed pages; `--malloc default` to compare),
+which the numpy and Redis baselines share. CPU time per lookup is recorded for
 the client process and the shard processes, which shows where the time goes even on a busy
 machine. Latencies: p50/p99 over the repetitions (count in the JSON).
 """
@@ -260,6 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-reps", type=int, default=60)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (client) process")
     parser.add_argument("--no-baselines", action="store_true", help="skip numpy and Redis")
+    parser.add_argument("--malloc", choices=["keep-heap", "default"], default="keep-heap",
+                        help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in ITEMSIZE]
@@ -269,11 +273,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.client.client import DEFAULT_CHUNK_BYTES
     from services.launcher import LocalCluster
 
     args = parse_args(argv)
     cfg: Config = load_config(args.preset, args.config, [*TABLE, *args.overrides])
     torch.set_num_threads(args.torch_threads)
+    if args.malloc == "keep-heap":
+        from services.client import keep_heap
+
+        keep_heap()
     info = machine_info()
     t_start = time.monotonic()
     results: list[dict[str, Any]] = []
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
               // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
+              "client_malloc": args.malloc, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
               "targets": targets(results), "results": results}
     t = report["targets"]
     if "fraction_of_numpy" in t:

@@ -52,6 +52,8 @@ def test_lookup_dedups_routes_and_reassembles(cluster: LocalCluster) -> None:
             assert handle.has_duplicates and handle.unique_ids.size == np.unique(ids).size
             uniq = await handle.unique_rows()
             assert torch.equal(uniq[torch.from_numpy(handle.inverse)].view(3, 50, 4, 8), rows)
+            as_sent = await client.lookup(1, ids, dedup_ids=False)  # duplicates sent as they are: same rows
+            assert torch.equal(as_sent, rows)
             fp32 = await client.lookup(1, torch.from_numpy(ids), upcast=True)
             assert fp32.dtype == torch.float32 and torch.equal(fp32, rows.float())
         finally:

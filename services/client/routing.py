@@ -77,6 +77,13 @@ def check_range(flat: np.ndarray, num_rows: int, table: int) -> None:
         )
 
 
+def slot_of(ids: np.ndarray, num_slots: int) -> np.ndarray:
+    """(n,) non-negative ids -> (n,) slots; a mask instead of a division for power-of-two slot counts."""
+    if num_slots & (num_slots - 1) == 0:
+        return ids & (num_slots - 1)
+    return ids % num_slots
+
+
 def split_by_owner(unique: np.ndarray, owners: np.ndarray) -> list[Group]:
     """unique (U,) ids, owners (num_slots,) shard per slot -> one Group per shard with ids.
 
@@ -85,7 +92,9 @@ def split_by_owner(unique: np.ndarray, owners: np.ndarray) -> list[Group]:
     if unique.size == 0:
         return []
     num_slots = owners.shape[0]
-    owner = owners[unique % num_slots]  # (U,) shard of each id
+    if owners.min() == owners.max():  # one shard owns every slot: no per-id work
+        return [Group(shard=int(owners[0]), ids=unique, positions=None)]
+    owner = owners[slot_of(unique, num_slots)]  # (U,) shard of each id
     first = owner[0]
     if np.all(owner == first):
         return [Group(shard=int(first), ids=unique, positions=None)]

@@ -25,6 +25,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--compare-baseline", action="store_true",
         help="also train the same backbone without Engram on the same tokens and print both losses",
     )
+    parser.add_argument("--sample", default=None, metavar="PROMPT",
+                        help="after training, print a sampled continuation of PROMPT from the trained model")
+    parser.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for --sample")
     ray = parser.add_argument_group("distributed (Ray)")
     ray.add_argument("--ray", action="store_true", help="train on Ray with the Engram tables on the memory shards")
     ray.add_argument("--mode", choices=("sync", "async"), default=None, help="dist.mode (default sync)")
@@ -67,15 +70,27 @@ def run(args: argparse.Namespace) -> int:
     result = train_local(cfg, data=data, resume=args.resume, label="engram" if cfg.engram.enabled else "baseline")
     print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s); "
           f"checkpoint {result.checkpoint}")
+    _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
+    return 0
+
+
+def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float, checkpoint: str) -> None:  # type: ignore[no-untyped-def]
+    """--compare-baseline (the same backbone without Engram, trained locally on the same tokens) and --sample."""
+    from trainer.local import train_local
+
     if args.compare_baseline and cfg.engram.enabled:
         base_cfg = copy.deepcopy(cfg)
         base_cfg.engram.enabled = False
         base_cfg.train.out_dir = cfg.train.out_dir.rstrip("/") + "-baseline"
         base = train_local(base_cfg, data=data, label="baseline")
-        gain = (base.final_val_loss - result.final_val_loss) / base.final_val_loss
+        gain = (base.final_val_loss - val_loss) / base.final_val_loss
         print(f"\n{'model':<10} {'val loss':>9}\n{'baseline':<10} {base.final_val_loss:>9.4f}\n"
-              f"{'engram':<10} {result.final_val_loss:>9.4f}\nEngram: {100 * gain:+.2f}% lower validation loss")
-    return 0
+              f"{'engram':<10} {val_loss:>9.4f}\nEngram: {100 * gain:+.2f}% lower validation loss")
+    if args.sample is not None and checkpoint:
+        from worker.sample import sample_from_checkpoint
+
+        text = sample_from_checkpoint(checkpoint, args.sample, max_new_tokens=args.sample_tokens)
+        print(f"\nsample (greedy) from {checkpoint}:\n{args.sample}{text}")
 
 
 def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -> int:  # type: ignore[no-untyped-def]
@@ -83,8 +98,6 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
 
     from trainer.ray_trainer import check_dist_config, init_ray, train_ray
 
-    if args.compare_baseline:
-        raise ConfigError("--compare-baseline: local training only (drop --ray)")
     check_dist_config(cfg)
     cluster = None
     if args.up:
@@ -106,4 +119,5 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
     print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s, "
           f"{cfg.dist.num_workers} workers, {cfg.dist.mode}; staleness max {st.get('max')} mean "
           f"{st.get('mean', 0):.2f}); checkpoint {result.checkpoint or '(run stopped early)'}")
+    _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
     return 0

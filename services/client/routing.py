@@ -135,6 +135,17 @@ def chunk_groups(groups: list[Group], max_rows: int) -> list[Chunk]:
     return chunks
 
 
+def void_rows(t: torch.Tensor) -> np.ndarray:
+    """(n, D) contiguous tensor -> (n,) numpy array of opaque D*itemsize-byte rows, same memory.
+
+    numpy moves whole rows with one memcpy each; torch's index_copy_/index_select on bf16
+    rows go element by element and are 3-8x slower on this path.
+    """
+    n = t.shape[0]
+    raw = t.view(torch.uint8).numpy()  # (n, D * itemsize)
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(n)
+
+
 def assemble(
     num_unique: int, dim: int, dtype: torch.dtype, parts: list[tuple[np.ndarray | slice, torch.Tensor]]
 ) -> torch.Tensor:
@@ -147,11 +158,14 @@ def assemble(
         if isinstance(pos, slice) and pos.start in (0, None) and rows.shape[0] == num_unique:
             return rows
     out = torch.empty((num_unique, dim), dtype=dtype)  # (U, D)
+    if num_unique == 0:
+        return out
+    out_rows = void_rows(out)
     for pos, rows in parts:
         if isinstance(pos, slice):
             out[pos].copy_(rows)
-        else:
-            out.index_copy_(0, torch.from_numpy(pos), rows)
+        elif rows.shape[0]:
+            np.put(out_rows, pos, void_rows(rows))
     return out
 
 
@@ -160,4 +174,8 @@ def expand(unique_rows: torch.Tensor, d: Dedup) -> torch.Tensor:
     dim = unique_rows.shape[1]
     if d.inverse is None:
         return unique_rows.view(*d.shape, dim)
-    return unique_rows.index_select(0, torch.from_numpy(d.inverse)).view(*d.shape, dim)
+    if d.inverse.size == 0 or unique_rows.shape[0] == 0:
+        return unique_rows.new_empty((*d.shape, dim))
+    taken = np.take(void_rows(unique_rows.contiguous()), d.inverse)  # (N,) rows
+    raw = torch.from_numpy(taken.view(np.uint8).reshape(d.inverse.size, -1))  # (N, D * itemsize)
+    return raw.view(unique_rows.dtype).view(*d.shape, dim)

@@ -68,8 +68,10 @@ def init_ray(address: str | None = None, **kw) -> None:  # type: ignore[no-untyp
     import ray
 
     if address:
-        ray.init(address=address, runtime_env={
-            "working_dir": str(REPO_ROOT), "excludes": [".venv/", ".git/", "runs/", ".cache/"]}, **kw)
+        # A source checkout travels as the job's working_dir; an installed package (the container
+        # image: REPO_ROOT is site-packages) is already on every node of the cluster.
+        runtime_env = {"working_dir": str(REPO_ROOT), "excludes": [".venv/", ".git/", "runs/", ".cache/"]}
+        ray.init(address=address, runtime_env=runtime_env if (REPO_ROOT / "pyproject.toml").is_file() else None, **kw)
         return
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(REPO_ROOT) not in paths:

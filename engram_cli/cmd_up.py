@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
         namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
-        startup_timeout_s=args.startup_timeout_s,
+        startup_timeout_s=args.startup_timeout_s, keep_logs=True,
     )
     try:
         print(f"starting Redis and {cluster.num_shards} shards (logs in {cluster.log_dir}) ...", flush=True)

@@ -210,12 +210,15 @@ class LocalCluster:
         log_dir: str | Path | None = None,
         startup_timeout_s: float = 120.0,
         shard_args: list[str] | tuple[str, ...] = (),
+        keep_logs: bool | None = None,
     ) -> None:
+        """`keep_logs`: keep the log folder after a clean stop (default: only a given `log_dir`)."""
         self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
         self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
         self.num_shards = num_shards or self.cfg.cluster.num_shards
         self.namespace = namespace or f"engram-{uuid.uuid4().hex[:8]}"
         self.host = host
+        self.keep_logs = (log_dir is not None) if keep_logs is None else keep_logs
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="engram-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout_s = startup_timeout_s
@@ -324,10 +327,11 @@ class LocalCluster:
                 with contextlib.suppress(ProcessLookupError):
                     p.proc.send_signal(signal.SIGCONT)
                     p.proc.send_signal(signal.SIGTERM)
-        for p in self.shards.values():
-            p.stop(grace_s)
+        codes = [p.stop(grace_s) for p in self.shards.values()]
         if self.redis is not None:
             self.redis.stop()
+        if not self.keep_logs and all(c in (0, None) for c in codes):
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def pids(self) -> list[int]:
         out = [p.pid for p in self.shards.values()]

@@ -27,14 +27,19 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
+    from services.telemetry import setup_telemetry
     from worker.runtime import load_engine
     from worker.server import configure_logging, serve
 
     configure_logging()
+    tel = setup_telemetry("engram-worker")  # OTEL_* variables are read here, once
     try:
-        engine, tok, cfg = load_engine(args.checkpoint, args.overrides)
-    except FileNotFoundError as exc:
-        print(f"engram serve: {exc}")
-        return 2
-    uvloop.run(serve(engine, tok, cfg, host=args.host, port=args.port, grace_s=args.grace))
+        try:
+            engine, tok, cfg = load_engine(args.checkpoint, args.overrides)
+        except FileNotFoundError as exc:
+            print(f"engram serve: {exc}")
+            return 2
+        uvloop.run(serve(engine, tok, cfg, host=args.host, port=args.port, grace_s=args.grace))
+    finally:
+        tel.shutdown()
     return 0

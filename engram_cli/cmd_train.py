@@ -53,12 +53,22 @@ def _dist_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engram.data import prepare_data
-
     if (args.mode or args.staleness is not None or args.workers or args.gpu or args.up) and not args.ray:
         raise ConfigError("--mode/--staleness/--workers/--gpu/--up: only with --ray")
     overrides = list(args.overrides) + _dist_overrides(args)
     cfg = load_config(args.preset, args.config, overrides)
+    from services.telemetry import setup_telemetry
+
+    tel = setup_telemetry("engram-train")  # OTEL_* variables are read here, once (Ray workers: train_loop)
+    try:
+        return _train(args, cfg, overrides)
+    finally:
+        tel.shutdown()
+
+
+def _train(args: argparse.Namespace, cfg, overrides: list[str]) -> int:  # type: ignore[no-untyped-def]
+    from engram.data import prepare_data
+
     data = prepare_data(cfg)
     tok, vocab, dataset = data
     print(f"corpus: {dataset.train.size:,} train / {dataset.val.size:,} val tokens; vocab {vocab.vocab_size} "

@@ -141,10 +141,13 @@ def train_loop(loop_cfg: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
+    from services.telemetry import setup_telemetry
+
     cfg = config_from_dict(loop_cfg["config"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tel = setup_telemetry("engram-trainer", attributes={"engram.rank": rank})  # this worker process's entry
     device = str(ray.train.torch.get_device()) if cfg.dist.use_gpu else "cpu"
     torch.set_num_threads(max(1, int(loop_cfg.get("torch_threads", 1))))
     _, vocab, dataset = prepare_data(cfg)
@@ -215,6 +218,7 @@ def train_loop(loop_cfg: dict) -> None:
             break
     step_runner.close()
     rows.close()
+    tel.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------

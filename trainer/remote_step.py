@@ -33,6 +33,7 @@ import torch.distributed as dist
 from engram.config import Config
 from engram.engram_layer import EngramRows
 from engram.model import EngramLM
+from services import telemetry
 from trainer.shard_rows import AdamHyper, ShardRows
 from trainer.step import lr_factor, set_lr
 
@@ -150,12 +151,19 @@ class RemoteStep:
 
     def train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray) -> StepOut:
         """One optimizer step on this worker's slice of the global batch (x, y: (B, T) global)."""
+        with telemetry.span("train.step", step=step0 + 1, rank=self.rank, mode=self.mode):
+            out = self._train_step(step0, x_BT, y_BT)
+        telemetry.record_staleness(out.staleness)
+        return out
+
+    def _train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray) -> StepOut:
         step, t = step0 + 1, self.cfg.train
         x = torch.from_numpy(local_slice(x_BT, self.rank, self.world)).to(self.device)  # (B/world, T)
         y = torch.from_numpy(local_slice(y_BT, self.rank, self.world)).to(self.device)
         t0 = time.perf_counter()
         indices = self.model.engram_indices(x)
-        engram_rows, stale = self.fetch(step, indices, need_grad=True)
+        with telemetry.span("train.lookup", step=step):
+            engram_rows, stale = self.fetch(step, indices, need_grad=True)
         self.staleness.add(stale)
         t1 = time.perf_counter()
         set_lr(step0, t, self.opt)
@@ -172,7 +180,8 @@ class RemoteStep:
         t2 = time.perf_counter()
         hyper = self.engram_hyper(step0)
         if self.pusher is None:
-            self._push(step, hyper, grads)
+            with telemetry.span("train.push", step=step, layers=len(grads)):
+                self._push(step, hyper, grads)
         else:
             self.inflight.append(self.pusher.submit(self._push, step, hyper, grads))
         t3 = time.perf_counter()

@@ -190,8 +190,9 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
 
 
 def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
+    from engram.row_optim import AdamParams
     from trainer.remote_step import RemoteStep, StaleRowsError
-    from trainer.shard_rows import AdamHyper, ShardRequestError
+    from trainer.shard_rows import ShardRequestError
 
     cluster, ov = start_cluster(workdir, "bad")
     try:
@@ -201,7 +202,7 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         before = pull_tables(cfg)
         ids = np.array([1, 5, 17, 40])
         dim = before[layer].shape[1]
-        hyper = AdamHyper(lr=1e-2)
+        hyper = AdamParams(lr=1e-2)
         ok = torch.ones(4, dim)
         bad = [
             (torch.full((4, dim), float("nan")), 1, "non-finite"),

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from engram.config import Config
 from engram.engram_layer import EngramRows
 from engram.model import EngramLM
+from engram.row_optim import AdamParams
 from services import telemetry
-from trainer.shard_rows import AdamHyper, ShardRows
+from trainer.shard_rows import ShardRows
 from trainer.step import lr_factor, set_lr
 
 
@@ -126,11 +127,11 @@ class RemoteStep:
     # ---------------------------------------------------------------------------------------
     # stage 5: pushes
 
-    def engram_hyper(self, step0: int) -> AdamHyper:
+    def engram_hyper(self, step0: int) -> AdamParams:
         t = self.cfg.train
-        return AdamHyper(lr=t.lr * t.engram_lr_mult * lr_factor(step0, t))
+        return AdamParams(lr=t.lr * t.engram_lr_mult * lr_factor(step0, t))
 
-    def _push(self, step: int, hyper: AdamHyper, grads: dict[int, tuple[np.ndarray, torch.Tensor]]) -> None:
+    def _push(self, step: int, hyper: AdamParams, grads: dict[int, tuple[np.ndarray, torch.Tensor]]) -> None:
         for layer, (ids, g) in grads.items():
             self.rows.push(
                 layer, ids, g, step=step, hyper=hyper, part_id=str(self.rank), num_parts=self.world,

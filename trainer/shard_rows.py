@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engram.config import Config
+from engram.row_optim import AdamParams
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.control.store import ControlPlane
 from services.wire import pack_ids, pack_rows, unpack_rows, wire_dtype
@@ -45,14 +46,6 @@ class ShardRequestError(RuntimeError):
 class PushResult:
     applied_step: int  # min over shards of the last step applied to the table
     pending: bool  # some shard is still collecting other workers' parts of this step
-
-
-@dataclass(frozen=True, slots=True)
-class AdamHyper:
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
 
 
 def _run(coro: Any) -> Any:
@@ -139,7 +132,7 @@ class ShardRows:
         return {t: self.lookup(t, np.empty(0, dtype=np.int64))[1] for t in self.cfg.engram.layer_ids}
 
     def push(
-        self, table: int, ids: np.ndarray, grads: torch.Tensor, *, step: int, hyper: AdamHyper,
+        self, table: int, ids: np.ndarray, grads: torch.Tensor, *, step: int, hyper: AdamParams,
         part_id: str, num_parts: int, max_staleness: int = 0,
     ) -> PushResult:
         """Summed gradients of unique rows (U,), (U, dh) fp32 for 1-based `step`, one request per shard."""

@@ -7,19 +7,17 @@ redis_server`); every process started here is killed in teardown.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.line_process import LineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -76,68 +74,27 @@ def redis_server() -> Iterator[RedisServer]:
         server.stop()
 
 
-class ShardProcess:
+class ShardProcess(LineProcess):
     """`python -m services.shard ...` as a child process; `start()` waits for its READY line."""
 
+    name = "shard"
+    kill_on_timeout = True
+
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        super().__init__([sys.executable, "-m", "services.shard", *args], env=env)
         self.args = args
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
         self.address = ""
         self.shard_id = -1
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stderr = tempfile.TemporaryFile(mode="w+b")
 
     def start(self, timeout_s: float = 60.0) -> ShardProcess:
         self.launch()
         return self.wait_ready(timeout_s)
-
-    def launch(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.shard", *self.args],
-            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
 
     def wait_ready(self, timeout_s: float = 60.0) -> ShardProcess:
         line = self.wait_line("READY ", timeout_s)
         fields = dict(part.split("=", 1) for part in line.split()[1:])
         self.shard_id, self.address = int(fields["shard"]), fields["address"]
         return self
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def wait_line(self, prefix: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise TimeoutError(f"no {prefix!r} line from shard in {timeout_s} s; stderr:\n{self.stderr()}") from None
-            if line is None:
-                rc = self.proc.wait() if self.proc else None
-                raise RuntimeError(f"shard exited ({rc}) before {prefix!r}; stderr:\n{self.stderr()}")
-            if line.startswith(prefix):
-                return line
-
-    def stderr(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def terminate(self, timeout_s: float = 15.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def start_all(procs: list[ShardProcess], timeout_s: float = 60.0) -> list[ShardProcess]:

@@ -75,6 +75,7 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
     trace = [s for s in spans if s.trace_id == root.trace_id]
     assert len({s.service for s in trace}) >= 2 and {"engram-test", "engram-shard"} <= {s.service for s in trace}
     assert root.attributes["engram.rows"] == unique.size and root.attributes["engram.ids"] == ids.size
+    assert root.attributes["engram.unique_ratio"] == round(unique.size / ids.size, 4)
 
     clients = {s.span_id: s for s in trace if s.kind == "client" and s.name == RPC}
     servers = [s for s in trace if s.kind == "server" and s.name == RPC]
@@ -86,7 +87,7 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
         client = clients.get(server.parent_span_id)
         assert client is not None, "a server span's parent is the client RPC span (context crossed processes)"
         assert client.start_ns <= server.start_ns and server.end_ns <= client.end_ns
-        for key in ("engram.rows", "engram.bytes", "engram.epoch", "engram.table", "engram.unique_ratio"):
+        for key in ("engram.rows", "engram.bytes", "engram.epoch", "engram.table"):
             assert key in server.attributes, key
         assert server.attributes["engram.bytes"] == 8 * server.attributes["engram.rows"]
         assert server.attributes["engram.epoch"] == 1 and server.attributes["engram.table"] == 1

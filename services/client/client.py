@@ -224,7 +224,8 @@ class ShardClient(ShardOps):
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
             self._gather(table, d.unique, deadline, self.retry.max_refreshes), "lookup", table=table,
-            rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch)
+            rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch,
+            unique_ratio=round(d.unique.size / max(1, flat.size), 4))
         return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span)
 
     def _chunk_rows(self, dim: int) -> int:

@@ -95,7 +95,8 @@ def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float,
         base = train_local(base_cfg, data=data, label="baseline")
         gain = (base.final_val_loss - val_loss) / base.final_val_loss
         print(f"\n{'model':<10} {'val loss':>9}\n{'baseline':<10} {base.final_val_loss:>9.4f}\n"
-              f"{'engram':<10} {val_loss:>9.4f}\nEngram: {100 * gain:+.2f}% lower validation loss")
+              f"{'engram':<10} {val_loss:>9.4f}\nEngram: validation loss {100 * abs(gain):.2f}% "
+              f"{'lower' if gain >= 0 else 'HIGHER'} than the baseline")
     if args.sample is not None and checkpoint:
         from worker.sample import sample_from_checkpoint
 

@@ -20,6 +20,7 @@ import torch
 
 from engram.config import load_config
 from engram.data import prepare_data
+from proto.shard.v1 import shard_pb2
 from services.launcher import LocalCluster
 from trainer.checkpoint import load_model
 from trainer.local import train_local
@@ -181,6 +182,14 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
         st = result.staleness
         assert st["steps"] == 20 and 0 <= st["max"] <= 1, st
         assert sum(st["histogram"].values()) == 20
+        # the shards checked the bound themselves and report what they served
+        rows = ShardRows(cfg)
+        try:
+            seen = [stub.Stats(shard_pb2.StatsRequest(), timeout=10).max_staleness_seen for stub in rows.stubs.values()]
+        finally:
+            rows.close()
+        assert len(seen) == 2 and max(seen) <= 1, seen
+        assert max(seen) == st["max"], (seen, st)
         losses = result.train_losses
         assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
         assert result.final_val_loss < losses[0] - 0.5

@@ -162,6 +162,29 @@ def test_adam_update_equals_row_optim_and_sparse_adam():
     assert torch.equal(lookup_f32(store, table, everything), emb.weight.detach())  # SparseAdam, bit for bit
 
 
+def test_training_lookups_beyond_the_staleness_bound_are_refused():
+    """LookupRequest.step/max_staleness: rows for step s may miss at most k applied steps."""
+    cfg = make_cfg("adam")
+    store = make_store(cfg, 0, 1)
+    table, layout = next(iter(store.layouts.items()))
+    rows = np.arange(20, dtype=np.int64)
+    g = torch.ones((20, layout.dim))
+    for step in (1, 2):
+        store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
+                                                step=step, **adam_kw()))
+    before = snapshot(store)
+    # applied step 2: step 3 misses 0 steps, step 4 misses 1, step 5 misses 2
+    for step, bound in ((3, 0), (4, 1), (5, 2)):
+        store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32, step=step, max_staleness=bound)
+    for step, bound, missed in ((4, 0, 1), (5, 1, 2)):
+        with pytest.raises(ShardError) as err:
+            store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32, step=step,
+                         max_staleness=bound)
+        assert err.value.code == Code.UNAVAILABLE
+        assert f"would miss {missed} steps" in err.value.message and f"staleness bound {bound}" in err.value.message
+    assert_unchanged(store, before)
+
+
 def test_adagrad_update_equals_row_optim():
     cfg = make_cfg("adagrad")
     store = make_store(cfg, 1, 2)

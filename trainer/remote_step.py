@@ -26,6 +26,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from engram.engram_layer import EngramRows
 from engram.model import EngramLM
 from engram.row_optim import AdamParams
 from services import telemetry
-from trainer.shard_rows import ShardRows
+from trainer.shard_rows import ShardRequestError, ShardRows
 from trainer.step import lr_factor, set_lr
 
 
@@ -103,13 +104,20 @@ class RemoteStep:
         while True:
             self._raise_push_errors()
             out, oldest = {}, None
-            for layer, (unique, inverse) in indices.items():
-                rows, applied = self.rows.lookup(layer, unique.cpu().numpy())  # (U, dh) fp32
-                oldest = applied if oldest is None else min(oldest, applied)
-                rows = rows.to(self.device).requires_grad_(need_grad)
-                out[layer] = EngramRows(rows=rows, inverse=inverse.to(self.device))
+            try:
+                for layer, (unique, inverse) in indices.items():
+                    # the shards enforce the bound too: they refuse rows older than `need` (UNAVAILABLE)
+                    rows, applied = self.rows.lookup(layer, unique.cpu().numpy(), step=step,
+                                                     max_staleness=step - 1 - need)  # (U, dh) fp32
+                    oldest = applied if oldest is None else min(oldest, applied)
+                    rows = rows.to(self.device).requires_grad_(need_grad)
+                    out[layer] = EngramRows(rows=rows, inverse=inverse.to(self.device))
+            except ShardRequestError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                oldest = -1  # not applied far enough yet: wait like below
             assert oldest is not None
-            if oldest > step - 1:
+            if oldest >= 0 and oldest > step - 1:
                 raise StaleRowsError(
                     f"the shards have applied step {oldest} but the trainer is computing step {step}: "
                     "the tables are ahead of the dense state; restore a checkpoint (--resume) or start a fresh cluster"

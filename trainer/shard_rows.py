@@ -104,8 +104,13 @@ class ShardRows:
     # ---------------------------------------------------------------------------------------
     # rows
 
-    def lookup(self, table: int, ids: np.ndarray, *, dtype: int | None = None) -> tuple[torch.Tensor, int]:
-        """(U,) int64 global rows -> rows fp32 (U, dh), min applied_step over the shards that answered."""
+    def lookup(
+        self, table: int, ids: np.ndarray, *, dtype: int | None = None, step: int = 0, max_staleness: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """(U,) int64 global rows -> rows fp32 (U, dh), min applied_step over the shards that answered.
+
+        With `step` the shards refuse (UNAVAILABLE) rows that miss more than `max_staleness` steps.
+        """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         owner = self._owner(ids)
         dtype = self.wire if dtype is None else dtype
@@ -113,7 +118,7 @@ class ShardRows:
         for sid, stub in self.stubs.items():
             pos = np.flatnonzero(owner == sid)
             req = shard_pb2.LookupRequest(table=table, epoch=self.epoch, row_ids=pack_ids(ids[pos]),
-                                          dtype=dtype)  # type: ignore[arg-type]
+                                          dtype=dtype, step=step, max_staleness=max_staleness)  # type: ignore[arg-type]
             futs[sid] = (pos, stub.Lookup.future(req, timeout=self.timeout_s))
         out: torch.Tensor | None = None
         applied = None

@@ -60,6 +60,7 @@ class ShardEngine:
         self.agg = StepAggregator()
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
+        self.max_staleness_seen = 0  # over training lookups (LookupRequest.step > 0)
         self.trimmer = Trimmer()
         # () -> awaitable SlotMap (the control plane's), so SetSlotMap without `owners` can still
         # name the owner of a row in errors; None when standalone
@@ -102,13 +103,16 @@ class ShardEngine:
     async def lookup(self, req: shard_pb2.LookupRequest) -> LookupResult:
         """-> the serialized LookupResponse (the servicer sends it as is) and its numbers."""
         row_ids = req.row_ids  # each attribute access copies the field
-        kw = dict(table=req.table, epoch=req.epoch, row_ids=row_ids, dtype=req.dtype)
+        kw = dict(table=req.table, epoch=req.epoch, row_ids=row_ids, dtype=req.dtype, step=req.step,
+                  max_staleness=req.max_staleness)
         if len(row_ids) <= 8 * INLINE_LOOKUP_ROWS:
             result = self.store.lookup(**kw)
         else:
             result = await self._run(self.store.lookup, **kw)
         self.lookups += 1
         self.rows_served += result.rows
+        if req.step:  # training lookups: the staleness actually served (the store refused beyond the bound)
+            self.max_staleness_seen = max(self.max_staleness_seen, max(0, req.step - 1 - result.applied_step))
         self.trimmer.note(len(result.payload))
         return result
 
@@ -328,7 +332,7 @@ class ShardEngine:
             "epoch": view.epoch, "slots": len(view.owned), "rss_bytes": psutil.Process().memory_info().rss,
             "rows": sum(d["num_rows"] for d in self.store.table_stats()), "bytes": self.store.nbytes(),
             "lookups": self.lookups, "rows_served": self.rows_served, "updates": self.updates,
-            "applied_step": dict(self.store.applied_step),
+            "applied_step": dict(self.store.applied_step), "max_staleness_seen": self.max_staleness_seen,
         }
 
     def stats(self) -> shard_pb2.StatsResponse:
@@ -337,5 +341,5 @@ class ShardEngine:
             shard_id=str(self.store.shard_id), epoch=view.epoch, slots=list(view.owned),
             tables=[shard_pb2.TableStats(**d) for d in self.store.table_stats()],
             rss_bytes=psutil.Process().memory_info().rss, lookups=self.lookups, rows_served=self.rows_served,
-            updates=self.updates,
+            updates=self.updates, max_staleness_seen=self.max_staleness_seen,
         )

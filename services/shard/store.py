@@ -220,10 +220,13 @@ class ShardStore:
     # ---------------------------------------------------------------------------------------
     # lookups
 
-    def lookup(self, *, table: int, epoch: int, row_ids: bytes, dtype: int) -> LookupResult:
+    def lookup(
+        self, *, table: int, epoch: int, row_ids: bytes, dtype: int, step: int = 0, max_staleness: int = 0
+    ) -> LookupResult:
         """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order.
 
-        applied_step is read before the gather, so the rows are at least that new.
+        applied_step is read before the gather, so the rows are at least that new. With `step`
+        (training), rows missing more than `max_staleness` steps of updates are refused.
         """
         view = self.view
         self.check_epoch(view, epoch)
@@ -234,6 +237,12 @@ class ShardStore:
         ids = self.decode_ids(row_ids)
         pos = self.positions(view, table, ids)
         applied = self.applied_step[table]
+        if step and step - 1 - applied > max_staleness:
+            raise unavailable(
+                f"rows of table {table} for step {step} would miss {step - 1 - applied} steps of updates "
+                f"(applied step {applied}, staleness bound {max_staleness}); retry once step "
+                f"{step - 1 - max_staleness} is applied"
+            )
         return encode_lookup(data.weights, pos, dtype=dtype, epoch=view.epoch, applied_step=applied)
 
     # ---------------------------------------------------------------------------------------

@@ -19,18 +19,22 @@ BF16: WireDtype
 FP16: WireDtype
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "epoch", "row_ids", "dtype", "request_id")
+    __slots__ = ("table", "epoch", "row_ids", "dtype", "request_id", "step", "max_staleness")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     table: int
     epoch: int
     row_ids: bytes
     dtype: WireDtype
     request_id: str
-    def __init__(self, table: _Optional[int] = ..., epoch: _Optional[int] = ..., row_ids: _Optional[bytes] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    step: int
+    max_staleness: int
+    def __init__(self, table: _Optional[int] = ..., epoch: _Optional[int] = ..., row_ids: _Optional[bytes] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("rows", "dim", "dtype", "epoch", "applied_step")

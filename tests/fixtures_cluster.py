@@ -20,7 +20,8 @@ import pytest
 from tests.line_process import LineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_BIN = (shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+             or "/usr/bin/redis-server")
 
 
 def free_port() -> int:

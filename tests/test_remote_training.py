@@ -22,6 +22,7 @@ from engram.config import load_config
 from engram.data import prepare_data
 from proto.shard.v1 import shard_pb2
 from services.launcher import LocalCluster
+from tests.corpus import write_code_corpus
 from trainer.checkpoint import load_model
 from trainer.local import train_local
 from trainer.shard_rows import ShardRows
@@ -42,10 +43,7 @@ def ray_session():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
-    text = "\n".join(
-        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n" for i in range(400)
-    )
-    (root / "corpus.txt").write_text(text)
+    write_code_corpus(root / "corpus.txt")
     return root
 
 

@@ -10,18 +10,14 @@ import pytest
 
 from engram.config import load_config
 from engram.data import prepare_data
+from tests.corpus import write_code_corpus
 from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 
 @pytest.fixture()
 def corpus(tmp_path):
-    text = "\n".join(
-        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n" for i in range(400)
-    )
-    path = tmp_path / "corpus.txt"
-    path.write_text(text)
-    return path
+    return write_code_corpus(tmp_path / "corpus.txt")
 
 
 def cfg_for(tmp_path, corpus, *extra: str):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.corpus import write_code_corpus
 from tests.line_process import LineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,7 @@ def train_tiny_checkpoint(tmp: Path, *extra: str) -> Path:
     from engram.config import load_config
     from trainer.local import train_local
 
-    text = "\n".join(
-        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n" for i in range(300)
-    )
-    (tmp / "corpus.txt").write_text(text)
+    write_code_corpus(tmp / "corpus.txt", functions=300)
     cfg = load_config("tiny", None, [
         f"train.corpus=[\"{tmp / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp / 'cache'}",
         f"train.out_dir={tmp / 'run'}", "train.progress=false", "train.steps=8", "train.eval_every=8",

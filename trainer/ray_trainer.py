@@ -29,6 +29,7 @@ from engram.data import prepare_data
 from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
+from trainer.local import TrainResult
 from trainer.plots import plot_loss_curves
 from trainer.remote_step import RemoteStep
 from trainer.shard_rows import ShardRequestError, ShardRows
@@ -39,14 +40,11 @@ DENSE_FILE, MANIFEST_FILE = "dense.pt", "shards.json"
 
 
 @dataclass
-class RayTrainResult:
-    final_val_loss: float
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[tuple[int, float]] = field(default_factory=list)
-    tokens_per_s: float = 0.0
+class RayTrainResult(TrainResult):
+    """The local trainer's result plus what only a distributed run has."""
+
     staleness: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    checkpoint: str = ""
     resumed_from: int = 0
 
 

@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ import numpy as np
 import psutil
 import torch
 
+from benchmarks.machine import machine_info
 from engram.config import Config, load_config
 from engram_cli.main import add_config_args
 
@@ -42,25 +41,6 @@ TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_pe
          "engram.table_size_per_ngram=[65521,65521]", "cluster.optimizer=adagrad"]  # 16 heads: ~1.05M rows x 64
 BATCHES = [1024, 4096, 16384, 65536, 262144]
 ITEMSIZE = {"bf16": 2, "fp32": 4}
-
-
-def machine_info() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "cpu_count": os.cpu_count(), "cpu_model": model, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "platform": platform.platform(), "load_avg_start": os.getloadavg(),
-    }
 
 
 class Batches:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality import machine
+from benchmarks.machine import machine_info
 from engram.config import Config, load_config
 from engram.model import EngramLM
 from worker.cache import HotRowCache
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {
             "benchmark": "prefetch", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": {**machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "machine": {**machine_info(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()}},
             "device": str(device), "preset": args.preset,
             "args": {k: v for k, v in vars(args).items() if k != "json"},

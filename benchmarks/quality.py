@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.machine import machine_info
 from engram.config import Config, load_config
 from engram.data import prepare_data
 from trainer.checkpoint import load_model
@@ -32,19 +31,6 @@ SAMPLE_TEXT = (
     "if __name__ == \"__main__\":\n"
     "    import sys\n"
 )
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            check=False).stdout.strip()
-    except OSError:
-        pass
-    return info
 
 
 def gate_heatmap(checkpoint: str, text: str, path: Path) -> dict:
@@ -88,7 +74,7 @@ def run(cfg: Config, out_dir: Path) -> dict:
         "compression_ratio": runs["engram"].compression_ratio,
     }
     gates = gate_heatmap(runs["engram"].checkpoint, SAMPLE_TEXT, out_dir / "gate_heatmap.png")
-    return {"config": cfg.to_dict(), "machine": machine(), "results": results, "summary": summary,
+    return {"config": cfg.to_dict(), "machine": machine_info(), "results": results, "summary": summary,
             "gates": gates, "date": time.strftime("%Y-%m-%d")}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.quality import machine
+from benchmarks.machine import machine_info
 from engram.config import load_config
 from engram.data import prepare_data
 from services.launcher import LocalCluster
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{np.median([x['final_val_loss'] for x in xs]):>9.4f}")
     return {
         "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"),
-        "machine": {**machine(), "host_cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "machine": {**machine_info(), "host_cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
         "command": args.command, "preset": args.preset, "steps": args.steps, "rounds": args.rounds,
         "workers": args.workers, "shards": args.shards, "wire_dtype": args.wire, "torch_threads": args.threads,
         "global_batch_tokens": cfg0.train.batch_size * cfg0.train.seq_len,

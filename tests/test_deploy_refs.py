@@ -91,8 +91,8 @@ def test_an_overlay_with_its_own_namespace_moves_everything(tmp_path, kubectl):
 
 K8S_BREAKS = {
     "OTLP endpoint on a port jaeger does not expose": (
-        "components/tracing/otel-env.yaml", "http://jaeger:4317", "http://jaeger:4318",
-        "container shard: dials http://jaeger:4318: Service jaeger exposes [4317, 16686], not 4318"),
+        "components/tracing/otel-env.yaml", "http://jaeger:4317", "http://jaeger:4319",
+        "container shard: dials http://jaeger:4319: Service jaeger exposes [4317, 16686], not 4319"),
     "OTLP endpoint in another namespace": (
         "components/tracing/otel-env.yaml", "http://jaeger:4317", "http://jaeger.observability:4317",
         "container worker: dials http://jaeger.observability:4317: namespace observability, but the pod runs in engram"),
@@ -192,8 +192,8 @@ def test_compose_cross_references_resolve():
 
 COMPOSE_BREAKS = {
     "OTLP endpoint on a port jaeger does not expose": (
-        "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4317", "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4318",
-        "services.shard-0: dials http://jaeger:4318: service jaeger exposes [4317, 16686] (expose/ports), not 4318"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4317", "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4319",
+        "services.shard-0: dials http://jaeger:4319: service jaeger exposes [4317, 4318, 16686] (expose/ports), not 4319"),
     "Redis address names no service": (
         'redis_url = "redis://redis:6379/0"', 'redis_url = "redis://cache:6379/0"',
         "services.cluster-init: dials redis://cache:6379: no service cache"),

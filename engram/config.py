@@ -1,6 +1,7 @@
 """One typed config tree for the whole system.
 
-A run is described by a `Config`: a preset (`tiny`, `cpu`, `small`, `paper27b`) optionally
+A run is described by a `Config`: a preset (`tiny`, `cpu`, `small`, `paper27b`, `paper40b`,
+`v41flash`) optionally
 merged with a JSON/TOML file and `section.field=value` overrides from the command line.
 `validate()` fails fast with a `ConfigError` naming the offending field.
 """
@@ -19,11 +20,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+ROW_FORMATS = ("fp32", "bf16", "fp16", "fp8")  # engram.row_format; the codecs are in engram/row_format.py
+
+
 @dataclass(kw_only=True, slots=True)
 class TokenizerConfig:
     path: str | None = None  # a tokenizer.json to load; None trains a byte-level BPE on the corpus
     vocab_size: int = 4096  # BPE vocabulary when training; an upper bound when loading
     cache_dir: str = ".cache/engram"
+    # transformers' decode rewrites " ." -> "." etc. when this is true; None -> the value in the
+    # tokenizer_config.json beside tokenizer.path (transformers' default False when absent)
+    clean_up_tokenization_spaces: bool | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,6 +45,15 @@ class EngramConfig:
     pad_id: int = 2  # raw tokenizer id used before the sequence start (mapped through compression)
     seed: int = 0
     init_std: float = 1.0  # N(0, init_std) rows, like nn.Embedding's default
+    row_format: str = "fp32"  # storage format of the tables: fp32 | bf16 | fp16 | fp8 (E4M3 + UE8M0 per 32)
+    compressed_vocab_size: int = 0  # |V'| the layout was built for (the multipliers depend on it); 0 -> any
+    # eps of the gate's key/query RMSNorms; None -> torch's default, machine epsilon of the dtype, as the demo
+    key_norm_eps: float | None = None
+    # ablations (the paper's Table 4 switches), each named after what it does
+    gate: bool = True  # false -> alpha = 1: the value is added ungated
+    short_conv: bool = True  # false -> Y = alpha * v, no causal depthwise conv
+    compress_vocab: bool = True  # false -> hash raw token ids (|V'| = |V|)
+    shared_keys: bool = False  # true -> one key projection shared by all hyper-connection branches
 
 
 @dataclass(kw_only=True, slots=True)
@@ -174,25 +190,68 @@ def small() -> Config:
     )
 
 
+def _paper_backbone() -> ModelConfig:
+    # Engram-27B's backbone as the paper states it: 30 layers, d_model 2560, 32 attention heads,
+    # mHC with 4 branches, DeepSeek-V3's 128k tokenizer (vocab 129280)
+    return ModelConfig(vocab_size=129280, n_layer=30, n_head=32, d_model=2560, max_seq_len=4096, hc_mult=4)
+
+
 def paper27b() -> Config:
     """The paper's Engram-27B layout, as data (not trainable here).
 
-    Stated in the paper: Engram at layers 2 and 15, N-grams up to 3, 8 heads per order,
-    1280 dims, mHC with 4 branches, DeepSeek-V3's 128k tokenizer. The table size is derived
-    from the stated 5.7B Engram parameters: 5.7e9 / (2 layers * 2 orders * 1280 dims).
+    Stated in the paper: Engram at layers 2 and 15, N-grams up to 3, 8 heads per order, an Engram
+    embedding of 1280 dims per layer (2 orders x 640, so 80 dims per head), 5.7B Engram parameters.
+    Rows per head 2,262,400 (= 17.5 x 129280): 2 layers x 2 orders x 8 heads x 80 dims x ~2,262,400
+    rows = 5.79B, 1.6% above the paper's stated 5.7B (the sizes are issue 14's; 5.79 may be what
+    the paper rounds down to 5.7).
     """
     return Config(
         tokenizer=TokenizerConfig(vocab_size=129280),
-        model=ModelConfig(vocab_size=129280, n_layer=30, n_head=16, d_model=2560, max_seq_len=4096, hc_mult=4),
+        model=_paper_backbone(),
         engram=EngramConfig(
-            layer_ids=[2, 15], n_head_per_ngram=8, n_embed_per_ngram=1280,
-            table_size_per_ngram=[1_113_281, 1_113_281],
+            layer_ids=[2, 15], n_head_per_ngram=8, n_embed_per_ngram=640,
+            table_size_per_ngram=[2_262_400, 2_262_400],
         ),
         train=TrainConfig(device="cuda"),
     )
 
 
-PRESETS = {"tiny": tiny, "cpu": cpu, "small": small, "paper27b": paper27b}
+def paper40b() -> Config:
+    """The paper's Engram-40B: Engram-27B's backbone and module with 18.5B Engram parameters.
+
+    7,239,680 rows per head (= 56 x 129280): 2 layers x 2 orders x 8 heads x 80 dims x ~7,239,680
+    rows = 18.53B, against the paper's 18.5B.
+    """
+    cfg = paper27b()
+    cfg.engram.table_size_per_ngram = [7_239_680, 7_239_680]
+    return cfg
+
+
+def v41flash() -> Config:
+    """DeepSeek-V4.1-Flash's Engram tables (the table side; the model section is a small stand-in).
+
+    Public facts (release notes / checkpoint): layers 1 and 14 (0-based), N-grams up to 4, 8 heads
+    per order, 256 FP8 values per row (E4M3 + one UE8M0 scale per 32: 264 bytes), primes ascending
+    from 16,000,000 -> 384,006,168 and 384,016,682 rows, |V'| = 99,092 from DeepSeek-V3's tokenizer
+    (vocab 129280) through the demo's normaliser chain, pad id 2, seed 0. No short conv.
+    The backbone below is NOT V4.1-Flash's: just enough layers for layer 14, for tests; never
+    build the model with these tables locally (about 189 GiB of rows).
+    """
+    return Config(
+        tokenizer=TokenizerConfig(vocab_size=129280),
+        model=ModelConfig(vocab_size=129280, n_layer=16, n_head=4, d_model=64, max_seq_len=128),
+        engram=EngramConfig(
+            layer_ids=[1, 14], max_ngram_size=4, n_head_per_ngram=8, n_embed_per_ngram=8 * 256,
+            table_size_per_ngram=[16_000_000] * 3, pad_id=2, seed=0, row_format="fp8",
+            compressed_vocab_size=99_092, short_conv=False,
+        ),
+        train=TrainConfig(seq_len=128, device="cuda"),
+    )
+
+
+PRESETS = {
+    "tiny": tiny, "cpu": cpu, "small": small, "paper27b": paper27b, "paper40b": paper40b, "v41flash": v41flash,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +354,9 @@ def validate(cfg: Config) -> None:
     if m.mlp_hidden < 0:
         raise ConfigError(f"model.mlp_hidden: must be >= 0, got {m.mlp_hidden}")
     _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
+    if cfg.tokenizer.clean_up_tokenization_spaces not in (None, True, False):
+        raise ConfigError("tokenizer.clean_up_tokenization_spaces: expected true, false or null, got "
+                          f"{cfg.tokenizer.clean_up_tokenization_spaces!r}")
     if cfg.tokenizer.vocab_size > m.vocab_size:
         raise ConfigError(
             f"tokenizer.vocab_size: {cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}"
@@ -328,6 +390,19 @@ def validate(cfg: Config) -> None:
         for size in e.table_size_per_ngram:
             if not isinstance(size, int) or size <= 1:
                 raise ConfigError(f"engram.table_size_per_ngram: sizes must be integers > 1, got {size!r}")
+        if e.row_format not in ROW_FORMATS:
+            raise ConfigError(f"engram.row_format: unknown {e.row_format!r} ({', '.join(ROW_FORMATS)})")
+        if e.row_format == "fp8" and (e.n_embed_per_ngram // e.n_head_per_ngram) % 32:
+            raise ConfigError(
+                f"engram.row_format: fp8 needs dims per head ({e.n_embed_per_ngram // e.n_head_per_ngram}) "
+                "to be a multiple of the 32-value scale block"
+            )
+        if isinstance(e.compressed_vocab_size, bool) or not isinstance(e.compressed_vocab_size, int) \
+                or e.compressed_vocab_size < 0:
+            raise ConfigError(f"engram.compressed_vocab_size: must be an integer >= 0, got {e.compressed_vocab_size!r}")
+        if e.key_norm_eps is not None and (isinstance(e.key_norm_eps, bool)
+                                           or not isinstance(e.key_norm_eps, (int, float)) or e.key_norm_eps <= 0):
+            raise ConfigError(f"engram.key_norm_eps: must be null or a positive number, got {e.key_norm_eps!r}")
         if not 0 <= e.pad_id < m.vocab_size:
             raise ConfigError(f"engram.pad_id: {e.pad_id} is outside the vocabulary 0..{m.vocab_size - 1}")
     for name in ("seq_len", "batch_size", "steps", "lr", "eval_every", "eval_batches", "max_corpus_mb"):

@@ -23,6 +23,7 @@ from engram.tokenizer import (
     atomic_write_text,
     build_tokenizer,
     cache_key,
+    compressed_vocab_for,
     eot_id,
     files_fingerprint,
     vocab_size_of,
@@ -239,7 +240,7 @@ def prepare_data(cfg: Config) -> tuple[Tokenizer, CompressedVocab, TokenDataset]
         raise ConfigError(
             f"engram.pad_id: {cfg.engram.pad_id} is outside the tokenizer's vocabulary 0..{vocab - 1}"
         )
-    compressed = CompressedVocab.from_tokenizer(tok)
+    compressed = compressed_vocab_for(cfg, tok)
     data = tokenize_to_memmap(
         tok,
         files,

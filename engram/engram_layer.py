@@ -68,26 +68,39 @@ class ShortConv(nn.Module):
 
 
 class EngramLayer(nn.Module):
-    """Y = alpha * v + SiLU(conv(RMSNorm(alpha * v))), one gate (and key projection) per branch."""
+    """Y = alpha * v + SiLU(conv(RMSNorm(alpha * v))), one gate (and key projection) per branch.
+
+    Ablations: `gate=False` -> alpha = 1; `short_conv=False` -> Y = alpha * v; `shared_keys=True`
+    -> one key projection for all branches. `key_norm_eps=None` is torch's default (the dtype's
+    machine epsilon), as the demo's key/query RMSNorms.
+    """
 
     def __init__(
-        self, *, embed_dim: int, d_model: int, hc_mult: int, kernel_size: int, max_ngram_size: int, eps: float
+        self, *, embed_dim: int, d_model: int, hc_mult: int, kernel_size: int, max_ngram_size: int, eps: float,
+        key_norm_eps: float | None = None, gate: bool = True, short_conv: bool = True, shared_keys: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
+        self.use_gate = gate
         self.value_proj = nn.Linear(embed_dim, d_model)
-        self.key_projs = nn.ModuleList([nn.Linear(embed_dim, d_model) for _ in range(hc_mult)])
-        self.key_norms = nn.ModuleList([nn.RMSNorm(d_model, eps=eps) for _ in range(hc_mult)])
-        self.query_norms = nn.ModuleList([nn.RMSNorm(d_model, eps=eps) for _ in range(hc_mult)])
-        self.short_conv = ShortConv(
-            d_model=d_model, hc_mult=hc_mult, kernel_size=kernel_size, dilation=max_ngram_size, eps=eps
-        )
+        n_keys = 1 if shared_keys else hc_mult
+        self.key_projs = nn.ModuleList([nn.Linear(embed_dim, d_model) for _ in range(n_keys)])
+        self.key_norms = nn.ModuleList([nn.RMSNorm(d_model, eps=key_norm_eps) for _ in range(n_keys)])
+        self.query_norms = nn.ModuleList([nn.RMSNorm(d_model, eps=key_norm_eps) for _ in range(hc_mult)])
+        self.short_conv: ShortConv | None = None
+        if short_conv:
+            self.short_conv = ShortConv(
+                d_model=d_model, hc_mult=hc_mult, kernel_size=kernel_size, dilation=max_ngram_size, eps=eps
+            )
 
     def gates(self, h_BTMD: torch.Tensor, e_BTE: torch.Tensor) -> torch.Tensor:
-        """alpha in (0, 1), shape (B, T, M)."""
+        """alpha in (0, 1), shape (B, T, M); all ones when the gate is ablated."""
+        if not self.use_gate:
+            return h_BTMD.new_ones(h_BTMD.shape[:3])
         out = []
-        for m, (k_proj, k_norm, q_norm) in enumerate(zip(self.key_projs, self.key_norms, self.query_norms)):
-            k = k_norm(k_proj(e_BTE))  # (B, T, D)
+        for m, q_norm in enumerate(self.query_norms):
+            i = m % len(self.key_projs)  # 0 for every branch when the keys are shared
+            k = self.key_norms[i](self.key_projs[i](e_BTE))  # (B, T, D)
             q = q_norm(h_BTMD[:, :, m])  # (B, T, D)
             g = (k * q).sum(-1) / math.sqrt(self.d_model)  # (B, T)
             g = g.abs().clamp_min(1e-6).sqrt() * g.sign()  # the demo's signed sqrt
@@ -98,4 +111,6 @@ class EngramLayer(nn.Module):
         e = rows.embeddings().to(h_BTMD.dtype)  # (B, T, E)
         alpha = self.gates(h_BTMD, e)  # (B, T, M)
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(2)  # (B, T, M, D)
+        if self.short_conv is None:
+            return value, alpha
         return value + self.short_conv(value), alpha

@@ -102,6 +102,7 @@ class Block(nn.Module):
             self.engram = EngramLayer(
                 embed_dim=(e.max_ngram_size - 1) * e.n_embed_per_ngram, d_model=m.d_model, hc_mult=m.hc_mult,
                 kernel_size=e.kernel_size, max_ngram_size=e.max_ngram_size, eps=m.norm_eps,
+                key_norm_eps=e.key_norm_eps, gate=e.gate, short_conv=e.short_conv, shared_keys=e.shared_keys,
             )
 
     def forward(

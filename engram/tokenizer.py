@@ -5,6 +5,11 @@ each token id's decoded text is normalised (NFKC -> NFD -> strip accents -> lowe
 whitespace runs to one space, a whitespace-only token stays " " -> strip); tokens whose
 decoding holds U+FFFD keep their raw token string as key, an empty normalisation keeps the
 raw text, and canonical ids are handed out in first-seen order of token id.
+
+The demo decodes through `transformers` (`tokenizer.decode([tid], skip_special_tokens=False)`),
+which applies `clean_up_tokenization` when the tokenizer's `clean_up_tokenization_spaces` is
+true (from tokenizer_config.json; transformers' default is False when absent). We do the same
+with `tokenizers` alone: `clean_up_tokenization` below is transformers' rule list, verbatim.
 """
 
 from __future__ import annotations
@@ -99,10 +104,57 @@ def train_bpe(files: list[Path], *, vocab_size: int, cache_dir: str | Path, max_
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `PreTrainedTokenizerBase.clean_up_tokenization`: the same replacements, in order."""
+    return (
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
+
+
+def tokenizer_json_path(path: str | Path) -> Path:
+    """tokenizer.path may name the tokenizer.json or the folder holding it (a Hugging Face model dir)."""
     p = Path(path)
+    return p / "tokenizer.json" if p.is_dir() else p
+
+
+def read_clean_up_flag(path: str | Path) -> bool:
+    """`clean_up_tokenization_spaces` from the tokenizer_config.json beside the tokenizer; False when absent."""
+    cfg_path = tokenizer_json_path(path).with_name("tokenizer_config.json")
+    if not cfg_path.is_file():
+        return False
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"tokenizer.path: {cfg_path} is not valid JSON ({exc})") from None
+    value = data.get("clean_up_tokenization_spaces", False) if isinstance(data, dict) else None
+    if not isinstance(value, bool):
+        raise ConfigError(f"tokenizer.path: {cfg_path}: clean_up_tokenization_spaces must be true or false, "
+                          f"got {value!r}")
+    return value
+
+
+def clean_up_flag(cfg: Config) -> bool:
+    """The config's explicit setting, else the loaded tokenizer's tokenizer_config.json, else False."""
+    tc = cfg.tokenizer
+    if tc.clean_up_tokenization_spaces is not None:
+        return bool(tc.clean_up_tokenization_spaces)
+    return read_clean_up_flag(tc.path) if tc.path else False
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    p = tokenizer_json_path(path)
     if not p.is_file():
-        raise ConfigError(f"tokenizer.path: {path} does not exist")
+        raise ConfigError(f"tokenizer.path: {path} does not exist" + (" (no tokenizer.json in it)" if p != Path(path)
+                                                                         else ""))
     try:
         return Tokenizer.from_file(str(p))
     except Exception as exc:  # the Rust side raises a bare Exception
@@ -144,13 +196,15 @@ def build_tokenizer(cfg: Config, files: list[Path]) -> Tokenizer:
 # vocabulary compression
 
 
-def compression_lookup(tok: Tokenizer) -> np.ndarray:
+def compression_lookup(tok: Tokenizer, *, clean_up_tokenization_spaces: bool = False) -> np.ndarray:
     """lookup[token id] = canonical id, exactly as the demo's `_build_lookup_table`. (V,) int64."""
     vocab = vocab_size_of(tok)
     key_to_new: dict[str, int] = {}
     lookup = np.empty(vocab, dtype=np.int64)
     for tid in range(vocab):
         text = tok.decode([tid], skip_special_tokens=False)
+        if clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
         if "\ufffd" in text:
             key = str(tok.id_to_token(tid))
         else:
@@ -180,8 +234,13 @@ class CompressedVocab:
         self._torch: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
-    def from_tokenizer(cls, tok: Tokenizer) -> CompressedVocab:
-        return cls(compression_lookup(tok))
+    def from_tokenizer(cls, tok: Tokenizer, *, clean_up_tokenization_spaces: bool = False) -> CompressedVocab:
+        return cls(compression_lookup(tok, clean_up_tokenization_spaces=clean_up_tokenization_spaces))
+
+    @classmethod
+    def identity(cls, vocab_size: int) -> CompressedVocab:
+        """No compression (the `engram.compress_vocab=false` ablation): |V'| = |V|."""
+        return cls(np.arange(vocab_size, dtype=np.int64))
 
     @property
     def ratio(self) -> float:
@@ -237,3 +296,24 @@ class CompressedVocab:
         if arr.size:
             self._check_range(int(arr.max()))
         return np.where(arr >= 0, self.lookup[np.maximum(arr, 0)], arr)
+
+
+def compressed_vocab_for(cfg: Config, tok: Tokenizer) -> CompressedVocab:
+    """The compression the config asks for; refuses a layout built for a different |V'|.
+
+    Every hash multiplier depends on |V'|, so a layout (engram.compressed_vocab_size > 0) is only
+    valid with exactly the compressed vocabulary it was built for.
+    """
+    e = cfg.engram
+    if e.compress_vocab:
+        cv = CompressedVocab.from_tokenizer(tok, clean_up_tokenization_spaces=clean_up_flag(cfg))
+    else:
+        cv = CompressedVocab.identity(vocab_size_of(tok))
+    if e.compressed_vocab_size and cv.size != e.compressed_vocab_size:
+        raise ConfigError(
+            f"engram.compressed_vocab_size: the layout was built for |V'| = {e.compressed_vocab_size:,} but this "
+            f"tokenizer compresses {cv.vocab_size:,} tokens to |V'| = {cv.size:,} (compress_vocab="
+            f"{e.compress_vocab}, clean_up_tokenization_spaces={clean_up_flag(cfg)}); every hash multiplier "
+            "depends on |V'|, so use the layout's tokenizer and settings"
+        )
+    return cv

@@ -27,7 +27,7 @@ COMMANDS = {
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
-    parser.add_argument("--preset", default=default_preset, help="tiny | cpu | small | paper27b")
+    parser.add_argument("--preset", default=default_preset, help="tiny | cpu | small | paper27b | paper40b | v41flash")
     parser.add_argument("--config", default=None, help="JSON or TOML file merged over the preset")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",

@@ -13,6 +13,8 @@ BENCHMARKS = {
     "lookup": "lookup latency and throughput: shards vs in-process numpy vs Redis MGET",
     "quality": "validation loss with and without Engram",
     "prefetch": "how much of the lookup the prefetcher hides",
+    "table_scaling": "validation loss vs number of Engram table rows at fixed compute",
+    "ngram_stats": "n-gram Zipf exponents of the corpus (the capacity planner's statistic)",
 }
 
 

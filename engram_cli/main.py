@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "benchmarks: lookup, quality, prefetch",
     "serve": "run the model-worker inference server",
     "generate": "generate text from a running model worker",
+    "plan": "capacity plan: bytes per shard, per-shard load, worker bandwidth, cache hit rate",
     "health": "grpc.health.v1 check of a server (exit 0 when SERVING): container health checks",
 }
 

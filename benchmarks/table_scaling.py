@@ -4,9 +4,10 @@ The paper's "infinite memory" curve: the backbone, the tokens, the seed and the 
 stay fixed; only `engram.table_size_per_ngram` (rows per head) changes. A dense baseline
 (Engram off) is the left end.
 
-    python -m benchmarks.table_scaling --preset cpu --set train.steps=300 \
-        --sizes 251,1009,4001,16001,64007 --json benchmarks/results/table_scaling_cpu-2core.json \
-        --plot docs/table_scaling.png
+    OMP_NUM_THREADS=1 python -m benchmarks.table_scaling --preset tiny --set train.steps=300 \
+        --set train.eval_every=300 --set train.eval_batches=16 --set train.batch_size=8 \
+        --set train.seq_len=64 --sizes 61,251,1009,4001,16001,64007 \
+        --json benchmarks/results/table_scaling_tiny-2core.json --plot docs/table_scaling.png
 
 Prints a table, writes JSON and a PNG (loss vs total rows, log x-axis).
 """

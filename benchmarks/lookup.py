@@ -1,12 +1,16 @@
-"""Lookup benchmark: shard lookups over loopback vs in-process numpy vs Redis MGET, one run.
+"""Lookup benchmark: every row path of the shards vs in-process numpy vs Redis MGET, one run.
 
     python -m benchmarks.lookup --json benchmarks/results/lookup_cpu-2core.json
-    engram bench lookup --shards 1 --batches 65536 --dtypes bf16          # a quick look
+    engram bench lookup --shards 1 --batches 1024,65536 --dtypes bf16          # a quick look
 
 For 1, 2 and 4 real shard processes (LocalCluster: real redis-server, `python -m services.shard`)
-holding one ~1M-row x 64-dim table, it times `await client.lookup(table, ids)` for batches of
-1K..256K distinct random rows with bf16 and fp32 on the wire: the full client path (dedup
-check, routing, concurrent chunked Lookups, reassembly into a (B, 64) tensor). In the same
+holding one ~1M-row x 64-dim table, it times `await client.lookup(table, ids, dedup_ids=False)`
+for batches of 1K..256K distinct random rows with bf16 and fp32 on the wire, once per row
+path (`--paths`): `shm` (the client maps the shard's table file and gathers itself), `tcp`
+(the framed data plane), `grpc` (the Lookup RPC). That is the full client path minus dedup:
+routing, concurrent chunked requests, reassembly into a (B, 64) tensor. Ids are distinct on
+every side (the worker's indexer dedups once, local or remote); the client's dedup check
+on the same ids is timed on its own (method `client_dedup`). In the same
 run, the same rows are (a) gathered in this process with numpy (np.take on the fp32 table,
 then torch's bf16 conversion: the memory-bandwidth limit, best of 1 thread and torch's
 default threads) and (b) fetched from the same Redis with one MGET through redis-py +
@@ -144,7 +148,26 @@ def bench_redis(r: Any, dim: int, batches: Batches, args: argparse.Namespace) ->
 # shards
 
 
+def bench_dedup(batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The client's duplicate check (services.client.routing.dedup) on the same distinct ids."""
+    from services.client.routing import dedup
+
+    out = []
+    for rows in args.batches:
+        res = summarize(timed(lambda ids: dedup(ids, ids.shape), batches, rows, reps_for(rows, args)), rows, 8)
+        out.append({"method": "client_dedup", "dtype": "int64", "batch": rows, **res})
+    return out
+
+
 async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None) -> list:
+    out = []
+    for path in args.paths:
+        out += await bench_path(cluster, batches, args, table, path)
+    return out
+
+
+async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None,
+                     path: str) -> list:
     from services.client import ShardClient
 
     cp = cluster.control()
@@ -152,7 +175,7 @@ async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace,
     procs = [psutil.Process(p.pid) for p in cluster.shards.values()]
     try:
         for dtype in args.dtypes:
-            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120)
+            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120, row_path=path)
             dim = client.layouts[1].dim
             try:
                 if table is not None:  # the shards serve exactly the rows the baselines use
@@ -161,20 +184,24 @@ async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace,
                     got = await client.lookup(1, ids, upcast=True)
                     assert torch.equal(got, want.to(torch.bfloat16).float() if dtype == "bf16" else want)
                 for rows in args.batches:
-                    await client.lookup(1, batches(rows))  # warm-up
+                    await client.lookup(1, batches(rows), dedup_ids=False)  # warm-up
                     lat, reps = [], reps_for(rows, args)
                     cpu0, srv0 = time.process_time(), sum(sum(p.cpu_times()[:2]) for p in procs)
                     for _ in range(reps):
                         ids = batches(rows)
                         t0 = time.perf_counter()
-                        await client.lookup(1, ids)
+                        await client.lookup(1, ids, dedup_ids=False)
                         lat.append(time.perf_counter() - t0)
                     cpu = {"client": time.process_time() - cpu0,
                            "shards": sum(sum(p.cpu_times()[:2]) for p in procs) - srv0}
                     res = summarize(lat, rows, dim * ITEMSIZE[dtype], cpu)
-                    out.append({"method": "shards", "shards": len(procs), "dtype": dtype, "batch": rows, **res})
-                    print(f"  {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} Mrows/s "
-                          f"p50 {res['p50_ms']:7.2f} ms", flush=True)
+                    used = {k: v for k, v in client.row_paths.used.items() if v}
+                    if set(used) != {path}:  # a fallback would make the row lie
+                        raise RuntimeError(f"row path {path}: lookups went over {used}")
+                    client.row_paths.used.update(dict.fromkeys(used, 0))
+                    out.append({"method": path, "shards": len(procs), "dtype": dtype, "batch": rows, **res})
+                    print(f"  {path:<4} {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} "
+                          f"Mrows/s p50 {res['p50_ms']:7.3f} ms", flush=True)
             finally:
                 await client.close()
     finally:
@@ -202,30 +229,42 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(f"\n{'method':<14} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
           f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}")
     for r in results:
-        name = f"{r['shards']} shard{'s' if r['shards'] > 1 else ''}" if r["method"] == "shards" else r["method"]
+        name = f"{r['method']} {r['shards']} shard{'s' if r['shards'] > 1 else ''}" if "shards" in r else r["method"]
         client_cpu = f"{r['client_cpu_ms']:.2f}" if "client_cpu_ms" in r else ""
         shard_cpu = f"{r['shards_cpu_ms']:.2f}" if "shards_cpu_ms" in r else ""
         print(f"{name:<14} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
               f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}")
 
 
-def targets(results: list[dict[str, Any]], batch: int = 65536) -> dict[str, Any]:
-    def rate(method: str, **kw: Any) -> float | None:
+TARGETS = {"shm": {"of_numpy": 0.9, "p50_1k_ms": 0.1}, "tcp": {"of_numpy": 0.75, "p50_1k_ms": 0.4},
+           "grpc": {}}
+MGET_TARGET = 25.0
+
+
+def targets(results: list[dict[str, Any]], batch: int = 65536, small: int = 1024) -> dict[str, Any]:
+    """The issue's figures: 64K bf16 rows from one shard vs numpy and Redis; 1K-row p50s."""
+    def row(method: str, size: int, **kw: Any) -> dict[str, Any] | None:
         for r in results:
-            if r["method"] == method and r["dtype"] == "bf16" and r["batch"] == batch and all(
+            if r["method"] == method and r["dtype"] == "bf16" and r["batch"] == size and all(
                 r.get(k) == v for k, v in kw.items()
             ):
-                return r["rows_per_s"]
+                return r
         return None
 
-    shard, local, mget = rate("shards", shards=1), rate("numpy"), rate("redis_mget")
+    local, mget = row("numpy", batch), row("redis_mget", batch)
     out: dict[str, Any] = {"batch": batch, "dtype": "bf16", "shards": 1}
-    if shard and local:
-        out["fraction_of_numpy"] = shard / local
-        out["fraction_of_numpy_target"] = 0.40
-    if shard and mget:
-        out["speedup_over_redis_mget"] = shard / mget
-        out["speedup_over_redis_mget_target"] = 15.0
+    for path, want in TARGETS.items():
+        r, r1k = row(path, batch, shards=1), row(path, small, shards=1)
+        t: dict[str, Any] = {}
+        if r and local:
+            t["of_numpy"] = r["rows_per_s"] / local["rows_per_s"]
+        if r and mget:
+            t["over_redis_mget"] = r["rows_per_s"] / mget["rows_per_s"]
+        if r1k:
+            t["p50_1k_ms"] = r1k["p50_ms"]
+        if t:
+            out[path] = t | {f"{k}_target": v for k, v in want.items()} | (
+                {"over_redis_mget_target": MGET_TARGET} if want else {})
     return out
 
 
@@ -237,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", type=ints, default=[1, 2, 4], help="comma-separated shard counts")
     parser.add_argument("--batches", type=ints, default=BATCHES, help="comma-separated batch sizes (rows)")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp32"])
+    parser.add_argument("--paths", type=lambda s: s.split(","), default=["shm", "tcp", "grpc"],
+                        help="row paths to time: shm, tcp, grpc")
     parser.add_argument("--target-rows", type=int, default=1 << 20, help="rows timed per configuration")
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--max-reps", type=int, default=60)
@@ -249,6 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [d for d in args.dtypes if d not in ITEMSIZE]
     if bad:
         parser.error(f"--dtypes: unknown {bad} (bf16, fp32)")
+    bad = [p for p in args.paths if p not in TARGETS]
+    if bad:
+        parser.error(f"--paths: unknown {bad} (shm, tcp, grpc)")
     return args
 
 
@@ -276,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 batches = Batches(table.shape[0])
                 print(f"table: {table.shape[0]:,} rows x {table.shape[1]} dims; numpy and Redis baselines ...", flush=True)
                 results += bench_numpy(table, batches, args)
+                results += bench_dedup(batches, args)
                 r = load_redis(cluster.redis_url, table, args.dtypes)
                 results += bench_redis(r, table.shape[1], batches, args)
                 r.close()
@@ -288,11 +333,14 @@ def main(argv: list[str] | None = None) -> int:
               // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
               "client_malloc": args.malloc, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
               "targets": targets(results), "results": results}
-    t = report["targets"]
-    if "fraction_of_numpy" in t:
-        print(f"\n64K bf16 rows from 1 shard: {100 * t['fraction_of_numpy']:.0f}% of the in-process numpy gather "
-              f"(target 40%), {t.get('speedup_over_redis_mget', float('nan')):.1f}x Redis MGET (target 15x); "
-              f"{info['wall_s']:.0f} s, load average {info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}")
+    nan = float("nan")
+    for path, t in report["targets"].items():
+        if isinstance(t, dict):
+            print(f"{path:<4}: 64K bf16 rows from 1 shard {t.get('of_numpy', nan):.2f}x the in-process gather (target "
+                  f"{t.get('of_numpy_target', '-')}), {t.get('over_redis_mget', nan):.1f}x Redis MGET (target "
+                  f"{MGET_TARGET if path != 'grpc' else '-'}); 1K rows p50 {t.get('p50_1k_ms', nan) * 1e3:.0f} us "
+                  f"(target {t.get('p50_1k_ms_target', nan) * 1e3:.0f} us)")
+    print(f"{info['wall_s']:.0f} s, load average {info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

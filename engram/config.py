@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
+ROW_PATHS = ("auto", "shm", "tcp", "grpc")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -107,6 +110,14 @@ class ClusterConfig:
     heartbeat_ttl_s: float = 5.0
     lookup_timeout_s: float = 10.0
     max_message_mb: int = 64
+    # Row data paths (see services/shard/dataplane.py and docs: consistency)
+    host_id: str = ""  # this machine's id; "" -> socket.gethostname() at process entry. Shards register it;
+    # a client reads rows from shared memory only when its host_id equals the shard's (set it to the
+    # node name where containers on one node have different hostnames)
+    shm_dir: str = "/dev/shm"  # where shards publish their tables (a tmpfs shared by shards and workers)
+    row_path: str = "auto"  # auto (shm on the same host, else tcp) | shm | tcp | grpc: how lookups travel
+    data_port: int = 0  # the shard's TCP data-plane port; 0 -> a free port (registered next to its gRPC address)
+    row_mirror: str = "bf16"  # "" (none) | bf16 | fp16: a narrow copy of the fp32 rows kept next to them
 
 
 @dataclass(kw_only=True, slots=True)
@@ -425,6 +436,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.optimizer: unknown {c.optimizer!r} (adam or adagrad)")
     if not 0 <= c.base_port < 65536:
         raise ConfigError(f"cluster.base_port: {c.base_port} is not a TCP port")
+    if c.row_path not in ROW_PATHS:
+        raise ConfigError(f"cluster.row_path: unknown {c.row_path!r} ({', '.join(ROW_PATHS)})")
+    if not 0 <= c.data_port < 65536:
+        raise ConfigError(f"cluster.data_port: {c.data_port} is not a TCP port")
+    if c.row_mirror not in ("", "bf16", "fp16"):
+        raise ConfigError(f"cluster.row_mirror: unknown {c.row_mirror!r} ('' for none, bf16 or fp16)")
+    if not isinstance(c.host_id, str) or any(ch.isspace() for ch in c.host_id):
+        raise ConfigError(f"cluster.host_id: expected a name without spaces, got {c.host_id!r}")
+    if not c.shm_dir:
+        raise ConfigError("cluster.shm_dir: empty (a directory on a tmpfs, e.g. /dev/shm)")
     d = cfg.dist
     if d.mode not in ("sync", "async"):
         raise ConfigError(f"dist.mode: unknown {d.mode!r} (sync or async)")

@@ -34,6 +34,7 @@ from services.client.codec import encode_lookup_request
 from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
 from services.client.handle import LookupHandle
 from services.client.ops import ShardOps
+from services.client.row_paths import RowPaths
 from services.client.routing import (
     Dedup,
     as_id_array,
@@ -66,8 +67,15 @@ class ShardClient(ShardOps):
         retry: RetryPolicy | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         channel_args: list[tuple[str, Any]] | tuple = (),
+        row_path: str | None = None,
+        host_id: str | None = None,
+        shm_dir: str | None = None,
     ) -> None:
-        """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh."""
+        """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh.
+
+        row_path / host_id / shm_dir default to cfg.cluster's (see row_paths.py); pass this
+        process's own when `cfg` is the cluster's stored layout (`connect`).
+        """
         if len(owners) != cfg.cluster.num_slots:
             raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {cfg.cluster.num_slots}")
         self.cfg = cfg
@@ -83,6 +91,9 @@ class ShardClient(ShardOps):
         self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses))
         self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb), *channel_args])
         self._refresh_lock = asyncio.Lock()
+        c = cfg.cluster
+        self.row_paths = RowPaths(mode=row_path or c.row_path, host_id=c.host_id if host_id is None else host_id,
+                                  shm_dir=shm_dir or c.shm_dir, retry=self.retry)
 
     @classmethod
     def standalone(cls, cfg: Config, addresses: list[str], **kw: Any) -> ShardClient:
@@ -99,7 +110,9 @@ class ShardClient(ShardOps):
         smap = await control.slot_map()
         shards = await control.shards()
         addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins
-        return cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control, **kw)
+        client = cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control, **kw)
+        client.row_paths.update(shards)
+        return client
 
     # ---------------------------------------------------------------------------------------
     # slot map
@@ -134,6 +147,7 @@ class ShardClient(ShardOps):
         addresses = {**self._routing.addresses, **{r.shard_id: r.address for r in shards if r.alive}}
         for r in shards:
             addresses.setdefault(r.shard_id, r.address)
+        self.row_paths.update(shards)
         if smap.epoch >= self._routing.epoch:
             self.set_routing(epoch=smap.epoch, owners=smap.owners, addresses=addresses)
         return self._routing.epoch
@@ -241,22 +255,33 @@ class ShardClient(ShardOps):
         parts = await gather_or_cancel(
             [self._lookup_chunk(table, c.shard, c.ids, routing, deadline, refreshes) for c in chunks]
         )
-        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p) for c, p in zip(chunks, parts)])
+        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p[0]) for c, p in zip(chunks, parts)])
 
     async def _lookup_chunk(
-        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int
-    ) -> torch.Tensor:
-        request = encode_lookup_request(table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype)
+        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
+        *, step: int = 0, max_staleness: int = 0,
+    ) -> tuple[torch.Tensor, int]:
+        """-> ((n, D) rows, the shard's applied step): shared memory, TCP data plane or gRPC (row_paths.py)."""
+        dim = self.layouts[table].dim
         try:
+            address = routing.addresses.get(shard_id)
+            fast = None if not address else await self.row_paths.lookup(
+                shard_id=shard_id, address=address, table=table, ids=ids, dtype=self._dtype, dim=dim,
+                epoch=routing.epoch, step=step, max_staleness=max_staleness, deadline=deadline)
+            if fast is not None:
+                return fast
+            self.row_paths.used["grpc"] += 1
+            request = encode_lookup_request(table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype,
+                                            step=step, max_staleness=max_staleness)
             reply = await self._call(
                 shard_id, "Lookup", lambda ep, t: ep.lookup_raw(request, timeout=t),
                 routing=routing, deadline=deadline, idempotent=True,
             )
         except ShardError as err:
             if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
-                return await self._gather(table, ids, deadline, refreshes - 1)
+                return await self._gather(table, ids, deadline, refreshes - 1), 0  # applied step unknown here
             raise
-        dim, n = self.layouts[table].dim, ids.size
+        n = ids.size
         if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * dim * ITEMSIZE[self._dtype]:
             raise ShardError(
                 Code.INTERNAL,
@@ -266,9 +291,10 @@ class ShardClient(ShardOps):
             )
         with warnings.catch_warnings():  # the buffer is the received message, owned by this tensor alone
             warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim)  # (n, D), no copy
+            return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim), reply.applied_step  # (n, D)
 
     async def close(self) -> None:
+        self.row_paths.close()
         await self._pool.close()
 
     async def __aenter__(self) -> ShardClient:

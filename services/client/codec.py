@@ -89,7 +89,10 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def encode_lookup_request(*, table: int, epoch: int, row_ids: np.ndarray, dtype: int, request_id: str = "") -> bytes:
+def encode_lookup_request(
+    *, table: int, epoch: int, row_ids: np.ndarray, dtype: int, request_id: str = "", step: int = 0,
+    max_staleness: int = 0,
+) -> bytes:
     """A serialized LookupRequest, byte-identical to protobuf's, with one copy of the ids.
 
     row_ids: (n,) int64 little-endian, contiguous.
@@ -113,4 +116,10 @@ def encode_lookup_request(*, table: int, epoch: int, row_ids: np.ndarray, dtype:
         tail.append(0x2A)
         _put_varint(tail, len(rid))
         tail += rid
+    if step:
+        tail.append(0x30)
+        _put_varint(tail, step)
+    if max_staleness:
+        tail.append(0x38)
+        _put_varint(tail, max_staleness)
     return b"".join((head, memoryview(row_ids).cast("B"), tail))

@@ -66,6 +66,7 @@ class ShardEngine:
         # name the owner of a row in errors; None when standalone
         self.slot_map_source: Callable[[], Awaitable] | None = None
         self.started = time.time()
+        self.row_paths: dict = {}  # the data plane's address and shared files, for the registry (server.py)
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Run `fn` in the pool; if the caller is cancelled, still wait for the thread to finish."""
@@ -233,10 +234,9 @@ class ShardEngine:
 
             try:
                 steps = await self._run(verify_all)
-                await self._run(load_all)
+                await self._run(store.rewrite_rows, load_all, steps)
             except OSError as exc:
                 raise ShardError(Code.DATA_LOSS, f"reading checkpoint {req.directory} failed: {exc}") from exc
-            store.applied_step.update(steps)
         return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))
 
     # ---------------------------------------------------------------------------------------
@@ -333,7 +333,14 @@ class ShardEngine:
             "rows": sum(d["num_rows"] for d in self.store.table_stats()), "bytes": self.store.nbytes(),
             "lookups": self.lookups, "rows_served": self.rows_served, "updates": self.updates,
             "applied_step": dict(self.store.applied_step), "max_staleness_seen": self.max_staleness_seen,
+            **self._row_paths_info(),
         }
+
+    def _row_paths_info(self) -> dict:
+        if not self.row_paths:
+            return {}
+        files = {str(t): name for t, name in self.store.memory.files().items()}  # they change with the slot map
+        return {"row_paths": {**self.row_paths, "shm_files": files}}
 
     def stats(self) -> shard_pb2.StatsResponse:
         view = self.store.view

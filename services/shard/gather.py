@@ -78,11 +78,19 @@ def _scratch_buffer(rows: int, dim: int) -> torch.Tensor:
     return buf
 
 
+def void_rows(t: torch.Tensor) -> np.ndarray:
+    """(n, D) contiguous tensor -> (n,) numpy array of opaque rows on the same memory."""
+    raw = t.view(torch.uint8).numpy()  # (n, D * itemsize)
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(t.shape[0])
+
+
 def gather_into(weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """out (n, D) in a wire dtype <- weights (R, D) fp32 rows idx (n,)."""
+    """out (n, D) in a wire dtype <- weights (R, D) rows idx (n,): fp32 master rows, or a
+    mirror of the wire dtype (then whole rows are copied, one memcpy each, in numpy)."""
     n, dim = out.shape
-    if out.dtype == torch.float32:
-        torch.index_select(weights, 0, idx, out=out)
+    if out.dtype == weights.dtype:
+        if n:
+            np.take(void_rows(weights), idx.numpy(), out=void_rows(out), mode="clip")  # ids checked: no buffering
         return
     chunk = max(64, _CHUNK_BYTES // (4 * dim))
     scratch = _scratch_buffer(chunk, dim)
@@ -96,7 +104,8 @@ def gather_into(weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> 
 def encode_lookup(
     weights: torch.Tensor, pos: np.ndarray, *, dtype: int, epoch: int, applied_step: int
 ) -> LookupResult:
-    """weights (R, D) fp32, pos (n,) int64 -> a serialized LookupResponse with rows weights[pos]."""
+    """weights (R, D) fp32 or a mirror in `dtype`, pos (n,) int64 -> a serialized LookupResponse
+    with rows weights[pos]."""
     n, dim = pos.shape[0], weights.shape[1]
     nbytes = n * dim * ITEMSIZE[dtype]
     head = shard_pb2.LookupResponse(dim=dim, dtype=dtype, epoch=epoch, applied_step=applied_step).SerializeToString()

@@ -33,11 +33,14 @@ from services.control import ControlPlane, ControlPlaneUnavailable
 from services.shard import memory
 from services.shard.engine import ShardEngine
 from services.shard.errors import BootError, ShardError
+from services.shard.dataplane import DataPlane
 from services.shard.servicer import MemoryShardServicer, add_to_server
+from services.shard.shm_table import TableMemory, local_host_id
 from services.shard.store import ShardStore
 
 log = logging.getLogger("engram.shard")
 SERVICE_NAME = "engram.shard.v1.MemoryShard"
+LOCAL_FIELDS = ("host_id", "shm_dir", "data_port", "row_mirror")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,6 +70,8 @@ async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, l
         await cp.close()
         raise BootError(str(exc)) from None
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
+    for name in LOCAL_FIELDS:  # where this process runs, not the cluster's layout
+        setattr(stored.cluster, name, getattr(cfg.cluster, name))
     return stored, cp, slot_map.owners, slot_map.epoch, manifest
 
 
@@ -122,11 +127,18 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     else:
         cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg)
     loop = asyncio.get_running_loop()
+    tables = TableMemory(mirror=cfg.cluster.row_mirror, shm_dir=cfg.cluster.shm_dir,
+                         namespace=cfg.cluster.namespace, shard_id=opts.shard_id)
     # a checkpoint overwrites every owned row (or the shard does not start): skip the init then
-    store = await loop.run_in_executor(
-        pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
-                                               init_threads=max(1, min(8, cores)), init_weights=manifest is None)
-    )
+    try:
+        store = await loop.run_in_executor(
+            pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
+                                                   init_threads=max(1, min(8, cores)), init_weights=manifest is None,
+                                                   memory=tables)
+        )
+    except BaseException:
+        tables.close()
+        raise
     max_bytes = cfg.cluster.max_message_mb << 20
     engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s)
     if cp is not None:
@@ -154,6 +166,17 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     host = opts.host if opts.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
     address = opts.advertise or f"{host}:{port}"
     engine.address = address
+    data_plane = DataPlane(engine, max_reply_bytes=max_bytes)
+    try:
+        data_port = await data_plane.start(opts.host, cfg.cluster.data_port)
+    except OSError as exc:
+        tables.close()
+        raise BootError(f"data plane cannot listen on {opts.host}:{cfg.cluster.data_port}: {exc}") from None
+    engine.row_paths = {
+        "host_id": local_host_id(cfg.cluster.host_id), "data_address": f"{address.rsplit(':', 1)[0]}:{data_port}",
+        "shm_files": {str(t): name for t, name in tables.files().items()}, "shm_token": tables.token.hex(),
+        "shm_reason": tables.reason,
+    }
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -169,7 +192,8 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
             await server.stop(0)
             raise BootError(str(exc)) from None
         beat = asyncio.create_task(_heartbeat(cp, engine, cfg, opts.shard_id, address))
-    log.info("shard %d serving %d slots at epoch %d on %s", opts.shard_id, len(store.view.owned), epoch, address)
+    log.info("shard %d serving %d slots at epoch %d on %s (data plane port %d, tables %s)", opts.shard_id,
+             len(store.view.owned), epoch, address, data_port, tables.dir or f"in private memory: {tables.reason}")
     print(f"READY shard={opts.shard_id} address={address}", file=ready_out, flush=True)
 
     await stop.wait()
@@ -184,6 +208,8 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         except (ControlPlaneUnavailable, TimeoutError):
             pass
         await cp.close()
+    await data_plane.stop()
     await server.stop(opts.grace_s)
+    tables.close()
     pool.shutdown(wait=True, cancel_futures=True)
     return 0

@@ -15,10 +15,14 @@ index_copy_ release the GIL); the caller serialises updates per table (see engin
 Lookups take no lock: a lookup racing an update of the same rows may see a row before or
 after (or, for the few rows being copied at that instant, partly after) the update -- the
 usual parameter-server read semantics; sync-mode readers look up after the step's apply.
+Weights (and the optional bf16/fp16 mirror, refreshed with every write) live where
+`TableMemory` puts them: in files under cluster.shm_dir that co-located clients read, with a
+seqlock around every write (shm_table.py), or in private memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +37,7 @@ from proto.shard.v1 import shard_pb2
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
 from services.shard.memory import alloc_state, alloc_table
+from services.shard.shm_table import Placement, TableMemory
 from services.wire import TORCH_DTYPES
 
 OPTIMIZERS = ("adam", "adagrad")
@@ -44,6 +49,18 @@ class TableData:
     base: np.ndarray  # (num_slots,) int64, -1 = slot not owned
     weights: torch.Tensor  # (R, D) fp32
     state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,)
+    place: Placement  # where weights live, the mirror (R, D) bf16/fp16 if kept, the shared file if any
+
+
+@dataclass(frozen=True, slots=True)
+class LookupPlan:
+    """A validated lookup: gather src[pos] (src: the mirror when it has the wire dtype, else weights)."""
+
+    src: torch.Tensor  # (R, D)
+    pos: np.ndarray  # (n,) int64
+    dtype: int
+    epoch: int
+    applied_step: int
 
 
 @dataclass(slots=True)
@@ -100,8 +117,10 @@ class ShardStore:
         owners: list[int] | None = None,
         init_threads: int = 2,
         init_weights: bool = True,
+        memory: TableMemory | None = None,
     ) -> None:
         """init_weights=False leaves the rows unset: only for a store that is restored next."""
+        self.memory = memory or TableMemory(mirror=cfg.cluster.row_mirror)
         self.shard_id = shard_id
         self.num_slots = cfg.cluster.num_slots
         self.kind = cfg.cluster.optimizer
@@ -111,9 +130,12 @@ class ShardStore:
         self.applied_step: dict[int, int] = dict.fromkeys(self.layouts, 0)
         self.frozen: dict[int, str] = {}  # slot -> migration target; updates refused until SetSlotMap
         owned = self._check_slots(owned_slots)
-        tables = {t: self._allocate(layout, owned) for t, layout in self.layouts.items()}
+        tables = {t: self._allocate(t, owned, epoch) for t in self.layouts}
         if init_weights:
             self._init_weights(tables, owned, init_threads)
+        for data in tables.values():
+            data.place.refresh_mirror()
+        self.memory.publish({t: d.place for t, d in tables.items()})
         self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
 
     @classmethod
@@ -132,13 +154,15 @@ class ShardStore:
             raise invalid(f"slots: duplicates in {sorted(slots)}")
         return tuple(sorted(int(s) for s in slots))
 
-    def _allocate(self, layout: TableLayout, owned: tuple[int, ...]) -> TableData:
+    def _allocate(self, table: int, owned: tuple[int, ...], epoch: int) -> TableData:
+        layout = self.layouts[table]
         sizes = [slot_num_rows(layout.num_rows, s, self.num_slots) for s in owned]
         base = np.full(self.num_slots, -1, dtype=np.int64)
         base[list(owned)] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if owned else []
         rows = int(sum(sizes))
-        weights = alloc_table((rows, layout.dim))
-        return TableData(base=base, weights=weights, state=alloc_state(self.kind, rows, layout.dim))
+        place = self.memory.allocate(table=table, rows=rows, dim=layout.dim, base=base, epoch=epoch,
+                                     alloc_private=alloc_table)
+        return TableData(base=base, weights=place.weights, state=alloc_state(self.kind, rows, layout.dim), place=place)
 
     def _init_weights(self, tables: dict[int, TableData], owned: tuple[int, ...], threads: int) -> None:
         """init_rows for every owned row, in chunks, on a few threads (numpy releases the GIL)."""
@@ -223,7 +247,15 @@ class ShardStore:
     def lookup(
         self, *, table: int, epoch: int, row_ids: bytes, dtype: int, step: int = 0, max_staleness: int = 0
     ) -> LookupResult:
-        """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order.
+        """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order."""
+        plan = self.plan_lookup(table=table, epoch=epoch, ids=self.decode_ids(row_ids), dtype=dtype, step=step,
+                                max_staleness=max_staleness)
+        return encode_lookup(plan.src, plan.pos, dtype=dtype, epoch=plan.epoch, applied_step=plan.applied_step)
+
+    def plan_lookup(
+        self, *, table: int, epoch: int, ids: np.ndarray, dtype: int, step: int = 0, max_staleness: int = 0
+    ) -> LookupPlan:
+        """Validate a lookup of (n,) ids completely -> what to gather (nothing is touched).
 
         applied_step is read before the gather, so the rows are at least that new. With `step`
         (training), rows missing more than `max_staleness` steps of updates are refused.
@@ -234,7 +266,6 @@ class ShardStore:
         if dtype not in TORCH_DTYPES:
             name = shard_pb2.WireDtype.Name(dtype) if dtype in shard_pb2.WireDtype.values() else str(dtype)
             raise invalid(f"dtype: {name} is not a wire dtype (FP32, BF16 or FP16)")
-        ids = self.decode_ids(row_ids)
         pos = self.positions(view, table, ids)
         applied = self.applied_step[table]
         if step and step - 1 - applied > max_staleness:
@@ -243,7 +274,9 @@ class ShardStore:
                 f"(applied step {applied}, staleness bound {max_staleness}); retry once step "
                 f"{step - 1 - max_staleness} is applied"
             )
-        return encode_lookup(data.weights, pos, dtype=dtype, epoch=view.epoch, applied_step=applied)
+        mirror = data.place.mirror
+        src = mirror if mirror is not None and mirror.dtype == TORCH_DTYPES[dtype] else data.weights
+        return LookupPlan(src=src, pos=pos, dtype=dtype, epoch=view.epoch, applied_step=applied)
 
     # ---------------------------------------------------------------------------------------
     # updates
@@ -318,9 +351,34 @@ class ShardStore:
             acc = data.state[0].index_select(0, idx)  # (U,)
             rowwise_adagrad_(w, acc, upd.grads, p=upd.params)
             data.state[0].index_copy_(0, idx, acc)
+        shm = data.place.shm
+        if shm is not None:
+            shm.begin_write()
         data.weights.index_copy_(0, idx, w)
+        data.place.refresh_mirror(idx, w)
         self.applied_step[upd.table] = upd.step
+        if shm is not None:
+            shm.end_write(upd.step)
         return int(upd.rows.size)
+
+    def rewrite_rows(self, write: Callable[[], None], steps: dict[int, int]) -> None:
+        """Run `write()` (it overwrites owned rows in place, e.g. a restore), then refresh the
+        mirrors and set the tables' applied steps; shared readers retry while it runs."""
+        tables = self.view.tables
+        shms = [d.place.shm for d in tables.values() if d.place.shm is not None]
+        for shm in shms:
+            shm.begin_write()
+        try:
+            try:
+                write()
+            finally:  # the mirror follows the weights, whatever the write left in them
+                for d in tables.values():
+                    d.place.refresh_mirror()
+            self.applied_step.update(steps)
+        finally:
+            for t, d in tables.items():
+                if d.place.shm is not None:
+                    d.place.shm.end_write(self.applied_step[t])
 
     # ---------------------------------------------------------------------------------------
     # slots (checkpoints, migration, ownership changes)
@@ -377,8 +435,8 @@ class ShardStore:
                 "migrate it here (MigrateSlots) before handing it over"
             )
         tables = {}
-        for t, layout in self.layouts.items():
-            new = self._allocate(layout, owned)
+        for t in self.layouts:
+            new = self._allocate(t, owned, epoch)
             for s in owned:
                 src = self.slot_block(t, s, view) if s in view.owned else staged[(t, s)]
                 dst = self._block(t, new, s)
@@ -386,9 +444,13 @@ class ShardStore:
                 for d, x in zip(dst.state, src.state, strict=True):
                     d.copy_(x)
             tables[t] = new
+            new.place.refresh_mirror()
             steps = [staged[(t, s)].applied_step for s in owned if s not in view.owned]
             self.applied_step[t] = max([self.applied_step[t], *steps])
+            if new.place.shm is not None:
+                new.place.shm.set_applied(self.applied_step[t])
         self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
+        self.memory.publish({t: d.place for t, d in tables.items()})
         self.frozen.clear()
         return len(set(view.owned) - set(owned))
 
@@ -404,11 +466,12 @@ class ShardStore:
                 "dim": self.layouts[t].dim,
                 "weight_bytes": data.weights.nbytes,
                 "state_bytes": sum(s.nbytes for s in data.state),
+                "mirror_bytes": 0 if data.place.mirror is None else data.place.mirror.nbytes,
                 "applied_step": self.applied_step[t],
             }
             for t, data in sorted(view.tables.items())
         ]
 
     def nbytes(self) -> int:
-        return sum(d["weight_bytes"] + d["state_bytes"] for d in self.table_stats())
+        return sum(d["weight_bytes"] + d["state_bytes"] + d["mirror_bytes"] for d in self.table_stats())
 

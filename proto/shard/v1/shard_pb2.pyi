@@ -209,20 +209,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("table", "num_rows", "dim", "weight_bytes", "state_bytes", "applied_step")
+    __slots__ = ("table", "num_rows", "dim", "weight_bytes", "state_bytes", "applied_step", "mirror_bytes")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_BYTES_FIELD_NUMBER: _ClassVar[int]
     table: int
     num_rows: int
     dim: int
     weight_bytes: int
     state_bytes: int
     applied_step: int
-    def __init__(self, table: _Optional[int] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., applied_step: _Optional[int] = ...) -> None: ...
+    mirror_bytes: int
+    def __init__(self, table: _Optional[int] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., applied_step: _Optional[int] = ..., mirror_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_id", "epoch", "slots", "tables", "rss_bytes", "lookups", "rows_served", "updates", "max_staleness_seen")

@@ -1,0 +1,133 @@
+"""The client's side of the TCP row data plane (frames: services/frames.py).
+
+A pool of connections per shard data address; one request at a time on a connection. The
+rows are received straight into the (n, D) output tensor (`recv_into`), so they are copied
+once, by the kernel. A connection that saw anything unexpected (a malformed reply, a
+cancelled or timed-out call) is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+import numpy as np
+import torch
+
+from services.client.errors import Code, ShardError
+from services.frames import CODE_OF, MAX_ERROR_BYTES, REPLY, REPLY_MAGIC, Reply, Request
+from services.wire import ITEMSIZE, TORCH_DTYPES
+
+SOCK_BUF = 4 << 20
+MAX_IDLE = 8  # idle connections kept per shard
+
+
+class DataPlaneDown(Exception):
+    """The data plane cannot be reached or broke mid-call (the caller may take the gRPC path)."""
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.head = bytearray(REPLY.size)
+
+
+class DataPlaneClient:
+    def __init__(self, address: str, *, shard_id: int | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.host, self.port = host.strip("[]"), int(port)
+        self.shard_id = shard_id
+        self._idle: list[_Conn] = []
+        self._ids = itertools.count(1)
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        last: OSError | None = None
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
+                await loop.sock_connect(sock, addr)
+                return _Conn(sock)
+            except OSError as exc:
+                sock.close()
+                last = exc
+        raise DataPlaneDown(f"cannot connect to the data plane at {self.address}: {last}")
+
+    def _error(self, code: Code, message: str) -> ShardError:
+        return ShardError(code, message, address=self.address, shard_id=self.shard_id, call="Lookup (data plane)")
+
+    async def lookup(
+        self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """(n,) int64 ids -> ((n, D) rows in `dtype`, the shard's applied step). Raises ShardError
+        for an error frame, DataPlaneDown when the connection fails."""
+        conn = self._idle.pop() if self._idle else await self._connect()
+        ok = False
+        try:
+            out = await self._request(conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step,
+                                      max_staleness=max_staleness)
+            ok = True
+            return out
+        except ShardError:
+            ok = True  # an error frame: the connection is in sync and stays usable
+            raise
+        except (ConnectionError, OSError) as exc:
+            raise DataPlaneDown(f"data plane at {self.address}: {exc}") from None
+        finally:
+            if ok and len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+            elif not ok:
+                conn.sock.close()
+
+    async def _request(self, conn: _Conn, *, table, ids, dtype, dim, epoch, step, max_staleness):
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        n = int(ids.size)
+        head = Request(request_id=rid, table=table, dtype=dtype, epoch=epoch, step=step, max_staleness=max_staleness,
+                       n_ids=n, body_len=8 * n).pack()
+        ids = np.ascontiguousarray(ids, dtype="<i8")
+        if n <= 8192:
+            await loop.sock_sendall(conn.sock, head + ids.tobytes())
+        else:
+            await loop.sock_sendall(conn.sock, head)
+            await loop.sock_sendall(conn.sock, memoryview(ids).cast("B"))
+        await self._recv_exact(conn.sock, memoryview(conn.head))
+        reply = Reply.unpack(conn.head)
+        if reply.magic != REPLY_MAGIC or reply.request_id != rid:
+            raise DataPlaneDown(f"data plane at {self.address}: reply {reply.request_id} magic {reply.magic:#x} "
+                                f"to request {rid}: out of sync")
+        if reply.status:
+            if reply.body_len > MAX_ERROR_BYTES:
+                raise DataPlaneDown(f"data plane at {self.address}: {reply.body_len}-byte error message")
+            body = bytearray(reply.body_len)
+            await self._recv_exact(conn.sock, memoryview(body))
+            raise self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+        nbytes = n * dim * ITEMSIZE.get(dtype, 0)
+        if reply.dtype != dtype or reply.dim != dim or reply.body_len != nbytes:
+            raise DataPlaneDown(f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "
+                                f"{reply.dim}, dtype {reply.dtype} for {n} rows of {dim} dims in dtype {dtype}")
+        out = torch.empty((n, dim), dtype=TORCH_DTYPES[dtype])  # (n, D), the rows land here
+        if nbytes:
+            await self._recv_exact(conn.sock, memoryview(out.view(torch.uint8).numpy()).cast("B"))
+        return out, reply.applied_step
+
+    @staticmethod
+    async def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        got, n = 0, len(view)
+        while got < n:
+            k = await loop.sock_recv_into(sock, view[got:])
+            if k == 0:
+                raise ConnectionResetError(f"the shard closed the connection after {got} of {n} bytes")
+            got += k
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.sock.close()
+        self._idle.clear()

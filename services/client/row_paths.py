@@ -1,0 +1,202 @@
+"""Which way a shard's rows come: shared memory, the TCP data plane, or the gRPC Lookup.
+
+    cluster.row_path = auto   shm when the shard registered this client's host_id and its table
+                              files open here, else tcp, else grpc
+                     = shm | tcp | grpc   that path first; shm still falls back to tcp, tcp to grpc
+
+The shards register `row_paths` (host_id, data_address, shm_files, shm_token) in the
+control plane's registry; `update()` takes them from the shard records. Every path returns
+the rows and the shard's applied step, and enforces `step`/`max_staleness` like the gRPC
+Lookup. `lookup()` returns None when the call should go over gRPC: no fast path known for
+that shard, or one that failed for a reason gRPC handles (a shard not yet at this epoch, a
+connection that broke). Each fallback from shared memory or from the data plane is logged
+once per client, with the reason. Errors that are the request's (stale epoch, bad ids) are
+raised as `ShardError`s with the codes the gRPC Lookup uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.client.dataplane import DataPlaneClient, DataPlaneDown
+from services.client.errors import Code, RetryPolicy, ShardError
+from services.client.shm_reader import Miss, ShmTableReader, ShmUnavailable
+from services.shard.shm_table import local_host_id
+from services.wire import ITEMSIZE, TORCH_DTYPES
+
+log = logging.getLogger("engram.client")
+INLINE_SHM_BYTES = 1 << 20  # smaller shared-memory gathers run on the loop; larger ones in a thread
+
+
+@dataclass(slots=True)
+class _Peer:
+    """What one shard (by gRPC address) registered, and this client's state for it."""
+
+    host_id: str
+    data_address: str
+    shm_files: dict[int, str]
+    token: bytes
+    shm_off: str = ""  # why shared memory is not used for this shard
+    tcp_off: str = ""
+    readers: dict[int, ShmTableReader] = field(default_factory=dict)
+    tcp: DataPlaneClient | None = None
+
+
+class RowPaths:
+    def __init__(self, *, mode: str = "auto", host_id: str = "", shm_dir: str = "/dev/shm",
+                 retry: RetryPolicy | None = None) -> None:
+        if mode not in ("auto", "shm", "tcp", "grpc"):
+            raise ValueError(f"row_path: unknown {mode!r} (auto, shm, tcp or grpc)")
+        self.mode = mode
+        self.host_id = local_host_id(host_id)
+        self.shm_dir = shm_dir
+        self.retry = retry or RetryPolicy()
+        self._peers: dict[str, _Peer] = {}
+        self._warned: set[str] = set()
+        self.used: dict[str, int] = {"shm": 0, "tcp": 0, "grpc": 0}  # lookups served per path
+
+    # ---------------------------------------------------------------------------------------
+
+    def update(self, records: list[Any]) -> None:
+        """Take the registered row paths of shard records (`ControlPlane.shards()`)."""
+        for r in records:
+            info = (getattr(r, "info", None) or {}).get("row_paths")
+            if not isinstance(info, dict) or r.address in self._peers:
+                continue
+            try:
+                files = {int(t): str(name) for t, name in dict(info.get("shm_files") or {}).items()}
+                peer = _Peer(host_id=str(info.get("host_id", "")), data_address=str(info.get("data_address", "")),
+                             shm_files=files, token=bytes.fromhex(str(info.get("shm_token", ""))))
+            except (TypeError, ValueError) as exc:
+                log.warning("shard %s registered unreadable row paths (%s); using gRPC for it", r.address, exc)
+                continue
+            if not peer.shm_files:
+                peer.shm_off = f"the shard publishes no tables in shared memory ({info.get('shm_reason') or '?'})"
+            elif peer.host_id != self.host_id:
+                peer.shm_off = f"the shard runs on host {peer.host_id!r}, this client on {self.host_id!r}"
+            if not peer.data_address:
+                peer.tcp_off = "the shard registered no data-plane address"
+            self._peers[r.address] = peer
+
+    def _fallback(self, what: str, peer: _Peer, address: str, reason: str) -> None:
+        """Turn a path off for one shard; log it once per client and path."""
+        setattr(peer, f"{what}_off", reason)
+        if what not in self._warned:
+            self._warned.add(what)
+            nxt = "the TCP data plane" if what == "shm" and self.mode != "grpc" and not peer.tcp_off else "gRPC"
+            log.warning("rows of shard %s: %s path unavailable (%s); using %s (logged once)", address,
+                        "shared-memory" if what == "shm" else "TCP data-plane", reason, nxt)
+
+    # ---------------------------------------------------------------------------------------
+
+    async def lookup(self, *, shard_id: int, address: str, table: int, ids: np.ndarray, dtype: int, dim: int,
+                     epoch: int, step: int, max_staleness: int, deadline: float) -> tuple[torch.Tensor, int] | None:
+        """-> ((n, D) rows, applied step) by shared memory or TCP, or None: use gRPC."""
+        peer = self._peers.get(address)
+        if peer is None or self.mode == "grpc":
+            return None
+        if self.mode in ("auto", "shm") and not peer.shm_off:
+            got = await self._shm(peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
+            if got is not None:
+                self.used["shm"] += 1
+                return got
+        if not peer.tcp_off:
+            got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness,
+                                  deadline)
+            if got is not None:
+                self.used["tcp"] += 1
+                return got
+        return None
+
+    def _reader(self, peer: _Peer, address: str, table: int, dim: int) -> ShmTableReader | None:
+        reader = peer.readers.get(table)
+        if reader is not None and not reader.retired:
+            return reader
+        name = peer.shm_files.get(table)
+        if name is None:
+            self._fallback("shm", peer, address, f"table {table} is not in shared memory")
+            return None
+        try:
+            reader = peer.readers[table] = ShmTableReader(os.path.join(self.shm_dir, name), token=peer.token, dim=dim)
+        except ShmUnavailable as exc:
+            self._fallback("shm", peer, address, str(exc))
+            return None
+        return reader
+
+    async def _shm(self, peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+        loop = asyncio.get_running_loop()
+        out = torch.empty((ids.size, dim), dtype=TORCH_DTYPES[dtype])  # (n, D)
+        big = ids.size * dim * ITEMSIZE[dtype] > INLINE_SHM_BYTES
+        attempt = 0
+        for _ in range(3):  # a retired file is reopened at most twice per call
+            reader = self._reader(peer, address, table, dim)
+            if reader is None:
+                return None
+            while True:
+                if big:
+                    got = await loop.run_in_executor(None, lambda r=reader: r.read(
+                        ids, out, epoch=epoch, step=step, max_staleness=max_staleness))
+                else:
+                    got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+                if not isinstance(got, Miss):
+                    return out, got
+                if got.reason != "stale":
+                    break
+                attempt += 1  # training read ahead of the updates it needs: wait for them, like the shard does
+                delay = self.retry.backoff(min(attempt, 4))
+                if loop.time() + delay >= deadline:
+                    raise ShardError(Code.DEADLINE_EXCEEDED, f"rows of table {table} for step {step} still miss "
+                                     f"{step - 1 - got.applied_step} steps of updates (staleness bound "
+                                     f"{max_staleness})", address=address, call="Lookup (shm)")
+                await asyncio.sleep(delay)
+            if got.reason == "retired":
+                peer.readers.pop(table, None)
+                continue
+            if got.reason == "epoch" and got.epoch > epoch:
+                raise ShardError(Code.FAILED_PRECONDITION, f"stale slot-map epoch {epoch} (shard is at "
+                                 f"{got.epoch}): refresh the slot map", address=address, call="Lookup (shm)")
+            return None  # not yet at this epoch, rows moved, or a busy writer: the gRPC path sorts it out
+        return None
+
+    async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+        loop = asyncio.get_running_loop()
+        if peer.tcp is None:
+            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id)
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=peer.data_address,
+                                 shard_id=shard_id, call="Lookup (data plane)")
+            try:
+                return await asyncio.wait_for(peer.tcp.lookup(
+                    table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness),
+                    remaining)
+            except TimeoutError:
+                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=peer.data_address,
+                                 shard_id=shard_id, call="Lookup (data plane)") from None
+            except DataPlaneDown as exc:
+                self._fallback("tcp", peer, address, str(exc))
+                peer.tcp_off = ""  # try the data plane again next call; this one goes over gRPC
+                return None
+            except ShardError as err:
+                attempt += 1
+                if err.code != Code.UNAVAILABLE or attempt >= self.retry.max_attempts:
+                    raise
+                delay = self.retry.backoff(attempt)
+                if loop.time() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    def close(self) -> None:
+        for peer in self._peers.values():
+            if peer.tcp is not None:
+                peer.tcp.close()
+            peer.readers.clear()

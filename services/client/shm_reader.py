@@ -1,0 +1,139 @@
+"""The co-located row path: read a shard's table in place from its file under cluster.shm_dir.
+
+The shard publishes each table as a file (layout and consistency: services/shard/shm_table.py);
+a client on the same host maps it read-only and gathers the rows itself, no round trip:
+
+    positions (n,) = base[id % num_slots] + id // num_slots       (base from the file)
+    rows (n, D)    = mirror[positions]  (whole-row copies)  or  weights[positions] rounded
+
+under the file's seqlock: SEQ even before, unchanged after, else gather again. A file of
+another epoch, a retired file, a row of a slot the file does not hold, or a writer that keeps
+the seqlock busy make `read` answer why instead of rows; the caller then takes another path.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.client.routing import slot_of
+from services.shard.gather import gather_into
+from services.shard.shm_table import (
+    H_APPLIED_STEP,
+    H_DIM,
+    H_EPOCH,
+    H_MAGIC,
+    H_MIRROR_DTYPE,
+    H_MIRROR_OFFSET,
+    H_NUM_SLOTS,
+    H_RETIRED,
+    H_ROWS,
+    H_SEQ,
+    H_SIZE,
+    H_VERSION,
+    H_WEIGHTS_OFFSET,
+    BASE_OFFSET,
+    HEADER_WORDS,
+    MAGIC,
+    VERSION,
+    header_token,
+)
+from services.wire import TORCH_DTYPES
+
+SEQ_TRIES = 64  # gathers tried while updates keep overlapping, then the caller takes another path
+
+
+class ShmUnavailable(Exception):
+    """The file cannot be used (missing, not this shard's, malformed): the reason is the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Why `read` returned no rows: retired | epoch | moved | stale | busy."""
+
+    reason: str
+    epoch: int = 0
+    applied_step: int = 0
+
+
+class ShmTableReader:
+    def __init__(self, path: str, *, token: bytes, dim: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShmUnavailable(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < BASE_OFFSET:
+                raise ShmUnavailable(f"{path}: {size} bytes, too small for a table file")
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError as exc:
+            raise ShmUnavailable(f"cannot map {path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        self.path = path
+        h = self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64, live
+        if int(h[H_MAGIC]) != MAGIC or int(h[H_VERSION]) != VERSION:
+            raise ShmUnavailable(f"{path}: not an Engram table file of version {VERSION}")
+        if header_token(h) != token:
+            raise ShmUnavailable(f"{path}: belongs to another shard process than the registered one (a stale "
+                                 "file, or another host's /dev/shm)")
+        rows, self.dim, num_slots = int(h[H_ROWS]), int(h[H_DIM]), int(h[H_NUM_SLOTS])
+        if self.dim != dim or int(h[H_SIZE]) != size:
+            raise ShmUnavailable(f"{path}: {self.dim}-dim rows and {size} bytes, expected {dim}-dim rows and "
+                                 f"{int(h[H_SIZE])} bytes")
+        self.epoch = int(h[H_EPOCH])
+        self.num_slots = num_slots
+        self.base = np.frombuffer(self.mm, dtype="<i8", count=num_slots, offset=BASE_OFFSET).copy()  # (S,)
+        self.shift = num_slots.bit_length() - 1 if num_slots & (num_slots - 1) == 0 else -1
+        with warnings.catch_warnings():  # read-only mapping: these tensors are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            self.weights = torch.frombuffer(self.mm, dtype=torch.float32, count=rows * dim,
+                                            offset=int(h[H_WEIGHTS_OFFSET])).view(rows, dim)  # (R, D)
+            code = int(h[H_MIRROR_DTYPE])
+            self.mirror = None if not code else torch.frombuffer(
+                self.mm, dtype=TORCH_DTYPES[code], count=rows * dim, offset=int(h[H_MIRROR_OFFSET])).view(rows, dim)
+
+    @property
+    def retired(self) -> bool:
+        return bool(self.header[H_RETIRED])
+
+    def positions(self, ids: np.ndarray) -> np.ndarray | None:
+        """(n,) ids -> (n,) positions, or None if a row's slot is not in this file."""
+        pos = self.base[slot_of(ids, self.num_slots)]  # (n,) slot starts
+        if pos.size and pos.min() < 0:
+            return None
+        pos += (ids >> self.shift) if self.shift >= 0 else ids // self.num_slots
+        return pos
+
+    def read(self, ids: np.ndarray, out: torch.Tensor, *, epoch: int, step: int = 0, max_staleness: int = 0
+             ) -> int | Miss:
+        """out (n, D) <- rows of ids (n,) -> the table's applied step (the rows are at least that new)."""
+        h = self.header
+        if h[H_RETIRED]:
+            return Miss("retired")
+        if self.epoch != epoch:
+            return Miss("epoch", epoch=self.epoch)
+        pos = self.positions(ids)
+        if pos is None:
+            return Miss("moved")
+        src = self.mirror if self.mirror is not None and self.mirror.dtype == out.dtype else self.weights
+        idx = torch.from_numpy(pos)
+        for attempt in range(SEQ_TRIES):
+            seq = int(h[H_SEQ])
+            if seq & 1:  # an update is writing rows right now
+                time.sleep(0 if attempt < 8 else 50e-6)
+                continue
+            applied = int(h[H_APPLIED_STEP])
+            if step and step - 1 - applied > max_staleness:
+                return Miss("stale", applied_step=applied)
+            gather_into(src, idx, out)
+            if int(h[H_SEQ]) == seq:
+                return applied
+        return Miss("busy")

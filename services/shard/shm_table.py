@@ -1,0 +1,219 @@
+"""Where a shard's rows live: private memory, or files under `cluster.shm_dir` that co-located
+clients map and read in place (the co-located row path, services/client/shm_reader.py).
+
+One file per table, `{shm_dir}/engram.{namespace}.shard{id}.t{table}`:
+
+    offset 0        header, 512 little-endian uint64 words (H_* below)
+    BASE_OFFSET     base (num_slots,) int64: first position of each owned slot, -1 if not owned
+    weights_offset  weights (R, D) fp32, the master rows the optimizer updates in place
+    mirror_offset   mirror (R, D) bf16/fp16 (optional): the weights rounded, refreshed with them
+
+Consistency (readers never lock; see docs/consistency.md):
+- H_SEQ is a seqlock: the shard makes it odd before it writes rows and even after. A reader
+  reads SEQ (even), H_APPLIED_STEP, gathers, reads SEQ again; a change means an update
+  overlapped and the reader gathers again. So a reader sees every row either before or after
+  an applied update, never torn, and its rows are at least as new as the applied step it read.
+- A file holds one slot-map epoch. A new slot map gets new files (renamed over the old names);
+  the old file is marked H_RETIRED and unlinked, and readers that still map it reopen by name.
+- x86-64 (TSO) ordering is assumed: stores are seen in program order, loads are not reordered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("engram.shard")
+
+MAGIC = 0x31574F524D415245  # "ERAMROW1" little-endian
+VERSION = 1
+HEADER_WORDS = 512
+BASE_OFFSET = HEADER_WORDS * 8
+ALIGN = 2 << 20  # row arrays start on 2 MiB boundaries (huge pages where tmpfs allows them)
+(H_MAGIC, H_VERSION, H_SEQ, H_APPLIED_STEP, H_EPOCH, H_RETIRED, H_SHARD, H_TABLE, H_ROWS, H_DIM, H_NUM_SLOTS,
+ H_MIRROR_DTYPE, H_WEIGHTS_OFFSET, H_MIRROR_OFFSET, H_TOKEN0, H_TOKEN1, H_SIZE) = range(17)
+MIRROR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIRROR_CODES = {torch.bfloat16: 2, torch.float16: 3}  # = shard_pb2.WireDtype BF16 / FP16 (checked in tests)
+_MADV_HUGEPAGE = 14
+
+
+def local_host_id(configured: str) -> str:
+    """cluster.host_id, or this machine's hostname when it is empty."""
+    return configured or socket.gethostname()
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def table_file_name(namespace: str, shard_id: int, table: int) -> str:
+    return f"engram.{namespace}.shard{shard_id}.t{table}"
+
+
+def file_layout(*, rows: int, dim: int, num_slots: int, mirror: bool) -> tuple[int, int, int]:
+    """-> (weights_offset, mirror_offset or 0, file size)."""
+    weights_offset = _align(BASE_OFFSET + num_slots * 8)
+    end = weights_offset + rows * dim * 4
+    mirror_offset = _align(end) if mirror else 0
+    if mirror:
+        end = mirror_offset + rows * dim * 2
+    return weights_offset, mirror_offset, max(end, weights_offset)
+
+
+@dataclass(slots=True)
+class Placement:
+    """The memory of one table: weights, optional mirror, and the shared file if published."""
+
+    weights: torch.Tensor  # (R, D) fp32
+    mirror: torch.Tensor | None  # (R, D) bf16/fp16
+    shm: ShmTable | None = None
+
+    def refresh_mirror(self, idx: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        """mirror[idx] <- rows (U, D) fp32 rounded; everything when idx is None."""
+        if self.mirror is None:
+            return
+        if idx is None:
+            self.mirror.copy_(self.weights)
+        else:
+            assert rows is not None
+            self.mirror.index_copy_(0, idx, rows.to(self.mirror.dtype))
+
+
+class ShmTable:
+    """The shard's side of one table file: a writable mapping, header words, row tensors."""
+
+    def __init__(self, path: Path, *, shard_id: int, table: int, rows: int, dim: int, base: np.ndarray,
+                 epoch: int, mirror: torch.dtype | None, token: bytes) -> None:
+        self.path = path
+        weights_offset, mirror_offset, size = file_layout(rows=rows, dim=dim, num_slots=base.size,
+                                                          mirror=mirror is not None)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(Exception):  # best effort; tmpfs honours it with shmem_enabled=advise
+            self.mm.madvise(_MADV_HUGEPAGE, weights_offset, size - weights_offset)
+        self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64
+        np.frombuffer(self.mm, dtype="<i8", count=base.size, offset=BASE_OFFSET)[:] = base
+        self.weights = torch.frombuffer(self.mm, dtype=torch.float32, count=rows * dim,
+                                        offset=weights_offset).view(rows, dim)
+        self.mirror = None if mirror is None else torch.frombuffer(
+            self.mm, dtype=mirror, count=rows * dim, offset=mirror_offset).view(rows, dim)
+        h = self.header
+        h[H_VERSION], h[H_SEQ], h[H_APPLIED_STEP], h[H_EPOCH], h[H_RETIRED] = VERSION, 0, 0, epoch, 0
+        h[H_SHARD], h[H_TABLE], h[H_ROWS], h[H_DIM], h[H_NUM_SLOTS] = shard_id, table, rows, dim, base.size
+        h[H_MIRROR_DTYPE] = 0 if mirror is None else MIRROR_CODES[mirror]
+        h[H_WEIGHTS_OFFSET], h[H_MIRROR_OFFSET], h[H_SIZE] = weights_offset, mirror_offset, size
+        h[H_TOKEN0], h[H_TOKEN1] = np.frombuffer(token, dtype="<u8")
+        h[H_MAGIC] = MAGIC  # last: a reader that sees the magic sees a complete header
+
+    def begin_write(self) -> None:
+        self.header[H_SEQ] += 1  # odd: rows are being written
+
+    def end_write(self, applied_step: int | None = None) -> None:
+        if applied_step is not None:
+            self.header[H_APPLIED_STEP] = applied_step
+        self.header[H_SEQ] += 1  # even again
+
+    def set_applied(self, step: int) -> None:
+        self.header[H_APPLIED_STEP] = step
+
+    def retire(self) -> None:
+        self.header[H_RETIRED] = 1
+
+
+class TableMemory:
+    """Allocates table memory for a store: shared files when `shm_dir` works, else private."""
+
+    def __init__(self, *, mirror: str = "", shm_dir: str = "", namespace: str = "", shard_id: int = 0) -> None:
+        self.mirror_dtype = MIRROR_DTYPES.get(mirror) if mirror else None
+        self.shard_id = shard_id
+        self.namespace = namespace
+        self.token = secrets.token_bytes(16)  # tells a reader this file is this shard process's
+        self.dir: Path | None = None
+        self.reason = "no shm_dir configured"
+        self.published: dict[int, ShmTable] = {}
+        self._serial = 0
+        if shm_dir:
+            self.dir = self._usable_dir(Path(shm_dir))
+
+    def _usable_dir(self, path: Path) -> Path | None:
+        if not path.is_dir():
+            self.reason = f"cluster.shm_dir {path} is not a directory"
+        elif not os.access(path, os.W_OK | os.X_OK):
+            self.reason = f"cluster.shm_dir {path} is not writable"
+        else:
+            self.reason = ""
+            prefix = f"engram.{self.namespace}.shard{self.shard_id}."
+            for stale in path.glob(prefix + "*"):  # left by an earlier process of this shard that was killed
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            return path
+        log.warning("shard %d keeps its tables in private memory: %s (co-located clients use the TCP data "
+                    "plane)", self.shard_id, self.reason)
+        return None
+
+    @property
+    def shared(self) -> bool:
+        return self.dir is not None
+
+    def allocate(self, *, table: int, rows: int, dim: int, base: np.ndarray, epoch: int, alloc_private) -> Placement:
+        """A new table's memory; `alloc_private(shape)` makes private fp32 tensors."""
+        if self.dir is not None:
+            self._serial += 1
+            path = self.dir / f".{table_file_name(self.namespace, self.shard_id, table)}.new{self._serial}"
+            try:
+                shm = ShmTable(path, shard_id=self.shard_id, table=table, rows=rows, dim=dim, base=base,
+                               epoch=epoch, mirror=self.mirror_dtype, token=self.token)
+                return Placement(weights=shm.weights, mirror=shm.mirror, shm=shm)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self.reason = f"cannot create {path}: {exc}"
+                log.warning("shard %d keeps table %d in private memory: %s", self.shard_id, table, self.reason)
+        weights = alloc_private((rows, dim))
+        mirror = None if self.mirror_dtype is None else torch.empty((rows, dim), dtype=self.mirror_dtype)
+        return Placement(weights=weights, mirror=mirror)
+
+    def publish(self, placements: dict[int, Placement]) -> None:
+        """Make these tables the ones readers find by name; retire and unlink the ones they replace."""
+        for table, p in placements.items():
+            old = self.published.pop(table, None)
+            if p.shm is not None:
+                assert self.dir is not None
+                final = self.dir / table_file_name(self.namespace, self.shard_id, table)
+                os.replace(p.shm.path, final)  # atomic: a reader opens the old or the new file
+                p.shm.path = final
+                self.published[table] = p.shm
+            if old is not None:
+                old.retire()
+                if old.path != getattr(p.shm, "path", None):
+                    with contextlib.suppress(OSError):
+                        old.path.unlink()
+
+    def files(self) -> dict[int, str]:
+        return {t: s.path.name for t, s in self.published.items()}
+
+    def close(self) -> None:
+        """Retire and unlink every published file (the memory goes when the last mapping does)."""
+        for shm in self.published.values():
+            shm.retire()
+            with contextlib.suppress(OSError):
+                shm.path.unlink()
+        self.published.clear()
+
+
+def header_token(header: np.ndarray) -> bytes:
+    return header[H_TOKEN0 : H_TOKEN1 + 1].astype("<u8").tobytes()
+

@@ -1,0 +1,161 @@
+"""Shared-memory and TCP row paths vs the gRPC Lookup: 2 real shard processes + a real Redis.
+
+Every path must return bit-identical rows (fp32, bf16 from the shard's mirror, fp16 rounded
+from fp32), before and after updates, and fall back (with one warning) when shared memory is
+unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from services.client import ShardClient
+from services.launcher import LocalCluster
+from tests.fixtures_procs import expected_rows, run
+
+OVERRIDES = ["cluster.optimizer=adagrad", "engram.table_size_per_ngram=[4099,4099]"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    shm = tmp_path_factory.mktemp("shm")
+    with LocalCluster(preset="tiny", overrides=[*OVERRIDES, f"cluster.shm_dir={shm}"], num_shards=2,
+                      log_dir=tmp_path_factory.mktemp("logs"), startup_timeout_s=60) as c:
+        c.shm = shm
+        yield c
+    assert not list(shm.iterdir()), "shards left table files behind after a clean stop"
+
+
+async def _client(c: LocalCluster, path: str, dtype: str, **kw) -> ShardClient:
+    return await ShardClient.connect(c.control(), wire_dtype=dtype, row_path=path, shm_dir=str(c.shm), **kw)
+
+
+async def _lookup_all(c: LocalCluster, dtype: str, ids: np.ndarray) -> dict[str, tuple[torch.Tensor, dict]]:
+    out = {}
+    for path in ("shm", "tcp", "grpc"):
+        client = await _client(c, path, dtype)
+        try:
+            rows = await client.lookup(1, ids)
+            big = await client.lookup(1, np.arange(client.layouts[1].num_rows))  # large: threaded gathers, chunks
+            out[path] = (rows, big, dict(client.row_paths.used))
+        finally:
+            await client.close()
+            await client.control.close()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_paths_return_identical_rows(cluster: LocalCluster, dtype: str) -> None:
+    ids = np.random.default_rng(0).integers(0, 8000, size=(3, 50))  # duplicates, both shards
+    got = run(_lookup_all(cluster, dtype, ids))
+    want = expected_rows(cluster.cfg, 1, ids, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                  "fp16": torch.float16}[dtype])
+    for path, (rows, big, used) in got.items():
+        assert rows.dtype == want.dtype and torch.equal(rows.view(torch.uint8), want.view(torch.uint8)), path
+        assert torch.equal(big.view(torch.uint8), got["grpc"][1].view(torch.uint8)), path
+        assert used[path] >= 4 and sum(used.values()) == used[path], (path, used)  # no silent fallback
+
+
+def test_paths_agree_after_updates(cluster: LocalCluster) -> None:
+    async def go() -> None:
+        pusher = await _client(cluster, "grpc", "fp32")
+        try:
+            ids = np.arange(0, 4000, 3)
+            grads = torch.randn(ids.size, pusher.layouts[1].dim) * 0.1
+            opt = {"kind": "adagrad", "lr": 0.05, "eps": 1e-8}
+            stats = await pusher.stats()
+            step = max(t.applied_step for s in stats.values() for t in s.tables) + 1
+            res = await pusher.apply_gradients(1, ids, grads, step=step, optimizer=opt)
+            assert res.rows_updated == ids.size
+            master = await pusher.lookup(1, ids)  # fp32 master rows after the update
+        finally:
+            await pusher.close()
+            await pusher.control.close()
+        assert not torch.equal(master, expected_rows(cluster.cfg, 1, ids, torch.float32))
+        for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            for path in ("shm", "tcp"):
+                client = await _client(cluster, path, dtype)
+                try:
+                    rows = await client.lookup(1, ids)
+                    assert client.row_paths.used[path] == 2 == sum(client.row_paths.used.values())  # 2 shards
+                finally:
+                    await client.close()
+                    await client.control.close()
+                assert torch.equal(rows.view(torch.uint8), master.to(tdt).view(torch.uint8)), (path, dtype)
+
+    run(go())
+
+
+def test_training_lookups_carry_step_and_return_applied_step(cluster: LocalCluster) -> None:
+    async def go() -> None:
+        for path in ("shm", "tcp", "grpc"):
+            client = await _client(cluster, path, "bf16", timeout_s=0.5)
+            try:
+                routing = client._routing
+                shard = int(routing.owners[5 % client.cfg.cluster.num_slots])
+                stats = await client.stats([shard])
+                applied = stats[shard].tables[0].applied_step
+                ids = np.array([5], dtype=np.int64)
+                rows, got = await client._lookup_chunk(1, shard, ids, routing, client_deadline(), 0,
+                                                       step=applied + 1, max_staleness=0)
+                assert got == applied and rows.shape == (1, client.layouts[1].dim)
+                with pytest.raises(Exception) as info:  # 3 steps ahead of the updates: refused until the deadline
+                    await client._lookup_chunk(1, shard, ids, routing, client_deadline(0.4), 0,
+                                               step=applied + 3, max_staleness=1)
+                assert getattr(info.value, "code", None) is not None
+                assert info.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), info.value
+            finally:
+                await client.close()
+                await client.control.close()
+
+    run(go())
+
+
+def client_deadline(seconds: float = 5.0) -> float:
+    import asyncio
+
+    return asyncio.get_running_loop().time() + seconds
+
+
+def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluster, caplog) -> None:
+    async def go() -> dict:
+        client = await ShardClient.connect(cluster.control(), wire_dtype="bf16", row_path="auto",
+                                           shm_dir="/nonexistent-engram-shm")
+        try:
+            ids = np.arange(1, 2000, 3)  # rows the update test above did not touch
+            for _ in range(3):
+                rows = await client.lookup(1, ids)
+            assert torch.equal(rows, expected_rows(cluster.cfg, 1, ids))
+            return dict(client.row_paths.used)
+        finally:
+            await client.close()
+            await client.control.close()
+
+    with caplog.at_level(logging.WARNING, logger="engram.client"):
+        used = run(go())
+    assert used["shm"] == 0 and used["tcp"] == 6 and used["grpc"] == 0, used
+    warnings = [r for r in caplog.records if "shared-memory path unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "/nonexistent-engram-shm" in warnings[0].getMessage()
+
+
+def test_shard_without_shm_dir_serves_tcp(tmp_path) -> None:
+    overrides = [*OVERRIDES, "cluster.shm_dir=/nonexistent-engram-shm"]
+    with LocalCluster(preset="tiny", overrides=overrides, num_shards=1, log_dir=tmp_path,
+                      startup_timeout_s=60) as c:
+        async def go() -> dict:
+            client = await ShardClient.connect(c.control(), wire_dtype="fp16")
+            try:
+                ids = np.arange(0, 8000, 5)
+                rows = await client.lookup(1, ids)
+                assert torch.equal(rows, expected_rows(c.cfg, 1, ids, torch.float16))
+                return dict(client.row_paths.used)
+            finally:
+                await client.close()
+                await client.control.close()
+
+        used = run(go())
+    assert used == {"shm": 0, "tcp": 1, "grpc": 0}

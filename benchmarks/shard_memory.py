@@ -3,7 +3,10 @@
 Starts `python -m services.shard --standalone` holding one ~`--gib` GiB fp32 table (64-dim
 rows, all slots on the one shard) for each optimizer, and reports
 
-    ratio = RSS / (weights + optimizer state)        target: <= 1.15 for a 2 GiB table
+    ratio = RSS / (weights + optimizer state + mirror)        target: <= 1.15 for a 2 GiB table
+
+(the mirror: the bf16/fp16 copy of the weights a shard keeps with cluster.row_mirror; the
+weights and mirror live in files under cluster.shm_dir, which RSS counts once touched)
 
 at three points: READY, after `--lookups` 64K-row bf16 Lookups, and after `--updates`
 ApplyGradients of 16K rows (which exercise the gather/update temporaries), plus the peak
@@ -67,9 +70,10 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
 
         stats = stub.Stats(shard_pb2.StatsRequest(), timeout=30)
         table = stats.tables[0]
-        held = table.weight_bytes + table.state_bytes
+        held = table.weight_bytes + table.state_bytes + table.mirror_bytes
         out = {"optimizer": optimizer, "rows": table.num_rows, "dim": table.dim, "weight_bytes": table.weight_bytes,
-               "state_bytes": table.state_bytes, "boot_s": round(boot_s, 2), "rss_ready": rss()}
+               "state_bytes": table.state_bytes, "mirror_bytes": table.mirror_bytes, "boot_s": round(boot_s, 2),
+               "rss_ready": rss()}
         rng = np.random.default_rng(0)
         lat, peak = [], out["rss_ready"]
         for _ in range(lookups):
@@ -123,11 +127,12 @@ def main() -> int:
     results = [run_one(args.gib, opt, lookups=args.lookups, lookup_rows=args.lookup_rows, updates=args.updates,
                        settle_s=args.settle_s) for opt in args.optimizers.split(",")]
     gib = 1 << 30
-    print("ratio = RSS / (weights + optimizer state); target <= 1.15 (settled)")
-    print(f"{'optimizer':<9} {'weights':>8} {'state':>8} {'RSS ready':>10} {'ready':>6} {'+lookups':>9} "
+    print("ratio = RSS / (weights + optimizer state + mirror); target <= 1.15 (settled)")
+    print(f"{'optimizer':<9} {'weights':>8} {'state':>8} {'mirror':>8} {'RSS ready':>10} {'ready':>6} {'+lookups':>9} "
           f"{'+updates':>9} {'peak':>6} {'settled':>8} {'boot s':>7} {'64K bf16 p50':>13}")
     for r in results:
         print(f"{r['optimizer']:<9} {r['weight_bytes'] / gib:7.2f}G {r['state_bytes'] / gib:7.2f}G "
+              f"{r['mirror_bytes'] / gib:7.2f}G "
               f"{r['rss_ready'] / gib:9.2f}G {r['ratio_ready']:6.3f} {r['ratio_after_lookups']:9.3f} "
               f"{r['ratio_after_updates']:9.3f} {r['ratio_peak_traffic']:6.3f} {r['ratio_settled']:8.3f} "
               f"{r['boot_s']:7.1f} {r.get('lookup', {}).get('p50_ms', 0):10.1f} ms")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 ROW_PATHS = ("auto", "shm", "tcp", "grpc")
 
 

@@ -34,7 +34,6 @@ from services.client.codec import encode_lookup_request
 from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
 from services.client.handle import LookupHandle
 from services.client.ops import ShardOps
-from services.client.row_paths import RowPaths
 from services.client.routing import (
     Dedup,
     as_id_array,
@@ -45,6 +44,7 @@ from services.client.routing import (
     max_rows_per_message,
     split_by_owner,
 )
+from services.client.row_paths import RowPaths
 from services.client.state import Routing, gather_or_cancel
 from services.telemetry import traced_task
 from services.wire import ITEMSIZE, TORCH_DTYPES

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from services.client.routing import slot_of
-from services.shard.gather import gather_into
+from services.shard.gather import gather_into, void_rows
 from services.shard.shm_table import (
+    BASE_OFFSET,
     H_APPLIED_STEP,
     H_DIM,
     H_EPOCH,
@@ -38,7 +39,6 @@ from services.shard.shm_table import (
     H_SIZE,
     H_VERSION,
     H_WEIGHTS_OFFSET,
-    BASE_OFFSET,
     HEADER_WORDS,
     MAGIC,
     VERSION,
@@ -99,6 +99,7 @@ class ShmTableReader:
             code = int(h[H_MIRROR_DTYPE])
             self.mirror = None if not code else torch.frombuffer(
                 self.mm, dtype=TORCH_DTYPES[code], count=rows * dim, offset=int(h[H_MIRROR_OFFSET])).view(rows, dim)
+        self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
 
     @property
     def retired(self) -> bool:
@@ -123,7 +124,7 @@ class ShmTableReader:
         pos = self.positions(ids)
         if pos is None:
             return Miss("moved")
-        src = self.mirror if self.mirror is not None and self.mirror.dtype == out.dtype else self.weights
+        rows = self._whole_rows.get(out.dtype)  # the mirror or the weights in the wire dtype: whole-row copies
         idx = torch.from_numpy(pos)
         for attempt in range(SEQ_TRIES):
             seq = int(h[H_SEQ])
@@ -133,7 +134,10 @@ class ShmTableReader:
             applied = int(h[H_APPLIED_STEP])
             if step and step - 1 - applied > max_staleness:
                 return Miss("stale", applied_step=applied)
-            gather_into(src, idx, out)
+            if rows is not None:
+                np.take(rows, pos, out=void_rows(out), mode="clip")  # ids checked: no buffering
+            else:
+                gather_into(self.weights, idx, out)  # fp32 rounded to the wire dtype on the way
             if int(h[H_SEQ]) == seq:
                 return applied
         return Miss("busy")

@@ -31,9 +31,9 @@ from engram.layout import even_slot_map
 from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.shard import memory
+from services.shard.dataplane import DataPlane
 from services.shard.engine import ShardEngine
 from services.shard.errors import BootError, ShardError
-from services.shard.dataplane import DataPlane
 from services.shard.servicer import MemoryShardServicer, add_to_server
 from services.shard.shm_table import TableMemory, local_host_id
 from services.shard.store import ShardStore

@@ -40,7 +40,7 @@ HEADER_WORDS = 512
 BASE_OFFSET = HEADER_WORDS * 8
 ALIGN = 2 << 20  # row arrays start on 2 MiB boundaries (huge pages where tmpfs allows them)
 (H_MAGIC, H_VERSION, H_SEQ, H_APPLIED_STEP, H_EPOCH, H_RETIRED, H_SHARD, H_TABLE, H_ROWS, H_DIM, H_NUM_SLOTS,
- H_MIRROR_DTYPE, H_WEIGHTS_OFFSET, H_MIRROR_OFFSET, H_TOKEN0, H_TOKEN1, H_SIZE) = range(17)
+ H_MIRROR_DTYPE, H_WEIGHTS_OFFSET, H_MIRROR_OFFSET, H_TOKEN0, H_TOKEN1, H_SIZE, H_PID) = range(18)
 MIRROR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIRROR_CODES = {torch.bfloat16: 2, torch.float16: 3}  # = shard_pb2.WireDtype BF16 / FP16 (checked in tests)
 _MADV_HUGEPAGE = 14
@@ -98,6 +98,7 @@ class ShmTable:
                                                           mirror=mirror is not None)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            self.inode = os.fstat(fd).st_ino
             os.ftruncate(fd, size)
             self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
@@ -116,6 +117,7 @@ class ShmTable:
         h[H_MIRROR_DTYPE] = 0 if mirror is None else MIRROR_CODES[mirror]
         h[H_WEIGHTS_OFFSET], h[H_MIRROR_OFFSET], h[H_SIZE] = weights_offset, mirror_offset, size
         h[H_TOKEN0], h[H_TOKEN1] = np.frombuffer(token, dtype="<u8")
+        h[H_PID] = os.getpid()
         h[H_MAGIC] = MAGIC  # last: a reader that sees the magic sees a complete header
 
     def begin_write(self) -> None:
@@ -131,6 +133,12 @@ class ShmTable:
 
     def retire(self) -> None:
         self.header[H_RETIRED] = 1
+
+    def unlink(self) -> None:
+        """Remove the name if it is still this file's (another process may have replaced it)."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                self.path.unlink()
 
 
 class TableMemory:
@@ -155,10 +163,11 @@ class TableMemory:
             self.reason = f"cluster.shm_dir {path} is not writable"
         else:
             self.reason = ""
-            prefix = f"engram.{self.namespace}.shard{self.shard_id}."
-            for stale in path.glob(prefix + "*"):  # left by an earlier process of this shard that was killed
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+            name = f"engram.{self.namespace}.shard{self.shard_id}."
+            for stale in [*path.glob(name + "*"), *path.glob("." + name + "*")]:
+                if not _owner_alive(stale):  # left by an earlier process of this shard that was killed
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
             return path
         log.warning("shard %d keeps its tables in private memory: %s (co-located clients use the TCP data "
                     "plane)", self.shard_id, self.reason)
@@ -172,7 +181,7 @@ class TableMemory:
         """A new table's memory; `alloc_private(shape)` makes private fp32 tensors."""
         if self.dir is not None:
             self._serial += 1
-            path = self.dir / f".{table_file_name(self.namespace, self.shard_id, table)}.new{self._serial}"
+            path = self.dir / f".{table_file_name(self.namespace, self.shard_id, table)}.{os.getpid()}.{self._serial}"
             try:
                 shm = ShmTable(path, shard_id=self.shard_id, table=table, rows=rows, dim=dim, base=base,
                                epoch=epoch, mirror=self.mirror_dtype, token=self.token)
@@ -198,9 +207,7 @@ class TableMemory:
                 self.published[table] = p.shm
             if old is not None:
                 old.retire()
-                if old.path != getattr(p.shm, "path", None):
-                    with contextlib.suppress(OSError):
-                        old.path.unlink()
+                old.unlink()  # a no-op when the new file took its name
 
     def files(self) -> dict[int, str]:
         return {t: s.path.name for t, s in self.published.items()}
@@ -209,9 +216,24 @@ class TableMemory:
         """Retire and unlink every published file (the memory goes when the last mapping does)."""
         for shm in self.published.values():
             shm.retire()
-            with contextlib.suppress(OSError):
-                shm.path.unlink()
+            shm.unlink()
         self.published.clear()
+
+
+def _owner_alive(path: Path) -> bool:
+    """Does the process that wrote this table file still run (in this PID namespace)?"""
+    try:
+        with path.open("rb") as f:
+            head = np.frombuffer(f.read(8 * (H_PID + 1)), dtype="<u8")
+        pid = int(head[H_PID]) if head.size > H_PID and int(head[H_MAGIC]) == MAGIC else 0
+        if pid <= 0 or pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):
+        return True  # cannot tell (another user's process, an unreadable file): leave it
+    return True
 
 
 def header_token(header: np.ndarray) -> bytes:

@@ -101,7 +101,7 @@ def test_concurrent_lookups_and_a_handle_awaited_later(cluster: LocalCluster) ->
 
 def test_request_over_the_message_limit_is_chunked(cluster: LocalCluster) -> None:
     async def main() -> None:
-        client = await connect(cluster)
+        client = await connect(cluster, row_path="grpc")  # the gRPC Lookup's chunking (other paths: test_row_paths)
         try:
             ids = np.random.default_rng(3).permutation(READ_ONLY_ROWS)  # 1.2 MB of ids, 2.4 MB of rows
             before = await client.stats()
@@ -120,9 +120,10 @@ def test_request_over_the_message_limit_is_chunked(cluster: LocalCluster) -> Non
     run(main())
 
 
-def test_stopped_shard_gives_a_clear_deadline_error_and_others_answer(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("row_path", ["tcp", "grpc"])  # shm keeps reading a stopped shard's memory
+def test_stopped_shard_gives_a_clear_deadline_error_and_others_answer(cluster: LocalCluster, row_path: str) -> None:
     async def main() -> None:
-        client = await connect(cluster)
+        client = await connect(cluster, row_path=row_path)
         try:
             owners = np.asarray(client.owners)
             ids = np.arange(0, 2000)

@@ -34,9 +34,10 @@ class _Conn:
 
 
 class DataPlaneClient:
-    def __init__(self, address: str, *, shard_id: int | None = None) -> None:
+    def __init__(self, address: str, *, shard_id: int | None = None, shard_address: str = "") -> None:
         host, _, port = address.rpartition(":")
         self.address = address
+        self.shard_address = shard_address or address  # the shard's gRPC address: its name in errors
         self.host, self.port = host.strip("[]"), int(port)
         self.shard_id = shard_id
         self._idle: list[_Conn] = []
@@ -60,7 +61,8 @@ class DataPlaneClient:
         raise DataPlaneDown(f"cannot connect to the data plane at {self.address}: {last}")
 
     def _error(self, code: Code, message: str) -> ShardError:
-        return ShardError(code, message, address=self.address, shard_id=self.shard_id, call="Lookup (data plane)")
+        return ShardError(code, message, address=self.shard_address, shard_id=self.shard_id,
+                          call=f"Lookup (data plane at {self.address})")
 
     async def lookup(
         self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0

@@ -168,20 +168,20 @@ class RowPaths:
     async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         if peer.tcp is None:
-            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id)
+            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id, shard_address=address)
         attempt = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=peer.data_address,
-                                 shard_id=shard_id, call="Lookup (data plane)")
+                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
+                                 shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})")
             try:
                 return await asyncio.wait_for(peer.tcp.lookup(
                     table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness),
                     remaining)
             except TimeoutError:
-                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=peer.data_address,
-                                 shard_id=shard_id, call="Lookup (data plane)") from None
+                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
+                                 shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})") from None
             except DataPlaneDown as exc:
                 self._fallback("tcp", peer, address, str(exc))
                 peer.tcp_off = ""  # try the data plane again next call; this one goes over gRPC

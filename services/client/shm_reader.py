@@ -43,6 +43,7 @@ from services.shard.shm_table import (
     MAGIC,
     VERSION,
     header_token,
+    mapped,
 )
 from services.wire import TORCH_DTYPES
 
@@ -94,11 +95,10 @@ class ShmTableReader:
         self.shift = num_slots.bit_length() - 1 if num_slots & (num_slots - 1) == 0 else -1
         with warnings.catch_warnings():  # read-only mapping: these tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            self.weights = torch.frombuffer(self.mm, dtype=torch.float32, count=rows * dim,
-                                            offset=int(h[H_WEIGHTS_OFFSET])).view(rows, dim)  # (R, D)
+            self.weights = mapped(self.mm, torch.float32, rows, dim, int(h[H_WEIGHTS_OFFSET]))  # (R, D)
             code = int(h[H_MIRROR_DTYPE])
-            self.mirror = None if not code else torch.frombuffer(
-                self.mm, dtype=TORCH_DTYPES[code], count=rows * dim, offset=int(h[H_MIRROR_OFFSET])).view(rows, dim)
+            self.mirror = None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim,
+                                                        int(h[H_MIRROR_OFFSET]))  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
 
     @property

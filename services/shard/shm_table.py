@@ -51,6 +51,13 @@ def local_host_id(configured: str) -> str:
     return configured or socket.gethostname()
 
 
+def mapped(buf, dtype: torch.dtype, rows: int, dim: int, offset: int) -> torch.Tensor:
+    """(rows, dim) tensor on buf at offset (an empty one for a shard owning no rows)."""
+    if rows * dim == 0:
+        return torch.empty((rows, dim), dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=rows * dim, offset=offset).view(rows, dim)
+
+
 def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -107,10 +114,8 @@ class ShmTable:
             self.mm.madvise(_MADV_HUGEPAGE, weights_offset, size - weights_offset)
         self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64
         np.frombuffer(self.mm, dtype="<i8", count=base.size, offset=BASE_OFFSET)[:] = base
-        self.weights = torch.frombuffer(self.mm, dtype=torch.float32, count=rows * dim,
-                                        offset=weights_offset).view(rows, dim)
-        self.mirror = None if mirror is None else torch.frombuffer(
-            self.mm, dtype=mirror, count=rows * dim, offset=mirror_offset).view(rows, dim)
+        self.weights = mapped(self.mm, torch.float32, rows, dim, weights_offset)  # (R, D)
+        self.mirror = None if mirror is None else mapped(self.mm, mirror, rows, dim, mirror_offset)  # (R, D)
         h = self.header
         h[H_VERSION], h[H_SEQ], h[H_APPLIED_STEP], h[H_EPOCH], h[H_RETIRED] = VERSION, 0, 0, epoch, 0
         h[H_SHARD], h[H_TABLE], h[H_ROWS], h[H_DIM], h[H_NUM_SLOTS] = shard_id, table, rows, dim, base.size
@@ -166,6 +171,7 @@ class TableMemory:
             name = f"engram.{self.namespace}.shard{self.shard_id}."
             for stale in [*path.glob(name + "*"), *path.glob("." + name + "*")]:
                 if not _owner_alive(stale):  # left by an earlier process of this shard that was killed
+                    _retire_file(stale)  # readers that still map it reopen by name and find this process's
                     with contextlib.suppress(OSError):
                         stale.unlink()
             return path
@@ -234,6 +240,14 @@ def _owner_alive(path: Path) -> bool:
     except (OSError, ValueError):
         return True  # cannot tell (another user's process, an unreadable file): leave it
     return True
+
+
+def _retire_file(path: Path) -> None:
+    with contextlib.suppress(OSError, ValueError), path.open("r+b") as f:
+        head = np.frombuffer(f.read(8 * (H_RETIRED + 1)), dtype="<u8")
+        if head.size > H_RETIRED and int(head[H_MAGIC]) == MAGIC:
+            f.seek(8 * H_RETIRED)
+            f.write(np.array([1], dtype="<u8").tobytes())
 
 
 def header_token(header: np.ndarray) -> bytes:

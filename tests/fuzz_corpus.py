@@ -132,7 +132,7 @@ class Corpus:
         gbytes = grads.tobytes()
         if self.rng.random() < 0.2:
             gbytes = gbytes[: int(self.rng.integers(len(gbytes) + 1))]
-        multi = self.rng.random() < 0.2
+        multi = self.rng.random() < 0.05
         return shard_pb2.ApplyGradientsRequest(
             table=self.pick([t.table, t.table, t.table, -7, I32]), epoch=self.pick([epoch, epoch, epoch, 0, U64]),
             row_ids=ids.tobytes(), grads=gbytes,

@@ -11,7 +11,7 @@ import asyncio
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -31,7 +31,7 @@ from tests.fuzz_corpus import SERVICE, STREAMING, Corpus, Target, valid_step
 pytestmark = pytest.mark.timeout(170)
 N_CASES = 10_000
 SEED = int(os.environ.get("ENGRAM_FUZZ_SEED", "20261130"))
-LIMITS = {"max_message_mb": 1, "pending_step_timeout_s": 2, "freeze_lease_s": 2, "migrate_timeout_s": 5,
+LIMITS = {"max_message_mb": 1, "pending_step_timeout_s": 1, "freeze_lease_s": 1, "migrate_timeout_s": 5,
           "inflight_mb": 64}
 CFG = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in LIMITS.items()])
 TABLE, LAYOUT = next(iter(table_layouts(CFG.engram).items()))
@@ -68,7 +68,9 @@ def _state(stub, directory: Path) -> dict[str, torch.Tensor]:
 def _replay(state: dict[str, torch.Tensor], accepted: list[shard_pb2.ApplyGradientsRequest]) -> None:
     for req in sorted(accepted, key=lambda r: r.step):
         ids = torch.from_numpy(np.frombuffer(req.row_ids, dtype="<i8").copy())
-        g = torch.frombuffer(bytearray(req.grads), dtype=torch.float32).view(-1, DIM)
+        if not ids.numel():
+            continue  # an empty update only advances the applied step
+        g = torch.from_numpy(np.frombuffer(req.grads, dtype=np.float32).copy()).view(-1, DIM)
         o = req.optimizer
         w, m, v = (state[k][ids] for k in ("w", "m", "v"))
         lazy_adam_(w, m, v, g, step=req.step, p=AdamParams(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps))
@@ -119,18 +121,28 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
                 applied[i] = max(applied[i], req.step)
 
     t0 = time.monotonic()
+    window = threading.BoundedSemaphore(16)  # cases are made when a slot frees, so they see fresh applied steps
+
+    def submit(pool: ThreadPoolExecutor, *args) -> Future:
+        window.acquire()
+        fut = pool.submit(run, *args)
+        fut.add_done_callback(lambda _: window.release())
+        return fut
+
     with ThreadPoolExecutor(8) as pool:
         futs = []
         for k in range(N_CASES):
             i = k % 2
-            if k % 40 == 0:  # a legal update every so often: the only kind of write allowed to change rows
+            if k % 20 < 2:  # a legal update, on both shards, every so often: the only kind of write allowed to change rows
                 req = valid_step(rng, targets[i], epoch=1, step=applied[i] + 1)
-                futs.append(pool.submit(run, i, "ApplyGradients", req.SerializeToString(), "valid"))
+                futs.append(submit(pool, i, "ApplyGradients", req.SerializeToString(), "valid"))
             c = corpus.case(targets[i], epoch=1, applied=applied[i])
-            futs.append(pool.submit(run, i, c.rpc, c.payload, c.note))
+            futs.append(submit(pool, i, c.rpc, c.payload, c.note))
         for f in futs:
             f.result()
     corpus_s = time.monotonic() - t0
+    print(f"fuzz: {sum(counts.values())} requests in {corpus_s:.1f} s; accepted updates "
+          f"{[len(a) for a in accepted]}; codes {sorted(counts.items())}")
     assert sum(counts.values()) >= N_CASES
     assert {rpc for rpc, _ in counts} == {"Lookup", "LookupStream", "ApplyGradients", "Checkpoint", "Restore",
                                           "MigrateSlots", "ImportSlots", "SetSlotMap", "Stats"}
@@ -165,11 +177,9 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
         for k in ("w", "m", "v"):
             assert torch.equal(after[k].isnan(), expected[k].isnan())
             assert torch.equal(after[k].nan_to_num(), expected[k].nan_to_num()), (i, k)
-        assert len(accepted[i]) >= 3, f"shard {i}: too few accepted updates to test the checksum ({len(accepted[i])})"
+        assert len(accepted[i]) >= 20, f"shard {i}: too few accepted updates to test the checksum ({len(accepted[i])})"
         log = procs[i].stderr()
         assert "Traceback" not in log, log[-3000:]
         assert "bad request" in log
     for ch in channels:
         ch.close()
-    print(f"fuzz: {sum(counts.values())} requests in {corpus_s:.1f} s; accepted updates "
-          f"{[len(a) for a in accepted]}; codes {sorted(counts.items())}")

@@ -48,6 +48,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         cmd = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
             cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             cmd += ["--appendonly", "no"]

@@ -32,14 +32,15 @@ def _cp(redis: RedisServer, ns: str) -> ControlPlane:
 
 
 async def _init(redis: RedisServer, ns: str) -> None:
+    """One shard: each test restarts it, and a shard boot is the slow part on a busy CI box."""
     cp = _cp(redis, ns)
     try:
-        await cp.init_cluster(CFG, num_shards=2)
+        await cp.init_cluster(CFG, num_shards=1)
     finally:
         await cp.close()
 
 
-def _shards(redis: RedisServer, ns: str, ids=(0, 1)) -> list[ShardProcess]:
+def _shards(redis: RedisServer, ns: str, ids=(0,)) -> list[ShardProcess]:
     return [ShardProcess(["--preset", "tiny", "--set", f"cluster.redis_url={redis.url}", "--set",
                           f"cluster.namespace={ns}", "--shard-id", str(i)]) for i in ids]
 
@@ -55,7 +56,7 @@ def _wait(what: str, check, timeout_s: float = 20.0):
     while True:
         try:
             got = check()
-            if got:
+            if got is not None and got is not False:
                 return got
         except Exception as exc:  # noqa: BLE001 - retried until the deadline, then re-raised
             if time.monotonic() > deadline:
@@ -92,11 +93,11 @@ def test_redis_killed_and_restarted_with_aof_cluster_resumes(shard_procs, tmp_pa
         # no operator action: a new client connects and reads the same rows, a restarted shard boots
         after = _wait("a new client after the restart", lambda: asyncio.run(_lookup_all(redis, "aof")))
         assert torch.equal(after, before)
-        shards[1].kill()
-        again = start_all(_shards(redis, "aof", ids=(1,)))
+        shards[0].kill()
+        again = start_all(_shards(redis, "aof"))  # boots from the layout and slot map the AOF kept
         shard_procs.extend(again)
-        got = _wait("lookups with shard 1 restarted", lambda: asyncio.run(_lookup_all(redis, "aof")))
-        assert got.shape == before.shape
+        got = _wait("lookups with the shard restarted", lambda: asyncio.run(_lookup_all(redis, "aof")))
+        assert got.shape == before.shape and not torch.equal(got, before)  # no checkpoint: fresh rows again
     finally:
         redis.stop()
 
@@ -116,7 +117,7 @@ def test_redis_restarted_empty_shards_republish_layout_and_slot_map(shard_procs,
             try:
                 smap, cfg = await cp.slot_map(), await cp.config()
                 alive = [s.shard_id for s in await cp.shards() if s.alive]
-                return smap.epoch == 1 and cfg.engram.layer_ids == CFG.engram.layer_ids and alive == [0, 1]
+                return smap.epoch == 1 and cfg.engram.layer_ids == CFG.engram.layer_ids and alive == [0]
             finally:
                 await cp.close()
 
@@ -124,7 +125,7 @@ def test_redis_restarted_empty_shards_republish_layout_and_slot_map(shard_procs,
         assert torch.equal(asyncio.run(_lookup_all(redis, "bare")), before)
         assert any("re-published" in p.stderr() for p in shards)
         shards[0].kill()  # a shard that restarts now boots from the re-published layout
-        shard_procs.extend(start_all(_shards(redis, "bare", ids=(0,))))
+        shard_procs.extend(start_all(_shards(redis, "bare")))
         assert _wait("lookups with shard 0 restarted", lambda: asyncio.run(_lookup_all(redis, "bare"))).shape == before.shape
     finally:
         redis.stop()

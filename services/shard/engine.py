@@ -39,7 +39,7 @@ from services.shard import checkpoint as ckpt
 from services.shard.aggregate import StepAggregator
 from services.shard.errors import Code, ShardError, invalid, precondition
 from services.shard.gather import LookupResult
-from services.shard.limits import InflightBudget
+from services.shard.limits import InflightBudget, check_directory, check_target
 from services.shard.memory import Trimmer
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
@@ -48,23 +48,7 @@ from services.wire import ITEMSIZE
 
 T = TypeVar("T")
 INLINE_LOOKUP_ROWS = 256  # smaller lookups skip the thread hop
-MAX_PATH_CHARS = 4096
 log = logging.getLogger("engram.shard")
-
-
-def check_directory(directory: str) -> None:
-    if not directory:
-        raise invalid("directory: required")
-    if len(directory) > MAX_PATH_CHARS or "\0" in directory:
-        raise invalid(f"directory: not a usable path ({len(directory)} characters{', has NUL' if chr(0) in directory else ''})")
-
-
-def check_target(target: str) -> None:
-    """`host:port` of a peer shard, nothing else (no unix: or other channel schemes)."""
-    host, _, port = target.rpartition(":")
-    ok = 0 < len(target) <= 255 and host and "/" not in target and port.isdigit() and 0 < int(port) < 65536
-    if not ok or any(c.isspace() or not c.isprintable() for c in target):
-        raise invalid(f"target: {target[:80]!r} is not host:port of a shard")
 
 
 class ShardEngine:

@@ -7,6 +7,7 @@
 - `InflightBudget`: bytes of requests being handled (request + reply + temporaries, and the
   parts of pending sync steps); a request that would go beyond the cap is refused with
   RESOURCE_EXHAUSTED before it allocates anything.
+- `check_directory`, `check_target`: paths and peer addresses a request may name.
 - `BadRequestLog`: one log line per refused request, at most `per_s` lines a second (then a
   count of the lines left out), never a traceback.
 """
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from services.shard.errors import Code, ShardError
+from services.shard.errors import Code, ShardError, invalid
 from services.telemetry import record_shard_event
 
 
@@ -120,3 +121,21 @@ class BadRequestLog:
         self.lines += 1
         text = str(error)
         self.log.warning("bad request: %s refused: %s", what, text if len(text) <= 300 else text[:300] + "...")
+
+
+MAX_PATH_CHARS = 4096
+
+
+def check_directory(directory: str) -> None:
+    if not directory:
+        raise invalid("directory: required")
+    if len(directory) > MAX_PATH_CHARS or "\0" in directory:
+        raise invalid(f"directory: not a usable path ({len(directory)} characters{', has NUL' if chr(0) in directory else ''})")
+
+
+def check_target(target: str) -> None:
+    """`host:port` of a peer shard, nothing else (no unix: or other channel schemes)."""
+    host, _, port = target.rpartition(":")
+    ok = 0 < len(target) <= 255 and host and "/" not in target and port.isdigit() and 0 < int(port) < 65536
+    if not ok or any(c.isspace() or not c.isprintable() for c in target):
+        raise invalid(f"target: {target[:80]!r} is not host:port of a shard")

@@ -25,16 +25,18 @@ class ShardSilent(Exception):
 
 
 def heartbeat_alive(url: str, namespace: str) -> Callable[[int], bool]:
-    """-> alive(shard_id): False only when the control plane answers and the shard's key is gone.
+    """-> alive(shard_id): False only when the control plane answers, knows the shard, and its key is gone.
 
-    A control plane that cannot be reached says nothing about the shard: counted as alive.
+    A control plane that cannot be reached, or that lost the registry (a Redis restarted empty,
+    before the shard's next beat registers it again), says nothing about the shard: alive.
     """
 
     def alive(shard_id: int) -> bool:
         async def read() -> bool:
             cp = ControlPlane.connect(url, namespace, timeout_s=1.0, retries=0)
             try:
-                return any(s.alive for s in await cp.shards() if s.shard_id == shard_id)
+                records = [s for s in await cp.shards() if s.shard_id == shard_id]
+                return not records or records[0].alive
             finally:
                 await cp.close()
 

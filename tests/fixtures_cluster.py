@@ -31,10 +31,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a loopback port, no persistence; stop/start keeps the port."""
+    """A throwaway redis-server on a loopback port; stop/start keeps the port (and `data_dir`).
 
-    def __init__(self, port: int | None = None) -> None:
+    No persistence, unless `data_dir` is given: then AOF there (appendonly yes, appendfsync everysec).
+    """
+
+    def __init__(self, port: int | None = None, *, data_dir: Path | None = None) -> None:
         self.port = port or free_port()
+        self.data_dir = data_dir
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -42,7 +46,12 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        cmd = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            cmd += ["--appendonly", "no"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

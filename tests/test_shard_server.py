@@ -133,7 +133,7 @@ def test_every_bad_request_is_refused_and_changes_nothing(two_shards):
     c = clients[0]
     owners = even_slot_map(NSLOTS, 2)
     mine, theirs = rows_of(owners, 0)[:64], rows_of(owners, 1)[:4]
-    c.apply(mine, torch.ones(64, DIM), step=10)
+    c.apply(mine, torch.ones(64, DIM), step=1)
     before = c.lookup(mine)
     g, s = torch.ones(4, DIM), grpc.StatusCode
     nan = g.clone()
@@ -151,19 +151,20 @@ def test_every_bad_request_is_refused_and_changes_nothing(two_shards):
          s.INVALID_ARGUMENT, "dtype: 7 is not a wire dtype"),
         (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\0" * (2 << 20), dtype=1), timeout=5),
          s.RESOURCE_EXHAUSTED),  # over cluster.max_message_mb=1: refused by grpc itself
-        (lambda: c.apply(mine[:4], nan, step=11), s.INVALID_ARGUMENT, "1 non-finite values (NaN/Inf) in 1 rows of table"),
-        (lambda: c.apply(mine[:4], g, step=10), s.FAILED_PRECONDITION, "step 10 for table 1 is from the past"),
-        (lambda: c.apply(mine[:4], g[:3], step=11), s.INVALID_ARGUMENT, "grads:", "expected 128 for 4 rows"),
-        (lambda: c.apply(mine[[0, 1, 1, 2]], g, step=11), s.INVALID_ARGUMENT, f"row {mine[1]} appears 2 times"),
-        (lambda: c.apply(theirs, g, step=11), s.FAILED_PRECONDITION, "owned by shard 1"),
-        (lambda: c.apply(mine[:4], g, step=11, epoch=7), s.UNAVAILABLE, "not seen epoch 7"),
-        (lambda: c.apply(np.array([-4, *mine[:3]]), g, step=11), s.OUT_OF_RANGE, "first: -4 at index 0"),
+        (lambda: c.apply(mine[:4], nan, step=2), s.INVALID_ARGUMENT, "1 non-finite values (NaN/Inf) in 1 rows of table"),
+        (lambda: c.apply(mine[:4], g, step=1), s.FAILED_PRECONDITION, "step 1 for table 1 is from the past"),
+        (lambda: c.apply(mine[:4], g, step=1 << 63), s.FAILED_PRECONDITION, "too far ahead", "max_step_jump=1"),
+        (lambda: c.apply(mine[:4], g[:3], step=2), s.INVALID_ARGUMENT, "grads:", "expected 128 for 4 rows"),
+        (lambda: c.apply(mine[[0, 1, 1, 2]], g, step=2), s.INVALID_ARGUMENT, f"row {mine[1]} appears 2 times"),
+        (lambda: c.apply(theirs, g, step=2), s.FAILED_PRECONDITION, "owned by shard 1"),
+        (lambda: c.apply(mine[:4], g, step=2, epoch=7), s.UNAVAILABLE, "not seen epoch 7"),
+        (lambda: c.apply(np.array([-4, *mine[:3]]), g, step=2), s.OUT_OF_RANGE, "first: -4 at index 0"),
     ]
     for call, code, *texts in cases:
         expect_error(call, code, *texts)
         assert c.serving() == health_pb2.HealthCheckResponse.SERVING
     assert torch.equal(c.lookup(mine), before)
-    assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 10
+    assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 1
 
 
 def test_apply_gradients_over_the_wire_equals_local_optimizer(two_shards):

@@ -28,18 +28,19 @@ import torch
 from engram.config import Config
 from engram.row_optim import AdamParams
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.client.errors import ShardError
+from services.control.liveness import ShardSilent, heartbeat_alive, result_while_alive
 from services.control.store import ControlPlane
 from services.wire import pack_ids, pack_rows, unpack_rows, wire_dtype
 
 _MAX_LOOKUP_ROWS = 1 << 16  # rows per Lookup message when pulling whole tables
 
 
-class ShardRequestError(RuntimeError):
-    """A shard refused a request; the message names the shard, the call and the shard's reason."""
+class ShardRequestError(ShardError):
+    """A shard refused a request, or stopped heartbeating during it; names the shard, the call and the reason.
 
-    def __init__(self, what: str, address: str, err: grpc.RpcError) -> None:
-        self.code = err.code()
-        super().__init__(f"{what} at shard {address}: {self.code.name}: {err.details()}")
+    Picklable (services.client.errors.ShardError): it reaches the Ray driver with its cause.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,8 @@ class ShardRows:
         self.wire = wire_dtype(c.wire_dtype)
         self.kind = c.optimizer
         self.refresh()
+        self._alive = heartbeat_alive(c.redis_url, c.namespace)
+        self._check_every_s = max(0.5, min(2.0, c.heartbeat_ttl_s / 2))
         opts = [("grpc.max_send_message_length", c.max_message_mb << 20),
                 ("grpc.max_receive_message_length", c.max_message_mb << 20)]
         self.channels = {sid: grpc.insecure_channel(addr, options=opts) for sid, addr in self.addresses.items()}
@@ -96,10 +99,19 @@ class ShardRows:
         return self.owners[ids % len(self.owners)]  # (n,) shard id per row
 
     def _call(self, what: str, sid: int, fut: grpc.Future) -> Any:
+        address = self.addresses[sid]
         try:
-            return fut.result()
+            return result_while_alive(fut, alive=lambda: self._alive(sid), check_every_s=self._check_every_s)
+        except ShardSilent:
+            ttl = self.cfg.cluster.heartbeat_ttl_s
+            raise ShardRequestError(
+                grpc.StatusCode.UNAVAILABLE, f"the shard stopped heartbeating (no beat for over {ttl:g} s, "
+                "cluster.heartbeat_ttl_s) while the call waited: it is stopped, hung or cut off",
+                address=address, shard_id=sid, call=what,
+            ) from None
         except grpc.RpcError as err:
-            raise ShardRequestError(what, self.addresses[sid], err) from None
+            raise ShardRequestError(err.code() or grpc.StatusCode.UNKNOWN, err.details() or "(no details)",
+                                    address=address, shard_id=sid, call=what) from None
 
     # ---------------------------------------------------------------------------------------
     # rows

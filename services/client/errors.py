@@ -4,6 +4,9 @@ Every failure a caller sees is a `ShardError` carrying the gRPC status code, the
 message, and which shard (id and address) and call it came from. Retries follow a
 `RetryPolicy`: exponential backoff with jitter, only for idempotent calls and only on codes
 that say "try again" (UNAVAILABLE, DEADLINE_EXCEEDED while time is left).
+
+`ShardError` pickles with every field (it crosses Ray from a training worker to the driver,
+whose message must show the real cause, not a TypeError from rebuilding the exception).
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ class ShardError(RuntimeError):
         if address:
             where += f" at {address}"
         super().__init__(f"{call or 'call'} to {where} failed: {code.name}: {message}")
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.code.name, self.message, self.address, self.shard_id, self.call)
+
+
+def _rebuild(cls: type[ShardError], code: str, message: str, address: str, shard_id: int | None, call: str):
+    return cls(Code[code], message, address=address, shard_id=shard_id, call=call)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

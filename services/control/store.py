@@ -214,6 +214,37 @@ class ControlPlane:
         except WatchError:
             raise ValueError(f"slot map changed concurrently (expected epoch {expected_epoch})") from None
 
+    async def republish(self, cfg: Config, slot_map: SlotMap | None) -> list[str]:
+        """Put back what a Redis restart lost, from a shard's own state -> what was written.
+
+        The layout is written only where it is missing; the slot map where it is missing or at
+        an older epoch than `slot_map` (the shard saw a newer map that Redis lost). Never
+        overwrites anything newer, so several shards may call this at once.
+        """
+        layout_key, map_key = self._key("layout"), self._key("slotmap")
+
+        async def run() -> list[str]:
+            async with self._r.pipeline(transaction=True) as pipe:
+                await pipe.watch(layout_key, map_key)
+                has_layout = await pipe.exists(layout_key)
+                current = await pipe.get(map_key)
+                wrote = []
+                pipe.multi()
+                if not has_layout:
+                    pipe.set(layout_key, _pack(cfg.to_dict()))
+                    wrote.append("the layout")
+                if slot_map is not None and (current is None or int(_unpack(current)["epoch"]) < slot_map.epoch):
+                    pipe.set(map_key, _pack({"epoch": slot_map.epoch, "owners": list(slot_map.owners)}))
+                    wrote.append(f"the slot map (epoch {slot_map.epoch})")
+                if wrote:
+                    await pipe.execute()
+                return wrote
+
+        try:
+            return await self._call("re-publishing the layout and slot map", run)
+        except WatchError:
+            return []  # another shard re-published first
+
     # ---------------------------------------------------------------------------------------
     # shard registry
 

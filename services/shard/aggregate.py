@@ -11,12 +11,17 @@ Rules (per table; the engine holds the table's update lock around every call):
   is applied, bounded by the engine's `pending_wait_s` (then ABORTED); a part of an
   *earlier* step that is not yet applied is FAILED_PRECONDITION (it arrived too late);
 - each part is fully validated on arrival, so a bad part is refused alone and the pending
-  step is not disturbed.
+  step is not disturbed;
+- a step still missing parts `pending_step_timeout_s` after its first part arrived is
+  discarded whole (`expire`): its parts are dropped, nothing is applied, waiters wake up, and
+  the engine counts it (`steps_discarded`). The trainer then sees the step refused and fails
+  loudly instead of the shard refusing checkpoints and slot changes forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +39,8 @@ class PendingStep:
     version: int
     parts: dict[str, Update] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set once applied (or abandoned)
+    started: float = field(default_factory=time.monotonic)
+    nbytes: int = 0  # gradient bytes held by the parts (counted in the engine's in-flight budget)
 
 
 def merge_parts(parts: list[Update]) -> Update:
@@ -82,12 +89,19 @@ class StepAggregator:
                 f"({len(pend.parts)} of {pend.num_parts} parts in)"
             )
         pend.parts[part_id] = upd
+        pend.nbytes += upd.grads.nbytes + upd.rows.nbytes
         if len(pend.parts) < pend.num_parts:
             return None
         return merge_parts([pend.parts[k] for k in sorted(pend.parts)])
 
-    def finish(self, table: int) -> None:
-        """The pending step of `table` was applied: wake the parts of later steps waiting on it."""
+    def finish(self, table: int) -> PendingStep | None:
+        """The pending step of `table` was applied (or discarded): wake the parts of later steps waiting on it."""
         pend = self._pending.pop(table, None)
         if pend is not None:
             pend.done.set()
+        return pend
+
+    def expired(self, timeout_s: float) -> list[int]:
+        """Tables whose pending step has waited more than `timeout_s` for its missing parts."""
+        now = time.monotonic()
+        return [t for t, p in self._pending.items() if now - p.started > timeout_s]

@@ -105,7 +105,7 @@ def fsync_dir(path: str | Path) -> None:
 
 def resolve(directory: str, rel: str) -> Path:
     """A manifest path, which must stay inside the checkpoint directory."""
-    if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+    if not rel or "\0" in rel or len(rel) > 4096 or os.path.isabs(rel) or ".." in Path(rel).parts:
         raise invalid(f"slot file path {rel!r} must be relative to the checkpoint directory")
     return Path(directory) / rel
 

@@ -9,6 +9,13 @@ Concurrency model:
   another, and a cancelled call's update is either fully applied or not started);
 - admin operations (checkpoint, restore, migration, slot map) are serialised by one admin lock
   and take the table locks they need, always in table order.
+
+Bounds (cluster.* in engram/config.py; see services/shard/limits.py): a step may advance a
+table's applied_step by at most `max_step_jump`, a slot map its epoch by `max_epoch_jump`;
+a multi-part step has at most `max_step_parts` parts and is discarded after
+`pending_step_timeout_s`; migration freezes and staged imports lift after `freeze_lease_s`;
+requests in flight (and pending parts) hold at most `inflight_mb`. `housekeeping()` expires
+what nobody comes back for.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +32,23 @@ from typing import TypeVar
 import grpc
 import psutil
 
+from engram.config import ClusterConfig
 from engram.layout import slot_num_rows
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.shard import checkpoint as ckpt
 from services.shard.aggregate import StepAggregator
 from services.shard.errors import Code, ShardError, invalid, precondition
 from services.shard.gather import LookupResult
+from services.shard.limits import InflightBudget, check_directory, check_target
 from services.shard.memory import Trimmer
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
+from services.telemetry import record_shard_event
+from services.wire import ITEMSIZE
 
 T = TypeVar("T")
 INLINE_LOOKUP_ROWS = 256  # smaller lookups skip the thread hop
+log = logging.getLogger("engram.shard")
 
 
 class ShardEngine:
@@ -47,7 +60,9 @@ class ShardEngine:
         max_message_bytes: int,
         address: str = "",
         pending_wait_s: float = 60.0,
+        limits: ClusterConfig | None = None,
     ) -> None:
+        self.limits = limits = limits or ClusterConfig()
         self.store = store
         self.pool = pool
         self.address = address
@@ -61,6 +76,8 @@ class ShardEngine:
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
         self.max_staleness_seen = 0  # over training lookups (LookupRequest.step > 0)
+        self.steps_discarded = 0  # multi-part steps dropped after pending_step_timeout_s
+        self.budget = InflightBudget(limits.inflight_mb << 20)
         self.trimmer = Trimmer()
         # () -> awaitable SlotMap (the control plane's), so SetSlotMap without `owners` can still
         # name the owner of a row in errors; None when standalone
@@ -89,6 +106,7 @@ class ShardEngine:
         async with contextlib.AsyncExitStack() as stack:
             for t in sorted(self.locks):
                 await stack.enter_async_context(self.locks[t])
+                self._expire_pending(t)
             pending = self.agg.any_pending()
             if pending:
                 p = pending[0]
@@ -97,6 +115,41 @@ class ShardEngine:
                     "in); retry once it is applied"
                 )
             yield
+
+    # ---------------------------------------------------------------------------------------
+    # expiry of what a request left behind
+
+    def _expire_pending(self, table: int) -> None:
+        """Discard the pending step of `table` if it waited too long (the caller holds the table's lock)."""
+        if table not in self.agg.expired(self.limits.pending_step_timeout_s):
+            return
+        pend = self.agg.finish(table)
+        assert pend is not None
+        self.budget.give(pend.nbytes)
+        self.steps_discarded += 1
+        record_shard_event("step_discarded")
+        log.warning(
+            "discarded step %d of table %d: %d of %d parts arrived in %.0f s (cluster.pending_step_timeout_s); "
+            "nothing of it was applied", pend.step, table, len(pend.parts), pend.num_parts,
+            self.limits.pending_step_timeout_s,
+        )
+
+    async def housekeeping(self, period_s: float = 1.0) -> None:
+        """Forever: expire pending steps, freeze leases and staged imports nobody came back for."""
+        while True:
+            await asyncio.sleep(period_s)
+            for t in self.agg.expired(self.limits.pending_step_timeout_s):
+                async with self.locks[t]:
+                    self._expire_pending(t)
+            lifted = self.store.frozen.lifted
+            self.store.frozen.active()
+            record_shard_event("freeze_lifted", self.store.frozen.lifted - lifted)
+            if not self.admin.locked() and not self.import_lock.locked():
+                dropped = self.staging.expire(self.limits.freeze_lease_s)
+                record_shard_event("staged_dropped", dropped)
+                if dropped:
+                    log.warning("dropped %d staged slot imports no slot map claimed in %.0f s", dropped,
+                                self.limits.freeze_lease_s)
 
     # ---------------------------------------------------------------------------------------
     # lookups and updates
@@ -109,7 +162,11 @@ class ShardEngine:
         if len(row_ids) <= 8 * INLINE_LOOKUP_ROWS:
             result = self.store.lookup(**kw)
         else:
-            result = await self._run(self.store.lookup, **kw)
+            self.store.check_reply_size(req.table, len(row_ids), req.dtype)
+            dim = self.store.layouts[req.table].dim if req.table in self.store.layouts else 0
+            need = len(row_ids) + len(row_ids) // 8 * dim * ITEMSIZE.get(req.dtype, 4)  # ids + reply
+            with self.budget.hold(need, f"a lookup of {len(row_ids) // 8} rows"):
+                result = await self._run(self.store.lookup, **kw)
         self.lookups += 1
         self.rows_served += result.rows
         if req.step:  # training lookups: the staleness actually served (the store refused beyond the bound)
@@ -121,10 +178,18 @@ class ShardEngine:
         store, t = self.store, req.table
         store.check_epoch(store.view, req.epoch)
         store.table(store.view, t)
+        if req.num_parts > self.limits.max_step_parts:
+            raise invalid(f"num_parts: {req.num_parts} is over cluster.max_step_parts={self.limits.max_step_parts}")
+        with self.budget.hold(3 * (len(req.row_ids) + len(req.grads)), f"a gradient of {len(req.grads)} bytes"):
+            return await self._apply_waiting(req)
+
+    async def _apply_waiting(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
+        store, t = self.store, req.table
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.pending_wait_s
         while True:
             async with self.locks[t]:
+                self._expire_pending(t)
                 pend = self.agg.pending(t)
                 if pend is None or req.step == pend.step or req.step <= store.applied_step[t]:
                     return await self._apply_locked(req)
@@ -159,13 +224,20 @@ class ShardEngine:
             rows = await self._run(store.apply_update, upd)
             self.updates += 1
             return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], rows_updated=rows)
-        merged = self.agg.add(upd, part_id=req.part_id, num_parts=req.num_parts, version=opt.version)
+        held = upd.grads.nbytes + upd.rows.nbytes
+        self.budget.take(held, f"part {req.part_id!r} of step {req.step}")  # until the step is applied or discarded
+        try:
+            merged = self.agg.add(upd, part_id=req.part_id, num_parts=req.num_parts, version=opt.version)
+        except BaseException:
+            self.budget.give(held)
+            raise
         if merged is None:
             return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], pending=True)
         try:
             rows = await self._run(store.apply_update, merged)
         finally:
-            self.agg.finish(t)
+            done = self.agg.finish(t)
+            self.budget.give(done.nbytes if done is not None else held)
         self.updates += 1
         return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], rows_updated=rows)
 
@@ -182,8 +254,7 @@ class ShardEngine:
 
     async def checkpoint(self, req: shard_pb2.CheckpointRequest) -> shard_pb2.CheckpointResponse:
         """Every owned (table, slot) to `directory`; each table is written under its update lock."""
-        if not req.directory:
-            raise invalid("directory: required")
+        check_directory(req.directory)
         files = []
         async with self.admin, self._all_tables():
             view = self.store.view
@@ -204,6 +275,7 @@ class ShardEngine:
     async def restore(self, req: shard_pb2.RestoreRequest) -> shard_pb2.RestoreResponse:
         """All-or-nothing: every owned slot's file verified before any is loaded."""
         store = self.store
+        check_directory(req.directory)
         async with self.admin, self._all_tables():
             view = store.view
             wanted = {(t, s) for t in store.layouts for s in view.owned}
@@ -246,6 +318,7 @@ class ShardEngine:
         store = self.store
         if not req.target:
             raise invalid("target: required (host:port of the receiving shard)")
+        check_target(req.target)
         if req.target == self.address:
             raise invalid(f"target: {req.target} is this shard")
         async with self.admin:
@@ -258,8 +331,7 @@ class ShardEngine:
             if not_owned:
                 raise precondition(f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}")
             async with self._all_tables():  # in-flight updates finish; later ones see the freeze
-                froze = [s for s in slots if s not in store.frozen]
-                store.frozen.update(dict.fromkeys(slots, req.target))
+                froze = store.frozen.freeze(slots, req.target)
             sent = {"bytes": 0}
 
             async def chunks() -> AsyncIterator[shard_pb2.SlotChunk]:
@@ -274,44 +346,65 @@ class ShardEngine:
                     ("grpc.max_receive_message_length", self.max_message_bytes)]
             try:
                 async with grpc.aio.insecure_channel(req.target, options=opts) as channel:
-                    resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(chunks())
+                    resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(
+                        chunks(), timeout=self.limits.migrate_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                for s in froze:
-                    store.frozen.pop(s, None)
+                store.frozen.unfreeze(froze)
                 raise ShardError(exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}") from None
             except BaseException:
-                for s in froze:
-                    store.frozen.pop(s, None)
+                store.frozen.unfreeze(froze)
                 raise
+            store.frozen.arm(slots, self.limits.freeze_lease_s)  # lifts unless a slot map comes in time
         return shard_pb2.MigrateSlotsResponse(slots_sent=resp.slots_received // max(1, len(store.layouts)),
                                               bytes_sent=sent["bytes"])
 
     async def import_slots(self, chunks: AsyncIterator[shard_pb2.SlotChunk]) -> shard_pb2.ImportSlotsResponse:
         received = 0
+        limit = self.limits.migrate_timeout_s
         async with self.import_lock:
             try:
-                async for chunk in chunks:
-                    received += await self._run(self.staging.add, chunk)
+                async with asyncio.timeout(limit):  # a stream that stalls must not hold the import lock
+                    async for chunk in chunks:
+                        received += await self._run(self.staging.add, chunk)
                 for t, s in self.staging.partial_keys()[:1]:
                     raise invalid(f"stream ended before the last chunk of table {t} slot {s}")
+            except TimeoutError:
+                raise ShardError(Code.DEADLINE_EXCEEDED, f"import stream still open after {limit:g} s "
+                                 "(cluster.migrate_timeout_s); partial slots dropped") from None
             finally:
                 self.staging.drop_partial()
         return shard_pb2.ImportSlotsResponse(slots_received=received)
 
-    async def _owners_at(self, epoch: int, owned: list[int]) -> list[int] | None:
-        """The full slot map at `epoch` from the control plane, if it has that epoch (for messages only)."""
+    async def _control_owners(self, epoch: int, owned: list[int], owners: list[int]) -> list[int] | None:
+        """Check a slot map against the control plane's at the same epoch -> the full map, if known.
+
+        The control plane is the source of truth: a map that contradicts its map at the same epoch
+        is refused. Unreachable, or at another epoch: the request stands on its own.
+        """
         if self.slot_map_source is None:
-            return None
+            return owners or None
         try:
             smap = await asyncio.wait_for(self.slot_map_source(), timeout=2.0)
-        except Exception:  # best effort: error messages then just say "another shard"
-            return None
+        except Exception:  # best effort: the store's own checks still apply
+            return owners or None
+        if smap.epoch < epoch:
+            raise precondition(
+                f"epoch {epoch} is ahead of the control plane's slot map (epoch {smap.epoch}): write the map to the "
+                "control plane first, or clients could never route at this epoch"
+            )
+        if smap.epoch != epoch:
+            return owners or None
         mine = sorted(s for s, o in enumerate(smap.owners) if o == self.store.shard_id)
-        return list(smap.owners) if smap.epoch == epoch and mine == sorted(owned) else None
+        if mine != sorted(owned) or (owners and list(owners) != list(smap.owners)):
+            raise precondition(
+                f"the control plane's slot map at epoch {epoch} gives shard {self.store.shard_id} slots {mine[:16]}, "
+                f"this request says {sorted(owned)[:16]}{' with other owners' if owners else ''}: refused"
+            )
+        return list(smap.owners)
 
     async def set_slot_map(self, req: shard_pb2.SetSlotMapRequest) -> shard_pb2.SetSlotMapResponse:
         owned = list(req.owned_slots)
-        owners = list(req.owners) or await self._owners_at(req.epoch, owned)
+        owners = await self._control_owners(req.epoch, owned, list(req.owners))
         async with self.admin, self._all_tables():
             before = self.store.view.epoch
             dropped = await self._run(
@@ -334,6 +427,8 @@ class ShardEngine:
             "lookups": self.lookups, "rows_served": self.rows_served, "updates": self.updates,
             "applied_step": dict(self.store.applied_step), "max_staleness_seen": self.max_staleness_seen,
             **self._row_paths_info(),
+            "steps_discarded": self.steps_discarded, "freezes_lifted": self.store.frozen.lifted,
+            "inflight_refused": self.budget.refused,
         }
 
     def _row_paths_info(self) -> dict:

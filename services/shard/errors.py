@@ -20,6 +20,13 @@ class ShardError(Exception):
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
+    def __reduce__(self):  # picklable with its code (Exception's default would call __init__(message))
+        return _rebuild, (type(self), self.code.name, self.message)
+
+
+def _rebuild(cls: type[ShardError], code: str, message: str) -> ShardError:
+    return cls(Code[code], message)
+
 
 def invalid(message: str) -> ShardError:
     return ShardError(Code.INVALID_ARGUMENT, message)

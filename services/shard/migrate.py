@@ -12,10 +12,15 @@ Protocol (driven by the rebalancer, e.g. `engram cluster rebalance`):
    in, the source drops the slots it no longer owns, and frozen slots thaw.
 
 A failed stream unfreezes the source's slots and leaves nothing half-staged on the target.
+Leases (cluster.freeze_lease_s): a freeze lifts that long after its stream ended, and staged
+slots are dropped that long after they arrived, when no SetSlotMap came; the source then
+refuses a slot map that gives the slot away until it is migrated again (updates may have
+reached it after the copy).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +55,7 @@ class Staging:
     def __init__(self, store: ShardStore) -> None:
         self.store = store
         self.complete: dict[tuple[int, int], SlotData] = {}
+        self.staged_at: dict[tuple[int, int], float] = {}  # time.monotonic() a slot became complete
         self._partial: dict[tuple[int, int], tuple[SlotData, int]] = {}  # -> (block, rows received)
 
     def add(self, chunk: shard_pb2.SlotChunk) -> bool:
@@ -112,6 +118,7 @@ class Staging:
             if received != total:
                 raise invalid(f"table {chunk.table} slot {chunk.slot}: stream ended at row {received} of {total}")
             self.complete[key] = block
+            self.staged_at[key] = time.monotonic()
             return True
         self._partial[key] = (block, received)
         return False
@@ -124,4 +131,14 @@ class Staging:
 
     def clear(self) -> None:
         self.complete.clear()
+        self.staged_at.clear()
         self._partial.clear()
+
+    def expire(self, lease_s: float) -> int:
+        """Drop complete slots no slot map claimed within `lease_s` -> how many were dropped."""
+        now = time.monotonic()
+        old = [k for k, t in self.staged_at.items() if now - t > lease_s]
+        for k in old:
+            self.complete.pop(k, None)
+            self.staged_at.pop(k, None)
+        return len(old)

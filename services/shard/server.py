@@ -2,10 +2,14 @@
 
 Boot from the control plane: read the stored layout (the Config the cluster was initialised
 with; only redis_url/namespace come from the local config) and the slot map, build the owned
-slots, restore them from the latest checkpoint manifest if there is one, start gRPC, register,
-then heartbeat every `cluster.heartbeat_s` with a TTL of `cluster.heartbeat_ttl_s`. A Redis
-that goes away later only costs a warning: the shard keeps serving and registers again when
-Redis is back (also after a Redis restart that lost the registry).
+slots, restore them from the newest checkpoint manifest whose files for this shard verify
+(falling back through the control plane's manifest history, newest first; the log says
+which one it took and why newer ones were skipped), start gRPC, register, then heartbeat
+every `cluster.heartbeat_s` with a TTL of `cluster.heartbeat_ttl_s`. A Redis that goes away
+later only costs a warning: the shard keeps serving and registers again when Redis is back.
+When it registers again it also re-publishes the layout and its slot map if Redis lost
+them (a restart without persistence, or AOF's last second), so new clients and shards can
+still find the cluster.
 
 Once serving it prints exactly one line to stdout, `READY shard=<id> address=<host:port>`.
 """
@@ -30,6 +34,7 @@ from engram.config import Config, ConfigError
 from engram.layout import even_slot_map
 from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
+from services.control.store import SlotMap
 from services.shard import memory
 from services.shard.dataplane import DataPlane
 from services.shard.engine import ShardEngine
@@ -60,32 +65,71 @@ def default_threads(cores: int) -> tuple[int, int]:
     return min(8, cores + 2), max(1, cores // 4)
 
 
-async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, list[int], int, dict | None]:
+async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, list[int], int, list[dict]]:
     cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
     try:
         stored = await cp.config()
         slot_map = await cp.slot_map()
-        manifest = await cp.latest_manifest()
+        latest = await cp.latest_manifest()
+        history = await cp.manifests()
     except (ControlPlaneUnavailable, ConfigError) as exc:
         await cp.close()
         raise BootError(str(exc)) from None
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
     for name in LOCAL_FIELDS:  # where this process runs, not the cluster's layout
         setattr(stored.cluster, name, getattr(cfg.cluster, name))
-    return stored, cp, slot_map.owners, slot_map.epoch, manifest
+    manifests, seen = [], set()
+    for m in ([latest] if latest else []) + history:  # newest first, each checkpoint once
+        key = (m.get("step"), m.get("directory"))
+        if key not in seen:
+            seen.add(key)
+            manifests.append(m)
+    return stored, cp, slot_map.owners, slot_map.epoch, manifests
 
 
 async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
-    files = [
-        shard_pb2.SlotFile(**{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes") if k in f})
-        for f in manifest.get("files", [])
-    ]
-    req = shard_pb2.RestoreRequest(directory=str(manifest.get("directory", "")), files=files)
     try:
+        files = [
+            shard_pb2.SlotFile(**{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")
+                                  if k in f})
+            for f in manifest.get("files", [])
+        ]
+        req = shard_pb2.RestoreRequest(directory=str(manifest.get("directory", "")), files=files)
         resp = await engine.restore(req)
     except ShardError as exc:
         raise BootError(f"restoring checkpoint step {manifest.get('step')}: {exc.message}") from None
+    except (TypeError, ValueError) as exc:
+        raise BootError(f"checkpoint step {manifest.get('step')}: malformed manifest ({exc})") from None
     log.info("restored %d slots from %s (step %d)", resp.slots_restored, req.directory, resp.step)
+
+
+async def _restore_newest(engine: ShardEngine, manifests: list[dict]) -> None:
+    """Restore the newest manifest that verifies; older ones are the fallback -> BootError if none does."""
+    reasons = []
+    for i, manifest in enumerate(manifests):
+        try:
+            await _restore_manifest(engine, manifest)
+        except BootError as exc:
+            reasons.append(str(exc))
+            log.warning("cannot boot from checkpoint %d of %d (newest first): %s", i + 1, len(manifests), exc)
+            continue
+        if i:
+            log.warning("booted from an older checkpoint, step %s in %s: the %d newer ones did not verify",
+                        manifest.get("step"), manifest.get("directory"), i)
+        else:
+            log.info("booted from the newest checkpoint, step %s in %s", manifest.get("step"), manifest.get("directory"))
+        return
+    raise BootError(f"none of the {len(manifests)} checkpoint manifests restores: " + "; ".join(reasons))
+
+
+async def _republish(cp: ControlPlane, engine: ShardEngine, cfg: Config) -> None:
+    """Put the layout and this shard's slot map back if the control plane lost them."""
+    view = engine.store.view
+    smap = SlotMap(epoch=view.epoch, owners=list(view.owners)) if view.owners is not None else None
+    restored = await cp.republish(cfg, smap)
+    if restored:
+        log.warning("control plane at %s had lost %s: re-published from shard %d (epoch %d)", cp.url,
+                    " and ".join(restored), engine.store.shard_id, view.epoch)
 
 
 async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, shard_id: int, address: str) -> None:
@@ -96,6 +140,7 @@ async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, shard_i
             if registered:
                 await cp.heartbeat(shard_id, engine.info(), ttl_s=ttl)
             else:
+                await _republish(cp, engine, cfg)
                 await cp.register_shard(shard_id, address, engine.info(), ttl_s=ttl)
                 registered = True
                 log.warning("shard %d registered again with the control plane at %s", shard_id, cp.url)
@@ -119,13 +164,13 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     memory.limit_arenas(2)
     pool = ThreadPoolExecutor(opts.threads or threads, thread_name_prefix="shard")
     cp: ControlPlane | None = None
-    manifest = None
+    manifests: list[dict] = []
     if opts.standalone:
         owners, epoch = even_slot_map(cfg.cluster.num_slots, cfg.cluster.num_shards), 1
         if not 0 <= opts.shard_id < cfg.cluster.num_shards:
             raise BootError(f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)")
     else:
-        cfg, cp, owners, epoch, manifest = await _boot_from_control_plane(cfg)
+        cfg, cp, owners, epoch, manifests = await _boot_from_control_plane(cfg)
     loop = asyncio.get_running_loop()
     tables = TableMemory(mirror=cfg.cluster.row_mirror, shm_dir=cfg.cluster.shm_dir,
                          namespace=cfg.cluster.namespace, shard_id=opts.shard_id)
@@ -133,24 +178,33 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     try:
         store = await loop.run_in_executor(
             pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
-                                                   init_threads=max(1, min(8, cores)), init_weights=manifest is None,
+                                                   init_threads=max(1, min(8, cores)), init_weights=not manifests,
                                                    memory=tables)
         )
     except BaseException:
         tables.close()
         raise
     max_bytes = cfg.cluster.max_message_mb << 20
-    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s)
+    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s,
+                         limits=cfg.cluster)
     if cp is not None:
         engine.slot_map_source = cp.slot_map
-    if manifest is not None:
-        await _restore_manifest(engine, manifest)
+    if manifests:
+        await _restore_newest(engine, manifests)
     await loop.run_in_executor(pool, memory.trim)  # drop what init and restore left in the arenas
-    housekeeping = asyncio.create_task(engine.trimmer.run(pool))
+    housekeeping = [asyncio.create_task(engine.trimmer.run(pool)), asyncio.create_task(engine.housekeeping())]
 
+    c = cfg.cluster
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # close half-open connections (no ping answer) and idle ones; clients reconnect on their own
+                 ("grpc.keepalive_time_ms", int(c.keepalive_s * 1000)),
+                 ("grpc.keepalive_timeout_ms", int(c.keepalive_s * 1000 / 3)),
+                 ("grpc.keepalive_permit_without_calls", 1),
+                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                 ("grpc.max_connection_idle_ms", int(c.idle_connection_s * 1000))],
+        maximum_concurrent_rpcs=c.max_concurrent_rpcs,
     )
     add_to_server(MemoryShardServicer(engine), server)
     health = health_aio.HealthServicer()
@@ -199,7 +253,8 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     await stop.wait()
     log.info("shard %d shutting down (grace %.1f s)", opts.shard_id, opts.grace_s)
     await health.enter_graceful_shutdown()
-    housekeeping.cancel()
+    for task in housekeeping:
+        task.cancel()
     if beat is not None:
         beat.cancel()
     if cp is not None:

@@ -1,4 +1,9 @@
-"""The MemoryShard gRPC servicer: translation only (messages in, messages out, errors to status)."""
+"""The MemoryShard gRPC servicer: translation only (messages in, messages out, errors to status).
+
+A refused request costs one log line (rate-limited, `BadRequestLog`), never a traceback; bytes
+that do not parse as the request message are refused with INVALID_ARGUMENT the same way
+(the deserializer hands the handler a `Malformed` marker instead of raising inside gRPC).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,41 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.shard.engine import ShardEngine
-from services.shard.errors import ShardError
+from services.shard.errors import ShardError, invalid
+from services.shard.limits import BadRequestLog
 from services.telemetry import annotate, annotate_rows, record_lookup
 
 T = TypeVar("T")
 log = logging.getLogger("engram.shard")
+bad_requests = BadRequestLog(log)
+
+
+class Malformed:
+    """What the deserializer returns for bytes that are not a valid request message."""
+
+    def __init__(self, name: str, size: int, reason: str) -> None:
+        self.error = invalid(f"request: {size} bytes are not a valid {name} ({reason})")
+
+
+def _deserializer(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return Malformed(cls.__name__, len(data), str(exc)[:120] or type(exc).__name__)
+
+    return parse
 
 
 async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T], what: str) -> T:
     try:
         return await work
     except ShardError as exc:
+        bad_requests.note(what, exc)
         await context.abort(exc.code, exc.message)
     except Exception as exc:  # a bug, not bad input: log it with the traceback, say so on the wire
         log.exception("%s failed", what)
@@ -45,8 +71,11 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
         i = 0
         async for request in request_iterator:
             try:
+                if isinstance(request, Malformed):
+                    raise request.error
                 result = await self.engine.lookup(request)
             except ShardError as exc:
+                bad_requests.note("LookupStream", exc)
                 await context.abort(exc.code, f"chunk {i}: {exc.message}")
             yield result.payload
             i += 1
@@ -68,13 +97,32 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
         return await _answer(context, self.engine.migrate_slots(request), "MigrateSlots")
 
     async def ImportSlots(self, request_iterator, context):
-        return await _answer(context, self.engine.import_slots(request_iterator), "ImportSlots")
+        return await _answer(context, self.engine.import_slots(_checked(request_iterator)), "ImportSlots")
 
     async def SetSlotMap(self, request, context):
         return await _answer(context, self.engine.set_slot_map(request), "SetSlotMap")
 
     async def Stats(self, request, context):
         return self.engine.stats()
+
+
+async def _checked(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise request.error
+        yield request
+
+
+def _refuse_malformed(handler, name: str):
+    """Unary-request handlers: a Malformed request is refused before the handler sees it."""
+
+    async def unary(request, context):
+        if isinstance(request, Malformed):
+            bad_requests.note(name, request.error)
+            await context.abort(request.error.code, request.error.message)
+        return await handler(request, context)
+
+    return unary
 
 
 PRE_SERIALIZED = {"Lookup", "LookupStream"}  # handlers that return serialized responses
@@ -99,9 +147,13 @@ def add_to_server(servicer: MemoryShardServicer, server: grpc.aio.Server) -> Non
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
         out_cls = getattr(shard_pb2, method.output_type.name)
+        handler = getattr(servicer, method.name)
+        if not method.client_streaming:
+            assert not method.server_streaming, f"{method.name}: add a streaming-response Malformed check"
+            handler = _refuse_malformed(handler, method.name)
         handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=getattr(shard_pb2, method.input_type.name).FromString,
+            handler,
+            request_deserializer=_deserializer(getattr(shard_pb2, method.input_type.name)),
             response_serializer=_serialize if method.name in PRE_SERIALIZED else out_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

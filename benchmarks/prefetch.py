@@ -39,7 +39,9 @@ import torch
 
 from benchmarks.machine import machine_info
 from engram.config import Config, load_config
+from engram.indexer import to_device
 from engram.model import EngramLM
+from engram.precision import configure_tf32
 from worker.cache import HotRowCache
 from worker.prefetch import PrefetchPipeline
 
@@ -71,10 +73,16 @@ class Bench:
         self.new_data(0)
 
     def tokens(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Zipf-distributed ids (a=1.2), like text: a few tokens (and n-grams) are most of the traffic."""
+        """Zipf-distributed ids (a=1.2), like text: a few tokens (and n-grams) are most of the traffic.
+
+        On the CPU, as a data loader holds them: the indices are computed from these (no sync);
+        `dev` gives the model's copy."""
         V = self.model.cfg.model.vocab_size
         ranks = np.minimum(self.rng.zipf(1.2, size=shape), V) - 1
-        return torch.from_numpy(self.perm[ranks]).to(self.device)
+        return torch.from_numpy(self.perm[ranks])
+
+    def dev(self, ids: torch.Tensor) -> torch.Tensor:
+        return to_device(ids, self.device)
 
     def new_data(self, rep: int) -> None:
         """Fresh batches per repetition (the same for every way), so a cache cannot replay a repeat."""
@@ -104,15 +112,17 @@ class Bench:
             rows = self.rows_for(way, ids, ahead)
             if pipe is not None and i + 1 < len(self.prefill):
                 ahead = pipe.prefetch(self.prefill[i + 1])  # the next batch's rows fly meanwhile
-            self.model(ids, engram_rows=rows)
+            self.model(self.dev(ids), engram_rows=rows, ids_cpu=ids)
         return sum(x.numel() for x in self.prefill)
 
     @torch.inference_mode()
     def run_decode(self, way: str) -> int:
-        ids = self.prompts
+        ids, ids_dev = self.prompts, self.dev(self.prompts)
         for _ in range(self.args.new_tokens):
-            logits, _ = self.model(ids, engram_rows=self.rows_for(way, ids))
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)  # (B, t + 1)
+            logits, _ = self.model(ids_dev, engram_rows=self.rows_for(way, ids), ids_cpu=ids)
+            token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            ids_dev = torch.cat([ids_dev, token], dim=1)  # (B, t + 1)
+            ids = torch.cat([ids, token.cpu()], dim=1)  # a server returns each token: one read per step
         return self.args.decode_batch * self.args.new_tokens
 
     def run_train(self, way: str) -> int:
@@ -123,7 +133,7 @@ class Bench:
             rows = self.rows_for(way, x, ahead)
             if pipe is not None and i + 1 < len(self.train):
                 ahead = pipe.prefetch(self.train[i + 1][0])  # the loader knows the next batch already
-            _, loss = self.model(x, y, engram_rows=rows)
+            _, loss = self.model(self.dev(x), self.dev(y), engram_rows=rows, ids_cpu=x)
             loss.backward()
             self.model.zero_grad(set_to_none=True)
         return len(self.train)
@@ -131,9 +141,9 @@ class Bench:
     @torch.inference_mode()
     def check(self, way: str) -> float:
         ids = self.prefill[0]
-        ref, _ = self.model(ids)
-        out, _ = self.model(ids, engram_rows=self.pipes[way].engram_rows(ids))
-        return float((out - ref).abs().max())
+        ref, _ = self.model(self.dev(ids), ids_cpu=ids)
+        out, _ = self.model(self.dev(ids), engram_rows=self.pipes[way].engram_rows(ids))
+        return float((out.float() - ref.float()).abs().max())
 
 
 def build(args: argparse.Namespace) -> tuple[Config, EngramLM, torch.device]:
@@ -142,6 +152,7 @@ def build(args: argparse.Namespace) -> tuple[Config, EngramLM, torch.device]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = EngramLM(cfg, np.arange(cfg.model.vocab_size)).to(device)
+    configure_tf32(device, cfg.train.tf32)
     return cfg, model, device
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 -> only at the end
     seed: int = 1234
     device: str = "cpu"
+    autocast: str = "bf16"  # CUDA only: bf16 | off (fp32); CPU always runs fp32
+    tf32: bool = True  # CUDA only: TF32 tensor cores for the fp32 matmuls left outside autocast
     out_dir: str = "runs/latest"
     progress: bool = True
 
@@ -148,8 +150,8 @@ class DistConfig:
 
     mode: str = "sync"  # sync: equals single-process training | async: lookups may miss `staleness` steps
     staleness: int = 1  # async: lookups of step s see at least steps 1..s-1-staleness applied
-    num_workers: int = 2  # Ray Train workers; train.batch_size is the global batch split across them
-    use_gpu: bool = False  # one GPU per worker, NCCL for the dense parameters (gloo on CPU)
+    num_workers: int = 0  # Ray Train workers (global batch split across them); 0 -> one per GPU, or 2 on CPU
+    use_gpu: bool = False  # one GPU per worker (never more workers than GPUs), NCCL for the dense parameters
     ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
 
 
@@ -428,6 +430,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"engram.pad_id: {e.pad_id} is outside the vocabulary 0..{m.vocab_size - 1}")
     for name in ("seq_len", "batch_size", "steps", "lr", "eval_every", "eval_batches", "max_corpus_mb"):
         _positive(f"train.{name}", getattr(t, name))
+    if t.autocast not in ("bf16", "off"):
+        raise ConfigError(f"train.autocast: unknown {t.autocast!r} (bf16 or off)")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0 < t.val_fraction < 1:
@@ -463,8 +467,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.mode: unknown {d.mode!r} (sync or async)")
     if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:
         raise ConfigError(f"dist.staleness: must be an integer >= 0, got {d.staleness!r}")
-    if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 1:
-        raise ConfigError(f"dist.num_workers: must be an integer >= 1, got {d.num_workers!r}")
+    if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 0:
+        raise ConfigError(f"dist.num_workers: must be an integer >= 1 (or 0: one per GPU), got {d.num_workers!r}")
     if d.ray_address is not None and not isinstance(d.ray_address, str):
         raise ConfigError(f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}")
     w = cfg.worker

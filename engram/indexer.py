@@ -2,6 +2,13 @@
 
 This is the first stage of the prefetch pipeline: it only needs the token ids, so a worker
 runs it before the forward pass reaches the Engram layer and ships the rows to the shards.
+
+It runs on the CPU, from the ids the data loader (or the request) already holds there: on a
+GPU the range check (`int(max)`) and `torch.unique` (an output of data-dependent size) would
+each make the host wait for the device, so the CPU could never run ahead of the GPU and the
+lookups could not overlap the layers before the Engram layer. The unique rows are needed on
+the CPU anyway (they are what is sent to the shards); the inverse index goes to the device
+with `to_device`, a non-blocking copy from pinned memory.
 """
 
 from __future__ import annotations
@@ -15,10 +22,17 @@ from engram.hashing import NgramHasher
 from engram.layout import TableLayout, table_layouts
 
 
-class EngramIndexer(nn.Module):
-    """raw ids (B, T) -> {layer: (unique_rows (U,), inverse (B, T, Hn))}."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait (non-blocking from pinned memory)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
-    compress: torch.Tensor  # (V,) raw id -> canonical id
+
+class EngramIndexer(nn.Module):
+    """raw ids (B, T) -> {layer: (unique_rows (U,), inverse (B, T, Hn))}, CPU int64 tensors."""
 
     def __init__(self, cfg: EngramConfig, compress_lookup: np.ndarray) -> None:
         super().__init__()
@@ -37,20 +51,27 @@ class EngramIndexer(nn.Module):
             pad_id=int(lookup[cfg.pad_id]),  # positions before the start hold the *compressed* pad id
             seed=cfg.seed,
         )
-        self.register_buffer("compress", torch.from_numpy(lookup), persistent=False)
-        for layer, layout in self.layouts.items():
-            self.register_buffer(f"offsets_{layer}", torch.from_numpy(layout.head_offsets), persistent=False)
+        # plain CPU tensors, not buffers: `model.to("cuda")` must leave the index math on the CPU
+        self.compress = torch.from_numpy(lookup)  # (V,) raw id -> canonical id
+        self.offsets = {layer: torch.from_numpy(layout.head_offsets) for layer, layout in self.layouts.items()}
 
     def global_rows(self, ids_BT: torch.Tensor) -> dict[int, torch.Tensor]:
-        """(B, T) raw ids -> {layer: (B, T, Hn) global row ids}."""
-        if int(ids_BT.max()) >= self.compress.numel() or int(ids_BT.min()) < 0:
+        """(B, T) raw ids -> {layer: (B, T, Hn) global row ids}, on the CPU."""
+        ids = _on_cpu(ids_BT)
+        if ids.numel() and (int(ids.max()) >= self.compress.numel() or int(ids.min()) < 0):
             raise ValueError(f"input ids must be in [0, {self.compress.numel()}) for this tokenizer")
-        hashed = self.hasher.hash(self.compress[ids_BT])  # {layer: (B, T, Hn)}
-        return {layer: idx + getattr(self, f"offsets_{layer}") for layer, idx in hashed.items()}
+        hashed = self.hasher.hash(self.compress[ids])  # {layer: (B, T, Hn)}
+        return {layer: idx + self.offsets[layer] for layer, idx in hashed.items()}
 
-    def forward(self, ids_BT: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, ids_BT: torch.Tensor, *, pin: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """`pin`: put the results in pinned memory, ready for a non-blocking copy to a GPU."""
         out = {}
         for layer, rows in self.global_rows(ids_BT).items():
-            unique, inverse = torch.unique(rows, return_inverse=True)  # (U,), (B, T, Hn)
-            out[layer] = (unique, inverse)
+            unique, inverse = torch.unique(rows, return_inverse=True)  # (U,), (B, T, Hn); sorted
+            out[layer] = (unique.pin_memory(), inverse.pin_memory()) if pin else (unique, inverse)
         return out
+
+
+def _on_cpu(ids_BT: torch.Tensor) -> torch.Tensor:
+    """Callers pass the CPU ids they hold; device ids cost one device -> host copy (a sync)."""
+    return ids_BT if ids_BT.device.type == "cpu" else ids_BT.detach().cpu()

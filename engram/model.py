@@ -12,6 +12,7 @@ the model looks them up in its local tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from engram.config import Config
 from engram.engram_layer import EngramLayer, EngramRows, LocalEngramTable
-from engram.indexer import EngramIndexer
+from engram.indexer import EngramIndexer, to_device
+from engram.precision import autocast
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +123,8 @@ class Block(nn.Module):
 class EngramLM(nn.Module):
     rope_cos: torch.Tensor  # (max_seq_len, head_dim / 2)
     rope_sin: torch.Tensor
-    def __init__(self, cfg: Config, compress_lookup: np.ndarray | None = None) -> None:
+    def __init__(self, cfg: Config, compress_lookup: np.ndarray | None = None, *, local_tables: bool = True) -> None:
+        """`local_tables=False`: no `LocalEngramTable`s are built (rows come from memory shards)."""
         super().__init__()
         self.cfg = cfg
         m, e = cfg.model, cfg.engram
@@ -141,7 +144,7 @@ class EngramLM(nn.Module):
             if compress_lookup is None:
                 raise ValueError("compress_lookup: an Engram model needs the tokenizer compression map")
             self.indexer = EngramIndexer(e, compress_lookup)
-            for layer, layout in self.indexer.layouts.items():
+            for layer, layout in (self.indexer.layouts if local_tables else {}).items():
                 self.tables[str(layer)] = LocalEngramTable(layout, seed=e.seed, std=e.init_std)
 
     @staticmethod
@@ -157,14 +160,23 @@ class EngramLM(nn.Module):
         table_ids = {id(p) for p in self.tables.parameters()}
         return [p for p in self.parameters() if id(p) not in table_ids]
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
     def engram_indices(self, ids_BT: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1 of a step (no I/O): {layer: (unique rows (U,), inverse (B, T, Hn))}."""
+        """Stage 1 of a step (no I/O): {layer: (unique rows (U,), inverse (B, T, Hn))}.
+
+        Computed on the CPU from CPU ids (pass the data loader's; device ids cost a sync),
+        returned on the CPU, pinned when the model is on a GPU (see `engram.indexer`).
+        """
         assert self.indexer is not None, "this model has no Engram layers"
-        return self.indexer(ids_BT)
+        return self.indexer(ids_BT, pin=self.device.type == "cuda")
 
     def local_rows(self, indices: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, EngramRows]:
+        dev = self.device
         return {
-            layer: EngramRows(rows=self.tables[str(layer)](unique), inverse=inverse)
+            layer: EngramRows(rows=self.tables[str(layer)](to_device(unique, dev)), inverse=to_device(inverse, dev))
             for layer, (unique, inverse) in indices.items()
         }
 
@@ -173,15 +185,28 @@ class EngramLM(nn.Module):
         ids_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         *,
-        engram_rows: dict[int, EngramRows] | None = None,
+        engram_rows: Mapping[int, EngramRows] | None = None,
         return_gates: bool = False,
+        ids_cpu: torch.Tensor | None = None,
     ):  # type: ignore[no-untyped-def]
-        """-> logits (B, T, V), loss (scalar or None)[, gates {layer: (B, T, M)}]."""
+        """-> logits (B, T, V), loss (scalar or None)[, gates {layer: (B, T, M)}].
+
+        `ids_cpu`: the same ids on the CPU, for the local tables' indices without a device sync.
+        On CUDA the pass runs under `train.autocast` (bf16 by default); on CPU in fp32.
+        """
         B, T = ids_BT.shape
         if T > self.cfg.model.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
         if self.indexer is not None and engram_rows is None:
-            engram_rows = self.local_rows(self.engram_indices(ids_BT))
+            engram_rows = self.local_rows(self.engram_indices(ids_BT if ids_cpu is None else ids_cpu))
+        with autocast(ids_BT.device, self.cfg.train.autocast):
+            return self._forward(ids_BT, targets_BT, engram_rows, return_gates)
+
+    def _forward(
+        self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None, engram_rows: Mapping[int, EngramRows] | None,
+        return_gates: bool,
+    ):  # type: ignore[no-untyped-def]
+        B, T = ids_BT.shape
         x = self.tok_emb(ids_BT)  # (B, T, D)
         h = x.unsqueeze(2).expand(B, T, self.cfg.model.hc_mult, x.shape[-1])  # (B, T, M, D)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]

@@ -32,7 +32,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--ray", action="store_true", help="train on Ray with the Engram tables on the memory shards")
     ray.add_argument("--mode", choices=("sync", "async"), default=None, help="dist.mode (default sync)")
     ray.add_argument("--staleness", type=int, default=None, help="dist.staleness: async bound k (default 1)")
-    ray.add_argument("--workers", type=int, default=None, help="dist.num_workers (default 2)")
+    ray.add_argument("--workers", type=int, default=None, help="dist.num_workers (default: one per GPU with --gpu, else 2)")
     ray.add_argument("--gpu", action="store_true", help="dist.use_gpu: one GPU per worker, NCCL")
     ray.add_argument("--up", action="store_true",
                      help="start a local cluster (Redis + cluster.num_shards shards) for this run and stop it after")
@@ -109,7 +109,7 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
 
     from trainer.ray_trainer import check_dist_config, init_ray, train_ray
 
-    check_dist_config(cfg)
+    workers = check_dist_config(cfg)  # before any process starts: too many GPU workers is an error, not a hang
     cluster = None
     if args.up:
         from services.launcher import LocalCluster
@@ -128,7 +128,7 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
             cluster.stop()
     st = result.staleness
     print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s, "
-          f"{cfg.dist.num_workers} workers, {cfg.dist.mode}; staleness max {st.get('max')} mean "
+          f"{workers or 'auto'} workers, {cfg.dist.mode}; staleness max {st.get('max')} mean "
           f"{st.get('mean', 0):.2f}); checkpoint {result.checkpoint or '(run stopped early)'}")
     _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
     return 0

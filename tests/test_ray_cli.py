@@ -23,7 +23,7 @@ def engram(*args: str, timeout: float = 60.0, env: dict | None = None) -> subpro
 
 def test_dist_config_is_validated_with_field_names() -> None:
     for override, field in [("dist.mode=eventual", "dist.mode"), ("dist.staleness=-1", "dist.staleness"),
-                            ("dist.num_workers=0", "dist.num_workers")]:
+                            ("dist.num_workers=-1", "dist.num_workers")]:
         with pytest.raises(ConfigError, match=field):
             load_config("tiny", None, [override])
     from trainer.ray_trainer import check_dist_config

@@ -98,7 +98,7 @@ def test_compression_numpy_torch_and_negative_ids() -> None:
         cv(np.array([len(HAND_VOCAB)]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_compression_cuda_keeps_device() -> None:
     cv = CompressedVocab.from_tokenizer(hand_tokenizer([t for t, _ in HAND_VOCAB]))
     ids = torch.tensor([[3, -2, 9, 18]], device="cuda")

@@ -14,9 +14,12 @@ from tqdm import tqdm
 from engram.config import Config
 from engram.data import TokenDataset, prepare_data
 from engram.model import EngramLM
+from engram.precision import configure_tf32
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.plots import plot_loss_curves
 from trainer.step import build_optimizers, evaluate, set_lr, step_flops
+
+LOSS_READ_EVERY = 10  # steps between reads of the training loss (each read waits for the GPU)
 
 
 @dataclass
@@ -43,6 +46,7 @@ def train_local(
     tokenizer, vocab, dataset = data if data is not None else prepare_data(cfg)
     dataset: TokenDataset
     model = EngramLM(cfg, vocab.lookup if cfg.engram.enabled else None).to(t.device)
+    configure_tf32(t.device, t.tf32)
     backbone_opt, engram_opt = build_optimizers(model, t)
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,16 @@ def train_local(
     eval_batches = list(dataset.iter_eval_batches("val", batch_size=t.batch_size, seq_len=t.seq_len, num_batches=t.eval_batches))
     result.step_flops = step_flops(model, batch_size=t.batch_size, seq_len=t.seq_len)
 
+    pending: list[torch.Tensor] = []  # per-step losses still on the device
+
+    def read_losses() -> None:
+        """One device -> host read for the steps since the last: the CPU runs ahead in between."""
+        if pending:
+            result.train_losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     def checkpoint(step: int) -> None:
+        read_losses()
         history = {"train_losses": result.train_losses, "val_losses": result.val_losses}
         save_checkpoint(ckpt_path, model=model, optimizers=(backbone_opt, engram_opt), step=step, cfg=cfg,
                         compress_lookup=vocab.lookup, tokenizer_json=tokenizer.to_str(), history=history)
@@ -69,7 +82,8 @@ def train_local(
     for step in bar:
         lr = set_lr(step, t, backbone_opt, engram_opt)
         x, y = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
-        _, loss = model(torch.from_numpy(x).to(t.device), torch.from_numpy(y).to(t.device))
+        x_cpu = torch.from_numpy(x)  # (B, T); the Engram indices come from the CPU ids (no device sync)
+        _, loss = model(x_cpu.to(t.device), torch.from_numpy(y).to(t.device), ids_cpu=x_cpu)
         backbone_opt.zero_grad(set_to_none=True)
         if engram_opt is not None:
             engram_opt.zero_grad(set_to_none=True)
@@ -79,11 +93,14 @@ def train_local(
         backbone_opt.step()
         if engram_opt is not None:
             engram_opt.step()
-        result.train_losses.append(loss.item())
+        pending.append(loss.detach())
         tokens += x.size
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
         done = step + 1
+        if done % LOSS_READ_EVERY == 0 or done == t.steps or (stop_at is not None and done >= stop_at):
+            read_losses()
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}", lr=f"{lr:.1e}",
+                            tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
         if done % t.eval_every == 0 or done == t.steps:
             result.val_losses.append((done, evaluate(model, eval_batches, t.device)))
             bar.write(f"{label or 'train'} step {done}: val loss {result.val_losses[-1][1]:.4f}")

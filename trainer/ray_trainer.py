@@ -28,6 +28,7 @@ from engram.config import Config, ConfigError, config_from_dict
 from engram.data import prepare_data
 from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
+from engram.precision import configure_tf32
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.local import TrainResult
 from trainer.plots import plot_loss_curves
@@ -77,23 +78,64 @@ def init_ray(address: str | None = None, **kw) -> None:  # type: ignore[no-untyp
     ray.init(include_dashboard=False, **kw)
 
 
-def check_dist_config(cfg: Config) -> None:
+CPU_WORKERS = 2  # dist.num_workers=0 without GPUs
+
+
+def available_gpus(cfg: Config) -> int | None:
+    """GPUs this run can place workers on: the Ray cluster's once connected, else this machine's;
+    None while a remote cluster (dist.ray_address) is not connected yet."""
+    import ray
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    if cfg.dist.ray_address:
+        return None
+    return torch.cuda.device_count()
+
+
+def resolve_workers(cfg: Config, *, gpus: int | None) -> int | None:
+    """dist.num_workers (0 -> one per GPU, or CPU_WORKERS on CPU), checked against the GPUs there are.
+
+    Ray would wait forever to place a worker that asks for a GPU no node has, and two NCCL ranks
+    on one GPU fail ("Duplicate GPU detected"): more workers than GPUs is a ConfigError.
+    -> the worker count, or None when the GPUs are not known yet (see `available_gpus`).
+    """
+    d = cfg.dist
+    if not d.use_gpu:
+        return d.num_workers or CPU_WORKERS
+    if gpus is None:
+        return d.num_workers or None
+    if gpus < 1:
+        raise ConfigError("dist.use_gpu: no GPU is visible (torch.cuda / the Ray cluster has none); "
+                          "train on CPU with dist.use_gpu=false")
+    if d.num_workers > gpus:
+        raise ConfigError(
+            f"dist.num_workers: {d.num_workers} workers with dist.use_gpu=true need one GPU each, but there "
+            f"{'is' if gpus == 1 else 'are'} {gpus}; set dist.num_workers={gpus} or 0 (one worker per GPU)"
+        )
+    return d.num_workers or gpus
+
+
+def check_dist_config(cfg: Config, *, gpus: int | None = -1) -> int | None:
+    """Fail fast with a ConfigError; -> the resolved worker count (None: GPUs not known yet).
+
+    `gpus=-1` asks `available_gpus`; tests pass a count."""
     d, t = cfg.dist, cfg.train
     if not cfg.engram.enabled:
         raise ConfigError("engram.enabled: distributed training pushes Engram rows to the shards; enable Engram")
-    if t.batch_size % d.num_workers:
+    workers = resolve_workers(cfg, gpus=available_gpus(cfg) if d.use_gpu and gpus == -1 else gpus)
+    if workers is not None and t.batch_size % workers:
         raise ConfigError(
             f"train.batch_size: the global batch of {t.batch_size} does not split evenly over "
-            f"dist.num_workers={d.num_workers}"
+            f"{workers} workers (dist.num_workers={d.num_workers})"
         )
+    return workers
 
 
 def shard_model(cfg: Config, compress_lookup: np.ndarray) -> EngramLM:
     """The model a worker trains: same dense init as trainer.local, no local tables (rows are remote)."""
     torch.manual_seed(cfg.train.seed)
-    model = EngramLM(cfg, compress_lookup)
-    model.tables = torch.nn.ModuleDict()
-    return model
+    return EngramLM(cfg, compress_lookup, local_tables=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +189,7 @@ def train_loop(loop_cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tel = setup_telemetry("engram-trainer", attributes={"engram.rank": rank})  # this worker process's entry
     device = str(ray.train.torch.get_device()) if cfg.dist.use_gpu else "cpu"
+    configure_tf32(device, cfg.train.tf32)
     torch.set_num_threads(max(1, int(loop_cfg.get("torch_threads", 1))))
     _, vocab, dataset = prepare_data(cfg)
     model = shard_model(cfg, vocab.lookup).to(device)
@@ -276,7 +319,7 @@ def train_ray(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_dist_config(cfg)
+    check_dist_config(cfg, gpus=None)  # the GPU count is checked below, once Ray is connected
     cfg = absolute_paths(config_from_dict(cfg.to_dict()))
     data = data if data is not None else prepare_data(cfg)
     out = Path(cfg.train.out_dir)
@@ -301,6 +344,9 @@ def train_ray(
             )
     if not ray.is_initialized():
         init_ray(cfg.dist.ray_address)
+    workers = check_dist_config(cfg)
+    assert workers is not None, "Ray is connected: its GPUs are known"
+    cfg.dist.num_workers = workers  # resolved: 0 -> one per GPU
     run_id = f"{out.name}-{int(time.time())}"
     loop_cfg = {
         "config": cfg.to_dict(), "resume_dir": str(resume_dir) if resume_dir else None, "stop_at": stop_at,

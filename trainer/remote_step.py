@@ -167,10 +167,11 @@ class RemoteStep:
 
     def _train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray) -> StepOut:
         step, t = step0 + 1, self.cfg.train
-        x = torch.from_numpy(local_slice(x_BT, self.rank, self.world)).to(self.device)  # (B/world, T)
+        x_cpu = torch.from_numpy(local_slice(x_BT, self.rank, self.world))  # (B/world, T)
+        x = x_cpu.to(self.device)
         y = torch.from_numpy(local_slice(y_BT, self.rank, self.world)).to(self.device)
         t0 = time.perf_counter()
-        indices = self.model.engram_indices(x)
+        indices = self.model.engram_indices(x_cpu)  # CPU: no device sync (engram.indexer)
         with telemetry.span("train.lookup", step=step):
             engram_rows, stale = self.fetch(step, indices, need_grad=True)
         self.staleness.add(stale)
@@ -194,6 +195,7 @@ class RemoteStep:
         else:
             self.inflight.append(self.pusher.submit(self._push, step, hyper, grads))
         t3 = time.perf_counter()
+        # float(loss) is no extra sync: the row gradients were just copied to the host for the push
         global_loss = loss.detach().clone()
         if self.world > 1:
             dist.all_reduce(global_loss)
@@ -217,7 +219,7 @@ class RemoteStep:
             y = torch.from_numpy(batches[i][1]).to(self.device)
             rows = {layer: EngramRows(rows=self.rows.lookup(layer, u.cpu().numpy())[0].to(self.device),
                                       inverse=inv.to(self.device))
-                    for layer, (u, inv) in self.model.engram_indices(x).items()}
+                    for layer, (u, inv) in self.model.engram_indices(torch.from_numpy(batches[i][0])).items()}
             _, loss = self.model(x, y, engram_rows=rows)
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.model.train()

@@ -1,11 +1,13 @@
 """A hot-row cache on the device: N-gram use is Zipf-distributed, so few rows serve most lookups.
 
 Policy: LRU over a fixed number of row slots per layer (bounded bytes, split evenly across
-the Engram layers), fully vectorised so it runs on the GPU without per-row Python: the
-cache keeps `ids (C,)`, `rows (C, dh)`, `last_use (C,)` and `version (C,)`; a lookup is a
-`searchsorted` over the sorted ids; an insert overwrites the least recently used slots.
-Only misses go to the shards (`PrefetchPipeline` asks the cache first). `stats()` reports
-the hit rate.
+the Engram layers), fully vectorised without per-row Python: the cache keeps `rows (C, dh)`
+on the device and its bookkeeping -- `ids (C,)`, `last_use (C,)`, `version (C,)` -- on the
+CPU, next to the CPU indices it is asked about (`engram.indexer`): which rows hit decides
+what is sent to the shards, a host decision, so on the device every hit mask, count and
+eviction would make the host wait for the GPU. A lookup is a `searchsorted` over the sorted
+ids; an insert overwrites the least recently used slots. Only misses go to the shards
+(`PrefetchPipeline` asks the cache first). `stats()` reports the hit rate.
 
 Two modes:
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engram.indexer import to_device
+
 
 @dataclass(slots=True)
 class CacheStats:
@@ -41,10 +45,10 @@ class CacheStats:
 
 class _LayerCache:
     def __init__(self, capacity: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.ids = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # (C,) row id, -1 empty
-        self.rows = torch.zeros((capacity, dim), dtype=dtype, device=device)  # (C, dh)
-        self.last_use = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # (C,) LRU tick
-        self.version = torch.zeros((capacity,), dtype=torch.int64, device=device)  # (C,) step fetched at
+        self.ids = torch.full((capacity,), -1, dtype=torch.int64)  # (C,) row id, -1 empty; CPU
+        self.rows = torch.zeros((capacity, dim), dtype=dtype, device=device)  # (C, dh) on the device
+        self.last_use = torch.full((capacity,), -1, dtype=torch.int64)  # (C,) LRU tick; CPU
+        self.version = torch.zeros((capacity,), dtype=torch.int64)  # (C,) step fetched at; CPU
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def find(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +61,10 @@ class _LayerCache:
 
     def touched(self) -> None:
         self._sorted = None
+
+    def on_device(self, slots: torch.Tensor) -> torch.Tensor:
+        """CPU slot indices -> the rows' device, without a sync."""
+        return to_device(slots, self.rows.device)
 
 
 class HotRowCache:
@@ -94,9 +102,9 @@ class HotRowCache:
         return cache.version[slots] >= step - self.max_staleness
 
     def lookup(self, layer: int, ids: torch.Tensor, *, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U,) unique ids -> hit mask (U,) bool, rows of the hits (H, dh) in `ids[hit]` order."""
+        """(U,) unique ids -> hit mask (U,) bool on the CPU, rows of the hits (H, dh) on the device."""
         cache = self.layers[layer]
-        ids = ids.to(cache.ids.device)
+        ids = ids.cpu()  # a no-op for the pipeline's CPU indices
         self._tick += 1
         found, slots = cache.find(ids)
         valid = self._valid(cache, slots, step)
@@ -107,23 +115,25 @@ class HotRowCache:
         cache.last_use[hit_slots] = self._tick
         self._stats.lookups += ids.numel()
         self._stats.hits += hit_slots.numel()
-        return hit, cache.rows[hit_slots]
+        return hit, cache.rows[cache.on_device(hit_slots)]
 
     def insert(self, layer: int, ids: torch.Tensor, rows: torch.Tensor, *, version: int | None = None) -> None:
         """Cache rows (N, dh) of unique ids (N,), evicting least recently used slots."""
         if self.max_staleness is not None and version is None:
             raise ValueError("version: a training cache needs the step the rows were fetched at")
         cache = self.layers[layer]
-        ids, rows = ids.to(cache.ids.device), rows.to(device=cache.rows.device, dtype=cache.rows.dtype)
+        ids, rows = ids.cpu(), rows.to(device=cache.rows.device, dtype=cache.rows.dtype)  # (N,) CPU, (N, dh)
         if ids.numel() == 0:
             return
         self._tick += 1
         found, slots = cache.find(ids)
         if found.any():  # present but stale: refresh in place
-            cache.rows[slots[found]] = rows[found]
-            cache.version[slots[found]] = version or 0
-            cache.last_use[slots[found]] = self._tick
-            ids, rows = ids[~found], rows[~found]
+            at = found.nonzero().squeeze(1)  # (F,) CPU positions into ids/rows
+            cache.rows[cache.on_device(slots[at])] = rows[cache.on_device(at)]
+            cache.version[slots[at]] = version or 0
+            cache.last_use[slots[at]] = self._tick
+            keep = (~found).nonzero().squeeze(1)
+            ids, rows = ids[keep], rows[cache.on_device(keep)]
         capacity = cache.ids.numel()
         if ids.numel() > capacity:  # more new rows than the whole cache: keep the last ones
             ids, rows = ids[-capacity:], rows[-capacity:]
@@ -133,7 +143,7 @@ class HotRowCache:
         victims = torch.topk(cache.last_use, n, largest=False).indices  # (n,) empty slots (-1) first
         self._stats.evictions += int((cache.ids[victims] >= 0).sum())
         cache.ids[victims] = ids
-        cache.rows[victims] = rows
+        cache.rows[cache.on_device(victims)] = rows
         cache.version[victims] = version or 0
         cache.last_use[victims] = self._tick
         cache.touched()
@@ -142,7 +152,7 @@ class HotRowCache:
     def invalidate(self, layer: int, ids: torch.Tensor) -> int:
         """Drop rows whose shard copy changed (after a gradient push); -> how many were cached."""
         cache = self.layers[layer]
-        found, slots = cache.find(ids.to(cache.ids.device))
+        found, slots = cache.find(ids.cpu())
         slots = slots[found]
         cache.ids[slots] = -1
         cache.last_use[slots] = -1

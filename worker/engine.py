@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from engram.config import Config
+from engram.indexer import to_device
 from engram.model import EngramLM
 from worker.cache import HotRowCache
 from worker.prefetch import LocalRowSource, PrefetchPipeline, RowSource
@@ -65,11 +66,13 @@ class ModelEngine:
         ids = torch.full((len(batch), max(lengths)), self.pad_id, dtype=torch.long)  # (B, T) right-padded
         for i, w in enumerate(batch):
             ids[i, : len(w.ids)] = torch.tensor(w.ids, dtype=torch.long)
-        ids = ids.to(self.device)
+        ids_dev = to_device(ids, self.device)
         if self.pipeline is not None:
-            logits, _ = self.pipeline.forward(ids)  # (B, T, V)
+            # the rows are asked for here, as this forward starts: they overlap blocks 0..l-1 only
+            # (prefetching the next batch during this one is the batcher's job, issue 11)
+            logits, _ = self.pipeline.forward(ids_dev, ids_cpu=ids)  # (B, T, V)
         else:
-            logits, _ = self.model(ids)
+            logits, _ = self.model(ids_dev, ids_cpu=ids)
         logp = torch.log_softmax(logits[..., : self.num_tokens].float(), dim=-1)  # (B, T, V_tok)
         self.batches += 1
         self.sequences += len(batch)

@@ -5,7 +5,9 @@ its own); only stage 4 is on the model's critical path:
 
 1. **indices** -- as soon as the batch's token ids are known, `model.engram_indices(ids)`
    computes every Engram layer's hashed rows, deduplicated: {layer: (unique (U,), inverse
-   (B, T, Hn))}. Pure torch, no I/O; runs on the GPU when the model is there.
+   (B, T, Hn))}. Pure torch, no I/O, on the CPU from the CPU ids (pinned when the model is
+   on a GPU): hashing on the GPU would make the host wait for it (`unique` has a
+   data-dependent size), and the unique rows are what goes to the shards anyway.
 2. **issue** -- per layer, the unique rows (minus hot-cache hits, see `worker.cache`) go to
    a `RowSource`, which returns a `concurrent.futures.Future` at once. `LocalRowSource`
    reads the model's own tables (tests, the baseline); `RemoteRowSource` sends them to the
@@ -17,8 +19,13 @@ its own); only stage 4 is on the model's critical path:
    after the copy. On CPU the received tensor is used as it is.
 4. **wait** -- when block l is reached, `PrefetchHandle.rows(l)` waits for that layer's
    future (bounded by the lookup deadline; a timeout is `RowsUnavailable`), then makes the
-   compute stream wait on the event (`current_stream().wait_event`) -- the GPU waits for a
-   copy, never for the network -- and the Engram layer gathers with the inverse index.
+   compute stream wait on the event (`current_stream(device).wait_event`) -- the GPU waits
+   for a copy, never for the network -- and the Engram layer gathers with the inverse index
+   (copied to the device without blocking, from pinned memory).
+
+Nothing on this path makes the host wait for the GPU (tests/test_cuda_sync.py checks it
+with `torch.cuda.set_sync_debug_mode("error")`), so the CPU runs ahead and issues the
+lookups while the GPU still computes earlier work.
 
 Blocks 0..l-1 run while the rows fly: `handle.lazy()` is a mapping that `EngramLM.forward`
 reads per layer (`engram_rows.get(l)` happens when block l runs), so each layer waits for
@@ -32,9 +39,9 @@ step k's update: that is staleness 1, allowed in async mode only; sync mode pref
 within the step (after the previous step's push is applied).
 
     pipeline = PrefetchPipeline(model, LocalRowSource(model))
-    handle = pipeline.prefetch(ids_BT)          # stages 1-3 start
+    handle = pipeline.prefetch(ids_cpu)         # stages 1-3 start, from the CPU ids
     ...                                         # anything else (layers 0..l-1)
-    logits, _ = model(ids_BT, engram_rows=handle.lazy())   # stage 4 per layer
+    logits, _ = model(ids_dev, engram_rows=handle.lazy())   # stage 4 per layer
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from engram.engram_layer import EngramRows
+from engram.indexer import to_device
 from engram.model import EngramLM
 from worker.cache import HotRowCache
 
@@ -135,8 +143,9 @@ class LocalRowSource(RowSource):
     def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
         out: dict[int, cf.Future[Landed]] = {}
         for layer, ids in unique.items():
+            table = self.model.tables[str(layer)]
             fut: cf.Future[Landed] = cf.Future()
-            fut.set_result(Landed(self.model.tables[str(layer)](ids)))  # (U, dh), sparse grad
+            fut.set_result(Landed(table(to_device(ids, self.model.device))))  # (U, dh), sparse grad
             out[layer] = fut
         return out
 
@@ -194,6 +203,7 @@ class RemoteRowSource(RowSource):
         return result
 
     def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
+        # the indices are CPU tensors (engram.indexer): `.cpu()` is a no-op here, not a device sync
         return {layer: self.loop.submit(self._fetch(layer, ids.detach().cpu())) for layer, ids in unique.items()}
 
     def close(self) -> None:
@@ -232,11 +242,12 @@ class PrefetchHandle:
             raise
         except Exception as exc:  # a shard error: name the layer, keep the cause
             raise RowsUnavailable(f"Engram layer {layer}: lookup failed: {exc}") from exc
-        if landed.event is not None:
-            torch.cuda.current_stream().wait_event(landed.event)
-            landed.rows.record_stream(torch.cuda.current_stream())
+        if landed.event is not None:  # the copy ran on the lander's side stream of this device
+            stream = torch.cuda.current_stream(landed.rows.device)
+            stream.wait_event(landed.event)
+            landed.rows.record_stream(stream)
         rows = self.pipeline.assemble(layer, unique, landed.rows, self.hits.get(layer))
-        out = EngramRows(rows=rows, inverse=inverse)
+        out = EngramRows(rows=rows, inverse=to_device(inverse, rows.device))
         self._done[layer] = out
         return out
 
@@ -313,14 +324,19 @@ class PrefetchPipeline:
         self, layer: int, unique: torch.Tensor, fetched: torch.Tensor,
         hit: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Merge cache hits with fetched misses -> (U, dh) in `unique` order; fill the cache."""
+        """Merge cache hits with fetched misses -> (U, dh) in `unique` order; fill the cache.
+
+        The masks are CPU tensors (the cache keeps its bookkeeping there): they become index
+        tensors on the CPU and travel to the device without a sync.
+        """
         if hit is not None:
-            hit_mask, hit_rows = hit
+            hit_mask, hit_rows = hit  # (U,) bool on the CPU, (H, dh) on the device
             assert self.cache is not None
             self.cache.insert(layer, unique[~hit_mask], fetched.detach(), version=self.step)
-            merged = torch.empty((unique.numel(), fetched.shape[1]), dtype=fetched.dtype, device=fetched.device)
-            merged[hit_mask] = hit_rows.to(fetched.dtype)
-            merged[~hit_mask] = fetched
+            dev = fetched.device
+            merged = torch.empty((unique.numel(), fetched.shape[1]), dtype=fetched.dtype, device=dev)
+            merged.index_copy_(0, to_device(hit_mask.nonzero().squeeze(1), dev), hit_rows.to(fetched.dtype))
+            merged.index_copy_(0, to_device((~hit_mask).nonzero().squeeze(1), dev), fetched)
             fetched = merged
         if self.train and not fetched.requires_grad:
             fetched = fetched.float().requires_grad_(True)  # leaf: its grad goes back to the shards
@@ -341,9 +357,16 @@ class PrefetchPipeline:
 
         return LazyRows(at_layer, layers)
 
-    def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
-        """-> (logits (B, T, V), loss); rows come from the source through the pipeline."""
-        return self.model(ids_BT, targets_BT, engram_rows=self.engram_rows(ids_BT))
+    def forward(  # type: ignore[no-untyped-def]
+        self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *, ids_cpu: torch.Tensor | None = None,
+    ):
+        """-> (logits (B, T, V), loss); rows come from the source through the pipeline.
+
+        `ids_cpu`: the same ids on the CPU (what the caller built the batch from), so the
+        indices need no device -> host copy.
+        """
+        rows = self.engram_rows(ids_BT if ids_cpu is None else ids_cpu)
+        return self.model(ids_BT, targets_BT, engram_rows=rows)
 
     def close(self) -> None:
         self.source.close()

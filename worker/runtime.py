@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from engram.config import Config, ConfigError, load_config
 from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
+from engram.precision import configure_tf32
 from engram.tokenizer import eot_id
 from worker.engine import ModelEngine
 from worker.prefetch import LoopThread, RemoteRowSource, RowSource
@@ -86,7 +87,10 @@ def check_and_drop_local_tables(model: EngramLM, source: RowSource, *, sample: i
         layer = int(name)
         n, dim = int(table.weight.shape[0]), int(table.weight.shape[1])
         ids = torch.unique(torch.randint(0, n, (min(sample, n),), generator=gen))  # (S,)
-        remote = source.issue({layer: ids})[layer].result(timeout=60).rows.float().cpu()
+        landed = source.issue({layer: ids})[layer].result(timeout=60)
+        if landed.event is not None:  # the rows are still being copied on the lander's side stream
+            landed.event.synchronize()
+        remote = landed.rows.float().cpu()
         if not torch.allclose(remote, table.weight.detach()[ids].float().cpu(), rtol=1e-2, atol=1e-2):
             differ.append(layer)
         table.weight = torch.nn.Parameter(table.weight.new_empty((0, dim)))  # the rows live on the shards
@@ -95,6 +99,7 @@ def check_and_drop_local_tables(model: EngramLM, source: RowSource, *, sample: i
 
 def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:
     device = torch.device(cfg.worker.device)
+    configure_tf32(device, cfg.train.tf32)
     model = model.to(device)
     source = None
     if cfg.worker.row_source == "remote" and model.indexer is not None:

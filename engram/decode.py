@@ -118,9 +118,44 @@ def make_pool(model: EngramLM, *, budget_bytes: int, block_size: int, device: to
                   device=device)
 
 
+@dataclass(slots=True)
+class _Plan:
+    """Index tensors of one extend, shared by every layer."""
+
+    new_slots: torch.Tensor  # (N,) pool rows the N valid new positions are written to
+    new_src: torch.Tensor  # (N,) their index in the flattened (B*n) batch
+    gather: torch.Tensor  # (B, L) pool rows of every cached + new position (padding: row 0)
+    mask: torch.Tensor  # (B, 1, n, L) bool, True = may attend
+
+
+def _plan(pool: KVPool, seqs: list[SeqState], counts: list[int], n: int, device: torch.device) -> _Plan:
+    B = len(seqs)
+    past = torch.tensor([s.length for s in seqs])  # (B,)
+    cnt = torch.tensor(counts)  # (B,)
+    total = past + cnt
+    L = int(total.max())
+    nb = max(len(s.blocks) for s in seqs)
+    table = torch.zeros((B, nb), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        table[b, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.long)
+    pos = torch.arange(L)  # (L,)
+    rows = table[:, pos // pool.block_size] * pool.block_size + pos % pool.block_size  # (B, L)
+    valid_key = pos.unsqueeze(0) < total.unsqueeze(1)  # (B, L)
+    gather = torch.where(valid_key, rows, torch.zeros_like(rows))
+    i = torch.arange(n)  # (n,)
+    new_pos = past.unsqueeze(1) + i.unsqueeze(0)  # (B, n)
+    valid_new = i.unsqueeze(0) < cnt.unsqueeze(1)  # (B, n)
+    new_rows = rows.gather(1, new_pos.clamp(max=L - 1))  # (B, n)
+    mask = (pos.view(1, 1, L) <= new_pos.unsqueeze(2)) & valid_key.unsqueeze(1)  # (B, n, L) causal, own keys
+    return _Plan(
+        new_slots=new_rows[valid_new].to(device), new_src=torch.nonzero(valid_new.flatten()).flatten().to(device),
+        gather=gather.to(device), mask=mask.unsqueeze(1).to(device),
+    )
+
+
 def _attention(
-    block_attn: torch.nn.Module, x_BnD: torch.Tensor, *, layer: int, pool: KVPool, seqs: list[SeqState],
-    counts: list[int], cos_Bn: torch.Tensor, sin_Bn: torch.Tensor,
+    block_attn: torch.nn.Module, x_BnD: torch.Tensor, *, layer: int, pool: KVPool, plan: _Plan,
+    cos_Bn: torch.Tensor, sin_Bn: torch.Tensor,
 ) -> torch.Tensor:
     B, n, D = x_BnD.shape
     nh = block_attn.n_head  # type: ignore[attr-defined]
@@ -129,21 +164,11 @@ def _attention(
     q, k, v = qkv.unbind(2)  # (B, n, nh, hd)
     q = apply_rotary(q.transpose(1, 2), cos_Bn.unsqueeze(1), sin_Bn.unsqueeze(1))  # (B, nh, n, hd)
     k = apply_rotary(k.transpose(1, 2), cos_Bn.unsqueeze(1), sin_Bn.unsqueeze(1)).transpose(1, 2)  # (B, n, nh, hd)
-    L = max(s.length + c for s, c in zip(seqs, counts))
-    keys = x_BnD.new_zeros((B, L, nh, hd))
-    vals = x_BnD.new_zeros((B, L, nh, hd))
-    mask = torch.zeros((B, 1, n, L), dtype=torch.bool, device=x_BnD.device)
-    for b, (s, c) in enumerate(zip(seqs, counts)):
-        new = pool.slots(s.blocks, s.length, s.length + c)  # (c,)
-        pool.k[layer].index_copy_(0, new, k[b, :c])
-        pool.v[layer].index_copy_(0, new, v[b, :c])
-        rows = pool.slots(s.blocks, 0, s.length + c)  # (P + c,)
-        keys[b, : s.length + c] = pool.k[layer, rows]
-        vals[b, : s.length + c] = pool.v[layer, rows]
-        i = torch.arange(n).unsqueeze(1)
-        j = torch.arange(L).unsqueeze(0)
-        mask[b, 0] = (j <= s.length + i) & (j < s.length + c)  # causal; padded queries see key 0..P
-    y = F.scaled_dot_product_attention(q, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask)  # (B, nh, n, hd)
+    pool.k[layer].index_copy_(0, plan.new_slots, k.reshape(B * n, nh, hd)[plan.new_src])
+    pool.v[layer].index_copy_(0, plan.new_slots, v.reshape(B * n, nh, hd)[plan.new_src])
+    keys = pool.k[layer][plan.gather]  # (B, L, nh, hd)
+    vals = pool.v[layer][plan.gather]
+    y = F.scaled_dot_product_attention(q, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=plan.mask)
     return block_attn.proj(y.transpose(1, 2).reshape(B, n, D))  # type: ignore[operator]
 
 
@@ -156,15 +181,14 @@ def _short_conv(layer_mod: torch.nn.Module, value_BnMD: torch.Tensor, *, layer: 
     weight = sc.conv.weight[:, 0]  # (C, K)
     K, dil = weight.shape[1], sc.conv.dilation[0]
     S = (K - 1) * dil
-    out = normed.new_zeros((B, n, M * D))
+    zero = normed.new_zeros((S, M * D))  # before the start: the conv's zero padding
+    tails = torch.stack([s.conv.get(layer, zero) for s in seqs])  # (B, S, C)
+    x = torch.cat([tails, normed], dim=1)  # (B, S + n, C)
+    out = x[:, 0:n] * weight[:, 0]
+    for k in range(1, K):  # output t reads x[t + k*dil] in this shifted frame
+        out = out + x[:, k * dil : k * dil + n] * weight[:, k]
     for b, (s, c) in enumerate(zip(seqs, counts)):
-        tail = s.conv.get(layer)
-        if tail is None:
-            tail = normed.new_zeros((S, M * D))  # before the start: the conv's zero padding
-        x = torch.cat([tail, normed[b, :c]], dim=0)  # (S + c, C)
-        for k in range(K):  # output t reads x[t + k*dil] in this shifted frame
-            out[b, :c] += x[k * dil : k * dil + c] * weight[:, k]
-        s.conv[layer] = x[c:] if S else x[:0]  # (S, C) the newest S inputs
+        s.conv[layer] = x[b, c : c + S]  # (S, C) the newest S inputs
     return F.silu(out).reshape(B, n, M, D)
 
 
@@ -194,6 +218,7 @@ def extend(
         ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         pos[b] = torch.arange(s.length, s.length + n).clamp_(max=max_len - 1)
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (B, n, hd/2)
+    plan = _plan(pool, seqs, counts, n, dev)
     x = model.tok_emb(ids)  # (B, n, D)
     h = x.unsqueeze(2).expand(B, n, model.cfg.model.hc_mult, x.shape[-1])  # (B, n, M, D)
     for i, block in enumerate(model.blocks):
@@ -210,8 +235,8 @@ def extend(
             h = h + y
             if gates_out is not None:
                 gates_out[i] = alpha
-        a = _attention(block.attn, block.attn_norm(block.hc_attn.read_input(h)), layer=i, pool=pool, seqs=seqs,
-                       counts=counts, cos_Bn=cos, sin_Bn=sin)
+        a = _attention(block.attn, block.attn_norm(block.hc_attn.read_input(h)), layer=i, pool=pool, plan=plan,
+                       cos_Bn=cos, sin_Bn=sin)
         h = block.hc_attn.write_output(h, a)
         h = block.hc_mlp.write_output(h, block.mlp(block.mlp_norm(block.hc_mlp.read_input(h))))
     for s, c in zip(seqs, counts):

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from engram.model import EngramLM, apply_rotary
+from engram.engram_layer import EngramLayer
+from engram.model import Attention, Block, EngramLM, apply_rotary
 
 
 class OutOfBlocks(RuntimeError):
@@ -154,13 +156,13 @@ def _plan(pool: KVPool, seqs: list[SeqState], counts: list[int], n: int, device:
 
 
 def _attention(
-    block_attn: torch.nn.Module, x_BnD: torch.Tensor, *, layer: int, pool: KVPool, plan: _Plan,
+    block_attn: Attention, x_BnD: torch.Tensor, *, layer: int, pool: KVPool, plan: _Plan,
     cos_Bn: torch.Tensor, sin_Bn: torch.Tensor,
 ) -> torch.Tensor:
     B, n, D = x_BnD.shape
-    nh = block_attn.n_head  # type: ignore[attr-defined]
+    nh = block_attn.n_head
     hd = D // nh
-    qkv = block_attn.qkv(x_BnD).view(B, n, 3, nh, hd)  # type: ignore[operator]
+    qkv = block_attn.qkv(x_BnD).view(B, n, 3, nh, hd)
     q, k, v = qkv.unbind(2)  # (B, n, nh, hd)
     q = apply_rotary(q.transpose(1, 2), cos_Bn.unsqueeze(1), sin_Bn.unsqueeze(1))  # (B, nh, n, hd)
     k = apply_rotary(k.transpose(1, 2), cos_Bn.unsqueeze(1), sin_Bn.unsqueeze(1)).transpose(1, 2)  # (B, n, nh, hd)
@@ -169,17 +171,17 @@ def _attention(
     keys = pool.k[layer][plan.gather]  # (B, L, nh, hd)
     vals = pool.v[layer][plan.gather]
     y = F.scaled_dot_product_attention(q, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=plan.mask)
-    return block_attn.proj(y.transpose(1, 2).reshape(B, n, D))  # type: ignore[operator]
+    return block_attn.proj(y.transpose(1, 2).reshape(B, n, D))
 
 
-def _short_conv(layer_mod: torch.nn.Module, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState],
+def _short_conv(layer_mod: EngramLayer, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState],
                 counts: list[int]) -> torch.Tensor:
     """SiLU(causal dilated depthwise conv(RMSNorm(value))) with each sequence's cached tail."""
-    sc = layer_mod.short_conv  # type: ignore[attr-defined]
+    sc = layer_mod.short_conv
     B, n, M, D = value_BnMD.shape
     normed = torch.cat([sc.norms[m](value_BnMD[:, :, m]) for m in range(M)], dim=-1)  # (B, n, C)
     weight = sc.conv.weight[:, 0]  # (C, K)
-    K, dil = weight.shape[1], sc.conv.dilation[0]
+    K, dil = int(weight.shape[1]), int(sc.conv.dilation[0])
     S = (K - 1) * dil
     zero = normed.new_zeros((S, M * D))  # before the start: the conv's zero padding
     tails = torch.stack([s.conv.get(layer, zero) for s in seqs])  # (B, S, C)
@@ -221,7 +223,8 @@ def extend(
     plan = _plan(pool, seqs, counts, n, dev)
     x = model.tok_emb(ids)  # (B, n, D)
     h = x.unsqueeze(2).expand(B, n, model.cfg.model.hc_mult, x.shape[-1])  # (B, n, M, D)
-    for i, block in enumerate(model.blocks):
+    for i, mod in enumerate(model.blocks):
+        block = cast(Block, mod)
         eng = block.engram
         if eng is not None:
             assert rows_at is not None, "an Engram layer needs its rows"

@@ -168,3 +168,19 @@ def test_queue_limit_and_cancel_free_blocks(trained) -> None:
 
     st = asyncio.run(main())
     assert st["kv_blocks_used"] == 0 and st["cancelled"] == 2
+
+
+def test_train_sample_uses_the_kv_cache_and_seeded_nucleus_sampling() -> None:
+    from worker.sample import sample_from_checkpoint
+
+    ck = shared_tiny_checkpoint()
+    model, cfg, tok_json = load_model(ck)
+    tok = Tokenizer.from_str(tok_json)
+    ids, new = tok.encode("def f", add_special_tokens=False).ids, []
+    for _ in range(30):  # greedy over the full window, the old way
+        with torch.no_grad():
+            new.append(int(model(torch.tensor([ids + new]))[0][0, -1, : tok.get_vocab_size()].argmax()))
+    assert sample_from_checkpoint(str(ck), "def f", max_new_tokens=30, temperature=0) == tok.decode(new)
+    a = sample_from_checkpoint(str(ck), "def f", max_new_tokens=30)  # default: temperature 0.8, top_p 0.95, seed 0
+    assert a == sample_from_checkpoint(str(ck), "def f", max_new_tokens=30)
+    assert a != sample_from_checkpoint(str(ck), "def f", max_new_tokens=30, seed=1)

@@ -7,9 +7,9 @@ One asyncio task drives steps; each step runs on the model thread (never on the 
    (`worker.max_running`) and free blocks for their whole window; at admission the hash ids
    of the window are computed and its row lookups issued, so they fly while other work runs.
 3. **schedule** -- a token budget per step (`worker.max_step_tokens`): every sequence with one
-   uncached token (decode) costs 1; what is left goes to one prefill chunk of the oldest
-   sequence still prefilling (long prompts are split over steps, so decodes never stall).
-4. **run** -- one ragged `engram.decode.extend` for the decode batch and one for the chunk;
+   uncached token (decode) costs 1; what is left goes to prefill chunks, oldest sequence
+   first (a long prompt is split over steps, so decodes never stall behind it).
+4. **run** -- one ragged `engram.decode.extend` for the decode batch and one for the chunks;
    a decode sequence that needs a block the pool does not have preempts the newest
    sequence (its blocks are freed; it re-prefills later from its tokens).
 5. **sample** -- sequences whose window is cached sample a token, detokenise it
@@ -200,20 +200,22 @@ class Scheduler:
                         raise
         decode = [s for s in decode if s in self.running]
         budget -= len(decode)
-        chunk: tuple[Sequence, int] | None = None
-        prefilling = [s for s in self.running if s.pending > 1]
-        if prefilling and budget > 0:
-            chunk = (prefilling[0], min(prefilling[0].pending, budget))
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in [s for s in self.running if s.pending > 1]:  # oldest first, as long as the budget lasts
+            if budget <= 0:
+                break
+            chunks.append((seq, min(seq.pending, budget)))
+            budget -= chunks[-1][1]
         out: list[tuple[Sequence, Event]] = []
-        ready: list[Sequence] = []
+        ready: list[tuple[Sequence, torch.Tensor]] = []
         if decode:
             ready += self._run(decode, [1] * len(decode), out)
             self.counters["decode_tokens"] += len(decode)
-        if chunk is not None:
-            ready += self._run([chunk[0]], [chunk[1]], out)
-            self.counters["prefill_tokens"] += chunk[1]
+        if chunks:
+            ready += self._run([c[0] for c in chunks], [c[1] for c in chunks], out)
+            self.counters["prefill_tokens"] += sum(c[1] for c in chunks)
         next_rows: list[Sequence] = []
-        for seq, logits_V in ready:  # type: ignore[misc]
+        for seq, logits_V in ready:
             ev = self._sample(seq, logits_V)
             out.append((seq, ev))
             if ev.finish_reason is not None:
@@ -234,7 +236,9 @@ class Scheduler:
             self._issue(next_rows, ctx, 1)
         return out
 
-    def _run(self, seqs: list[Sequence], counts: list[int], out: list[tuple[Sequence, Event]]) -> list:
+    def _run(
+        self, seqs: list[Sequence], counts: list[int], out: list[tuple[Sequence, Event]]
+    ) -> list[tuple[Sequence, torch.Tensor]]:
         """One extend; -> [(seq, next-token logits (V,))] of sequences whose window is now cached."""
         starts = [s.state.length for s in seqs]
         n = max(counts)

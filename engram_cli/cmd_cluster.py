@@ -35,7 +35,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--remove", type=int, nargs="+", help="shard ids that leave")
     load = sub.add_parser("load", help="load a trained checkpoint's Engram tables into the running shards")
     add_config_args(load)
-    load.add_argument("checkpoint", help="a checkpoint.pt written by `engram train`")
+    load.add_argument("checkpoint", help="a checkpoint.pt written by `engram train` (local or the Ray run's final "
+                                         "one), or a Ray step directory holding shards.json")
     load.add_argument("--dir", default=None,
                       help="slot files directory the shards can read (default: cluster.checkpoint_dir/load-<name>); "
                            "a re-run with the same directory resumes")
@@ -157,6 +158,8 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
     from services.client import ShardClient
     from services.client.table_load import checkpoint_tables, write_table_slots
 
+    if (Path(args.checkpoint) / "shards.json").is_file():  # a Ray step: the shards wrote the slot files
+        return await _restore_manifest(cfg, Path(args.checkpoint) / "shards.json")
     if not Path(args.checkpoint).is_file():
         raise ValueError(f"checkpoint {args.checkpoint} does not exist")
     ck_cfg, tables, step = checkpoint_tables(args.checkpoint)
@@ -193,4 +196,22 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
         await cp.close()
     print(f"loaded {len(layouts)} tables of {args.checkpoint} (step {step}) into cluster {cp.namespace!r}: "
           f"{result['slots_restored']} slots restored from {directory} ({skipped} slot files reused)")
+    return 0
+
+
+async def _restore_manifest(cfg: Any, path: Any) -> int:
+    import json
+
+    from services.client import ShardClient
+
+    cp = _control(cfg)
+    try:
+        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s)
+        try:
+            result = await client.restore(json.loads(path.read_text()))
+        finally:
+            await client.close()
+    finally:
+        await cp.close()
+    print(f"restored {result['slots_restored']} slots at step {result['step']} from {path}")
     return 0

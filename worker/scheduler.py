@@ -28,7 +28,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
@@ -50,7 +49,7 @@ class Scheduler:
     def __init__(
         self, model: EngramLM, *, pipeline: PrefetchPipeline | None, num_tokens: int, eot: int | None,
         executor: cf.ThreadPoolExecutor, kv_cache_mb: float, block_size: int, max_step_tokens: int,
-        max_running: int, max_queue: int, on_event: Callable[[Sequence, Event], None] | None = None,
+        max_running: int, max_queue: int,
     ) -> None:
         self.model, self.pipeline, self.num_tokens, self.eot = model, pipeline, num_tokens, eot
         self.executor = executor
@@ -66,7 +65,6 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.on_event = on_event
         self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0,
                          "finished": 0, "cancelled": 0, "failed": 0}
 
@@ -99,8 +97,6 @@ class Scheduler:
                 log.exception("engine step failed")
                 events = self._fail_all("engine step failed (see the server log)")
             for seq, ev in events:
-                if self.on_event is not None:
-                    self.on_event(seq, ev)
                 seq.events.put_nowait(ev)
             if not events:
                 await asyncio.sleep(0.002)  # nothing could run (e.g. only cancelled sequences left)

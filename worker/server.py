@@ -22,6 +22,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -33,7 +34,6 @@ from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from worker.batcher import DynamicBatcher
 from worker.engine import ModelEngine, Work
-from worker.http_server import HttpServer
 from worker.prefetch import RowsUnavailable
 from worker.scheduler import Overloaded, Scheduler
 from worker.sequence import EngramOptions, ErrorEvent, SamplingParams, Sequence
@@ -93,6 +93,12 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         self.engine, self.batcher, self.scheduler, self.tok, self.cfg = engine, batcher, scheduler, tok, cfg
         self.limit = cfg.model.max_seq_len
 
+    async def _encode(self, text: str) -> list[int]:
+        """Tokenise off the event loop."""
+        if not text:
+            return []
+        return list((await asyncio.get_running_loop().run_in_executor(None, self.tok.encode, text)).ids)
+
     async def _run(self, work: Work, context: grpc.aio.ServicerContext) -> torch.Tensor:
         try:
             return await self.batcher.submit(work)
@@ -103,7 +109,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
     async def Score(self, request: worker_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ScoreResponse:
         try:
             ids, truncated = fit_context(
-                self.tok.encode(request.text).ids if request.text else [],
+                await self._encode(request.text),
                 field="text", limit=self.limit, truncate=request.truncate,
             )
         except BadRequest as exc:
@@ -122,7 +128,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             params = sampling_of(request, max_new_tokens_limit=self.cfg.worker.max_new_tokens)
             ids, _ = fit_context(
-                self.tok.encode(request.prompt).ids if request.prompt else [],
+                await self._encode(request.prompt),
                 field="prompt", limit=self.limit, truncate=request.truncate,
             )
         except BadRequest as exc:
@@ -143,6 +149,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 if isinstance(ev, ErrorEvent):
                     code = grpc.StatusCode.UNAVAILABLE if ev.unavailable else grpc.StatusCode.INTERNAL
                     await context.abort(code, f"Engram rows unavailable: {ev.message}" if ev.unavailable else ev.message)
+                    return  # unreachable: abort raises
                 produced += 1
                 finished = ev.finish_reason is not None
                 reason = {"stop": "eot", "length": "length"}.get(ev.finish_reason or "", "")
@@ -189,9 +196,11 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    http = None
+    http: Any = None
     port_http = w.http_port if http_port is None else http_port
     if port_http >= 0:
+        from worker.http_server import HttpServer  # starlette + uvicorn only when the HTTP API is on
+
         http = HttpServer(scheduler=scheduler, tok=tok, cfg=cfg, host=host, port=port_http, grace_s=grace_s)
         await http.start()
     http_note = f" http={host}:{http.port}" if http is not None else ""

@@ -14,9 +14,10 @@ matter for speed) served by `engram serve` with the tables
   remote  on 2 shard processes (LocalCluster; `engram cluster load` puts the checkpoint's
           tables there), rows over gRPC (the co-located shared-memory and framed network
           data paths are not on main yet; when they land they become two more ways here)
-Workloads: prefill-heavy (long prompt, few new tokens) and decode-heavy (short prompt, many
-new tokens). Each concurrency level C runs C closed-loop streaming clients for `--requests`
-requests in all; reported: generated tokens/s, prompt tokens/s, TTFT and inter-token latency
+Both servers run side by side; each (workload, concurrency) level runs on local, then on
+remote, so that load from a shared machine hits both alike. Workloads: prefill-heavy (long
+prompt, few new tokens) and decode-heavy (short prompt, many new tokens). Each concurrency
+level C runs C closed-loop streaming clients for `--requests` requests in all; reported: generated tokens/s, prompt tokens/s, TTFT and inter-token latency
 p50/p99 (client side, from the SSE stream), errors.
 """
 
@@ -210,8 +211,8 @@ def make_checkpoint(tmp: Path, preset: str) -> Path:
     return Path(train_local(cfg).checkpoint)
 
 
-def run_way(way: str, checkpoint: Path, preset: str, args: argparse.Namespace, prompts: dict[str, list[list[int]]],
-            tmp: Path) -> list[dict[str, Any]]:
+def start_way(way: str, checkpoint: Path, preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """`engram serve` for one way (and its cluster for `remote`) -> {proc, http, cluster}."""
     sets = [f"worker.max_running={max(args.concurrency)}", "worker.max_queue=1024"]
     cluster = None
     if way == "remote":
@@ -228,23 +229,19 @@ def run_way(way: str, checkpoint: Path, preset: str, args: argparse.Namespace, p
             cluster.stop()
             raise RuntimeError(f"engram cluster load failed: {load.stderr}")
         sets += ["worker.row_source=remote", *cluster.cluster_overrides]
-    proc, http = serve_process(checkpoint, sets)
-    rows = []
     try:
-        for name, wl in WORKLOADS.items():
-            for c in args.concurrency:
-                res = asyncio.run(offered_load(f"http://{http}/v1/completions", concurrency=c,
-                                               requests=max(args.requests, c), prompts=prompts[name],
-                                               max_tokens=wl["max_tokens"], model="engram"))
-                rows.append({"way": way, "workload": name, **res})
-                print(f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
-                      f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
-                      f"errors {res['errors']}", flush=True)
-    finally:
-        stop(proc)
+        proc, http = serve_process(checkpoint, sets)
+    except BaseException:
         if cluster is not None:
             cluster.stop()
-    return rows
+        raise
+    return {"proc": proc, "http": http, "cluster": cluster}
+
+
+def stop_way(server: dict[str, Any]) -> None:
+    stop(server["proc"])
+    if server["cluster"] is not None:
+        server["cluster"].stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,9 +274,25 @@ def main(argv: list[str] | None = None) -> int:
         prompts = {name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
                    for name, wl in WORKLOADS.items()}
         print("part 2: offered load against engram serve (HTTP, streaming)", flush=True)
+        servers: dict[str, dict[str, Any]] = {}
         rows = []
-        for way in args.ways:
-            rows += run_way(way, checkpoint, args.preset, args, prompts, tmp)
+        try:
+            for way in args.ways:  # every server up first; then each level runs on each way in turn
+                servers[way] = start_way(way, checkpoint, args.preset, args, tmp)
+            for name, wl in WORKLOADS.items():
+                for c in args.concurrency:
+                    for way in args.ways:
+                        res = asyncio.run(offered_load(
+                            f"http://{servers[way]['http']}/v1/completions", concurrency=c,
+                            requests=max(args.requests, c), prompts=prompts[name], max_tokens=wl["max_tokens"],
+                            model="engram"))
+                        rows.append({"way": way, "workload": name, **res})
+                        print(f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
+                              f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
+                              f"errors {res['errors']}", flush=True)
+        finally:
+            for server in servers.values():
+                stop_way(server)
     print(f"\n{'way':<7} {'workload':<14} {'C':>3} {'gen tok/s':>10} {'prompt tok/s':>12} {'TTFT p50':>9} "
           f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4}")
     for r in rows:

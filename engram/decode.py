@@ -31,7 +31,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from engram.engram_layer import EngramLayer
+from engram.engram_layer import ShortConv
 from engram.model import Attention, Block, EngramLM, apply_rotary
 
 
@@ -174,10 +174,9 @@ def _attention(
     return block_attn.proj(y.transpose(1, 2).reshape(B, n, D))
 
 
-def _short_conv(layer_mod: EngramLayer, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState],
+def _short_conv(sc: ShortConv, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState],
                 counts: list[int]) -> torch.Tensor:
     """SiLU(causal dilated depthwise conv(RMSNorm(value))) with each sequence's cached tail."""
-    sc = layer_mod.short_conv
     B, n, M, D = value_BnMD.shape
     normed = torch.cat([sc.norms[m](value_BnMD[:, :, m]) for m in range(M)], dim=-1)  # (B, n, C)
     weight = sc.conv.weight[:, 0]  # (C, K)
@@ -232,7 +231,8 @@ def extend(
             e = r.reshape(B, n, -1).to(h.dtype)  # (B, n, E)
             alpha = eng.gates(h, e)  # (B, n, M)
             value = alpha.unsqueeze(-1) * eng.value_proj(e).unsqueeze(2)  # (B, n, M, D)
-            y = value + _short_conv(eng, value, layer=i, seqs=seqs, counts=counts)
+            y = value if eng.short_conv is None else value + _short_conv(
+                eng.short_conv, value, layer=i, seqs=seqs, counts=counts)  # short_conv None: the ablation
             if knockout is not None:
                 y = y * (~knockout).to(y.dtype).view(B, 1, 1, 1)
             h = h + y

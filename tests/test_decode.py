@@ -18,7 +18,8 @@ def model_of(*overrides: str) -> EngramLM:
     with torch.no_grad():  # the paper zero-inits the conv; random weights make its state matter
         for block in model.blocks:
             if block.engram is not None:
-                block.engram.short_conv.conv.weight.normal_(0, 0.5)
+                if block.engram.short_conv is not None:
+                    block.engram.short_conv.conv.weight.normal_(0, 0.5)
     return model
 
 
@@ -39,8 +40,10 @@ def rows_fn(model: EngramLM, contexts: list[list[int]], counts: list[int]):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("overrides", [[], ["model.hc_mult=2"], ["engram.max_ngram_size=4",
-                                                                  "engram.table_size_per_ngram=[997,991,983]"]])
+@pytest.mark.parametrize("overrides", [
+    [], ["model.hc_mult=2"], ["engram.max_ngram_size=4", "engram.table_size_per_ngram=[997,991,983]"],
+    ["model.hc_mult=2", "engram.short_conv=false", "engram.gate=false", "engram.shared_keys=true"],  # ablations
+])
 def test_prefill_then_decode_equals_full_forward(overrides) -> None:
     model = model_of(*overrides)
     pool = make_pool(model, budget_bytes=1 << 20, block_size=4)

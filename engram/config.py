@@ -142,6 +142,14 @@ class WorkerConfig:
     max_new_tokens: int = 512  # upper bound a Generate request may ask for
     port: int = 50061
     device: str = "cpu"
+    # the generation engine (worker.scheduler): paged KV cache and continuous batching
+    kv_cache_mb: float = 64.0  # memory budget of the KV block pool
+    kv_block_size: int = 16  # positions per KV block
+    max_step_tokens: int = 512  # token budget of one engine step (decode tokens + prefill chunk)
+    max_running: int = 64  # sequences in the running batch at once
+    max_queue: int = 128  # requests waiting for admission; beyond it new requests get 429
+    http_port: int = -1  # OpenAI-compatible HTTP API; -1 -> off, 0 -> a free port
+    model_name: str = "engram"  # the `model` id the HTTP API serves
 
 
 @dataclass(kw_only=True, slots=True)
@@ -476,8 +484,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"worker.row_source: unknown {w.row_source!r} (local or remote)")
     if w.cache_mb < 0:
         raise ConfigError(f"worker.cache_mb: must be >= 0, got {w.cache_mb}")
-    for name in ("max_batch", "max_new_tokens"):
+    for name in ("max_batch", "max_new_tokens", "kv_cache_mb", "kv_block_size", "max_step_tokens", "max_running",
+                 "max_queue"):
         _positive(f"worker.{name}", getattr(w, name))
+    if not -1 <= w.http_port < 65536:
+        raise ConfigError(f"worker.http_port: {w.http_port} is not a TCP port (-1 = off, 0 = a free port)")
+    if not w.model_name:
+        raise ConfigError("worker.model_name: empty")
     if w.batch_timeout_ms < 0:
         raise ConfigError(f"worker.batch_timeout_ms: must be >= 0, got {w.batch_timeout_ms}")
     if not 0 <= w.port < 65536:

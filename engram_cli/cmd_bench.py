@@ -15,6 +15,7 @@ BENCHMARKS = {
     "prefetch": "how much of the lookup the prefetcher hides",
     "table_scaling": "validation loss vs number of Engram table rows at fixed compute",
     "ngram_stats": "n-gram Zipf exponents of the corpus (the capacity planner's statistic)",
+    "serve": "engram serve under offered load: throughput, TTFT, inter-token latency; KV cache vs full window",
 }
 
 

@@ -3,6 +3,7 @@
     engram cluster init --shards 4 [--force]
     engram cluster status
     engram cluster rebalance --shards 3        # or --add 3 / --remove 1
+    engram cluster load runs/latest/checkpoint.pt   # a trained model's tables into the shards
 All take --preset/--config/--set; `cluster.redis_url` and `cluster.namespace` pick the cluster.
 """
 
@@ -32,6 +33,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shards", type=int, help="target: shards 0..N-1 own the slots")
     group.add_argument("--add", type=int, nargs="+", help="shard ids that join (must be running)")
     group.add_argument("--remove", type=int, nargs="+", help="shard ids that leave")
+    load = sub.add_parser("load", help="load a trained checkpoint's Engram tables into the running shards")
+    add_config_args(load)
+    load.add_argument("checkpoint", help="a checkpoint.pt written by `engram train` (local or the Ray run's final "
+                                         "one), or a Ray step directory holding shards.json")
+    load.add_argument("--dir", default=None,
+                      help="slot files directory the shards can read (default: cluster.checkpoint_dir/load-<name>); "
+                           "a re-run with the same directory resumes")
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
@@ -40,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from services.control import ControlPlaneUnavailable
 
     cfg = load_config(args.preset, args.config, args.overrides)
-    action = {"init": _init, "status": _status, "rebalance": _rebalance}[args.action]
+    action = {"init": _init, "status": _status, "rebalance": _rebalance, "load": _load}[args.action]
     try:
         return asyncio.run(action(cfg, args))
     except ControlPlaneUnavailable as exc:
@@ -137,3 +146,72 @@ async def _rebalance(cfg: Any, args: argparse.Namespace) -> int:
         return 0
     finally:
         await cp.close()
+
+
+async def _load(cfg: Any, args: argparse.Namespace) -> int:
+    """Slot files from the checkpoint's tables (resumable), then Restore on every shard."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from engram.config import config_from_dict
+    from services.client import ShardClient
+    from services.client.table_load import checkpoint_tables, write_table_slots
+
+    if (Path(args.checkpoint) / "shards.json").is_file():  # a Ray step: the shards wrote the slot files
+        return await _restore_manifest(cfg, Path(args.checkpoint) / "shards.json")
+    if not Path(args.checkpoint).is_file():
+        raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+    ck_cfg, tables, step = checkpoint_tables(args.checkpoint)
+    trained = config_from_dict(ck_cfg)
+    cp = _control(cfg)
+    try:
+        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s)
+        try:
+            if client.cfg.engram != trained.engram:
+                raise ValueError(f"the cluster {cp.namespace!r} holds another Engram layout than the checkpoint's "
+                                 "engram config (re-init the cluster with the checkpoint's config)")
+            layouts = client.layouts
+            num_slots = client.cfg.cluster.num_slots
+            directory = str(Path(args.dir or Path(client.cfg.cluster.checkpoint_dir) / f"load-{Path(args.checkpoint).stem}")
+                            .resolve())  # the shards read it: absolute, not relative to this process
+            total = sum(min(num_slots, lay.num_rows) for lay in layouts.values())
+            bar = tqdm(total=total, unit="slot", desc="slot files", disable=args.no_progress)
+            skipped = 0
+
+            def tick(table: int, slot: int, was_skipped: bool) -> None:
+                nonlocal skipped
+                skipped += was_skipped
+                bar.update(1)
+
+            manifest = await asyncio.to_thread(
+                write_table_slots, tables, layouts, directory=directory, num_slots=num_slots,
+                kind=client.cfg.cluster.optimizer, step=step, on_slot=tick,
+            )
+            bar.close()
+            result = await client.restore(manifest)
+        finally:
+            await client.close()
+    finally:
+        await cp.close()
+    print(f"loaded {len(layouts)} tables of {args.checkpoint} (step {step}) into cluster {cp.namespace!r}: "
+          f"{result['slots_restored']} slots restored from {directory} ({skipped} slot files reused)")
+    return 0
+
+
+async def _restore_manifest(cfg: Any, path: Any) -> int:
+    import json
+
+    from services.client import ShardClient
+
+    cp = _control(cfg)
+    try:
+        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s)
+        try:
+            result = await client.restore(json.loads(path.read_text()))
+        finally:
+            await client.close()
+    finally:
+        await cp.close()
+    print(f"restored {result['slots_restored']} slots at step {result['step']} from {path}")
+    return 0

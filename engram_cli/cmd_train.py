@@ -28,6 +28,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", default=None, metavar="PROMPT",
                         help="after training, print a sampled continuation of PROMPT from the trained model")
     parser.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for --sample")
+    parser.add_argument("--sample-temperature", type=float, default=0.8,
+                        help="--sample: temperature (0 = greedy, which loops on small models), nucleus top_p 0.95, seed 0")
     ray = parser.add_argument_group("distributed (Ray)")
     ray.add_argument("--ray", action="store_true", help="train on Ray with the Engram tables on the memory shards")
     ray.add_argument("--mode", choices=("sync", "async"), default=None, help="dist.mode (default sync)")
@@ -100,8 +102,10 @@ def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float,
     if args.sample is not None and checkpoint:
         from worker.sample import sample_from_checkpoint
 
-        text = sample_from_checkpoint(checkpoint, args.sample, max_new_tokens=args.sample_tokens)
-        print(f"\nsample (greedy) from {checkpoint}:\n{args.sample}{text}")
+        t = args.sample_temperature
+        text = sample_from_checkpoint(checkpoint, args.sample, max_new_tokens=args.sample_tokens, temperature=t)
+        how = "greedy" if t == 0 else f"temperature {t:g}, top_p 0.95, seed 0"
+        print(f"\nsample ({how}) from {checkpoint}:\n{args.sample}{text}")
 
 
 def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -> int:  # type: ignore[no-untyped-def]

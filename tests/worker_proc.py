@@ -46,11 +46,13 @@ class WorkerProcess(LineProcess):
         super().__init__([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
                           "--port", "0", *args])
         self.address = ""
+        self.http = ""  # host:port of the HTTP API when worker.http_port >= 0
 
     def start(self, timeout_s: float = 60.0) -> WorkerProcess:
         self.launch()
         line = self.wait_line("READY ", timeout_s)
-        self.address = dict(p.split("=", 1) for p in line.split()[1:])["address"]
+        fields = dict(p.split("=", 1) for p in line.split()[1:])
+        self.address, self.http = fields["address"], fields.get("http", "")
         return self
 
     def terminate(self, timeout_s: float = 30.0) -> int:

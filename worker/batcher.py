@@ -20,12 +20,17 @@ R = TypeVar("R")
 
 
 class DynamicBatcher(Generic[W, R]):
-    def __init__(self, run: Callable[[list[W]], list[R]], *, max_batch: int, timeout_ms: float) -> None:
+    def __init__(
+        self, run: Callable[[list[W]], list[R]], *, max_batch: int, timeout_ms: float,
+        executor: cf.ThreadPoolExecutor | None = None,
+    ) -> None:
+        """`executor`: the model thread to run on (shared with the generation engine); owned if None."""
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         self._run, self.max_batch, self.timeout_s = run, max_batch, timeout_ms / 1000.0
         self._queue: asyncio.Queue[tuple[W, asyncio.Future[R]]] = asyncio.Queue()
-        self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")
+        self._owns_executor = executor is None
+        self._executor = executor or cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []
 
@@ -73,4 +78,5 @@ class DynamicBatcher(Generic[W, R]):
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)

@@ -314,6 +314,10 @@ class PrefetchPipeline:
                 futures[layer] = done
         return PrefetchHandle(indices=indices, futures=futures, hits=hits, pipeline=self)
 
+    def issue(self, indices: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> PrefetchHandle:
+        """Stages 2-3 for indices the caller computed (the generation engine hashes at admission)."""
+        return self._issue(indices)
+
     def prefetch(self, ids_BT: torch.Tensor) -> PrefetchHandle:
         """Stages 1-3 for a batch; returns at once with the lookups in flight."""
         with torch.no_grad():

@@ -1,24 +1,28 @@
 """The model-worker gRPC server (engram.worker.v1.ModelWorker): Score and streamed Generate.
 
-grpc.aio on uvloop. Handlers only validate and translate: the model runs on one worker
-thread behind a `DynamicBatcher`, so concurrent requests (including every decode step of
-every open Generate stream) share forward passes. Standard grpc.health.v1 service. SIGTERM
-or SIGINT -> health NOT_SERVING, `server.stop(grace)` lets in-flight requests finish, then
-the batcher and the row source close. Errors: bad input -> INVALID_ARGUMENT naming the field;
-rows that miss the lookup deadline -> UNAVAILABLE; the server keeps serving either way.
+grpc.aio on uvloop. Handlers only validate and translate; the model runs on one model
+thread: Score through a `DynamicBatcher` (whole-sequence log-probs), Generate through the
+`Scheduler` (paged KV cache, continuous batching; see worker/scheduler.py), which the
+OpenAI-compatible HTTP API (worker/http_api.py, `worker.http_port`) shares. Standard
+grpc.health.v1 service. SIGTERM or SIGINT -> health NOT_SERVING, `server.stop(grace)` lets
+in-flight requests finish, then the engine and the row source close. Errors: bad input ->
+INVALID_ARGUMENT naming the field; rows that miss the lookup deadline -> UNAVAILABLE; a full
+queue -> RESOURCE_EXHAUSTED; the server keeps serving either way.
 
-Generation past the context keeps the last `model.max_seq_len` tokens as the window.
+Generation past the context shifts the window: the last half is kept and re-prefilled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -29,8 +33,10 @@ from engram.config import Config
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from worker.batcher import DynamicBatcher
-from worker.engine import ModelEngine, Work, sample_next
+from worker.engine import ModelEngine, Work
 from worker.prefetch import RowsUnavailable
+from worker.scheduler import Overloaded, Scheduler
+from worker.sequence import EngramOptions, ErrorEvent, SamplingParams, Sequence
 
 log = logging.getLogger("engram.worker")
 SERVICE_NAME = "engram.worker.v1.ModelWorker"
@@ -80,30 +86,18 @@ def fit_context(ids: list[int], *, field: str, limit: int, truncate: bool) -> tu
     return ids[-limit:], True
 
 
-class TextDelta:
-    """Incremental detokenisation: emit only complete characters."""
-
-    def __init__(self, tok: Tokenizer) -> None:
-        self.tok, self.emitted = tok, ""
-        self.ids: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
-
-
 class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
-    def __init__(self, *, engine: ModelEngine, batcher: DynamicBatcher, tok: Tokenizer, cfg: Config) -> None:
-        self.engine, self.batcher, self.tok, self.cfg = engine, batcher, tok, cfg
+    def __init__(
+        self, *, engine: ModelEngine, batcher: DynamicBatcher, scheduler: Scheduler, tok: Tokenizer, cfg: Config
+    ) -> None:
+        self.engine, self.batcher, self.scheduler, self.tok, self.cfg = engine, batcher, scheduler, tok, cfg
         self.limit = cfg.model.max_seq_len
-        try:
-            self.eot: int | None = eot_id(tok)
-        except ValueError:
-            self.eot = None
+
+    async def _encode(self, text: str) -> list[int]:
+        """Tokenise off the event loop."""
+        if not text:
+            return []
+        return list((await asyncio.get_running_loop().run_in_executor(None, self.tok.encode, text)).ids)
 
     async def _run(self, work: Work, context: grpc.aio.ServicerContext) -> torch.Tensor:
         try:
@@ -115,7 +109,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
     async def Score(self, request: worker_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ScoreResponse:
         try:
             ids, truncated = fit_context(
-                self.tok.encode(request.text).ids if request.text else [],
+                await self._encode(request.text),
                 field="text", limit=self.limit, truncate=request.truncate,
             )
         except BadRequest as exc:
@@ -134,32 +128,38 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             params = sampling_of(request, max_new_tokens_limit=self.cfg.worker.max_new_tokens)
             ids, _ = fit_context(
-                self.tok.encode(request.prompt).ids if request.prompt else [],
+                await self._encode(request.prompt),
                 field="prompt", limit=self.limit, truncate=request.truncate,
             )
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        gen = torch.Generator().manual_seed(params.seed)
-        text = TextDelta(self.tok)
+        seq = Sequence(
+            prompt_ids=ids, tok=self.tok, loop=asyncio.get_running_loop(), options=EngramOptions(),
+            params=SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                                  top_p=params.top_p, seed=params.seed, ignore_eot=request.ignore_eot),
+        )
+        try:
+            self.scheduler.submit(seq)
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {exc}")
         produced, finished = 0, False
         try:
-            for i in range(params.max_new_tokens):
-                logp_V = await self._run(Work(ids=ids[-self.limit:], last_only=True), context)
-                token = sample_next(
-                    logp_V, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, generator=gen
-                )
-                ids.append(token)
+            while True:
+                ev = await seq.events.get()
+                if isinstance(ev, ErrorEvent):
+                    code = grpc.StatusCode.UNAVAILABLE if ev.unavailable else grpc.StatusCode.INTERNAL
+                    await context.abort(code, f"Engram rows unavailable: {ev.message}" if ev.unavailable else ev.message)
+                    return  # unreachable: abort raises
                 produced += 1
-                is_eot = token == self.eot and not request.ignore_eot
-                last = is_eot or i == params.max_new_tokens - 1
-                finished = last
+                finished = ev.finish_reason is not None
+                reason = {"stop": "eot", "length": "length"}.get(ev.finish_reason or "", "")
                 yield worker_pb2.GenerateResponse(
-                    token_id=token, text=text.push(token), logprob=float(logp_V[token]), index=i,
-                    finish_reason=("eot" if is_eot else "length") if last else "",
+                    token_id=ev.token_id, text=ev.text, logprob=ev.logprob, index=ev.index, finish_reason=reason,
                 )
-                if last:
+                if finished:
                     break
         finally:  # a client cancel arrives as CancelledError or GeneratorExit at an await/yield
+            self.scheduler.cancel(seq)
             if not finished:
                 log.info("generate stopped after %d of %d tokens (cancelled or failed)", produced, params.max_new_tokens)
                 print(f"CANCELLED tokens={produced}", flush=True)
@@ -167,16 +167,24 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
 
 async def serve(
     engine: ModelEngine, tok: Tokenizer, cfg: Config, *, host: str = "127.0.0.1", port: int | None = None,
-    grace_s: float = 10.0, stop: asyncio.Event | None = None,
+    grace_s: float = 10.0, stop: asyncio.Event | None = None, http_port: int | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
+    w = cfg.worker
+    model_thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")  # the one model thread
     batcher: DynamicBatcher = DynamicBatcher(
-        engine.logprobs, max_batch=cfg.worker.max_batch, timeout_ms=cfg.worker.batch_timeout_ms
+        engine.logprobs, max_batch=w.max_batch, timeout_ms=w.batch_timeout_ms, executor=model_thread
     )
     batcher.start()
+    scheduler = Scheduler(
+        engine.model, pipeline=engine.pipeline, num_tokens=engine.num_tokens, eot=eot_or_none(tok),
+        executor=model_thread, kv_cache_mb=w.kv_cache_mb, block_size=w.kv_block_size,
+        max_step_tokens=w.max_step_tokens, max_running=w.max_running, max_queue=w.max_queue,
+    )
+    scheduler.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_ModelWorkerServicer_to_server(
-        ModelWorkerServicer(engine=engine, batcher=batcher, tok=tok, cfg=cfg), server
+        ModelWorkerServicer(engine=engine, batcher=batcher, scheduler=scheduler, tok=tok, cfg=cfg), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -188,14 +196,32 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"READY address={host}:{bound} row_source={cfg.worker.row_source}", flush=True)
+    http: Any = None
+    port_http = w.http_port if http_port is None else http_port
+    if port_http >= 0:
+        from worker.http_server import HttpServer  # starlette + uvicorn only when the HTTP API is on
+
+        http = HttpServer(scheduler=scheduler, tok=tok, cfg=cfg, host=host, port=port_http, grace_s=grace_s)
+        await http.start()
+    http_note = f" http={host}:{http.port}" if http is not None else ""
+    print(f"READY address={host}:{bound}{http_note} row_source={cfg.worker.row_source}", flush=True)
     await stop.wait()
     print("STOPPING", flush=True)
     await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING
-    await server.stop(grace_s)  # in-flight requests finish within the grace period
+    stops = [server.stop(grace_s)] + ([http.stop()] if http is not None else [])
+    await asyncio.gather(*stops)  # in-flight requests finish within the grace period
+    await scheduler.close()
     await batcher.close()
+    model_thread.shutdown(wait=True)
     engine.close()
     print(f"STOPPED batches={engine.batches} sequences={engine.sequences}", flush=True)
+
+
+def eot_or_none(tok: Tokenizer) -> int | None:
+    try:
+        return eot_id(tok)
+    except ValueError:
+        return None
 
 
 def configure_logging() -> None:

@@ -1,0 +1,322 @@
+"""Serving under offered load: `engram serve`'s OpenAI API at several concurrencies, tables local vs remote.
+
+    python -m benchmarks.serve --json benchmarks/results/serve_cpu-2core.json
+    python -m benchmarks.serve --quick            # smaller, for a check that it runs
+
+Part 1 (in process, same model, same prompts, interleaved, medians of --reps): decode speed
+of the KV-cache engine (`worker.scheduler`: paged KV cache, continuous batching, one new
+token per sequence per step) against the previous engine (`worker.engine.ModelEngine`: a
+full-window forward for every new token, batched). Ratio = new tokens/s over old tokens/s.
+
+Part 2 (real processes): a checkpoint of the preset (2 training steps: the weights do not
+matter for speed) served by `engram serve` with the tables
+  local   in the worker (worker.row_source=local)
+  remote  on 2 shard processes (LocalCluster; `engram cluster load` puts the checkpoint's
+          tables there), rows over gRPC (the co-located shared-memory and framed network
+          data paths are not on main yet; when they land they become two more ways here)
+Both servers run side by side; each (workload, concurrency) level runs on local, then on
+remote, so that load from a shared machine hits both alike. Workloads: prefill-heavy (long
+prompt, few new tokens) and decode-heavy (short prompt, many new tokens). Each concurrency
+level C runs C closed-loop streaming clients for `--requests` requests in all; reported: generated tokens/s, prompt tokens/s, TTFT and inter-token latency
+p50/p99 (client side, from the SSE stream), errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from benchmarks.machine import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {"prefill-heavy": dict(prompt_tokens=96, max_tokens=8), "decode-heavy": dict(prompt_tokens=8, max_tokens=64)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------- part 1
+
+
+def kv_speedup(checkpoint: Path, *, batch: int, prompt: int, new_tokens: int, reps: int) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    from trainer.checkpoint import load_model
+    from worker.engine import ModelEngine, Work
+    from worker.prefetch import LocalRowSource, PrefetchPipeline
+    from worker.scheduler import Scheduler
+    from worker.sequence import EngramOptions, SamplingParams, Sequence
+
+    model, cfg, tok_json = load_model(checkpoint)
+    tok = Tokenizer.from_str(tok_json)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, tok.get_vocab_size(), (prompt,), generator=gen).tolist() for _ in range(batch)]
+    engine = ModelEngine(model, cfg, num_tokens=tok.get_vocab_size())
+
+    def old() -> tuple[float, list[list[int]]]:
+        seqs = [list(p) for p in prompts]
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = engine.logprobs([Work(ids=s[-cfg.model.max_seq_len:], last_only=True) for s in seqs])
+            for s, lp in zip(seqs, out):
+                s.append(int(lp.argmax()))
+        return time.perf_counter() - t0, [s[prompt:] for s in seqs]
+
+    def new() -> tuple[float, list[list[int]]]:
+        async def run() -> tuple[float, list[list[int]]]:
+            ex = cf.ThreadPoolExecutor(1)
+            sched = Scheduler(model, pipeline=PrefetchPipeline(model, LocalRowSource(model)),
+                              num_tokens=tok.get_vocab_size(), eot=None, executor=ex, kv_cache_mb=64,
+                              block_size=16, max_step_tokens=4096, max_running=batch, max_queue=batch)
+            sched.start()
+            loop = asyncio.get_running_loop()
+            seqs = [Sequence(prompt_ids=p, tok=tok, loop=loop, options=EngramOptions(),
+                             params=SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eot=True))
+                    for p in prompts]
+            t0 = time.perf_counter()
+            for s in seqs:
+                sched.submit(s)
+            outs = []
+            for s in seqs:
+                toks = []
+                while True:
+                    ev = await s.events.get()
+                    toks.append(ev.token_id)  # type: ignore[union-attr]
+                    if ev.finish_reason:  # type: ignore[union-attr]
+                        break
+                outs.append(toks)
+            dt = time.perf_counter() - t0
+            await sched.close()
+            ex.shutdown()
+            return dt, outs
+
+        return asyncio.run(run())
+
+    times: dict[str, list[float]] = {"full-window (previous engine)": [], "kv-cache (scheduler)": []}
+    same = True
+    for _ in range(reps):  # interleaved: A B A B ...
+        t_old, o_old = old()
+        t_new, o_new = new()
+        times["full-window (previous engine)"].append(t_old)
+        times["kv-cache (scheduler)"].append(t_new)
+        same = same and o_old == o_new
+    tok_s = {k: batch * new_tokens / statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "reps": reps,
+            "tokens_per_s": tok_s, "seconds": times, "same_greedy_tokens": same,
+            "speedup": tok_s["kv-cache (scheduler)"] / tok_s["full-window (previous engine)"]}
+
+
+# --------------------------------------------------------------------------------------------- part 2
+
+
+async def offered_load(url: str, *, concurrency: int, requests: int, prompts: list[list[int]], max_tokens: int,
+                       model: str) -> dict[str, Any]:
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = errors = prompt_tokens = 0
+    first_error: list[str] = []
+    queue = list(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors, prompt_tokens
+        while queue:
+            i = queue.pop()
+            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "stream": True,
+                    "temperature": 0, "ignore_eos": True}
+            t0 = last = time.perf_counter()
+            n = 0
+            try:
+                async with http.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        first_error.append(f"{r.status_code} {(await r.aread())[:300]!r}")
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if "error" in json.loads(line[6:]):
+                            errors += 1
+                            first_error.append(line[:300])
+                            break
+                        t = time.perf_counter()
+                        (ttft if n == 0 else itl).append(t - (t0 if n == 0 else last))
+                        last, n = t, n + 1
+            except httpx.HTTPError as exc:
+                errors += 1
+                first_error.append(repr(exc))
+                continue
+            tokens += n
+            prompt_tokens += len(prompts[i % len(prompts)])
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": requests, "errors": errors, "first_error": first_error[:1],
+            "seconds": wall,
+            "gen_tokens_per_s": tokens / wall, "prompt_tokens_per_s": prompt_tokens / wall,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99)}
+
+
+def serve_process(checkpoint: Path, sets: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
+                             "--port", "0", "--set", "worker.http_port=0", *[f"--set={s}" for s in sets]],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:
+        if line.startswith("READY "):
+            return proc, dict(p.split("=", 1) for p in line.split()[1:])["http"]
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("engram serve did not print READY")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def make_checkpoint(tmp: Path, preset: str) -> Path:
+    from engram.config import load_config
+    from trainer.local import train_local
+
+    words = ["def", "return", "value", "self", "class", "import", "for", "in", "if", "else", "(", ")", ":"]
+    rng = np.random.default_rng(0)
+    (tmp / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(4000)))
+    cfg = load_config(preset, None, [f"train.corpus=[\"{tmp / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp / 'tok'}",
+                                     f"train.out_dir={tmp / 'run'}", "train.progress=false", "train.steps=2",
+                                     "train.eval_every=2", "train.eval_batches=1", "train.warmup_steps=1"])
+    return Path(train_local(cfg).checkpoint)
+
+
+def start_way(way: str, checkpoint: Path, preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """`engram serve` for one way (and its cluster for `remote`) -> {proc, http, cluster}."""
+    sets = [f"worker.max_running={max(args.concurrency)}", "worker.max_queue=1024"]
+    cluster = None
+    if way == "remote":
+        from services.launcher import LocalCluster
+
+        cluster = LocalCluster(preset=preset, overrides=[], num_shards=2, log_dir=tmp / f"logs-{way}",
+                               startup_timeout_s=120)
+        cluster.start()
+        load = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(checkpoint),
+                               "--preset", preset, *[f"--set={o}" for o in cluster.cluster_overrides],
+                               "--dir", str(tmp / "slots"), "--no-progress"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        if load.returncode:
+            cluster.stop()
+            raise RuntimeError(f"engram cluster load failed: {load.stderr}")
+        sets += ["worker.row_source=remote", *cluster.cluster_overrides]
+    try:
+        proc, http = serve_process(checkpoint, sets)
+    except BaseException:
+        if cluster is not None:
+            cluster.stop()
+        raise
+    return {"proc": proc, "http": http, "cluster": cluster}
+
+
+def stop_way(server: dict[str, Any]) -> None:
+    stop(server["proc"])
+    if server["cluster"] is not None:
+        server["cluster"].stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
+    ap.add_argument("--ways", nargs="+", default=["local", "remote"], choices=["local", "remote"])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the KV-cache comparison (medians)")
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 4, 8 requests, 3 reps of a short decode")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.requests = [1, 4], 8
+    with tempfile.TemporaryDirectory(prefix="engram-bench-serve-") as d:
+        tmp = Path(d)
+        checkpoint = make_checkpoint(tmp, args.preset)
+        from trainer.checkpoint import load_model
+
+        _, cfg, tok_json = load_model(checkpoint)
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_str(tok_json).get_vocab_size()
+        print(f"load average {os.getloadavg()[0]:.1f}; part 1: decode, KV cache vs full-window forward", flush=True)
+        kv = kv_speedup(checkpoint, batch=8, prompt=32, new_tokens=16 if args.quick else 32, reps=args.reps)
+        for k, v in kv["tokens_per_s"].items():
+            print(f"  {k:<32} {v:8.1f} tok/s")
+        print(f"  speed-up {kv['speedup']:.2f}x (same greedy tokens: {kv['same_greedy_tokens']})", flush=True)
+        gen = np.random.default_rng(1)
+        prompts = {name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
+                   for name, wl in WORKLOADS.items()}
+        print("part 2: offered load against engram serve (HTTP, streaming)", flush=True)
+        servers: dict[str, dict[str, Any]] = {}
+        rows = []
+        try:
+            for way in args.ways:  # every server up first; then each level runs on each way in turn
+                servers[way] = start_way(way, checkpoint, args.preset, args, tmp)
+            for name, wl in WORKLOADS.items():
+                for c in args.concurrency:
+                    for way in args.ways:
+                        res = asyncio.run(offered_load(
+                            f"http://{servers[way]['http']}/v1/completions", concurrency=c,
+                            requests=max(args.requests, c), prompts=prompts[name], max_tokens=wl["max_tokens"],
+                            model="engram"))
+                        rows.append({"way": way, "workload": name, **res})
+                        print(f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
+                              f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
+                              f"errors {res['errors']}", flush=True)
+        finally:
+            for server in servers.values():
+                stop_way(server)
+    print(f"\n{'way':<7} {'workload':<14} {'C':>3} {'gen tok/s':>10} {'prompt tok/s':>12} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4}")
+    for r in rows:
+        print(f"{r['way']:<7} {r['workload']:<14} {r['concurrency']:>3} {r['gen_tokens_per_s']:>10.1f} "
+              f"{r['prompt_tokens_per_s']:>12.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
+              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['errors']:>4}")
+    remote_cost = {}
+    for r in rows:
+        if r["way"] == "remote":
+            base = next(x for x in rows if x["way"] == "local" and x["workload"] == r["workload"]
+                        and x["concurrency"] == r["concurrency"]) if "local" in args.ways else None
+            if base:
+                remote_cost[f"{r['workload']} C={r['concurrency']}"] = r["gen_tokens_per_s"] / base["gen_tokens_per_s"]
+    if remote_cost:
+        print("\nremote (gRPC) throughput / local: " + ", ".join(f"{k}: {v:.3f}" for k, v in remote_cost.items()))
+    out = {"machine": machine_info(), "load_average_1m": os.getloadavg()[0], "preset": args.preset,
+           "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+           "kv_cache_vs_full_window": kv, "offered_load": rows, "remote_over_local": remote_cost}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

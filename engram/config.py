@@ -139,6 +139,7 @@ class DistConfig:
     staleness: int = 1  # async: lookups of step s see at least steps 1..s-1-staleness applied
     num_workers: int = 2  # Ray Train workers; train.batch_size is the global batch split across them
     use_gpu: bool = False  # one GPU per worker, NCCL for the dense parameters (gloo on CPU)
+    prefetch: bool = True  # the next step's lookups fly while a step computes (false: looked up when needed)
     ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
 
 

@@ -194,7 +194,7 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         before = pull_tables(cfg)
         ids = np.array([1, 5, 17, 40])
         dim = before[layer].shape[1]
-        hyper = {"kind": "adam", "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+        hyper = {"kind": "adam", "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "version": 1}
         ok = torch.ones(4, dim)
         for grads, words in [(torch.full((4, dim), float("nan")), "NaN/Inf"), (torch.ones(4, dim + 1), "grads: shape")]:
             with pytest.raises(ValueError, match=words):  # refused by the client before anything is sent

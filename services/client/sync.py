@@ -15,8 +15,10 @@ re-route, migrating slots are retried until the new map is installed.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
-from collections.abc import Awaitable
+import contextvars
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
@@ -66,8 +68,14 @@ class SyncShardClient:
             loop.close()
             raise
 
-    def submit(self, coro: Awaitable[T]) -> cf.Future[T]:
-        return self._loop.submit(coro)
+    def submit(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
+        """Run `coro` on the client's loop in the caller's context (its current trace span is the parent)."""
+        ctx = contextvars.copy_context()
+
+        async def in_callers_context() -> T:
+            return await asyncio.get_running_loop().create_task(coro, context=ctx)
+
+        return self._loop.submit(in_callers_context())
 
     def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         return self._loop.call(coro, timeout)

@@ -160,6 +160,7 @@ class DistConfig:
     staleness: int = 1  # async: lookups of step s see at least steps 1..s-1-staleness applied
     num_workers: int = 0  # Ray Train workers (global batch split across them); 0 -> one per GPU, or 2 on CPU
     use_gpu: bool = False  # one GPU per worker (never more workers than GPUs), NCCL for the dense parameters
+    prefetch: bool = True  # the next step's lookups fly while a step computes (false: looked up when needed)
     ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
 
 

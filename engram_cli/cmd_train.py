@@ -130,9 +130,12 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
             ray.shutdown()
         if cluster is not None:
             cluster.stop()
-    st = result.staleness
+    st, tm = result.staleness, result.timings
     print(f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s, "
           f"{workers or 'auto'} workers, {cfg.dist.mode}; staleness max {st.get('max')} mean "
-          f"{st.get('mean', 0):.2f}); checkpoint {result.checkpoint or '(run stopped early)'}")
+          f"{st.get('mean', 0):.2f}; blocked on the shards {tm.get('blocked', 0):.1f} s = "
+          f"{100 * tm.get('blocked_fraction', 0):.1f}% of {tm.get('wall', 0):.1f} s (lookups "
+          f"{tm.get('lookup', 0):.1f} s, pushes {tm.get('push', 0):.1f} s, per worker)); "
+          f"checkpoint {result.checkpoint or '(run stopped early)'}")
     _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
     return 0

@@ -314,7 +314,7 @@ def _instrument(tracer_provider) -> list:
 
     no_health = filters.negate(filters.health_check())  # probes every few seconds are noise, not traces
     done = []
-    # the sync client too: the trainer's ShardRows (a Ray Train worker) calls the shards with sync stubs
+    # the sync gRPC client too (scripts and tools with sync stubs; the trainer uses the async ShardClient)
     for inst in (GrpcAioInstrumentorServer(filter_=no_health), GrpcAioInstrumentorClient(filter_=no_health),
                  GrpcInstrumentorClient(filter_=no_health), RedisInstrumentor()):
         inst.instrument(tracer_provider=tracer_provider)

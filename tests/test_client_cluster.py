@@ -206,6 +206,16 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
             m, v = torch.zeros_like(w), torch.zeros_like(w)
             lazy_adam_(w, m, v, grads, step=1, p=AdamParams(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8))
             torch.testing.assert_close(await client.lookup(1, ids), w, rtol=1e-6, atol=1e-6)
+            # training lookups: gated on the step, and the handle tells which step the rows have seen
+            handle = client.lookup(1, ids, step=2, max_staleness=0)
+            assert handle.applied_step is None
+            torch.testing.assert_close(await handle, w, rtol=1e-6, atol=1e-6)
+            assert handle.applied_step == 1
+            with pytest.raises(ShardError) as info:  # step 3 needs step 2 applied: refused until the deadline
+                await client.lookup(1, ids, step=3, max_staleness=0, timeout_s=0.3)
+            assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert await client.applied_steps() == {1: 1} and await client.wait_applied(1) == {1: 1}
+            torch.testing.assert_close((await client.pull_table(1))[torch.from_numpy(ids)], w, rtol=1e-6, atol=1e-6)
 
             manifest = await client.checkpoint(str(tmp_path / "ckpt"), step=1)
             assert manifest["step"] == 1 and len(manifest["files"]) == cfg.cluster.num_slots

@@ -20,12 +20,12 @@ import torch
 
 from engram.config import load_config
 from engram.data import prepare_data
-from proto.shard.v1 import shard_pb2
+from services.client import ShardError
+from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
 from tests.corpus import write_code_corpus
 from trainer.checkpoint import load_model
 from trainer.local import train_local
-from trainer.shard_rows import ShardRows
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
@@ -73,17 +73,8 @@ def reference(workdir):
 
 
 def pull_tables(cfg) -> dict[int, torch.Tensor]:
-    rows = ShardRows(cfg)
-    try:
-        return {t: rows.pull_table(t, n) for t, n in rows_per_table(cfg).items()}
-    finally:
-        rows.close()
-
-
-def rows_per_table(cfg) -> dict[int, int]:
-    from engram.layout import table_layouts
-
-    return {t: lay.num_rows for t, lay in table_layouts(cfg.engram).items()}
+    with SyncShardClient.connect(cfg) as rows:
+        return {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
 
 
 def latest_manifest(cfg) -> dict | None:
@@ -150,9 +141,8 @@ def test_crash_then_resume_on_other_worker_and_shard_counts(ray_session, workdir
         with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
             train_ray(cfg, data=data, crash_at=13)
         assert [d.name for d in checkpoint_dirs(cfg)] == ["step_000010"]
-        rows = ShardRows(cfg)
-        assert min(rows.applied_steps().values()) == 13  # the shards went past the checkpoint
-        rows.close()
+        with SyncShardClient.connect(cfg) as rows:
+            assert min(rows.applied_steps().values()) == 13  # the shards went past the checkpoint
     finally:
         cluster.stop()
     # a new cluster with one shard (slot files restore onto any shard count), and one worker
@@ -181,11 +171,8 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
         assert st["steps"] == 20 and 0 <= st["max"] <= 1, st
         assert sum(st["histogram"].values()) == 20
         # the shards checked the bound themselves and report what they served
-        rows = ShardRows(cfg)
-        try:
-            seen = [stub.Stats(shard_pb2.StatsRequest(), timeout=10).max_staleness_seen for stub in rows.stubs.values()]
-        finally:
-            rows.close()
+        with SyncShardClient.connect(cfg) as rows:
+            seen = [st.max_staleness_seen for st in rows.stats().values()]
         assert len(seen) == 2 and max(seen) <= 1, seen
         assert max(seen) == st["max"], (seen, st)
         losses = result.train_losses
@@ -197,41 +184,34 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
 
 
 def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
-    from engram.row_optim import AdamParams
-    from trainer.remote_step import RemoteStep, StaleRowsError
-    from trainer.shard_rows import ShardRequestError
+    from trainer.remote_step import Prefetch, RemoteStep, StaleRowsError
 
     cluster, ov = start_cluster(workdir, "bad")
     try:
         cfg = load_config("tiny", None, ov)
         layer = cfg.engram.layer_ids[0]
-        rows = ShardRows(cfg)
+        rows = SyncShardClient.connect(cfg)
         before = pull_tables(cfg)
         ids = np.array([1, 5, 17, 40])
         dim = before[layer].shape[1]
-        hyper = AdamParams(lr=1e-2)
+        hyper = {"kind": "adam", "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "version": 1}
         ok = torch.ones(4, dim)
-        bad = [
-            (torch.full((4, dim), float("nan")), 1, "non-finite"),
-            (torch.ones(4, dim + 1), 1, "grads:"),
-        ]
-        for grads, step, words in bad:
-            with pytest.raises(ShardRequestError, match=words) as err:
-                rows.push(layer, ids, grads, step=step, hyper=hyper, part_id="0", num_parts=1)
-            assert err.value.code.name == "INVALID_ARGUMENT"
+        for grads, words in [(torch.full((4, dim), float("nan")), "NaN/Inf"), (torch.ones(4, dim + 1), "grads: shape")]:
+            with pytest.raises(ValueError, match=words):  # refused by the client before anything is sent
+                rows.push(layer, ids, grads, step=1, optimizer=hyper, part_id="0", num_parts=1).result()
         assert rows.applied_steps() == {layer: 0}
         torch.testing.assert_close(pull_tables(cfg)[layer], before[layer], rtol=0, atol=0)
-        rows.push(layer, ids, ok, step=1, hyper=hyper, part_id="0", num_parts=1)
+        rows.push(layer, ids, ok, step=1, optimizer=hyper, part_id="0", num_parts=1).result()
         after_one = pull_tables(cfg)[layer]
-        with pytest.raises(ShardRequestError, match="from the past") as err:
-            rows.push(layer, ids, ok, step=1, hyper=hyper, part_id="0", num_parts=1)
+        with pytest.raises(ShardError, match="from the past") as err:
+            rows.push(layer, ids, ok, step=1, optimizer=hyper, part_id="0", num_parts=1).result()
         assert err.value.code.name == "FAILED_PRECONDITION"
         torch.testing.assert_close(pull_tables(cfg)[layer], after_one, rtol=0, atol=0)
         assert rows.applied_steps() == {layer: 1}
         # a trainer that dies mid-step leaves a half-collected step; resume still restores
         manifest = rows.checkpoint(workdir / "bad" / "ckpt1", 1)
-        assert rows.push(layer, ids, ok, step=2, hyper=hyper, part_id="0", num_parts=2).pending
-        with pytest.raises(ShardRequestError, match="collecting parts"):
+        assert rows.push(layer, ids, ok, step=2, optimizer=hyper, part_id="0", num_parts=2).result().pending
+        with pytest.raises(ShardError, match="collecting parts"):
             rows.restore(manifest)
         assert rows.discard_pending(2) >= 1
         assert rows.restore(manifest) == 1 and rows.applied_steps() == {layer: 1}
@@ -242,10 +222,75 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         with pytest.raises(ConfigError, match="already trained"):  # a fresh run on trained tables
             train_ray(cfg)
         # the trainer refuses to compute a step whose tables are already ahead of it
-        step = RemoteStep(model=None, ddp=None, rows=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
+        step = RemoteStep(model=None, ddp=None, shards=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
                           device="cpu")
+        ids2 = np.array([1, 2])
+        pre = Prefetch(step=1, max_staleness=0, x_BT=np.zeros((1, 1), dtype=np.int64),
+                       indices={layer: (torch.from_numpy(ids2), torch.zeros(1, 1, 1, dtype=torch.long))},
+                       futures={layer: rows.lookup(layer, ids2, step=1, max_staleness=0)})
         with pytest.raises(StaleRowsError, match="ahead of the dense state"):
-            step.fetch(1, {layer: (torch.tensor([1, 2]), torch.zeros(1, 1, 1, dtype=torch.long))}, need_grad=True)
+            step.fetch(1, pre, need_grad=True)
         rows.close()
+    finally:
+        cluster.stop()
+
+
+def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, workdir, reference) -> None:
+    """1 -> 2 shards while the trainer runs: lookups and pushes follow the new slot map, and the run
+    equals single-process training (the rebalancer waits out half-collected steps; parts touching
+    migrating slots are re-sent once the new map is installed)."""
+    import threading
+    import time
+
+    from services.client import ShardClient
+    from services.control.rebalance import rebalance
+    from trainer.ray_trainer import train_ray
+
+    _, data, local, local_model = reference
+    cluster, ov = start_cluster(workdir, "move", num_shards=1)
+    try:
+        assert cluster.add_shard() == 1  # registered, owns no slots until the rebalance
+        cfg = load_config("tiny", None, ov)
+        seen: dict = {}
+
+        async def move() -> None:
+            cp = cluster.control()
+            client = await ShardClient.connect(cp)
+            try:
+                deadline = time.monotonic() + 180
+                while min((await client.applied_steps()).values()) < 3:  # training is under way
+                    assert time.monotonic() < deadline, "training did not start"
+                    await asyncio.sleep(0.01)
+                seen["report"] = await rebalance(cp, num_shards=2)
+                seen["applied_after"] = min((await client.applied_steps()).values())
+            finally:
+                await client.close()
+                await cp.close()
+
+        def run_move() -> None:
+            try:
+                asyncio.run(move())
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+                seen["error"] = exc
+
+        mover = threading.Thread(target=run_move, daemon=True)
+        mover.start()
+        result = train_ray(cfg, data=data)
+        mover.join(timeout=60)
+        assert not mover.is_alive() and "error" not in seen, seen.get("error")
+        report = seen["report"]
+        assert (report.old_epoch, report.new_epoch) == (1, 2) and report.moves and list(report.moves) == [(0, 1)]
+        assert len(report.moves[(0, 1)]) == cfg.cluster.num_slots // 2
+        assert seen["applied_after"] < cfg.train.steps, "the slots moved after training had finished"
+        np.testing.assert_allclose(result.train_losses, local.train_losses, rtol=1e-4, atol=0)
+        np.testing.assert_allclose([v for _, v in result.val_losses], [v for _, v in local.val_losses], rtol=1e-4)
+        assert result.staleness["max"] == 0
+        with SyncShardClient.connect(cfg) as shards:
+            stats = shards.stats()
+            half = cfg.cluster.num_slots // 2
+            assert sorted(len(st.slots) for st in stats.values()) == [half, half] and {st.epoch for st in stats.values()} == {2}
+            assert {t.applied_step for st in stats.values() for t in st.tables} == {cfg.train.steps}
+        for layer, rows in pull_tables(cfg).items():
+            torch.testing.assert_close(rows, local_model.tables[str(layer)].weight.detach(), rtol=0, atol=1e-5)
     finally:
         cluster.stop()

@@ -40,17 +40,17 @@ def _trainer(overrides: list[str]) -> None:
 
     from engram.config import load_config
     from engram.data import prepare_data
+    from services.client.sync import SyncShardClient
     from trainer.ray_trainer import shard_model
     from trainer.remote_step import RemoteStep
-    from trainer.shard_rows import ShardRows
     from trainer.step import build_optimizers
 
     cfg = load_config("tiny", None, overrides)
     _, vocab, dataset = prepare_data(cfg)
     model = shard_model(cfg, vocab.lookup)
     backbone_opt, _ = build_optimizers(model, cfg.train)
-    rows = ShardRows(cfg)
-    runner = RemoteStep(model=model, ddp=model, rows=rows, backbone_opt=backbone_opt, cfg=cfg,
+    rows = SyncShardClient.connect(cfg)
+    runner = RemoteStep(model=model, ddp=model, shards=rows, backbone_opt=backbone_opt, cfg=cfg,
                         rank=0, world=1, device="cpu")
     try:
         x, y = dataset.batch("train", batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,

@@ -5,8 +5,9 @@ consistent checkpoint when resuming and restores the shards from its manifest, r
 `TorchTrainer` (gloo on CPU, NCCL on GPU), then exports the final model as a normal local
 checkpoint (dense weights + tables pulled back from the shards) for `engram serve`.
 
-Worker (`train_loop`): samples the same global batch sequence as `trainer.local` and keeps its
-slice (rank), runs `RemoteStep` per step, evaluates, and at each checkpoint step settles the
+Worker (`train_loop`): samples the same global batch sequence as `trainer.local` (one batch
+ahead, so that `RemoteStep` prefetches the next step's rows) and keeps its slice (rank), runs
+`RemoteStep` per step, evaluates, and at each checkpoint step settles the
 shards, checkpoints every shard at that step (manifest in Redis) and reports a Ray Train
 checkpoint holding the dense state *and* that manifest: dense state and tables always agree.
 """
@@ -29,11 +30,12 @@ from engram.data import prepare_data
 from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
 from engram.precision import configure_tf32
+from services.client import ShardError
+from services.client.sync import SyncShardClient
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.local import TrainResult
 from trainer.plots import plot_loss_curves
 from trainer.remote_step import RemoteStep
-from trainer.shard_rows import ShardRequestError, ShardRows
 from trainer.step import build_optimizers, step_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -203,14 +205,14 @@ def train_loop(loop_cfg: dict) -> None:
         start, history = int(state["step"]), state["history"]
     ddp = model if world == 1 else DistributedDataParallel(
         model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
-    rows = ShardRows(cfg)
+    rows = SyncShardClient.connect(cfg)
     applied = min(rows.applied_steps().values())
     if applied != start:
         raise RuntimeError(
             f"the shards' tables are at step {applied} but the dense state is at step {start}: "
             + ("restore the matching checkpoint" if start else "start from a fresh cluster (engram up) or --resume")
         )
-    step_runner = RemoteStep(model=model, ddp=ddp, rows=rows, backbone_opt=backbone_opt, cfg=cfg,
+    step_runner = RemoteStep(model=model, ddp=ddp, shards=rows, backbone_opt=backbone_opt, cfg=cfg,
                              rank=rank, world=world, device=device)
     rng = np.random.default_rng(t.seed)
     for _ in range(start):  # replay the sampler: a resumed run sees the same batches
@@ -221,9 +223,12 @@ def train_loop(loop_cfg: dict) -> None:
                mininterval=1.0, dynamic_ncols=True)
     stop_at, crash_at = loop_cfg.get("stop_at"), loop_cfg.get("crash_at")
     tokens, t0, timings = 0, time.perf_counter(), np.zeros(3)
+    nxt = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng) if start < t.steps else None
     for step0 in bar:
-        x, y = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)  # (B, T) global
-        out = step_runner.train_step(step0, x, y)
+        assert nxt is not None
+        x, y = nxt  # (B, T) global
+        nxt = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng) if step0 + 1 < t.steps else None
+        out = step_runner.train_step(step0, x, y, next_x=None if nxt is None or not cfg.dist.prefetch else nxt[0])
         done = step0 + 1
         if crash_at is not None and done == crash_at and rank == 0:
             os._exit(1)  # tests: the trainer dies after pushing its part of step `crash_at`
@@ -231,7 +236,8 @@ def train_loop(loop_cfg: dict) -> None:
         tokens += out.tokens
         timings += (out.lookup_s, out.compute_s, out.push_s)
         tok_s = tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tok_s:,.0f}", stale=out.staleness)
+        bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tok_s:,.0f}", stale=out.staleness,
+                        blocked=f"{timings[0] + timings[2]:.1f}s")
         if done % t.eval_every == 0 or done == t.steps:
             history["val_losses"].append((done, step_runner.evaluate(eval_batches, done)))
             if rank == 0:
@@ -241,10 +247,17 @@ def train_loop(loop_cfg: dict) -> None:
             step_runner.settle(done)
             if world > 1:
                 dist.barrier()
+            wall = time.perf_counter() - t0
+            mean = torch.tensor([*timings.tolist(), wall], dtype=torch.float64)  # (lookup, compute, push, wall)
+            if world > 1:
+                dist.all_reduce(mean)
+                mean /= world
             metrics = {
                 "step": done, "loss": out.loss, "tokens_per_s": tok_s, "world": world,
                 "staleness": step_runner.staleness.as_dict(),
-                "timings_s": dict(zip(("lookup", "compute", "push"), timings.tolist())),
+                # mean over workers; blocked = waiting on the shards (lookups + pushes), of the loop's wall time
+                "timings_s": {**dict(zip(("lookup", "compute", "push", "wall"), mean.tolist())),
+                              "blocked": float(mean[0] + mean[2]), "blocked_fraction": float((mean[0] + mean[2]) / mean[3])},
                 "train_losses": history["train_losses"], "val_losses": history["val_losses"],
             }
             state = manifest = None
@@ -268,11 +281,11 @@ def train_loop(loop_cfg: dict) -> None:
 
 def _restore(cfg: Config, ckpt_dir: Path) -> int:
     manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text())
-    rows = ShardRows(cfg)
+    rows = SyncShardClient.connect(cfg)
     try:
         try:
             return rows.restore(manifest)
-        except ShardRequestError as exc:
+        except ShardError as exc:
             if exc.code.name != "FAILED_PRECONDITION" or "collecting parts" not in str(exc):
                 raise
             # a step half-pushed by the trainer that died: finish it, the restore overwrites it
@@ -289,14 +302,14 @@ def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
     model = EngramLM(cfg, vocab.lookup)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     assert not unexpected and all(k.startswith("tables.") for k in missing), (missing, unexpected)
-    rows = ShardRows(cfg)
+    rows = SyncShardClient.connect(cfg)
     try:
         assert model.indexer is not None
-        for layer, layout in model.indexer.layouts.items():
+        for layer in model.indexer.layouts:
             with torch.no_grad():
                 table = model.tables[str(layer)]
                 assert isinstance(table, LocalEngramTable)
-                table.weight.copy_(rows.pull_table(layer, layout.num_rows))  # (R, dh)
+                table.weight.copy_(rows.pull_table(layer))  # (R, dh)
     finally:
         rows.close()
 
@@ -332,7 +345,7 @@ def train_ray(
         resume_dir = found[-1]
         start = _restore(cfg, resume_dir)
     else:
-        rows = ShardRows(cfg)
+        rows = SyncShardClient.connect(cfg)
         try:
             applied = rows.applied_steps()
         finally:

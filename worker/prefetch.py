@@ -50,7 +50,6 @@ import abc
 import asyncio
 import concurrent.futures as cf
 import inspect
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -60,6 +59,7 @@ import torch
 from engram.engram_layer import EngramRows
 from engram.indexer import to_device
 from engram.model import EngramLM
+from services.client.loop import LoopThread
 from worker.cache import HotRowCache
 
 T = TypeVar("T")
@@ -73,34 +73,6 @@ class RowsUnavailable(RuntimeError):
 class Landed:
     rows: torch.Tensor  # (U, dh) on the target device (or CPU)
     event: Any = None  # torch.cuda.Event recorded after the device copy, None on CPU
-
-
-class LoopThread:
-    """An asyncio event loop (uvloop when installed) on its own daemon thread."""
-
-    def __init__(self, name: str = "engram-rows") -> None:
-        self.loop: asyncio.AbstractEventLoop
-        try:
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - uvloop is a dependency
-            self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, coro: Awaitable[T]) -> cf.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-
-    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
-        return self.submit(coro).result(timeout)
-
-    def close(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-        if not self.loop.is_running():
-            self.loop.close()
 
 
 class Lander:

@@ -49,7 +49,9 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
     async def connect() -> ShardClient:
         control = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
         client = await ShardClient.connect(
-            control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s
+            control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s,
+            # where this process runs (not the cluster's stored layout): which row path it may take
+            row_path=cfg.cluster.row_path, host_id=cfg.cluster.host_id, shm_dir=cfg.cluster.shm_dir,
         )
         if client.cfg.engram != cfg.engram:
             await client.close()

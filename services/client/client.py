@@ -221,12 +221,19 @@ class ShardClient(ShardOps):
         upcast: bool = False,
         timeout_s: float | None = None,
         dedup_ids: bool = True,
+        step: int = 0,
+        max_staleness: int = 0,
     ) -> LookupHandle:
         """Issue a lookup of any-shape int ids now -> handle; `await handle` -> (*shape, D).
 
         `dedup_ids=False` skips the duplicate check (ids already distinct, e.g. the worker's
         unique ids); duplicates are still answered correctly, each sent once per occurrence.
+        Training lookups pass the 1-based `step` they are for: a shard that has applied fewer
+        than `step - 1 - max_staleness` steps refuses (UNAVAILABLE, retried until the deadline).
+        `handle.applied_step` is then the oldest applied step among the shards that answered.
         """
+        if step < 0 or max_staleness < 0:
+            raise ValueError(f"step {step} / max_staleness {max_staleness}: must be >= 0")
         layout = self.layout(table)
         flat, shape = as_id_array(row_ids)  # (N,)
         check_range(flat, layout.num_rows, table)
@@ -237,7 +244,8 @@ class ShardClient(ShardOps):
             raise RuntimeError("ShardClient.lookup must be called from a running event loop") from None
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
-            self._gather(table, d.unique, deadline, self.retry.max_refreshes), "lookup", table=table,
+            self._gather(table, d.unique, deadline, self.retry.max_refreshes, step=step, max_staleness=max_staleness),
+            "lookup", table=table,
             rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch,
             unique_ratio=round(d.unique.size / max(1, flat.size), 4))
         return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span)
@@ -247,20 +255,26 @@ class ShardClient(ShardOps):
         limit = max_rows_per_message(dim=dim, itemsize=itemsize, max_message_bytes=self.max_message_bytes)
         return max(1, min(limit, self.chunk_bytes // (dim * itemsize)))
 
-    async def _gather(self, table: int, ids: np.ndarray, deadline: float, refreshes: int) -> torch.Tensor:
-        """(n,) distinct ids -> (n, D) rows in the wire dtype, in the order of `ids`."""
+    async def _gather(
+        self, table: int, ids: np.ndarray, deadline: float, refreshes: int, *, step: int = 0, max_staleness: int = 0
+    ) -> tuple[torch.Tensor, int | None]:
+        """(n,) distinct ids -> ((n, D) rows in the wire dtype in the order of `ids`, oldest applied_step
+        of the shards asked, None if none was)."""
         dim = self.layouts[table].dim
         routing = self._routing
         chunks = chunk_groups(split_by_owner(ids, routing.owners), self._chunk_rows(dim))
-        parts = await gather_or_cancel(
-            [self._lookup_chunk(table, c.shard, c.ids, routing, deadline, refreshes) for c in chunks]
-        )
-        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p[0]) for c, p in zip(chunks, parts)])
+        parts = await gather_or_cancel([
+            self._lookup_chunk(table, c.shard, c.ids, routing, deadline, refreshes, step=step,
+                               max_staleness=max_staleness)
+            for c in chunks
+        ])
+        applied = min((a for _, a in parts if a is not None), default=None)
+        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p) for c, (p, _) in zip(chunks, parts)]), applied
 
     async def _lookup_chunk(
         self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
         *, step: int = 0, max_staleness: int = 0,
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the shard's applied step): shared memory, TCP data plane or gRPC (row_paths.py)."""
         dim = self.layouts[table].dim
         try:
@@ -279,7 +293,7 @@ class ShardClient(ShardOps):
             )
         except ShardError as err:
             if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
-                return await self._gather(table, ids, deadline, refreshes - 1), 0  # applied step unknown here
+                return await self._gather(table, ids, deadline, refreshes - 1, step=step, max_staleness=max_staleness)
             raise
         n = ids.size
         if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * dim * ITEMSIZE[self._dtype]:

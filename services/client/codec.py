@@ -95,7 +95,8 @@ def encode_lookup_request(
 ) -> bytes:
     """A serialized LookupRequest, byte-identical to protobuf's, with one copy of the ids.
 
-    row_ids: (n,) int64 little-endian, contiguous.
+    row_ids: (n,) int64 little-endian, contiguous. `step`/`max_staleness`: training lookups
+    (the shard refuses rows that miss more than `max_staleness` steps before `step`).
     """
     head = bytearray()
     if table:

@@ -4,6 +4,7 @@
     ...                                          # run layers 0..l-1
     rows = await handle                          # (B, T, H, D)
     uniq, inv = await handle.unique_rows(), handle.inverse   # (U, D), (B*T*H,)
+    handle.applied_step                          # oldest applied step of the shards that answered
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class LookupHandle:
         self._upcast = upcast
         self._rows: torch.Tensor | None = None
         self._inverse: np.ndarray | None = dedup.inverse
+        self._applied: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -50,8 +52,20 @@ class LookupHandle:
     def has_duplicates(self) -> bool:
         return self._dedup.inverse is not None
 
+    @property
+    def applied_step(self) -> int | None:
+        """Oldest applied_step (last optimizer step applied to the table) among the shards that
+        answered; None before the rows arrived, or when no shard was asked (no ids)."""
+        if self._applied is None and self._task.done() and not self._task.cancelled() and not self._task.exception():
+            self._applied = self._task.result()[1]
+        return self._applied
+
     def done(self) -> bool:
         return self._task.done()
+
+    async def _landed(self) -> torch.Tensor:
+        rows, self._applied = await asyncio.shield(self._task)
+        return rows
 
     def cancel(self) -> None:
         self._task.cancel()
@@ -62,14 +76,14 @@ class LookupHandle:
         May share memory with the received message: treat it as read-only (clone to write).
         """
         with trace_span("prefetch.wait", parent=self._span, table=self.table, ready=self._task.done()):
-            rows = await asyncio.shield(self._task)
+            rows = await self._landed()
         return rows.float() if self._upcast else rows
 
     async def rows(self) -> torch.Tensor:
         """(*shape, D) rows in request order."""
         if self._rows is None:
             with trace_span("prefetch.wait", parent=self._span, table=self.table, ready=self._task.done()):
-                rows = expand(await asyncio.shield(self._task), self._dedup)
+                rows = expand(await self._landed(), self._dedup)
             self._rows = rows.float() if self._upcast else rows
         return self._rows
 

@@ -73,7 +73,9 @@ class ShardOps:
 
         Every shard that owns slots gets its part (an empty one if none of its rows were
         touched), so sync-mode steps of `num_parts` parts complete on every shard. Not
-        retried, except after a stale slot map: those shards refused before touching state.
+        retried, except where a shard refused before touching state: after a stale slot map
+        (FAILED_PRECONDITION: refresh, re-route) and while its slots migrate (UNAVAILABLE:
+        back off until the new map is installed or the deadline passes).
         """
         layout = self.layout(table)
         ids, shape = as_id_array(row_ids)
@@ -86,10 +88,11 @@ class ShardOps:
             raise ValueError(f"row_ids: row {int(s[dup[0]])} appears more than once; sum its gradients first")
         g = _grads(grads, ids.size, layout.dim, table)  # (U, D)
         opt = _optimizer(optimizer)
-        deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         applied: dict[int, shard_pb2.ApplyGradientsResponse] = {}
-        stale: ShardError | None = None
-        for _ in range(self.retry.max_refreshes + 1):
+        refreshes = waits = 0
+        while True:
             routing = self._routing
             groups = {grp.shard: grp for grp in split_by_owner(ids, routing.owners)}
             clash = sorted(set(groups) & set(applied))
@@ -119,10 +122,13 @@ class ShardOps:
             outcomes = await asyncio.gather(
                 *(self._apply_one(t, requests[t], routing, deadline) for t in targets), return_exceptions=True
             )
-            retry_ids, retry_g, stale, failure = [], [], None, None
+            retry_ids, retry_g, stale, busy, failure = [], [], None, None, None
             for t, out in zip(targets, outcomes, strict=True):
-                if isinstance(out, ShardError) and out.code == Code.FAILED_PRECONDITION:
-                    stale = out
+                if isinstance(out, ShardError) and out.code in (Code.FAILED_PRECONDITION, Code.UNAVAILABLE):
+                    if out.code == Code.FAILED_PRECONDITION:
+                        stale = out
+                    else:
+                        busy = out
                     if t in groups:
                         pos = groups[t].positions
                         retry_ids.append(groups[t].ids)
@@ -135,19 +141,28 @@ class ShardOps:
                 if applied and isinstance(failure, ShardError):
                     failure.add_note(f"shards {sorted(applied)} applied their part of step {step}")
                 raise failure
-            if stale is None:
+            if stale is None and busy is None:
                 return ApplyResult(
                     applied_step=min((r.applied_step for r in applied.values()), default=0),
                     rows_updated=sum(r.rows_updated for r in applied.values()),
                     pending=any(r.pending for r in applied.values()),
                     shards=applied,
                 )
-            if not await self._newer_than(routing.epoch):
-                raise stale
+            if stale is not None:
+                if refreshes >= self.retry.max_refreshes or not await self._newer_than(routing.epoch):
+                    raise stale
+                refreshes += 1
+            else:
+                assert busy is not None
+                waits += 1
+                delay = self.retry.backoff(waits)
+                if loop.time() + delay >= deadline:
+                    raise busy
+                await asyncio.sleep(delay)
+                if self.control is not None:
+                    await self._newer_than(routing.epoch)  # the migration may have installed a new map meanwhile
             ids = np.concatenate(retry_ids) if retry_ids else ids[:0]
             g = torch.cat(retry_g) if retry_g else g[:0]
-        assert stale is not None
-        raise stale
 
     async def _apply_one(self, shard_id, request, routing, deadline) -> shard_pb2.ApplyGradientsResponse:
         return await self._call(
@@ -158,8 +173,12 @@ class ShardOps:
     # -----------------------------------------------------------------------------------------
     # checkpoints
 
-    async def checkpoint(self, directory: str, step: int, *, timeout_s: float = ADMIN_TIMEOUT_S) -> dict:
-        """Every shard writes its slots under `directory` -> manifest (also stored in the control plane)."""
+    async def checkpoint(
+        self, directory: str, step: int, *, extra: dict | None = None, timeout_s: float = ADMIN_TIMEOUT_S
+    ) -> dict:
+        """Every shard writes its slots under `directory` -> manifest (also stored in the control plane).
+
+        `extra`: more keys for the manifest (the trainer records its run id and worker count)."""
         if self.control is not None:
             await self.refresh()
         routing = self._routing
@@ -180,7 +199,7 @@ class ShardOps:
         manifest = {
             "step": int(step), "directory": str(directory), "num_slots": int(routing.owners.size),
             "epoch": routing.epoch, "files": sorted(files, key=lambda f: (f["table"], f["slot"])),
-            "created": time.time(),
+            "created": time.time(), **(extra or {}),
         }
         if self.control is not None:
             await self.control.put_manifest(manifest)
@@ -235,7 +254,81 @@ class ShardOps:
             )
             for t in targets
         ])
+        steps = sorted({int(r.step) for r in replies})
+        if steps != [int(manifest["step"])]:
+            raise ShardError(Code.DATA_LOSS, f"restore of the step {manifest['step']} checkpoint: the shards "
+                             f"report steps {steps}", call="Restore")
         return {"step": int(manifest["step"]), "slots_restored": sum(r.slots_restored for r in replies)}
+
+    # -----------------------------------------------------------------------------------------
+    # training: applied steps, whole tables, half-collected steps
+
+    async def applied_steps(self, *, timeout_s: float = 10.0) -> dict[int, int]:
+        """{table: oldest applied_step over the shards that own slots}."""
+        stats = await self.stats(sorted(set(self._routing.owners.tolist())), timeout_s=timeout_s)
+        out: dict[int, int] = {}
+        for st in stats.values():
+            for t in st.tables:
+                out[t.table] = min(out.get(t.table, t.applied_step), t.applied_step)
+        return out
+
+    async def wait_applied(self, step: int, *, timeout_s: float = 120.0) -> dict[int, int]:
+        """Wait until every table on every slot-owning shard has applied `step` -> {table: applied}."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + timeout_s, 5e-4
+        while True:
+            applied = await self.applied_steps()
+            if min(applied.values(), default=step) >= step:
+                return applied
+            if loop.time() > deadline:
+                raise TimeoutError(f"shards did not apply step {step} in {timeout_s:g} s (applied: {applied})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    async def pull_table(self, table: int, *, chunk_rows: int = 1 << 16) -> torch.Tensor:
+        """The whole table (R, D) fp32, read back from the shards (exact: an fp32 lookup)."""
+        if self.wire_dtype != "fp32":
+            sibling = type(self)(self.cfg, epoch=self.epoch, owners=self.owners, addresses=self.addresses,
+                                 control=self.control, wire_dtype="fp32", timeout_s=self.timeout_s)
+            try:
+                return await sibling.pull_table(table, chunk_rows=chunk_rows)
+            finally:
+                await sibling.close()
+        n = self.layout(table).num_rows
+        handles = [self.lookup(table, np.arange(a, min(n, a + chunk_rows)), dedup_ids=False)
+                   for a in range(0, n, chunk_rows)]
+        return torch.cat([(await h).float() for h in handles])  # (R, D)
+
+    async def discard_pending(self, num_parts: int, *, timeout_s: float = 60.0) -> int:
+        """Complete every half-collected step with empty parts -> how many parts were taken.
+
+        A trainer that died mid-step can leave a step waiting for the parts of dead workers,
+        and a shard refuses Restore while a step is pending. Right before a restore (which
+        overwrites rows, optimizer state and applied_step) such a step is harmless to finish:
+        each shard gets empty parts 0..num_parts-1 of its next step; the parts it already holds
+        are refused (FAILED_PRECONDITION) and ignored.
+        """
+        routing = self._routing
+        owners = sorted(set(routing.owners.tolist()))
+        stats = await self.stats(owners, timeout_s=timeout_s)
+        opt = shard_pb2.OptimizerParams(kind=self.cfg.cluster.optimizer, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                        version=1)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        sent = 0
+        for sid in owners:
+            for t in stats[sid].tables:
+                for part in range(num_parts):
+                    req = shard_pb2.ApplyGradientsRequest(
+                        table=t.table, epoch=routing.epoch, row_ids=b"", grads=b"", step=t.applied_step + 1,
+                        optimizer=opt, part_id=str(part), num_parts=num_parts,
+                    )
+                    try:
+                        await self._apply_one(sid, req, routing, deadline)
+                        sent += 1
+                    except ShardError as exc:
+                        if exc.code != Code.FAILED_PRECONDITION:
+                            raise
+        return sent
 
     # -----------------------------------------------------------------------------------------
     # admin

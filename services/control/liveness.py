@@ -3,57 +3,56 @@
 A stopped (SIGSTOP), hung or partitioned shard keeps its TCP connections open, so a call to
 it only ends at its deadline. Every shard refreshes `{ns}:alive:{id}` every
 `cluster.heartbeat_s` with a TTL of `cluster.heartbeat_ttl_s`; a caller waiting on a slow
-call checks that key every `check_every_s` and gives up as soon as it is gone, i.e. within
-about heartbeat_ttl_s + check_every_s of the shard's last beat instead of the call's deadline.
-
-Synchronous, for plain-thread callers (the trainer's row store).
+call checks those keys every `check_every_s` and gives up as soon as the key of a shard that
+owns slots is gone, i.e. within about heartbeat_ttl_s + check_every_s of the shard's last
+beat instead of the call's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
-
-import grpc
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
 from services.control.store import ControlPlane, ControlPlaneUnavailable
 
+T = TypeVar("T")
+
 
 class ShardSilent(Exception):
-    """The shard's heartbeat key is gone while a call to it was still waiting."""
+    """A shard's heartbeat key is gone while a call to it was still waiting."""
+
+    def __init__(self, shard_id: int, address: str) -> None:
+        self.shard_id, self.address = shard_id, address
+        super().__init__(f"shard {shard_id} at {address} stopped heartbeating")
 
 
-def heartbeat_alive(url: str, namespace: str) -> Callable[[int], bool]:
-    """-> alive(shard_id): False only when the control plane answers, knows the shard, and its key is gone.
+async def silent_shards(control: ControlPlane, shard_ids: Collection[int]) -> list[tuple[int, str]]:
+    """(id, address) of the shards in `shard_ids` whose liveness key is gone.
 
     A control plane that cannot be reached, or that lost the registry (a Redis restarted empty,
-    before the shard's next beat registers it again), says nothing about the shard: alive.
+    before the shard's next beat registers it again), says nothing about the shards: none.
     """
-
-    def alive(shard_id: int) -> bool:
-        async def read() -> bool:
-            cp = ControlPlane.connect(url, namespace, timeout_s=1.0, retries=0)
-            try:
-                records = [s for s in await cp.shards() if s.shard_id == shard_id]
-                return not records or records[0].alive
-            finally:
-                await cp.close()
-
-        try:
-            return asyncio.run(read())
-        except ControlPlaneUnavailable:
-            return True
-
-    return alive
+    try:
+        records = await control.shards()
+    except ControlPlaneUnavailable:
+        return []
+    return [(r.shard_id, r.address) for r in records if r.shard_id in shard_ids and not r.alive]
 
 
-def result_while_alive(fut: grpc.Future, *, alive: Callable[[], bool], check_every_s: float) -> Any:
-    """fut.result(), but raise ShardSilent (and cancel the call) once `alive()` says the shard is gone."""
-    while True:
-        try:
-            return fut.result(timeout=check_every_s)
-        except grpc.FutureTimeoutError:
-            if not alive():
-                fut.cancel()
-                raise ShardSilent() from None
+async def while_alive(
+    awaitable: Awaitable[T], *, control: ControlPlane, shard_ids: Callable[[], Collection[int]], check_every_s: float,
+) -> T:
+    """await `awaitable`, but cancel it and raise ShardSilent once a shard of `shard_ids()` stops beating."""
+    task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=check_every_s)
+            if done:
+                return task.result()
+            silent = await silent_shards(control, shard_ids())
+            if silent:
+                raise ShardSilent(*silent[0])
+    finally:
+        if not task.done():
+            task.cancel()

@@ -15,15 +15,22 @@ Steps (see services/shard/migrate.py for the shard side):
      and retry.
 Re-running `rebalance` with nothing to move re-sends step 4, which repairs shards that
 missed it.
+
+During sync training a shard refuses MigrateSlots and SetSlotMap while a step is collecting
+its workers' parts (FAILED_PRECONDITION); steps 2 and 4 retry until the step is applied, which
+the next step's parts cannot delay: once slots are frozen, parts touching them are refused
+(UNAVAILABLE) and the trainer's client re-sends them after the new map is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +143,8 @@ async def rebalance(
         report = RebalanceReport(old_epoch=smap.epoch, new_epoch=smap.epoch, owners=plan.owners, moves=plan.moves)
         try:
             for (source, target), slots in sorted(plan.moves.items()):
-                reply = await client.migrate_slots(source, slots, addresses[target], epoch=smap.epoch,
-                                                   timeout_s=timeout_s)
+                reply = await _between_steps(lambda s=source, sl=slots, t=target: client.migrate_slots(
+                    s, sl, addresses[t], epoch=smap.epoch, timeout_s=timeout_s), timeout_s=timeout_s)
                 report.bytes_sent += reply.bytes_sent
             new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch) if plan.moves else smap
         except BaseException:
@@ -153,7 +160,8 @@ async def rebalance(
         involved = set(smap.owners) | set(new.owners) | {s for s, r in records.items() if r.alive}
         for group in (gainers, sorted(involved - set(gainers))):
             replies = await asyncio.gather(*(
-                client.set_slot_map_on(s, epoch=new.epoch, owned_slots=_owned(new.owners, s), timeout_s=timeout_s)
+                _between_steps(lambda s=s: client.set_slot_map_on(s, epoch=new.epoch, owned_slots=_owned(new.owners, s),
+                                                                  timeout_s=timeout_s), timeout_s=timeout_s)
                 for s in group
             ))
             report.set_on.update({s: r.slots_dropped for s, r in zip(group, replies, strict=True)})
@@ -162,6 +170,23 @@ async def rebalance(
     finally:
         if own_client:
             await client.close()
+
+
+async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T:
+    """`call()`, again while the shard says a training step is collecting parts (bounded by `timeout_s`)."""
+    from services.client import ShardError
+
+    deadline, delay = time.monotonic() + timeout_s, 0.005
+    while True:
+        try:
+            return await call()
+        except ShardError as err:
+            if err.code.name != "FAILED_PRECONDITION" or "collecting parts" not in err.message:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.1)
 
 
 def _owned(owners: list[int], shard_id: int) -> list[int]:

@@ -14,10 +14,16 @@ Kubernetes, each overlay rendered by `kubectl kustomize` (offline):
   - every address a pod dials (URLs and host:port in env, args, command, the RayJob entrypoint and
     the ConfigMaps it reads or mounts) names a Service rendered in that namespace, on a port that
     Service exposes, and the NetworkPolicies that select the Service's pods admit the dialling pod;
-  - every pod is selected by some NetworkPolicy.
+  - every pod is selected by some NetworkPolicy;
+  - the row data paths: a shard (`--advertise host:port`) listens on a fixed `cluster.data_port`
+    (from `--set` or its mounted config) and registers host:data_port, which the shard itself and
+    every pod labelled engram.io/shard-client=true dial (Service port, NetworkPolicy, as above); a
+    container that sets `cluster.shm_dir` or `cluster.host_id` mounts a volume at that shm_dir.
 docker-compose.yml: every depends_on, named volume, config and secret is declared; every address in
 environment, command, entrypoint and mounted configs names a service that exposes the port;
-every ${VAR} interpolation has a default.
+every ${VAR} interpolation has a default; each shard exposes its fixed `cluster.data_port`; the
+services that set `cluster.shm_dir` mount one volume there and share one `cluster.host_id`, and a
+service that claims that host id mounts it too.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import ipaddress
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:
@@ -54,6 +61,46 @@ def addresses(text: str) -> list[tuple[str, str | None, int | None]]:
     for m in HOSTPORT_RE.finditer(URL_RE.sub(" ", text)):
         out.append((m.group(1), None, int(m.group(2))))
     return out
+
+
+def engram_sets(argv: list[str]) -> dict[str, str]:
+    """`--set a.b=v` pairs of an engram argv -> {"a.b": "v"} (the last one wins, as in load_config)."""
+    out: dict[str, str] = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--set":
+            key, _, val = str(value).partition("=")
+            out[key.strip()] = val.strip()
+    return out
+
+
+def cluster_field(argv: list[str], configs: list[str], field: str) -> str | None:
+    """cluster.<field> as `--set` or a TOML config the container mounts sets it; None: left at the default."""
+    sets = engram_sets(argv)
+    if f"cluster.{field}" in sets:
+        return sets[f"cluster.{field}"]
+    for text in configs:
+        try:
+            value = (tomllib.loads(text).get("cluster") or {}).get(field)
+        except tomllib.TOMLDecodeError:
+            continue
+        if value is not None:
+            return str(value)
+    return None
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return next((str(v) for f, v in zip(argv, argv[1:]) if f == name), None)
+
+
+def _data_address(advertise: str, data_port: str | None) -> tuple[str | None, str]:
+    """-> (the data plane's registered host:port or None, why none)."""
+    if data_port is None or data_port.strip() in ("", "0"):
+        return None, (f"the shard advertises {advertise} but its data plane listens on a random port "
+                      "(cluster.data_port unset or 0): no Service or NetworkPolicy can name it; set a fixed "
+                      "cluster.data_port")
+    if not data_port.isdigit():
+        return None, f"cluster.data_port={data_port!r} is not a port number"
+    return f"{advertise.rsplit(':', 1)[0]}:{int(data_port)}", ""
 
 
 def _is_local(host: str) -> bool:
@@ -106,8 +153,14 @@ class K8sRefs:
 
     def check(self) -> list[str]:
         self.namespace = self._namespaces()
+        self.published: list[str] = []  # host:port the shards register (gRPC and data plane), expanded
         for where, doc, tpl, ns in self.pods:
             self._pod(where, doc, tpl, ns)
+        for where, _doc, tpl, ns in self.pods:
+            if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true":
+                for address in self.published:
+                    host, _, port = address.rpartition(":")
+                    self._dial(f"{where} (shard client)", tpl, ns, host, None, int(port))
         self._coverage()
         return self.problems
 
@@ -180,10 +233,31 @@ class K8sRefs:
                             self.fail(cw, f"env {e['name']}: {kind} {ref.get('name')} has no key {ref.get('key')!r}")
             own = [str(e["value"]) for e in env.values() if "value" in e]
             own += [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+            own += self._row_paths(cw, c, doc, ns, env, [str(v) for name in mounted for v in
+                                   ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()])
             for text in own + texts + [str(v) for name in mounted for v in
                                        ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()]:
                 for host, scheme, port in addresses(self._expand(text, env, doc, ns)):
                     self._dial(cw, tpl, ns, host, scheme, port)
+
+    def _row_paths(self, cw: str, c: dict, doc: dict, ns: str | None, env: dict, configs: list[str]) -> list[str]:
+        """The shard's data-plane address (dialled like the advertised one) and the shm mount checks."""
+        argv = [str(a) for a in c.get("args") or []]
+        sets = engram_sets(argv)
+        if "cluster.shm_dir" in sets or "cluster.host_id" in sets:
+            shm_dir = sets.get("cluster.shm_dir") or cluster_field(argv, configs, "shm_dir") or "/dev/shm"
+            if shm_dir.rstrip("/") not in {m["mountPath"].rstrip("/") for m in c.get("volumeMounts") or []}:
+                self.fail(cw, f"cluster.shm_dir {shm_dir} (co-located row path) is not a volume this container "
+                              "mounts: shards and workers of a node share no files there")
+        advertise = _flag(argv, "--advertise")
+        if advertise is None:
+            return []
+        data, why = _data_address(advertise, cluster_field(argv, configs, "data_port"))
+        if data is None:
+            self.fail(cw, why)
+            return []
+        self.published += [self._expand(a, env, doc, ns) for a in (advertise, data)]
+        return [data]
 
     def _volume(self, where: str, v: dict, ns: str | None, mounted: dict[str, str]) -> None:
         if "configMap" in v:
@@ -392,6 +466,67 @@ def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
                 elif port is None or port not in compose_ports(services[host]):
                     problems.append(f"{sw}: dials {address}: service {host} exposes "
                                     f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
+    return problems + _compose_row_paths(data, where)
+
+
+def _compose_configs(data: dict, svc: dict) -> list[str]:
+    out = []
+    for ref in svc.get("configs") or []:
+        source = ref if isinstance(ref, str) else ref.get("source")
+        out.append(str(((data.get("configs") or {}).get(source) or {}).get("content", "")))
+    return out
+
+
+def _compose_row_paths(data: dict, where: str) -> list[str]:
+    """Each shard exposes its data plane; the shm volume's users agree on shm_dir and host_id."""
+    problems: list[str] = []
+    services = data.get("services") or {}
+    sharing: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (volume, path) -> [(service, host_id)]
+    claims: dict[str, str] = {}  # service -> the host_id it sets
+    for name, svc in services.items():
+        sw = f"{where} services.{name}"
+        argv = _argv_text(svc.get("command"))
+        configs = _compose_configs(data, svc)
+        advertise = _flag(argv, "--advertise")
+        if advertise is not None:
+            address, why = _data_address(advertise, cluster_field(argv, configs, "data_port"))
+            if address is None:
+                problems.append(f"{sw}: {why}")
+            else:
+                host, port = address.rsplit(":", 1)
+                if host not in services:
+                    problems.append(f"{sw}: registers its data plane as {address}: no service {host}")
+                elif int(port) not in compose_ports(services[host]):
+                    problems.append(f"{sw}: registers its data plane as {address}: service {host} exposes "
+                                    f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
+        sets = engram_sets(argv)
+        if "cluster.host_id" in sets:
+            claims[name] = sets["cluster.host_id"]
+        if "cluster.shm_dir" not in sets and "cluster.host_id" not in sets:
+            continue
+        shm_dir = (sets.get("cluster.shm_dir") or cluster_field(argv, configs, "shm_dir") or "/dev/shm").rstrip("/")
+        mounts = {}
+        for v in svc.get("volumes") or []:
+            kind, source = _volume_source(v)
+            target = str(v.get("target", "")) if isinstance(v, dict) else str(v).split(":")[1]
+            mounts[target.rstrip("/")] = (kind, source)
+        kind, source = mounts.get(shm_dir, ("", ""))
+        if kind != "volume":
+            problems.append(f"{sw}: cluster.shm_dir {shm_dir} (co-located row path) is not a named volume this "
+                            "service mounts: it shares no files there with the other services")
+            continue
+        sharing.setdefault((source, shm_dir), []).append((name, sets.get("cluster.host_id", "")))
+    for (volume, path), users in sorted(sharing.items()):
+        ids = {h for _n, h in users}
+        if len(ids) != 1 or "" in ids:
+            problems.append(f"{where}: services {', '.join(n for n, _h in users)} share volume {volume} at {path} "
+                            f"but set cluster.host_id {sorted(ids)}: they must name the one host they share")
+            continue
+        members = {n for n, _h in users}
+        for name, host_id in claims.items():
+            if host_id in ids and name not in members:
+                problems.append(f"{where} services.{name}: cluster.host_id={host_id} claims the host of volume "
+                                f"{volume} but does not mount it at {path}: its shared-memory reads would fail")
     return problems
 
 

@@ -14,10 +14,16 @@ Kubernetes, each overlay rendered by `kubectl kustomize` (offline):
   - every address a pod dials (URLs and host:port in env, args, command, the RayJob entrypoint and
     the ConfigMaps it reads or mounts) names a Service rendered in that namespace, on a port that
     Service exposes, and the NetworkPolicies that select the Service's pods admit the dialling pod;
-  - every pod is selected by some NetworkPolicy.
+  - every pod is selected by some NetworkPolicy;
+  - the row data paths: a shard (`--advertise host:port`) listens on a fixed `cluster.data_port`
+    (from `--set` or its mounted config) and registers host:data_port, which the shard itself and
+    every pod labelled engram.io/shard-client=true dial (Service port, NetworkPolicy, as above); a
+    container that sets `cluster.shm_dir` or `cluster.host_id` mounts a volume at that shm_dir.
 docker-compose.yml: every depends_on, named volume, config and secret is declared; every address in
 environment, command, entrypoint and mounted configs names a service that exposes the port;
-every ${VAR} interpolation has a default.
+every ${VAR} interpolation has a default; each shard exposes its fixed `cluster.data_port`; the
+services that set `cluster.shm_dir` mount one volume there and share one `cluster.host_id`, and a
+service that claims that host id mounts it too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 import yaml  # noqa: E402
 from deploy_common import ROOT, find_tool, labels_match, pod_templates, run_tool, selector_matches  # noqa: E402
+from deploy_rowpaths import cluster_field, compose_row_paths, data_address, engram_sets, flag  # noqa: E402
 
 CLUSTER_SCOPED = {
     "Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass",
@@ -106,8 +113,14 @@ class K8sRefs:
 
     def check(self) -> list[str]:
         self.namespace = self._namespaces()
+        self.published: list[str] = []  # host:port the shards register (gRPC and data plane), expanded
         for where, doc, tpl, ns in self.pods:
             self._pod(where, doc, tpl, ns)
+        for where, _doc, tpl, ns in self.pods:
+            if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true":
+                for address in self.published:
+                    host, _, port = address.rpartition(":")
+                    self._dial(f"{where} (shard client)", tpl, ns, host, None, int(port))
         self._coverage()
         return self.problems
 
@@ -180,10 +193,31 @@ class K8sRefs:
                             self.fail(cw, f"env {e['name']}: {kind} {ref.get('name')} has no key {ref.get('key')!r}")
             own = [str(e["value"]) for e in env.values() if "value" in e]
             own += [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+            own += self._row_paths(cw, c, doc, ns, env, [str(v) for name in mounted for v in
+                                   ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()])
             for text in own + texts + [str(v) for name in mounted for v in
                                        ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()]:
                 for host, scheme, port in addresses(self._expand(text, env, doc, ns)):
                     self._dial(cw, tpl, ns, host, scheme, port)
+
+    def _row_paths(self, cw: str, c: dict, doc: dict, ns: str | None, env: dict, configs: list[str]) -> list[str]:
+        """The shard's data-plane address (dialled like the advertised one) and the shm mount checks."""
+        argv = [str(a) for a in c.get("args") or []]
+        sets = engram_sets(argv)
+        if "cluster.shm_dir" in sets or "cluster.host_id" in sets:
+            shm_dir = sets.get("cluster.shm_dir") or cluster_field(argv, configs, "shm_dir") or "/dev/shm"
+            if shm_dir.rstrip("/") not in {m["mountPath"].rstrip("/") for m in c.get("volumeMounts") or []}:
+                self.fail(cw, f"cluster.shm_dir {shm_dir} (co-located row path) is not a volume this container "
+                              "mounts: shards and workers of a node share no files there")
+        advertise = flag(argv, "--advertise")
+        if advertise is None:
+            return []
+        data, why = data_address(advertise, cluster_field(argv, configs, "data_port"))
+        if data is None:
+            self.fail(cw, why)
+            return []
+        self.published += [self._expand(a, env, doc, ns) for a in (advertise, data)]
+        return [data]
 
     def _volume(self, where: str, v: dict, ns: str | None, mounted: dict[str, str]) -> None:
         if "configMap" in v:
@@ -392,7 +426,7 @@ def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
                 elif port is None or port not in compose_ports(services[host]):
                     problems.append(f"{sw}: dials {address}: service {host} exposes "
                                     f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
-    return problems
+    return problems + compose_row_paths(data, where)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shlex
 from pathlib import Path
@@ -167,7 +168,48 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
             if host not in services or port not in _container_ports(services[host]):
                 report.fail(where, f"OTEL_EXPORTER_OTLP_ENDPOINT {endpoint}: no service {host} exposing {port}")
     _cross_checks(services, cmds, ray_params, checker)
+    _shm_volume_size(data, cmds, checker)
     return listen
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def shared_table_bytes(cfg: Any) -> int:
+    """Bytes of the table files all shards publish under cluster.shm_dir: fp32 weights + mirror."""
+    from engram.layout import table_layouts
+
+    per_value = 4 + {"bf16": 2, "fp16": 2}.get(cfg.cluster.row_mirror, 0)
+    return sum(t.num_rows * t.dim * per_value for t in table_layouts(cfg.engram).values())
+
+
+def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None:
+    """A tmpfs volume that shards publish tables on holds them all, and one shard's again (a slot move or a
+    restart writes the new files before the old go): a page past its size kills the shard with SIGBUS."""
+    init = next((c for c in cmds.values() if c.name == "cluster" and c.cfg is not None), None)
+    if init is None:
+        return
+    for name, cmd in cmds.items():
+        if cmd.name != "shard" or cmd.cfg is None:
+            continue
+        svc = data["services"][name]
+        for v in svc.get("volumes") or []:
+            source, _, target = str(v).partition(":") if isinstance(v, str) else (v.get("source"), "", v.get("target"))
+            if str(target).split(":")[0].rstrip("/") != cmd.cfg.cluster.shm_dir.rstrip("/"):
+                continue
+            opts = (((data.get("volumes") or {}).get(source) or {}).get("driver_opts") or {})
+            size = next((o[5:] for o in str(opts.get("o", "")).split(",") if o.startswith("size=")), None)
+            if opts.get("type") != "tmpfs" or size is None:
+                continue
+            have = int(size.rstrip("kmgKMG")) * _UNITS[size[-1].lower() if size[-1].isalpha() else ""]
+            layout = copy.deepcopy(init.cfg)
+            layout.cluster.row_mirror = cmd.cfg.cluster.row_mirror
+            total = shared_table_bytes(layout)
+            need = total + -(-total // layout.cluster.num_shards)
+            if have < need:
+                checker.report.fail(f"{WHERE} volumes.{source}", f"tmpfs size {size} < {need / 2**20:.0f} MiB: the "
+                                    f"table files of {layout.cluster.num_shards} shards ({total / 2**20:.0f} MiB, "
+                                    f"fp32 + {layout.cluster.row_mirror or 'no'} mirror) and one shard's again")
 
 
 def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, dict], checker: Checker) -> None:

@@ -210,6 +210,14 @@ class _Rendered:
         for label, port in (("--port", cmd.port), ("--metrics-port", getattr(cmd.args, "metrics_port", None))):
             if port and port not in ports:
                 self.report.fail(cw, f"listens on {label} {port} but declares containerPorts {sorted(ports)}")
+        if cmd.name == "shard" and cmd.cfg is not None:
+            data_port = cmd.cfg.cluster.data_port
+            if not data_port:
+                self.report.fail(cw, "cluster.data_port is 0 (a random port): no containerPort, Service or "
+                                     "NetworkPolicy can name the data plane; set a fixed port in engram-config")
+            elif data_port not in ports:
+                self.report.fail(cw, f"listens on cluster.data_port {data_port} but declares containerPorts "
+                                     f"{sorted(ports)}")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc_port = ((c.get(probe) or {}).get("grpc") or {}).get("port")
             if grpc_port is not None and grpc_port != cmd.port:
@@ -306,21 +314,24 @@ class _Rendered:
                 self.report.fail(where, "podSelector selects no pod template in the rendering")
                 continue
             ports = {p["containerPort"] for pod in pods for c in pod[3]["spec"]["containers"] for p in c.get("ports") or []}
-            shard_port = next((c.port for pod in pods for c in pod[4].values() if c.name == "shard"), None)
-            admitted: list[dict] = []
+            shard = next((c for pod in pods for c in pod[4].values() if c.name == "shard"), None)
+            # the gRPC port and the TCP data plane's: every shard client dials both
+            shard_ports = [] if shard is None else [shard.port] + (
+                [shard.cfg.cluster.data_port] if shard.cfg is not None and shard.cfg.cluster.data_port else [])
+            admitted: dict[int, list[dict]] = {port: [] for port in shard_ports}
             for rule in np["spec"].get("ingress") or []:
                 rule_ports = {p.get("port") for p in rule.get("ports") or []}
                 for port in rule_ports - ports:
                     self.report.fail(where, f"ingress port {port} is not a containerPort of the selected pods")
-                if shard_port in rule_ports:
-                    admitted += [peer["podSelector"].get("matchLabels") or {} for peer in rule.get("from") or []
-                                 if "podSelector" in peer and "namespaceSelector" not in peer]
-            if shard_port is None:
-                continue
-            for pw, _doc, _role, template, _cmds in clients:
-                labels = (template.get("metadata") or {}).get("labels") or {}
-                if not any(labels_match(sel, labels) for sel in admitted):
-                    self.report.fail(where, f"{pw} talks to the shards but no ingress rule admits it on {shard_port}")
+                for port in admitted:
+                    if port in rule_ports:
+                        admitted[port] += [peer["podSelector"].get("matchLabels") or {} for peer in rule.get("from") or []
+                                           if "podSelector" in peer and "namespaceSelector" not in peer]
+            for port, selectors in admitted.items():
+                for pw, _doc, _role, template, _cmds in clients:
+                    labels = (template.get("metadata") or {}).get("labels") or {}
+                    if not any(labels_match(sel, labels) for sel in selectors):
+                        self.report.fail(where, f"{pw} talks to the shards but no ingress rule admits it on {port}")
 
     def _cluster(self) -> None:
         init = next((c for p in self.pods for c in p[4].values() if c.name == "cluster" and c.cfg is not None), None)

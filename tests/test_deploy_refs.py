@@ -118,6 +118,18 @@ K8S_BREAKS = {
         "      automountServiceAccountToken: false\n      serviceAccountName: engram-sa\n"
         "      terminationGracePeriodSeconds: 30",
         "Deployment/engram-worker: serviceAccountName engram-sa: no ServiceAccount engram-sa"),
+    "data plane port the shard Service does not expose": (
+        "base/shards.yaml", "    - name: data\n      port: 50062\n", "    - name: data\n      port: 50063\n",
+        "container shard: dials engram-shard-0.engram-shard.engram.svc.cluster.local:50062: Service engram-shard "
+        "exposes [9464, 50060, 50063], not 50062"),
+    "data plane port the shard policy does not admit": (
+        "base/networkpolicy.yaml", "        - protocol: TCP\n          port: 50062\n", "",
+        "Deployment/engram-worker (shard client): dials engram-shard-0.engram-shard.engram.svc.cluster.local:50062, "
+        "but NetworkPolicy engram-shard-ingress admits no ingress"),
+    "data plane on a random port": (
+        "base/config.yaml", "    data_port = 50062\n", "",
+        "StatefulSet/engram-shard container shard: the shard advertises "
+        "$(POD_NAME).engram-shard.$(POD_NAMESPACE).svc.cluster.local:50060 but its data plane listens on a random port"),
     "a per-pod name under a Service that is not headless": (
         "base/shards.yaml", "  clusterIP: None", "  clusterIP: 10.0.0.10",
         "dials engram-shard-0.engram-shard.engram.svc.cluster.local:50060: a per-pod name needs a headless Service"),
@@ -167,10 +179,55 @@ def test_shared_memory_component(tmp_path, kubectl):
         mounts |= {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "shm-data"}
         node = next(e for e in container["env"] if e["name"] == "NODE_NAME")
         assert node["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+        args = container["args"]
+        sets = deploy_refs.engram_sets(args)  # appended after the base args: they win over engram.toml
+        assert sets["cluster.shm_dir"] == "/dev/shm/engram" and sets["cluster.host_id"] == "$(NODE_NAME)", args
+        assert args[-4:] == ["--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=$(NODE_NAME)"]
     assert mounts == {"/dev/shm/engram"}, "shards and workers see the shared files at one path"
     labels = by_name[("Namespace", "engram")]["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath is not allowed by baseline
     assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    # only shards and workers claim the node's host id: the Ray pods and the Job keep their own
+    claimants = {d["metadata"]["name"] for d in docs for _role, tpl in deploy_refs.pod_templates(d)
+                 for c in tpl["spec"]["containers"] if "cluster.host_id=$(NODE_NAME)" in (c.get("args") or [])}
+    assert claimants == {"engram-shard", "engram-worker"}
+    # no overlay opts in (namespace-wide privileged enforcement; docs/deploy.md says why)
+    for name in OVERLAYS:
+        assert "components/shm" not in (ROOT / "k8s" / "overlays" / name / "kustomization.yaml").read_text()
+
+
+def test_shared_memory_component_without_its_mount_is_reported(tmp_path, kubectl):
+    root = _copy(tmp_path, only="none")
+    _break(root / "k8s" / "components" / "shm" / "kustomization.yaml", "mountPath: /dev/shm/engram",
+           "mountPath: /dev/shm/other")
+    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/shm\n")
+    problems = K8sRefs(render(kubectl, target), "shm").check()
+    for pod in ("StatefulSet/engram-shard container shard", "Deployment/engram-worker container worker"):
+        assert (f"shm {pod}: cluster.shm_dir /dev/shm/engram (co-located row path) is not a volume this container "
+                "mounts: shards and workers of a node share no files there") in problems, problems
+
+
+def test_data_plane_in_every_overlay(kubectl):
+    """Fixed data port: declared by the shard, exposed by its headless Service, admitted for every shard client."""
+    for name in OVERLAYS:
+        docs = render(kubectl, ROOT / "k8s" / "overlays" / name)
+        by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+        config = by_name[("ConfigMap", "engram-config")]["data"]["engram.toml"]
+        shard = by_name[("StatefulSet", "engram-shard")]["spec"]["template"]
+        container = shard["spec"]["containers"][0]
+        port = int(deploy_refs.cluster_field(container["args"], [config], "data_port") or 0)
+        assert port == 50062, name
+        assert {"name": "data", "containerPort": port} in container["ports"]
+        svc = by_name[("Service", "engram-shard")]["spec"]
+        assert {"name": "data", "port": port, "targetPort": "data"} in svc["ports"] and svc["clusterIP"] == "None"
+        policy = by_name[("NetworkPolicy", "engram-shard-ingress")]
+        clients = [(tpl.get("metadata") or {}).get("labels") or {} for d in docs
+                   for _role, tpl in deploy_refs.pod_templates(d)
+                   if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true"]
+        assert len(clients) >= 3, clients  # worker, cluster-init, Ray head and workers
+        for labels in clients + [shard["metadata"]["labels"]]:
+            assert admits(policy, labels, None, port), labels
+        assert not admits(policy, {"app": "other"}, None, port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +245,14 @@ def test_compose_cross_references_resolve():
     assert shm["driver_opts"]["type"] == "tmpfs" and "uid=10001" in shm["driver_opts"]["o"]
     users = {name for name, svc in data["services"].items() if "shm:/dev/shm/engram" in (svc.get("volumes") or [])}
     assert users == {"shard-0", "shard-1", "shard-2", "worker"}
+    for name, svc in data["services"].items():
+        sets = deploy_refs.engram_sets([str(a) for a in svc.get("command") or []])
+        if name in users:  # exactly the services that mount the volume point shm_dir at it and share one host id
+            assert sets["cluster.shm_dir"] == "/dev/shm/engram" and sets["cluster.host_id"] == "engram-compose", name
+        else:
+            assert "cluster.host_id" not in sets and "cluster.shm_dir" not in sets, name
+        if name.startswith("shard-"):
+            assert sets["cluster.data_port"] == "50062" and 50062 in deploy_refs.compose_ports(svc), name
 
 
 COMPOSE_BREAKS = {
@@ -204,6 +269,25 @@ COMPOSE_BREAKS = {
         "    - runs:/data/runs\n    - checkpoints:/data/checkpoints\n  environment",
         "    - runs:/data/runs\n    - checkpoint:/data/checkpoints\n  environment",
         "services.cluster-init: volume checkpoint: not declared under the top-level volumes"),
+    "data plane port a shard does not expose": (
+        'expose: ["50060", "50062", "9464"]', 'expose: ["50060", "9464"]',
+        "services.shard-0: registers its data plane as shard-0:50062: service shard-0 exposes [9464, 50060]"),
+    "a shard on a random data port": (
+        '"--set", "cluster.data_port=50062", ', "",
+        "services.shard-0: the shard advertises shard-0:50060 but its data plane listens on a random port"),
+    "the worker names another host than the shards": (
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose"]',
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=elsewhere"]',
+        "services shard-0, shard-1, shard-2, worker share volume shm at /dev/shm/engram but set cluster.host_id "
+        "['elsewhere', 'engram-compose']"),
+    "a Ray container claims the shared host id without the volume": (
+        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml"]',
+        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml", "--set", "cluster.host_id=engram-compose"]',
+        "services.train: cluster.host_id=engram-compose claims the host of volume shm but does not mount it"),
+    "shm_dir where no volume is mounted": (
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose"]',
+        '"--set", "cluster.shm_dir=/dev/shm", "--set", "cluster.host_id=engram-compose"]',
+        "services.worker: cluster.shm_dir /dev/shm (co-located row path) is not a named volume this service mounts"),
     "interpolation without a default": (
         "OTEL_RESOURCE_ATTRIBUTES: deployment.environment=compose",
         "OTEL_RESOURCE_ATTRIBUTES: deployment.environment=${ENGRAM_ENV}",

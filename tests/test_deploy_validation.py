@@ -81,6 +81,10 @@ COMPOSE_BREAKS = {
         '"--address", "127.0.0.1:50051"', '"--address", "127.0.0.1:50052"',
         ["services.worker: healthcheck checks port 50052 but the service listens on 50051"],
     ),
+    "shm tmpfs smaller than the table files": (
+        'o: "size=4g,uid=10001', 'o: "size=16m,uid=10001',
+        ["volumes.shm: tmpfs size 16m < 39 MiB: the table files of 3 shards (29 MiB, fp32 + bf16 mirror)"],
+    ),
     "environment variable nobody reads": (
         "OTEL_METRICS_EXPORTER: none #", "OTEL_METRICS_EXPORTR: none #",
         ["environment OTEL_METRICS_EXPORTR: not one of the OTEL_* variables"],
@@ -122,6 +126,19 @@ K8S_BREAKS = {
         "worker.yaml", '        engram.io/shard-client: "true"\n', "",
         ["NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
          "ingress rule admits it on 50060"],
+    ),
+    "shard data port not declared": (
+        "shards.yaml", "            - name: data\n              containerPort: 50062 # cluster.data_port in engram-config\n", "",
+        ["StatefulSet/engram-shard container shard: listens on cluster.data_port 50062 but declares containerPorts"],
+    ),
+    "shard data port on a random port": (
+        "config.yaml", "    data_port = 50062\n", "",
+        ["container shard: cluster.data_port is 0 (a random port)"],
+    ),
+    "worker not admitted to the data plane": (
+        "networkpolicy.yaml", "        - protocol: TCP\n          port: 50062\n", "",
+        ["NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
+         "ingress rule admits it on 50062"],
     ),
     "shard memory below the table layout": (
         "shards.yaml", "memory: 1536Mi", "memory: 512Mi",

@@ -89,10 +89,9 @@ def test_same_params_dense_matches_the_engram_model(setup) -> None:
 def test_multi_seed_report_with_every_variant(setup) -> None:
     root, ov, _, _ = setup
     out = root / "report.json"
-    args = ["--preset", "tiny", "--seeds", "2", "--variants", "engram,engram-frozen,dense-same-params",
-            "--out", str(root / "runs"), "--json", str(out)]
-    for o in [*ov, "train.steps=4", "train.eval_every=4"]:
-        args += ["--set", o]
+    sets = [a for o in [*ov, "train.steps=4", "train.eval_every=4"] for a in ("--set", o)]
+    args = ["--preset", "tiny", "--seeds", "2", "--variants", "baseline,engram,engram-frozen,dense-same-params",
+            "--out", str(root / "runs"), "--json", str(out), *sets]
     assert quality_main(args) == 0
     report = json.loads(out.read_text())
     seeds = report["seeds"]
@@ -111,6 +110,26 @@ def test_multi_seed_report_with_every_variant(setup) -> None:
     # different seeds are different runs
     assert report["runs"]["engram"]["1234"]["final_val_loss"] != report["runs"]["engram"]["1235"]["final_val_loss"]
     assert (root / "runs" / "gate_heatmap.png").is_file()
+    # one seed run alone (another process) reproduces that seed bit for bit, and merges back
+    part = root / "part.json"
+    assert quality_main(["--preset", "tiny", "--seed-list", "1235", "--variants", "baseline,engram",
+                         "--out", str(root / "part"), "--json", str(part), *sets]) == 0
+    first = root / "first.json"
+    assert quality_main(["--preset", "tiny", "--seed-list", "1234", "--variants", "baseline,engram",
+                         "--out", str(root / "first"), "--json", str(first), *sets]) == 0
+    merged_path = root / "merged.json"
+    assert quality_main(["--merge", str(first), str(part), "--json", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert merged["seeds"] == [1234, 1235]
+    for name in ("baseline", "engram"):
+        for k in ("1234", "1235"):
+            assert merged["runs"][name][k]["final_val_loss"] == report["runs"][name][k]["final_val_loss"]
+    assert merged["summary"]["engram"]["stats"] == report["summary"]["engram"]["stats"]
+    other = root / "other.json"
+    assert quality_main(["--preset", "tiny", "--seed-list", "1", "--variants", "baseline", "--out", str(root / "o"),
+                         "--json", str(other), *sets, "--set", "model.d_model=64"]) == 0
+    with pytest.raises(ValueError, match="another configuration"):
+        quality_main(["--merge", str(first), str(other)])
 
 
 def test_bad_arguments_are_refused(setup) -> None:

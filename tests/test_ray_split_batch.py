@@ -6,9 +6,8 @@ Ray training is compared with (tests/test_remote_training.py, benchmarks/sync_eq
 
 The split is *not* the same computation as the whole batch in one process: float rounding of
 the split differs, and the demo's signed-sqrt gate (slope up to 500 near 0) amplifies it. For
-seed 3 the two stay within 1e-5 for 20 steps; for seed 1234 a token whose gate pre-activation
-lands near 0 (step 12: |g| = 6e-5) makes the gap exceed 1e-4 a few steps later. Recorded here
-as a property of the model, not a trainer bug.
+some seeds a token whose gate pre-activation lands near 0 makes the gap exceed 1e-4 within 20
+steps (seed 1234 did before the gate's norm eps changed on main; after it, 1.8e-7).
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def test_split_batch_equals_local_gradient_accumulation_bit_for_bit(corpus, seed
     assert split_vs_reference(corpus, seed=seed, reference_micro_batches=2) == (0.0, 0.0)
 
 
-def test_whole_batch_is_close_for_one_seed_only(corpus) -> None:
-    """Why the reference is accumulation, not the whole batch: documents the model's sensitivity."""
-    assert split_vs_reference(corpus, seed=3, reference_micro_batches=1)[0] < 1e-5
-    assert split_vs_reference(corpus, seed=1234, reference_micro_batches=1)[0] > 1e-4
+def test_whole_batch_differs_from_the_split_only_by_rounding(corpus) -> None:
+    """The whole batch in one step is a different float computation (close, not equal)."""
+    gap, _ = split_vs_reference(corpus, seed=1234, reference_micro_batches=1)
+    assert 0.0 < gap < 1e-3

@@ -56,6 +56,7 @@ class EngramConfig:
     short_conv: bool = True  # false -> Y = alpha * v, no causal depthwise conv
     compress_vocab: bool = True  # false -> hash raw token ids (|V'| = |V|)
     shared_keys: bool = False  # true -> one key projection shared by all hyper-connection branches
+    freeze_table: bool = False  # ablation: rows stay at their init; projections, gates and conv still train
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,6 +71,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    ffn: str = "dense"  # feed-forward kind; only "dense" (SwiGLU) exists, "moe" is a reserved hook
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,6 +91,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0 -> only at the end
     seed: int = 1234
+    grad_accum: int = 1  # micro-batches per step: batch_size splits as over that many data-parallel workers
     device: str = "cpu"
     autocast: str = "bf16"  # CUDA only: bf16 | off (fp32); CPU always runs fp32
     tf32: bool = True  # CUDA only: TF32 tensor cores for the fp32 matmuls left outside autocast
@@ -385,6 +388,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model: {m.d_model} must split into n_head={m.n_head} even-sized heads")
     if m.mlp_hidden < 0:
         raise ConfigError(f"model.mlp_hidden: must be >= 0, got {m.mlp_hidden}")
+    if m.ffn == "moe":
+        raise ConfigError(
+            "model.ffn: 'moe' is reserved for a mixture-of-experts backbone (the paper's iso-parameter, "
+            "iso-FLOP comparison) but is not implemented; use 'dense'"
+        )
+    if m.ffn != "dense":
+        raise ConfigError(f"model.ffn: unknown {m.ffn!r} (only 'dense' is implemented)")
     _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
     if cfg.tokenizer.clean_up_tokenization_spaces not in (None, True, False):
         raise ConfigError("tokenizer.clean_up_tokenization_spaces: expected true, false or null, got "
@@ -441,6 +451,12 @@ def validate(cfg: Config) -> None:
         _positive(f"train.{name}", getattr(t, name))
     if t.autocast not in ("bf16", "off"):
         raise ConfigError(f"train.autocast: unknown {t.autocast!r} (bf16 or off)")
+    if isinstance(t.grad_accum, bool) or not isinstance(t.grad_accum, int) or t.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum: must be an integer >= 1, got {t.grad_accum!r}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.grad_accum: the batch of {t.batch_size} does not split evenly into {t.grad_accum} micro-batches"
+        )
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0 < t.val_fraction < 1:

@@ -29,8 +29,13 @@ class EngramRows:
     inverse: torch.Tensor  # (B, T, Hn) int64 positions into `rows`
 
     def embeddings(self) -> torch.Tensor:
+        # F.embedding, not `rows[inverse]`: the backward of advanced indexing is
+        # index_put_(accumulate=True), whose multi-threaded CPU kernel sums duplicate rows in
+        # a thread-dependent order (two 2-thread runs drift apart); embedding_backward is
+        # bit-stable on CPU at any thread count.
         B, T, Hn = self.inverse.shape
-        return self.rows[self.inverse].reshape(B, T, Hn * self.rows.shape[1])  # (B, T, E)
+        e = F.embedding(self.inverse, self.rows)  # (B, T, Hn, dh)
+        return e.reshape(B, T, Hn * self.rows.shape[1])  # (B, T, E)
 
 
 class LocalEngramTable(nn.Module):

@@ -145,7 +145,9 @@ class EngramLM(nn.Module):
                 raise ValueError("compress_lookup: an Engram model needs the tokenizer compression map")
             self.indexer = EngramIndexer(e, compress_lookup)
             for layer, layout in (self.indexer.layouts if local_tables else {}).items():
-                self.tables[str(layer)] = LocalEngramTable(layout, seed=e.seed, std=e.init_std)
+                table = LocalEngramTable(layout, seed=e.seed, std=e.init_std)
+                table.weight.requires_grad_(not e.freeze_table)  # frozen: rows stay at init (an ablation)
+                self.tables[str(layer)] = table
 
     @staticmethod
     def _init_dense(module: nn.Module) -> None:

@@ -99,6 +99,8 @@ def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float,
         print(f"\n{'model':<10} {'val loss':>9}\n{'baseline':<10} {base.final_val_loss:>9.4f}\n"
               f"{'engram':<10} {val_loss:>9.4f}\nEngram: validation loss {100 * abs(gain):.2f}% "
               f"{'lower' if gain >= 0 else 'HIGHER'} than the baseline")
+        print(f"This is one seed (train.seed={cfg.train.seed}): the gain varies from seed to seed at this size. "
+              "For a mean over seeds with a 95% interval run: python -m benchmarks.quality --seeds 3")
     if args.sample is not None and checkpoint:
         from worker.sample import sample_from_checkpoint
 

@@ -83,7 +83,7 @@ def test_engram_train_ray_sigkilled_then_resumed(tmp_path) -> None:
     from trainer.local import train_local
 
     cfg = load_config("tiny", None, [a for a in args[args.index("--set"):] if a != "--set"]
-                      + [f"train.out_dir={tmp_path / 'local'}"])
+                      + [f"train.out_dir={tmp_path / 'local'}", "train.grad_accum=2"])  # the 2 workers' split
     local = train_local(cfg, data=prepare_data(cfg))
     assert len(result["train_losses"]) == 20
     assert result["train_losses"] == pytest.approx(local.train_losses, rel=1e-4)

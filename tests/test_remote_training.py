@@ -3,11 +3,15 @@
 One Ray instance (2 CPUs) for the module; each test starts its own LocalCluster (real
 redis-server + shard processes) and stops it. Tiny preset, fp32 rows on the wire.
 
-The configuration uses train.seed=3: the demo's signed-sqrt gate `sign(g) sqrt(max(|g|, 1e-6))`
-has an unbounded derivative near g = 0, so a token whose gate pre-activation lands near 0
-turns float rounding differences (a batch split in two, any reduction order) into ~1e-4
-loss differences within a few steps -- even with no network at all. With seed 3 no gate
-comes near 0 in 20 steps, and a split batch equals the full batch to ~1e-7.
+The reference for sync mode with W workers is local training with W-way gradient
+accumulation (train.grad_accum=W: the same slices, each loss / W), not the whole batch in one
+step: that is a different float computation, which the signed-sqrt gate amplifies for some
+seeds (tests/test_ray_split_batch.py). benchmarks/sync_equivalence.py runs the same
+comparison over >= 200 steps of the cpu preset.
+
+Open (issue 17): with the default seed, sync Ray training and 2-way accumulation agree to
+1e-6 for 12 steps and then part (4.8e-4 by step 17), so they are not yet the same float
+computation; until the cause is found these tests keep train.seed=3 and tolerance 1e-4.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def start_cluster(root, name: str, *extra: str, num_shards: int = 2) -> tuple[Lo
 @pytest.fixture(scope="module")
 def reference(workdir):
     """Single-process training with local tables: the result sync mode must equal."""
-    cfg = load_config("tiny", None, overrides(workdir, "local"))
+    cfg = load_config("tiny", None, overrides(workdir, "local", "train.grad_accum=2"))
     data = prepare_data(cfg)
     result = train_local(cfg, data=data)
     model, _, _ = load_model(result.checkpoint)
@@ -151,10 +155,15 @@ def test_crash_then_resume_on_other_worker_and_shard_counts(ray_session, workdir
         cfg = load_config("tiny", None, ov)
         resumed = train_ray(cfg, data=data, resume=True)
         assert resumed.resumed_from == 10
-        np.testing.assert_allclose(resumed.train_losses, local.train_losses, rtol=1e-4)
-        assert resumed.final_val_loss == pytest.approx(local.final_val_loss, rel=1e-4)
     finally:
         cluster.stop()
+    # its local reference: 2-way accumulation for steps 1-10 (2 workers), whole batches after (1 worker)
+    ref_ov = overrides(workdir, "crash-local", "train.checkpoint_every=10")
+    train_local(load_config("tiny", None, [*ref_ov, "train.grad_accum=2"]), data=data, stop_at=10)
+    ref = train_local(load_config("tiny", None, ref_ov), data=data, resume=True)
+    np.testing.assert_allclose(resumed.train_losses[:10], local.train_losses[:10], rtol=1e-4)
+    np.testing.assert_allclose(resumed.train_losses, ref.train_losses, rtol=1e-4)
+    assert resumed.final_val_loss == pytest.approx(ref.final_val_loss, rel=1e-4)
 
 
 def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir, reference) -> None:

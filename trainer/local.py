@@ -17,7 +17,7 @@ from engram.model import EngramLM
 from engram.precision import configure_tf32
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.plots import plot_loss_curves
-from trainer.step import build_optimizers, evaluate, set_lr, step_flops
+from trainer.step import build_optimizers, evaluate, local_slice, set_lr, step_flops
 
 LOSS_READ_EVERY = 10  # steps between reads of the training loss (each read waits for the GPU)
 
@@ -31,6 +31,24 @@ class TrainResult:
     step_flops: float = 0.0
     compression_ratio: float = 0.0
     checkpoint: str = ""
+
+
+def accumulate_grads(model: EngramLM, x: np.ndarray, y: np.ndarray, *, micro_batches: int, device: str) -> torch.Tensor:
+    """Backward over `micro_batches` slices of the (B, T) batch -> the batch's mean loss (detached).
+
+    Slice r is rows [r B/W, (r+1) B/W), exactly the slice Ray worker r trains on
+    (trainer.step.local_slice, as trainer.remote_step uses it), and each slice's loss is scaled by 1/W, so the summed
+    gradients are DDP's mean of per-worker gradients (dense) and the shards' sum of per-worker
+    gradients / W (rows). For W a power of two the scaling is exact in floating point.
+    """
+    total = torch.zeros((), device=device)
+    for r in range(micro_batches):
+        xs = torch.from_numpy(local_slice(x, r, micro_batches))  # (B/W, T); Engram indices from the CPU ids
+        ys = torch.from_numpy(local_slice(y, r, micro_batches)).to(device)
+        _, loss = model(xs.to(device), ys, ids_cpu=xs)
+        (loss / micro_batches).backward()
+        total = total + loss.detach()
+    return total / micro_batches
 
 
 def train_local(
@@ -82,12 +100,10 @@ def train_local(
     for step in bar:
         lr = set_lr(step, t, backbone_opt, engram_opt)
         x, y = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
-        x_cpu = torch.from_numpy(x)  # (B, T); the Engram indices come from the CPU ids (no device sync)
-        _, loss = model(x_cpu.to(t.device), torch.from_numpy(y).to(t.device), ids_cpu=x_cpu)
         backbone_opt.zero_grad(set_to_none=True)
         if engram_opt is not None:
             engram_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_grads(model, x, y, micro_batches=t.grad_accum, device=t.device)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.dense_parameters(), t.grad_clip)
         backbone_opt.step()

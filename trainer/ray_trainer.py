@@ -125,6 +125,13 @@ def check_dist_config(cfg: Config, *, gpus: int | None = -1) -> int | None:
     d, t = cfg.dist, cfg.train
     if not cfg.engram.enabled:
         raise ConfigError("engram.enabled: distributed training pushes Engram rows to the shards; enable Engram")
+    if cfg.engram.freeze_table:
+        raise ConfigError("engram.freeze_table: an ablation for local training only (the shards always train their rows)")
+    if t.grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum: {t.grad_accum} is for local training (it reproduces {t.grad_accum} workers' split); "
+            "on Ray the global batch splits over dist.num_workers"
+        )
     workers = resolve_workers(cfg, gpus=available_gpus(cfg) if d.use_gpu and gpus == -1 else gpus)
     if workers is not None and t.batch_size % workers:
         raise ConfigError(

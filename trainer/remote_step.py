@@ -52,7 +52,7 @@ from engram.row_optim import AdamParams
 from services import telemetry
 from services.client import ShardError
 from services.client.sync import SyncShardClient
-from trainer.step import lr_factor, set_lr
+from trainer.step import local_slice, lr_factor, set_lr
 
 Indices = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (unique (U,), inverse (B, T, Hn))
 
@@ -90,12 +90,6 @@ class StalenessStats:
     def as_dict(self) -> dict:
         mean = self.total / self.steps if self.steps else 0.0
         return {"max": self.max, "mean": mean, "steps": self.steps, "histogram": dict(sorted(self.histogram.items()))}
-
-
-def local_slice(x: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Rows [rank * B/world, (rank+1) * B/world) of a (B, ...) global batch."""
-    b = x.shape[0] // world
-    return x[rank * b : (rank + 1) * b]
 
 
 @dataclass

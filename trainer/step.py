@@ -21,6 +21,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def local_slice(x: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rows [rank * B/world, (rank+1) * B/world) of a (B, ...) global batch: data-parallel worker
+    `rank`'s share, and the local trainer's micro-batch `rank` under gradient accumulation."""
+    b = x.shape[0] // world
+    return x[rank * b : (rank + 1) * b]
+
+
 def build_optimizers(model: EngramLM, cfg: TrainConfig) -> tuple[torch.optim.AdamW, SparseRowAdam | None]:
     """AdamW for the backbone (decay on matrices only); lazy Adam at engram_lr_mult x LR, no decay, for tables."""
     dense = model.dense_parameters()
@@ -30,7 +37,7 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> tuple[torch.optim.Ada
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
-    tables = list(model.tables.parameters())
+    tables = [p for p in model.tables.parameters() if p.requires_grad]  # none when engram.freeze_table
     engram = SparseRowAdam(tables, lr=cfg.lr * cfg.engram_lr_mult) if tables else None
     return backbone, engram
 

@@ -49,7 +49,7 @@ WORKDIR /data
 VOLUME ["/data/checkpoints"]
 
 # 50060 shard gRPC, 50051 model worker gRPC, 9464 Prometheus metrics (--metrics-port)
-EXPOSE 50060 50051 9464
+EXPOSE 50060 50062 50051 9464
 # Healthy when the gRPC server on a default port (a shard on 50060, a model worker on 50051)
 # answers SERVING (grpc.health.v1). Compose sets a health check per service (one-shot jobs
 # disable it); Kubernetes ignores this and uses the manifests' gRPC probes.

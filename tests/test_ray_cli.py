@@ -42,7 +42,7 @@ def train_args(tmp_path, corpus, *extra: str) -> list[str]:
         "train", "--preset", "tiny", "--ray", "--up", "--workers", "2",
         "--set", f"train.corpus=[\"{corpus}\"]", "--set", f"tokenizer.cache_dir={tmp_path / 'cache'}",
         "--set", f"train.out_dir={tmp_path / 'run'}", "--set", f"cluster.checkpoint_dir={tmp_path / 'shards'}",
-        "--set", "train.seed=3", "--set", "cluster.wire_dtype=fp32", "--set", "train.checkpoint_every=5",
+        "--set", "cluster.wire_dtype=fp32", "--set", "train.checkpoint_every=5",
         "--set", "train.progress=false", *extra,
     ]
 
@@ -86,8 +86,8 @@ def test_engram_train_ray_sigkilled_then_resumed(tmp_path) -> None:
                       + [f"train.out_dir={tmp_path / 'local'}", "train.grad_accum=2"])  # the 2 workers' split
     local = train_local(cfg, data=prepare_data(cfg))
     assert len(result["train_losses"]) == 20
-    assert result["train_losses"] == pytest.approx(local.train_losses, rel=1e-4)
-    assert result["final_val_loss"] == pytest.approx(local.final_val_loss, rel=1e-4)
+    assert result["train_losses"] == pytest.approx(local.train_losses, rel=1e-6)
+    assert result["final_val_loss"] == pytest.approx(local.final_val_loss, rel=1e-6)
     model, loaded, _ = load_model(tmp_path / "run" / "checkpoint.pt")  # what `engram serve` loads
     assert loaded.dist.mode == "sync" and len(model.tables) == 1
     assert (tmp_path / "run" / "loss.png").is_file()

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from engram.config import Config, load_config
 from engram_cli.main import add_config_args
 
@@ -342,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(target {t.get('p50_1k_ms_target', nan) * 1e3:.0f} us)")
     print(f"{info['wall_s']:.0f} s, load average {info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

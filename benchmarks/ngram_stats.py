@@ -12,12 +12,11 @@ holds the printed exponents; re-run this script and update it when the corpus ch
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import write_report
 from engram.config import load_config
 from engram.data import prepare_data
 
@@ -70,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, o in report["orders"].items():
         print(f"{n:>5} {o['zipf_exponent']:>7.3f} {o['distinct']:>10,} {o['top_share']:>15.3f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

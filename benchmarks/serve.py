@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {"prefill-heavy": dict(prompt_tokens=96, max_tokens=8), "decode-heavy": dict(prompt_tokens=8, max_tokens=64)}
@@ -312,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "kv_cache_vs_full_window": kv, "offered_load": rows, "remote_over_local": remote_cost}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, out)
     return 0
 
 

@@ -15,7 +15,6 @@ comparison also covers a thread count other than the workers'. Prints a table, w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from engram.config import load_config
 from engram.layout import table_layouts
 from services.launcher import LocalCluster
@@ -133,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m benchmarks.sync_equivalence " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {**machine_info(), "load_avg_1m": os.getloadavg()[0]}, "preset": args.preset, **result}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info, write_report  # noqa: E402
 from engram.config import Config, load_config  # noqa: E402
 from engram.data import prepare_data  # noqa: E402
 from engram.layout import table_layouts  # noqa: E402
@@ -106,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     plot(report, Path(args.plot) if args.plot else out_dir / "table_scaling.png")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

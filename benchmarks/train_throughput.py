@@ -19,7 +19,6 @@ side by side. Every process uses --threads torch threads (default 1: on a small 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from engram.config import load_config
 from engram.data import prepare_data
 from services.launcher import LocalCluster
@@ -129,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python -m benchmarks.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, result)
     return 0
 
 

@@ -172,8 +172,9 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
 
     _, data, _, _ = reference
     # two Engram layers: pushes of several tables per step, in order, on the background thread
+    # TCP rows: the shards count the staleness they serve (shared-memory reads never reach them)
     cluster, ov = start_cluster(workdir, "async", "dist.mode=async", "dist.staleness=1", "train.steps=20",
-                                "model.n_layer=3", "engram.layer_ids=[1,2]")
+                                "model.n_layer=3", "engram.layer_ids=[1,2]", "cluster.row_path=tcp")
     try:
         cfg = load_config("tiny", None, ov)
         result = train_ray(cfg, data=data)

@@ -35,7 +35,7 @@ def _clean_env() -> dict[str, str]:
 
 async def _lookup(cluster: LocalCluster, ids: np.ndarray):
     control = cluster.control()
-    client = await ShardClient.connect(control)
+    client = await ShardClient.connect(control, row_path="grpc")  # the traced path into the shards
     try:
         handle = client.lookup(1, ids)  # the requests leave now
         return await handle, handle.unique_ids

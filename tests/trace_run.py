@@ -112,7 +112,10 @@ def traced_run(workdir: Path, rx) -> tuple[str, list]:  # type: ignore[no-untype
     write_code_corpus(workdir / "corpus.txt")
     overrides = [f"train.corpus=[\"{workdir / 'corpus.txt'}\"]", f"tokenizer.cache_dir={workdir / 'cache'}",
                  f"train.out_dir={workdir / 'run'}", f"cluster.checkpoint_dir={workdir / 'shards'}",
-                 "train.progress=false", "cluster.wire_dtype=fp32"]
+                 "train.progress=false", "cluster.wire_dtype=fp32",
+                 # lookups over gRPC carry the trace into the shards; the shm and TCP row paths have
+                 # client spans only (README: a real trace)
+                 "cluster.row_path=grpc"]
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_METRICS_EXPORTER": "none"}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "TRACEPARENT"}
     saved = dict(os.environ)

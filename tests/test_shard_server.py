@@ -35,7 +35,7 @@ CFG = load_config("tiny", overrides=["cluster.max_message_mb=1"])
 TABLE, LAYOUT = next(iter(table_layouts(CFG.engram).items()))
 DIM, NROWS, NSLOTS = LAYOUT.dim, LAYOUT.num_rows, CFG.cluster.num_slots
 ADAM = shard_pb2.OptimizerParams(kind="adam", lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, version=1)
-ADAM_LOCAL = AdamParams(lr=float(F32(0.05)), beta1=float(F32(0.9)), beta2=float(F32(0.999)), eps=float(F32(1e-8)))
+ADAM_LOCAL = AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8)  # doubles on the wire: the same values
 
 
 def init_table(rows) -> torch.Tensor:

@@ -89,6 +89,13 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
+def _put_uint_field(out: bytearray, tag: int, value: int) -> None:
+    """A varint field (tag byte, value); proto3 leaves a zero value out."""
+    if value:
+        out.append(tag)
+        _put_varint(out, value)
+
+
 def encode_lookup_request(
     *, table: int, epoch: int, row_ids: np.ndarray, dtype: int, request_id: str = "", step: int = 0,
     max_staleness: int = 0,
@@ -99,28 +106,18 @@ def encode_lookup_request(
     (the shard refuses rows that miss more than `max_staleness` steps before `step`).
     """
     head = bytearray()
-    if table:
-        head.append(0x08)
-        _put_varint(head, table)
-    if epoch:
-        head.append(0x10)
-        _put_varint(head, epoch)
+    _put_uint_field(head, 0x08, table)
+    _put_uint_field(head, 0x10, epoch)
     if row_ids.size:
         head.append(0x1A)
         _put_varint(head, row_ids.nbytes)
     tail = bytearray()
-    if dtype:
-        tail.append(0x20)
-        _put_varint(tail, dtype)
+    _put_uint_field(tail, 0x20, dtype)
     if request_id:
         rid = request_id.encode()
         tail.append(0x2A)
         _put_varint(tail, len(rid))
         tail += rid
-    if step:
-        tail.append(0x30)
-        _put_varint(tail, step)
-    if max_staleness:
-        tail.append(0x38)
-        _put_varint(tail, max_staleness)
+    _put_uint_field(tail, 0x30, step)
+    _put_uint_field(tail, 0x38, max_staleness)
     return b"".join((head, memoryview(row_ids).cast("B"), tail))

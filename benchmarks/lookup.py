@@ -284,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--malloc", choices=["keep-heap", "default"], default="keep-heap",
                         help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--fp8", action="store_true", help="also: bytes per 64K-row lookup, fp8 vs bf16 "
+                                                           "(benchmarks/lookup_fp8.py; 256-dim rows)")
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in ITEMSIZE]
     if bad:
@@ -324,13 +326,18 @@ def main(argv: list[str] | None = None) -> int:
                 r.close()
             num_rows = int(table.shape[0]) if table is not None else sum(cfg_rows(cfg))
             results += asyncio.run(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table))
+    fp8 = None
+    if args.fp8:  # its own clusters (256-dim rows, fp8 and fp32 storage); prints the fp8 vs bf16 line
+        from benchmarks.lookup_fp8 import run_fp8
+
+        fp8 = run_fp8(preset=args.preset, paths=tuple(p for p in args.paths if p != "shm") or ("tcp",))
     info["load_avg_end"] = os.getloadavg()
     info["wall_s"] = time.monotonic() - t_start
     print_table(results)
     report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
               // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
               "client_malloc": args.malloc, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
-              "targets": targets(results), "results": results}
+              "targets": targets(results), "results": results, **({"fp8": fp8} if fp8 else {})}
     nan = float("nan")
     for path, t in report["targets"].items():
         if isinstance(t, dict):

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 ROW_FORMATS = ("fp32", "bf16", "fp16", "fp8")  # engram.row_format; the codecs are in engram/row_format.py
+_ROW_WIDTH = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8.25}  # bits per value (fp8: + one scale byte per 32)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -281,6 +282,7 @@ def v41flash() -> Config:
             compressed_vocab_size=99_092, short_conv=False,
         ),
         train=TrainConfig(seq_len=128, device="cuda"),
+        cluster=ClusterConfig(wire_dtype="fp8", row_mirror=""),  # fp8 rows travel as stored: 264 bytes
     )
 
 
@@ -471,8 +473,13 @@ def validate(cfg: Config) -> None:
         _positive(f"cluster.{name}", getattr(c, name))
     if c.num_shards > c.num_slots:
         raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")
-    if c.wire_dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"cluster.wire_dtype: unknown {c.wire_dtype!r} (fp32, bf16 or fp16)")
+    if c.wire_dtype not in ROW_FORMATS:
+        raise ConfigError(f"cluster.wire_dtype: unknown {c.wire_dtype!r} ({', '.join(ROW_FORMATS)})")
+    stored = _ROW_WIDTH.get(e.row_format, 32)
+    if _ROW_WIDTH[c.wire_dtype] > stored:
+        allowed = ", ".join(f for f in ROW_FORMATS if _ROW_WIDTH[f] <= stored)
+        raise ConfigError(f"cluster.wire_dtype: {c.wire_dtype} rows are wider than the tables' storage format "
+                          f"engram.row_format={e.row_format}; a lookup may ask only for {allowed}")
     if c.optimizer not in ("adam", "adagrad"):
         raise ConfigError(f"cluster.optimizer: unknown {c.optimizer!r} (adam or adagrad)")
     if not 0 <= c.base_port < 65536:

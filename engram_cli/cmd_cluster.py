@@ -4,6 +4,8 @@
     engram cluster status
     engram cluster rebalance --shards 3        # or --add 3 / --remove 1
     engram cluster load runs/latest/checkpoint.pt   # a trained model's tables into the shards
+    engram cluster import CKPT_DIR              # fp8 Engram tensors of a safetensors checkpoint (V4.1 naming)
+    engram cluster export OUT_DIR               # ... and back out, in the same format
 All take --preset/--config/--set; `cluster.redis_url` and `cluster.namespace` pick the cluster.
 """
 
@@ -41,6 +43,18 @@ def register(parser: argparse.ArgumentParser) -> None:
                       help="slot files directory the shards can read (default: cluster.checkpoint_dir/load-<name>); "
                            "a re-run with the same directory resumes")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp = sub.add_parser("import", help="stream fp8 Engram tables of a safetensors checkpoint into the shards")
+    add_config_args(imp)
+    imp.add_argument("directory", help="checkpoint directory: *.safetensors (+ model.safetensors.index.json) holding "
+                                       "layers.{L}.engram.embed.weight (F8_E4M3) and .scale (F8_E8M0)")
+    imp.add_argument("--dir", default=None, help="slot files directory the shards can read (default: "
+                                                 "cluster.checkpoint_dir/import-<name>); a re-run resumes there")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp = sub.add_parser("export", help="write the Engram tables as an fp8 safetensors checkpoint")
+    add_config_args(exp)
+    exp.add_argument("directory", help="output directory (one file per Engram layer + model.safetensors.index.json)")
+    exp.add_argument("--chunk-rows", type=int, default=1 << 16, help="rows per lookup while reading the tables")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
@@ -49,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from services.control import ControlPlaneUnavailable
 
     cfg = load_config(args.preset, args.config, args.overrides)
-    action = {"init": _init, "status": _status, "rebalance": _rebalance, "load": _load}[args.action]
+    from engram_cli.cmd_cluster_io import export_tables, import_tables
+
+    action = {"init": _init, "status": _status, "rebalance": _rebalance, "load": _load, "import": import_tables,
+              "export": export_tables}[args.action]
     try:
         return asyncio.run(action(cfg, args))
     except ControlPlaneUnavailable as exc:

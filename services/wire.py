@@ -8,11 +8,14 @@ import warnings
 import numpy as np
 import torch
 
+from engram.row_format import FP8_BLOCK
 from proto.shard.v1 import shard_pb2
 
 assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts are not supported"
 
-WIRE_DTYPES: dict[str, int] = {"fp32": shard_pb2.FP32, "bf16": shard_pb2.BF16, "fp16": shard_pb2.FP16}
+FP8 = 4  # shard_pb2.FP8_E4M3_UE8M0: values + block scales, [n, dim + dim/32] uint8 (engram/row_format.py)
+WIRE_DTYPES: dict[str, int] = {"fp32": shard_pb2.FP32, "bf16": shard_pb2.BF16, "fp16": shard_pb2.FP16, "fp8": FP8}
+FORMAT_OF: dict[int, str] = {v: k for k, v in WIRE_DTYPES.items()}  # wire enum -> engram.row_format name
 TORCH_DTYPES: dict[int, torch.dtype] = {
     shard_pb2.FP32: torch.float32,
     shard_pb2.BF16: torch.bfloat16,
@@ -21,7 +24,21 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 # Rows are unpacked as read-only views of the received message; consumers copy before writing.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-ITEMSIZE: dict[int, int] = {shard_pb2.FP32: 4, shard_pb2.BF16: 2, shard_pb2.FP16: 2}
+ITEMSIZE: dict[int, int] = {shard_pb2.FP32: 4, shard_pb2.BF16: 2, shard_pb2.FP16: 2}  # the float formats
+# every wire dtype: the torch dtype of one element of a row as it travels (fp8 rows are raw bytes)
+ROW_DTYPES: dict[int, torch.dtype] = {**TORCH_DTYPES, FP8: torch.uint8}
+
+
+def row_cols(dtype: int, dim: int) -> int:
+    """Elements of one `dim`-value row on the wire: dim, or dim + dim/32 bytes for fp8."""
+    return dim + dim // FP8_BLOCK if dtype == FP8 else dim
+
+
+def row_bytes(dtype: int, dim: int) -> int:
+    """Bytes of one `dim`-value row on the wire (0 for an unknown dtype enum)."""
+    if dtype == FP8:
+        return dim + dim // FP8_BLOCK
+    return ITEMSIZE.get(dtype, 0) * dim
 
 
 class WireError(ValueError):
@@ -32,7 +49,7 @@ def wire_dtype(name: str) -> int:
     try:
         return WIRE_DTYPES[name]
     except KeyError:
-        raise WireError(f"unknown wire dtype {name!r} (fp32, bf16 or fp16)") from None
+        raise WireError(f"unknown wire dtype {name!r} (fp32, bf16, fp16 or fp8)") from None
 
 
 def pack_ids(ids: np.ndarray | torch.Tensor) -> bytes:

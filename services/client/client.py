@@ -28,6 +28,7 @@ import torch
 
 from engram.config import Config
 from engram.layout import TableLayout, even_slot_map, table_layouts
+from engram.row_format import check_wire_format
 from services import wire
 from services.client.channels import ChannelPool, Endpoint, channel_options
 from services.client.codec import encode_lookup_request
@@ -47,7 +48,7 @@ from services.client.routing import (
 from services.client.row_paths import RowPaths
 from services.client.state import Routing, gather_or_cancel
 from services.telemetry import traced_task
-from services.wire import ITEMSIZE, TORCH_DTYPES
+from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 8 << 20  # response bytes per Lookup message: one 64K-row bf16 reply, no reassembly copy
@@ -83,7 +84,9 @@ class ShardClient(ShardOps):
         self.layouts: dict[int, TableLayout] = table_layouts(cfg.engram)
         self.wire_dtype = wire_dtype or cfg.cluster.wire_dtype
         self._dtype = wire.wire_dtype(self.wire_dtype)
-        self._torch_dtype = TORCH_DTYPES[self._dtype]
+        self._torch_dtype = ROW_DTYPES[self._dtype]  # of the rows as they travel (fp8: uint8 bytes, see dequant.py)
+        for lay in self.layouts.values():  # a lookup may not ask for rows wider than the tables store
+            check_wire_format(storage=cfg.engram.row_format, wire=self.wire_dtype, dim=lay.dim)
         self.timeout_s = float(timeout_s if timeout_s is not None else cfg.cluster.lookup_timeout_s)
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
@@ -248,18 +251,19 @@ class ShardClient(ShardOps):
             "lookup", table=table,
             rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch,
             unique_ratio=round(d.unique.size / max(1, flat.size), 4))
-        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span)
+        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span, dim=layout.dim,
+                            fp8=self.wire_dtype == "fp8")
 
     def _chunk_rows(self, dim: int) -> int:
-        itemsize = ITEMSIZE[self._dtype]
-        limit = max_rows_per_message(dim=dim, itemsize=itemsize, max_message_bytes=self.max_message_bytes)
-        return max(1, min(limit, self.chunk_bytes // (dim * itemsize)))
+        width = row_bytes(self._dtype, dim)
+        limit = max_rows_per_message(dim=width, itemsize=1, max_message_bytes=self.max_message_bytes)
+        return max(1, min(limit, self.chunk_bytes // width))
 
     async def _gather(
         self, table: int, ids: np.ndarray, deadline: float, refreshes: int, *, step: int = 0, max_staleness: int = 0
     ) -> tuple[torch.Tensor, int | None]:
-        """(n,) distinct ids -> ((n, D) rows in the wire dtype in the order of `ids`, oldest applied_step
-        of the shards asked, None if none was)."""
+        """(n,) distinct ids -> ((n, D) rows in the wire dtype in the order of `ids` (fp8: (n, D + D/32)
+        bytes, dequantised by the handle), oldest applied_step of the shards asked, None if none was)."""
         dim = self.layouts[table].dim
         routing = self._routing
         chunks = chunk_groups(split_by_owner(ids, routing.owners), self._chunk_rows(dim))
@@ -269,7 +273,9 @@ class ShardClient(ShardOps):
             for c in chunks
         ])
         applied = min((a for _, a in parts if a is not None), default=None)
-        return assemble(ids.size, dim, self._torch_dtype, [(c.positions, p) for c, (p, _) in zip(chunks, parts)]), applied
+        rows = assemble(ids.size, row_cols(self._dtype, dim), self._torch_dtype,
+                        [(c.positions, p) for c, (p, _) in zip(chunks, parts)])
+        return rows, applied
 
     async def _lookup_chunk(
         self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
@@ -296,7 +302,7 @@ class ShardClient(ShardOps):
                 return await self._gather(table, ids, deadline, refreshes - 1, step=step, max_staleness=max_staleness)
             raise
         n = ids.size
-        if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * dim * ITEMSIZE[self._dtype]:
+        if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * row_bytes(self._dtype, dim):
             raise ShardError(
                 Code.INTERNAL,
                 f"malformed reply: {len(reply.rows)} bytes, dim {reply.dim}, dtype {reply.dtype} for {n} rows of "
@@ -305,7 +311,8 @@ class ShardClient(ShardOps):
             )
         with warnings.catch_warnings():  # the buffer is the received message, owned by this tensor alone
             warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(reply.rows, dtype=self._torch_dtype).view(n, dim), reply.applied_step  # (n, D)
+            rows = torch.frombuffer(reply.rows, dtype=self._torch_dtype)
+            return rows.view(n, row_cols(self._dtype, dim)), reply.applied_step  # (n, D); fp8: (n, D + D/32)
 
     async def close(self) -> None:
         self.row_paths.close()

@@ -17,7 +17,7 @@ import torch
 
 from services.client.errors import Code, ShardError
 from services.frames import CODE_OF, MAX_ERROR_BYTES, REPLY, REPLY_MAGIC, Reply, Request
-from services.wire import ITEMSIZE, TORCH_DTYPES
+from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 SOCK_BUF = 4 << 20
 MAX_IDLE = 8  # idle connections kept per shard
@@ -67,7 +67,7 @@ class DataPlaneClient:
     async def lookup(
         self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0
     ) -> tuple[torch.Tensor, int]:
-        """(n,) int64 ids -> ((n, D) rows in `dtype`, the shard's applied step). Raises ShardError
+        """(n,) int64 ids -> ((n, D) rows in `dtype` (fp8: (n, D + D/32) bytes), the shard's applied step). Raises ShardError
         for an error frame, DataPlaneDown when the connection fails."""
         conn = self._idle.pop() if self._idle else await self._connect()
         ok = False
@@ -110,11 +110,11 @@ class DataPlaneClient:
             body = bytearray(reply.body_len)
             await self._recv_exact(conn.sock, memoryview(body))
             raise self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
-        nbytes = n * dim * ITEMSIZE.get(dtype, 0)
+        nbytes = n * row_bytes(dtype, dim)
         if reply.dtype != dtype or reply.dim != dim or reply.body_len != nbytes:
             raise DataPlaneDown(f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "
                                 f"{reply.dim}, dtype {reply.dtype} for {n} rows of {dim} dims in dtype {dtype}")
-        out = torch.empty((n, dim), dtype=TORCH_DTYPES[dtype])  # (n, D), the rows land here
+        out = torch.empty((n, row_cols(dtype, dim)), dtype=ROW_DTYPES[dtype])  # (n, D), fp8 (n, D + D/32): rows land here
         if nbytes:
             await self._recv_exact(conn.sock, memoryview(out.view(torch.uint8).numpy()).cast("B"))
         return out, reply.applied_step

@@ -78,6 +78,9 @@ class ShardOps:
         back off until the new map is installed or the deadline passes).
         """
         layout = self.layout(table)
+        if self.cfg.engram.row_format == "fp8":  # the shards refuse it too (FAILED_PRECONDITION)
+            raise ValueError(f"apply_gradients: table {table} is stored as fp8 (E4M3 + UE8M0 scales), which is "
+                             "read-only; train an fp32 copy (engram.row_format=fp32)")
         ids, shape = as_id_array(row_ids)
         if len(shape) != 1:
             raise ValueError(f"row_ids: expected a 1-D array of distinct rows, got shape {shape}")

@@ -102,7 +102,7 @@ class RowPaths:
         peer = self._peers.get(address)
         if peer is None or self.mode == "grpc":
             return None
-        if self.mode in ("auto", "shm") and not peer.shm_off:
+        if self.mode in ("auto", "shm") and not peer.shm_off and dtype in TORCH_DTYPES:  # fp8 rows: not in shm
             got = await self._shm(peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
             if got is not None:
                 self.used["shm"] += 1

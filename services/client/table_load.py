@@ -12,6 +12,8 @@ a directory the shards can read (cluster.checkpoint_dir), then `ShardClient.rest
   skips a slot whose file is there with that size, and writes the rest.
 - the optimizer state of loaded rows is zero (a fresh optimizer): enough to serve, and a
   training run resumes with fresh moments for these rows.
+- `fmt` is the tables' storage format (engram.row_format): the rows are written as given, in it
+  (fp8: (rows, D + D/32) bytes, values then scales, no optimizer state; services/client/engram_safetensors.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from engram.layout import TableLayout, slot_num_rows
 from services.shard.checkpoint import SlotMeta, fsync_dir, slot_path, write_slot
 from services.shard.memory import alloc_state
+from services.shard.row_store_format import STORAGE_DTYPES, read_only, storage_cols
 from services.shard.store import SlotData
 
 PROGRESS = "progress.json"
@@ -41,9 +44,12 @@ def _save_progress(directory: Path, done: dict[str, dict]) -> None:
 
 def write_table_slots(
     tables: dict[int, torch.Tensor], layouts: dict[int, TableLayout], *, directory: str | Path, num_slots: int,
-    kind: str, step: int, on_slot: Callable[[int, int, bool], None] | None = None,
+    kind: str, step: int, on_slot: Callable[[int, int, bool], None] | None = None, fmt: str = "fp32",
 ) -> dict[str, Any]:
     """Every (table, slot) of `tables` {layer: (rows, dim)} as slot files -> a restore manifest.
+
+    `tables` values need `.shape` and `[slot::num_slots]` (a tensor, a memory map, a lazy reader);
+    for a `fmt` other than fp32 they hold the stored rows, (rows, storage cols) in that format.
 
     `on_slot(table, slot, skipped)` is called after each slot (progress bars, tests).
     """
@@ -56,16 +62,17 @@ def write_table_slots(
         table = tables.get(layer)
         if table is None:
             raise ValueError(f"checkpoint: no table for Engram layer {layer}")
-        if tuple(table.shape) != (layout.num_rows, layout.dim):
-            raise ValueError(f"checkpoint: table {layer} is {tuple(table.shape)}, the cluster's layout is "
-                             f"({layout.num_rows}, {layout.dim})")
+        want = (layout.num_rows, storage_cols(fmt, layout.dim))
+        if tuple(table.shape) != want:
+            raise ValueError(f"checkpoint: table {layer} is {tuple(table.shape)}, the cluster's layout is {want}"
+                             f" ({fmt} rows)")
     files = []
     for layer, layout in sorted(layouts.items()):
         table = tables[layer]
         for slot in range(min(num_slots, layout.num_rows)):
             key = f"{layer}/{slot}"
             rows = slot_num_rows(layout.num_rows, slot, num_slots)
-            meta = SlotMeta(table=layer, slot=slot, num_slots=num_slots, rows=rows, dim=layout.dim, kind=kind)
+            meta = SlotMeta(table=layer, slot=slot, num_slots=num_slots, rows=rows, dim=layout.dim, kind=kind, fmt=fmt)
             prev = done.get(key)
             path = directory / slot_path(layer, slot)
             if prev is not None and path.is_file() and path.stat().st_size == prev["num_bytes"] == meta.file_bytes:
@@ -73,9 +80,9 @@ def write_table_slots(
                 if on_slot is not None:
                     on_slot(layer, slot, True)
                 continue
-            block = SlotData(  # (rows, dim) fp32: global rows slot, slot + num_slots, ...
-                weights=table[slot::num_slots].detach().to(torch.float32).contiguous(),
-                state=alloc_state(kind, rows, layout.dim), applied_step=step,
+            block = SlotData(  # (rows, dim) in fmt: global rows slot, slot + num_slots, ...
+                weights=table[slot::num_slots].detach().to(STORAGE_DTYPES[fmt]).contiguous(),
+                state=() if read_only(fmt) else alloc_state(kind, rows, layout.dim), applied_step=step,
             )
             entry = write_slot(directory, meta, block)
             files.append(entry)

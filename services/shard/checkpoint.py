@@ -3,9 +3,10 @@
 One file per (table, slot), at `<directory>/table<T>/slot<SSSSS>.bin`:
 
     header  48 bytes, little-endian (_HEADER): magic b"ENGSLOT1", format version, table, slot,
-            num_slots, rows, dim, optimizer kind (0 adam, 1 adagrad), applied step
-    weights (rows, dim) fp32
-    state   adam: m (rows, dim) then v (rows, dim) fp32 ; adagrad: acc (rows,) fp32
+            num_slots, rows, dim, optimizer kind (0 adam, 1 adagrad), row format (0 fp32, 1 bf16,
+            2 fp16, 3 fp8; a byte that was padding, so older fp32 files read unchanged), applied step
+    weights (rows, dim) in the row format (fp8: (rows, dim + dim/32) bytes, values then scales)
+    state   adam: m (rows, dim) then v (rows, dim) fp32 ; adagrad: acc (rows,) fp32 ; none for fp8
 
 The sha256 of the whole file is returned in the SlotFile (and so lands in the manifest).
 Writing: tmp file -> write -> flush -> fsync -> rename -> fsync of the directory.
@@ -24,14 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from engram.row_format import row_nbytes
 from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.row_store_format import read_only
 from services.shard.store import SlotData
 
 MAGIC = b"ENGSLOT1"
 FORMAT_VERSION = 1
 KIND_CODES = {"adam": 0, "adagrad": 1}
-_HEADER = struct.Struct("<8sIiiIQIB3xQ")  # magic, version, table, slot, num_slots, rows, dim, kind, step
+FORMAT_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "fp8": 3}
+_HEADER = struct.Struct("<8sIiiIQIBB2xQ")  # magic, version, table, slot, num_slots, rows, dim, kind, format, step
 _READ_BLOCK = 8 << 20
 _PARTLY = "table partly restored: restore again from an intact checkpoint"
 
@@ -46,14 +51,17 @@ class SlotMeta:
     rows: int
     dim: int
     kind: str
+    fmt: str = "fp32"  # the table's storage format (engram.row_format)
 
     @property
     def state_floats(self) -> int:
+        if read_only(self.fmt):
+            return 0
         return self.rows * (2 * self.dim if self.kind == "adam" else 1)
 
     @property
     def file_bytes(self) -> int:
-        return _HEADER.size + 4 * (self.rows * self.dim + self.state_floats)
+        return _HEADER.size + self.rows * row_nbytes(self.fmt, self.dim) + 4 * self.state_floats
 
 
 def slot_path(table: int, slot: int) -> str:
@@ -62,7 +70,7 @@ def slot_path(table: int, slot: int) -> str:
 
 def _arrays(block: SlotData) -> list[np.ndarray]:
     """The slot's tensors as contiguous numpy views, in file order."""
-    return [t.contiguous().numpy() for t in (block.weights, *block.state)]
+    return [t.contiguous().view(torch.uint8).numpy() for t in (block.weights, *block.state)]
 
 
 def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
@@ -73,7 +81,7 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim,
-        KIND_CODES[meta.kind], block.applied_step,
+        KIND_CODES[meta.kind], FORMAT_CODES[meta.fmt], block.applied_step,
     )
     digest = hashlib.sha256(header)
     try:
@@ -138,15 +146,15 @@ def verify_slot(directory: str, rel: str, sha256: str, meta: SlotMeta) -> int:
 
 
 def check_header(path: Path, raw: bytes, meta: SlotMeta) -> int:
-    magic, version, table, slot, num_slots, rows, dim, kind, step = _HEADER.unpack(raw)
+    magic, version, table, slot, num_slots, rows, dim, kind, fmt, step = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise _data_loss(path, f"not an Engram slot file (magic {magic!r})")
     if version != FORMAT_VERSION:
         raise precondition(f"checkpoint file {path}: format version {version}, this shard reads {FORMAT_VERSION}")
-    got = (table, slot, num_slots, rows, dim, kind)
-    want = (meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim, KIND_CODES[meta.kind])
+    got = (table, slot, num_slots, rows, dim, kind, fmt)
+    want = (meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim, KIND_CODES[meta.kind], FORMAT_CODES[meta.fmt])
     if got != want:
-        names = ("table", "slot", "num_slots", "rows", "dim", "optimizer")
+        names = ("table", "slot", "num_slots", "rows", "dim", "optimizer", "row format code")
         diff = ", ".join(f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want, strict=True) if g != w)
         raise precondition(f"checkpoint file {path} does not match this cluster's layout: {diff}")
     return int(step)

@@ -29,7 +29,7 @@ from services.frames import KIND_LOOKUP, REQUEST, REQUEST_MAGIC, VERSION, Reply,
 from services.shard.engine import INLINE_LOOKUP_ROWS, ShardEngine
 from services.shard.errors import Code, ShardError
 from services.shard.gather import gather_into
-from services.wire import ITEMSIZE, TORCH_DTYPES
+from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 log = logging.getLogger("engram.shard")
 SOCK_BUF = 4 << 20
@@ -169,23 +169,23 @@ class DataPlane:
                                            f"take {8 * req.n_ids}")
         if req.table not in store.layouts:
             return Code.INVALID_ARGUMENT, f"table {req.table}: no such Engram table (layers {sorted(store.layouts)})"
-        if req.dtype not in TORCH_DTYPES:
-            return Code.INVALID_ARGUMENT, f"dtype: {req.dtype} is not a wire dtype (1 FP32, 2 BF16, 3 FP16)"
-        reply = req.n_ids * store.layouts[req.table].dim * ITEMSIZE[req.dtype]
+        if req.dtype not in ROW_DTYPES:
+            return Code.INVALID_ARGUMENT, f"dtype: {req.dtype} is not a wire dtype (1 FP32, 2 BF16, 3 FP16, 4 FP8)"
+        reply = req.n_ids * row_bytes(req.dtype, store.layouts[req.table].dim)
         if reply > self.max_reply_bytes:
             return Code.RESOURCE_EXHAUSTED, (f"oversized request: {req.n_ids} rows make a {reply}-byte reply, the "
                                              f"limit is {self.max_reply_bytes} (cluster.max_message_mb); split it")
         return None
 
     async def _reply(self, conn: _Connection, req: Request, plan) -> None:
-        n, dim = plan.pos.shape[0], plan.src.shape[1]
-        dtype = TORCH_DTYPES[plan.dtype]
-        nbytes = n * dim * ITEMSIZE[plan.dtype]
+        n, dim = plan.pos.shape[0], plan.dim
+        dtype, cols, width = ROW_DTYPES[plan.dtype], row_cols(plan.dtype, dim), row_bytes(plan.dtype, dim)
+        nbytes = n * width
         head = Reply(status=0, request_id=req.request_id, epoch=plan.epoch, applied_step=plan.applied_step, dim=dim,
                      dtype=plan.dtype, body_len=nbytes).pack()
         buf = conn.reply_buffer(len(head) + nbytes)  # (48 + nbytes,) uint8
         buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        out = buf[len(head) : len(head) + nbytes].view(dtype).view(n, dim)  # (n, D)
+        out = buf[len(head) : len(head) + nbytes].view(dtype).view(n, cols)  # (n, D), fp8: (n, D + D/32)
         idx = torch.from_numpy(plan.pos)
         engine = self.engine
         engine.lookups += 1
@@ -198,7 +198,7 @@ class DataPlane:
             await conn.send(raw[: len(head) + nbytes])
             return
         loop = asyncio.get_running_loop()
-        step = max(1, self.chunk_bytes // (dim * ITEMSIZE[plan.dtype]))
+        step = max(1, self.chunk_bytes // width)
         sent = 0
         pending_send: asyncio.Future | None = None
         try:
@@ -210,7 +210,7 @@ class DataPlane:
                         await pending_send  # the previous chunk goes out while this one is gathered
                 finally:
                     await gathered
-                end = len(head) + b * dim * ITEMSIZE[plan.dtype]
+                end = len(head) + b * width
                 pending_send = asyncio.ensure_future(conn.send(raw[sent:end]))
                 sent = end
             assert pending_send is not None

@@ -44,7 +44,7 @@ from services.shard.memory import Trimmer
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
 from services.telemetry import record_shard_event
-from services.wire import ITEMSIZE
+from services.wire import row_bytes
 
 T = TypeVar("T")
 INLINE_LOOKUP_ROWS = 256  # smaller lookups skip the thread hop
@@ -164,7 +164,7 @@ class ShardEngine:
         else:
             self.store.check_reply_size(req.table, len(row_ids), req.dtype)
             dim = self.store.layouts[req.table].dim if req.table in self.store.layouts else 0
-            need = len(row_ids) + len(row_ids) // 8 * dim * ITEMSIZE.get(req.dtype, 4)  # ids + reply
+            need = len(row_ids) + len(row_ids) // 8 * (row_bytes(req.dtype, dim) or 4 * dim)  # ids + reply
             with self.budget.hold(need, f"a lookup of {len(row_ids) // 8} rows"):
                 result = await self._run(self.store.lookup, **kw)
         self.lookups += 1
@@ -248,7 +248,7 @@ class ShardEngine:
         store, layout = self.store, self.store.layouts[table]
         return [
             ckpt.SlotMeta(table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots),
-                          layout.dim, store.kind)
+                          layout.dim, store.kind, store.row_format)
             for s in slots
         ]
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from proto.shard.v1 import shard_pb2
-from services.wire import ITEMSIZE, TORCH_DTYPES
+from services.shard.row_store_format import convert_into
+from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 _CHUNK_BYTES = 1 << 20  # fp32 scratch per chunk, sized for L2
 _scratch = threading.local()
@@ -92,6 +93,11 @@ def gather_into(weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> 
         if n:
             np.take(void_rows(weights), idx.numpy(), out=void_rows(out), mode="clip")  # ids checked: no buffering
         return
+    if out.dtype == torch.uint8 or weights.dtype != torch.float32:  # fp8 wire, or a bf16/fp16-stored table
+        step = max(64, _CHUNK_BYTES // (4 * weights.shape[1]))
+        for a in range(0, n, step):
+            convert_into(weights.index_select(0, idx[a : a + step]), out[a : a + step])
+        return
     chunk = max(64, _CHUNK_BYTES // (4 * dim))
     scratch = _scratch_buffer(chunk, dim)
     for a in range(0, n, chunk):
@@ -102,19 +108,21 @@ def gather_into(weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> 
 
 
 def encode_lookup(
-    weights: torch.Tensor, pos: np.ndarray, *, dtype: int, epoch: int, applied_step: int
+    weights: torch.Tensor, pos: np.ndarray, *, dtype: int, epoch: int, applied_step: int, dim: int = 0
 ) -> LookupResult:
-    """weights (R, D) fp32 or a mirror in `dtype`, pos (n,) int64 -> a serialized LookupResponse
-    with rows weights[pos]."""
-    n, dim = pos.shape[0], weights.shape[1]
-    nbytes = n * dim * ITEMSIZE[dtype]
+    """weights (R, D) in the storage format or a mirror in `dtype`, pos (n,) int64 -> a serialized
+    LookupResponse with rows weights[pos] (fp8 rows: (n, D + D/32) bytes, values then scales).
+    `dim`: values per row D (required for fp8 storage, whose rows are D + D/32 bytes)."""
+    n, dim = pos.shape[0], dim or weights.shape[1]
+    nbytes = n * row_bytes(dtype, dim)
     head = shard_pb2.LookupResponse(dim=dim, dtype=dtype, epoch=epoch, applied_step=applied_step).SerializeToString()
     if nbytes:
         head += b"\x0a" + _varint(nbytes)  # field 1 (rows), length-delimited
     payload, buf = new_bytes(len(head) + nbytes)
     buf[: len(head)] = head
     if n:
-        out = torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype], offset=len(head), count=n * dim).view(n, dim)
+        cols = row_cols(dtype, dim)
+        out = torch.frombuffer(buf, dtype=ROW_DTYPES[dtype], offset=len(head), count=n * cols).view(n, cols)
         gather_into(weights, torch.from_numpy(pos), out)
     if payload is None:
         payload = bytes(buf)

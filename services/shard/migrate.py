@@ -26,7 +26,9 @@ from collections.abc import Iterator
 import torch
 
 from engram.layout import slot_num_rows
+from engram.row_format import row_nbytes
 from proto.shard.v1 import shard_pb2
+from services.shard import row_store_format as fmts
 from services.shard.errors import invalid, precondition
 from services.shard.memory import alloc_state, state_floats_per_row
 from services.shard.store import ShardStore, SlotData
@@ -37,16 +39,21 @@ def slot_chunks(
 ) -> Iterator[shard_pb2.SlotChunk]:
     """SlotChunks of one owned (table, slot); each message carries about `chunk_bytes` of floats."""
     block = store.slot_block(table, slot)
-    n, dim = block.weights.shape
-    per_row = 4 * (dim + state_floats_per_row(store.kind, dim))
+    n, dim = block.weights.shape[0], store.layouts[table].dim
+    per_row = _state_bytes_per_row(store, dim) + row_nbytes(store.row_format, dim)
     step = max(1, chunk_bytes // per_row)
     for a in range(0, max(n, 1), step):
         b = min(n, a + step)
         state = b"".join(s[a:b].numpy().tobytes() for s in block.state)  # adam: m then v; adagrad: acc
+        weights = block.weights[a:b].contiguous().view(torch.uint8).numpy().tobytes()  # the storage format's bytes
         yield shard_pb2.SlotChunk(
-            table=table, slot=slot, epoch=epoch, weights=block.weights[a:b].numpy().tobytes(), state=state,
+            table=table, slot=slot, epoch=epoch, weights=weights, state=state,
             applied_step=block.applied_step, last=b >= n, offset_rows=a,
         )
+
+
+def _state_bytes_per_row(store: ShardStore, dim: int) -> int:
+    return 0 if fmts.read_only(store.row_format) else 4 * state_floats_per_row(store.kind, dim)
 
 
 class Staging:
@@ -80,18 +87,18 @@ class Staging:
         if chunk.slot in view.owned:
             raise precondition(f"slot {chunk.slot} is already served by shard {store.shard_id}; not importing it")
         dim, total = layout.dim, slot_num_rows(layout.num_rows, chunk.slot, store.num_slots)
-        if len(chunk.weights) % (4 * dim):
-            raise invalid(f"weights: {len(chunk.weights)} bytes is not a whole number of {dim}-dim fp32 rows")
-        rows = len(chunk.weights) // (4 * dim)
-        want_state = 4 * rows * state_floats_per_row(store.kind, dim)
+        fmt, width = store.row_format, row_nbytes(store.row_format, dim)
+        if len(chunk.weights) % width:
+            raise invalid(f"weights: {len(chunk.weights)} bytes is not a whole number of {dim}-dim {fmt} rows")
+        rows = len(chunk.weights) // width
+        want_state = rows * _state_bytes_per_row(store, dim)
         if len(chunk.state) != want_state:
-            raise invalid(
-                f"state: {len(chunk.state)} bytes for {rows} rows, expected {want_state} ({store.kind} state)"
-            )
+            kind = "no state: the table is read-only" if fmts.read_only(fmt) else f"{store.kind} state"
+            raise invalid(f"state: {len(chunk.state)} bytes for {rows} rows, expected {want_state} ({kind})")
         if chunk.offset_rows == 0:
             block = SlotData(
-                weights=torch.empty((total, dim), dtype=torch.float32),
-                state=alloc_state(store.kind, total, dim),
+                weights=torch.empty((total, fmts.storage_cols(fmt, dim)), dtype=fmts.STORAGE_DTYPES[fmt]),
+                state=() if fmts.read_only(fmt) else alloc_state(store.kind, total, dim),
                 applied_step=chunk.applied_step,
             )
             self._partial[key] = (block, 0)
@@ -105,8 +112,10 @@ class Staging:
                 f"expected row {received} of {total}"
             )
         a, b = received, received + rows
-        block.weights[a:b] = torch.frombuffer(chunk.weights, dtype=torch.float32).view(rows, dim) if rows else 0
-        flat = torch.frombuffer(chunk.state, dtype=torch.float32) if rows else torch.empty(0)
+        if rows:
+            raw = torch.frombuffer(chunk.weights, dtype=torch.uint8).view(rows, width)  # (rows, bytes per row)
+            block.weights[a:b].view(torch.uint8).copy_(raw)
+        flat = torch.frombuffer(chunk.state, dtype=torch.float32) if chunk.state else torch.empty(0)
         offset = 0
         for s in block.state:
             width = s[a:b].numel()

@@ -33,13 +33,13 @@ from engram.config import Config
 from engram.init import init_rows
 from engram.layout import TableLayout, slot_num_rows, table_layouts
 from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
-from proto.shard.v1 import shard_pb2
+from services.shard import row_store_format as fmts
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
 from services.shard.limits import Freezes
 from services.shard.memory import alloc_state, alloc_table
 from services.shard.shm_table import Placement, TableMemory
-from services.wire import ITEMSIZE, TORCH_DTYPES
+from services.wire import TORCH_DTYPES, row_bytes
 
 OPTIMIZERS = ("adam", "adagrad")
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
@@ -48,8 +48,8 @@ _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporar
 @dataclass(slots=True)
 class TableData:
     base: np.ndarray  # (num_slots,) int64, -1 = slot not owned
-    weights: torch.Tensor  # (R, D) fp32
-    state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,)
+    weights: torch.Tensor  # (R, D) fp32, or (R, storage cols) in engram.row_format (row_store_format.py)
+    state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,); () for read-only (fp8) tables
     place: Placement  # where weights live, the mirror (R, D) bf16/fp16 if kept, the shared file if any
 
 
@@ -57,19 +57,20 @@ class TableData:
 class LookupPlan:
     """A validated lookup: gather src[pos] (src: the mirror when it has the wire dtype, else weights)."""
 
-    src: torch.Tensor  # (R, D)
+    src: torch.Tensor  # (R, D), or (R, D + D/32) uint8 for fp8 storage
     pos: np.ndarray  # (n,) int64
     dtype: int
     epoch: int
     applied_step: int
+    dim: int = 0  # values per row D
 
 
 @dataclass(slots=True)
 class SlotData:
     """One (table, slot) block: views into a table, or a staged copy received from a peer."""
 
-    weights: torch.Tensor  # (n, D) fp32
-    state: tuple[torch.Tensor, ...]  # adam: m, v (n, D); adagrad: acc (n,)
+    weights: torch.Tensor  # (n, D) fp32, or (n, storage cols) in the table's storage format
+    state: tuple[torch.Tensor, ...]  # adam: m, v (n, D); adagrad: acc (n,); () for read-only tables
     applied_step: int
 
 
@@ -125,6 +126,7 @@ class ShardStore:
         self.shard_id = shard_id
         self.num_slots = cfg.cluster.num_slots
         self.kind = cfg.cluster.optimizer
+        self.row_format = cfg.engram.row_format  # storage format of every table (row_store_format.py)
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
         self.max_step_jump = cfg.cluster.max_step_jump
         self.max_epoch_jump = cfg.cluster.max_epoch_jump
@@ -164,6 +166,10 @@ class ShardStore:
         base = np.full(self.num_slots, -1, dtype=np.int64)
         base[list(owned)] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if owned else []
         rows = int(sum(sizes))
+        if self.row_format != "fp32":  # private memory, no mirror, no state if read-only (row_store_format.py)
+            place = Placement(weights=fmts.alloc_rows(self.row_format, rows, layout.dim), mirror=None)
+            state = () if fmts.read_only(self.row_format) else alloc_state(self.kind, rows, layout.dim)
+            return TableData(base=base, weights=place.weights, state=state, place=place)
         place = self.memory.allocate(table=table, rows=rows, dim=layout.dim, base=base, epoch=epoch,
                                      alloc_private=alloc_table)
         return TableData(base=base, weights=place.weights, state=alloc_state(self.kind, rows, layout.dim), place=place)
@@ -184,7 +190,7 @@ class ShardStore:
             rows = slot + self.num_slots * np.arange(a, b, dtype=np.int64)  # global ids, in-slot order
             block = init_rows(seed=self.seed, layer_id=t, rows=rows, dim=layout.dim, std=self.init_std)
             p = int(data.base[slot]) + a
-            data.weights[p : p + (b - a)] = torch.from_numpy(block)
+            data.weights[p : p + (b - a)] = fmts.encode_init(self.row_format, block)
 
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="init") as pool:
             list(pool.map(run, jobs))
@@ -251,9 +257,9 @@ class ShardStore:
 
     def check_reply_size(self, table: int, ids_bytes: int, dtype: int) -> None:
         """Refuse a lookup whose reply would exceed a message, from the request alone (nothing built yet)."""
-        if table not in self.layouts or dtype not in ITEMSIZE:
+        if table not in self.layouts or not row_bytes(dtype, 1):
             return  # the lookup itself names what is wrong
-        reply = ids_bytes // 8 * self.layouts[table].dim * ITEMSIZE[dtype] + 64
+        reply = ids_bytes // 8 * row_bytes(dtype, self.layouts[table].dim) + 64
         if reply > self.max_message_bytes:
             raise ShardError(
                 Code.RESOURCE_EXHAUSTED,
@@ -267,7 +273,8 @@ class ShardStore:
         """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order."""
         plan = self.plan_lookup(table=table, epoch=epoch, ids=self.decode_ids(row_ids), dtype=dtype, step=step,
                                 max_staleness=max_staleness)
-        return encode_lookup(plan.src, plan.pos, dtype=dtype, epoch=plan.epoch, applied_step=plan.applied_step)
+        return encode_lookup(plan.src, plan.pos, dtype=dtype, epoch=plan.epoch, applied_step=plan.applied_step,
+                             dim=plan.dim)
 
     def plan_lookup(
         self, *, table: int, epoch: int, ids: np.ndarray, dtype: int, step: int = 0, max_staleness: int = 0
@@ -280,9 +287,7 @@ class ShardStore:
         view = self.view
         self.check_epoch(view, epoch)
         layout, data = self.table(view, table)
-        if dtype not in TORCH_DTYPES:
-            name = shard_pb2.WireDtype.Name(dtype) if dtype in shard_pb2.WireDtype.values() else str(dtype)
-            raise invalid(f"dtype: {name} is not a wire dtype (FP32, BF16 or FP16)")
+        fmts.check_lookup_dtype(self.row_format, dtype, dim=layout.dim, table=table)
         self.check_reply_size(table, len(ids) * 8, dtype)
         pos = self.positions(view, table, ids)
         applied = self.applied_step[table]
@@ -293,8 +298,8 @@ class ShardStore:
                 f"{step - 1 - max_staleness} is applied"
             )
         mirror = data.place.mirror
-        src = mirror if mirror is not None and mirror.dtype == TORCH_DTYPES[dtype] else data.weights
-        return LookupPlan(src=src, pos=pos, dtype=dtype, epoch=view.epoch, applied_step=applied)
+        src = mirror if mirror is not None and mirror.dtype == TORCH_DTYPES.get(dtype) else data.weights
+        return LookupPlan(src=src, pos=pos, dtype=dtype, epoch=view.epoch, applied_step=applied, dim=layout.dim)
 
     # ---------------------------------------------------------------------------------------
     # updates
@@ -317,6 +322,7 @@ class ShardStore:
         view = self.view
         self.check_epoch(view, epoch)
         layout, _ = self.table(view, table)
+        fmts.refuse_write(self.row_format, table, "ApplyGradients")
         kind = kind or self.kind
         if kind not in OPTIMIZERS:
             raise invalid(f"optimizer.kind: unknown {kind!r} (adam or adagrad)")
@@ -366,7 +372,7 @@ class ShardStore:
         """Apply a validated update (the caller holds the table's update lock) -> rows updated."""
         data = self.view.tables[upd.table]
         idx = torch.from_numpy(self.positions(self.view, upd.table, upd.rows, for_update=True))
-        w = data.weights.index_select(0, idx)  # (U, D)
+        w = data.weights.index_select(0, idx).float()  # (U, D) fp32 (bf16/fp16 storage: computed in fp32)
         if isinstance(upd.params, AdamParams):
             m, v = (s.index_select(0, idx) for s in data.state)  # (U, D) each
             lazy_adam_(w, m, v, upd.grads, step=upd.step, p=upd.params)
@@ -379,7 +385,7 @@ class ShardStore:
         shm = data.place.shm
         if shm is not None:
             shm.begin_write()
-        data.weights.index_copy_(0, idx, w)
+        data.weights.index_copy_(0, idx, w.to(data.weights.dtype))
         data.place.refresh_mirror(idx, w)
         self.applied_step[upd.table] = upd.step
         if shm is not None:

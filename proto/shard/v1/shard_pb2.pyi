@@ -13,10 +13,12 @@ class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP32: _ClassVar[WireDtype]
     BF16: _ClassVar[WireDtype]
     FP16: _ClassVar[WireDtype]
+    FP8_E4M3_UE8M0: _ClassVar[WireDtype]
 WIRE_DTYPE_UNSPECIFIED: WireDtype
 FP32: WireDtype
 BF16: WireDtype
 FP16: WireDtype
+FP8_E4M3_UE8M0: WireDtype
 
 class LookupRequest(_message.Message):
     __slots__ = ("table", "epoch", "row_ids", "dtype", "request_id", "step", "max_staleness")

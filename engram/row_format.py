@@ -160,11 +160,21 @@ def quantize_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, (k + E8M0_BIAS).to(torch.uint8)
 
 
+_E4M3_BF16_BITS = torch.from_numpy(E4M3_VALUES.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+
+
 def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(R, dim) uint8 E4M3, (R, dim/32) uint8 E8M0 -> (R, dim) `dtype`, on their device."""
     R, dim = values.shape
     if scales.shape != (R, dim // FP8_BLOCK):
         raise ValueError(f"dequantize_fp8: scales {tuple(scales.shape)} do not match values {tuple(values.shape)}")
+    if values.device.type == "cpu" and dtype == torch.bfloat16:
+        # CPU: every E4M3 value is exact in bf16, so a 256-entry table lookup replaces torch's slow
+        # float8 conversion (3x faster); bf16 ops compute in fp32 and round once: the same result
+        bits = _E4M3_BF16_BITS[values.contiguous().numpy()]  # (R, dim) int16 bf16 bit patterns
+        v = torch.from_numpy(bits).view(torch.bfloat16).view(R, dim // FP8_BLOCK, FP8_BLOCK)
+        s = torch.exp2(scales.float() - E8M0_BIAS).to(torch.bfloat16).unsqueeze(-1)  # (R, nb, 1), exact
+        return (v * s).reshape(R, dim)
     v = values.contiguous().view(torch.float8_e4m3fn).float().reshape(R, dim // FP8_BLOCK, FP8_BLOCK)
     s = torch.exp2(scales.float() - E8M0_BIAS).unsqueeze(-1)  # (R, nb, 1)
     return (v * s).reshape(R, dim).to(dtype)

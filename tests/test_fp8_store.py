@@ -152,3 +152,14 @@ def test_dequantise_on_the_device_of_the_rows() -> None:
     if torch.cuda.is_available():
         on_gpu = wire_to_values(packed, dim=64, fp8=True, device="cuda", dtype=torch.float32)
         assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), want)
+
+
+def test_cpu_bf16_dequantisation_table_equals_the_float_path() -> None:
+    from engram.row_format import dequantize_fp8
+
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], dtype=np.uint8)  # every finite E4M3 code
+    values = torch.from_numpy(np.resize(codes, (6, 256)))  # (6, 256)
+    scales = torch.tensor([0, 1, 100, 127, 200, 254], dtype=torch.uint8).unsqueeze(1).repeat(1, 8)  # (6, 8)
+    fast = dequantize_fp8(values, scales)  # bf16 on the CPU: the table path
+    slow = dequantize_fp8(values, scales, torch.float32).to(torch.bfloat16)  # float8 -> fp32 -> bf16
+    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))  # bit for bit, subnormals included

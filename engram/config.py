@@ -111,8 +111,12 @@ class ClusterConfig:
     wire_dtype: str = "bf16"  # fp32 | bf16 | fp16
     optimizer: str = "adam"  # adam (lazy/sparse) | adagrad (row-wise)
     checkpoint_dir: str = "runs/shards"
-    heartbeat_s: float = 1.0
-    heartbeat_ttl_s: float = 5.0
+    heartbeat_s: float = 0.5
+    heartbeat_ttl_s: float = 2.0  # a shard silent this long is dead: fenced and failed over (docs/failover.md)
+    # replication (docs/failover.md): every slot on `replicas` shards, one primary + replicas - 1 copies
+    replicas: int = 1
+    failover_check_s: float = 0.25  # how often the failover leader reads the registry and the slot map
+    replica_switch_s: float = 1.0  # a lookup unanswered this long goes to another replica of its slots
     lookup_timeout_s: float = 10.0
     max_message_mb: int = 64
     # Row data paths (see services/shard/dataplane.py and docs: consistency)
@@ -469,8 +473,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.weight_decay/warmup_steps/checkpoint_every/grad_clip: must be >= 0")
     for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb",
                  "max_step_jump", "max_epoch_jump", "max_step_parts", "pending_step_timeout_s", "freeze_lease_s",
-                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s"):
+                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s",
+                 "replicas", "failover_check_s", "replica_switch_s"):
         _positive(f"cluster.{name}", getattr(c, name))
+    if c.replicas > c.num_shards:
+        raise ConfigError(f"cluster.replicas: {c.replicas} copies of each slot need as many shards (num_shards "
+                          f"{c.num_shards})")
     if c.num_shards > c.num_slots:
         raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")
     if c.wire_dtype not in ROW_FORMATS:

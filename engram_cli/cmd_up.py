@@ -1,6 +1,7 @@
 """`engram up`: a local cluster (Redis + N memory shards as processes) until Ctrl-C / SIGTERM.
 
     engram up --preset tiny --shards 2
+    engram up --preset tiny --shards 3 --replicas 2     # every slot on 2 shards, failover (docs/failover.md)
     engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=...
 """
 
@@ -17,6 +18,8 @@ from engram_cli.main import add_config_args
 def register(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--shards", type=int, default=None, help="number of shards (default: cluster.num_shards)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="copies of each slot on different shards (default: cluster.replicas)")
     parser.add_argument("--namespace", default=None, help="control-plane key prefix (default: cluster.namespace)")
     parser.add_argument("--host", default="127.0.0.1", help="interface for Redis and the shards")
     parser.add_argument("--log-dir", default=None, help="where Redis and shard logs go (default: a temp dir)")
@@ -32,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if args.shards is not None and not 1 <= args.shards <= cfg.cluster.num_slots:
         print(f"engram up: --shards must be in 1..{cfg.cluster.num_slots} (cluster.num_slots)", file=sys.stderr)
         return 2
+    shards = args.shards or cfg.cluster.num_shards
+    if args.replicas is not None and not 1 <= args.replicas <= shards:
+        print(f"engram up: --replicas must be in 1..{shards} (the shard count)", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def interrupt(_signum: int, _frame: object) -> None:
@@ -41,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(s, interrupt)
     cluster = LocalCluster(
         cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
-        namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
+        replicas=args.replicas, namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
         startup_timeout_s=args.startup_timeout_s, keep_logs=True,
     )
     try:
-        print(f"starting Redis and {cluster.num_shards} shards (logs in {cluster.log_dir}) ...", flush=True)
+        print(f"starting Redis and {cluster.num_shards} shards, {cluster.cfg.cluster.replicas} copies of each slot (logs in {cluster.log_dir}) ...", flush=True)
         cluster.start()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: stop.set())

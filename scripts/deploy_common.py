@@ -202,7 +202,8 @@ def table_bytes_per_shard(cfg: Any) -> int:
         _LAYOUT_BYTES[key] = sum(t.num_rows * (t.dim + state_floats(t.dim)) * 4
                                  for t in table_layouts(cfg.engram).values())
     total = _LAYOUT_BYTES[key]
-    most_slots = -(-cfg.cluster.num_slots // cfg.cluster.num_shards)
+    copies = max(1, int(getattr(cfg.cluster, "replicas", 1)))  # each slot on `replicas` shards
+    most_slots = -(-cfg.cluster.num_slots * copies // cfg.cluster.num_shards)
     return total * most_slots // cfg.cluster.num_slots
 
 

@@ -204,7 +204,7 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
             have = int(size.rstrip("kmgKMG")) * _UNITS[size[-1].lower() if size[-1].isalpha() else ""]
             layout = copy.deepcopy(init.cfg)
             layout.cluster.row_mirror = cmd.cfg.cluster.row_mirror
-            total = shared_table_bytes(layout)
+            total = shared_table_bytes(layout) * max(1, layout.cluster.replicas)  # every slot on `replicas` shards
             need = total + -(-total // layout.cluster.num_shards)
             if have < need:
                 checker.report.fail(f"{WHERE} volumes.{source}", f"tmpfs size {size} < {need / 2**20:.0f} MiB: the "

@@ -215,6 +215,7 @@ class LocalCluster:
         config_file: str | None = None,
         overrides: list[str] | tuple[str, ...] = (),
         num_shards: int | None = None,
+        replicas: int | None = None,
         namespace: str | None = None,
         host: str = "127.0.0.1",
         log_dir: str | Path | None = None,
@@ -226,6 +227,8 @@ class LocalCluster:
         self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
         self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
         self.num_shards = num_shards or self.cfg.cluster.num_shards
+        if replicas is not None:  # each slot on `replicas` shards (docs/failover.md)
+            self.cfg.cluster.replicas = replicas
         self.namespace = namespace or f"engram-{uuid.uuid4().hex[:8]}"
         self.host = host
         self.keep_logs = (log_dir is not None) if keep_logs is None else keep_logs

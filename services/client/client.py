@@ -35,6 +35,7 @@ from services.client.codec import encode_lookup_request
 from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
 from services.client.handle import LookupHandle
 from services.client.ops import ShardOps
+from services.client.replicas import SWITCH_CODES, alternate_owners, holder_matrix
 from services.client.routing import (
     Dedup,
     as_id_array,
@@ -43,6 +44,7 @@ from services.client.routing import (
     chunk_groups,
     dedup,
     max_rows_per_message,
+    slot_of,
     split_by_owner,
 )
 from services.client.row_paths import RowPaths
@@ -71,6 +73,7 @@ class ShardClient(ShardOps):
         row_path: str | None = None,
         host_id: str | None = None,
         shm_dir: str | None = None,
+        replicas: list[list[int]] | None = None,
     ) -> None:
         """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh.
 
@@ -91,9 +94,13 @@ class ShardClient(ShardOps):
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
         self.chunk_bytes = int(chunk_bytes)
-        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses))
+        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses),
+                                holder_matrix(list(owners), replicas))
         self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb), *channel_args])
         self._refresh_lock = asyncio.Lock()
+        self.replica_switches = 0  # lookups sent again to another holder of their slots
+        self._refreshed_at = 0.0
+        self._bg: asyncio.Task[None] | None = None
         c = cfg.cluster
         self.row_paths = RowPaths(mode=row_path or c.row_path, host_id=c.host_id if host_id is None else host_id,
                                   shm_dir=shm_dir or c.shm_dir, retry=self.retry)
@@ -113,7 +120,8 @@ class ShardClient(ShardOps):
         smap = await control.slot_map()
         shards = await control.shards()
         addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins
-        client = cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control, **kw)
+        client = cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control,
+                     replicas=smap.replicas, **kw)
         client.row_paths.update(shards)
         return client
 
@@ -132,11 +140,16 @@ class ShardClient(ShardOps):
     def addresses(self) -> dict[int, str]:
         return dict(self._routing.addresses)
 
-    def set_routing(self, *, epoch: int, owners: list[int], addresses: dict[int, str] | None = None) -> None:
+    @property
+    def replicated(self) -> bool:
+        return self._routing.holders is not None
+
+    def set_routing(self, *, epoch: int, owners: list[int], addresses: dict[int, str] | None = None,
+                    replicas: list[list[int]] | None = None) -> None:
         if len(owners) != self.cfg.cluster.num_slots:
             raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {self.cfg.cluster.num_slots}")
         addr = self._routing.addresses if addresses is None else dict(addresses)
-        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), addr)
+        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), addr, holder_matrix(list(owners), replicas))
 
     async def refresh(self) -> int:
         """Re-read the slot map and shard addresses from the control plane -> epoch."""
@@ -147,13 +160,34 @@ class ShardClient(ShardOps):
             )
         smap = await self.control.slot_map()
         shards = await self.control.shards()
+        self._refreshed_at = asyncio.get_running_loop().time()
         addresses = {**self._routing.addresses, **{r.shard_id: r.address for r in shards if r.alive}}
         for r in shards:
             addresses.setdefault(r.shard_id, r.address)
         self.row_paths.update(shards)
         if smap.epoch >= self._routing.epoch:
-            self.set_routing(epoch=smap.epoch, owners=smap.owners, addresses=addresses)
+            self.set_routing(epoch=smap.epoch, owners=smap.owners, addresses=addresses, replicas=smap.replicas)
         return self._routing.epoch
+
+    def _keep_fresh(self) -> None:
+        """Replicated: re-read the map in the background every heartbeat_s, so that reads which never
+        fail (a dead shard's shared memory) move to the new primary soon after a failover."""
+        if self.control is None or self._routing.holders is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._refreshed_at < self.cfg.cluster.heartbeat_s or self._bg is not None:
+            return
+
+        async def bg() -> None:
+            try:
+                await self._newer_than(self._routing.epoch)
+            except Exception:  # noqa: BLE001 - best effort; the next lookup tries again
+                pass
+            finally:
+                self._bg = None
+
+        self._refreshed_at = loop.time()
+        self._bg = loop.create_task(bg())
 
     async def _newer_than(self, epoch: int) -> bool:
         """Make sure the routing is newer than `epoch` (one refresh for many waiters) -> moved?"""
@@ -265,6 +299,7 @@ class ShardClient(ShardOps):
         """(n,) distinct ids -> ((n, D) rows in the wire dtype in the order of `ids` (fp8: (n, D + D/32)
         bytes, dequantised by the handle), oldest applied_step of the shards asked, None if none was)."""
         dim = self.layouts[table].dim
+        self._keep_fresh()
         routing = self._routing
         chunks = chunk_groups(split_by_owner(ids, routing.owners), self._chunk_rows(dim))
         parts = await gather_or_cancel([
@@ -279,7 +314,48 @@ class ShardClient(ShardOps):
 
     async def _lookup_chunk(
         self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
-        *, step: int = 0, max_staleness: int = 0,
+        *, step: int = 0, max_staleness: int = 0, tried: frozenset[int] = frozenset(),
+    ) -> tuple[torch.Tensor, int | None]:
+        """-> ((n, D) rows, the applied step): from `shard_id`, or, with replicas, from the next holder of
+        the slots when it fails or does not answer in cluster.replica_switch_s (services/client/replicas.py)."""
+        if routing.holders is None:
+            return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
+                                         max_staleness=max_staleness)
+        loop = asyncio.get_running_loop()
+        tried = tried | {shard_id}
+        alt = alternate_owners(routing.holders, set(tried))  # (S,) next holder per slot, -1 if none left
+        alt_of_ids = alt[slot_of(ids, alt.shape[0])]  # (n,)
+        can_switch = bool(ids.size) and bool((alt_of_ids >= 0).all())
+        try:
+            if not can_switch:
+                return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
+                                             max_staleness=max_staleness)
+            budget = min(deadline - loop.time(), self.cfg.cluster.replica_switch_s)
+            try:
+                return await asyncio.wait_for(self._lookup_on(  # no retries here: the next holder is the retry
+                    table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness,
+                    retry=False), budget)
+            except TimeoutError:
+                raise ShardError(Code.DEADLINE_EXCEEDED, f"no answer in {budget:.2f} s (cluster.replica_switch_s)",
+                                 address=routing.addresses.get(shard_id, ""), shard_id=shard_id, call="Lookup") from None
+        except ShardError as err:
+            if not can_switch or err.code not in SWITCH_CODES or loop.time() >= deadline:
+                raise
+            self.replica_switches += 1
+        dim = self.layouts[table].dim
+        groups = split_by_owner(ids, alt)
+        parts = await gather_or_cancel([
+            self._lookup_chunk(table, g.shard, g.ids, routing, deadline, refreshes, step=step,
+                               max_staleness=max_staleness, tried=tried)
+            for g in groups
+        ])
+        applied = min((a for _, a in parts if a is not None), default=None)
+        placed = [(slice(0, ids.size) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
+        return assemble(ids.size, dim, self._torch_dtype, placed), applied
+
+    async def _lookup_on(
+        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
+        *, step: int = 0, max_staleness: int = 0, retry: bool = True,
     ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the shard's applied step): shared memory, TCP data plane or gRPC (row_paths.py)."""
         dim = self.layouts[table].dim
@@ -295,7 +371,7 @@ class ShardClient(ShardOps):
                                             step=step, max_staleness=max_staleness)
             reply = await self._call(
                 shard_id, "Lookup", lambda ep, t: ep.lookup_raw(request, timeout=t),
-                routing=routing, deadline=deadline, idempotent=True,
+                routing=routing, deadline=deadline, idempotent=retry,
             )
         except ShardError as err:
             if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
@@ -315,6 +391,8 @@ class ShardClient(ShardOps):
             return rows.view(n, row_cols(self._dtype, dim)), reply.applied_step  # (n, D); fp8: (n, D + D/32)
 
     async def close(self) -> None:
+        if self._bg is not None:
+            self._bg.cancel()
         self.row_paths.close()
         await self._pool.close()
 

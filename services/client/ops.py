@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from proto.shard.v1 import shard_pb2
 from services.client.errors import Code, ShardError
+from services.client.replicas import apply_replicated
 from services.client.routing import as_id_array, check_range, split_by_owner
 from services.client.state import gather_or_cancel
 
@@ -50,6 +51,18 @@ def _grads(grads: Any, n: int, dim: int, table: int) -> torch.Tensor:
         bad = torch.nonzero(~torch.isfinite(g).all(dim=1)).flatten()
         raise ValueError(f"grads: {bad.numel()} rows hold NaN/Inf (first: row index {int(bad[0])})")
     return g
+
+
+def _one_per_slot(files: list[dict]) -> list[dict]:
+    """Replicas report the same (table, slot) file: keep one; differing digests mean diverged copies."""
+    seen: dict[tuple[int, int], dict] = {}
+    for f in files:
+        key = (int(f["table"]), int(f["slot"]))
+        if key in seen and seen[key]["sha256"] != f["sha256"]:
+            raise ShardError(Code.DATA_LOSS, f"replicas of table {key[0]} slot {key[1]} wrote different bytes "
+                             f"({seen[key]['sha256'][:12]} vs {f['sha256'][:12]}): the copies diverged", call="checkpoint")
+        seen.setdefault(key, f)
+    return list(seen.values())
 
 
 class ShardOps:
@@ -93,7 +106,13 @@ class ShardOps:
         opt = _optimizer(optimizer)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
-        applied: dict[int, shard_pb2.ApplyGradientsResponse] = {}
+        if self._routing.holders is not None:  # replicated slots: every holder gets the update
+            applied = await apply_replicated(self, table=table, ids=ids, grads=g, step=step, opt=opt, part_id=part_id,
+                                             num_parts=num_parts, max_staleness=max_staleness, deadline=deadline)
+            return ApplyResult(applied_step=min((r.applied_step for r in applied.values()), default=0),
+                               rows_updated=max((r.rows_updated for r in applied.values()), default=0),
+                               pending=any(r.pending for r in applied.values()), shards=applied)
+        applied = {}
         refreshes = waits = 0
         while True:
             routing = self._routing
@@ -187,7 +206,7 @@ class ShardOps:
         routing = self._routing
         deadline = asyncio.get_running_loop().time() + timeout_s
         request = shard_pb2.CheckpointRequest(directory=str(directory), step=step)
-        targets = sorted(set(routing.owners.tolist()))
+        targets = routing.shard_ids()  # replicas write the same bytes to the same paths; one entry each below
         replies = await gather_or_cancel([
             self._call(t, "Checkpoint", lambda ep, tmo: ep.stub.Checkpoint(request, timeout=tmo),
                        routing=routing, deadline=deadline, idempotent=True)
@@ -198,6 +217,7 @@ class ShardOps:
              "num_bytes": f.num_bytes}
             for r in replies for f in r.files
         ]
+        files = _one_per_slot(files)
         self._check_coverage(files, "checkpoint")
         manifest = {
             "step": int(step), "directory": str(directory), "num_slots": int(routing.owners.size),
@@ -243,8 +263,11 @@ class ShardOps:
         routing = self._routing
         per_shard: dict[int, list[shard_pb2.SlotFile]] = {}
         for f in manifest["files"]:
-            owner = int(routing.owners[int(f["slot"])])
-            per_shard.setdefault(owner, []).append(shard_pb2.SlotFile(**{k: f[k] for k in (
+            slot = int(f["slot"])
+            holders = [int(routing.owners[slot])] if routing.holders is None else [
+                int(h) for h in routing.holders[slot] if h >= 0]
+            for owner in holders:
+                per_shard.setdefault(owner, []).append(shard_pb2.SlotFile(**{k: f[k] for k in (
                 "table", "slot", "path", "sha256", "num_rows", "num_bytes")}))
         deadline = asyncio.get_running_loop().time() + timeout_s
         targets = sorted(per_shard)
@@ -268,7 +291,9 @@ class ShardOps:
 
     async def applied_steps(self, *, timeout_s: float = 10.0) -> dict[int, int]:
         """{table: oldest applied_step over the shards that own slots}."""
-        stats = await self.stats(sorted(set(self._routing.owners.tolist())), timeout_s=timeout_s)
+        if self._routing.holders is not None and self.control is not None:
+            await self.refresh()  # replicated: a failed-over holder is not asked
+        stats = await self.stats(self._routing.shard_ids(), timeout_s=timeout_s)
         out: dict[int, int] = {}
         for st in stats.values():
             for t in st.tables:
@@ -312,7 +337,7 @@ class ShardOps:
         are refused (FAILED_PRECONDITION) and ignored.
         """
         routing = self._routing
-        owners = sorted(set(routing.owners.tolist()))
+        owners = routing.shard_ids()
         stats = await self.stats(owners, timeout_s=timeout_s)
         opt = shard_pb2.OptimizerParams(kind=self.cfg.cluster.optimizer, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                         version=1)

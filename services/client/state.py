@@ -19,8 +19,14 @@ class Routing:
     """A consistent snapshot of where slots live; replaced whole on refresh."""
 
     epoch: int
-    owners: np.ndarray  # (num_slots,) int64 shard id per slot
+    owners: np.ndarray  # (num_slots,) int64 shard id per slot (the primary)
     addresses: dict[int, str]  # shard id -> host:port
+    holders: np.ndarray | None = None  # (num_slots, R) int64, primary first, -1 padded; None = no replicas
+
+    def shard_ids(self) -> list[int]:
+        """Every shard that holds slots (primaries and replicas)."""
+        ids = self.owners if self.holders is None else self.holders[self.holders >= 0]
+        return sorted(set(ids.tolist()))
 
     def address(self, shard_id: int) -> str:
         address = self.addresses.get(shard_id)

@@ -55,7 +55,7 @@ class SyncShardClient:
             except BaseException:
                 await control.close()
                 raise
-            missing = sorted(set(client.owners) - alive)
+            missing = sorted(set(client.owners) - alive) if not client.replicated else []
             if missing:
                 await client.close()
                 await control.close()
@@ -86,7 +86,7 @@ class SyncShardClient:
     async def _watched(self, awaitable: Awaitable[T]) -> T:
         """A stopped or hung shard ends the wait once its heartbeat key expires, not at the deadline."""
         control = self.client.control
-        if control is None:
+        if control is None or self.client.replicated:  # replicated: the client moves to another holder itself
             return await awaitable
         c = self.client.cfg.cluster
         try:

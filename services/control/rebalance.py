@@ -125,6 +125,11 @@ async def rebalance(
 
     t0 = time.monotonic()
     smap = await control.slot_map()
+    if any(smap.replicas):
+        raise ValueError(
+            "rebalance moves primaries only: this cluster keeps replicas (cluster.replicas > 1), whose placement "
+            "it does not plan yet (docs/failover.md, Limits); add capacity by restarting shards empty instead"
+        )
     targets = target_shards(smap.owners, num_shards=num_shards, add=add, remove=remove)
     records = {r.shard_id: r for r in await control.shards()}
     dead = [t for t in targets if t not in records or not records[t].alive]

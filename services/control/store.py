@@ -4,7 +4,9 @@ Every key lives under the cluster namespace (`cfg.cluster.namespace`), so severa
 share one Redis. Values are msgpack-encoded.
 
     {ns}:layout            the Config tree (`Config.to_dict()`) the cluster was initialised with
-    {ns}:slotmap           {"epoch": int, "owners": [shard id per slot]}
+    {ns}:slotmap           {"epoch": int, "owners": [primary shard per slot],
+                            "replicas": [[more holders] per slot]}  (replicas: docs/failover.md)
+    {ns}:failover:leader   the shard that runs failover and repair now (a lease)
     {ns}:shards            hash shard id -> {"address", "info", "last_seen", "registered_at"}
     {ns}:alive:{id}        liveness key with a TTL, refreshed by heartbeats (gone = shard dead)
     {ns}:manifest          the latest checkpoint manifest
@@ -19,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,6 +35,7 @@ from redis.exceptions import WatchError
 
 from engram.config import Config, ConfigError, config_from_dict
 from engram.layout import even_slot_map
+from services.control import replicas as replica_math
 
 T = TypeVar("T")
 MANIFEST_HISTORY = 20
@@ -45,10 +48,31 @@ class ControlPlaneUnavailable(RuntimeError):
 @dataclass(slots=True)
 class SlotMap:
     epoch: int
-    owners: list[int]  # slot -> shard id
+    owners: list[int]  # slot -> primary shard id
+    replicas: list[list[int]] = field(default_factory=list)  # slot -> its other holders; [] = no replicas
 
     def slots_of(self, shard_id: int) -> list[int]:
         return [slot for slot, owner in enumerate(self.owners) if owner == shard_id]
+
+    def holders(self, slot: int) -> list[int]:
+        return replica_math.holders(self.owners, self.replicas, slot)
+
+    def held_by(self, shard_id: int) -> list[int]:
+        return replica_math.held_by(self.owners, self.replicas, shard_id)
+
+    def view_for(self, shard_id: int) -> list[int]:
+        return replica_math.view_for(self.owners, self.replicas, shard_id)
+
+    def all_holders(self) -> set[int]:
+        return replica_math.all_holders(self.owners, self.replicas)
+
+    def to_value(self) -> dict:
+        return {"epoch": self.epoch, "owners": list(self.owners), "replicas": [list(r) for r in self.replicas]}
+
+    @classmethod
+    def from_value(cls, value: dict) -> SlotMap:
+        return cls(epoch=int(value["epoch"]), owners=[int(o) for o in value["owners"]],
+                   replicas=[[int(h) for h in r] for r in value.get("replicas") or []])
 
 
 @dataclass(slots=True)
@@ -140,7 +164,12 @@ class ControlPlane:
             raise ValueError(f"num_shards: must be in 1..{num_slots} (cluster.num_slots), got {num_shards}")
         stored = copy.deepcopy(cfg)
         stored.cluster.num_shards = num_shards
-        slot_map = SlotMap(epoch=1, owners=even_slot_map(num_slots, num_shards))
+        owners = even_slot_map(num_slots, num_shards)
+        replicas = cfg.cluster.replicas
+        if not 1 <= replicas <= num_shards:
+            raise ValueError(f"cluster.replicas: must be in 1..{num_shards} (the shard count), got {replicas}")
+        slot_map = SlotMap(epoch=1, owners=owners,
+                           replicas=replica_math.place_replicas(owners, replicas) if replicas > 1 else [])
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
@@ -157,7 +186,7 @@ class ControlPlane:
                 if stale:
                     pipe.delete(*stale)
                 pipe.set(self._key("layout"), _pack(stored.to_dict()))
-                pipe.set(self._key("slotmap"), _pack({"epoch": slot_map.epoch, "owners": slot_map.owners}))
+                pipe.set(self._key("slotmap"), _pack(slot_map.to_value()))
                 await pipe.execute()
 
         try:
@@ -180,14 +209,24 @@ class ControlPlane:
             raise ConfigError(
                 f"cluster {self.namespace!r} at {self.url} has no slot map: run `engram cluster init`"
             )
-        value = _unpack(data)
-        return SlotMap(epoch=int(value["epoch"]), owners=[int(o) for o in value["owners"]])
+        return SlotMap.from_value(_unpack(data))
 
-    async def set_slot_map(self, owners: list[int], *, expected_epoch: int) -> SlotMap:
-        """Compare-and-set: replace the owners if the epoch is still `expected_epoch`; epoch + 1."""
+    async def set_slot_map(
+        self, owners: list[int], *, expected_epoch: int, replicas: list[list[int]] | None = None
+    ) -> SlotMap:
+        """Compare-and-set: replace the owners if the epoch is still `expected_epoch`; epoch + 1.
+
+        `replicas` None keeps the stored replica lists, minus any holder that is now the primary."""
         owners = [int(o) for o in owners]
         if any(o < 0 for o in owners):
             raise ValueError(f"owners: shard ids must be >= 0, got {sorted(set(o for o in owners if o < 0))}")
+        if replicas is not None:
+            if replicas and len(replicas) != len(owners):
+                raise ValueError(f"replicas: {len(replicas)} lists for {len(owners)} slots")
+            bad = [s for s, rs in enumerate(replicas) if owners[s] in rs or len(set(rs)) != len(rs)
+                   or any(h < 0 for h in rs)]
+            if bad:
+                raise ValueError(f"replicas: slot {bad[0]} lists a shard twice (or the primary, or a negative id)")
         key = self._key("slotmap")
 
         async def run() -> SlotMap:
@@ -203,9 +242,14 @@ class ControlPlane:
                     raise ValueError(
                         f"owners: {len(owners)} entries, the cluster has {len(current['owners'])} slots"
                     )
-                new = SlotMap(epoch=expected_epoch + 1, owners=owners)
+                if replicas is None:
+                    kept = SlotMap.from_value(current).replicas
+                    reps = [[h for h in rs if h != owners[s]] for s, rs in enumerate(kept)]
+                else:
+                    reps = [list(r) for r in replicas]
+                new = SlotMap(epoch=expected_epoch + 1, owners=owners, replicas=reps)
                 pipe.multi()
-                pipe.set(key, _pack({"epoch": new.epoch, "owners": new.owners}))
+                pipe.set(key, _pack(new.to_value()))
                 await pipe.execute()
                 return new
 
@@ -234,7 +278,7 @@ class ControlPlane:
                     pipe.set(layout_key, _pack(cfg.to_dict()))
                     wrote.append("the layout")
                 if slot_map is not None and (current is None or int(_unpack(current)["epoch"]) < slot_map.epoch):
-                    pipe.set(map_key, _pack({"epoch": slot_map.epoch, "owners": list(slot_map.owners)}))
+                    pipe.set(map_key, _pack(slot_map.to_value()))
                     wrote.append(f"the slot map (epoch {slot_map.epoch})")
                 if wrote:
                     await pipe.execute()
@@ -244,6 +288,39 @@ class ControlPlane:
             return await self._call("re-publishing the layout and slot map", run)
         except WatchError:
             return []  # another shard re-published first
+
+    async def lead(self, shard_id: int, *, ttl_s: float) -> bool:
+        """Take or keep the failover leader lease -> whether `shard_id` holds it now."""
+        key, ms = self._key("failover", "leader"), max(1, int(ttl_s * 1000))
+
+        async def run() -> bool:
+            if await self._r.set(key, str(shard_id), nx=True, px=ms):
+                return True
+            holder = await self._r.get(key)
+            if holder is not None and holder.decode() == str(shard_id):
+                await self._r.pexpire(key, ms)
+                return True
+            return False
+
+        return await self._call("taking the failover lease", run)
+
+    async def add_event(self, event: dict, *, keep: int = 200) -> None:
+        """Append a failover/repair event (what happened, when) to `{ns}:failover:events`."""
+        data = _pack(event)
+
+        async def run() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.lpush(self._key("failover", "events"), data)
+                pipe.ltrim(self._key("failover", "events"), 0, keep - 1)
+                await pipe.execute()
+
+        await self._call("recording a failover event", run)
+
+    async def events(self) -> list[dict]:
+        """The failover/repair events, newest first."""
+        raw = await self._call("reading failover events",
+                               lambda: self._r.lrange(self._key("failover", "events"), 0, -1))
+        return [_unpack(d) for d in raw]
 
     # ---------------------------------------------------------------------------------------
     # shard registry

@@ -394,17 +394,24 @@ class ShardEngine:
             )
         if smap.epoch != epoch:
             return owners or None
-        mine = sorted(s for s, o in enumerate(smap.owners) if o == self.store.shard_id)
-        if mine != sorted(owned) or (owners and list(owners) != list(smap.owners)):
+        view = smap.view_for(self.store.shard_id)  # replicas: every slot this shard holds (docs/failover.md)
+        mine = sorted(s for s, o in enumerate(view) if o == self.store.shard_id)
+        if mine != sorted(owned) or (owners and list(owners) != list(view)):
             raise precondition(
                 f"the control plane's slot map at epoch {epoch} gives shard {self.store.shard_id} slots {mine[:16]}, "
                 f"this request says {sorted(owned)[:16]}{' with other owners' if owners else ''}: refused"
             )
-        return list(smap.owners)
+        return list(view)
 
     async def set_slot_map(self, req: shard_pb2.SetSlotMapRequest) -> shard_pb2.SetSlotMapResponse:
         owned = list(req.owned_slots)
         owners = await self._control_owners(req.epoch, owned, list(req.owners))
+        view = self.store.view
+        if tuple(sorted(set(owned))) == view.owned and req.epoch > view.epoch and len(owned) == len(set(owned)):
+            async with self.admin:  # same slots, newer map (docs/failover.md): the epoch moves, nothing else
+                self.store.bump_epoch(epoch=req.epoch, owners=owners)
+                self.staging.clear()
+            return shard_pb2.SetSlotMapResponse(slots_dropped=0)
         async with self.admin, self._all_tables():
             before = self.store.view.epoch
             dropped = await self._run(

@@ -34,6 +34,7 @@ from engram.config import Config, ConfigError
 from engram.layout import even_slot_map
 from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
+from services.control.failover import FailoverLoop, rejoin
 from services.control.store import SlotMap
 from services.shard import memory
 from services.shard.dataplane import DataPlane
@@ -65,14 +66,16 @@ def default_threads(cores: int) -> tuple[int, int]:
     return min(8, cores + 2), max(1, cores // 4)
 
 
-async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, list[int], int, list[dict]]:
+async def _boot_from_control_plane(
+    cfg: Config, shard_id: int
+) -> tuple[Config, ControlPlane, list[int], int, list[dict]]:
     cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
     try:
         stored = await cp.config()
-        slot_map = await cp.slot_map()
+        slot_map = await rejoin(cp, shard_id)  # a restart leaves slots its live replicas hold (docs/failover.md)
         latest = await cp.latest_manifest()
         history = await cp.manifests()
-    except (ControlPlaneUnavailable, ConfigError) as exc:
+    except (ControlPlaneUnavailable, ConfigError, RuntimeError) as exc:
         await cp.close()
         raise BootError(str(exc)) from None
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
@@ -84,7 +87,7 @@ async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, l
         if key not in seen:
             seen.add(key)
             manifests.append(m)
-    return stored, cp, slot_map.owners, slot_map.epoch, manifests
+    return stored, cp, slot_map.view_for(shard_id), slot_map.epoch, manifests
 
 
 async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
@@ -170,7 +173,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         if not 0 <= opts.shard_id < cfg.cluster.num_shards:
             raise BootError(f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)")
     else:
-        cfg, cp, owners, epoch, manifests = await _boot_from_control_plane(cfg)
+        cfg, cp, owners, epoch, manifests = await _boot_from_control_plane(cfg, opts.shard_id)
     loop = asyncio.get_running_loop()
     tables = TableMemory(mirror=cfg.cluster.row_mirror, shm_dir=cfg.cluster.shm_dir,
                          namespace=cfg.cluster.namespace, shard_id=opts.shard_id)
@@ -246,6 +249,8 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
             await server.stop(0)
             raise BootError(str(exc)) from None
         beat = asyncio.create_task(_heartbeat(cp, engine, cfg, opts.shard_id, address))
+        if cfg.cluster.replicas > 1:
+            housekeeping.append(asyncio.create_task(FailoverLoop(cp, cfg, shard_id=opts.shard_id).run()))
     log.info("shard %d serving %d slots at epoch %d on %s (data plane port %d, tables %s)", opts.shard_id,
              len(store.view.owned), epoch, address, data_port, tables.dir or f"in private memory: {tables.reason}")
     print(f"READY shard={opts.shard_id} address={address}", file=ready_out, flush=True)

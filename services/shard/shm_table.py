@@ -136,6 +136,12 @@ class ShmTable:
     def set_applied(self, step: int) -> None:
         self.header[H_APPLIED_STEP] = step
 
+    def set_epoch(self, epoch: int) -> None:
+        """Same rows, a newer slot map (a failover elsewhere): readers at the new epoch may read them."""
+        self.begin_write()
+        self.header[H_EPOCH] = epoch
+        self.end_write()
+
     def retire(self) -> None:
         self.header[H_RETIRED] = 1
 

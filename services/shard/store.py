@@ -430,6 +430,25 @@ class ShardStore:
             applied_step=self.applied_step[table],
         )
 
+    def bump_epoch(self, *, epoch: int, owners: list[int] | None) -> None:
+        """The same slots under a newer map (a failover or repair elsewhere): only the epoch moves.
+
+        Rows, tables and pending step parts stay as they are, so this needs no table lock and is not
+        held up by a step collecting parts. Frozen slots thaw, as with any new map."""
+        view = self.view
+        if not view.epoch < epoch <= view.epoch + self.max_epoch_jump:
+            raise precondition(f"epoch {epoch}: an epoch-only change must move this shard's epoch {view.epoch} "
+                               f"forward by 1..{self.max_epoch_jump} (cluster.max_epoch_jump)")
+        if owners is not None and (len(owners) != self.num_slots or any(not 0 <= o < self.num_slots for o in owners)
+                                   or {s for s, o in enumerate(owners) if o == self.shard_id} != set(view.owned)):
+            raise invalid(f"owners: not a map of {self.num_slots} slots giving this shard its slots {view.owned[:8]}")
+        for data in view.tables.values():
+            if data.place.shm is not None:
+                data.place.shm.set_epoch(epoch)
+        self.view = View(epoch=epoch, owned=view.owned, owners=tuple(owners) if owners else view.owners,
+                         tables=view.tables)
+        self.frozen.clear()
+
     def set_ownership(
         self,
         *,

@@ -1,0 +1,171 @@
+"""Replicated slots (cluster.replicas=2) through shard failures, on real Redis and real shard processes.
+
+- the pure replica math (placement, failover, repair plans, the client's holder matrix);
+- lookups under a steady load through kill -9, restart + rebuild from the live replica,
+  SIGSTOP and SIGCONT of a shard: 0 failed requests, every row exact;
+- sync training through a SIGKILL of a shard and its restart: final tables and dense weights
+  equal an unfaulted run of the same cluster shape to 1e-6, and both replicas hold the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.fault_harness import (
+    LookupLoad,
+    events,
+    fully_replicated,
+    holder_rows,
+    slot_map,
+    train_remote,
+    wait_for,
+)
+from engram.config import load_config
+from engram.data import prepare_data
+from engram.layout import table_layouts
+from services.client.replicas import alternate_owners, holder_matrix
+from services.control.replicas import drop_shards, held_by, place_replicas, plan_repair
+from services.launcher import LocalCluster
+from tests.corpus import write_code_corpus
+from tests.fixtures_procs import expected_rows
+
+pytestmark = pytest.mark.timeout(180)
+FAST = ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1.5", "cluster.failover_check_s=0.1",
+        "cluster.replica_switch_s=0.5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure
+
+
+def test_replica_placement_failover_and_repair_plans():
+    owners = [0, 1, 2, 0, 1, 2]
+    reps = place_replicas(owners, 2)
+    assert reps == [[1], [2], [0], [1], [2], [0]]
+    assert held_by(owners, reps, 1) == [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="need as many shards"):
+        place_replicas(owners, 4)
+    f = drop_shards(owners, reps, {1})
+    assert f.owners == [0, 2, 2, 0, 2, 2] and f.replicas == [[], [], [0], [], [], [0]]
+    assert f.promoted == {1: 2, 4: 2} and f.lost == []
+    both = drop_shards(owners, reps, {0, 1})
+    assert both.lost == [0, 3] and both.owners[0] == 0  # nothing to promote: left as it was
+    # shard 1 returns empty: one source per round (the largest group first, then the lowest id)
+    r = plan_repair(f.owners, f.replicas, want=2, target=1)
+    assert r is not None and r.source == 0 and r.slots == [0, 3]
+    assert all(1 in r.replicas[s] for s in r.slots)
+    r2 = plan_repair(r.owners, r.replicas, want=2, target=1)
+    assert r2 is not None and r2.source == 2 and r2.slots == [1, 4]
+    assert plan_repair(r2.owners, r2.replicas, want=2, target=1) is None
+    # every slot on every shard (R = N): the survivor that holds them all is the one source
+    full = drop_shards([0, 1, 2], place_replicas([0, 1, 2], 3), {2})
+    r3 = plan_repair(full.owners, full.replicas, want=3, target=2)
+    assert r3 is not None and r3.source == 0 and r3.slots == [0, 1, 2]
+
+
+def test_client_holder_matrix_and_alternates():
+    h = holder_matrix([0, 1, 2], [[1], [2], []])
+    assert h is not None and h.tolist() == [[0, 1], [1, 2], [2, -1]]
+    assert alternate_owners(h, {1}).tolist() == [0, 2, 2]
+    assert alternate_owners(h, {0, 1}).tolist() == [-1, 2, 2]
+    assert alternate_owners(h, {2}).tolist() == [0, 1, -1]
+    assert holder_matrix([0, 1], []) is None  # cluster.replicas=1
+    degraded = holder_matrix([0, 1], [[], []])  # replicated, one copy left: still routed as replicated
+    assert degraded is not None and degraded.tolist() == [[0], [1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# inference lookups through kill -9, restart, SIGSTOP, SIGCONT
+
+
+def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
+    over = [*FAST, "cluster.wire_dtype=fp32", "cluster.row_path=tcp"]  # tcp: a stopped shard answers nothing
+    cluster = LocalCluster(preset="tiny", overrides=over, num_shards=2, replicas=2, log_dir=tmp_path / "logs",
+                           startup_timeout_s=60)
+    with cluster:
+        cfg = load_config("tiny", None, [*over, *cluster.cluster_overrides])
+        table, layout = next(iter(table_layouts(cfg.engram).items()))
+        smap = slot_map(cluster)
+        assert [len(smap.holders(s)) for s in range(cfg.cluster.num_slots)] == [2] * cfg.cluster.num_slots
+        ids = np.arange(layout.num_rows, dtype=np.int64)
+        with LookupLoad(cfg, table, ids, expected_rows(cfg, table, ids, torch.float32)) as load:
+            load.wait_more()
+            os.kill(cluster.shards[1].pid, signal.SIGKILL)
+            t_kill = time.monotonic()
+            smap = wait_for("failover", lambda: (m := slot_map(cluster)).all_holders() == {0} and m)
+            assert time.monotonic() - t_kill < 10.0  # the heartbeat TTL, not a deadline (timing: benchmarks/failover.py)
+            assert smap.owners == [0] * cfg.cluster.num_slots
+            load.wait_more()
+            cluster.add_shard(1)  # restarted: boots empty, rebuilt from shard 0
+            wait_for("repair", lambda c=cluster: fully_replicated(c, {0, 1}))
+            load.wait_more()
+            os.kill(cluster.shards[0].pid, signal.SIGSTOP)
+            try:
+                t_stop = time.monotonic()
+                wait_for("failover from the stopped shard", lambda: slot_map(cluster).all_holders() == {1})
+                assert time.monotonic() - t_stop < 10.0
+                load.wait_more()
+            finally:
+                os.kill(cluster.shards[0].pid, signal.SIGCONT)
+            wait_for("the resumed shard fenced and rebuilt", lambda c=cluster: fully_replicated(c, {0, 1}))
+            load.wait_more()
+        assert load.failed == 0, load.errors[:3]
+        assert load.wrong == 0 and load.ok >= 15
+        assert load.client.replica_switches > 0  # requests did move to the other holder
+        kinds = [e["kind"] for e in events(cluster)]
+        assert kinds.count("failover") >= 2 and kinds.count("repaired") >= 2, kinds
+        assert "fenced" in kinds, kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# sync training through a SIGKILL
+
+
+def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
+    write_code_corpus(tmp_path / "corpus.txt")
+    steps = 12
+    base = [*FAST, f"train.corpus=[\"{tmp_path / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp_path / 'cache'}",
+            "train.progress=false", "cluster.wire_dtype=fp32", f"train.steps={steps}"]
+    data = prepare_data(load_config("tiny", None, base))
+    results = {}
+    for name in ("clean", "faulted"):
+        cluster = LocalCluster(preset="tiny", overrides=base, num_shards=2, replicas=2,
+                               log_dir=tmp_path / f"{name}-logs", startup_timeout_s=60, shard_args=["--threads", "2"])
+        with cluster:
+            cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
+            timers: list[threading.Timer] = []
+
+            def fault(step0: int, cluster=cluster, timers=timers) -> None:
+                if step0 == 3:  # lands inside step 4: its lookups, compute or push
+                    timers.append(threading.Timer(0.01, os.kill, (cluster.shards[1].pid, signal.SIGKILL)))
+                    timers[-1].start()
+                if step0 == 8:
+                    cluster.add_shard(1)  # restarted: rebuilt from shard 0 while training goes on
+
+            losses, dense, rows = train_remote(cfg, data, steps=steps, on_step=fault if name == "faulted" else None)
+            try:
+                smap = wait_for("two holders per slot", lambda c=cluster: fully_replicated(c, {0, 1}))
+                assert min(rows.applied_steps().values()) == steps
+                tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
+                addresses = rows.client.addresses
+                copies = {t: [holder_rows(cfg, smap, addresses, s, t, tables[t].shape[0]) for s in (0, 1)]
+                          for t in cfg.engram.layer_ids}
+            finally:
+                rows.close()
+            for t, (a, b) in copies.items():
+                assert torch.equal(a, b), f"table {t}: the replicas differ"
+            results[name] = (losses, dense, tables, [e["kind"] for e in events(cluster)])
+    clean, faulted = results["clean"], results["faulted"]
+    assert "failover" in faulted[3] and "repaired" in faulted[3], faulted[3]
+    np.testing.assert_allclose(faulted[0], clean[0], rtol=0, atol=1e-6)
+    for t in clean[2]:
+        torch.testing.assert_close(faulted[2][t], clean[2][t], rtol=0, atol=1e-6)
+    for name, p in clean[1].items():
+        torch.testing.assert_close(faulted[1][name], p, rtol=0, atol=1e-6, msg=name)

@@ -34,6 +34,7 @@ from services.client.replicas import alternate_owners, holder_matrix
 from services.control.replicas import drop_shards, held_by, place_replicas, plan_repair
 from services.launcher import LocalCluster
 from tests.corpus import write_code_corpus
+from tests.fixtures_cluster import ShardProcess, shard_procs, start_all  # noqa: F401
 from tests.fixtures_procs import expected_rows
 
 pytestmark = pytest.mark.timeout(180)
@@ -169,3 +170,39 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
         torch.testing.assert_close(faulted[2][t], clean[2][t], rtol=0, atol=1e-6)
     for name, p in clean[1].items():
         torch.testing.assert_close(faulted[1][name], p, rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shard side of a failover elsewhere: an epoch-only SetSlotMap
+
+
+def test_epoch_only_slot_map_moves_the_epoch_while_a_step_collects_parts(shard_procs):  # noqa: F811
+    import grpc
+
+    from engram.layout import even_slot_map
+    from proto.shard.v1 import shard_pb2
+    from tests.test_shard_server import Client, expect_error, rows_of
+
+    cfg = load_config("tiny")
+    table = next(iter(table_layouts(cfg.engram)))
+    dim = table_layouts(cfg.engram)[table].dim
+    owners = even_slot_map(cfg.cluster.num_slots, 2)
+    proc = ShardProcess(["--preset", "tiny", "--standalone", "--shard-id", "0"])
+    shard_procs.append(proc)
+    start_all([proc])
+    c = Client(proc.address)
+    try:
+        mine = rows_of(owners, 0)[:4]
+        assert c.apply(mine, torch.ones(4, dim), step=1, part="w0", num_parts=2).pending  # half a step
+        owned = [s for s, o in enumerate(owners) if o == 0]
+        reply = c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=owned, owners=owners), timeout=10)
+        assert reply.slots_dropped == 0
+        assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).epoch == 2
+        expect_error(lambda: c.lookup(mine, epoch=1), grpc.StatusCode.FAILED_PRECONDITION, "stale")
+        done = c.apply(mine, torch.ones(4, dim), step=1, epoch=2, part="w1", num_parts=2)
+        assert not done.pending and done.applied_step == 1  # the step kept its first part across the new map
+        assert not torch.equal(c.lookup(mine, epoch=2), expected_rows(cfg, table, mine, torch.float32))
+        expect_error(lambda: c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=1 << 40, owned_slots=owned),
+                                               timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "max_epoch_jump")
+    finally:
+        c.close()

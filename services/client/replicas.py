@@ -92,7 +92,10 @@ async def apply_replicated(
                 _, pending = await asyncio.wait(pending, timeout=check_s)
                 if not pending or client.control is None:
                     continue
-                await client._newer_than(client._routing.epoch)
+                try:
+                    await client._newer_than(client._routing.epoch)
+                except Exception:  # noqa: BLE001 - a control plane that is down says nothing about the shards
+                    continue
                 now = client._routing
                 listed = set(np.unique(now.holders if now.holders is not None else now.owners).tolist())
                 for t, task in tasks.items():

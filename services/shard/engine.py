@@ -408,7 +408,10 @@ class ShardEngine:
         owners = await self._control_owners(req.epoch, owned, list(req.owners))
         view = self.store.view
         if tuple(sorted(set(owned))) == view.owned and req.epoch > view.epoch and len(owned) == len(set(owned)):
-            async with self.admin:  # same slots, newer map (docs/failover.md): the epoch moves, nothing else
+            async with self.admin, contextlib.AsyncExitStack() as locked:
+                # same slots, newer map (docs/failover.md): only the epoch moves; a step collecting parts stays
+                for t in sorted(self.locks):  # no update mid-write (the shm seqlock has one writer at a time)
+                    await locked.enter_async_context(self.locks[t])
                 self.store.bump_epoch(epoch=req.epoch, owners=owners)
                 self.staging.clear()
             return shard_pb2.SetSlotMapResponse(slots_dropped=0)

@@ -129,6 +129,8 @@ async def _republish(cp: ControlPlane, engine: ShardEngine, cfg: Config) -> None
     """Put the layout and this shard's slot map back if the control plane lost them."""
     view = engine.store.view
     smap = SlotMap(epoch=view.epoch, owners=list(view.owners)) if view.owners is not None else None
+    if cfg.cluster.replicas > 1:
+        smap = None  # a shard's view lists itself for its replica slots: not the cluster's map (docs/failover.md)
     restored = await cp.republish(cfg, smap)
     if restored:
         log.warning("control plane at %s had lost %s: re-published from shard %d (epoch %d)", cp.url,

@@ -436,9 +436,13 @@ class ShardStore:
         Rows, tables and pending step parts stay as they are, so this needs no table lock and is not
         held up by a step collecting parts. Frozen slots thaw, as with any new map."""
         view = self.view
-        if not view.epoch < epoch <= view.epoch + self.max_epoch_jump:
-            raise precondition(f"epoch {epoch}: an epoch-only change must move this shard's epoch {view.epoch} "
-                               f"forward by 1..{self.max_epoch_jump} (cluster.max_epoch_jump)")
+        if epoch <= view.epoch:
+            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+        if epoch > view.epoch + self.max_epoch_jump:
+            raise invalid(
+                f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
+                f"epoch {view.epoch}; send the control plane's current slot map"
+            )
         if owners is not None and (len(owners) != self.num_slots or any(not 0 <= o < self.num_slots for o in owners)
                                    or {s for s, o in enumerate(owners) if o == self.shard_id} != set(view.owned)):
             raise invalid(f"owners: not a map of {self.num_slots} slots giving this shard its slots {view.owned[:8]}")

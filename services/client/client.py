@@ -326,22 +326,29 @@ class ShardClient(ShardOps):
         alt = alternate_owners(routing.holders, set(tried))  # (S,) next holder per slot, -1 if none left
         alt_of_ids = alt[slot_of(ids, alt.shape[0])]  # (n,)
         can_switch = bool(ids.size) and bool((alt_of_ids >= 0).all())
+        budget = min(deadline - loop.time(), self.cfg.cluster.replica_switch_s)
         try:
-            if not can_switch:
-                return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
-                                             max_staleness=max_staleness)
-            budget = min(deadline - loop.time(), self.cfg.cluster.replica_switch_s)
+            return await asyncio.wait_for(self._lookup_on(  # no retries here: the next holder is the retry
+                table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness,
+                retry=False), budget)
+        except TimeoutError:
+            err = ShardError(Code.DEADLINE_EXCEEDED, f"no answer in {budget:.2f} s (cluster.replica_switch_s)",
+                             address=routing.addresses.get(shard_id, ""), shard_id=shard_id, call="Lookup")
+        except ShardError as exc:
+            err = exc
+        if err.code not in SWITCH_CODES or loop.time() >= deadline:
+            raise err
+        if not can_switch:
+            # no other holder in this map: a newer one may list one (failover, repair); else keep waiting here
             try:
-                return await asyncio.wait_for(self._lookup_on(  # no retries here: the next holder is the retry
-                    table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness,
-                    retry=False), budget)
-            except TimeoutError:
-                raise ShardError(Code.DEADLINE_EXCEEDED, f"no answer in {budget:.2f} s (cluster.replica_switch_s)",
-                                 address=routing.addresses.get(shard_id, ""), shard_id=shard_id, call="Lookup") from None
-        except ShardError as err:
-            if not can_switch or err.code not in SWITCH_CODES or loop.time() >= deadline:
-                raise
-            self.replica_switches += 1
+                moved = refreshes > 0 and await self._newer_than(routing.epoch)
+            except Exception:  # noqa: BLE001 - the control plane is down: this shard is all we know
+                moved = False
+            if moved:
+                return await self._gather(table, ids, deadline, refreshes - 1, step=step, max_staleness=max_staleness)
+            return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
+                                         max_staleness=max_staleness)
+        self.replica_switches += 1
         dim = self.layouts[table].dim
         groups = split_by_owner(ids, alt)
         parts = await gather_or_cancel([

@@ -111,7 +111,7 @@ class FailoverLoop:
         records = {r.shard_id: r for r in await self.control.shards()}
         alive = {i for i, r in records.items() if r.alive}
         holders = smap.all_holders()
-        dead = holders - alive
+        dead = {h for h in holders if h in records and h not in alive}  # never registered: not started yet
         if dead and holders & alive:
             plan = drop_shards(smap.owners, smap.replicas, dead)
             t0 = time.time()

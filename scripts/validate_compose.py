@@ -208,7 +208,8 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
             need = total + -(-total // layout.cluster.num_shards)
             if have < need:
                 checker.report.fail(f"{WHERE} volumes.{source}", f"tmpfs size {size} < {need / 2**20:.0f} MiB: the "
-                                    f"table files of {layout.cluster.num_shards} shards ({total / 2**20:.0f} MiB, "
+                                    f"table files of {layout.cluster.num_shards} shards, {layout.cluster.replicas} "
+                                    f"copies of each slot ({total / 2**20:.0f} MiB, "
                                     f"fp32 + {layout.cluster.row_mirror or 'no'} mirror) and one shard's again")
 
 

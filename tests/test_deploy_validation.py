@@ -83,7 +83,8 @@ COMPOSE_BREAKS = {
     ),
     "shm tmpfs smaller than the table files": (
         'o: "size=4g,uid=10001', 'o: "size=16m,uid=10001',
-        ["volumes.shm: tmpfs size 16m < 39 MiB: the table files of 3 shards (29 MiB, fp32 + bf16 mirror)"],
+        ["volumes.shm: tmpfs size 16m < 78 MiB: the table files of 3 shards, 2 copies of each slot (59 MiB, fp32 + bf16 "
+         "mirror)"],
     ),
     "environment variable nobody reads": (
         "OTEL_METRICS_EXPORTER: none #", "OTEL_METRICS_EXPORTR: none #",

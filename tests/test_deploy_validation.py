@@ -142,7 +142,7 @@ K8S_BREAKS = {
          "ingress rule admits it on 50062"],
     ),
     "shard memory below the table layout": (
-        "shards.yaml", "memory: 1536Mi", "memory: 512Mi",
+        "shards.yaml", "memory: 2Gi #", "memory: 512Mi #",
         ["StatefulSet/engram-shard: memory request 512 MiB < tables + process"],
     ),
     "args reference an undefined variable": (

@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"replicas identical={r['replicas_identical']!s:<6} wall {r['wall_s']} s")
     if args.json:
         write_report(args.json, report)
-        print(f"wrote {args.json}")
     return 0
 
 

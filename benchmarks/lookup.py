@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.machine import machine_info, write_report
 from engram.config import Config, load_config
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 
 TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_per_ngram=512",
          "engram.table_size_per_ngram=[65521,65521]", "cluster.optimizer=adagrad"]  # 16 heads: ~1.05M rows x 64

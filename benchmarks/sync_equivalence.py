@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info, write_report
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.layout import table_layouts
 from services.launcher import LocalCluster
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 

@@ -17,7 +17,7 @@ import sys
 import uvloop
 
 from engram.config import ConfigError, load_config
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 from services.shard.errors import BootError
 
 

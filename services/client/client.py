@@ -92,7 +92,8 @@ class ShardClient(ShardOps):
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
         self.chunk_bytes = int(chunk_bytes)
         self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses))
-        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb), *channel_args])
+        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s),
+                                  *channel_args])
         self._refresh_lock = asyncio.Lock()
         c = cfg.cluster
         self.row_paths = RowPaths(mode=row_path or c.row_path, host_id=c.host_id if host_id is None else host_id,

@@ -138,14 +138,15 @@ class Checker:
             return None
 
     def env(self, names: list[str], where: str, used_in_args: set[str] = frozenset()) -> None:
-        from services.telemetry import OTEL_ENV
+        from services.telemetry import standard_env
 
+        otel = standard_env()
         for name in names:
-            if name in used_in_args or name in THIRD_PARTY_ENV or name in OTEL_ENV:
+            if name in used_in_args or name in THIRD_PARTY_ENV or name in otel:
                 continue
             if name.startswith("OTEL_"):
-                self.report.fail(where, f"environment {name}: not one of the OTEL_* variables "
-                                        "services/telemetry.py reads (OTEL_ENV there)")
+                self.report.fail(where, f"environment {name}: not one of the OTEL_* variables the OpenTelemetry "
+                                        "SDK defines (a typo?)")
             elif not re.search(rf"\b{re.escape(name)}\b", self.code_text()):
                 self.report.fail(where, f"environment {name}: set but read nowhere in the code "
                                  f"({', '.join(SOURCE_DIRS)}) and not a known third-party variable")

@@ -145,6 +145,11 @@ class ClusterConfig:
     max_concurrent_rpcs: int = 1024  # per shard; RESOURCE_EXHAUSTED beyond it
     keepalive_s: float = 30.0  # shard pings idle clients; no answer in keepalive_s/3 -> connection closed
     idle_connection_s: float = 600.0  # a connection with no call this long is closed (clients reconnect)
+    # one shard process (`engram shard`; its --threads/--torch-threads/--grace-s/--pending-wait-s override these)
+    shard_threads: int = 0  # worker pool; 0 -> cores + 2, at most 8
+    shard_torch_threads: int = 0  # intra-op threads per gather/update; 0 -> cores // 4 (shards share cores)
+    shard_grace_s: float = 5.0  # seconds in-flight calls get at shutdown
+    pending_wait_s: float = 60.0  # sync mode: how long a gradient of step s+1 waits for step s (then ABORTED)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,6 +182,7 @@ class DistConfig:
     use_gpu: bool = False  # one GPU per worker (never more workers than GPUs), NCCL for the dense parameters
     prefetch: bool = True  # the next step's lookups fly while a step computes (false: looked up when needed)
     ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
+    step_timeout_s: float = 120.0  # deadline of a training step's lookups, pushes and waits on the shards
 
 
 @dataclass(kw_only=True, slots=True)
@@ -509,8 +515,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.weight_decay/warmup_steps/checkpoint_every/grad_clip: must be >= 0")
     for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb",
                  "max_step_jump", "max_epoch_jump", "max_step_parts", "pending_step_timeout_s", "freeze_lease_s",
-                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s"):
+                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s",
+                 "pending_wait_s"):
         _positive(f"cluster.{name}", getattr(c, name))
+    for name in ("shard_threads", "shard_torch_threads", "shard_grace_s"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"cluster.{name}: must be >= 0, got {getattr(c, name)!r}")
     if c.num_shards > c.num_slots:
         raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")
     stored = _ROW_WIDTH.get(e.row_format, 32)
@@ -527,6 +537,7 @@ def validate(cfg: Config) -> None:
     if not c.shm_dir:
         raise ConfigError("cluster.shm_dir: empty (a directory on a tmpfs, e.g. /dev/shm)")
     d = cfg.dist
+    _positive("dist.step_timeout_s", d.step_timeout_s)
     if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:
         raise ConfigError(f"dist.staleness: must be an integer >= 0, got {d.staleness!r}")
     if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 0:

@@ -103,6 +103,7 @@ def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -
                 r = summarize(timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype])
                 r["torch_threads"] = threads
                 best = r if best is None or r["rows_per_s"] > best["rows_per_s"] else best
+            assert best is not None
             out.append({"method": "numpy", "dtype": dtype, "batch": rows, **best})
     torch.set_num_threads(args.torch_threads)
     return out

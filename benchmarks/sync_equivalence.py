@@ -86,7 +86,7 @@ def compare(
         raise RuntimeError(f"local ran {a.size} steps, Ray {b.size}")
     val_a = np.array([v for _, v in local.val_losses])
     val_b = np.array([v for _, v in dist_run.val_losses])
-    table_diff = {str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())
+    table_diff = {str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())  # type: ignore[operator]
                   for layer, rows in tables.items()}
     per_step = np.abs(a - b)
     return {

@@ -417,7 +417,7 @@ def _positive(name: str, value: float) -> None:
 
 
 @functools.cache
-def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
+def _choices(cls: Any) -> dict[str, tuple[Any, ...]]:
     """field -> allowed values, for the Literal-typed fields of a config section."""
     return {name: get_args(hint) for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}
 
@@ -426,7 +426,7 @@ def check_choices(cfg: Config) -> None:
     """Every enumeration (a Literal-typed field) holds one of its values."""
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
-        for name, allowed in _choices(type(values)).items():
+        for name, allowed in _choices(values.__class__).items():
             value = getattr(values, name)
             if value not in allowed:
                 raise ConfigError(f"{section.name}.{name}: unknown {value!r} "

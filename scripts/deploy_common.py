@@ -137,7 +137,7 @@ class Checker:
             self.report.fail(where, f"`ray {shlex.join(argv)}`: {exc.format_message()}")
             return None
 
-    def env(self, names: list[str], where: str, used_in_args: set[str] = frozenset()) -> None:
+    def env(self, names: list[str], where: str, used_in_args: set[str] | frozenset[str] = frozenset()) -> None:
         from services.telemetry import standard_env
 
         otel = standard_env()

@@ -372,7 +372,7 @@ def check_overlays(root: Path, kubectl: str | None = None) -> list[str]:
 def _argv_text(value: object) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr, attr-defined]
 
 
 def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:

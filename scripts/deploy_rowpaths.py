@@ -16,7 +16,7 @@ from deploy_common import compose_ports, volume_source
 def argv_text(value: object) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr, attr-defined]
 
 
 def compose_configs(data: dict, svc: dict) -> list[str]:

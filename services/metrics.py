@@ -55,7 +55,7 @@ def record_lookup(seconds: float, rows: int, *, side: str, table: int | None = N
     """One lookup finished: latency histogram + rows counter. side: client | shard."""
     if _instruments is None:
         return
-    attrs = {"side": side} if table is None else {"side": side, "table": table}
+    attrs: dict[str, str | int] = {"side": side} if table is None else {"side": side, "table": table}
     _instruments.lookup_latency.record(seconds, attrs)
     _instruments.rows.add(rows, attrs)
 

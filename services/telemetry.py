@@ -173,18 +173,21 @@ def _sampler():
 
 def _exporter(signal: str, protocol: str, endpoint: str) -> Any:
     """The SDK's OTLP exporter for `signal`; it reads insecure/headers/timeout/certificate from OTEL_*."""
+    classes: tuple[Any, Any]
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # type: ignore[no-redef]
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[no-redef]
+        from opentelemetry.exporter.otlp.proto.grpc import metric_exporter, trace_exporter
 
+        classes = trace_exporter.OTLPSpanExporter, metric_exporter.OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+        from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
+
+        classes = http_traces.OTLPSpanExporter, http_metrics.OTLPMetricExporter
         if endpoint == os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():  # the base URL + /v1/<signal>
             endpoint = f"{endpoint.rstrip('/')}/v1/{signal}"
     timed = any(os.environ.get(f"OTEL_EXPORTER_OTLP{s}_TIMEOUT") for s in ("", f"_{signal.upper()}"))
     kwargs: dict[str, Any] = {"endpoint": endpoint} | ({} if timed else {"timeout": EXPORT_TIMEOUT_S})
-    return (OTLPSpanExporter if signal == "traces" else OTLPMetricExporter)(**kwargs)
+    return classes[0 if signal == "traces" else 1](**kwargs)
 
 
 class Telemetry:

@@ -229,7 +229,7 @@ def test_detector_finds_upward_and_forbidden_imports(tmp_path: Path) -> None:
         "services/__init__.py": "",
         "services/main.py": "from engram_cli.main import add_config_args\nfrom engram import x\n",
         "worker/__init__.py": "",
-        "worker/run.py": "def f():\n    from engram.checkpoint import load\n",
+        "worker/run.py": "def f():\n    from trainer.checkpoint import load\n",
         "trainer/__init__.py": "",
         "trainer/checkpoint.py": "",
         "engram_cli/__init__.py": "",

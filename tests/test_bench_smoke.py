@@ -36,7 +36,7 @@ CASES: dict[str, object] = {
                             "train.eval_every=4", "--out", str(tmp / "quality"), *_tiny(tmp)],
     "serve": lambda tmp: ["--preset", "tiny", "--quick", "--ways", "local", "--concurrency", "1", "--requests", "2",
                           "--reps", "1"],
-    "shard_memory": lambda tmp: ["--gib", "0.002", "--optimizers", "adam", "--lookups", "1", "--lookup-rows", "64",
+    "shard_memory": lambda tmp: ["--gib", "0.02", "--optimizers", "adam", "--lookups", "1", "--lookup-rows", "64",
                                  "--updates", "1", "--settle-s", "0"],
     "sync_equivalence": lambda tmp: ["--preset", "tiny", "--steps", "2", "--workers", "1", "--shards", "1",
                                      "--out-dir", str(tmp / "sync"), *_tiny(tmp)],

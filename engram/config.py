@@ -119,7 +119,7 @@ class ClusterConfig:
     num_slots: int = 256  # fixed for the life of a cluster; slots move, rows never move one by one
     host: str = "127.0.0.1"
     base_port: int = 0  # 0 -> free ports
-    wire_dtype: WireDtype = "bf16"  # fp32 | bf16 | fp16
+    wire_dtype: WireDtype = "bf16"  # fp32 | bf16 | fp16 | fp8 (from fp8 tables only)
     optimizer: Optimizer = "adam"  # adam (lazy/sparse) | adagrad (row-wise)
     checkpoint_dir: str = "runs/shards"
     heartbeat_s: float = 1.0

@@ -12,8 +12,10 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
 ARG TORCH_VERSION=2.13.0
-# cpu, or a CUDA wheel index of download.pytorch.org/whl (cu126, cu128, ...)
+# cpu, or a CUDA wheel index of download.pytorch.org/whl (cu126, cu128, ...); scripts/setup.sh uses the same
+# CPU index (TORCH_INDEX_URL) for a development venv
 ARG TORCH_CUDA=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MPLCONFIGDIR=/tmp/matplotlib
 
-RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # Dependencies change less often than code: install them from pyproject.toml alone first so a
 # code edit does not re-download them.

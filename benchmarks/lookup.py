@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.machine import machine_info, write_report
 from engram.config import Config, load_config
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 
 TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_per_ngram=512",
          "engram.table_size_per_ngram=[65521,65521]", "cluster.optimizer=adagrad"]  # 16 heads: ~1.05M rows x 64
@@ -103,6 +103,7 @@ def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -
                 r = summarize(timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype])
                 r["torch_threads"] = threads
                 best = r if best is None or r["rows_per_s"] > best["rows_per_s"] else best
+            assert best is not None
             out.append({"method": "numpy", "dtype": dtype, "batch": rows, **best})
     torch.set_num_threads(args.torch_threads)
     return out

@@ -34,10 +34,10 @@ import torch
 
 from benchmarks.machine import machine_info
 from benchmarks.seed_stats import summarize
+from engram.checkpoint import load_model
 from engram.config import Config, load_config
 from engram.data import prepare_data
 from engram.model import EngramLM
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 from trainer.plots import plot_gate_heatmap, plot_loss_curves
 

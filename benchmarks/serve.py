@@ -56,7 +56,7 @@ def pct(xs: list[float], q: float) -> float:
 def kv_speedup(checkpoint: Path, *, batch: int, prompt: int, new_tokens: int, reps: int) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
-    from trainer.checkpoint import load_model
+    from engram.checkpoint import load_model
     from worker.engine import ModelEngine, Work
     from worker.prefetch import LocalRowSource, PrefetchPipeline
     from worker.scheduler import Scheduler
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="engram-bench-serve-") as d:
         tmp = Path(d)
         checkpoint = make_checkpoint(tmp, args.preset)
-        from trainer.checkpoint import load_model
+        from engram.checkpoint import load_model
 
         _, cfg, tok_json = load_model(checkpoint)
         from tokenizers import Tokenizer

@@ -56,6 +56,7 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
     proc = subprocess.Popen([sys.executable, "-m", "services.shard", *shard_args(gib, optimizer)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"shard did not start (exit {proc.wait()})")
@@ -77,8 +78,8 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
         rng = np.random.default_rng(0)
         lat, peak = [], out["rss_ready"]
         for _ in range(lookups):
-            ids = rng.integers(0, table.num_rows, lookup_rows, dtype=np.int64).tobytes()
-            req = shard_pb2.LookupRequest(table=table.table, epoch=1, row_ids=ids, dtype=shard_pb2.BF16)
+            packed = rng.integers(0, table.num_rows, lookup_rows, dtype=np.int64).tobytes()
+            req = shard_pb2.LookupRequest(table=table.table, epoch=1, row_ids=packed, dtype=shard_pb2.BF16)
             t = time.perf_counter()
             resp = stub.Lookup(req, timeout=60)
             lat.append(time.perf_counter() - t)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info, write_report
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.layout import table_layouts
 from services.launcher import LocalCluster
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 
@@ -86,7 +86,7 @@ def compare(
         raise RuntimeError(f"local ran {a.size} steps, Ray {b.size}")
     val_a = np.array([v for _, v in local.val_losses])
     val_b = np.array([v for _, v in dist_run.val_losses])
-    table_diff = {str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())
+    table_diff = {str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())  # type: ignore[operator]
                   for layer, rows in tables.items()}
     per_step = np.abs(a - b)
     return {

@@ -8,23 +8,34 @@ merged with a JSON/TOML file and `section.field=value` overrides from the comman
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-ROW_PATHS = ("auto", "shm", "tcp", "grpc")
+# Enumerations: a field's type names its choices; `validate` checks every Literal field in one place.
+RowFormat = Literal["fp32", "bf16", "fp16", "fp8"]  # the codecs are in engram/row_format.py
+RowPath = Literal["auto", "shm", "tcp", "grpc"]
+WireDtype = Literal["fp32", "bf16", "fp16", "fp8"]  # fp8 only from fp8 tables (validate)
+RowMirror = Literal["", "bf16", "fp16"]
+Optimizer = Literal["adam", "adagrad"]
+Autocast = Literal["bf16", "off"]
+Ffn = Literal["dense", "moe"]
+DistMode = Literal["sync", "async"]
+RowSource = Literal["local", "remote"]
+ROW_PATHS: tuple[str, ...] = get_args(RowPath)
+ROW_FORMATS: tuple[str, ...] = get_args(RowFormat)
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-ROW_FORMATS = ("fp32", "bf16", "fp16", "fp8")  # engram.row_format; the codecs are in engram/row_format.py
 _ROW_WIDTH = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8.25}  # bits per value (fp8: + one scale byte per 32)
-
 
 @dataclass(kw_only=True, slots=True)
 class TokenizerConfig:
@@ -48,7 +59,7 @@ class EngramConfig:
     pad_id: int = 2  # raw tokenizer id used before the sequence start (mapped through compression)
     seed: int = 0
     init_std: float = 1.0  # N(0, init_std) rows, like nn.Embedding's default
-    row_format: str = "fp32"  # storage format of the tables: fp32 | bf16 | fp16 | fp8 (E4M3 + UE8M0 per 32)
+    row_format: RowFormat = "fp32"  # storage format of the tables: fp32 | bf16 | fp16 | fp8 (E4M3 + UE8M0 per 32)
     compressed_vocab_size: int = 0  # |V'| the layout was built for (the multipliers depend on it); 0 -> any
     # eps of the gate's key/query RMSNorms; None -> torch's default, machine epsilon of the dtype, as the demo
     key_norm_eps: float | None = None
@@ -72,7 +83,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    ffn: str = "dense"  # feed-forward kind; only "dense" (SwiGLU) exists, "moe" is a reserved hook
+    ffn: Ffn = "dense"  # feed-forward kind; only "dense" (SwiGLU) exists, "moe" is a reserved hook
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,7 +105,7 @@ class TrainConfig:
     seed: int = 1234
     grad_accum: int = 1  # micro-batches per step: batch_size splits as over that many data-parallel workers
     device: str = "cpu"
-    autocast: str = "bf16"  # CUDA only: bf16 | off (fp32); CPU always runs fp32
+    autocast: Autocast = "bf16"  # CUDA only: bf16 | off (fp32); CPU always runs fp32
     tf32: bool = True  # CUDA only: TF32 tensor cores for the fp32 matmuls left outside autocast
     out_dir: str = "runs/latest"
     progress: bool = True
@@ -108,8 +119,8 @@ class ClusterConfig:
     num_slots: int = 256  # fixed for the life of a cluster; slots move, rows never move one by one
     host: str = "127.0.0.1"
     base_port: int = 0  # 0 -> free ports
-    wire_dtype: str = "bf16"  # fp32 | bf16 | fp16
-    optimizer: str = "adam"  # adam (lazy/sparse) | adagrad (row-wise)
+    wire_dtype: WireDtype = "bf16"  # fp32 | bf16 | fp16 | fp8 (from fp8 tables only)
+    optimizer: Optimizer = "adam"  # adam (lazy/sparse) | adagrad (row-wise)
     checkpoint_dir: str = "runs/shards"
     heartbeat_s: float = 0.5
     heartbeat_ttl_s: float = 2.0  # a shard silent this long is dead: fenced and failed over (docs/failover.md)
@@ -124,9 +135,9 @@ class ClusterConfig:
     # a client reads rows from shared memory only when its host_id equals the shard's (set it to the
     # node name where containers on one node have different hostnames)
     shm_dir: str = "/dev/shm"  # where shards publish their tables (a tmpfs shared by shards and workers)
-    row_path: str = "auto"  # auto (shm on the same host, else tcp) | shm | tcp | grpc: how lookups travel
+    row_path: RowPath = "auto"  # auto (shm on the same host, else tcp) | shm | tcp | grpc: how lookups travel
     data_port: int = 0  # the shard's TCP data-plane port; 0 -> a free port (registered next to its gRPC address)
-    row_mirror: str = "bf16"  # "" (none) | bf16 | fp16: a narrow copy of the fp32 rows kept next to them
+    row_mirror: RowMirror = "bf16"  # "" (none) | bf16 | fp16: a narrow copy of the fp32 rows kept next to them
     # bounds on the state one request can create on a shard (docs/deploy.md, "Limits"):
     max_step_jump: int = 1  # an update of step s needs s <= applied_step + max_step_jump (sync/async push 1 by 1)
     max_epoch_jump: int = 16  # SetSlotMap may move a shard's epoch forward by at most this much at once
@@ -138,11 +149,16 @@ class ClusterConfig:
     max_concurrent_rpcs: int = 1024  # per shard; RESOURCE_EXHAUSTED beyond it
     keepalive_s: float = 30.0  # shard pings idle clients; no answer in keepalive_s/3 -> connection closed
     idle_connection_s: float = 600.0  # a connection with no call this long is closed (clients reconnect)
+    # one shard process (`engram shard`; its --threads/--torch-threads/--grace-s/--pending-wait-s override these)
+    shard_threads: int = 0  # worker pool; 0 -> cores + 2, at most 8
+    shard_torch_threads: int = 0  # intra-op threads per gather/update; 0 -> cores // 4 (shards share cores)
+    shard_grace_s: float = 5.0  # seconds in-flight calls get at shutdown
+    pending_wait_s: float = 60.0  # sync mode: how long a gradient of step s+1 waits for step s (then ABORTED)
 
 
 @dataclass(kw_only=True, slots=True)
 class WorkerConfig:
-    row_source: str = "local"  # local (the model's own tables) | remote (memory shards via the cluster)
+    row_source: RowSource = "local"  # local (the model's own tables) | remote (memory shards via the cluster)
     prefetch: bool = True  # issue lookups as soon as ids are known; false -> synchronously at the layer
     cache_mb: float = 0.0  # hot-row cache on the device for frozen tables; 0 -> off
     max_batch: int = 8  # dynamic batching: most requests in one model call
@@ -164,12 +180,13 @@ class WorkerConfig:
 class DistConfig:
     """Distributed training on Ray (`engram train --ray`): tables live on the memory shards."""
 
-    mode: str = "sync"  # sync: equals single-process training | async: lookups may miss `staleness` steps
+    mode: DistMode = "sync"  # sync: equals single-process training | async: lookups may miss `staleness` steps
     staleness: int = 1  # async: lookups of step s see at least steps 1..s-1-staleness applied
     num_workers: int = 0  # Ray Train workers (global batch split across them); 0 -> one per GPU, or 2 on CPU
     use_gpu: bool = False  # one GPU per worker (never more workers than GPUs), NCCL for the dense parameters
     prefetch: bool = True  # the next step's lookups fly while a step computes (false: looked up when needed)
     ray_address: str | None = None  # None -> a local Ray instance (or RAY_ADDRESS, read by the CLI)
+    step_timeout_s: float = 120.0  # deadline of a training step's lookups, pushes and waits on the shards
 
 
 @dataclass(kw_only=True, slots=True)
@@ -346,19 +363,36 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(preset: str = "cpu", file: str | None = None, overrides: list[str] | None = None) -> Config:
-    """preset -> merged file -> `a.b=value` overrides -> validated Config."""
-    if preset not in PRESETS:
+def parse_config_text(text: str, *, toml: bool) -> dict[str, Any]:
+    """The nested dict of a `--config` file's text (TOML or JSON)."""
+    try:
+        data = tomllib.loads(text) if toml else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file: not valid {'TOML' if toml else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file: expected a table of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str = "cpu", file: str | None = None, overrides: list[str] | None = None, *,
+    base: Config | None = None, data: dict[str, Any] | None = None,
+) -> Config:
+    """base (a copy of it) or preset -> merged file -> merged `data` -> `a.b=value` overrides -> validated Config."""
+    if base is not None:
+        cfg = copy.deepcopy(base)
+    elif preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    cfg = PRESETS[preset]()
+    else:
+        cfg = PRESETS[preset]()
     if file is not None:
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file: {file} does not exist")
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        for dotted, value in _flatten(data).items():
+        for dotted, value in _flatten(parse_config_text(path.read_text(), toml=path.suffix == ".toml")).items():
             _set_path(cfg, dotted, value)
+    for dotted, value in _flatten(data or {}).items():
+        _set_path(cfg, dotted, value)
     for item in overrides or []:
         dotted, sep, value = item.partition("=")
         if not sep:
@@ -386,6 +420,23 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: must be positive, got {value!r}")
 
 
+@functools.cache
+def _choices(cls: Any) -> dict[str, tuple[Any, ...]]:
+    """field -> allowed values, for the Literal-typed fields of a config section."""
+    return {name: get_args(hint) for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}
+
+
+def check_choices(cfg: Config) -> None:
+    """Every enumeration (a Literal-typed field) holds one of its values."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for name, allowed in _choices(values.__class__).items():
+            value = getattr(values, name)
+            if value not in allowed:
+                raise ConfigError(f"{section.name}.{name}: unknown {value!r} "
+                                  f"({', '.join(repr(a) if a == '' else str(a) for a in allowed)})")
+
+
 def validate(cfg: Config) -> None:
     m, e, t, c = cfg.model, cfg.engram, cfg.train, cfg.cluster
     for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "hc_mult"):
@@ -399,8 +450,7 @@ def validate(cfg: Config) -> None:
             "model.ffn: 'moe' is reserved for a mixture-of-experts backbone (the paper's iso-parameter, "
             "iso-FLOP comparison) but is not implemented; use 'dense'"
         )
-    if m.ffn != "dense":
-        raise ConfigError(f"model.ffn: unknown {m.ffn!r} (only 'dense' is implemented)")
+    check_choices(cfg)
     _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
     if cfg.tokenizer.clean_up_tokenization_spaces not in (None, True, False):
         raise ConfigError("tokenizer.clean_up_tokenization_spaces: expected true, false or null, got "
@@ -438,8 +488,6 @@ def validate(cfg: Config) -> None:
         for size in e.table_size_per_ngram:
             if not isinstance(size, int) or size <= 1:
                 raise ConfigError(f"engram.table_size_per_ngram: sizes must be integers > 1, got {size!r}")
-        if e.row_format not in ROW_FORMATS:
-            raise ConfigError(f"engram.row_format: unknown {e.row_format!r} ({', '.join(ROW_FORMATS)})")
         if e.row_format == "fp8" and (e.n_embed_per_ngram // e.n_head_per_ngram) % 32:
             raise ConfigError(
                 f"engram.row_format: fp8 needs dims per head ({e.n_embed_per_ngram // e.n_head_per_ngram}) "
@@ -455,8 +503,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"engram.pad_id: {e.pad_id} is outside the vocabulary 0..{m.vocab_size - 1}")
     for name in ("seq_len", "batch_size", "steps", "lr", "eval_every", "eval_batches", "max_corpus_mb"):
         _positive(f"train.{name}", getattr(t, name))
-    if t.autocast not in ("bf16", "off"):
-        raise ConfigError(f"train.autocast: unknown {t.autocast!r} (bf16 or off)")
     if isinstance(t.grad_accum, bool) or not isinstance(t.grad_accum, int) or t.grad_accum < 1:
         raise ConfigError(f"train.grad_accum: must be an integer >= 1, got {t.grad_accum!r}")
     if t.batch_size % t.grad_accum:
@@ -474,37 +520,31 @@ def validate(cfg: Config) -> None:
     for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb",
                  "max_step_jump", "max_epoch_jump", "max_step_parts", "pending_step_timeout_s", "freeze_lease_s",
                  "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s",
-                 "replicas", "failover_check_s", "replica_switch_s"):
+                 "replicas", "failover_check_s", "replica_switch_s", "pending_wait_s"):
         _positive(f"cluster.{name}", getattr(c, name))
     if c.replicas > c.num_shards:
         raise ConfigError(f"cluster.replicas: {c.replicas} copies of each slot need as many shards (num_shards "
                           f"{c.num_shards})")
+    for name in ("shard_threads", "shard_torch_threads", "shard_grace_s"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"cluster.{name}: must be >= 0, got {getattr(c, name)!r}")
     if c.num_shards > c.num_slots:
         raise ConfigError(f"cluster.num_shards: {c.num_shards} shards need at least as many slots ({c.num_slots})")
-    if c.wire_dtype not in ROW_FORMATS:
-        raise ConfigError(f"cluster.wire_dtype: unknown {c.wire_dtype!r} ({', '.join(ROW_FORMATS)})")
     stored = _ROW_WIDTH.get(e.row_format, 32)
     if _ROW_WIDTH[c.wire_dtype] > stored:
         allowed = ", ".join(f for f in ROW_FORMATS if _ROW_WIDTH[f] <= stored)
         raise ConfigError(f"cluster.wire_dtype: {c.wire_dtype} rows are wider than the tables' storage format "
                           f"engram.row_format={e.row_format}; a lookup may ask only for {allowed}")
-    if c.optimizer not in ("adam", "adagrad"):
-        raise ConfigError(f"cluster.optimizer: unknown {c.optimizer!r} (adam or adagrad)")
     if not 0 <= c.base_port < 65536:
         raise ConfigError(f"cluster.base_port: {c.base_port} is not a TCP port")
-    if c.row_path not in ROW_PATHS:
-        raise ConfigError(f"cluster.row_path: unknown {c.row_path!r} ({', '.join(ROW_PATHS)})")
     if not 0 <= c.data_port < 65536:
         raise ConfigError(f"cluster.data_port: {c.data_port} is not a TCP port")
-    if c.row_mirror not in ("", "bf16", "fp16"):
-        raise ConfigError(f"cluster.row_mirror: unknown {c.row_mirror!r} ('' for none, bf16 or fp16)")
     if not isinstance(c.host_id, str) or any(ch.isspace() for ch in c.host_id):
         raise ConfigError(f"cluster.host_id: expected a name without spaces, got {c.host_id!r}")
     if not c.shm_dir:
         raise ConfigError("cluster.shm_dir: empty (a directory on a tmpfs, e.g. /dev/shm)")
     d = cfg.dist
-    if d.mode not in ("sync", "async"):
-        raise ConfigError(f"dist.mode: unknown {d.mode!r} (sync or async)")
+    _positive("dist.step_timeout_s", d.step_timeout_s)
     if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:
         raise ConfigError(f"dist.staleness: must be an integer >= 0, got {d.staleness!r}")
     if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 0:
@@ -512,8 +552,6 @@ def validate(cfg: Config) -> None:
     if d.ray_address is not None and not isinstance(d.ray_address, str):
         raise ConfigError(f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}")
     w = cfg.worker
-    if w.row_source not in ("local", "remote"):
-        raise ConfigError(f"worker.row_source: unknown {w.row_source!r} (local or remote)")
     if w.cache_mb < 0:
         raise ConfigError(f"worker.cache_mb: must be >= 0, got {w.cache_mb}")
     for name in ("max_batch", "max_new_tokens", "kv_cache_mb", "kv_block_size", "max_step_tokens", "max_running",

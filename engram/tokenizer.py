@@ -14,10 +14,8 @@ with `tokenizers` alone: `clean_up_tokenization` below is transformers' rule lis
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -26,6 +24,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from engram.config import Config, ConfigError
+from engram.corpus import cache_key, files_fingerprint, iter_documents
+from engram.fileio import atomic_write_text
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]  # ids 0, 1, 2 in a trained tokenizer
 EOT_ID, BOS_ID, PAD_ID = 0, 1, 2
@@ -51,36 +51,12 @@ def normalize(text: str) -> str:
     return str(_NORMALIZER.normalize_str(text))
 
 
-def files_fingerprint(files: Iterable[Path]) -> list[tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) per file: the cache key of anything derived from a corpus."""
-    out = []
-    for f in files:
-        st = Path(f).stat()
-        out.append((str(Path(f).resolve()), st.st_size, st.st_mtime_ns))
-    return out
-
-
-def cache_key(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so concurrent processes never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # building a tokenizer
 
 
 def train_bpe(files: list[Path], *, vocab_size: int, cache_dir: str | Path, max_bytes: int) -> Tokenizer:
     """Byte-level BPE on the first `max_bytes` of the corpus; cached as tokenizer.json under cache_dir."""
-    from engram.data import iter_documents  # data.py imports this module, so import late
-
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ConfigError(f"tokenizer.vocab_size: {vocab_size} is below the 256 bytes + special tokens")
     key = cache_key("bpe-v1", files_fingerprint(files), vocab_size, max_bytes)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--truncate", action="store_true", help="keep the prompt's last tokens if it is too long")
     parser.add_argument("--score", action="store_true", help="print the text's token log-probs instead")
-    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of the call in seconds")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the call in seconds")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, help=argparse.SUPPRESS)  # old spelling
     parser.set_defaults(func=run)
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         stub = worker_pb2_grpc.ModelWorkerStub(channel)
         try:
             if args.score:
-                reply = stub.Score(worker_pb2.ScoreRequest(text=args.prompt, truncate=args.truncate), timeout=args.timeout)
+                reply = stub.Score(worker_pb2.ScoreRequest(text=args.prompt, truncate=args.truncate), timeout=args.timeout_s)
                 print(f"{reply.num_tokens} tokens, total log-prob {reply.total_logprob:.4f}, "
                       f"mean {reply.total_logprob / max(1, len(reply.logprobs)):.4f}")
                 return 0
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             req = worker_pb2.GenerateRequest(
                 prompt=args.prompt, truncate=args.truncate, **{k: v for k, v in fields.items() if v is not None}
             )
-            for i, msg in enumerate(stub.Generate(req, timeout=args.timeout)):
+            for i, msg in enumerate(stub.Generate(req, timeout=args.timeout_s)):
                 sys.stdout.write(args.prompt + msg.text if i == 0 else msg.text)  # the prompt once it is accepted
                 sys.stdout.flush()
             sys.stdout.write("\n")

@@ -16,7 +16,8 @@ import sys
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", required=True, help="host:port of the gRPC server")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds before the check counts as failed")
+    parser.add_argument("--timeout-s", type=float, default=3.0, help="seconds before the check counts as failed")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, help=argparse.SUPPRESS)  # old spelling
     parser.add_argument("--quiet", action="store_true", help="print nothing, only the exit status")
     parser.set_defaults(func=run)
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         print(f"engram health: --address must be host:port, got {args.address!r}", file=sys.stderr)
         return 2
-    ok, seen = check(args.address, service=args.service, timeout_s=args.timeout)
+    ok, seen = check(args.address, service=args.service, timeout_s=args.timeout_s)
     if not args.quiet:
         what = f" service {args.service!r}" if args.service else ""
         print(f"{args.address}{what}: {seen}", file=sys.stdout if ok else sys.stderr)

@@ -13,7 +13,7 @@ import copy
 import os
 
 from engram.config import ConfigError, load_config
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 
 
 def register(parser: argparse.ArgumentParser) -> None:

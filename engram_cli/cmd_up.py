@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 
 
 def register(parser: argparse.ArgumentParser) -> None:

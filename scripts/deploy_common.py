@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,23 +104,19 @@ class Checker:
         return cmd
 
     def _config(self, args: argparse.Namespace, where: str, files: dict[str, str]) -> Any:
-        from engram.config import ConfigError, load_config
+        from engram.config import ConfigError, load_config, parse_config_text
 
         path = getattr(args, "config", None)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = None
+        try:
+            data = None
             if path is not None:
                 if path not in files:
                     self.report.fail(where, f"--config {path}: no such file is mounted into the container")
                     return None
-                local = Path(tmp) / Path(path).name
-                local.write_text(files[path])
-            try:
-                return load_config(getattr(args, "preset", "cpu"), str(local) if local else None, args.overrides)
-            except ConfigError as exc:
-                self.report.fail(where, f"bad configuration: {exc}")
-            except (ValueError, OSError) as exc:  # a config file that is not TOML/JSON
-                self.report.fail(where, f"--config {path}: cannot be read: {exc}")
+                data = parse_config_text(files[path], toml=path.endswith(".toml"))
+            return load_config(getattr(args, "preset", "cpu"), None, args.overrides, data=data)
+        except ConfigError as exc:
+            self.report.fail(where, f"bad configuration: {exc}")
         return None
 
     def ray(self, argv: list[str], where: str) -> dict | None:
@@ -142,15 +137,16 @@ class Checker:
             self.report.fail(where, f"`ray {shlex.join(argv)}`: {exc.format_message()}")
             return None
 
-    def env(self, names: list[str], where: str, used_in_args: set[str] = frozenset()) -> None:
-        from services.telemetry import OTEL_ENV
+    def env(self, names: list[str], where: str, used_in_args: set[str] | frozenset[str] = frozenset()) -> None:
+        from services.telemetry import standard_env
 
+        otel = standard_env()
         for name in names:
-            if name in used_in_args or name in THIRD_PARTY_ENV or name in OTEL_ENV:
+            if name in used_in_args or name in THIRD_PARTY_ENV or name in otel:
                 continue
             if name.startswith("OTEL_"):
-                self.report.fail(where, f"environment {name}: not one of the OTEL_* variables "
-                                        "services/telemetry.py reads (OTEL_ENV there)")
+                self.report.fail(where, f"environment {name}: not one of the OTEL_* variables the OpenTelemetry "
+                                        "SDK defines (a typo?)")
             elif not re.search(rf"\b{re.escape(name)}\b", self.code_text()):
                 self.report.fail(where, f"environment {name}: set but read nowhere in the code "
                                  f"({', '.join(SOURCE_DIRS)}) and not a known third-party variable")
@@ -262,3 +258,23 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
             pods.append(("submitter", spec["submitterPodTemplate"]))
         return pods
     return []
+
+
+def compose_ports(svc: dict) -> set[int]:
+    """Ports a service's container listens on, as declared by `expose` and `ports` (targets)."""
+    out: set[int] = set()
+    for p in svc.get("expose") or []:
+        out.add(int(str(p).split("/")[0].split("-")[0]))
+    for p in svc.get("ports") or []:
+        out.add(int(p["target"]) if isinstance(p, dict) else int(str(p).split("/")[0].rsplit(":", 1)[-1].split("-")[0]))
+    return out
+
+
+def volume_source(v: object) -> tuple[str, str]:
+    """-> (type, source) of a service's volume entry (short or long syntax)."""
+    if isinstance(v, dict):
+        return str(v.get("type", "volume")), str(v.get("source", ""))
+    source = str(v).split(":")[0]
+    if ":" not in str(v):
+        return "anonymous", ""
+    return ("bind" if source.startswith((".", "/", "~", "$")) else "volume"), source

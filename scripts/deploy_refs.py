@@ -38,7 +38,16 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-from deploy_common import ROOT, find_tool, labels_match, pod_templates, run_tool, selector_matches  # noqa: E402
+from deploy_common import (  # noqa: E402
+    ROOT,
+    compose_ports,
+    find_tool,
+    labels_match,
+    pod_templates,
+    run_tool,
+    selector_matches,
+    volume_source,
+)
 from deploy_rowpaths import cluster_field, compose_row_paths, data_address, engram_sets, flag  # noqa: E402
 
 CLUSTER_SCOPED = {
@@ -363,27 +372,7 @@ def check_overlays(root: Path, kubectl: str | None = None) -> list[str]:
 def _argv_text(value: object) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
-
-
-def compose_ports(svc: dict) -> set[int]:
-    """Ports a service's container listens on, as declared by `expose` and `ports` (targets)."""
-    out: set[int] = set()
-    for p in svc.get("expose") or []:
-        out.add(int(str(p).split("/")[0].split("-")[0]))
-    for p in svc.get("ports") or []:
-        out.add(int(p["target"]) if isinstance(p, dict) else int(str(p).split("/")[0].rsplit(":", 1)[-1].split("-")[0]))
-    return out
-
-
-def _volume_source(v: object) -> tuple[str, str]:
-    """-> (type, source) of a service's volume entry (short or long syntax)."""
-    if isinstance(v, dict):
-        return str(v.get("type", "volume")), str(v.get("source", ""))
-    source = str(v).split(":")[0]
-    if ":" not in str(v):
-        return "anonymous", ""
-    return ("bind" if source.startswith((".", "/", "~", "$")) else "volume"), source
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr, attr-defined]
 
 
 def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
@@ -397,7 +386,7 @@ def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
             if dep not in services:
                 problems.append(f"{sw}: depends_on {dep}: no such service")
         for v in svc.get("volumes") or []:
-            kind, source = _volume_source(v)
+            kind, source = volume_source(v)
             if kind == "volume" and source and source not in top["volumes"]:
                 problems.append(f"{sw}: volume {source}: not declared under the top-level volumes")
         for key in ("configs", "secrets"):

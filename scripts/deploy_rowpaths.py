@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import tomllib
 
+from deploy_common import compose_ports, volume_source
+
 
 def argv_text(value: object) -> list[str]:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr]
+    return [value] if isinstance(value, str) else [str(v) for v in value]  # type: ignore[union-attr, attr-defined]
 
 
 def compose_configs(data: dict, svc: dict) -> list[str]:
@@ -68,8 +70,6 @@ def data_address(advertise: str, data_port: str | None) -> tuple[str | None, str
 
 def compose_row_paths(data: dict, where: str) -> list[str]:
     """Each shard exposes its data plane; the shm volume's users agree on shm_dir and host_id."""
-    from deploy_refs import _volume_source, compose_ports
-
     problems: list[str] = []
     services = data.get("services") or {}
     sharing: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (volume, path) -> [(service, host_id)]
@@ -98,7 +98,7 @@ def compose_row_paths(data: dict, where: str) -> list[str]:
         shm_dir = (sets.get("cluster.shm_dir") or cluster_field(argv, configs, "shm_dir") or "/dev/shm").rstrip("/")
         mounts = {}
         for v in svc.get("volumes") or []:
-            kind, source = _volume_source(v)
+            kind, source = volume_source(v)
             target = str(v.get("target", "")) if isinstance(v, dict) else str(v).split(":")[1]
             mounts[target.rstrip("/")] = (kind, source)
         kind, source = mounts.get(shm_dir, ("", ""))

@@ -2,7 +2,7 @@
 
     python scripts/draw_trace.py                 # -> docs/trace.png (and the spans as JSON beside it)
 
-Same set-up as tests/test_tracing.py: an in-process OTLP/gRPC receiver, a LocalCluster (real
+Same set-up as tests/test_tracing.py: an in-process OTLP/gRPC receiver (scripts/otlp_receiver.py), a LocalCluster (real
 redis-server + N `python -m services.shard` processes exporting to the receiver) and this
 process as the client. The step is: issue the lookup, run a stand-in for the layers before
 the Engram layer (a real torch matmul in a thread, so the overlap is visible), then wait on
@@ -26,11 +26,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from otlp_receiver import OtlpReceiver, ReceivedSpan  # noqa: E402  (scripts/, beside this file)
 
 from services import telemetry  # noqa: E402
 from services.client import ShardClient  # noqa: E402
 from services.launcher import LocalCluster  # noqa: E402
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan  # noqa: E402
 
 COLORS = {"engram-worker": "#4C72B0", "engram-shard": "#DD8452"}
 

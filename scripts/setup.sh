@@ -12,10 +12,21 @@ fi
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip >/dev/null
 
+# The CPU wheels of torch, as in the Dockerfile (ARG TORCH_INDEX_URL): a bare `torch` from PyPI pulls
+# several GB of CUDA wheels. Where that index cannot be reached (an offline mirror), pip's configured
+# index and find-links must hold the CPU build.
+TORCH_VERSION=2.13.0
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing torch==2.13.0 (CPU build)"
-  # A bare `torch` requirement would pull several GB of CUDA wheels; pin the CPU build.
-  "$VPY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "setup: installing torch==$TORCH_VERSION (CPU build)"
+  index=()
+  if "$VPY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
+      "$TORCH_INDEX_URL" >/dev/null 2>&1; then
+    index=(--index-url "$TORCH_INDEX_URL")
+  else
+    echo "setup: $TORCH_INDEX_URL unreachable; torch from pip's configured index/find-links"
+  fi
+  "$VPY" -m pip install -q "torch==$TORCH_VERSION" "${index[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   "$VPY" -c "import torch" || { echo "setup: torch install failed" >&2; exit 1; }
 else
   echo "setup: keeping the installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"

@@ -9,7 +9,7 @@ echo "== proto: generated code is current"
 "$VPY" scripts/gen_proto.py --check
 echo "== ruff"
 "$VPY" -m ruff check .
-echo "== mypy (engram/)"
+echo "== mypy (every package: pyproject [tool.mypy] files)"
 "$VPY" -m mypy
 echo "== scanners (checkov, hadolint) on k8s overlays and the Dockerfile"
 bash scripts/scan.sh

@@ -11,12 +11,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from services.client.table_load import checkpoint_tables, write_table_slots
 from tests.fixtures_procs import cluster_fixture
 from tests.worker_proc import ROOT, WorkerProcess, shared_tiny_checkpoint
-from trainer.checkpoint import load_model
 
 cluster = cluster_fixture(num_shards=2, overrides=[])
 pytestmark = pytest.mark.timeout(180)

@@ -11,7 +11,8 @@ import pytest
 
 import engram.data as datamod
 from engram.config import ConfigError, tiny
-from engram.data import TokenDataset, corpus_files, iter_documents, prepare_data, tokenize_to_memmap
+from engram.corpus import corpus_files, iter_documents
+from engram.data import TokenDataset, prepare_data, tokenize_to_memmap
 from engram.tokenizer import EOT_ID, train_bpe
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.data import prepare_data
 from tests.corpus import write_code_corpus
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 pytestmark = pytest.mark.timeout(180)

@@ -136,7 +136,7 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
     on the shards equals bit for bit (tests/test_remote_training.py, benchmarks/sync_equivalence.py);
     benchmarks/failover.py also compares against an unfaulted R=2 cluster run.
     """
-    from trainer.checkpoint import load_model
+    from engram.checkpoint import load_model
     from trainer.local import train_local
 
     write_code_corpus(tmp_path / "corpus.txt")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
-from trainer.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "engram"

@@ -11,10 +11,10 @@ import torch
 from benchmarks.quality import main as quality_main
 from benchmarks.quality import param_counts, same_params_hidden, variant_config
 from benchmarks.seed_stats import summarize, t975
+from engram.checkpoint import load_model
 from engram.config import ConfigError, load_config
 from engram.data import prepare_data
 from tests.corpus import write_code_corpus
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 

@@ -78,8 +78,8 @@ def test_engram_train_ray_sigkilled_then_resumed(tmp_path) -> None:
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["resumed_from"] in (10, 15)
 
+    from engram.checkpoint import load_model
     from engram.data import prepare_data
-    from trainer.checkpoint import load_model
     from trainer.local import train_local
 
     cfg = load_config("tiny", None, [a for a in args[args.index("--set"):] if a != "--set"]

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.data import prepare_data
 from services.client import ShardError
 from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
 from tests.corpus import write_code_corpus
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 ray = pytest.importorskip("ray")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.otlp_receiver import OtlpReceiver
+from scripts.otlp_receiver import OtlpReceiver
 from tests.trace_run import traced_run
 
 ROOT = Path(__file__).resolve().parents[1]

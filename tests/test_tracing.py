@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from engram.config import ConfigError
+from scripts.otlp_receiver import OtlpReceiver
 from services import telemetry
 from services.client import ShardClient
 from services.launcher import LocalCluster
-from tests.otlp_receiver import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 RPC = "/engram.shard.v1.MemoryShard/Lookup"

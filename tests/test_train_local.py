@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.data import prepare_data
 from tests.corpus import write_code_corpus
-from trainer.checkpoint import load_model
 from trainer.local import train_local
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from tests.worker_proc import shared_tiny_checkpoint
-from trainer.checkpoint import load_model
 from worker.detok import IncrementalDetokenizer, StopText
 
 

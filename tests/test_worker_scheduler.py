@@ -11,11 +11,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from engram.config import load_config
 from engram.model import EngramLM
 from tests.fixtures_procs import cluster_fixture
 from tests.worker_proc import shared_tiny_checkpoint
-from trainer.checkpoint import load_model
 from worker.prefetch import LocalRowSource, PrefetchPipeline
 from worker.runtime import remote_source
 from worker.scheduler import Overloaded, Scheduler

@@ -11,10 +11,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
-from trainer.checkpoint import load_model
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
     from otlp_json import check_trace, to_otlp_json
 
-    from tests.otlp_receiver import OtlpReceiver
+    from scripts.otlp_receiver import OtlpReceiver
 
     with tempfile.TemporaryDirectory() as tmp, OtlpReceiver() as rx:
         trace_id, requests = traced_run(Path(tmp), rx)

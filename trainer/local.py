@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engram.checkpoint import load_checkpoint, save_checkpoint
 from engram.config import Config
 from engram.data import TokenDataset, prepare_data
 from engram.model import EngramLM
 from engram.precision import configure_tf32
-from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.plots import plot_loss_curves
 from trainer.step import build_optimizers, evaluate, local_slice, set_lr, step_flops
 

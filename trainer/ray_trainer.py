@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engram.checkpoint import atomic_torch_save, save_checkpoint
 from engram.config import Config, ConfigError, config_from_dict
 from engram.data import prepare_data
 from engram.engram_layer import LocalEngramTable
@@ -32,7 +33,6 @@ from engram.model import EngramLM
 from engram.precision import configure_tf32
 from services.client import ShardError
 from services.client.sync import SyncShardClient
-from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.local import TrainResult
 from trainer.plots import plot_loss_curves
 from trainer.remote_step import RemoteStep
@@ -303,7 +303,7 @@ def _restore(cfg: Config, ckpt_dir: Path) -> int:
 
 
 def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
-    """Dense state of `ckpt_dir` + tables pulled from the shards -> a trainer.checkpoint file."""
+    """Dense state of `ckpt_dir` + tables pulled from the shards -> an engram.checkpoint file."""
     tokenizer, vocab, _ = data
     state = torch.load(ckpt_dir / DENSE_FILE, map_location="cpu", weights_only=False)
     model = EngramLM(cfg, vocab.lookup)

@@ -107,12 +107,12 @@ class Prefetch:
 class RemoteStep:
     def __init__(
         self, *, model: EngramLM, ddp: torch.nn.Module, shards: SyncShardClient, backbone_opt: torch.optim.Optimizer,
-        cfg: Config, rank: int, world: int, device: str, timeout_s: float = 120.0,
+        cfg: Config, rank: int, world: int, device: str, timeout_s: float | None = None,
     ) -> None:
         self.model, self.ddp, self.shards, self.opt = model, ddp, shards, backbone_opt
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.mode, self.k = cfg.dist.mode, cfg.dist.staleness
-        self.timeout_s = timeout_s
+        self.timeout_s = cfg.dist.step_timeout_s if timeout_s is None else timeout_s
         self.staleness = StalenessStats()
         self._next: Prefetch | None = None
         self._pushes: list[cf.Future] = []  # async: answered in order, errors raised on the training thread

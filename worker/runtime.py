@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import cast
 
 import torch
@@ -31,12 +28,7 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"{item.partition('=')[0]}: a trained checkpoint fixes the model; only "
                 f"{' and '.join(s + '.*' for s in SERVING_SECTIONS)} can be overridden when serving"
             )
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg.to_dict(), f)
-    try:
-        return load_config("tiny", f.name, overrides)  # the file sets every field; the preset is irrelevant
-    finally:
-        Path(f.name).unlink(missing_ok=True)
+    return load_config(overrides=overrides, base=cfg)
 
 
 def remote_source(cfg: Config, device: torch.device) -> RowSource:
@@ -121,7 +113,7 @@ def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:
 
 
 def load_engine(checkpoint: str, overrides: list[str]) -> tuple[ModelEngine, Tokenizer, Config]:
-    from trainer.checkpoint import load_model
+    from engram.checkpoint import load_model
 
     model, cfg, tok_json = load_model(checkpoint)
     cfg = with_overrides(cfg, overrides)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
+from engram.checkpoint import load_model
 from engram.decode import SeqState, extend, make_pool
-from trainer.checkpoint import load_model
 from worker.engine import sample_next
 
 

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from engram.config import Config
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.grpc_options import enable_reflection
 from worker.batcher import DynamicBatcher
 from worker.engine import ModelEngine, Work
 from worker.prefetch import RowsUnavailable
@@ -188,6 +189,7 @@ async def serve(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, SERVICE_NAME)
     bound = server.add_insecure_port(f"{host}:{cfg.worker.port if port is None else port}")
     await server.start()
     for name in ("", SERVICE_NAME):

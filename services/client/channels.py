@@ -9,21 +9,15 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from proto.shard.v1 import shard_pb2_grpc
+from services import grpc_options
 from services.client.codec import decode_lookup_response
 
 LOOKUP_METHOD = "/engram.shard.v1.MemoryShard/Lookup"
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
-    limit = int(max_message_mb) << 20
-    return [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        # a restarted shard is found again within ~0.1-1 s, not grpc's default 1-120 s backoff
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-    ]
+def channel_options(max_message_mb: int, *, keepalive_s: float = 30.0) -> list[tuple[str, Any]]:
+    """services.grpc_options' channel settings for a client of shards with these cluster limits."""
+    return grpc_options.channel_options(max_message_bytes=int(max_message_mb) << 20, keepalive_s=keepalive_s)
 
 
 @dataclass(slots=True)

@@ -96,7 +96,8 @@ class ShardClient(ShardOps):
         self.chunk_bytes = int(chunk_bytes)
         self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses),
                                 holder_matrix(list(owners), replicas))
-        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb), *channel_args])
+        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s),
+                                  *channel_args])
         self._refresh_lock = asyncio.Lock()
         self.replica_switches = 0  # lookups sent again to another holder of their slots
         self._refreshed_at = 0.0

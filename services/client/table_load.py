@@ -19,7 +19,6 @@ a directory the shards can read (cluster.checkpoint_dir), then `ShardClient.rest
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engram.fileio import atomic_write_text
 from engram.layout import TableLayout, slot_num_rows
 from services.shard.checkpoint import SlotMeta, fsync_dir, slot_path, write_slot
 from services.shard.memory import alloc_state
@@ -37,9 +37,7 @@ PROGRESS = "progress.json"
 
 
 def _save_progress(directory: Path, done: dict[str, dict]) -> None:
-    tmp = directory / f".{PROGRESS}.tmp"
-    tmp.write_text(json.dumps(done))
-    os.replace(tmp, directory / PROGRESS)
+    atomic_write_text(directory / PROGRESS, json.dumps(done))
 
 
 def write_table_slots(

@@ -17,7 +17,7 @@ import sys
 import uvloop
 
 from engram.config import ConfigError, load_config
-from engram_cli.main import add_config_args
+from engram.config_args import add_config_args
 from services.shard.errors import BootError
 
 
@@ -31,12 +31,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--standalone", action="store_true",
         help="no control plane: slot map = even split of cluster.num_slots over cluster.num_shards, epoch 1",
     )
-    parser.add_argument("--threads", type=int, default=0, help="worker threads (0: cores + 2, at most 8)")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: cores // 4)")
-    parser.add_argument("--grace-s", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    parser.add_argument("--threads", type=int, default=None, help="cluster.shard_threads (0: cores + 2, at most 8)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="cluster.shard_torch_threads: torch intra-op threads (0: cores // 4)")
+    parser.add_argument("--grace-s", type=float, default=None,
+                        help="cluster.shard_grace_s: seconds in-flight calls get at shutdown (default 5)")
     parser.add_argument(
-        "--pending-wait-s", type=float, default=60.0,
-        help="sync mode: how long a gradient of step s+1 waits for step s to collect its parts (then ABORTED)",
+        "--pending-wait-s", type=float, default=None,
+        help="cluster.pending_wait_s: sync mode: how long a gradient of step s+1 waits for step s to collect "
+             "its parts (then ABORTED; default 60)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -49,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        flags = {"shard_threads": args.threads, "shard_torch_threads": args.torch_threads,
+                 "shard_grace_s": args.grace_s, "pending_wait_s": args.pending_wait_s}
+        cfg = load_config(args.preset, args.config, args.overrides,
+                          data={"cluster": {k: v for k, v in flags.items() if v is not None}})
         if args.shard_id < 0:
             raise ConfigError(f"--shard-id: must be >= 0, got {args.shard_id}")
         if not 0 <= args.port < 65536:
@@ -68,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
             opts = ServeOptions(
                 shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
-                standalone=args.standalone, threads=args.threads, torch_threads=args.torch_threads,
-                grace_s=args.grace_s, pending_wait_s=args.pending_wait_s,
+                standalone=args.standalone, threads=cfg.cluster.shard_threads,
+                torch_threads=cfg.cluster.shard_torch_threads, grace_s=cfg.cluster.shard_grace_s,
+                pending_wait_s=cfg.cluster.pending_wait_s,
             )
             return uvloop.run(serve(cfg, opts))
         finally:

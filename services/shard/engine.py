@@ -35,6 +35,7 @@ import psutil
 from engram.config import ClusterConfig
 from engram.layout import slot_num_rows
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.grpc_options import channel_options
 from services.shard import checkpoint as ckpt
 from services.shard.aggregate import StepAggregator
 from services.shard.errors import Code, ShardError, invalid, precondition
@@ -342,8 +343,8 @@ class ShardEngine:
                             sent["bytes"] += len(chunk.weights) + len(chunk.state)
                             yield chunk
 
-            opts = [("grpc.max_send_message_length", self.max_message_bytes),
-                    ("grpc.max_receive_message_length", self.max_message_bytes)]
+            opts = channel_options(max_message_bytes=self.max_message_bytes, keepalive_s=self.limits.keepalive_s,
+                                   retries=False)  # ImportSlots streams: never resent by the channel
             try:
                 async with grpc.aio.insecure_channel(req.target, options=opts) as channel:
                     resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(

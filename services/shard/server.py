@@ -36,6 +36,7 @@ from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.control.failover import FailoverLoop, rejoin
 from services.control.store import SlotMap
+from services.grpc_options import enable_reflection, server_options
 from services.shard import memory
 from services.shard.dataplane import DataPlane
 from services.shard.engine import ShardEngine
@@ -201,17 +202,12 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
 
     c = cfg.cluster
     server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.so_reuseport", 0),
-                 # close half-open connections (no ping answer) and idle ones; clients reconnect on their own
-                 ("grpc.keepalive_time_ms", int(c.keepalive_s * 1000)),
-                 ("grpc.keepalive_timeout_ms", int(c.keepalive_s * 1000 / 3)),
-                 ("grpc.keepalive_permit_without_calls", 1),
-                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                 ("grpc.max_connection_idle_ms", int(c.idle_connection_s * 1000))],
+        options=server_options(max_message_bytes=max_bytes, keepalive_s=c.keepalive_s,
+                               idle_connection_s=c.idle_connection_s),
         maximum_concurrent_rpcs=c.max_concurrent_rpcs,
     )
     add_to_server(MemoryShardServicer(engine), server)
+    enable_reflection(server, SERVICE_NAME)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):

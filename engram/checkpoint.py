@@ -1,8 +1,9 @@
-"""Local checkpoints: model, optimizers, config and tokenizer in one file, written atomically."""
+"""The checkpoint format: model, optimizers, config and tokenizer in one file, written atomically.
+
+Below both its writers (trainer/) and its readers (worker/, benchmarks): files only, no network."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +11,14 @@ import numpy as np
 import torch
 
 from engram.config import Config, config_from_dict
+from engram.fileio import atomic_open
 from engram.model import EngramLM
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """write tmp -> fsync -> rename -> fsync dir: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, durable=True) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(

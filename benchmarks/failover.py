@@ -150,7 +150,10 @@ def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             losses, dense, rows = train_remote(cfg, data, steps=steps, on_step=None if name == "clean" else fault)
             wall = time.monotonic() - t0
             try:
-                smap = wait_for("R holders", lambda c=cluster: fully_replicated(c, {0, 1}), args.wait_s)
+                def replicated(c: LocalCluster = cluster) -> Any:
+                    return fully_replicated(c, {0, 1})
+
+                smap = wait_for("R holders", replicated, args.wait_s)
                 tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
                 addresses = rows.client.addresses
                 same = all(torch.equal(holder_rows(cfg, smap, addresses, 0, t, tables[t].shape[0]),

@@ -19,7 +19,7 @@ or a Ray Train checkpoint holding the dense state and the shards' manifest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +36,25 @@ LOSS_READ_EVERY = 10  # steps between reads of the training loss (each read wait
 
 StepHook = Callable[[int, int], None]  # (1-based step just trained, rank): fault injection in tests
 Batches = Sequence[tuple[np.ndarray, np.ndarray]]
+
+
+class Bar(Protocol):
+    """The loop's progress display: a tqdm, or trainer.ray_console.QueueBar on a Ray worker."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def set_postfix(self, post: dict) -> None: ...
+
+    def write(self, line: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+BarFactory = Callable[..., Bar]  # (steps: range, *, desc: str, enabled: bool) -> Bar
+
+
+def console_bar(steps: range, *, desc: str, enabled: bool) -> Bar:
+    return tqdm(steps, disable=not enabled, desc=desc, mininterval=1.0, dynamic_ncols=True)  # type: ignore[return-value]
 
 
 class StepBackend(Protocol):
@@ -130,13 +149,13 @@ def _read(pending: list) -> list[float]:
 def run_loop(
     *, cfg: Config, backend: StepBackend, dataset: TokenDataset, checkpointer: Checkpointer, sync: GradSync,
     start: int = 0, history: dict | None = None, label: str = "train", stop_at: int | None = None,
-    on_step: StepHook | None = None,
+    on_step: StepHook | None = None, make_bar: BarFactory = console_bar,
 ) -> LoopStats:
     """Train steps start+1 .. train.steps (or `stop_at`) -> the loop's statistics.
 
     The batch sequence is the one `train.seed` gives: a resumed run replays the sampler first.
     `stop_at` ends the run early, after that step's checkpoint. `on_step(step, rank)` runs after
-    each step's update (tests inject faults there).
+    each step's update (tests inject faults there). `make_bar` draws the progress (rank 0).
     """
     t = cfg.train
     history = history if history is not None else {"train_losses": [], "val_losses": []}
@@ -146,8 +165,7 @@ def run_loop(
         dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
     eval_batches = list(dataset.iter_eval_batches("val", batch_size=t.batch_size, seq_len=t.seq_len,
                                                   num_batches=t.eval_batches))
-    bar = tqdm(range(start, t.steps), disable=sync.rank != 0 or not t.progress, desc=label,
-               mininterval=1.0, dynamic_ncols=True)
+    bar = make_bar(range(start, t.steps), desc=label, enabled=sync.rank == 0 and t.progress)
     pending: list = []  # losses of the steps since the last read (device tensors or floats)
 
     def read_losses() -> None:

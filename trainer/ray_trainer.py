@@ -59,9 +59,16 @@ def absolute_paths(cfg: Config) -> Config:
 def init_ray(address: str | None = None, **kw) -> None:  # type: ignore[no-untyped-def]
     """ray.init for this repo: local workers find the packages through PYTHONPATH (inherited by
     the raylet, so prestarted default workers can host the actors); a remote cluster gets this
-    checkout as its working_dir."""
+    checkout as its working_dir.
+
+    The console stays the driver's (trainer.ray_console): workers' output and Ray's INFO logs go
+    to Ray's log files, not to the driver (`log_to_driver=False`, logging at WARNING)."""
+    import logging
+
     import ray
 
+    kw.setdefault("log_to_driver", False)
+    kw.setdefault("logging_level", logging.WARNING)
     if address:
         # A source checkout travels as the job's working_dir; an installed package (the container
         # image: REPO_ROOT is site-packages) is already on every node of the cluster.
@@ -221,19 +228,18 @@ def train_ray(
     manifest). `on_step(step, rank)` runs in every worker after each step (tests inject faults).
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainer.ray_console import CheckpointLog
+    from trainer.ray_console import CheckpointLog, DriverConsole, new_queue
 
     check_dist_config(cfg, gpus=None)  # the GPU count is checked below, once Ray is connected
     cfg = absolute_paths(config_from_dict(cfg.to_dict()))
     data = data if data is not None else prepare_data(cfg)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        latest_checkpoint_step(cfg)  # fail fast when there is nothing to resume from
-    else:
+    start = latest_checkpoint_step(cfg) if resume else 0  # fail fast when there is nothing to resume from
+    if not resume:
         _fresh_run(cfg)
     if not ray.is_initialized():
         init_ray(cfg.dist.ray_address)
@@ -241,20 +247,23 @@ def train_ray(
     assert workers is not None, "Ray is connected: its GPUs are known"
     cfg.dist.num_workers = workers  # resolved: 0 -> one per GPU
     run_id = f"{out.name}-{int(time.time())}"
+    queue = new_queue()
     loop_cfg = {
         "config": cfg.to_dict(), "stop_at": stop_at, "on_step": on_step, "label": label, "run_id": run_id,
         "torch_threads": torch_threads, "shard_ckpt_dir": str(Path(cfg.cluster.checkpoint_dir) / run_id),
+        "console": queue,
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                                      resources_per_worker={"CPU": 1} if not cfg.dist.use_gpu else None),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(out), failure_config=FailureConfig(max_failures=0),
-                             callbacks=[CheckpointLog()]),
+                             callbacks=[CheckpointLog(queue)], logging_config=LoggingConfig(log_level="WARNING")),
     )
-    fit = trainer.fit()
+    with DriverConsole(queue, label=label, start=start, total=cfg.train.steps, show_bar=cfg.train.progress):
+        fit = trainer.fit()
     m = fit.metrics or {}
-    start = int(m.get("resumed_from", 0))
+    start = int(m.get("resumed_from", start))
     result = RayTrainResult(
         final_val_loss=m["val_losses"][-1][1] if m.get("val_losses") else float("nan"),
         train_losses=list(m.get("train_losses", [])), val_losses=[tuple(v) for v in m.get("val_losses", [])],

@@ -28,7 +28,7 @@ from engram.precision import configure_tf32
 from services.client import ShardError
 from services.client.sync import SyncShardClient
 from trainer.checkpoint import atomic_torch_save
-from trainer.loop import DDPSync, GradSync, LoopStats, NoSync, mean_timings, run_loop
+from trainer.loop import Bar, DDPSync, GradSync, LoopStats, NoSync, console_bar, mean_timings, run_loop
 from trainer.remote_step import RemoteStep
 from trainer.step import build_optimizers
 
@@ -158,10 +158,17 @@ def train_loop(loop_cfg: dict) -> None:
     checkpointer = RayCheckpointer(cfg=cfg, model=model, optimizer=backbone_opt, step_runner=step_runner, rows=rows,
                                    sync=sync, shard_ckpt_dir=Path(loop_cfg["shard_ckpt_dir"]),
                                    run_id=loop_cfg["run_id"], resumed_from=start)
+    queue = loop_cfg.get("console")  # trainer.ray_console: the driver draws the progress
+
+    def make_bar(steps: range, *, desc: str, enabled: bool) -> Bar:
+        from trainer.ray_console import QueueBar
+
+        return QueueBar(queue, steps, enabled=enabled) if queue is not None else console_bar(steps, desc=desc, enabled=enabled)
+
     try:
         run_loop(cfg=cfg, backend=step_runner, dataset=dataset, checkpointer=checkpointer, sync=sync, start=start,
                  history=history, label=loop_cfg.get("label", "ray"), stop_at=loop_cfg.get("stop_at"),
-                 on_step=loop_cfg.get("on_step"))
+                 on_step=loop_cfg.get("on_step"), make_bar=make_bar)
     finally:
         step_runner.close()
         rows.close()

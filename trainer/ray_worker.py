@@ -102,6 +102,11 @@ class RayCheckpointer:
             (Path(tmp) / MANIFEST_FILE).write_text(json.dumps(manifest))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{done:06d}")
+        # Ray Train registers a report when its controller next polls the workers: wait for that, so
+        # that a trainer killed after this line resumes from this step (the other workers wait in
+        # the next step's all-reduce)
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=300)
 
 
 def _resume_state(cfg: Config, *, rank: int, device: str) -> dict | None:

@@ -130,7 +130,7 @@ def train_remote(
         nxt = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
         if on_step is not None and on_step(step0):
             break
-        losses.append(runner.train_step(step0, x, y, next_x=nxt[0] if step0 + 1 < steps else None).loss)
+        losses.append(float(runner.train_step(step0, x, y, next_x=nxt[0] if step0 + 1 < steps else None).loss))
     runner.settle(len(losses))
     runner.close()
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, rows

@@ -139,5 +139,7 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
           f"{100 * tm.get('blocked_fraction', 0):.1f}% of {tm.get('wall', 0):.1f} s (lookups "
           f"{tm.get('lookup', 0):.1f} s, pushes {tm.get('push', 0):.1f} s, per worker)); "
           f"checkpoint {result.checkpoint or '(run stopped early)'}")
+    if not address:
+        print("Ray's own output (workers, controller): /tmp/ray/session_latest/logs")
     _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
     return 0

@@ -30,6 +30,7 @@ from services.client import ShardError
 from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
 from tests.corpus import write_code_corpus
+from tests.faults import ExitAfter
 from trainer.local import train_local
 
 ray = pytest.importorskip("ray")
@@ -144,7 +145,7 @@ def test_crash_then_resume_on_other_worker_and_shard_counts(ray_session, workdir
     try:
         cfg = load_config("tiny", None, ov)
         with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
-            train_ray(cfg, data=data, crash_at=13)
+            train_ray(cfg, data=data, on_step=ExitAfter(13))
         assert [d.name for d in checkpoint_dirs(cfg)] == ["step_000010"]
         with SyncShardClient.connect(cfg) as rows:
             assert min(rows.applied_steps().values()) == 13  # the shards went past the checkpoint

@@ -1,4 +1,4 @@
-"""Single-process training: the reference the distributed trainer must equal in sync mode."""
+"""Single-process training (trainer.loop with local rows): the reference sync distributed training must equal."""
 
 from __future__ import annotations
 
@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engram.checkpoint import load_checkpoint, save_checkpoint
 from engram.config import Config
 from engram.data import TokenDataset, prepare_data
 from engram.model import EngramLM
 from engram.precision import configure_tf32
+from engram.row_optim import SparseRowAdam
+from trainer.loop import Batches, LoopStats, NoSync, run_loop
 from trainer.plots import plot_loss_curves
-from trainer.step import build_optimizers, evaluate, local_slice, set_lr, step_flops
-
-LOSS_READ_EVERY = 10  # steps between reads of the training loss (each read waits for the GPU)
+from trainer.step import StepOut, build_optimizers, evaluate, local_slice, set_lr, step_flops
 
 
 @dataclass
@@ -51,6 +50,57 @@ def accumulate_grads(model: EngramLM, x: np.ndarray, y: np.ndarray, *, micro_bat
     return total / micro_batches
 
 
+class LocalStep:
+    """The local row backend of trainer.loop: the model's own tables and lazy Adam, no gradient sync,
+    `train.grad_accum` micro-batches per step (the split W Ray workers would train on)."""
+
+    rows_remote = False
+
+    def __init__(self, *, model: EngramLM, backbone_opt: torch.optim.Optimizer, engram_opt: SparseRowAdam | None,
+                 cfg: Config) -> None:
+        self.model, self.backbone_opt, self.engram_opt, self.t = model, backbone_opt, engram_opt, cfg.train
+
+    def train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None) -> StepOut:
+        t0 = time.perf_counter()
+        lr = set_lr(step0, self.t, self.backbone_opt, self.engram_opt)
+        self.backbone_opt.zero_grad(set_to_none=True)
+        if self.engram_opt is not None:
+            self.engram_opt.zero_grad(set_to_none=True)
+        loss = accumulate_grads(self.model, x_BT, y_BT, micro_batches=self.t.grad_accum, device=self.t.device)
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.dense_parameters(), self.t.grad_clip)
+        self.backbone_opt.step()
+        if self.engram_opt is not None:
+            self.engram_opt.step()
+        return StepOut(loss=loss.detach(), tokens=x_BT.size, lr=lr, compute_s=time.perf_counter() - t0)
+
+    def evaluate(self, batches: Batches, step: int) -> float:
+        return evaluate(self.model, batches, self.t.device)
+
+    def settle(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(kw_only=True)
+class LocalCheckpointer:
+    """<out_dir>/checkpoint.pt: model, both optimizers, config, tokenizer and the loss history."""
+
+    path: Path
+    cfg: Config
+    model: EngramLM
+    optimizers: tuple
+    compress_lookup: np.ndarray
+    tokenizer_json: str
+
+    def save(self, stats: LoopStats, *, final: bool) -> None:
+        save_checkpoint(self.path, model=self.model, optimizers=self.optimizers, step=stats.step, cfg=self.cfg,
+                        compress_lookup=self.compress_lookup, tokenizer_json=self.tokenizer_json,
+                        history=stats.history)
+
+
 def train_local(
     cfg: Config, *, data: tuple | None = None, resume: bool = False, label: str | None = None,
     stop_at: int | None = None,
@@ -68,65 +118,23 @@ def train_local(
     backbone_opt, engram_opt = build_optimizers(model, t)
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = TrainResult(final_val_loss=float("nan"), compression_ratio=vocab.ratio)
-    start_step = 0
     ckpt_path = out / "checkpoint.pt"
+    start, history = 0, None
     if resume and ckpt_path.exists():
-        start_step, history = load_checkpoint(ckpt_path, model, backbone_opt, engram_opt)
-        result.train_losses, result.val_losses = history["train_losses"], [tuple(v) for v in history["val_losses"]]
-    rng = np.random.default_rng(t.seed)
-    for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
-        dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
-    eval_batches = list(dataset.iter_eval_batches("val", batch_size=t.batch_size, seq_len=t.seq_len, num_batches=t.eval_batches))
-    result.step_flops = step_flops(model, batch_size=t.batch_size, seq_len=t.seq_len)
-
-    pending: list[torch.Tensor] = []  # per-step losses still on the device
-
-    def read_losses() -> None:
-        """One device -> host read for the steps since the last: the CPU runs ahead in between."""
-        if pending:
-            result.train_losses.extend(torch.stack(pending).tolist())
-            pending.clear()
-
-    def checkpoint(step: int) -> None:
-        read_losses()
-        history = {"train_losses": result.train_losses, "val_losses": result.val_losses}
-        save_checkpoint(ckpt_path, model=model, optimizers=(backbone_opt, engram_opt), step=step, cfg=cfg,
-                        compress_lookup=vocab.lookup, tokenizer_json=tokenizer.to_str(), history=history)
-
-    bar = tqdm(range(start_step, t.steps), disable=not t.progress, desc=label or "train", dynamic_ncols=True)
-    tokens, t0 = 0, time.perf_counter()
+        start, history = load_checkpoint(ckpt_path, model, backbone_opt, engram_opt)
+        history["val_losses"] = [tuple(v) for v in history["val_losses"]]
+    checkpointer = LocalCheckpointer(path=ckpt_path, cfg=cfg, model=model, optimizers=(backbone_opt, engram_opt),
+                                     compress_lookup=vocab.lookup, tokenizer_json=tokenizer.to_str())
     model.train()
-    for step in bar:
-        lr = set_lr(step, t, backbone_opt, engram_opt)
-        x, y = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
-        backbone_opt.zero_grad(set_to_none=True)
-        if engram_opt is not None:
-            engram_opt.zero_grad(set_to_none=True)
-        loss = accumulate_grads(model, x, y, micro_batches=t.grad_accum, device=t.device)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.dense_parameters(), t.grad_clip)
-        backbone_opt.step()
-        if engram_opt is not None:
-            engram_opt.step()
-        pending.append(loss.detach())
-        tokens += x.size
-        done = step + 1
-        if done % LOSS_READ_EVERY == 0 or done == t.steps or (stop_at is not None and done >= stop_at):
-            read_losses()
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{result.train_losses[-1]:.3f}", lr=f"{lr:.1e}",
-                            tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
-        if done % t.eval_every == 0 or done == t.steps:
-            result.val_losses.append((done, evaluate(model, eval_batches, t.device)))
-            bar.write(f"{label or 'train'} step {done}: val loss {result.val_losses[-1][1]:.4f}")
-        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
-            checkpoint(done)
-        if stop_at is not None and done >= stop_at:
-            break
-    result.tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
-    result.final_val_loss = result.val_losses[-1][1] if result.val_losses else float("nan")
-    result.checkpoint = str(ckpt_path)
+    stats = run_loop(cfg=cfg, backend=LocalStep(model=model, backbone_opt=backbone_opt, engram_opt=engram_opt, cfg=cfg),
+                     dataset=dataset, checkpointer=checkpointer, sync=NoSync(model), start=start, history=history,
+                     label=label or "train", stop_at=stop_at)
+    h = stats.history
+    result = TrainResult(
+        final_val_loss=h["val_losses"][-1][1] if h["val_losses"] else float("nan"), train_losses=h["train_losses"],
+        val_losses=h["val_losses"], tokens_per_s=stats.tokens_per_s, compression_ratio=vocab.ratio,
+        step_flops=step_flops(model, batch_size=t.batch_size, seq_len=t.seq_len), checkpoint=str(ckpt_path),
+    )
     plot_loss_curves({label or "train": result}, out / "loss.png")
     (out / "result.json").write_text(json.dumps({
         "final_val_loss": result.final_val_loss, "val_losses": result.val_losses,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -52,28 +53,13 @@ from engram.row_optim import AdamParams
 from services import telemetry
 from services.client import ShardError
 from services.client.sync import SyncShardClient
-from trainer.step import local_slice, lr_factor, set_lr
+from trainer.step import StepOut, local_slice, lr_factor, set_lr
 
 Indices = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (unique (U,), inverse (B, T, Hn))
 
 
 class StaleRowsError(RuntimeError):
     """The shards are ahead of (or too far behind) the step the trainer is computing."""
-
-
-@dataclass
-class StepOut:
-    loss: float  # mean loss over the global batch (all-reduced)
-    tokens: int  # tokens of the global batch
-    staleness: int  # steps of updates the rows of this step missed (max over tables/shards)
-    lookup_s: float = 0.0  # blocked: waiting for this step's rows
-    compute_s: float = 0.0
-    push_s: float = 0.0  # blocked: waiting for this step's push to be answered (sync)
-    reread_rows: int = 0  # rows of the prefetch read again because the previous step updated them
-
-    @property
-    def blocked_s(self) -> float:
-        return self.lookup_s + self.push_s
 
 
 @dataclass
@@ -105,6 +91,10 @@ class Prefetch:
 
 
 class RemoteStep:
+    """The remote row backend of trainer.loop: this worker's slice, rows from the shards, DDP for the dense part."""
+
+    rows_remote = True
+
     def __init__(
         self, *, model: EngramLM, ddp: torch.nn.Module, shards: SyncShardClient, backbone_opt: torch.optim.Optimizer,
         cfg: Config, rank: int, world: int, device: str, timeout_s: float | None = None,
@@ -260,7 +250,7 @@ class RemoteStep:
         self._prefetch_next(step, next_x)
         y = torch.from_numpy(local_slice(y_BT, self.rank, self.world)).to(self.device)
         x = torch.from_numpy(local_slice(x_BT, self.rank, self.world)).to(self.device)  # (B/world, T)
-        set_lr(step0, t, self.opt)
+        lr = set_lr(step0, t, self.opt)
         self.opt.zero_grad(set_to_none=True)
         _, loss = self.ddp(x, y, engram_rows=engram_rows)
         loss.backward()
@@ -287,7 +277,7 @@ class RemoteStep:
             global_loss /= self.world
         self._reread(step, x_BT)
         t4 = time.perf_counter()
-        return StepOut(loss=float(global_loss), tokens=x_BT.size, staleness=stale, lookup_s=t1 - t0,
+        return StepOut(loss=float(global_loss), tokens=x_BT.size, staleness=stale, lr=lr, lookup_s=t1 - t0,
                        compute_s=(t2 - t1) + (t4 - t3), push_s=t3 - t2, reread_rows=reread)
 
     def settle(self, step: int) -> None:
@@ -296,7 +286,7 @@ class RemoteStep:
         self.shards.wait_applied(step, timeout_s=self.timeout_s)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[tuple[np.ndarray, np.ndarray]], step: int) -> float:
+    def evaluate(self, batches: Sequence[tuple[np.ndarray, np.ndarray]], step: int) -> float:
         """Mean validation loss over `batches` (split round-robin over workers) after `step` is applied."""
         self.settle(step)
         self.model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,6 +12,24 @@ import torch
 from engram.config import TrainConfig
 from engram.model import EngramLM
 from engram.row_optim import SparseRowAdam
+
+
+@dataclass
+class StepOut:
+    """What one optimizer step reports to the training loop (trainer.loop)."""
+
+    loss: float | torch.Tensor  # mean loss over the global batch (a device tensor: read later, in bulk)
+    tokens: int  # tokens of the global batch
+    staleness: int = 0  # steps of updates the rows of this step missed (remote rows, async)
+    lr: float = 0.0  # the backbone's learning rate of this step
+    lookup_s: float = 0.0  # blocked: waiting for this step's rows
+    compute_s: float = 0.0
+    push_s: float = 0.0  # blocked: waiting for this step's push to be answered (sync)
+    reread_rows: int = 0  # rows of the prefetch read again because the previous step updated them
+
+    @property
+    def blocked_s(self) -> float:
+        return self.lookup_s + self.push_s
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

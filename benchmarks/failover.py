@@ -119,7 +119,7 @@ def lookup_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from tests.corpus import write_code_corpus
+    from engram.corpus import write_code_corpus
 
     write_code_corpus(root / "corpus.txt")
     steps = args.steps

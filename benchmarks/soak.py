@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every-s", type=float, default=30.0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from tests.corpus import write_code_corpus
+    from engram.corpus import write_code_corpus
 
     report: dict[str, Any] = {"machine": machine_info(), "minutes": args.minutes, "every_s": args.every_s}
     with tempfile.TemporaryDirectory(prefix="engram-soak-") as tmp:

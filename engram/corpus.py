@@ -116,3 +116,13 @@ def files_fingerprint(files: Iterable[Path]) -> list[tuple[str, int, int]]:
 def cache_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def write_code_corpus(path: Path, *, functions: int = 400) -> Path:
+    """A small synthetic corpus for tests and benchmarks: repetitive Python-like text with recurring
+    n-grams (no downloads); -> path."""
+    path.write_text("\n".join(
+        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n"
+        for i in range(functions)
+    ))
+    return path

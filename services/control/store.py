@@ -33,9 +33,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+import services.control.replicas as replica_math
 from engram.config import Config, ConfigError, config_from_dict
 from engram.layout import even_slot_map
-from services.control import replicas as replica_math
 
 T = TypeVar("T")
 MANIFEST_HISTORY = 20

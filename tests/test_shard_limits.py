@@ -79,7 +79,7 @@ def test_partial_multi_part_step_expires(pair):
     mine = rows_of(OWNERS, 1)[:4]
     step = _applied(c) + 1
     assert c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=2).pending
-    ckpt = shard_pb2.CheckpointRequest(directory="/tmp/engram-test-never-written", step=step)
+    ckpt = shard_pb2.CheckpointRequest(name="never-written", step=step)
     expect_error(lambda: c.stub.Checkpoint(ckpt, timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "collecting parts")
     expect_error(lambda: c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=1 << 20),
                  grpc.StatusCode.INVALID_ARGUMENT, "max_step_parts")

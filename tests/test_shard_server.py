@@ -236,7 +236,8 @@ async def _shards(url: str, namespace: str):
 
 def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs, tmp_path):  # noqa: F811
     asyncio.run(_init(redis_server.url, "two", 2, max_message_mb=1))
-    two = start_all([ShardProcess(redis_args(redis_server, "two", i)) for i in range(2)])
+    root = ["--set", f"cluster.checkpoint_dir={tmp_path}"]  # every shard's checkpoint root (requests name checkpoints)
+    two = start_all([ShardProcess([*redis_args(redis_server, "two", i), *root]) for i in range(2)])
     shard_procs.extend(two)
     owners2 = even_slot_map(NSLOTS, 2)
     clients = [Client(p.address) for p in two]
@@ -247,19 +248,19 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
             c.apply(rows, torch.from_numpy(rng.standard_normal((rows.size, DIM)).astype(F32)), step=step)
     files = []
     for c in clients:
-        files += c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck"), step=2), timeout=30).files
+        files += c.stub.Checkpoint(shard_pb2.CheckpointRequest(name="ck", step=2), timeout=30).files
     assert sorted(f.slot for f in files) == list(range(NSLOTS))
     everything = np.arange(NROWS)
     expected = torch.empty(NROWS, DIM)
     for shard, c in enumerate(clients):
         where = rows_of(owners2, shard)
         expected[where] = c.lookup(where)
-    manifest = {"step": 2, "directory": str(tmp_path / "ck"),
+    manifest = {"step": 2, "name": "ck",
                 "files": [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
                           for f in files]}
 
     asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
-    three = start_all([ShardProcess(redis_args(redis_server, "three", i)) for i in range(3)])
+    three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
     shard_procs.extend(three)
     owners3 = even_slot_map(NSLOTS, 3)
     got = torch.empty(NROWS, DIM)
@@ -267,7 +268,7 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         c = Client(p.address)
         got[rows_of(owners3, shard)] = c.lookup(rows_of(owners3, shard))
         assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 2
-        again = c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck3"), step=2), timeout=30)
+        again = c.stub.Checkpoint(shard_pb2.CheckpointRequest(name="ck3", step=2), timeout=30)
         by_slot = {f.slot: f.sha256 for f in files}
         assert all(by_slot[f.slot] == f.sha256 for f in again.files)  # identical rows and optimizer state
     assert torch.equal(got, expected) and not torch.equal(got, init_table(everything))
@@ -294,18 +295,18 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
     path = tmp_path / "ck" / mine[-1].path
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
-    req = shard_pb2.RestoreRequest(directory=str(tmp_path / "ck"), files=files)
-    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "truncated")
+    req = shard_pb2.RestoreRequest(name="ck", files=files)
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, mine[-1].path, "truncated")
     damaged = bytearray(raw)
     damaged[-5] ^= 0x40
     path.write_bytes(bytes(damaged))
-    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "sha256 mismatch")
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, mine[-1].path, "sha256 mismatch")
     assert torch.equal(c.lookup(rows_of(owners3, 0)), before)
     assert c.serving() == health_pb2.HealthCheckResponse.SERVING
     # ... and a shard booting from that manifest refuses to start
     three[0].kill()
-    r = run_shard_to_exit(redis_args(redis_server, "three", 0))
-    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and str(path) in r.stderr
+    r = run_shard_to_exit([*redis_args(redis_server, "three", 0), *root])
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and mine[-1].path in r.stderr
 
 
 def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  # noqa: F811

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from engram.model import EngramLM
 from engram.precision import configure_tf32
 from services.client import ShardError
 from services.client.sync import SyncShardClient
+from services.torch_io import load_checkpoint_file
 from trainer.checkpoint import atomic_torch_save, save_checkpoint
 from trainer.local import TrainResult
 from trainer.plots import plot_loss_curves
@@ -161,7 +163,7 @@ def checkpoint_dirs(cfg: Config) -> list[Path]:
 def _intact(ckpt_dir: Path) -> bool:
     """A trainer killed while Ray copied a checkpoint to storage can leave a truncated file."""
     try:
-        torch.load(ckpt_dir / DENSE_FILE, map_location="cpu", weights_only=False)
+        load_checkpoint_file(ckpt_dir / DENSE_FILE)
         json.loads((ckpt_dir / MANIFEST_FILE).read_text())
     except Exception:  # noqa: BLE001 - any unreadable file means: not this one
         return False
@@ -206,7 +208,7 @@ def train_loop(loop_cfg: dict) -> None:
     start = 0
     history: dict[str, list] = {"train_losses": [], "val_losses": []}
     if loop_cfg.get("resume_dir"):
-        state = torch.load(Path(loop_cfg["resume_dir"]) / DENSE_FILE, map_location=device, weights_only=False)
+        state = load_checkpoint_file(Path(loop_cfg["resume_dir"]) / DENSE_FILE, map_location=device)
         model.load_state_dict(state["model"])
         backbone_opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), state["history"]
@@ -269,7 +271,7 @@ def train_loop(loop_cfg: dict) -> None:
             }
             state = manifest = None
             if rank == 0:
-                manifest = rows.checkpoint(Path(loop_cfg["shard_ckpt_dir"]) / f"step_{done:06d}", done,
+                manifest = rows.checkpoint(f"{loop_cfg['shard_ckpt_name']}/step_{done:06d}", done,
                                            extra={"run": loop_cfg["run_id"], "world": world})
                 state = {"step": done, "model": model.state_dict(), "optimizer": backbone_opt.state_dict(),
                          "history": history, "config": cfg.to_dict(), "world": world}
@@ -305,7 +307,7 @@ def _restore(cfg: Config, ckpt_dir: Path) -> int:
 def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
     """Dense state of `ckpt_dir` + tables pulled from the shards -> a trainer.checkpoint file."""
     tokenizer, vocab, _ = data
-    state = torch.load(ckpt_dir / DENSE_FILE, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(ckpt_dir / DENSE_FILE)
     model = EngramLM(cfg, vocab.lookup)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     assert not unexpected and all(k.startswith("tables.") for k in missing), (missing, unexpected)
@@ -371,7 +373,7 @@ def train_ray(
     loop_cfg = {
         "config": cfg.to_dict(), "resume_dir": str(resume_dir) if resume_dir else None, "stop_at": stop_at,
         "crash_at": crash_at, "label": label, "run_id": run_id, "torch_threads": torch_threads,
-        "shard_ckpt_dir": str(Path(cfg.cluster.checkpoint_dir) / run_id),
+        "shard_ckpt_name": re.sub(r"[^A-Za-z0-9._-]", "-", run_id).lstrip("."),  # under cluster.checkpoint_dir
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,

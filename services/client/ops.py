@@ -177,16 +177,17 @@ class ShardOps:
     # checkpoints
 
     async def checkpoint(
-        self, directory: str, step: int, *, extra: dict | None = None, timeout_s: float = ADMIN_TIMEOUT_S
+        self, name: str, step: int, *, extra: dict | None = None, timeout_s: float = ADMIN_TIMEOUT_S
     ) -> dict:
-        """Every shard writes its slots under `directory` -> manifest (also stored in the control plane).
+        """Every shard writes its slots as checkpoint `name` (under its cluster.checkpoint_dir; a name such
+        as "run1/step_000100", never a path) -> manifest (also stored in the control plane).
 
         `extra`: more keys for the manifest (the trainer records its run id and worker count)."""
         if self.control is not None:
             await self.refresh()
         routing = self._routing
         deadline = asyncio.get_running_loop().time() + timeout_s
-        request = shard_pb2.CheckpointRequest(directory=str(directory), step=step)
+        request = shard_pb2.CheckpointRequest(name=str(name), step=step)
         targets = sorted(set(routing.owners.tolist()))
         replies = await gather_or_cancel([
             self._call(t, "Checkpoint", lambda ep, tmo: ep.stub.Checkpoint(request, timeout=tmo),
@@ -200,7 +201,7 @@ class ShardOps:
         ]
         self._check_coverage(files, "checkpoint")
         manifest = {
-            "step": int(step), "directory": str(directory), "num_slots": int(routing.owners.size),
+            "step": int(step), "name": str(name), "num_slots": int(routing.owners.size),
             "epoch": routing.epoch, "files": sorted(files, key=lambda f: (f["table"], f["slot"])),
             "created": time.time(), **(extra or {}),
         }
@@ -252,7 +253,7 @@ class ShardOps:
             self._call(
                 t, "Restore",
                 lambda ep, tmo, t=t: ep.stub.Restore(
-                    shard_pb2.RestoreRequest(directory=manifest["directory"], files=per_shard[t]), timeout=tmo),
+                    shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]), timeout=tmo),
                 routing=routing, deadline=deadline, idempotent=True,
             )
             for t in targets

@@ -57,6 +57,13 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
         for address in addresses:
             assert re.search(rf"{re.escape(address)}\s+yes\s+8\s", status.stdout), status.stdout
         assert "epoch 1, 16 slots, 2 shards registered (2 alive)" in status.stdout
+        # secure by default: a Redis password and a cluster key, as files; without them Redis says NOAUTH
+        assert any(s.startswith("security.redis_password_file=") for s in sets)
+        assert any(s.startswith("security.cluster_key_file=") for s in sets)
+        plain = [a for i, a in enumerate(sets) if not a.startswith("security.") and
+                 not (a == "--set" and i + 1 < len(sets) and sets[i + 1].startswith("security."))]
+        refused = engram_cli("cluster", "status", *plain)
+        assert refused.returncode == 1 and "unreachable" in refused.stderr, refused.stderr
 
         moved = engram_cli("cluster", "rebalance", "--remove", "1", *sets)
         assert moved.returncode == 0, moved.stderr

@@ -234,6 +234,9 @@ class ShardOps:
             manifest = await self.control.latest_manifest()
             if manifest is None:
                 raise ValueError("restore: the control plane holds no checkpoint manifest")
+        if not isinstance(manifest.get("name"), str):
+            raise ValueError("manifest: no checkpoint 'name' (one written before checkpoints were named by a path: "
+                             "copy its folder under the shards' cluster.checkpoint_dir and set 'name' to where)")
         if int(manifest.get("num_slots", -1)) != self.cfg.cluster.num_slots:
             raise ValueError(
                 f"manifest: written for {manifest.get('num_slots')} slots, the cluster has {self.cfg.cluster.num_slots}"

@@ -36,8 +36,15 @@ pytestmark = pytest.mark.timeout(120)
 TABLE = 1
 
 
+_channels: dict[str, grpc.Channel] = {}
+
+
 def stub(c: LocalCluster, shard: int) -> shard_pb2_grpc.MemoryShardStub:
-    return shard_pb2_grpc.MemoryShardStub(grpc.insecure_channel(c.addresses[shard]))
+    """A plain client: no credentials of any kind."""
+    address = c.addresses[shard]
+    if address not in _channels:
+        _channels[address] = grpc.insecure_channel(address)
+    return shard_pb2_grpc.MemoryShardStub(_channels[address])
 
 
 def refused(call, code: grpc.StatusCode, *words: str) -> str:

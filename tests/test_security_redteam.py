@@ -114,7 +114,7 @@ def test_tampered_slot_map_is_ignored_and_reported(cluster: LocalCluster) -> Non
     key = f"{cluster.namespace}:slotmap"
     r = attacker_redis(cluster)
     original = r.get(key)
-    ids = np.arange(0, 4000, 7)
+    ids = np.arange(0, 3000, 7)
 
     async def main() -> None:
         client = await ShardClient.connect(cluster.control(), row_path="grpc")
@@ -145,7 +145,7 @@ def test_tampered_slot_map_is_ignored_and_reported(cluster: LocalCluster) -> Non
 def test_overwritten_shard_address_is_ignored_and_repaired(cluster: LocalCluster) -> None:
     key = f"{cluster.namespace}:shards"
     r = attacker_redis(cluster)
-    ids = np.arange(0, 4000, 3)
+    ids = np.arange(0, 3000, 3)
     good = cluster.addresses
 
     async def main() -> None:

@@ -101,7 +101,7 @@ async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
         req = shard_pb2.RestoreRequest(name=str(manifest.get("name", "")), files=files)
         resp = await engine.restore(req)
     except ShardError as exc:
-        raise BootError(f"restoring checkpoint step {manifest.get('step')}: {exc.message}") from None
+        raise BootError(f"restoring checkpoint step {manifest.get('step')} ({manifest.get('name')}): {exc.message}") from None
     except (TypeError, ValueError) as exc:
         raise BootError(f"checkpoint step {manifest.get('step')}: malformed manifest ({exc})") from None
     log.info("restored %d slots from checkpoint %s (step %d)", resp.slots_restored, req.name, resp.step)

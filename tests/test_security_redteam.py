@@ -151,7 +151,7 @@ def test_overwritten_shard_address_is_ignored_and_repaired(cluster: LocalCluster
     async def main() -> None:
         client = await ShardClient.connect(cluster.control(), row_path="grpc")
         try:
-            record = msgpack.unpackb(r.hget(key, "1")[35:])  # shard 1's body (after the ES1 + MAC prefix)
+            record = msgpack.unpackb(r.hget(key, "1")[35:], strict_map_key=False)  # shard 1's body (after the ES1 + MAC prefix)
             # the issue's attack: shard 0's entry now says shard 1's address (unsigned; then shard 1's signed entry)
             for data in (msgpack.packb({**record, "address": good[1]}), r.hget(key, "1")):
                 r.hset(key, "0", data)

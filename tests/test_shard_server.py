@@ -332,8 +332,18 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     assert "heartbeat failed, still serving" in log and "registered again" in log
 
 
-def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
-    procs = start_all([ShardProcess([*TINY, "--standalone", "--shard-id", str(i)]) for i in range(2)])
+async def _set_map(url: str, namespace: str, owners: list[int], epoch: int) -> None:
+    cp = ControlPlane.connect(url, namespace)
+    try:
+        await cp.set_slot_map(owners, expected_epoch=epoch - 1)
+    finally:
+        await cp.close()
+
+
+def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noqa: F811
+    # MigrateSlots dials only shards the control plane registered: these two boot from it
+    asyncio.run(_init(redis_server.url, "mig", 2, max_message_mb=1))
+    procs = start_all([ShardProcess(redis_args(redis_server, "mig", i)) for i in range(2)])
     shard_procs.extend(procs)
     owners = even_slot_map(NSLOTS, 2)
     c0, c1 = Client(procs[0].address), Client(procs[1].address)
@@ -371,6 +381,7 @@ def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
     expect_error(lambda: c0.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2), grpc.StatusCode.UNAVAILABLE,
                  "being migrated to")
     new = [1 if s in moved else o for s, o in enumerate(owners)]
+    asyncio.run(_set_map(redis_server.url, "mig", new, 2))
     for c, shard in ((c1, 1), (c0, 0)):
         c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard],
                                                       owners=new), timeout=30)
@@ -392,5 +403,6 @@ def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
+    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], 3))
     expect_error(lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
                  grpc.StatusCode.FAILED_PRECONDITION, "slot 0: shard 1 has no data for it")

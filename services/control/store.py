@@ -147,7 +147,7 @@ class ControlPlane:
         """Raises Tampered when the entry fails its signature."""
         return msgpack.unpackb(open_entry(self.signer, where, data), raw=False, strict_map_key=False)
 
-    def _verified_or(self, where: str, data: bytes | None, what: str) -> Any:
+    def _verified_or(self, where: str, data: Any, what: str) -> Any:
         """A verified value (remembered), else the last verified one, else TamperedEntry; None if absent."""
         if data is None:
             return None
@@ -163,7 +163,7 @@ class ControlPlane:
         self._verified[where] = value
         return value
 
-    def _current(self, where: str, data: bytes | None) -> Any:
+    def _current(self, where: str, data: Any) -> Any:
         """For read-modify-write: a tampered entry counts as absent (and is reported)."""
         if data is None:
             return None
@@ -409,7 +409,7 @@ class ControlPlane:
         data = await self._call("reading the checkpoint manifest", lambda: self._r.get(self._key("manifest")))
         return None if data is None else self._manifest(data)
 
-    def _manifest(self, data: bytes) -> dict | None:
+    def _manifest(self, data: Any) -> dict | None:
         try:
             return self._unpack(self._key("manifest"), data)
         except Tampered as exc:

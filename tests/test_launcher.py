@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from services.control import ControlPlane, ControlPlaneUnavailable
 from services.launcher import LauncherError, RedisProcess, free_port
 from tests.fixtures_procs import ROOT, engram_cli, pid_alive, wait_gone
 
@@ -60,10 +62,9 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
         # secure by default: a Redis password and a cluster key, as files; without them Redis says NOAUTH
         assert any(s.startswith("security.redis_password_file=") for s in sets)
         assert any(s.startswith("security.cluster_key_file=") for s in sets)
-        plain = [a for i, a in enumerate(sets) if not a.startswith("security.") and
-                 not (a == "--set" and i + 1 < len(sets) and sets[i + 1].startswith("security."))]
-        refused = engram_cli("cluster", "status", *plain)
-        assert refused.returncode == 1 and "unreachable" in refused.stderr, refused.stderr
+        url = next(s.split("=", 1)[1] for s in sets if s.startswith("cluster.redis_url="))
+        with pytest.raises(ControlPlaneUnavailable, match="unreachable"):
+            asyncio.run(ControlPlane.connect(url, "engram", timeout_s=2, retries=0).slot_map())
 
         moved = engram_cli("cluster", "rebalance", "--remove", "1", *sets)
         assert moved.returncode == 0, moved.stderr

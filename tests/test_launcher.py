@@ -36,6 +36,7 @@ def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, timeout_
     raise AssertionError(f"no {marker!r} from engram up in {timeout_s} s; output:\n" + "\n".join(seen))
 
 
+@pytest.mark.timeout(180)  # engram up + three CLI processes; minutes on a loaded 2-core box
 def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engram_cli.main", "up", "--preset", "tiny", "--shards", "2"],

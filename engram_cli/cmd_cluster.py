@@ -47,8 +47,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_config_args(imp)
     imp.add_argument("directory", help="checkpoint directory: *.safetensors (+ model.safetensors.index.json) holding "
                                        "layers.{L}.engram.embed.weight (F8_E4M3) and .scale (F8_E8M0)")
-    imp.add_argument("--dir", default=None, help="slot files directory the shards can read (default: "
-                                                 "cluster.checkpoint_dir/import-<name>); a re-run resumes there")
+    imp.add_argument("--dir", default=None, help="checkpoint name of the slot files under cluster.checkpoint_dir "
+                                                 "(its last path part; default import-<name>); a re-run resumes there")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = sub.add_parser("export", help="write the Engram tables as an fp8 safetensors checkpoint")
     add_config_args(exp)

@@ -1,6 +1,7 @@
 """The checkpoint format: model, optimizers, config and tokenizer in one file, written atomically.
 
-Below both its writers (trainer/) and its readers (worker/, benchmarks): files only, no network."""
+Below both its writers (trainer/) and its readers (worker/, benchmarks): files only, no network.
+Tensors and plain data only, read back with torch.load(weights_only=True) (engram/torch_io.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from engram.config import Config, config_from_dict
 from engram.fileio import atomic_open
 from engram.model import EngramLM
+from engram.torch_io import load_checkpoint_file
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -37,7 +39,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, model: EngramLM, *optimizers) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     model.load_state_dict(state["model"])
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         if opt is not None and opt_state is not None:
@@ -50,7 +52,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[EngramLM, Config,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     cfg = config_from_dict(state["config"])
     model = EngramLM(cfg, state["compress_lookup"].numpy() if cfg.engram.enabled else None)
     model.load_state_dict(state["model"])

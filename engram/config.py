@@ -190,6 +190,17 @@ class DistConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class SecurityConfig:
+    """Credentials and keys; only file paths here, never a secret itself (a config is stored in Redis)."""
+
+    # control plane (issue 12b, docs/security.md): Redis auth and the signed layout / slot map / registry
+    redis_username: str = ""  # a Redis ACL user; "" -> the default user
+    redis_password_file: str = ""  # file holding the Redis password (requirepass or the ACL user's); "" -> none
+    redis_ca_file: str = ""  # CA bundle that verifies a rediss:// server; "" -> the system's
+    cluster_key_file: str = ""  # file holding the cluster's HMAC-SHA256 key (>= 32 bytes); "" -> entries unsigned
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,6 +209,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -543,6 +555,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.host_id: expected a name without spaces, got {c.host_id!r}")
     if not c.shm_dir:
         raise ConfigError("cluster.shm_dir: empty (a directory on a tmpfs, e.g. /dev/shm)")
+    for name in ("redis_username", "redis_password_file", "redis_ca_file", "cluster_key_file"):
+        value = getattr(cfg.security, name)
+        if not isinstance(value, str) or not value.isprintable() or (name == "redis_username" and " " in value):
+            raise ConfigError(f"security.{name}: expected a {'name' if name == 'redis_username' else 'path'}, "
+                              f"got {value!r}")
     d = cfg.dist
     _positive("dist.step_timeout_s", d.step_timeout_s)
     if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:

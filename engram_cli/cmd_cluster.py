@@ -39,16 +39,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_config_args(load)
     load.add_argument("checkpoint", help="a checkpoint.pt written by `engram train` (local or the Ray run's final "
                                          "one), or a Ray step directory holding shards.json")
-    load.add_argument("--dir", default=None,
-                      help="slot files directory the shards can read (default: cluster.checkpoint_dir/load-<name>); "
-                           "a re-run with the same directory resumes")
+    load.add_argument("--name", default=None,
+                      help="checkpoint name the slot files get under cluster.checkpoint_dir, which the shards share "
+                           "(default: load-<checkpoint file stem>); a re-run with the same name resumes")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     imp = sub.add_parser("import", help="stream fp8 Engram tables of a safetensors checkpoint into the shards")
     add_config_args(imp)
     imp.add_argument("directory", help="checkpoint directory: *.safetensors (+ model.safetensors.index.json) holding "
                                        "layers.{L}.engram.embed.weight (F8_E4M3) and .scale (F8_E8M0)")
-    imp.add_argument("--dir", default=None, help="slot files directory the shards can read (default: "
-                                                 "cluster.checkpoint_dir/import-<name>); a re-run resumes there")
+    imp.add_argument("--dir", default=None, help="checkpoint name of the slot files under cluster.checkpoint_dir "
+                                                 "(its last path part; default import-<name>); a re-run resumes there")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = sub.add_parser("export", help="write the Engram tables as an fp8 safetensors checkpoint")
     add_config_args(exp)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 def _control(cfg: Any) -> Any:
     from services.control import ControlPlane
 
-    return ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    return ControlPlane.from_config(cfg)
 
 
 async def _init(cfg: Any, args: argparse.Namespace) -> int:
@@ -174,11 +174,18 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
     from engram.config import config_from_dict
     from services.client import ShardClient
     from services.client.table_load import checkpoint_tables, write_table_slots
+    from services.shard.checkpoint import checkpoint_dir
+    from services.shard.errors import ShardError
 
     if (Path(args.checkpoint) / "shards.json").is_file():  # a Ray step: the shards wrote the slot files
         return await _restore_manifest(cfg, Path(args.checkpoint) / "shards.json")
     if not Path(args.checkpoint).is_file():
         raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+    name = args.name or f"load-{Path(args.checkpoint).stem}"
+    try:
+        directory = checkpoint_dir(cfg.cluster.checkpoint_dir, name)  # this process's root: the shards' one
+    except ShardError as exc:
+        raise ValueError(exc.message) from None
     ck_cfg, tables, step = checkpoint_tables(args.checkpoint)
     trained = config_from_dict(ck_cfg)
     cp = _control(cfg)
@@ -190,8 +197,6 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
                                  "engram config (re-init the cluster with the checkpoint's config)")
             layouts = client.layouts
             num_slots = client.cfg.cluster.num_slots
-            directory = str(Path(args.dir or Path(client.cfg.cluster.checkpoint_dir) / f"load-{Path(args.checkpoint).stem}")
-                            .resolve())  # the shards read it: absolute, not relative to this process
             total = sum(min(num_slots, lay.num_rows) for lay in layouts.values())
             bar = tqdm(total=total, unit="slot", desc="slot files", disable=args.no_progress)
             skipped = 0
@@ -202,7 +207,7 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
                 bar.update(1)
 
             manifest = await asyncio.to_thread(
-                write_table_slots, tables, layouts, directory=directory, num_slots=num_slots,
+                write_table_slots, tables, layouts, directory=directory, name=name, num_slots=num_slots,
                 kind=client.cfg.cluster.optimizer, step=step, on_slot=tick,
             )
             bar.close()
@@ -212,7 +217,7 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
     finally:
         await cp.close()
     print(f"loaded {len(layouts)} tables of {args.checkpoint} (step {step}) into cluster {cp.namespace!r}: "
-          f"{result['slots_restored']} slots restored from {directory} ({skipped} slot files reused)")
+          f"{result['slots_restored']} slots restored from checkpoint {name} ({skipped} slot files reused)")
     return 0
 
 

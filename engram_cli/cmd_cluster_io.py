@@ -22,12 +22,15 @@ async def import_tables(cfg: Any, args: argparse.Namespace) -> int:
     from services.client.engram_safetensors import CheckpointError, import_checkpoint
     from services.control import ControlPlane
 
-    cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    cp = ControlPlane.from_config(cfg)
     try:
         client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s)
         try:
             name = Path(args.directory).resolve().name
-            slot_dir = Path(args.dir or Path(client.cfg.cluster.checkpoint_dir) / f"import-{name}").resolve()
+            # a checkpoint name directly under this process's cluster.checkpoint_dir (the shards' root)
+            from services.shard.checkpoint import checkpoint_dir
+
+            slot_dir = checkpoint_dir(cfg.cluster.checkpoint_dir, Path(args.dir).name if args.dir else f"import-{name}")
             total = sum(min(client.cfg.cluster.num_slots, lay.num_rows) for lay in client.layouts.values())
             bar = tqdm(total=total, unit="slot", desc="slot files", disable=args.no_progress)
             try:
@@ -60,7 +63,7 @@ async def export_tables(cfg: Any, args: argparse.Namespace) -> int:
 
     if args.chunk_rows < 1:
         raise ValueError(f"--chunk-rows: must be >= 1, got {args.chunk_rows}")
-    cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    cp = ControlPlane.from_config(cfg)
     try:
         client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s)
         try:

@@ -2,6 +2,8 @@
 
     engram up --preset tiny --shards 2
     engram up --preset tiny --shards 3 --replicas 2     # every slot on 2 shards, failover (docs/failover.md)
+    (Redis gets a generated password and the control plane a generated signing key, written
+    0600 under <log-dir>/secrets/; the printed --set lines point other commands at them)
     engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=...
 """
 
@@ -24,6 +26,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface for Redis and the shards")
     parser.add_argument("--log-dir", default=None, help="where Redis and shard logs go (default: a temp dir)")
     parser.add_argument("--startup-timeout-s", type=float, default=180.0)
+    parser.add_argument("--no-auth", action="store_true",
+                        help="no Redis password and an unsigned control plane (a trusted single-user machine only)")
     parser.set_defaults(func=run)
 
 
@@ -49,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
         replicas=args.replicas, namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
-        startup_timeout_s=args.startup_timeout_s, keep_logs=True,
+        startup_timeout_s=args.startup_timeout_s, keep_logs=True, secure=not args.no_auth,
     )
+    if args.no_auth:
+        print("engram up: WARNING --no-auth: Redis has no password and the control plane is unsigned; any local "
+              "process can redirect the cluster's traffic", file=sys.stderr, flush=True)
     try:
         print(f"starting Redis and {cluster.num_shards} shards, {cluster.cfg.cluster.replicas} copies of each slot (logs in {cluster.log_dir}) ...", flush=True)
         cluster.start()

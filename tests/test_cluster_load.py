@@ -26,7 +26,7 @@ def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
     ck = shared_tiny_checkpoint()
     sets = [f"--set={o}" for o in cluster.cluster_overrides]
     out = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(ck), "--preset", "tiny",
-                          *sets, "--dir", str(tmp_path / "slots"), "--no-progress"],
+                          *sets, "--name", "slots", "--no-progress"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "16 slots restored" in out.stdout and "(0 slot files reused)" in out.stdout  # tiny: 16 slots, 2 shards
@@ -71,10 +71,10 @@ def test_slot_files_resume_after_an_interruption(cluster, tmp_path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_table_slots(tables, layouts, directory=tmp_path, num_slots=16, kind="adam", step=step,
+        write_table_slots(tables, layouts, directory=tmp_path, name="resume", num_slots=16, kind="adam", step=step,
                           on_slot=stop_after_5)
     seen.clear()
-    manifest = write_table_slots(tables, layouts, directory=tmp_path, num_slots=16, kind="adam", step=step,
+    manifest = write_table_slots(tables, layouts, directory=tmp_path, name="resume", num_slots=16, kind="adam", step=step,
                                  on_slot=lambda t, s, k: seen.append((t, s, k)))
     assert [k for _, _, k in seen] == [True] * 5 + [False] * 11 and len(manifest["files"]) == 16
     with open(tmp_path / "table1" / "slot00003.bin", "rb") as f:  # rows 3, 19, 35, ... of table 1

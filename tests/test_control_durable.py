@@ -40,9 +40,9 @@ async def _init(redis: RedisServer, ns: str) -> None:
         await cp.close()
 
 
-def _shards(redis: RedisServer, ns: str, ids=(0,)) -> list[ShardProcess]:
+def _shards(redis: RedisServer, ns: str, ids=(0,), *extra: str) -> list[ShardProcess]:
     return [ShardProcess(["--preset", "tiny", "--set", f"cluster.redis_url={redis.url}", "--set",
-                          f"cluster.namespace={ns}", "--shard-id", str(i)]) for i in ids]
+                          f"cluster.namespace={ns}", "--shard-id", str(i), *extra]) for i in ids]
 
 
 async def _lookup_all(redis: RedisServer, ns: str) -> torch.Tensor:
@@ -135,22 +135,23 @@ def test_shard_boots_from_older_manifest_when_newest_folder_is_gone(shard_procs,
     redis = RedisServer().start()
     try:
         asyncio.run(_init(redis, "ck"))
-        shards = start_all(_shards(redis, "ck"))
+        root = ("--set", f"cluster.checkpoint_dir={tmp_path}")
+        shards = start_all(_shards(redis, "ck", (0,), *root))
         shard_procs.extend(shards)
 
         def checkpoint(step: int) -> None:
-            directory = tmp_path / f"step{step}"
+            name = f"step{step}"
             files = []
             for p in shards:
                 with grpc.insecure_channel(p.address) as ch:
                     resp = shard_pb2_grpc.MemoryShardStub(ch).Checkpoint(
-                        shard_pb2.CheckpointRequest(directory=str(directory), step=step), timeout=30)
+                        shard_pb2.CheckpointRequest(name=name, step=step), timeout=30)
                 files += [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
                           for f in resp.files]
 
             async def put() -> None:
                 cp = _cp(redis, "ck")
-                await cp.put_manifest({"step": step, "directory": str(directory), "files": files})
+                await cp.put_manifest({"step": step, "name": name, "files": files})
                 await cp.close()
 
             asyncio.run(put())
@@ -165,7 +166,7 @@ def test_shard_boots_from_older_manifest_when_newest_folder_is_gone(shard_procs,
         for p in shards:
             p.kill()
         shutil.rmtree(tmp_path / "step2")  # the newest checkpoint's folder is gone
-        again = start_all(_shards(redis, "ck"))
+        again = start_all(_shards(redis, "ck", (0,), *root))
         shard_procs.extend(again)
         assert torch.equal(asyncio.run(_lookup_all(redis, "ck")), at_step1)
         for p in again:

@@ -164,7 +164,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_imported(cluster, tmp_path) 
         client = await fp8_client(cluster)
         try:
             with pytest.raises(CheckpointError) as err:
-                await import_checkpoint(client, d, slot_dir=tmp_path / f"slots-{d.name}")
+                await import_checkpoint(client, d, slot_dir=cluster.checkpoint_dir / f"slots-{d.name}")
             return str(err.value)
         finally:
             await client.close()
@@ -172,7 +172,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_imported(cluster, tmp_path) 
     for name, text in BAD.items():
         message = run(attempt(_bad(name, tmp_path)), timeout_s=60)
         assert text in message, (name, message)
-        assert not list((tmp_path / f"slots-{name}").glob("table*")), name  # not one slot file written
+        assert not list((cluster.checkpoint_dir / f"slots-{name}").glob("table*")), name  # not one slot file written
     assert run(digests_now(cluster), timeout_s=60) == before  # the shards serve what they served
 
     sets = [f"--set={o}" for o in cluster.cluster_overrides]  # the CLI says the same, exit 1
@@ -184,7 +184,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_imported(cluster, tmp_path) 
 def test_interrupted_import_leaves_nothing_visible_then_resumes(cluster, tmp_path) -> None:
     src = tmp_path / "ckpt"
     rows = write_checkpoint(src, seed=99)
-    slots = tmp_path / "slots"
+    slots = cluster.checkpoint_dir / "slots-interrupted"
     before = run(digests_now(cluster), timeout_s=60)
     seen: list[bool] = []
 

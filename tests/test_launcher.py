@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from services.control import ControlPlane, ControlPlaneUnavailable
 from services.launcher import LauncherError, RedisProcess, free_port
 from tests.fixtures_procs import ROOT, engram_cli, pid_alive, wait_gone
 
@@ -34,6 +36,7 @@ def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, timeout_
     raise AssertionError(f"no {marker!r} from engram up in {timeout_s} s; output:\n" + "\n".join(seen))
 
 
+@pytest.mark.timeout(180)  # engram up + three CLI processes; minutes on a loaded 2-core box
 def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engram_cli.main", "up", "--preset", "tiny", "--shards", "2"],
@@ -57,6 +60,12 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
         for address in addresses:
             assert re.search(rf"{re.escape(address)}\s+yes\s+8\s", status.stdout), status.stdout
         assert "epoch 1, 16 slots, 2 shards registered (2 alive)" in status.stdout
+        # secure by default: a Redis password and a cluster key, as files; without them Redis says NOAUTH
+        assert any(s.startswith("security.redis_password_file=") for s in sets)
+        assert any(s.startswith("security.cluster_key_file=") for s in sets)
+        url = next(s.split("=", 1)[1] for s in sets if s.startswith("cluster.redis_url="))
+        with pytest.raises(ControlPlaneUnavailable, match="unreachable"):
+            asyncio.run(ControlPlane.connect(url, "engram", timeout_s=2, retries=0).slot_map())
 
         moved = engram_cli("cluster", "rebalance", "--remove", "1", *sets)
         assert moved.returncode == 0, moved.stderr

@@ -50,9 +50,10 @@ def _send(channel: grpc.Channel, rpc: str, payload) -> tuple[grpc.StatusCode, by
         return exc.code(), None
 
 
-def _state(stub, directory: Path) -> dict[str, torch.Tensor]:
+def _state(stub, root: Path, name: str) -> dict[str, torch.Tensor]:
     """The shard's table as global rows: weights, m, v (from its own checkpoint files)."""
-    resp = stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(directory), step=0), timeout=30)
+    resp = stub.Checkpoint(shard_pb2.CheckpointRequest(name=name, step=0), timeout=30)
+    directory = root / name
     out: dict[str, torch.Tensor] = {}
     for f in resp.files:
         raw = np.fromfile(directory / f.path, dtype=np.uint8)
@@ -90,7 +91,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
 
     asyncio.run(init())
     args = ["--preset", "tiny", "--set", f"cluster.redis_url={redis_server.url}", "--set", "cluster.namespace=fuzz",
-            "--pending-wait-s", "0.5"]
+            "--set", f"cluster.checkpoint_dir={tmp_path / 'root'}", "--pending-wait-s", "0.5"]
     procs = start_all([ShardProcess([*args, "--shard-id", str(i)]) for i in range(2)])
     shard_procs.extend(procs)
     opts = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
@@ -99,8 +100,8 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     owned = [list(stubs[i].Stats(shard_pb2.StatsRequest(), timeout=10).slots) for i in range(2)]
     targets = [Target(address=procs[i].address, table=TABLE, dim=DIM, num_rows=LAYOUT.num_rows, num_slots=NSLOTS,
                       owned=owned[i], peer=procs[1 - i].address, closed_port=free_port(),
-                      scratch=str(tmp_path / f"scratch{i}")) for i in range(2)]
-    before = [_state(stubs[i], tmp_path / f"before{i}") for i in range(2)]
+                      scratch=f"scratch{i}") for i in range(2)]
+    before = [_state(stubs[i], tmp_path / "root", f"before{i}") for i in range(2)]
 
     corpus, rng = Corpus(SEED), np.random.default_rng(SEED + 1)
     applied = [0, 0]
@@ -173,7 +174,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     for i in range(2):
         expected = before[i]
         _replay(expected, accepted[i])
-        after = _state(stubs[i], tmp_path / f"after{i}")
+        after = _state(stubs[i], tmp_path / "root", f"after{i}")
         for k in ("w", "m", "v"):
             assert torch.equal(after[k].isnan(), expected[k].isnan())
             assert torch.equal(after[k].nan_to_num(), expected[k].nan_to_num()), (i, k)

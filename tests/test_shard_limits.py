@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -13,8 +14,9 @@ import torch
 from engram.config import load_config
 from engram.layout import even_slot_map, table_layouts
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from tests.fixtures_cluster import ShardProcess, shard_procs, start_all  # noqa: F401
-from tests.test_shard_server import Client, expect_error, rows_of
+from services.control import ControlPlane
+from tests.fixtures_cluster import ShardProcess, redis_server, shard_procs, start_all  # noqa: F401
+from tests.test_shard_server import Client, _init, expect_error, redis_args, rows_of
 
 pytestmark = pytest.mark.timeout(120)
 LIMITS = ["--set", "cluster.pending_step_timeout_s=1", "--set", "cluster.freeze_lease_s=1",
@@ -79,7 +81,7 @@ def test_partial_multi_part_step_expires(pair):
     mine = rows_of(OWNERS, 1)[:4]
     step = _applied(c) + 1
     assert c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=2).pending
-    ckpt = shard_pb2.CheckpointRequest(directory="/tmp/engram-test-never-written", step=step)
+    ckpt = shard_pb2.CheckpointRequest(name="never-written", step=step)
     expect_error(lambda: c.stub.Checkpoint(ckpt, timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "collecting parts")
     expect_error(lambda: c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=1 << 20),
                  grpc.StatusCode.INVALID_ARGUMENT, "max_step_parts")
@@ -89,9 +91,20 @@ def test_partial_multi_part_step_expires(pair):
     assert "discarded step" in procs[1].stderr()
 
 
-def test_migration_freeze_is_a_lease(pair):
-    procs, clients = pair
-    c0 = clients[0]
+async def _set_map(url: str, namespace: str, owners: list[int]) -> None:
+    cp = ControlPlane.connect(url, namespace)
+    try:
+        await cp.set_slot_map(owners, expected_epoch=1)
+    finally:
+        await cp.close()
+
+
+def test_migration_freeze_is_a_lease(redis_server, shard_procs):  # noqa: F811
+    # MigrateSlots dials only shards the control plane registered: this pair boots from one
+    asyncio.run(_init(redis_server.url, "lease", 2, pending_step_timeout_s=1, freeze_lease_s=1))
+    procs = start_all([ShardProcess(redis_args(redis_server, "lease", i)) for i in range(2)])
+    shard_procs.extend(procs)
+    c0 = Client(procs[0].address)
     moved = rows_of(OWNERS, 0)
     moved = moved[moved % NSLOTS == 3][:4]
     c0.stub.MigrateSlots(shard_pb2.MigrateSlotsRequest(slots=[3], target=procs[1].address, epoch=1), timeout=30)
@@ -103,9 +116,11 @@ def test_migration_freeze_is_a_lease(pair):
     # ... and a map giving slot 3 away is refused: updates reached it after the copy
     new = [1 if s == 3 else o for s, o in enumerate(OWNERS)]
     owned0 = [s for s, o in enumerate(new) if o == 0]
+    asyncio.run(_set_map(redis_server.url, "lease", new))  # even with the control plane's word for it
     expect_error(lambda: c0.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=owned0, owners=new),
                                             timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "expired", "migrate it again")
     assert "dropped 1 staged slot imports" in _wait_log(procs[1], "dropped 1 staged slot imports")
+    c0.close()
 
 
 def _wait_log(proc: ShardProcess, text: str, timeout_s: float = 5.0) -> str:

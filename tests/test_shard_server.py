@@ -236,7 +236,8 @@ async def _shards(url: str, namespace: str):
 
 def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs, tmp_path):  # noqa: F811
     asyncio.run(_init(redis_server.url, "two", 2, max_message_mb=1))
-    two = start_all([ShardProcess(redis_args(redis_server, "two", i)) for i in range(2)])
+    root = ["--set", f"cluster.checkpoint_dir={tmp_path}"]  # every shard's checkpoint root (requests name checkpoints)
+    two = start_all([ShardProcess([*redis_args(redis_server, "two", i), *root]) for i in range(2)])
     shard_procs.extend(two)
     owners2 = even_slot_map(NSLOTS, 2)
     clients = [Client(p.address) for p in two]
@@ -247,19 +248,19 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
             c.apply(rows, torch.from_numpy(rng.standard_normal((rows.size, DIM)).astype(F32)), step=step)
     files = []
     for c in clients:
-        files += c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck"), step=2), timeout=30).files
+        files += c.stub.Checkpoint(shard_pb2.CheckpointRequest(name="ck", step=2), timeout=30).files
     assert sorted(f.slot for f in files) == list(range(NSLOTS))
     everything = np.arange(NROWS)
     expected = torch.empty(NROWS, DIM)
     for shard, c in enumerate(clients):
         where = rows_of(owners2, shard)
         expected[where] = c.lookup(where)
-    manifest = {"step": 2, "directory": str(tmp_path / "ck"),
+    manifest = {"step": 2, "name": "ck",
                 "files": [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
                           for f in files]}
 
     asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
-    three = start_all([ShardProcess(redis_args(redis_server, "three", i)) for i in range(3)])
+    three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
     shard_procs.extend(three)
     owners3 = even_slot_map(NSLOTS, 3)
     got = torch.empty(NROWS, DIM)
@@ -267,7 +268,7 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         c = Client(p.address)
         got[rows_of(owners3, shard)] = c.lookup(rows_of(owners3, shard))
         assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).tables[0].applied_step == 2
-        again = c.stub.Checkpoint(shard_pb2.CheckpointRequest(directory=str(tmp_path / "ck3"), step=2), timeout=30)
+        again = c.stub.Checkpoint(shard_pb2.CheckpointRequest(name="ck3", step=2), timeout=30)
         by_slot = {f.slot: f.sha256 for f in files}
         assert all(by_slot[f.slot] == f.sha256 for f in again.files)  # identical rows and optimizer state
     assert torch.equal(got, expected) and not torch.equal(got, init_table(everything))
@@ -294,18 +295,18 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
     path = tmp_path / "ck" / mine[-1].path
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
-    req = shard_pb2.RestoreRequest(directory=str(tmp_path / "ck"), files=files)
-    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "truncated")
+    req = shard_pb2.RestoreRequest(name="ck", files=files)
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, mine[-1].path, "truncated")
     damaged = bytearray(raw)
     damaged[-5] ^= 0x40
     path.write_bytes(bytes(damaged))
-    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, str(path), "sha256 mismatch")
+    expect_error(lambda: c.stub.Restore(req, timeout=30), grpc.StatusCode.DATA_LOSS, mine[-1].path, "sha256 mismatch")
     assert torch.equal(c.lookup(rows_of(owners3, 0)), before)
     assert c.serving() == health_pb2.HealthCheckResponse.SERVING
     # ... and a shard booting from that manifest refuses to start
     three[0].kill()
-    r = run_shard_to_exit(redis_args(redis_server, "three", 0))
-    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and str(path) in r.stderr
+    r = run_shard_to_exit([*redis_args(redis_server, "three", 0), *root])
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and mine[-1].path in r.stderr
 
 
 def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  # noqa: F811
@@ -331,8 +332,18 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     assert "heartbeat failed, still serving" in log and "registered again" in log
 
 
-def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
-    procs = start_all([ShardProcess([*TINY, "--standalone", "--shard-id", str(i)]) for i in range(2)])
+async def _set_map(url: str, namespace: str, owners: list[int], epoch: int) -> None:
+    cp = ControlPlane.connect(url, namespace)
+    try:
+        await cp.set_slot_map(owners, expected_epoch=epoch - 1)
+    finally:
+        await cp.close()
+
+
+def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noqa: F811
+    # MigrateSlots dials only shards the control plane registered: these two boot from it
+    asyncio.run(_init(redis_server.url, "mig", 2, max_message_mb=1))
+    procs = start_all([ShardProcess(redis_args(redis_server, "mig", i)) for i in range(2)])
     shard_procs.extend(procs)
     owners = even_slot_map(NSLOTS, 2)
     c0, c1 = Client(procs[0].address), Client(procs[1].address)
@@ -370,6 +381,7 @@ def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
     expect_error(lambda: c0.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2), grpc.StatusCode.UNAVAILABLE,
                  "being migrated to")
     new = [1 if s in moved else o for s, o in enumerate(owners)]
+    asyncio.run(_set_map(redis_server.url, "mig", new, 2))
     for c, shard in ((c1, 1), (c0, 0)):
         c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard],
                                                       owners=new), timeout=30)
@@ -391,5 +403,6 @@ def test_migrate_slots_while_lookups_continue(shard_procs):  # noqa: F811
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
+    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], 3))
     expect_error(lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
                  grpc.StatusCode.FAILED_PRECONDITION, "slot 0: shard 1 has no data for it")

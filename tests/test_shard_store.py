@@ -334,19 +334,26 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
     path.write_bytes(raw[:-10])
     with pytest.raises(ShardError, match="truncated or padded") as err:
         ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
-    assert err.value.code == Code.DATA_LOSS and str(path) in err.value.message
+    assert err.value.code == Code.DATA_LOSS and f["path"] in err.value.message
     flipped = bytearray(raw)
     flipped[100] ^= 0xFF
     path.write_bytes(bytes(flipped))
     with pytest.raises(ShardError, match="sha256 mismatch"):
         ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
     path.write_bytes(raw)
+    other = _metas(dst, table)[1]  # slot 0's file where slot 1's belongs: the header says which slot it holds
+    (tmp_path / ckpt.slot_path(table, other.slot)).write_bytes(raw)
     with pytest.raises(ShardError, match="does not match this cluster's layout: slot"):
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], _metas(dst, table)[1])
-    with pytest.raises(ShardError, match="must be relative"):
-        ckpt.verify_slot(str(tmp_path), "../x.bin", "", meta)
+        ckpt.verify_slot(str(tmp_path), ckpt.slot_path(table, other.slot), f["sha256"], other)
+    for rel, sha, match in [("../x.bin", f["sha256"], "must be 'table"), ("/etc/passwd", f["sha256"], "must be 'table"),
+                            (f["path"], "", "sha256 must be 64 lowercase hex digits"),
+                            (f["path"], "AB" * 32, "sha256 must be 64 lowercase hex digits")]:
+        with pytest.raises(ShardError, match=match) as err:
+            ckpt.verify_slot(str(tmp_path), rel, sha, meta)
+        assert err.value.code == Code.INVALID_ARGUMENT
+    path.unlink()
     with pytest.raises(ShardError, match="does not exist") as err:
-        ckpt.verify_slot(str(tmp_path), "table1/nope.bin", "", meta)
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
     assert err.value.code == Code.FAILED_PRECONDITION
 
 

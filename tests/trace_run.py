@@ -71,7 +71,7 @@ async def _worker(overrides: list[str]) -> None:
     from services.control.store import ControlPlane
 
     cfg = load_config("tiny", None, overrides)
-    control = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    control = ControlPlane.from_config(cfg)
     client = await ShardClient.connect(control)
     try:
         ids = np.random.default_rng(0).integers(0, client.layout(1).num_rows, size=(2, 16, 4))  # (B, T, heads)

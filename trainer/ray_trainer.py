@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,8 +251,8 @@ def train_ray(
     queue = new_queue()
     loop_cfg = {
         "config": cfg.to_dict(), "stop_at": stop_at, "on_step": on_step, "label": label, "run_id": run_id,
-        "torch_threads": torch_threads, "shard_ckpt_dir": str(Path(cfg.cluster.checkpoint_dir) / run_id),
-        "console": queue,
+        "torch_threads": torch_threads, "console": queue,
+        "shard_ckpt_name": re.sub(r"[^A-Za-z0-9._-]", "-", run_id).lstrip("."),  # under cluster.checkpoint_dir
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,

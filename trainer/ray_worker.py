@@ -26,6 +26,7 @@ from engram.config import Config, config_from_dict
 from engram.data import prepare_data
 from engram.model import EngramLM
 from engram.precision import configure_tf32
+from engram.torch_io import load_checkpoint_file
 from services.client import ShardError
 from services.client.sync import SyncShardClient
 from trainer.loop import Bar, DDPSync, GradSync, LoopStats, NoSync, console_bar, mean_timings, run_loop
@@ -43,7 +44,7 @@ def shard_model(cfg: Config, compress_lookup: np.ndarray) -> EngramLM:
 
 def load_dense(ckpt_dir: Path, device: str = "cpu") -> dict[str, Any]:
     """dense.pt of a checkpoint: tensors, numbers, strings and containers only (weights_only)."""
-    return torch.load(ckpt_dir / DENSE_FILE, map_location=device, weights_only=True)
+    return load_checkpoint_file(ckpt_dir / DENSE_FILE, map_location=device)
 
 
 def restore_shards(cfg: Config, manifest: dict) -> int:
@@ -72,7 +73,7 @@ class RayCheckpointer:
     step_runner: RemoteStep
     rows: SyncShardClient
     sync: GradSync
-    shard_ckpt_dir: Path
+    shard_ckpt_name: str  # the shards write step_N under cluster.checkpoint_dir/<this name>
     run_id: str
     resumed_from: int
 
@@ -92,7 +93,7 @@ class RayCheckpointer:
         if self.sync.rank != 0:
             ray.train.report(metrics)
             return
-        manifest = self.rows.checkpoint(str(self.shard_ckpt_dir / f"step_{done:06d}"), done,
+        manifest = self.rows.checkpoint(f"{self.shard_ckpt_name}/step_{done:06d}", done,
                                         extra={"run": self.run_id, "world": self.sync.world})
         metrics["slot_files"] = len(manifest["files"])
         state = {"step": done, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -161,7 +162,7 @@ def train_loop(loop_cfg: dict) -> None:
     step_runner = RemoteStep(model=model, ddp=sync.module, shards=rows, backbone_opt=backbone_opt, cfg=cfg,
                              rank=rank, world=world, device=device)
     checkpointer = RayCheckpointer(cfg=cfg, model=model, optimizer=backbone_opt, step_runner=step_runner, rows=rows,
-                                   sync=sync, shard_ckpt_dir=Path(loop_cfg["shard_ckpt_dir"]),
+                                   sync=sync, shard_ckpt_name=loop_cfg["shard_ckpt_name"],
                                    run_id=loop_cfg["run_id"], resumed_from=start)
     queue = loop_cfg.get("console")  # trainer.ray_console: the driver draws the progress
 

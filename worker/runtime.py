@@ -39,7 +39,7 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
     loop = LoopThread()
 
     async def connect() -> ShardClient:
-        control = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+        control = ControlPlane.from_config(cfg)
         client = await ShardClient.connect(
             control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s,
             # where this process runs (not the cluster's stored layout): which row path it may take

@@ -207,7 +207,8 @@ async def import_checkpoint(
             on_slot(table, slot, skipped)
 
     manifest = await asyncio.to_thread(
-        write_table_slots, tables, client.layouts, directory=slot_dir, num_slots=client.cfg.cluster.num_slots,
+        write_table_slots, tables, client.layouts, directory=slot_dir, name=slot_dir.name,
+        num_slots=client.cfg.cluster.num_slots,
         kind=client.cfg.cluster.optimizer, step=0, on_slot=tick, fmt="fp8")
     result = await client.restore(manifest)
     served = await served_digests(client)

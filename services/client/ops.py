@@ -196,16 +196,17 @@ class ShardOps:
     # checkpoints
 
     async def checkpoint(
-        self, directory: str, step: int, *, extra: dict | None = None, timeout_s: float = ADMIN_TIMEOUT_S
+        self, name: str, step: int, *, extra: dict | None = None, timeout_s: float = ADMIN_TIMEOUT_S
     ) -> dict:
-        """Every shard writes its slots under `directory` -> manifest (also stored in the control plane).
+        """Every shard writes its slots as checkpoint `name` (under its cluster.checkpoint_dir; a name such
+        as "run1/step_000100", never a path) -> manifest (also stored in the control plane).
 
         `extra`: more keys for the manifest (the trainer records its run id and worker count)."""
         if self.control is not None:
             await self.refresh()
         routing = self._routing
         deadline = asyncio.get_running_loop().time() + timeout_s
-        request = shard_pb2.CheckpointRequest(directory=str(directory), step=step)
+        request = shard_pb2.CheckpointRequest(name=str(name), step=step)
         targets = routing.shard_ids()  # replicas write the same bytes to the same paths; one entry each below
         replies = await gather_or_cancel([
             self._call(t, "Checkpoint", lambda ep, tmo: ep.stub.Checkpoint(request, timeout=tmo),
@@ -220,7 +221,7 @@ class ShardOps:
         files = _one_per_slot(files)
         self._check_coverage(files, "checkpoint")
         manifest = {
-            "step": int(step), "directory": str(directory), "num_slots": int(routing.owners.size),
+            "step": int(step), "name": str(name), "num_slots": int(routing.owners.size),
             "epoch": routing.epoch, "files": sorted(files, key=lambda f: (f["table"], f["slot"])),
             "created": time.time(), **(extra or {}),
         }
@@ -253,6 +254,9 @@ class ShardOps:
             manifest = await self.control.latest_manifest()
             if manifest is None:
                 raise ValueError("restore: the control plane holds no checkpoint manifest")
+        if not isinstance(manifest.get("name"), str):
+            raise ValueError("manifest: no checkpoint 'name' (one written before checkpoints were named by a path: "
+                             "copy its folder under the shards' cluster.checkpoint_dir and set 'name' to where)")
         if int(manifest.get("num_slots", -1)) != self.cfg.cluster.num_slots:
             raise ValueError(
                 f"manifest: written for {manifest.get('num_slots')} slots, the cluster has {self.cfg.cluster.num_slots}"
@@ -275,7 +279,7 @@ class ShardOps:
             self._call(
                 t, "Restore",
                 lambda ep, tmo, t=t: ep.stub.Restore(
-                    shard_pb2.RestoreRequest(directory=manifest["directory"], files=per_shard[t]), timeout=tmo),
+                    shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]), timeout=tmo),
                 routing=routing, deadline=deadline, idempotent=True,
             )
             for t in targets

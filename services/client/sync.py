@@ -7,7 +7,7 @@ the caller may overlap with its own work return a `concurrent.futures.Future`, t
     fut = shards.lookup(table, ids, step=s, max_staleness=0)    # requests leave now
     rows, applied = fut.result()                                # (U, D) fp32, oldest applied step
     shards.push(table, ids, grads, step=s, optimizer=opt, part_id="0", num_parts=2).result()
-    shards.checkpoint(dir, step) / restore(manifest) / pull_table(table) / wait_applied(step)
+    shards.checkpoint(name, step) / restore(manifest) / pull_table(table) / wait_applied(step)
 
 Slot-map changes (a rebalance) are handled inside the client: stale epochs refresh and
 re-route, migrating slots are retried until the new map is installed.
@@ -47,7 +47,7 @@ class SyncShardClient:
         loop = LoopThread("engram-shards")
 
         async def open_client() -> ShardClient:
-            control = ControlPlane.connect(c.redis_url, c.namespace)
+            control = ControlPlane.from_config(cfg)
             try:
                 client = await ShardClient.connect(control, wire_dtype=wire_dtype or c.wire_dtype, timeout_s=timeout_s,
                                                    row_path=c.row_path, host_id=c.host_id, shm_dir=c.shm_dir)
@@ -135,8 +135,9 @@ class SyncShardClient:
     # ---------------------------------------------------------------------------------------
     # admin
 
-    def checkpoint(self, directory: str, step: int, *, extra: dict | None = None) -> dict:
-        return self.call(self.client.checkpoint(str(directory), step, extra=extra))
+    def checkpoint(self, name: str, step: int, *, extra: dict | None = None) -> dict:
+        """Checkpoint `name` under the shards' cluster.checkpoint_dir (a name, never a path)."""
+        return self.call(self.client.checkpoint(name, step, extra=extra))
 
     def restore(self, manifest: dict) -> int:
         return int(self.call(self.client.restore(manifest))["step"])

@@ -4,7 +4,8 @@ Shards import rows two ways: `ImportSlots` stages slots a shard does *not* own (
 swapped in by the next slot-map epoch), and `Restore` loads owned slots from per-slot files.
 Loading a model's tables replaces owned slots without moving them, so it goes through the
 checkpoint format (services/shard/checkpoint.py): one file per (table, slot) written under
-a directory the shards can read (cluster.checkpoint_dir), then `ShardClient.restore`.
+checkpoint `name` under the checkpoint root the shards share (cluster.checkpoint_dir), then
+`ShardClient.restore` (which names the checkpoint, never a path).
 
 - bounded memory: one slot's rows (a strided view of the table: row r -> slot r % num_slots)
   and its zero optimizer state are in memory at a time; the table itself may be memory-mapped.
@@ -28,6 +29,7 @@ import torch
 
 from engram.fileio import atomic_write_text
 from engram.layout import TableLayout, slot_num_rows
+from engram.torch_io import load_checkpoint_file
 from services.shard.checkpoint import SlotMeta, fsync_dir, slot_path, write_slot
 from services.shard.memory import alloc_state
 from services.shard.row_store_format import STORAGE_DTYPES, read_only, storage_cols
@@ -41,10 +43,11 @@ def _save_progress(directory: Path, done: dict[str, dict]) -> None:
 
 
 def write_table_slots(
-    tables: dict[int, torch.Tensor], layouts: dict[int, TableLayout], *, directory: str | Path, num_slots: int,
-    kind: str, step: int, on_slot: Callable[[int, int, bool], None] | None = None, fmt: str = "fp32",
+    tables: dict[int, torch.Tensor], layouts: dict[int, TableLayout], *, directory: str | Path, name: str,
+    num_slots: int, kind: str, step: int, on_slot: Callable[[int, int, bool], None] | None = None, fmt: str = "fp32",
 ) -> dict[str, Any]:
-    """Every (table, slot) of `tables` {layer: (rows, dim)} as slot files -> a restore manifest.
+    """Every (table, slot) of `tables` {layer: (rows, dim)} as slot files in `directory` (checkpoint `name`
+    under the shards' checkpoint root) -> a restore manifest.
 
     `tables` values need `.shape` and `[slot::num_slots]` (a tensor, a memory map, a lazy reader);
     for a `fmt` other than fp32 they hold the stored rows, (rows, storage cols) in that format.
@@ -90,13 +93,13 @@ def write_table_slots(
                 on_slot(layer, slot, False)
     for sub in {directory / slot_path(t, 0) for t in layouts}:
         fsync_dir(sub.parent)
-    return {"step": int(step), "directory": str(directory), "num_slots": num_slots, "epoch": 0,
+    return {"step": int(step), "name": name, "num_slots": num_slots, "epoch": 0,
             "files": files, "created": time.time()}
 
 
 def checkpoint_tables(path: str | Path) -> tuple[dict[str, Any], dict[int, torch.Tensor], int]:
     """(config dict, {layer: table (rows, dim)}, step) of an `engram train` checkpoint, memory-mapped."""
-    state = torch.load(Path(path), map_location="cpu", mmap=True, weights_only=False)
+    state = load_checkpoint_file(path, mmap=True)
     tables = {int(k.split(".")[1]): v for k, v in state["model"].items() if k.startswith("tables.") and
               k.endswith(".weight")}
     return state["config"], tables, int(state.get("step", 0))

@@ -14,6 +14,13 @@ share one Redis. Values are msgpack-encoded.
 
 Every Redis failure (connection refused, timeout, a Redis still loading) is raised as
 `ControlPlaneUnavailable`, whose message names the Redis URL and the operation.
+
+Security (`from_config`, services/control/security.py): the Redis user and password come from
+`security.*` files, never only from the URL; with `security.cluster_key_file` every value is
+signed, and a reader ignores an entry that fails its signature: it keeps the last entry it
+verified (slot map, layout, a shard's record) or skips it (a manifest, a record it never saw),
+logs it and counts it (`tampered`). With nothing verified to fall back on, a tampered layout or
+slot map raises `TamperedEntry` (a `ControlPlaneUnavailable`: callers keep what they have).
 """
 
 from __future__ import annotations
@@ -36,13 +43,25 @@ from redis.exceptions import WatchError
 import services.control.replicas as replica_math
 from engram.config import Config, ConfigError, config_from_dict
 from engram.layout import even_slot_map
+from services.control.security import Signer, Tampered, TamperLog, open_entry, read_secret, seal
 
 T = TypeVar("T")
 MANIFEST_HISTORY = 20
 
 
+def _layout(cfg: Config) -> dict:
+    """The layout other processes read: the tree without this process's security section (paths of its secrets)."""
+    data = cfg.to_dict()
+    data.pop("security", None)
+    return data
+
+
 class ControlPlaneUnavailable(RuntimeError):
     """Redis is down or unreachable; the message names the URL and what was being done."""
+
+
+class TamperedEntry(ControlPlaneUnavailable):
+    """An entry failed its signature and no verified copy is at hand (reported, not used)."""
 
 
 @dataclass(slots=True)
@@ -95,43 +114,88 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
 class ControlPlane:
-    def __init__(self, client: aioredis.Redis, *, url: str, namespace: str) -> None:
+    def __init__(self, client: aioredis.Redis, *, url: str, namespace: str, signer: Signer | None = None) -> None:
         if not namespace:
             raise ValueError("namespace: must be a non-empty key prefix")
         self._r = client
         self.url = redact_url(url)
         self.namespace = namespace
+        self.signer = signer
+        self.tampered = TamperLog(self.url)
+        self._verified: dict[str, Any] = {}  # where -> the last value that verified (the fallback)
 
     @classmethod
     def connect(
-        cls, url: str, namespace: str, *, timeout_s: float = 2.0, retries: int = 1
+        cls, url: str, namespace: str, *, timeout_s: float = 2.0, retries: int = 1, username: str | None = None,
+        password: str | None = None, ca_file: str | None = None, signer: Signer | None = None,
     ) -> ControlPlane:
         """A client for the cluster `namespace` at `url`; connects lazily (first call)."""
+        auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
+        if ca_file:
+            if not url.startswith("rediss://"):
+                raise ValueError(f"security.redis_ca_file: set, but {redact_url(url)!r} is not a rediss:// URL")
+            auth["ssl_ca_certs"] = ca_file
         try:
             client = aioredis.Redis.from_url(
                 url,
                 socket_connect_timeout=timeout_s,
                 socket_timeout=timeout_s,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+                **auth,
             )
         except ValueError as exc:
             raise ValueError(f"redis url {redact_url(url)!r}: {exc}") from None
-        return cls(client, url=url, namespace=namespace)
+        return cls(client, url=url, namespace=namespace, signer=signer)
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kw: Any) -> ControlPlane:
+        """`connect` with cluster.redis_url/namespace and the credentials and key of `cfg.security`."""
+        sec = cfg.security
+        password = read_secret(sec.redis_password_file, "security.redis_password_file").decode() \
+            if sec.redis_password_file else None
+        signer = Signer.from_file(sec.cluster_key_file) if sec.cluster_key_file else None
+        return cls.connect(cfg.cluster.redis_url, cfg.cluster.namespace, username=sec.redis_username or None,
+                           password=password, ca_file=sec.redis_ca_file or None, signer=signer, **kw)
 
     # ---------------------------------------------------------------------------------------
     # plumbing
 
     def _key(self, *parts: object) -> str:
         return ":".join([self.namespace, *map(str, parts)])
+
+    def _pack(self, where: str, value: Any) -> bytes:
+        return seal(self.signer, where, msgpack.packb(value, use_bin_type=True))
+
+    def _unpack(self, where: str, data: bytes) -> Any:
+        """Raises Tampered when the entry fails its signature."""
+        return msgpack.unpackb(open_entry(self.signer, where, data), raw=False, strict_map_key=False)
+
+    def _verified_or(self, where: str, data: Any, what: str) -> Any:
+        """A verified value (remembered), else the last verified one, else TamperedEntry; None if absent."""
+        if data is None:
+            return None
+        try:
+            value = self._unpack(where, data)
+        except Tampered as exc:
+            if where in self._verified:
+                self.tampered.note(where, exc, f"ignored, keeping the last verified {what}")
+                return self._verified[where]
+            self.tampered.note(where, exc, "ignored")
+            raise TamperedEntry(f"control plane at {self.url}: the {what} fails its signature ({exc}); "
+                                "not using it") from None
+        self._verified[where] = value
+        return value
+
+    def _current(self, where: str, data: Any) -> Any:
+        """For read-modify-write: a tampered entry counts as absent (and is reported)."""
+        if data is None:
+            return None
+        try:
+            return self._unpack(where, data)
+        except Tampered as exc:
+            self.tampered.note(where, exc, "treated as absent, overwriting it")
+            return None
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -176,7 +240,7 @@ class ControlPlane:
                 await pipe.watch(self._key("layout"), self._key("slotmap"))
                 current = await pipe.get(self._key("slotmap"))
                 if current is not None and not force:
-                    old = _unpack(current)
+                    old = self._current(self._key("slotmap"), current) or {"epoch": "?", "owners": []}
                     raise ValueError(
                         f"cluster {self.namespace!r} at {self.url} is already initialised (epoch "
                         f"{old['epoch']}, {len(set(old['owners']))} shards); pass force=True to wipe it"
@@ -185,8 +249,8 @@ class ControlPlane:
                 pipe.multi()
                 if stale:
                     pipe.delete(*stale)
-                pipe.set(self._key("layout"), _pack(stored.to_dict()))
-                pipe.set(self._key("slotmap"), _pack(slot_map.to_value()))
+                pipe.set(self._key("layout"), self._pack(self._key("layout"), _layout(stored)))
+                pipe.set(self._key("slotmap"), self._pack(self._key("slotmap"), slot_map.to_value()))
                 await pipe.execute()
 
         try:
@@ -197,19 +261,21 @@ class ControlPlane:
 
     async def config(self) -> Config:
         data = await self._call("reading the layout", lambda: self._r.get(self._key("layout")))
-        if data is None:
+        value = self._verified_or(self._key("layout"), data, "layout")
+        if value is None:
             raise ConfigError(
                 f"cluster {self.namespace!r} at {self.url} is not initialised: run `engram cluster init`"
             )
-        return config_from_dict(_unpack(data))
+        return config_from_dict(value)
 
     async def slot_map(self) -> SlotMap:
         data = await self._call("reading the slot map", lambda: self._r.get(self._key("slotmap")))
-        if data is None:
+        value = self._verified_or(self._key("slotmap"), data, "slot map")
+        if value is None:
             raise ConfigError(
                 f"cluster {self.namespace!r} at {self.url} has no slot map: run `engram cluster init`"
             )
-        return SlotMap.from_value(_unpack(data))
+        return SlotMap.from_value(value)
 
     async def set_slot_map(
         self, owners: list[int], *, expected_epoch: int, replicas: list[list[int]] | None = None
@@ -235,7 +301,11 @@ class ControlPlane:
                 data = await pipe.get(key)
                 if data is None:
                     raise ValueError(f"cluster {self.namespace!r} at {self.url} has no slot map to change")
-                current = _unpack(data)
+                try:
+                    current = self._unpack(key, data)
+                except Tampered as exc:
+                    self.tampered.note(key, exc, "refusing to change it")
+                    raise ValueError(f"the slot map at {self.url} fails its signature: not building on it") from None
                 if current["epoch"] != expected_epoch:
                     raise ValueError(f"slot map changed (epoch {current['epoch']}, expected {expected_epoch})")
                 if len(owners) != len(current["owners"]):
@@ -249,7 +319,7 @@ class ControlPlane:
                     reps = [list(r) for r in replicas]
                 new = SlotMap(epoch=expected_epoch + 1, owners=owners, replicas=reps)
                 pipe.multi()
-                pipe.set(key, _pack(new.to_value()))
+                pipe.set(key, self._pack(key, new.to_value()))
                 await pipe.execute()
                 return new
 
@@ -275,10 +345,11 @@ class ControlPlane:
                 wrote = []
                 pipe.multi()
                 if not has_layout:
-                    pipe.set(layout_key, _pack(cfg.to_dict()))
+                    pipe.set(layout_key, self._pack(layout_key, _layout(cfg)))
                     wrote.append("the layout")
-                if slot_map is not None and (current is None or int(_unpack(current)["epoch"]) < slot_map.epoch):
-                    pipe.set(map_key, _pack(slot_map.to_value()))
+                old = self._current(map_key, current)
+                if slot_map is not None and (old is None or int(old["epoch"]) < slot_map.epoch):
+                    pipe.set(map_key, self._pack(map_key, slot_map.to_value()))
                     wrote.append(f"the slot map (epoch {slot_map.epoch})")
                 if wrote:
                     await pipe.execute()
@@ -306,7 +377,8 @@ class ControlPlane:
 
     async def add_event(self, event: dict, *, keep: int = 200) -> None:
         """Append a failover/repair event (what happened, when) to `{ns}:failover:events`."""
-        data = _pack(event)
+        key = self._key("failover", "events")
+        data = self._pack(key, event)
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
@@ -320,7 +392,14 @@ class ControlPlane:
         """The failover/repair events, newest first."""
         raw = await self._call("reading failover events",
                                lambda: self._r.lrange(self._key("failover", "events"), 0, -1))
-        return [_unpack(d) for d in raw]
+        key = self._key("failover", "events")
+        out = []
+        for d in raw:
+            try:
+                out.append(self._unpack(key, d))
+            except Tampered as exc:
+                self.tampered.note(key, exc, "event ignored")
+        return out
 
     # ---------------------------------------------------------------------------------------
     # shard registry
@@ -331,11 +410,14 @@ class ControlPlane:
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key("shards"), str(shard_id), _pack(record))
+                pipe.hset(self._key("shards"), str(shard_id), self._pack(self._record_key(shard_id), record))
                 pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
 
         await self._call(f"registering shard {shard_id}", run)
+
+    def _record_key(self, shard_id: int | str) -> str:
+        return f"{self._key('shards')}#{shard_id}"
 
     async def heartbeat(self, shard_id: int, info: dict, *, ttl_s: float) -> None:
         """Refresh the liveness key and the shard's info.
@@ -346,12 +428,12 @@ class ControlPlane:
 
         async def run() -> None:
             data = await self._r.hget(self._key("shards"), str(shard_id))
-            if data is None:
+            record = self._current(self._record_key(shard_id), data)  # tampered: register again
+            if record is None:
                 raise LookupError(f"shard {shard_id} is not registered in cluster {self.namespace!r}")
-            record = _unpack(data)
             record.update(info=info, last_seen=time.time())
             async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key("shards"), str(shard_id), _pack(record))
+                pipe.hset(self._key("shards"), str(shard_id), self._pack(self._record_key(shard_id), record))
                 pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
 
@@ -373,7 +455,11 @@ class ControlPlane:
                 alive = await pipe.execute() if ids else []
             out = []
             for shard_id, is_alive in zip(ids, alive, strict=True):
-                record = _unpack(raw[str(shard_id).encode()])
+                where = self._record_key(shard_id)
+                try:
+                    record = self._verified_or(where, raw[str(shard_id).encode()], f"record of shard {shard_id}")
+                except TamperedEntry:
+                    continue  # never verified: as if not registered
                 out.append(
                     ShardRecord(
                         shard_id=shard_id,
@@ -393,7 +479,7 @@ class ControlPlane:
     async def put_manifest(self, manifest: dict) -> None:
         if "step" not in manifest or "files" not in manifest:
             raise ValueError(f"manifest: needs 'step' and 'files', got keys {sorted(manifest)}")
-        data = _pack(manifest)
+        data = self._pack(self._key("manifest"), manifest)
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
@@ -406,11 +492,18 @@ class ControlPlane:
 
     async def latest_manifest(self) -> dict | None:
         data = await self._call("reading the checkpoint manifest", lambda: self._r.get(self._key("manifest")))
-        return None if data is None else _unpack(data)
+        return None if data is None else self._manifest(data)
+
+    def _manifest(self, data: Any) -> dict | None:
+        try:
+            return self._unpack(self._key("manifest"), data)
+        except Tampered as exc:
+            self.tampered.note(self._key("manifest"), exc, "skipping that manifest")
+            return None
 
     async def manifests(self) -> list[dict]:
         """The last MANIFEST_HISTORY manifests, newest first."""
         raw = await self._call(
             "reading the manifest history", lambda: self._r.lrange(self._key("manifests"), 0, -1)
         )
-        return [_unpack(d) for d in raw]
+        return [m for m in map(self._manifest, raw) if m is not None]

@@ -1,6 +1,9 @@
 """Per-slot checkpoint files: written atomically, verified completely before any restore.
 
-One file per (table, slot), at `<directory>/table<T>/slot<SSSSS>.bin`:
+One file per (table, slot), at `<root>/<name>/table<T>/slot<SSSSS>.bin`, where `root` is the shard's
+`cluster.checkpoint_dir` and `name` the checkpoint's name (`checkpoint_dir(root, name)`: relative
+components of [A-Za-z0-9._-], none starting with a dot, so no `..`, no absolute path, and no
+symlink out of the root). Requests name checkpoints, never paths.
 
     header  48 bytes, little-endian (_HEADER): magic b"ENGSLOT1", format version, table, slot,
             num_slots, rows, dim, optimizer kind (0 adam, 1 adagrad), row format (0 fp32, 1 bf16,
@@ -8,7 +11,9 @@ One file per (table, slot), at `<directory>/table<T>/slot<SSSSS>.bin`:
     weights (rows, dim) in the row format (fp8: (rows, dim + dim/32) bytes, values then scales)
     state   adam: m (rows, dim) then v (rows, dim) fp32 ; adagrad: acc (rows,) fp32 ; none for fp8
 
-The sha256 of the whole file is returned in the SlotFile (and so lands in the manifest).
+The sha256 of the whole file is returned in the SlotFile (and so lands in the manifest); a restore
+needs it (an empty or malformed sha256 is refused). Errors name the checkpoint and the slot file,
+never what a file holds.
 Writing: tmp file -> write -> flush -> fsync -> rename -> fsync of the directory.
 Restoring is two passes: `verify_slot` checks existence, size, header and sha256 of every
 file (nothing is touched if any is bad), then `load_slot` reads each file straight into the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,9 @@ FORMAT_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "fp8": 3}
 _HEADER = struct.Struct("<8sIiiIQIBB2xQ")  # magic, version, table, slot, num_slots, rows, dim, kind, format, step
 _READ_BLOCK = 8 << 20
 _PARTLY = "table partly restored: restore again from an intact checkpoint"
+_NAME_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_NAME_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,8 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
     rel = slot_path(meta.table, meta.slot)
     path = Path(directory) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not _inside(Path(directory).resolve(), path):
+        raise invalid(f"{rel} is a symlink out of the checkpoint directory: not writing through it")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim,
@@ -111,67 +122,99 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def resolve(directory: str, rel: str) -> Path:
-    """A manifest path, which must stay inside the checkpoint directory."""
-    if not rel or "\0" in rel or len(rel) > 4096 or os.path.isabs(rel) or ".." in Path(rel).parts:
-        raise invalid(f"slot file path {rel!r} must be relative to the checkpoint directory")
-    return Path(directory) / rel
+def _inside(root: Path, path: Path) -> bool:
+    real = path.resolve()  # follows every symlink on the way, existing or not
+    return real == root or root in real.parents
 
 
-def _data_loss(path: Path, what: str, outcome: str = "restore refused, tables unchanged") -> ShardError:
-    return ShardError(Code.DATA_LOSS, f"checkpoint file {path}: {what}; {outcome}")
+def checkpoint_dir(root: str | Path, name: str) -> Path:
+    """The directory of checkpoint `name` under the checkpoint root; anything else is INVALID_ARGUMENT."""
+    if not name:
+        raise invalid("name: required (a checkpoint name under the shard's cluster.checkpoint_dir, e.g. run1/step_000100)")
+    parts = name.split("/")
+    if len(name) > MAX_NAME_CHARS or not all(_NAME_PART.fullmatch(p) for p in parts):
+        raise invalid(
+            f"name: {name[:80]!r} is not a checkpoint name (relative, '/'-separated parts of letters, digits, "
+            f"'.', '_', '-', none starting with '.', at most {MAX_NAME_CHARS} characters; no '..', no absolute path)"
+        )
+    base = Path(root).resolve()
+    path = base.joinpath(*parts)
+    if not _inside(base, path):
+        raise invalid(f"name: {name!r} leads out of the checkpoint root through a symlink")
+    return path
 
 
-def verify_slot(directory: str, rel: str, sha256: str, meta: SlotMeta) -> int:
+def resolve(directory: str | Path, rel: str, *, table: int, slot: int) -> Path:
+    """A manifest's slot file: exactly `slot_path(table, slot)`, and no symlink out of the checkpoint."""
+    if rel != slot_path(table, slot):
+        raise invalid(f"files: table {table} slot {slot}: path {rel[:80]!r} must be {slot_path(table, slot)!r}")
+    path = Path(directory) / rel
+    if not _inside(Path(directory).resolve(), path):
+        raise invalid(f"files: table {table} slot {slot}: {rel} is a symlink out of the checkpoint")
+    return path
+
+
+def check_sha256(sha256: str, *, table: int, slot: int) -> None:
+    if not _SHA256.fullmatch(sha256):
+        raise invalid(f"files: table {table} slot {slot}: sha256 must be 64 lowercase hex digits "
+                      f"({'empty' if not sha256 else f'{len(sha256)} characters'}); restore refused, tables unchanged")
+
+
+def _data_loss(rel: str, what: str, outcome: str = "restore refused, tables unchanged") -> ShardError:
+    return ShardError(Code.DATA_LOSS, f"checkpoint file {rel}: {what}; {outcome}")
+
+
+def verify_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta) -> int:
     """Check one file completely without loading it -> its applied step."""
-    path = resolve(directory, rel)
+    check_sha256(sha256, table=meta.table, slot=meta.slot)
+    path = resolve(directory, rel, table=meta.table, slot=meta.slot)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise precondition(f"checkpoint file {path} does not exist; restore refused, tables unchanged") from None
+        raise precondition(f"checkpoint file {rel} does not exist; restore refused, tables unchanged") from None
     if size < _HEADER.size:
-        raise _data_loss(path, f"truncated: {size} bytes, shorter than the {_HEADER.size}-byte header")
+        raise _data_loss(rel, f"truncated: {size} bytes, shorter than the {_HEADER.size}-byte header")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         raw = f.read(_HEADER.size)
         digest.update(raw)
-        step = check_header(path, raw, meta)
+        step = check_header(rel, raw, meta)
         if size != meta.file_bytes:
-            raise _data_loss(path, f"truncated or padded: {size} bytes, expected {meta.file_bytes}")
+            raise _data_loss(rel, f"truncated or padded: {size} bytes, expected {meta.file_bytes}")
         while chunk := f.read(_READ_BLOCK):
             digest.update(chunk)
-    if sha256 and digest.hexdigest() != sha256:
-        raise _data_loss(path, f"sha256 mismatch (file {digest.hexdigest()[:16]}..., manifest {sha256[:16]}...)")
+    if digest.hexdigest() != sha256:
+        raise _data_loss(rel, f"sha256 mismatch (the manifest says {sha256[:16]}...)")
     return step
 
 
-def check_header(path: Path, raw: bytes, meta: SlotMeta) -> int:
+def check_header(rel: str, raw: bytes, meta: SlotMeta) -> int:
     magic, version, table, slot, num_slots, rows, dim, kind, fmt, step = _HEADER.unpack(raw)
     if magic != MAGIC:
-        raise _data_loss(path, f"not an Engram slot file (magic {magic!r})")
+        raise _data_loss(rel, "not an Engram slot file (bad magic)")
     if version != FORMAT_VERSION:
-        raise precondition(f"checkpoint file {path}: format version {version}, this shard reads {FORMAT_VERSION}")
+        raise precondition(f"checkpoint file {rel}: format version {version}, this shard reads {FORMAT_VERSION}")
     got = (table, slot, num_slots, rows, dim, kind, fmt)
     want = (meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim, KIND_CODES[meta.kind], FORMAT_CODES[meta.fmt])
     if got != want:
         names = ("table", "slot", "num_slots", "rows", "dim", "optimizer", "row format code")
         diff = ", ".join(f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want, strict=True) if g != w)
-        raise precondition(f"checkpoint file {path} does not match this cluster's layout: {diff}")
+        raise precondition(f"checkpoint file {rel} does not match this cluster's layout: {diff}")
     return int(step)
 
 
-def load_slot(directory: str, rel: str, sha256: str, meta: SlotMeta, dst: SlotData) -> None:
+def load_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta, dst: SlotData) -> None:
     """Read a verified file straight into the slot block `dst` (weights and state views)."""
-    path = resolve(directory, rel)
+    path = resolve(directory, rel, table=meta.table, slot=meta.slot)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         raw = f.read(_HEADER.size)
         digest.update(raw)
-        check_header(path, raw, meta)
+        check_header(rel, raw, meta)
         for arr in _arrays(dst):
             view = memoryview(arr).cast("B")
             if f.readinto(view) != view.nbytes:
-                raise _data_loss(path, "changed while restoring (now shorter)", _PARTLY)
+                raise _data_loss(rel, "changed while restoring (now shorter)", _PARTLY)
             digest.update(view)
-    if sha256 and digest.hexdigest() != sha256:
-        raise _data_loss(path, "changed while restoring (sha256 differs from the verified file)", _PARTLY)
+    if digest.hexdigest() != sha256:
+        raise _data_loss(rel, "changed while restoring (sha256 differs from the verified file)", _PARTLY)

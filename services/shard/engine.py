@@ -40,7 +40,7 @@ from services.shard import checkpoint as ckpt
 from services.shard.aggregate import StepAggregator
 from services.shard.errors import Code, ShardError, invalid, precondition
 from services.shard.gather import LookupResult
-from services.shard.limits import InflightBudget, check_directory, check_target
+from services.shard.limits import InflightBudget, check_peer, check_target
 from services.shard.memory import Trimmer
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
@@ -83,6 +83,8 @@ class ShardEngine:
         # () -> awaitable SlotMap (the control plane's), so SetSlotMap without `owners` can still
         # name the owner of a row in errors; None when standalone
         self.slot_map_source: Callable[[], Awaitable] | None = None
+        # () -> awaitable [ShardRecord] (the control plane's registry): MigrateSlots targets only these
+        self.peers_source: Callable[[], Awaitable[list]] | None = None
         self.started = time.time()
         self.row_paths: dict = {}  # the data plane's address and shared files, for the registry (server.py)
 
@@ -254,8 +256,8 @@ class ShardEngine:
         ]
 
     async def checkpoint(self, req: shard_pb2.CheckpointRequest) -> shard_pb2.CheckpointResponse:
-        """Every owned (table, slot) to `directory`; each table is written under its update lock."""
-        check_directory(req.directory)
+        """Every owned (table, slot) to checkpoint `name`; each table is written under its update lock."""
+        directory = ckpt.checkpoint_dir(self.limits.checkpoint_dir, req.name)
         files = []
         async with self.admin, self._all_tables():
             view = self.store.view
@@ -263,20 +265,20 @@ class ShardEngine:
             def write_all() -> None:
                 for t in sorted(view.tables):
                     for meta in self._metas(t, view.owned):
-                        files.append(ckpt.write_slot(req.directory, meta, self.store.slot_block(t, meta.slot, view)))
+                        files.append(ckpt.write_slot(directory, meta, self.store.slot_block(t, meta.slot, view)))
                     if view.owned:
-                        ckpt.fsync_dir(f"{req.directory}/table{t}")
+                        ckpt.fsync_dir(directory / f"table{t}")
 
             try:
                 await self._run(write_all)
             except OSError as exc:
-                raise ShardError(Code.INTERNAL, f"checkpoint to {req.directory} failed: {exc}") from exc
+                raise ShardError(Code.INTERNAL, f"checkpoint {req.name} failed: {exc.strerror or exc}") from exc
         return shard_pb2.CheckpointResponse(files=[shard_pb2.SlotFile(**f) for f in files])
 
     async def restore(self, req: shard_pb2.RestoreRequest) -> shard_pb2.RestoreResponse:
         """All-or-nothing: every owned slot's file verified before any is loaded."""
         store = self.store
-        check_directory(req.directory)
+        directory = ckpt.checkpoint_dir(self.limits.checkpoint_dir, req.name)
         async with self.admin, self._all_tables():
             view = store.view
             wanted = {(t, s) for t in store.layouts for s in view.owned}
@@ -289,7 +291,7 @@ class ShardEngine:
             missing = sorted(wanted - set(by_key))
             if missing:
                 raise precondition(
-                    f"checkpoint {req.directory} has no file for table {missing[0][0]} slot {missing[0][1]} "
+                    f"checkpoint {req.name} has no file for table {missing[0][0]} slot {missing[0][1]} "
                     f"({len(missing)} owned (table, slot) pairs missing); restore refused, tables unchanged"
                 )
             jobs = [(by_key[(m.table, m.slot)], m) for t in sorted(store.layouts) for m in self._metas(t, view.owned)]
@@ -297,19 +299,19 @@ class ShardEngine:
             def verify_all() -> dict[int, int]:
                 steps: dict[int, int] = {}
                 for f, meta in jobs:
-                    step = ckpt.verify_slot(req.directory, f.path, f.sha256, meta)
+                    step = ckpt.verify_slot(directory, f.path, f.sha256, meta)
                     steps[meta.table] = max(steps.get(meta.table, 0), step)
                 return steps
 
             def load_all() -> None:
                 for f, meta in jobs:
-                    ckpt.load_slot(req.directory, f.path, f.sha256, meta, store.slot_block(meta.table, meta.slot, view))
+                    ckpt.load_slot(directory, f.path, f.sha256, meta, store.slot_block(meta.table, meta.slot, view))
 
             try:
                 steps = await self._run(verify_all)
                 await self._run(store.rewrite_rows, load_all, steps)
             except OSError as exc:
-                raise ShardError(Code.DATA_LOSS, f"reading checkpoint {req.directory} failed: {exc}") from exc
+                raise ShardError(Code.DATA_LOSS, f"reading checkpoint {req.name} failed: {exc.strerror or exc}") from exc
         return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))
 
     # ---------------------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class ShardEngine:
         check_target(req.target)
         if req.target == self.address:
             raise invalid(f"target: {req.target} is this shard")
+        await check_peer(req.target, self.peers_source, self_id=store.shard_id)
         async with self.admin:
             view = store.view
             store.check_epoch(view, req.epoch)

@@ -7,21 +7,23 @@
 - `InflightBudget`: bytes of requests being handled (request + reply + temporaries, and the
   parts of pending sync steps); a request that would go beyond the cap is refused with
   RESOURCE_EXHAUSTED before it allocates anything.
-- `check_directory`, `check_target`: paths and peer addresses a request may name.
+- `check_target`, `check_peer`: the peer a MigrateSlots may dial (host:port of a shard registered
+  in the control plane, alive, not this one; checkpoint names are checked in checkpoint.py).
 - `BadRequestLog`: one log line per refused request, at most `per_s` lines a second (then a
   count of the lines left out), never a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from services.shard.errors import Code, ShardError, invalid
+from services.shard.errors import Code, ShardError, invalid, precondition
 from services.telemetry import record_shard_event
 
 
@@ -123,19 +125,22 @@ class BadRequestLog:
         self.log.warning("bad request: %s refused: %s", what, text if len(text) <= 300 else text[:300] + "...")
 
 
-MAX_PATH_CHARS = 4096
-
-
-def check_directory(directory: str) -> None:
-    if not directory:
-        raise invalid("directory: required")
-    if len(directory) > MAX_PATH_CHARS or "\0" in directory:
-        raise invalid(f"directory: not a usable path ({len(directory)} characters{', has NUL' if chr(0) in directory else ''})")
-
-
 def check_target(target: str) -> None:
     """`host:port` of a peer shard, nothing else (no unix: or other channel schemes)."""
     host, _, port = target.rpartition(":")
     ok = 0 < len(target) <= 255 and host and "/" not in target and port.isdigit() and 0 < int(port) < 65536
     if not ok or any(c.isspace() or not c.isprintable() for c in target):
         raise invalid(f"target: {target[:80]!r} is not host:port of a shard")
+
+
+async def check_peer(target: str, peers: Callable[[], Awaitable[list]] | None, *, self_id: int) -> None:
+    """MigrateSlots dials only a shard the control plane registered (alive, another id) at `target`."""
+    if peers is None:
+        raise precondition("target: a standalone shard has no registry to check a migration target against; "
+                           "MigrateSlots needs the control plane")
+    try:
+        records = await asyncio.wait_for(peers(), timeout=2.0)
+    except Exception as exc:  # noqa: BLE001 - unreachable or tampered: never dial an unchecked address
+        raise ShardError(Code.UNAVAILABLE, f"target: cannot read the shard registry to check {target}: {exc}") from None
+    if not any(r.address == target and r.alive and r.shard_id != self_id for r in records):
+        raise invalid(f"target: {target[:80]} is not the address of a live shard registered in the control plane")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from engram.layout import slot_num_rows
@@ -54,6 +55,24 @@ def slot_chunks(
 
 def _state_bytes_per_row(store: ShardStore, dim: int) -> int:
     return 0 if fmts.read_only(store.row_format) else 4 * state_floats_per_row(store.kind, dim)
+
+
+_FINITE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp8 rows: not checked
+
+
+def _check_values(chunk: shard_pb2.SlotChunk, *, rows: int, dim: int, kind: str, fmt: str) -> None:
+    """Rows and optimizer state a shard would serve and train: finite, and second moments >= 0."""
+    where = f"table {chunk.table} slot {chunk.slot} at row {chunk.offset_rows}"
+    if rows and fmt in _FINITE_DTYPES and not bool(
+            torch.isfinite(torch.frombuffer(bytearray(chunk.weights), dtype=_FINITE_DTYPES[fmt])).all()):
+        raise invalid(f"weights: non-finite values (NaN/Inf) in the chunk of {where}; slot not imported")
+    state = np.frombuffer(chunk.state, dtype="<f4")
+    if rows and not np.isfinite(state).all():
+        raise invalid(f"state: non-finite values (NaN/Inf) in the chunk of {where}; slot not imported")
+    moments = state[rows * dim:] if kind == "adam" else state  # adam: m then v; adagrad: the accumulator
+    if rows and (moments < 0).any():
+        raise invalid(f"state: negative {'second moments' if kind == 'adam' else 'accumulators'} in the chunk of "
+                      f"{where}; slot not imported")
 
 
 class Staging:
@@ -95,6 +114,7 @@ class Staging:
         if len(chunk.state) != want_state:
             kind = "no state: the table is read-only" if fmts.read_only(fmt) else f"{store.kind} state"
             raise invalid(f"state: {len(chunk.state)} bytes for {rows} rows, expected {want_state} ({kind})")
+        _check_values(chunk, rows=rows, dim=dim, kind=store.kind, fmt=fmt)
         if chunk.offset_rows == 0:
             block = SlotData(
                 weights=torch.empty((total, fmts.storage_cols(fmt, dim)), dtype=fmts.STORAGE_DTYPES[fmt]),

@@ -47,7 +47,7 @@ from services.shard.store import ShardStore
 
 log = logging.getLogger("engram.shard")
 SERVICE_NAME = "engram.shard.v1.MemoryShard"
-LOCAL_FIELDS = ("host_id", "shm_dir", "data_port", "row_mirror")
+LOCAL_FIELDS = ("host_id", "shm_dir", "data_port", "row_mirror", "checkpoint_dir")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,7 +70,10 @@ def default_threads(cores: int) -> tuple[int, int]:
 async def _boot_from_control_plane(
     cfg: Config, shard_id: int
 ) -> tuple[Config, ControlPlane, list[int], int, list[dict]]:
-    cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+    try:
+        cp = ControlPlane.from_config(cfg)
+    except ValueError as exc:
+        raise BootError(str(exc)) from None
     try:
         stored = await cp.config()
         slot_map = await rejoin(cp, shard_id)  # a restart leaves slots its live replicas hold (docs/failover.md)
@@ -80,11 +83,12 @@ async def _boot_from_control_plane(
         await cp.close()
         raise BootError(str(exc)) from None
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
+    stored.security = cfg.security  # credentials and keys are this process's, never the stored tree's
     for name in LOCAL_FIELDS:  # where this process runs, not the cluster's layout
         setattr(stored.cluster, name, getattr(cfg.cluster, name))
     manifests, seen = [], set()
     for m in ([latest] if latest else []) + history:  # newest first, each checkpoint once
-        key = (m.get("step"), m.get("directory"))
+        key = (m.get("step"), m.get("name"))
         if key not in seen:
             seen.add(key)
             manifests.append(m)
@@ -98,13 +102,13 @@ async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
                                   if k in f})
             for f in manifest.get("files", [])
         ]
-        req = shard_pb2.RestoreRequest(directory=str(manifest.get("directory", "")), files=files)
+        req = shard_pb2.RestoreRequest(name=str(manifest.get("name", "")), files=files)
         resp = await engine.restore(req)
     except ShardError as exc:
-        raise BootError(f"restoring checkpoint step {manifest.get('step')}: {exc.message}") from None
+        raise BootError(f"restoring checkpoint step {manifest.get('step')} ({manifest.get('name')}): {exc.message}") from None
     except (TypeError, ValueError) as exc:
         raise BootError(f"checkpoint step {manifest.get('step')}: malformed manifest ({exc})") from None
-    log.info("restored %d slots from %s (step %d)", resp.slots_restored, req.directory, resp.step)
+    log.info("restored %d slots from checkpoint %s (step %d)", resp.slots_restored, req.name, resp.step)
 
 
 async def _restore_newest(engine: ShardEngine, manifests: list[dict]) -> None:
@@ -118,10 +122,10 @@ async def _restore_newest(engine: ShardEngine, manifests: list[dict]) -> None:
             log.warning("cannot boot from checkpoint %d of %d (newest first): %s", i + 1, len(manifests), exc)
             continue
         if i:
-            log.warning("booted from an older checkpoint, step %s in %s: the %d newer ones did not verify",
-                        manifest.get("step"), manifest.get("directory"), i)
+            log.warning("booted from an older checkpoint, step %s (%s): the %d newer ones did not verify",
+                        manifest.get("step"), manifest.get("name"), i)
         else:
-            log.info("booted from the newest checkpoint, step %s in %s", manifest.get("step"), manifest.get("directory"))
+            log.info("booted from the newest checkpoint, step %s (%s)", manifest.get("step"), manifest.get("name"))
         return
     raise BootError(f"none of the {len(manifests)} checkpoint manifests restores: " + "; ".join(reasons))
 
@@ -194,7 +198,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s,
                          limits=cfg.cluster)
     if cp is not None:
-        engine.slot_map_source = cp.slot_map
+        engine.slot_map_source, engine.peers_source = cp.slot_map, cp.shards
     if manifests:
         await _restore_newest(engine, manifests)
     await loop.run_in_executor(pool, memory.trim)  # drop what init and restore left in the arenas

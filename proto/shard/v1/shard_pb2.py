@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/shard/v1/shard.proto\x12\x0f\x65ngram.shard.v1\"\xa2\x01\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07row_ids\x18\x03 \x01(\x0c\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.engram.shard.v1.WireDtype\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x15\n\rmax_staleness\x18\x07 \x01(\r\"{\n\x0eLookupResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.engram.shard.v1.WireDtype\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x14\n\x0c\x61pplied_step\x18\x05 \x01(\x04\"g\n\x0fOptimizerParams\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\r\"\xd3\x01\n\x15\x41pplyGradientsRequest\x12\r\n\x05table\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07row_ids\x18\x03 \x01(\x0c\x12\r\n\x05grads\x18\x04 \x01(\x0c\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x33\n\toptimizer\x18\x06 \x01(\x0b\x32 .engram.shard.v1.OptimizerParams\x12\x0f\n\x07part_id\x18\x07 \x01(\t\x12\x11\n\tnum_parts\x18\x08 \x01(\r\x12\x15\n\rmax_staleness\x18\t \x01(\r\"U\n\x16\x41pplyGradientsResponse\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x14\n\x0crows_updated\x18\x02 \x01(\x04\x12\x0f\n\x07pending\x18\x03 \x01(\x08\"j\n\x08SlotFile\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x10\n\x08num_rows\x18\x05 \x01(\x04\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\"4\n\x11\x43heckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\">\n\x12\x43heckpointResponse\x12(\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x19.engram.shard.v1.SlotFile\"M\n\x0eRestoreRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.engram.shard.v1.SlotFile\"7\n\x0fRestoreResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eslots_restored\x18\x02 \x01(\r\"\x90\x01\n\tSlotChunk\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07weights\x18\x04 \x01(\x0c\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x14\n\x0c\x61pplied_step\x18\x06 \x01(\x04\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x13\n\x0boffset_rows\x18\x08 \x01(\x04\"C\n\x13MigrateSlotsRequest\x12\r\n\x05slots\x18\x01 \x03(\x05\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\">\n\x14MigrateSlotsResponse\x12\x12\n\nslots_sent\x18\x01 \x01(\r\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\"-\n\x13ImportSlotsResponse\x12\x16\n\x0eslots_received\x18\x01 \x01(\r\"G\n\x11SetSlotMapRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bowned_slots\x18\x02 \x03(\x05\x12\x0e\n\x06owners\x18\x03 \x03(\x05\"+\n\x12SetSlotMapResponse\x12\x15\n\rslots_dropped\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x91\x01\n\nTableStats\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_step\x18\x06 \x01(\x04\x12\x14\n\x0cmirror_bytes\x18\x07 \x01(\x04\"\xd2\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x03(\x05\x12+\n\x06tables\x18\x04 \x03(\x0b\x32\x1b.engram.shard.v1.TableStats\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07lookups\x18\x06 \x01(\x04\x12\x13\n\x0brows_served\x18\x07 \x01(\x04\x12\x0f\n\x07updates\x18\x08 \x01(\x04\x12\x1a\n\x12max_staleness_seen\x18\t \x01(\x04*Y\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x12\x12\n\x0e\x46P8_E4M3_UE8M0\x10\x04\x32\x84\x06\n\x0bMemoryShard\x12I\n\x06Lookup\x12\x1e.engram.shard.v1.LookupRequest\x1a\x1f.engram.shard.v1.LookupResponse\x12S\n\x0cLookupStream\x12\x1e.engram.shard.v1.LookupRequest\x1a\x1f.engram.shard.v1.LookupResponse(\x01\x30\x01\x12\x61\n\x0e\x41pplyGradients\x12&.engram.shard.v1.ApplyGradientsRequest\x1a\'.engram.shard.v1.ApplyGradientsResponse\x12U\n\nCheckpoint\x12\".engram.shard.v1.CheckpointRequest\x1a#.engram.shard.v1.CheckpointResponse\x12L\n\x07Restore\x12\x1f.engram.shard.v1.RestoreRequest\x1a .engram.shard.v1.RestoreResponse\x12[\n\x0cMigrateSlots\x12$.engram.shard.v1.MigrateSlotsRequest\x1a%.engram.shard.v1.MigrateSlotsResponse\x12Q\n\x0bImportSlots\x12\x1a.engram.shard.v1.SlotChunk\x1a$.engram.shard.v1.ImportSlotsResponse(\x01\x12U\n\nSetSlotMap\x12\".engram.shard.v1.SetSlotMapRequest\x1a#.engram.shard.v1.SetSlotMapResponse\x12\x46\n\x05Stats\x12\x1d.engram.shard.v1.StatsRequest\x1a\x1e.engram.shard.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/shard/v1/shard.proto\x12\x0f\x65ngram.shard.v1\"\xa2\x01\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07row_ids\x18\x03 \x01(\x0c\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.engram.shard.v1.WireDtype\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x15\n\rmax_staleness\x18\x07 \x01(\r\"{\n\x0eLookupResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12)\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1a.engram.shard.v1.WireDtype\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x14\n\x0c\x61pplied_step\x18\x05 \x01(\x04\"g\n\x0fOptimizerParams\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x0f\n\x07version\x18\x06 \x01(\r\"\xd3\x01\n\x15\x41pplyGradientsRequest\x12\r\n\x05table\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07row_ids\x18\x03 \x01(\x0c\x12\r\n\x05grads\x18\x04 \x01(\x0c\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x33\n\toptimizer\x18\x06 \x01(\x0b\x32 .engram.shard.v1.OptimizerParams\x12\x0f\n\x07part_id\x18\x07 \x01(\t\x12\x11\n\tnum_parts\x18\x08 \x01(\r\x12\x15\n\rmax_staleness\x18\t \x01(\r\"U\n\x16\x41pplyGradientsResponse\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x14\n\x0crows_updated\x18\x02 \x01(\x04\x12\x0f\n\x07pending\x18\x03 \x01(\x08\"j\n\x08SlotFile\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x10\n\x08num_rows\x18\x05 \x01(\x04\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\"/\n\x11\x43heckpointRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\">\n\x12\x43heckpointResponse\x12(\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x19.engram.shard.v1.SlotFile\"H\n\x0eRestoreRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.engram.shard.v1.SlotFile\"7\n\x0fRestoreResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eslots_restored\x18\x02 \x01(\r\"\x90\x01\n\tSlotChunk\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07weights\x18\x04 \x01(\x0c\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x14\n\x0c\x61pplied_step\x18\x06 \x01(\x04\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x13\n\x0boffset_rows\x18\x08 \x01(\x04\"C\n\x13MigrateSlotsRequest\x12\r\n\x05slots\x18\x01 \x03(\x05\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\">\n\x14MigrateSlotsResponse\x12\x12\n\nslots_sent\x18\x01 \x01(\r\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\"-\n\x13ImportSlotsResponse\x12\x16\n\x0eslots_received\x18\x01 \x01(\r\"G\n\x11SetSlotMapRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0bowned_slots\x18\x02 \x03(\x05\x12\x0e\n\x06owners\x18\x03 \x03(\x05\"+\n\x12SetSlotMapResponse\x12\x15\n\rslots_dropped\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x91\x01\n\nTableStats\x12\r\n\x05table\x18\x01 \x01(\x05\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_step\x18\x06 \x01(\x04\x12\x14\n\x0cmirror_bytes\x18\x07 \x01(\x04\"\xd2\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x03(\x05\x12+\n\x06tables\x18\x04 \x03(\x0b\x32\x1b.engram.shard.v1.TableStats\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07lookups\x18\x06 \x01(\x04\x12\x13\n\x0brows_served\x18\x07 \x01(\x04\x12\x0f\n\x07updates\x18\x08 \x01(\x04\x12\x1a\n\x12max_staleness_seen\x18\t \x01(\x04*Y\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x12\x12\n\x0e\x46P8_E4M3_UE8M0\x10\x04\x32\x84\x06\n\x0bMemoryShard\x12I\n\x06Lookup\x12\x1e.engram.shard.v1.LookupRequest\x1a\x1f.engram.shard.v1.LookupResponse\x12S\n\x0cLookupStream\x12\x1e.engram.shard.v1.LookupRequest\x1a\x1f.engram.shard.v1.LookupResponse(\x01\x30\x01\x12\x61\n\x0e\x41pplyGradients\x12&.engram.shard.v1.ApplyGradientsRequest\x1a\'.engram.shard.v1.ApplyGradientsResponse\x12U\n\nCheckpoint\x12\".engram.shard.v1.CheckpointRequest\x1a#.engram.shard.v1.CheckpointResponse\x12L\n\x07Restore\x12\x1f.engram.shard.v1.RestoreRequest\x1a .engram.shard.v1.RestoreResponse\x12[\n\x0cMigrateSlots\x12$.engram.shard.v1.MigrateSlotsRequest\x1a%.engram.shard.v1.MigrateSlotsResponse\x12Q\n\x0bImportSlots\x12\x1a.engram.shard.v1.SlotChunk\x1a$.engram.shard.v1.ImportSlotsResponse(\x01\x12U\n\nSetSlotMap\x12\".engram.shard.v1.SetSlotMapRequest\x1a#.engram.shard.v1.SetSlotMapResponse\x12\x46\n\x05Stats\x12\x1d.engram.shard.v1.StatsRequest\x1a\x1e.engram.shard.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.shard.v1.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREDTYPE']._serialized_start=1927
-  _globals['_WIREDTYPE']._serialized_end=2016
+  _globals['_WIREDTYPE']._serialized_start=1917
+  _globals['_WIREDTYPE']._serialized_end=2006
   _globals['_LOOKUPREQUEST']._serialized_start=48
   _globals['_LOOKUPREQUEST']._serialized_end=210
   _globals['_LOOKUPRESPONSE']._serialized_start=212
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLOTFILE']._serialized_start=743
   _globals['_SLOTFILE']._serialized_end=849
   _globals['_CHECKPOINTREQUEST']._serialized_start=851
-  _globals['_CHECKPOINTREQUEST']._serialized_end=903
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=905
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=967
-  _globals['_RESTOREREQUEST']._serialized_start=969
-  _globals['_RESTOREREQUEST']._serialized_end=1046
-  _globals['_RESTORERESPONSE']._serialized_start=1048
-  _globals['_RESTORERESPONSE']._serialized_end=1103
-  _globals['_SLOTCHUNK']._serialized_start=1106
-  _globals['_SLOTCHUNK']._serialized_end=1250
-  _globals['_MIGRATESLOTSREQUEST']._serialized_start=1252
-  _globals['_MIGRATESLOTSREQUEST']._serialized_end=1319
-  _globals['_MIGRATESLOTSRESPONSE']._serialized_start=1321
-  _globals['_MIGRATESLOTSRESPONSE']._serialized_end=1383
-  _globals['_IMPORTSLOTSRESPONSE']._serialized_start=1385
-  _globals['_IMPORTSLOTSRESPONSE']._serialized_end=1430
-  _globals['_SETSLOTMAPREQUEST']._serialized_start=1432
-  _globals['_SETSLOTMAPREQUEST']._serialized_end=1503
-  _globals['_SETSLOTMAPRESPONSE']._serialized_start=1505
-  _globals['_SETSLOTMAPRESPONSE']._serialized_end=1548
-  _globals['_STATSREQUEST']._serialized_start=1550
-  _globals['_STATSREQUEST']._serialized_end=1564
-  _globals['_TABLESTATS']._serialized_start=1567
-  _globals['_TABLESTATS']._serialized_end=1712
-  _globals['_STATSRESPONSE']._serialized_start=1715
-  _globals['_STATSRESPONSE']._serialized_end=1925
-  _globals['_MEMORYSHARD']._serialized_start=2019
-  _globals['_MEMORYSHARD']._serialized_end=2791
+  _globals['_CHECKPOINTREQUEST']._serialized_end=898
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=900
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=962
+  _globals['_RESTOREREQUEST']._serialized_start=964
+  _globals['_RESTOREREQUEST']._serialized_end=1036
+  _globals['_RESTORERESPONSE']._serialized_start=1038
+  _globals['_RESTORERESPONSE']._serialized_end=1093
+  _globals['_SLOTCHUNK']._serialized_start=1096
+  _globals['_SLOTCHUNK']._serialized_end=1240
+  _globals['_MIGRATESLOTSREQUEST']._serialized_start=1242
+  _globals['_MIGRATESLOTSREQUEST']._serialized_end=1309
+  _globals['_MIGRATESLOTSRESPONSE']._serialized_start=1311
+  _globals['_MIGRATESLOTSRESPONSE']._serialized_end=1373
+  _globals['_IMPORTSLOTSRESPONSE']._serialized_start=1375
+  _globals['_IMPORTSLOTSRESPONSE']._serialized_end=1420
+  _globals['_SETSLOTMAPREQUEST']._serialized_start=1422
+  _globals['_SETSLOTMAPREQUEST']._serialized_end=1493
+  _globals['_SETSLOTMAPRESPONSE']._serialized_start=1495
+  _globals['_SETSLOTMAPRESPONSE']._serialized_end=1538
+  _globals['_STATSREQUEST']._serialized_start=1540
+  _globals['_STATSREQUEST']._serialized_end=1554
+  _globals['_TABLESTATS']._serialized_start=1557
+  _globals['_TABLESTATS']._serialized_end=1702
+  _globals['_STATSRESPONSE']._serialized_start=1705
+  _globals['_STATSRESPONSE']._serialized_end=1915
+  _globals['_MEMORYSHARD']._serialized_start=2009
+  _globals['_MEMORYSHARD']._serialized_end=2781
 # @@protoc_insertion_point(module_scope)

@@ -117,12 +117,12 @@ class SlotFile(_message.Message):
     def __init__(self, table: _Optional[int] = ..., slot: _Optional[int] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., num_rows: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("directory", "step")
-    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("name", "step")
+    NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    directory: str
+    name: str
     step: int
-    def __init__(self, directory: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("files",)
@@ -131,12 +131,12 @@ class CheckpointResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[SlotFile, _Mapping]]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("directory", "files")
-    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("name", "files")
+    NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
-    directory: str
+    name: str
     files: _containers.RepeatedCompositeFieldContainer[SlotFile]
-    def __init__(self, directory: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SlotFile, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SlotFile, _Mapping]]] = ...) -> None: ...
 
 class RestoreResponse(_message.Message):
     __slots__ = ("step", "slots_restored")

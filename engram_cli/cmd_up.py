@@ -1,7 +1,11 @@
 """`engram up`: a local cluster (Redis + N memory shards as processes) until Ctrl-C / SIGTERM.
 
     engram up --preset tiny --shards 2
-    engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=...
+    engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=... --set security...
+
+TLS and roles are on by default: a throwaway CA and certificates (admin for the CLI, train for
+the trainer, read for workers) in the log folder's tls/; `--insecure` turns them off for a
+trusted machine. The printed `--set` values give other commands the admin identity.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface for Redis and the shards")
     parser.add_argument("--log-dir", default=None, help="where Redis and shard logs go (default: a temp dir)")
     parser.add_argument("--startup-timeout-s", type=float, default=180.0)
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--tls", dest="tls", action="store_true", default=True,
+                     help="mTLS and roles with throwaway certificates (the default)")
+    tls.add_argument("--insecure", dest="tls", action="store_false",
+                     help="plaintext, no roles: a trusted machine only")
     parser.set_defaults(func=run)
 
 
@@ -42,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
         namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
-        startup_timeout_s=args.startup_timeout_s, keep_logs=True,
+        startup_timeout_s=args.startup_timeout_s, keep_logs=True, tls=args.tls,
     )
     try:
         print(f"starting Redis and {cluster.num_shards} shards (logs in {cluster.log_dir}) ...", flush=True)
@@ -52,8 +61,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"redis    {cluster.redis_url}  namespace {cluster.namespace}  pid {cluster.redis.proc.pid}")
         for shard_id, proc in sorted(cluster.shards.items()):
             print(f"shard {shard_id}  {proc.address}  pid {proc.pid}")
-        sets = " ".join(f"--set {item}" for item in cluster.cluster_overrides)
+        sets = " ".join(f"--set {item}" for item in [*cluster.cluster_overrides, *cluster.client_overrides("admin")])
         print(f"other commands reach it with: --preset {args.preset} {sets}")
+        if cluster.tls:
+            c = cluster.certs
+            print(f"TLS + roles on: CA {c['admin'].ca}; identities admin {c['admin'].cert}, train {c['train'].cert}, "
+                  f"read {c['read'].cert} (keys beside them, *-key.pem); the trainer takes train, workers read")
+        else:
+            print("WARNING: --insecure: plaintext and no roles; anyone who can reach these ports can change the tables")
         print("ready; Ctrl-C stops the cluster", flush=True)
         while not stop.wait(1.0):
             for shard_id, proc in sorted(cluster.shards.items()):

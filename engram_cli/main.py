@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": "generate text from a running model worker",
     "plan": "capacity plan: bytes per shard, per-shard load, worker bandwidth, cache hit rate",
     "health": "grpc.health.v1 check of a server (exit 0 when SERVING): container health checks",
+    "certs": "throwaway CA and per-role certificates (compose, laptops; k8s uses cert-manager)",
 }
 
 

@@ -223,12 +223,14 @@ class Telemetry:
 
 
 def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Telemetry:
+                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                    metrics_tls: tuple[str, str] | None = None) -> Telemetry:
     """Install tracing/metrics for this process from the OTEL_* environment. Call once, at entry.
 
     `metrics_port` (a CLI value of the caller; 0 picks a free port) serves Prometheus text even
     when no OTLP endpoint is set. `attributes` are added to the resource (e.g. the shard id).
-    `env` defaults to os.environ (tests pass their own).
+    `env` defaults to os.environ (tests pass their own). `metrics_tls` = (cert, key): serve the
+    metrics over HTTPS (what the shard does with security.tls_enabled).
     """
     env = os.environ if env is None else env
     settings = settings_from_env(service_name, env)
@@ -254,7 +256,9 @@ def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metri
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         try:
-            server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+            certfile, keyfile = metrics_tls or (None, None)
+            server = start_http_server(metrics_port, addr=metrics_host, registry=registry, certfile=certfile,
+                                       keyfile=keyfile)
         except OSError as exc:
             raise ConfigError(f"--metrics-port: cannot serve Prometheus metrics on {metrics_host}:{metrics_port}: "
                               f"{exc}") from None

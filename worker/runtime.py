@@ -19,7 +19,7 @@ from engram.tokenizer import eot_id
 from worker.engine import ModelEngine
 from worker.prefetch import LoopThread, RemoteRowSource, RowSource
 
-SERVING_SECTIONS = ("worker", "cluster")
+SERVING_SECTIONS = ("worker", "cluster", "security")
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -32,7 +32,9 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"{' and '.join(s + '.*' for s in SERVING_SECTIONS)} can be overridden when serving"
             )
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(cfg.to_dict(), f)
+        data = cfg.to_dict()
+        data.pop("security", None)  # the trainer's certificates are not this server's: only --set gives them
+        json.dump(data, f)
     try:
         return load_config("tiny", f.name, overrides)  # the file sets every field; the preset is irrelevant
     finally:
@@ -52,6 +54,7 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
             control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s,
             # where this process runs (not the cluster's stored layout): which row path it may take
             row_path=cfg.cluster.row_path, host_id=cfg.cluster.host_id, shm_dir=cfg.cluster.shm_dir,
+            security=cfg.security,
         )
         if client.cfg.engram != cfg.engram:
             await client.close()

@@ -1,4 +1,8 @@
-"""One grpc.aio channel per shard address, created on first use, with the callables the client needs."""
+"""One grpc.aio channel per shard address, created on first use, with the callables the client needs.
+
+The channels carry this process's `security` section: TLS with its certificate (its role) and
+the CA, or plaintext with its bearer token, or plain plaintext (services/security/tls.py).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from engram.config import SecurityConfig
 from proto.shard.v1 import shard_pb2_grpc
 from services.client.codec import decode_lookup_response
+from services.security.tls import aio_channel
 
 LOOKUP_METHOD = "/engram.shard.v1.MemoryShard/Lookup"
 
@@ -36,14 +42,15 @@ class Endpoint:
 
 
 class ChannelPool:
-    def __init__(self, options: list[tuple[str, Any]]) -> None:
+    def __init__(self, options: list[tuple[str, Any]], security: SecurityConfig | None = None) -> None:
         self._options = options
+        self.security = security or SecurityConfig()
         self._endpoints: dict[str, Endpoint] = {}
 
     def get(self, address: str) -> Endpoint:
         ep = self._endpoints.get(address)
         if ep is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self.security, self._options)
             ep = Endpoint(
                 address=address,
                 channel=channel,

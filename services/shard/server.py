@@ -42,6 +42,8 @@ from services.shard.errors import BootError, ShardError
 from services.shard.servicer import MemoryShardServicer, add_to_server
 from services.shard.shm_table import TableMemory, local_host_id
 from services.shard.store import ShardStore
+from services.security import tls
+from services.security.interceptor import server_interceptors
 
 log = logging.getLogger("engram.shard")
 SERVICE_NAME = "engram.shard.v1.MemoryShard"
@@ -78,6 +80,7 @@ async def _boot_from_control_plane(cfg: Config) -> tuple[Config, ControlPlane, l
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
     for name in LOCAL_FIELDS:  # where this process runs, not the cluster's layout
         setattr(stored.cluster, name, getattr(cfg.cluster, name))
+    stored.security = cfg.security  # this process's certificates and rights, never the stored ones
     manifests, seen = [], set()
     for m in ([latest] if latest else []) + history:  # newest first, each checkpoint once
         key = (m.get("step"), m.get("directory"))
@@ -205,14 +208,16 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
                  ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                  ("grpc.max_connection_idle_ms", int(c.idle_connection_s * 1000))],
         maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        interceptors=server_interceptors(cfg.security),
     )
     add_to_server(MemoryShardServicer(engine), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    sec = cfg.security
     try:
-        port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+        port, _ = tls.add_port(server, f"{opts.host}:{opts.port}", sec)
     except RuntimeError as exc:
         raise BootError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from None
     if port == 0:
@@ -220,9 +225,15 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     host = opts.host if opts.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
     address = opts.advertise or f"{host}:{port}"
     engine.address = address
-    data_plane = DataPlane(engine, max_reply_bytes=max_bytes)
+    engine.dial = lambda target, options: tls.aio_channel(target, sec, options)  # MigrateSlots -> ImportSlots
+    data_plane = DataPlane(engine, max_reply_bytes=max_bytes, ssl=tls.ServerSSL(sec) if sec.tls_enabled else None,
+                           need_role="read" if sec.auth_enabled else None)
+    data_host = opts.host
+    if sec.auth_enabled and not sec.tls_enabled and not tls.is_loopback(data_host):
+        data_host = "127.0.0.1"  # it cannot check tokens: same-host readers only, the rest take gRPC
+        log.warning("data plane on 127.0.0.1 only: with auth on and TLS off it cannot tell who connects")
     try:
-        data_port = await data_plane.start(opts.host, cfg.cluster.data_port)
+        data_port = await data_plane.start(data_host, cfg.cluster.data_port)
     except OSError as exc:
         tables.close()
         raise BootError(f"data plane cannot listen on {opts.host}:{cfg.cluster.data_port}: {exc}") from None

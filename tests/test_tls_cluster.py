@@ -39,9 +39,10 @@ RANK = {"read": 0, "train": 1, "admin": 2}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
+    ck = tmp_path_factory.mktemp("ck")
     with LocalCluster(preset="tiny", num_shards=2, log_dir=tmp_path_factory.mktemp("logs"), startup_timeout_s=90,
-                      overrides=["cluster.row_path=tcp", f"cluster.checkpoint_dir={tmp_path_factory.mktemp('ck')}"],
-                      tls=True) as c:
+                      overrides=["cluster.row_path=tcp", f"cluster.checkpoint_dir={ck}"], tls=True) as c:
+        c.checkpoint_root = ck
         yield c
 
 
@@ -158,7 +159,7 @@ def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, 
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "'read' role" in err.value.message
 
 
-def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
     ids = np.random.default_rng(0).integers(0, 1900, size=(2, 40))
     want = expected_rows(cluster.cfg, 1, ids, torch.float32)
 
@@ -179,7 +180,7 @@ def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster, tmp_path: Path
                                           optimizer={"kind": "adam", "lr": 0.1})
             after = await trainer.lookup(1, ids)
             assert not torch.equal(after, want)  # the push changed the rows
-            manifest = await trainer.checkpoint(str(tmp_path / "ck"), 1)
+            manifest = await trainer.checkpoint(str(cluster.checkpoint_root / "tls-step1"), 1)
             assert manifest["files"] and all(Path(f["path"]).is_file() for f in manifest["files"])
             with pytest.raises(ShardError) as err:  # restoring overwrites tables: admin only
                 await trainer.restore(manifest)
@@ -219,3 +220,32 @@ def test_rotated_certificate_is_served_without_restart(cluster: LocalCluster) ->
     assert cluster.shards[0].pid == pid and cluster.shards[0].proc.poll() is None
     assert _call(address, admin, "Stats") == grpc.StatusCode.INVALID_ARGUMENT or \
         _call(address, admin, "Stats") == grpc.StatusCode.OK  # and it still serves calls
+
+
+def test_worker_serves_mtls_with_roles(cluster: LocalCluster, extra: dict[str, SecurityConfig]) -> None:
+    """`engram serve` with the read identity: Score needs a role; `engram health` checks it over mTLS."""
+    import subprocess
+    import sys
+
+    from proto.worker.v1 import worker_pb2, worker_pb2_grpc
+    from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
+
+    read = cluster.certs["read"]
+    sets = ["security.tls_enabled=true", "security.auth_enabled=true", f"security.tls_ca={read.ca}",
+            f"security.tls_cert={read.cert}", f"security.tls_key={read.key}"]
+    worker = WorkerProcess(shared_tiny_checkpoint(), *[a for s in sets for a in ("--set", s)]).start()
+    try:
+        with sync_channel(worker.address, cluster.security("read")) as ch:
+            reply = worker_pb2_grpc.ModelWorkerStub(ch).Score(worker_pb2.ScoreRequest(text="def f(x):"), timeout=30)
+            assert reply.num_tokens > 0
+        with sync_channel(worker.address, extra["norole"]) as ch, pytest.raises(grpc.RpcError) as err:
+            worker_pb2_grpc.ModelWorkerStub(ch).Score(worker_pb2.ScoreRequest(text="def f(x):"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = [sys.executable, "-m", "engram_cli.main", "health", "--address", worker.address]
+        ok = subprocess.run([*health, *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
+                            timeout=60)
+        assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
+        plain = subprocess.run(health, capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain.stdout + plain.stderr
+    finally:
+        worker.kill()

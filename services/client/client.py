@@ -116,7 +116,8 @@ class ShardClient(ShardOps):
     async def connect(cls, control: Any, **kw: Any) -> ShardClient:
         """Layout, slot map and shard addresses from the control plane."""
         cfg = await control.config()
-        kw.setdefault("security", SecurityConfig())  # the stored layout's security section is not this process's
+        if kw.get("security") is None:  # the stored layout's security section is not this process's
+            kw["security"] = SecurityConfig()
         smap = await control.slot_map()
         shards = await control.shards()
         addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins

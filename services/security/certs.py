@@ -66,9 +66,11 @@ def issue(
     alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     for h in hosts:
         try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
         except ValueError:
-            alt.append(x509.DNSName(h))
+            name = x509.DNSName(h)
+        if name not in alt:
+            alt.append(name)
     if role is not None:
         alt.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
     cert = (

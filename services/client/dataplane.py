@@ -89,8 +89,8 @@ class DataPlaneClient:
                                       max_staleness=max_staleness)
             ok = True
             return out
-        except ShardError:
-            ok = True  # an error frame: the connection is in sync and stays usable
+        except ShardError as err:
+            ok = not getattr(err, "connection_closed", False)  # an error frame: in sync, stays usable
             raise
         except (ConnectionError, OSError) as exc:
             raise DataPlaneDown(f"data plane at {self.address}: {exc}") from None
@@ -113,7 +113,8 @@ class DataPlaneClient:
             await conn.io.sendall(memoryview(ids).cast("B"))
         await self._recv_exact(conn.io, memoryview(conn.head))
         reply = Reply.unpack(conn.head)
-        if reply.magic != REPLY_MAGIC or reply.request_id != rid:
+        connection_error = reply.request_id == 0 and reply.status  # e.g. refused at connect (no read role)
+        if reply.magic != REPLY_MAGIC or (reply.request_id != rid and not connection_error):
             raise DataPlaneDown(f"data plane at {self.address}: reply {reply.request_id} magic {reply.magic:#x} "
                                 f"to request {rid}: out of sync")
         if reply.status:
@@ -121,7 +122,9 @@ class DataPlaneClient:
                 raise DataPlaneDown(f"data plane at {self.address}: {reply.body_len}-byte error message")
             body = bytearray(reply.body_len)
             await self._recv_exact(conn.io, memoryview(body))
-            raise self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+            err = self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+            err.connection_closed = bool(connection_error)  # type: ignore[attr-defined]  # the shard closes it
+            raise err
         nbytes = n * row_bytes(dtype, dim)
         if reply.dtype != dtype or reply.dim != dim or reply.body_len != nbytes:
             raise DataPlaneDown(f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "

@@ -33,9 +33,14 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"security.{what}: cannot read {path}: {exc.strerror}") from None
 
 
-def _mtimes(sec: SecurityConfig) -> tuple[int, ...]:
+def file_mtimes(sec: SecurityConfig) -> tuple[int, ...]:
+    """Modification times of the certificate, key, CA and token files (-1: absent)."""
+    return _mtimes(sec) + _mtimes(sec, (sec.token_file,))
+
+
+def _mtimes(sec: SecurityConfig, paths: tuple[str, ...] | None = None) -> tuple[int, ...]:
     out = []
-    for p in (sec.tls_cert, sec.tls_key, sec.tls_ca):
+    for p in paths if paths is not None else (sec.tls_cert, sec.tls_key, sec.tls_ca):
         try:
             out.append(os.stat(p).st_mtime_ns)
         except OSError:

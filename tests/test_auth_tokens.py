@@ -17,6 +17,7 @@ from services.security.tls import check_bind, sync_channel
 from tests.fixtures_cluster import ShardProcess, run_shard_to_exit, shard_procs  # noqa: F401
 from tests.fixtures_procs import run
 
+OPT = {"kind": "adam", "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "version": 1}
 TOKENS = {"read": "r" * 24, "train": "t" * 24, "admin": "a" * 24}
 BASE = ["--preset", "tiny", "--standalone", "--shard-id", "0", "--port", "0", "--set", "cluster.num_shards=1"]
 
@@ -63,9 +64,9 @@ def test_tokens_give_roles_and_rotate(tmp_path: Path, shard_procs: list) -> None
             before = await reader.lookup(1, ids)
             grads = torch.ones(ids.size, before.shape[-1])
             with pytest.raises(ShardError) as err:
-                await reader.apply_gradients(1, ids, grads, step=1, optimizer={"kind": "adam", "lr": 0.1})
+                await reader.apply_gradients(1, ids, grads, step=1, optimizer=OPT)
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
-            await trainer.apply_gradients(1, ids, grads, step=1, optimizer={"kind": "adam", "lr": 0.1})
+            await trainer.apply_gradients(1, ids, grads, step=1, optimizer=OPT)
             assert not torch.equal(await reader.lookup(1, ids), before)
         finally:
             await reader.close()

@@ -27,6 +27,7 @@ from services.security import certs
 from services.security.tls import sync_channel
 from tests.fixtures_procs import expected_rows, run
 
+OPT = {"kind": "adam", "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "version": 1}
 SHARD = "/engram.shard.v1.MemoryShard/"
 UNARY = ["Lookup", "ApplyGradients", "Checkpoint", "Restore", "MigrateSlots", "SetSlotMap", "Stats"]
 STREAMING = {"LookupStream": "stream_stream", "ImportSlots": "stream_unary"}
@@ -116,7 +117,7 @@ def test_forged_and_expired_certificates_are_refused(cluster: LocalCluster, extr
         assert _call(cluster.addresses[0], extra[bad], "Stats") == grpc.StatusCode.UNAVAILABLE, bad
         data = _data_address(cluster, 0)
 
-        async def probe(sec: SecurityConfig = extra[bad]) -> None:
+        async def probe(sec: SecurityConfig = extra[bad], data: str = data) -> None:
             client = DataPlaneClient(data, ssl_context=_client_ssl(sec))
             try:
                 await client.lookup(table=1, ids=np.arange(4), dtype=2, dim=8, epoch=1)
@@ -147,8 +148,10 @@ def _data_address(cluster: LocalCluster, shard_id: int) -> str:
 
 
 def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, SecurityConfig]) -> None:
+    data = _data_address(cluster, 0)
+
     async def probe() -> None:
-        client = DataPlaneClient(_data_address(cluster, 0), ssl_context=_client_ssl(extra["norole"]))
+        client = DataPlaneClient(data, ssl_context=_client_ssl(extra["norole"]))
         try:
             await client.lookup(table=1, ids=np.arange(4), dtype=2, dim=8, epoch=1)
         finally:
@@ -174,14 +177,15 @@ def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
             uniq = np.unique(ids)
             with pytest.raises(ShardError) as err:  # read may not push
                 await reader.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1,
-                                             optimizer={"kind": "adam", "lr": 0.1})
+                                             optimizer=OPT)
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
             await trainer.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1,
-                                          optimizer={"kind": "adam", "lr": 0.1})
+                                          optimizer=OPT)
             after = await trainer.lookup(1, ids)
             assert not torch.equal(after, want)  # the push changed the rows
-            manifest = await trainer.checkpoint(str(cluster.checkpoint_root / "tls-step1"), 1)
-            assert manifest["files"] and all(Path(f["path"]).is_file() for f in manifest["files"])
+            where = cluster.checkpoint_root / "tls-step1"
+            manifest = await trainer.checkpoint(str(where), 1)
+            assert manifest["files"] and all((where / f["path"]).is_file() for f in manifest["files"])
             with pytest.raises(ShardError) as err:  # restoring overwrites tables: admin only
                 await trainer.restore(manifest)
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "'admin' role" in err.value.message

@@ -30,10 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
 from engram.config import Config, ConfigError
-from services.security import tls
-from services.security.interceptor import server_interceptors
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.security import tls
+from services.security.interceptor import server_interceptors
 from worker.batcher import DynamicBatcher
 from worker.engine import ModelEngine, Work
 from worker.prefetch import RowsUnavailable

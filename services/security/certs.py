@@ -66,11 +66,11 @@ def issue(
     alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     for h in hosts:
         try:
-            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
+            general: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
         except ValueError:
-            name = x509.DNSName(h)
-        if name not in alt:
-            alt.append(name)
+            general = x509.DNSName(h)
+        if general not in alt:
+            alt.append(general)
     if role is not None:
         alt.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
     cert = (

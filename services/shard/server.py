@@ -35,6 +35,8 @@ from engram.layout import even_slot_map
 from proto.shard.v1 import shard_pb2
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.control.store import SlotMap
+from services.security import tls
+from services.security.interceptor import server_interceptors
 from services.shard import memory
 from services.shard.dataplane import DataPlane
 from services.shard.engine import ShardEngine
@@ -42,8 +44,6 @@ from services.shard.errors import BootError, ShardError
 from services.shard.servicer import MemoryShardServicer, add_to_server
 from services.shard.shm_table import TableMemory, local_host_id
 from services.shard.store import ShardStore
-from services.security import tls
-from services.security.interceptor import server_interceptors
 
 log = logging.getLogger("engram.shard")
 SERVICE_NAME = "engram.shard.v1.MemoryShard"

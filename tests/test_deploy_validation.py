@@ -71,7 +71,7 @@ COMPOSE_BREAKS = {
     ),
     "unknown engram command": (
         'command: ["train", "--ray", "--config"', 'command: ["nosuchcmd", "--ray", "--config"',
-        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml`: no such command `nosuchcmd`"],
+        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml --set", "no such command `nosuchcmd`"],
     ),
     "bad configuration": (
         "num_shards = 3\n", 'num_shards = 3\n      wire_dtype = "int9"\n',
@@ -86,7 +86,7 @@ COMPOSE_BREAKS = {
         ["volumes.shm: tmpfs size 16m < 39 MiB: the table files of 3 shards (29 MiB, fp32 + bf16 mirror)"],
     ),
     "plaintext shards": (
-        "      tls_enabled = true\n", "      tls_enabled = false\n",
+        "      tls_enabled = true\n      auth_enabled = true\n", "      tls_enabled = false\n      auth_enabled = false\n",
         ["services.shard-0: serves plaintext gRPC on 50060", "services.shard-2: serves plaintext gRPC on 50060"],
     ),
     "environment variable nobody reads": (
@@ -129,7 +129,8 @@ K8S_BREAKS = {
         ["Deployment/engram-worker container worker: readinessProbe checks port 50052 but the server listens on 50051"],
     ),
     "shards without TLS": (
-        "config.yaml", "    tls_enabled = true\n", "    tls_enabled = false\n",
+        "config.yaml", "    tls_enabled = true\n    auth_enabled = true\n",
+        "    tls_enabled = false\n    auth_enabled = false\n",
         ["StatefulSet/engram-shard container shard: serves plaintext gRPC on 50060"],
     ),
     "gRPC probe on a TLS shard": (

@@ -12,7 +12,6 @@ import datetime as dt
 import socket
 import ssl
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np

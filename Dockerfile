@@ -44,8 +44,9 @@ RUN pip install --no-deps . && rm -rf /src
 # Non-root; /data is the working directory (tokenizer cache, runs/, checkpoints volume), so
 # the root filesystem can be mounted read-only.
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/engram engram \
-    && mkdir -p /data/checkpoints /data/runs \
-    && chown -R 10001:10001 /data
+    && mkdir -p /data/checkpoints /data/runs /certs \
+    && chown -R 10001:10001 /data /certs \
+    && chmod 0700 /certs
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data/checkpoints"]

@@ -19,6 +19,10 @@ hiredis, each row stored as one key holding its bytes. This process runs with
 which the numpy and Redis baselines share. CPU time per lookup is recorded for
 the client process and the shard processes, which shows where the time goes even on a busy
 machine. Latencies: p50/p99 over the repetitions (count in the JSON).
+
+`--tls`: after each plain cluster, the same shards again with mTLS and roles on (throwaway
+certificates, as `engram up`), the client holding the read role: rows `tcp+tls` and
+`grpc+tls` beside the plain `tcp` and `grpc` (shm does not touch the network: no TLS row).
 """
 
 from __future__ import annotations
@@ -161,12 +165,15 @@ def bench_dedup(batches: Batches, args: argparse.Namespace) -> list[dict[str, An
 async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None) -> list:
     out = []
     for path in args.paths:
+        if cluster.tls and path == "shm":
+            continue  # shared memory never crosses the network: nothing for TLS to cost
         out += await bench_path(cluster, batches, args, table, path)
     return out
 
 
 async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None,
                      path: str) -> list:
+    label = f"{path}+tls" if cluster.tls else path
     from services.client import ShardClient
 
     cp = cluster.control()
@@ -174,7 +181,8 @@ async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, t
     procs = [psutil.Process(p.pid) for p in cluster.shards.values()]
     try:
         for dtype in args.dtypes:
-            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120, row_path=path)
+            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120, row_path=path,
+                                               security=cluster.security("read"))
             dim = client.layouts[1].dim
             try:
                 if table is not None:  # the shards serve exactly the rows the baselines use
@@ -198,8 +206,8 @@ async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, t
                     if set(used) != {path}:  # a fallback would make the row lie
                         raise RuntimeError(f"row path {path}: lookups went over {used}")
                     client.row_paths.used.update(dict.fromkeys(used, 0))
-                    out.append({"method": path, "shards": len(procs), "dtype": dtype, "batch": rows, **res})
-                    print(f"  {path:<4} {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} "
+                    out.append({"method": label, "shards": len(procs), "dtype": dtype, "batch": rows, **res})
+                    print(f"  {label:<8} {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} "
                           f"Mrows/s p50 {res['p50_ms']:7.3f} ms", flush=True)
             finally:
                 await client.close()
@@ -212,7 +220,7 @@ async def fetch_table(cluster: Any) -> np.ndarray:
     from services.client import ShardClient
 
     cp = cluster.control()
-    client = await ShardClient.connect(cp, wire_dtype="fp32", timeout_s=300)
+    client = await ShardClient.connect(cp, wire_dtype="fp32", timeout_s=300, security=cluster.security("read"))
     try:
         n = client.layouts[1].num_rows
         return (await client.lookup(1, np.arange(n))).numpy()  # (N, D) fp32, what the shards hold
@@ -225,14 +233,30 @@ async def fetch_table(cluster: Any) -> np.ndarray:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'method':<14} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
+    print(f"\n{'method':<18} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
           f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}")
     for r in results:
         name = f"{r['method']} {r['shards']} shard{'s' if r['shards'] > 1 else ''}" if "shards" in r else r["method"]
         client_cpu = f"{r['client_cpu_ms']:.2f}" if "client_cpu_ms" in r else ""
         shard_cpu = f"{r['shards_cpu_ms']:.2f}" if "shards_cpu_ms" in r else ""
-        print(f"{name:<14} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
+        print(f"{name:<18} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
               f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}")
+
+
+def tls_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each `<path>+tls` row beside its plain row: throughput and p50 ratios (same run, same ids)."""
+    plain = {(r["method"], r.get("shards"), r["dtype"], r["batch"]): r for r in results}
+    out = []
+    for r in results:
+        if not r["method"].endswith("+tls"):
+            continue
+        base = plain.get((r["method"][: -len("+tls")], r.get("shards"), r["dtype"], r["batch"]))
+        if base is None:
+            continue
+        out.append({"path": base["method"], "shards": r["shards"], "dtype": r["dtype"], "batch": r["batch"],
+                    "plain_p50_ms": base["p50_ms"], "tls_p50_ms": r["p50_ms"],
+                    "p50_ratio": r["p50_ms"] / base["p50_ms"], "throughput_ratio": r["rows_per_s"] / base["rows_per_s"]})
+    return out
 
 
 TARGETS = {"shm": {"of_numpy": 0.9, "p50_1k_ms": 0.1}, "tcp": {"of_numpy": 0.75, "p50_1k_ms": 0.4},
@@ -282,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-reps", type=int, default=60)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (client) process")
     parser.add_argument("--no-baselines", action="store_true", help="skip numpy and Redis")
+    parser.add_argument("--tls", action="store_true",
+                        help="also time tcp and grpc with mTLS + roles (rows tcp+tls, grpc+tls) on a second cluster")
     parser.add_argument("--malloc", choices=["keep-heap", "default"], default="keep-heap",
                         help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -312,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     results: list[dict[str, Any]] = []
     table: np.ndarray | None = None
-    for num_shards in args.shards:
-        print(f"starting {num_shards} shard(s) ...", flush=True)
+    for num_shards, tls in [(n, t) for n in args.shards for t in ([False, True] if args.tls else [False])]:
+        print(f"starting {num_shards} shard(s){' with TLS' if tls else ''} ...", flush=True)
         with LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=[*TABLE, *args.overrides],
-                          num_shards=num_shards, startup_timeout_s=300) as cluster:
+                          num_shards=num_shards, startup_timeout_s=300, tls=tls) as cluster:
             if table is None and not args.no_baselines:
                 table = asyncio.run(fetch_table(cluster))
                 batches = Batches(table.shape[0])
@@ -335,10 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     info["load_avg_end"] = os.getloadavg()
     info["wall_s"] = time.monotonic() - t_start
     print_table(results)
+    cost = tls_cost(results)
+    if cost:
+        print(f"\nTLS cost (same run): {'path':<5} {'shards':>6} {'dtype':<5} {'batch':>7} {'plain p50':>10} "
+              f"{'tls p50':>10} {'p50 x':>6} {'rows/s x':>8}")
+        for c in cost:
+            print(f"{'':<20}{c['path']:<5} {c['shards']:>6} {c['dtype']:<5} {c['batch']:>7} {c['plain_p50_ms']:>10.3f} "
+                  f"{c['tls_p50_ms']:>10.3f} {c['p50_ratio']:>6.2f} {c['throughput_ratio']:>8.2f}")
     report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
               // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
               "client_malloc": args.malloc, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
-              "targets": targets(results), "results": results, **({"fp8": fp8} if fp8 else {})}
+              "targets": targets(results), "tls_cost": cost, "results": results, **({"fp8": fp8} if fp8 else {})}
     nan = float("nan")
     for path, t in report["targets"].items():
         if isinstance(t, dict):

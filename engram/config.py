@@ -191,13 +191,27 @@ class DistConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SecurityConfig:
-    """Credentials and keys; only file paths here, never a secret itself (a config is stored in Redis)."""
+    """Who may talk to whom (docs/security.md): credentials and keys as file paths, never a secret itself.
+
+    Local to each process: never taken from the stored layout."""
 
     # control plane (issue 12b, docs/security.md): Redis auth and the signed layout / slot map / registry
     redis_username: str = ""  # a Redis ACL user; "" -> the default user
     redis_password_file: str = ""  # file holding the Redis password (requirepass or the ACL user's); "" -> none
     redis_ca_file: str = ""  # CA bundle that verifies a rediss:// server; "" -> the system's
     cluster_key_file: str = ""  # file holding the cluster's HMAC-SHA256 key (>= 32 bytes); "" -> entries unsigned
+
+    # --- transport and roles (issue 12a: services/security/) -------------------------------
+    tls_enabled: bool = False  # gRPC servers/clients and the TCP data plane speak TLS
+    tls_cert: str = ""  # PEM certificate chain of this process (server cert; also its client cert for mTLS)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_ca: str = ""  # PEM CA bundle: peers' certificates must chain to it
+    require_client_cert: bool = True  # servers with TLS on: mTLS (the role comes from the client cert)
+    server_name: str = ""  # name clients check in the server certificate; "" -> the host they dial
+    auth_enabled: bool = False  # servers refuse calls without a role (cert SAN URI engram-role:<role> or token)
+    token_file: str = ""  # client: a file holding this process's bearer token (sent when it has no cert role)
+    tokens_file: str = ""  # server: a file of `<role> <token>` lines it accepts (read, train, admin)
+    allow_plaintext_public: bool = False  # serve without TLS on a non-loopback address (trusted networks only)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -582,3 +596,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"worker.batch_timeout_ms: must be >= 0, got {w.batch_timeout_ms}")
     if not 0 <= w.port < 65536:
         raise ConfigError(f"worker.port: {w.port} is not a TCP port")
+    _validate_security(cfg.security)
+
+
+def _validate_security(s: SecurityConfig) -> None:
+    if s.tls_enabled and not (s.tls_cert and s.tls_key and s.tls_ca):
+        missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if not getattr(s, n)]
+        raise ConfigError(f"security.{missing[0]}: required when security.tls_enabled is true "
+                          f"(missing: {', '.join('security.' + n for n in missing)})")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("security.tls_key: tls_cert and tls_key go together (a certificate and its key)")
+    if s.auth_enabled and not s.tls_enabled and not s.tokens_file:
+        raise ConfigError("security.tokens_file: auth without TLS needs the tokens the server accepts "
+                          "(or set security.tls_enabled with client certificates)")

@@ -110,7 +110,7 @@ async def _status(cfg: Any, args: argparse.Namespace) -> int:
         records = {r.shard_id: r for r in await cp.shards()}
         stats: dict[int, Any] = {}
         if records:
-            client = await ShardClient.connect(cp, timeout_s=args.timeout_s)
+            client = await ShardClient.connect(cp, timeout_s=args.timeout_s, security=cfg.security)
             try:
                 alive = [i for i, r in records.items() if r.alive]
                 stats = await client.stats(alive, timeout_s=args.timeout_s, errors="return") if alive else {}
@@ -154,7 +154,8 @@ async def _rebalance(cfg: Any, args: argparse.Namespace) -> int:
 
     cp = _control(cfg)
     try:
-        report = await rebalance(cp, num_shards=args.shards, add=args.add or (), remove=args.remove or ())
+        report = await rebalance(cp, num_shards=args.shards, add=args.add or (), remove=args.remove or (),
+                                 security=cfg.security)
         moved = sum(len(s) for s in report.moves.values())
         print(f"epoch {report.old_epoch} -> {report.new_epoch}: moved {moved} slots "
               f"({report.bytes_sent / 2**20:,.1f} MiB) in {report.seconds:.1f} s")
@@ -190,7 +191,7 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
     trained = config_from_dict(ck_cfg)
     cp = _control(cfg)
     try:
-        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s)
+        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s, security=cfg.security)
         try:
             if client.cfg.engram != trained.engram:
                 raise ValueError(f"the cluster {cp.namespace!r} holds another Engram layout than the checkpoint's "
@@ -228,7 +229,7 @@ async def _restore_manifest(cfg: Any, path: Any) -> int:
 
     cp = _control(cfg)
     try:
-        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s)
+        client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s, security=cfg.security)
         try:
             result = await client.restore(json.loads(path.read_text()))
         finally:

@@ -24,7 +24,8 @@ async def import_tables(cfg: Any, args: argparse.Namespace) -> int:
 
     cp = ControlPlane.from_config(cfg)
     try:
-        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s)
+        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s,
+                                           security=cfg.security)
         try:
             name = Path(args.directory).resolve().name
             # a checkpoint name directly under this process's cluster.checkpoint_dir (the shards' root)
@@ -65,7 +66,8 @@ async def export_tables(cfg: Any, args: argparse.Namespace) -> int:
         raise ValueError(f"--chunk-rows: must be >= 1, got {args.chunk_rows}")
     cp = ControlPlane.from_config(cfg)
     try:
-        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s)
+        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s,
+                                           security=cfg.security)
         try:
             total = sum(lay.num_rows for lay in client.layouts.values())
             bar = tqdm(total=total, unit="row", unit_scale=True, desc="export", disable=args.no_progress)

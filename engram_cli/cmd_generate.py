@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engram_cli.main import add_config_args
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt (or, with --score, the text to score)")
@@ -22,15 +24,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", action="store_true", help="print the text's token log-probs instead")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of the call in seconds")
     parser.add_argument("--timeout", dest="timeout_s", type=float, help=argparse.SUPPRESS)  # old spelling
+    add_config_args(parser, default_preset="tiny")  # only the security section is used (TLS, token)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from engram.config import load_config
     from proto.worker.v1 import worker_pb2, worker_pb2_grpc
+    from services.security.tls import sync_channel
 
-    with grpc.insecure_channel(args.address) as channel:
+    cfg = load_config(args.preset, args.config, args.overrides)
+    with sync_channel(args.address, cfg.security) as channel:
         stub = worker_pb2_grpc.ModelWorkerStub(channel)
         try:
             if args.score:

@@ -38,6 +38,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpu", action="store_true", help="dist.use_gpu: one GPU per worker, NCCL")
     ray.add_argument("--up", action="store_true",
                      help="start a local cluster (Redis + cluster.num_shards shards) for this run and stop it after")
+    ray.add_argument("--insecure", action="store_true",
+                     help="with --up: plaintext and no roles (default: mTLS, the trainer gets the train role)")
     parser.set_defaults(func=run)
 
 
@@ -120,8 +122,13 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
     if args.up:
         from services.launcher import LocalCluster
 
-        cluster = LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=overrides).start()
-        cfg = load_config(args.preset, args.config, overrides + cluster.cluster_overrides)
+        cluster = LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=overrides,
+                               tls=not args.insecure).start()  # mTLS and roles, as `engram up`
+        # the trainer's role is train; resuming restores the tables (Restore: admin) into the cluster
+        # this command started and owns, so --resume runs with the admin identity
+        identity = "admin" if args.resume else "train"
+        cfg = load_config(args.preset, args.config,
+                          overrides + cluster.cluster_overrides + cluster.client_overrides(identity))
         print(f"cluster: redis {cluster.redis_url}, shards {cluster.addresses}")
     address = os.environ.get("RAY_ADDRESS") or cfg.dist.ray_address  # Ray's own convention, read only here
     try:

@@ -2,9 +2,13 @@
 
     engram up --preset tiny --shards 2
     engram up --preset tiny --shards 3 --replicas 2     # every slot on 2 shards, failover (docs/failover.md)
-    (Redis gets a generated password and the control plane a generated signing key, written
-    0600 under <log-dir>/secrets/; the printed --set lines point other commands at them)
-    engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=...
+    engram cluster status --preset tiny --set cluster.redis_url=... --set cluster.namespace=... --set security...
+
+Redis gets a generated password and the control plane a generated signing key, written 0600
+under <log-dir>/secrets/ (`--no-auth` turns them off). TLS and roles are on by default: a
+throwaway CA and certificates (admin for the CLI, train for the trainer, read for workers) in
+the log folder's tls/; `--insecure` turns them off for a trusted machine. The printed `--set`
+values give other commands the admin identity.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=180.0)
     parser.add_argument("--no-auth", action="store_true",
                         help="no Redis password and an unsigned control plane (a trusted single-user machine only)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--tls", dest="tls", action="store_true", default=True,
+                     help="mTLS and roles with throwaway certificates (the default)")
+    tls.add_argument("--insecure", dest="tls", action="store_false",
+                     help="plaintext, no roles: a trusted machine only")
     parser.set_defaults(func=run)
 
 
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
         replicas=args.replicas, namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
-        startup_timeout_s=args.startup_timeout_s, keep_logs=True, secure=not args.no_auth,
+        startup_timeout_s=args.startup_timeout_s, keep_logs=True, secure=not args.no_auth, tls=args.tls,
     )
     if args.no_auth:
         print("engram up: WARNING --no-auth: Redis has no password and the control plane is unsigned; any local "
@@ -66,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"redis    {cluster.redis_url}  namespace {cluster.namespace}  pid {cluster.redis.proc.pid}")
         for shard_id, proc in sorted(cluster.shards.items()):
             print(f"shard {shard_id}  {proc.address}  pid {proc.pid}")
-        sets = " ".join(f"--set {item}" for item in cluster.cluster_overrides)
+        sets = " ".join(f"--set {item}" for item in [*cluster.cluster_overrides, *cluster.client_overrides("admin")])
         print(f"other commands reach it with: --preset {args.preset} {sets}")
+        if cluster.tls:
+            c = cluster.certs
+            print(f"TLS + roles on: CA {c['admin'].ca}; identities admin {c['admin'].cert}, train {c['train'].cert}, "
+                  f"read {c['read'].cert} (keys beside them, *-key.pem); the trainer takes train, workers read")
+        else:
+            print("WARNING: --insecure: plaintext and no roles; anyone who can reach these ports can change the tables")
         print("ready; Ctrl-C stops the cluster", flush=True)
         while not stop.wait(1.0):
             for shard_id, proc in sorted(cluster.shards.items()):

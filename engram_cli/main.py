@@ -27,6 +27,7 @@ COMMANDS = {
     "plan": "capacity plan: bytes per shard, per-shard load, worker bandwidth, cache hit rate",
     "bench": "run a benchmark from benchmarks/ (`engram bench --list` names them all)",
     "config": "print the resolved config tree: `engram config show --preset tiny --set ...`",
+    "certs": "throwaway CA and per-role certificates (compose, laptops; k8s uses cert-manager)",
 }
 
 OVERVIEW = """\

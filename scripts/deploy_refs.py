@@ -9,7 +9,8 @@ caught the tracing component landing in `default` while the workloads read it fr
 Kubernetes, each overlay rendered by `kubectl kustomize` (offline):
   - every namespaced object carries a namespace, and all carry the same one;
   - every configMapRef/secretRef (envFrom, env valueFrom, volumes, projected), persistentVolumeClaim,
-    volumeMount and serviceAccountName resolves to an object rendered in that namespace
+    volumeMount and serviceAccountName resolves to an object rendered in that namespace (a Secret
+    also resolves to the cert-manager Certificate that fills it)
     (`optional: true` does not excuse it in an overlay: it only hides the miss at run time);
   - every address a pod dials (URLs and host:port in env, args, command, the RayJob entrypoint and
     the ConfigMaps it reads or mounts) names a Service rendered in that namespace, on a port that
@@ -154,6 +155,10 @@ class K8sRefs:
         return max(seen, key=lambda ns: len(seen[ns])) if seen else None
 
     def _exists(self, kind: str, ns: str | None, name: str) -> bool:
+        if kind == "Secret" and any(  # cert-manager writes the Secret a Certificate names
+                k == "Certificate" and _ns == ns and ((d.get("spec") or {}).get("secretName") == name)
+                for (k, _ns, _n), d in self.objects.items()):
+            return True
         return (kind, ns, name) in self.objects
 
     def _ref(self, where: str, kind: str, ns: str | None, name: str, *, optional: bool = False, what: str = "") -> None:

@@ -162,6 +162,13 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
                 report.fail(where, f"healthcheck checks port {h_port} but the service listens on {cmd.port}")
             if h_host not in ("127.0.0.1", "localhost", "::1"):
                 report.fail(where, f"healthcheck address {address}: check the container itself (127.0.0.1)")
+            if health and health.cfg is not None and cmd is not None and cmd.cfg is not None and \
+                    health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled:
+                report.fail(where, f"healthcheck: security.tls_enabled {health.cfg.security.tls_enabled}, the "
+                                   f"server's {cmd.cfg.security.tls_enabled}")
+        if cmd is not None and cmd.port and cmd.cfg is not None and not cmd.cfg.security.tls_enabled:
+            report.fail(where, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled "
+                               "(docs/transport-security.md)")
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         if endpoint:
             host, port = host_port(endpoint, 4317)

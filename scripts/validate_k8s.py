@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from deploy_certmanager import is_cert_manager, tls_problems
+from deploy_certmanager import problems as cert_manager_problems
 from deploy_common import (
     SHELLS,
     Checker,
@@ -84,6 +86,8 @@ def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[
             continue
         docs = [d for d in yaml.load_all(r.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
         _validate_schemas(docs, rel, version, ray_schema, checker)
+        for problem in tls_problems(docs):
+            report.fail(rel, problem)
         try:
             listen |= _Rendered(docs, rel, checker).check()
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration) as exc:
@@ -109,6 +113,8 @@ def _schema_problems(doc: dict, version: str, ray_schema: dict | None) -> list[s
     import jsonschema
     import kubernetes_validate
 
+    if is_cert_manager(doc):
+        return cert_manager_problems(doc)
     if doc.get("kind") == "RayJob":
         if ray_schema is None:
             return []
@@ -222,11 +228,35 @@ class _Rendered:
             grpc_port = ((c.get(probe) or {}).get("grpc") or {}).get("port")
             if grpc_port is not None and grpc_port != cmd.port:
                 self.report.fail(cw, f"{probe} checks gRPC port {grpc_port} but the server listens on {cmd.port}")
+            if grpc_port is not None and cmd.cfg is not None and cmd.cfg.security.tls_enabled:
+                self.report.fail(cw, f"{probe}: kubelet's gRPC probe cannot speak TLS to a TLS server; "
+                                     "exec `engram health` with the pod's certificate")
+            self._exec_probe(c, probe, cmd, cw, spec)
             if cmd.port and c.get(probe) is None and probe != "startupProbe":
                 self.report.fail(cw, f"a server without a {probe}")
+        if cmd.port and cmd.cfg is not None and not cmd.cfg.security.tls_enabled:
+            self.report.fail(cw, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled "
+                                 "(docs/transport-security.md)")
         if cmd.name in SHARD_CLIENTS:
             self._check_addresses(cmd, cw)
         return cmd
+
+    def _exec_probe(self, c: dict, probe: str, cmd: Cmd, cw: str, spec: dict) -> None:
+        """An exec probe running `engram health`: it parses, checks this container's port, and speaks TLS
+        exactly when the server does."""
+        argv = [str(a) for a in ((c.get(probe) or {}).get("exec") or {}).get("command") or []]
+        if argv[:2] != ["engram", "health"]:
+            return
+        health = self.checker.engram(argv[1:], f"{cw} {probe}", self._files(spec, c))
+        if health is None or health.args is None:
+            return
+        port = host_port(health.args.address)[1]
+        if port != cmd.port:
+            self.report.fail(cw, f"{probe} checks port {port} but the server listens on {cmd.port}")
+        if health.cfg is not None and cmd.cfg is not None and \
+                health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled:
+            self.report.fail(cw, f"{probe}: the health check's security.tls_enabled is "
+                                 f"{health.cfg.security.tls_enabled}, the server's {cmd.cfg.security.tls_enabled}")
 
     def _expand(self, arg: str, env: dict, doc: dict) -> str:
         """$(VAR) -> a sample of what Kubernetes would substitute, so the argv parses as it will."""

@@ -14,6 +14,11 @@ then the same for Redis. Children get SIGTERM if this process dies (Linux PDEATH
 `secure=True` (what `engram up` uses): a random Redis password (`requirepass`, in a 0600 config
 file, never on a command line) and a cluster key that signs the control plane's entries, both
 written to `<log_dir>/secrets/` and passed on as `security.*` file paths (docs/security.md).
+
+With `tls=True` (`engram up`'s default) a throwaway CA and one certificate per identity are
+written to the log folder's `tls/` (services/security/certs.py); shards serve mTLS with auth
+on, and `security(role)` / `client_overrides(role)` give a client its identity: "admin" (the
+CLI), "train" (the trainer), "read" (workers).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engram.config import Config, load_config
+from engram.config import Config, SecurityConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
@@ -169,8 +174,10 @@ class RedisProcess:
 class ShardProcess:
     """One `python -m services.shard` child; `wait_ready()` parses its READY line."""
 
-    def __init__(self, shard_id: int, cmd: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, shard_id: int, cmd: list[str], *, log_path: Path, env: dict[str, str],
+                 security: SecurityConfig | None = None) -> None:
         self.shard_id, self.cmd, self.log_path = shard_id, cmd, log_path
+        self.security = security or SecurityConfig()  # how the launcher itself checks the shard's health
         self.address = ""
         self._lines: queue.Queue[str | None] = queue.Queue()
         with open(log_path, "ab") as log:
@@ -216,7 +223,9 @@ class ShardProcess:
 
     def wait_serving(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        from services.security.tls import sync_channel
+
+        with sync_channel(self.address, self.security) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -250,10 +259,12 @@ class LocalCluster:
         shard_args: list[str] | tuple[str, ...] = (),
         keep_logs: bool | None = None,
         secure: bool = False,
+        tls: bool = False,
     ) -> None:
         """`keep_logs`: keep the log folder after a clean stop (default: only a given `log_dir`).
 
-        `secure`: Redis with a generated password and a generated cluster key (see the module doc)."""
+        `secure`: Redis with a generated password and a generated cluster key (see the module doc).
+        `tls`: throwaway certificates, mTLS and roles on every shard (see the module docstring)."""
         self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
         self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
         self.num_shards = num_shards or self.cfg.cluster.num_shards
@@ -266,6 +277,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout_s = startup_timeout_s
         self.shard_args = list(shard_args)
+        self.tls = tls
+        self.certs: dict[str, Any] = {}
         self.redis: RedisProcess | None = None
         self.shards: dict[int, ShardProcess] = {}
         ckpt = Path(self.cfg.cluster.checkpoint_dir)
@@ -301,6 +314,21 @@ class LocalCluster:
         """This process's config for reaching the cluster (its credentials and key included)."""
         return load_config(self.preset, self.config_file, [*self.overrides, *self.cluster_overrides])
 
+    def client_overrides(self, role: str = "admin") -> list[str]:
+        """`--set` values giving a client of this cluster the `role` identity (none without TLS)."""
+        if not self.tls:
+            return []
+        from services.security.certs import overrides
+
+        return overrides(self.certs[role])
+
+    def security(self, role: str = "admin") -> SecurityConfig:
+        if not self.tls:
+            return SecurityConfig()
+        c = self.certs[role]
+        return SecurityConfig(tls_enabled=True, tls_cert=str(c.cert), tls_key=str(c.key), tls_ca=str(c.ca),
+                              auth_enabled=True)
+
     def control(self) -> Any:
         from services.control import ControlPlane
 
@@ -309,8 +337,15 @@ class LocalCluster:
     # -----------------------------------------------------------------------------------------
     # start / stop
 
+    def _make_certs(self) -> None:
+        if self.tls and not self.certs:
+            from services.security.certs import write_bundle
+
+            self.certs = write_bundle(self.log_dir / "tls", hosts=[self.host])
+
     def start(self) -> LocalCluster:
         try:
+            self._make_certs()
             self._start_redis()
             asyncio.run(self._init_cluster())
             self._start_shards(range(self.num_shards))
@@ -321,6 +356,7 @@ class LocalCluster:
 
     async def astart(self) -> LocalCluster:
         try:
+            self._make_certs()
             await asyncio.to_thread(self._start_redis)
             await self._init_cluster()
             procs = [self._spawn_shard(i) for i in range(self.num_shards)]
@@ -347,11 +383,13 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "services.shard", "--preset", self.preset]
         if self.config_file:
             cmd += ["--config", self.config_file]
-        for item in [*self.overrides, *self.cluster_overrides]:
+        shard_sec = self.client_overrides("shard")  # shards dial each other (MigrateSlots): admin
+        for item in [*self.overrides, *self.cluster_overrides, *shard_sec]:
             cmd += ["--set", item]
         cmd += ["--shard-id", str(shard_id), "--host", self.host, "--port", "0", *self.shard_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = ShardProcess(shard_id, cmd, log_path=self.log_dir / f"shard{shard_id}.log", env=env)
+        proc = ShardProcess(shard_id, cmd, log_path=self.log_dir / f"shard{shard_id}.log", env=env,
+                            security=self.security("admin"))
         self.shards[shard_id] = proc
         return proc
 

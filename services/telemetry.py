@@ -238,12 +238,14 @@ class Telemetry:
 
 
 def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Telemetry:
+                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                    metrics_tls: tuple[str, str] | None = None) -> Telemetry:
     """Install tracing/metrics for this process from the OTEL_* environment. Call once, at entry.
 
     `metrics_port` (a CLI value of the caller; 0 picks a free port) serves Prometheus text even
     when no OTLP endpoint is set. `attributes` are added to the resource (e.g. the shard id).
-    `env` defaults to os.environ (tests pass their own).
+    `env` defaults to os.environ (tests pass their own). `metrics_tls` = (cert, key): serve the
+    metrics over HTTPS (what the shard does with security.tls_enabled).
     """
     env = os.environ if env is None else env
     settings = settings_from_env(service_name, env)
@@ -253,11 +255,11 @@ def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metri
         raise RuntimeError("setup_telemetry: already set up in this process; call shutdown() first")
     with _otel_environ(env):
         return _install(service_name, settings, metrics_port=metrics_port, metrics_host=metrics_host,
-                        attributes=attributes or {})
+                        attributes=attributes or {}, metrics_tls=metrics_tls)
 
 
 def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_port: int | None,
-             metrics_host: str, attributes: Mapping[str, Any]) -> Telemetry:
+             metrics_host: str, attributes: Mapping[str, Any], metrics_tls: tuple[str, str] | None = None) -> Telemetry:
     from opentelemetry.sdk.resources import Resource
 
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (which wins over ours)
@@ -281,7 +283,9 @@ def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_p
         registry = CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         try:
-            server = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+            certfile, keyfile = metrics_tls or (None, None)
+            server = start_http_server(metrics_port, addr=metrics_host, registry=registry, certfile=certfile,
+                                       keyfile=keyfile)
         except OSError as exc:
             raise ConfigError(f"--metrics-port: cannot serve Prometheus metrics on {metrics_host}:{metrics_port}: "
                               f"{exc}") from None

@@ -83,7 +83,7 @@ def test_original_namespace_split_is_reported(tmp_path, kubectl):
 def test_an_overlay_with_its_own_namespace_moves_everything(tmp_path, kubectl):
     root = _copy(tmp_path, only="none")
     target = _overlay(root, "staging", "namespace: engram-staging\nresources:\n  - ../../base\n"
-                                       "components:\n  - ../../components/tracing\n")
+                                       "components:\n  - ../../components/cert-manager\n  - ../../components/tracing\n")
     docs = render(kubectl, target)
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"engram-staging"}
     assert K8sRefs(docs, "staging").check() == []
@@ -165,7 +165,7 @@ def test_only_operators_reach_the_jaeger_ui(kubectl):
 def test_shared_memory_component(tmp_path, kubectl):
     """Shards and workers on one node share the node's memory-backed /dev/shm and know their node."""
     root = _copy(tmp_path, only="none")
-    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/shm\n"
+    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n"
                                    "  - ../../components/tracing\n")
     docs = render(kubectl, target)
     assert K8sRefs(docs, "shm").check() == []
@@ -200,7 +200,7 @@ def test_shared_memory_component_without_its_mount_is_reported(tmp_path, kubectl
     root = _copy(tmp_path, only="none")
     _break(root / "k8s" / "components" / "shm" / "kustomization.yaml", "mountPath: /dev/shm/engram",
            "mountPath: /dev/shm/other")
-    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/shm\n")
+    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n")
     problems = K8sRefs(render(kubectl, target), "shm").check()
     for pod in ("StatefulSet/engram-shard container shard", "Deployment/engram-worker container worker"):
         assert (f"shm {pod}: cluster.shm_dir /dev/shm/engram (co-located row path) is not a volume this container "
@@ -266,8 +266,8 @@ COMPOSE_BREAKS = {
         'ray_address = "ray://ray-head:10001"', 'ray_address = "ray://ray-head:10002"',
         "services.train: dials ray://ray-head:10002: service ray-head exposes"),
     "undeclared volume": (
-        "    - runs:/data/runs\n    - checkpoints:/data/checkpoints\n  environment",
-        "    - runs:/data/runs\n    - checkpoint:/data/checkpoints\n  environment",
+        "    - runs:/data/runs\n    - checkpoints:/data/checkpoints\n    - certs:/certs:ro\n  environment",
+        "    - runs:/data/runs\n    - checkpoint:/data/checkpoints\n    - certs:/certs:ro\n  environment",
         "services.cluster-init: volume checkpoint: not declared under the top-level volumes"),
     "data plane port a shard does not expose": (
         'expose: ["50060", "50062", "9464"]', 'expose: ["50060", "9464"]',
@@ -276,17 +276,17 @@ COMPOSE_BREAKS = {
         '"--set", "cluster.data_port=50062", ', "",
         "services.shard-0: the shard advertises shard-0:50060 but its data plane listens on a random port"),
     "the worker names another host than the shards": (
-        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose"]',
-        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=elsewhere"]',
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose",',
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=elsewhere",',
         "services shard-0, shard-1, shard-2, worker share volume shm at /dev/shm/engram but set cluster.host_id "
         "['elsewhere', 'engram-compose']"),
     "a Ray container claims the shared host id without the volume": (
-        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml"]',
-        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml", "--set", "cluster.host_id=engram-compose"]',
+        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml",',
+        'command: ["train", "--ray", "--config", "/etc/engram/engram.toml", "--set", "cluster.host_id=engram-compose",',
         "services.train: cluster.host_id=engram-compose claims the host of volume shm but does not mount it"),
     "shm_dir where no volume is mounted": (
-        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose"]',
-        '"--set", "cluster.shm_dir=/dev/shm", "--set", "cluster.host_id=engram-compose"]',
+        '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose",\n',
+        '"--set", "cluster.shm_dir=/dev/shm", "--set", "cluster.host_id=engram-compose",\n',
         "services.worker: cluster.shm_dir /dev/shm (co-located row path) is not a named volume this service mounts"),
     "interpolation without a default": (
         "OTEL_RESOURCE_ATTRIBUTES: deployment.environment=compose",

@@ -71,7 +71,7 @@ COMPOSE_BREAKS = {
     ),
     "unknown engram command": (
         'command: ["train", "--ray", "--config"', 'command: ["nosuchcmd", "--ray", "--config"',
-        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml`: no such command `nosuchcmd`"],
+        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml --set", "no such command `nosuchcmd`"],
     ),
     "bad configuration": (
         "num_shards = 3\n", 'num_shards = 3\n      wire_dtype = "int9"\n',
@@ -85,6 +85,10 @@ COMPOSE_BREAKS = {
         'o: "size=4g,uid=10001', 'o: "size=16m,uid=10001',
         ["volumes.shm: tmpfs size 16m < 78 MiB: the table files of 3 shards, 2 copies of each slot (59 MiB, fp32 + bf16 "
          "mirror)"],
+    ),
+    "plaintext shards": (
+        "      tls_enabled = true\n      auth_enabled = true\n", "      tls_enabled = false\n      auth_enabled = false\n",
+        ["services.shard-0: serves plaintext gRPC on 50060", "services.shard-2: serves plaintext gRPC on 50060"],
     ),
     "environment variable nobody reads": (
         "OTEL_METRICS_EXPORTER: none #", "OTEL_METRICS_EXPORTR: none #",
@@ -119,9 +123,23 @@ K8S_BREAKS = {
         ["RayJob/engram-train: KubeRay RayJob schema at spec: Additional properties are not allowed ('entrypont'"],
     ),
     "probe on the wrong port": (
-        "worker.yaml", "          readinessProbe:\n            grpc:\n              port: 50051",
-        "          readinessProbe:\n            grpc:\n              port: 50052",
-        ["Deployment/engram-worker container worker: readinessProbe checks gRPC port 50052 but the server listens on 50051"],
+        "worker.yaml", '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
+                       '"--address", "127.0.0.1:50051"',
+        '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
+        '"--address", "127.0.0.1:50052"',
+        ["Deployment/engram-worker container worker: readinessProbe checks port 50052 but the server listens on 50051"],
+    ),
+    "shards without TLS": (
+        "config.yaml", "    tls_enabled = true\n    auth_enabled = true\n",
+        "    tls_enabled = false\n    auth_enabled = false\n",
+        ["StatefulSet/engram-shard container shard: serves plaintext gRPC on 50060"],
+    ),
+    "gRPC probe on a TLS shard": (
+        "shards.yaml", '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
+                       '"--address", "127.0.0.1:50060", "--service",\n                        '
+                       '"engram.shard.v1.MemoryShard", "--config", "/etc/engram/engram.toml"]',
+        "          readinessProbe:\n            grpc:\n              port: 50060",
+        ["container shard: readinessProbe: kubelet's gRPC probe cannot speak TLS to a TLS server"],
     ),
     "worker not admitted to the shards": (
         "worker.yaml", '        engram.io/shard-client: "true"\n', "",
@@ -180,3 +198,19 @@ def test_dockerfile_must_copy_every_package(tmp_path, capsys):
     assert rc == 1
     assert "FAIL Dockerfile: package trainer/ (pyproject packages.find) is never COPYed" in out, out
     assert "FAIL Dockerfile: the final USER must be a non-root user" in out, out
+
+
+def test_cert_manager_objects_are_checked(tmp_path, capsys):
+    """The overlays' cert-manager Certificates and Issuers against their v1 shape, and every mounted
+    engram-*-tls Secret filled by one."""
+    root = _copy(tmp_path)
+    certs = root / "k8s" / "components" / "cert-manager" / "certificates.yaml"
+    _break(certs, "  secretName: engram-read-tls\n", "  secretNam: engram-read-tls\n")
+    _break(certs, "    algorithm: ECDSA\n", "    algorithm: DSA\n")
+    rc, out = _run(root, "k8s", capsys=capsys)
+    assert rc == 1, out
+    assert "Certificate/engram-read: cert-manager Certificate schema at spec: 'secretName' is a required property" \
+        in out, out
+    assert "Additional properties are not allowed ('secretNam' was unexpected)" in out, out
+    assert "Certificate/engram-shard: cert-manager Certificate schema at spec/privateKey/algorithm: 'DSA' is not one" \
+        in out, out

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import cast
 
 import torch
 from tokenizers import Tokenizer
 
-from engram.config import Config, ConfigError, load_config
+from engram.config import Config, ConfigError, SecurityConfig, load_config
 from engram.engram_layer import LocalEngramTable
 from engram.model import EngramLM
 from engram.precision import configure_tf32
@@ -16,7 +17,7 @@ from engram.tokenizer import eot_id
 from worker.engine import ModelEngine
 from worker.prefetch import LoopThread, RemoteRowSource, RowSource
 
-SERVING_SECTIONS = ("worker", "cluster")
+SERVING_SECTIONS = ("worker", "cluster", "security")
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -28,7 +29,8 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"{item.partition('=')[0]}: a trained checkpoint fixes the model; only "
                 f"{' and '.join(s + '.*' for s in SERVING_SECTIONS)} can be overridden when serving"
             )
-    return load_config(overrides=overrides, base=cfg)
+    base = dataclasses.replace(cfg, security=SecurityConfig())  # the trainer's certificates are not this server's
+    return load_config(overrides=overrides, base=base)
 
 
 def remote_source(cfg: Config, device: torch.device) -> RowSource:
@@ -44,6 +46,7 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
             control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s,
             # where this process runs (not the cluster's stored layout): which row path it may take
             row_path=cfg.cluster.row_path, host_id=cfg.cluster.host_id, shm_dir=cfg.cluster.shm_dir,
+            security=cfg.security,
         )
         if client.cfg.engram != cfg.engram:
             await client.close()

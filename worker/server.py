@@ -29,10 +29,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from engram.config import Config
+from engram.config import Config, ConfigError
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.grpc_options import enable_reflection
+from services.security import tls
+from services.security.interceptor import server_interceptors
 from worker.batcher import DynamicBatcher
 from worker.engine import ModelEngine, Work
 from worker.prefetch import RowsUnavailable
@@ -172,6 +174,11 @@ async def serve(
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     w = cfg.worker
+    tls.check_bind(host, cfg.security, what=f"the worker's gRPC on {host}")
+    if (w.http_port if http_port is None else http_port) >= 0 and not tls.is_loopback(host) \
+            and not cfg.security.allow_plaintext_public:
+        raise ConfigError(f"worker.http_port: the HTTP API has neither TLS nor roles; refusing to serve it on {host}. "
+                          "Bind a loopback address (behind a TLS proxy) or set security.allow_plaintext_public=true")
     model_thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")  # the one model thread
     batcher: DynamicBatcher = DynamicBatcher(
         engine.logprobs, max_batch=w.max_batch, timeout_ms=w.batch_timeout_ms, executor=model_thread
@@ -183,14 +190,14 @@ async def serve(
         max_step_tokens=w.max_step_tokens, max_running=w.max_running, max_queue=w.max_queue,
     )
     scheduler.start()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=server_interceptors(cfg.security))
     worker_pb2_grpc.add_ModelWorkerServicer_to_server(
         ModelWorkerServicer(engine=engine, batcher=batcher, scheduler=scheduler, tok=tok, cfg=cfg), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, SERVICE_NAME)
-    bound = server.add_insecure_port(f"{host}:{cfg.worker.port if port is None else port}")
+    bound, _ = tls.add_port(server, f"{host}:{cfg.worker.port if port is None else port}", cfg.security)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

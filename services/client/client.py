@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import torch
 
-from engram.config import Config
+from engram.config import Config, SecurityConfig
 from engram.layout import TableLayout, even_slot_map, table_layouts
 from engram.row_format import check_wire_format
 from services import wire
@@ -49,6 +49,7 @@ from services.client.routing import (
 )
 from services.client.row_paths import RowPaths
 from services.client.state import Routing, gather_or_cancel
+from services.security.tls import client_ssl
 from services.telemetry import traced_task
 from services.wire import ROW_DTYPES, row_bytes, row_cols
 
@@ -74,11 +75,14 @@ class ShardClient(ShardOps):
         host_id: str | None = None,
         shm_dir: str | None = None,
         replicas: list[list[int]] | None = None,
+        security: SecurityConfig | None = None,
     ) -> None:
         """Standalone use: explicit slot map + addresses; with `control`, stale maps refresh.
 
         row_path / host_id / shm_dir default to cfg.cluster's (see row_paths.py); pass this
-        process's own when `cfg` is the cluster's stored layout (`connect`).
+        process's own when `cfg` is the cluster's stored layout (`connect`). `security`: this
+        process's certificates or token (default: cfg.security standalone, plaintext after
+        `connect`, which never uses the stored layout's).
         """
         if len(owners) != cfg.cluster.num_slots:
             raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {cfg.cluster.num_slots}")
@@ -96,15 +100,17 @@ class ShardClient(ShardOps):
         self.chunk_bytes = int(chunk_bytes)
         self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses),
                                 holder_matrix(list(owners), replicas))
+        sec = security if security is not None else cfg.security
         self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s),
-                                  *channel_args])
+                                  *channel_args], sec)
         self._refresh_lock = asyncio.Lock()
         self.replica_switches = 0  # lookups sent again to another holder of their slots
         self._refreshed_at = 0.0
         self._bg: asyncio.Task[None] | None = None
         c = cfg.cluster
         self.row_paths = RowPaths(mode=row_path or c.row_path, host_id=c.host_id if host_id is None else host_id,
-                                  shm_dir=shm_dir or c.shm_dir, retry=self.retry)
+                                  shm_dir=shm_dir or c.shm_dir, retry=self.retry, tcp_ssl=client_ssl(sec),
+                                  tcp_server_name=sec.server_name)
 
     @classmethod
     def standalone(cls, cfg: Config, addresses: list[str], **kw: Any) -> ShardClient:
@@ -118,6 +124,8 @@ class ShardClient(ShardOps):
     async def connect(cls, control: Any, **kw: Any) -> ShardClient:
         """Layout, slot map and shard addresses from the control plane."""
         cfg = await control.config()
+        if kw.get("security") is None:  # the stored layout's security section is not this process's
+            kw["security"] = SecurityConfig()
         smap = await control.slot_map()
         shards = await control.shards()
         addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins

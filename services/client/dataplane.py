@@ -3,7 +3,8 @@
 A pool of connections per shard data address; one request at a time on a connection. The
 rows are received straight into the (n, D) output tensor (`recv_into`), so they are copied
 once, by the kernel. A connection that saw anything unexpected (a malformed reply, a
-cancelled or timed-out call) is closed, never reused.
+cancelled or timed-out call) is closed, never reused. With an `ssl` context every
+connection is TLS (services/security/tlsio.py), the client certificate giving the role.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 
 import numpy as np
 import torch
 
 from services.client.errors import Code, ShardError
 from services.frames import CODE_OF, MAX_ERROR_BYTES, REPLY, REPLY_MAGIC, Reply, Request
+from services.security.tlsio import PlainIO, TlsIO
 from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 SOCK_BUF = 4 << 20
@@ -28,14 +31,17 @@ class DataPlaneDown(Exception):
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, io: PlainIO | TlsIO) -> None:
         self.sock = sock
+        self.io = io
         self.head = bytearray(REPLY.size)
 
 
 class DataPlaneClient:
-    def __init__(self, address: str, *, shard_id: int | None = None, shard_address: str = "") -> None:
+    def __init__(self, address: str, *, shard_id: int | None = None, shard_address: str = "",
+                 ssl_context: ssl.SSLContext | None = None, server_name: str = "") -> None:
         host, _, port = address.rpartition(":")
+        self.ssl_context, self.server_name = ssl_context, server_name
         self.address = address
         self.shard_address = shard_address or address  # the shard's gRPC address: its name in errors
         self.host, self.port = host.strip("[]"), int(port)
@@ -54,7 +60,14 @@ class DataPlaneClient:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)
                 await loop.sock_connect(sock, addr)
-                return _Conn(sock)
+                if self.ssl_context is None:
+                    return _Conn(sock, PlainIO(sock))
+                io = TlsIO(sock, self.ssl_context, server_side=False, server_hostname=self.server_name or self.host)
+                await io.handshake()
+                return _Conn(sock, io)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise DataPlaneDown(f"TLS to the data plane at {self.address} failed: {exc}") from None
             except OSError as exc:
                 sock.close()
                 last = exc
@@ -76,8 +89,8 @@ class DataPlaneClient:
                                       max_staleness=max_staleness)
             ok = True
             return out
-        except ShardError:
-            ok = True  # an error frame: the connection is in sync and stays usable
+        except ShardError as err:
+            ok = not getattr(err, "connection_closed", False)  # an error frame: in sync, stays usable
             raise
         except (ConnectionError, OSError) as exc:
             raise DataPlaneDown(f"data plane at {self.address}: {exc}") from None
@@ -88,43 +101,44 @@ class DataPlaneClient:
                 conn.sock.close()
 
     async def _request(self, conn: _Conn, *, table, ids, dtype, dim, epoch, step, max_staleness):
-        loop = asyncio.get_running_loop()
         rid = next(self._ids)
         n = int(ids.size)
         head = Request(request_id=rid, table=table, dtype=dtype, epoch=epoch, step=step, max_staleness=max_staleness,
                        n_ids=n, body_len=8 * n).pack()
         ids = np.ascontiguousarray(ids, dtype="<i8")
         if n <= 8192:
-            await loop.sock_sendall(conn.sock, head + ids.tobytes())
+            await conn.io.sendall(head + ids.tobytes())
         else:
-            await loop.sock_sendall(conn.sock, head)
-            await loop.sock_sendall(conn.sock, memoryview(ids).cast("B"))
-        await self._recv_exact(conn.sock, memoryview(conn.head))
+            await conn.io.sendall(head)
+            await conn.io.sendall(memoryview(ids).cast("B"))
+        await self._recv_exact(conn.io, memoryview(conn.head))
         reply = Reply.unpack(conn.head)
-        if reply.magic != REPLY_MAGIC or reply.request_id != rid:
+        connection_error = reply.request_id == 0 and reply.status  # e.g. refused at connect (no read role)
+        if reply.magic != REPLY_MAGIC or (reply.request_id != rid and not connection_error):
             raise DataPlaneDown(f"data plane at {self.address}: reply {reply.request_id} magic {reply.magic:#x} "
                                 f"to request {rid}: out of sync")
         if reply.status:
             if reply.body_len > MAX_ERROR_BYTES:
                 raise DataPlaneDown(f"data plane at {self.address}: {reply.body_len}-byte error message")
             body = bytearray(reply.body_len)
-            await self._recv_exact(conn.sock, memoryview(body))
-            raise self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+            await self._recv_exact(conn.io, memoryview(body))
+            err = self._error(CODE_OF.get(reply.status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+            err.connection_closed = bool(connection_error)  # type: ignore[attr-defined]  # the shard closes it
+            raise err
         nbytes = n * row_bytes(dtype, dim)
         if reply.dtype != dtype or reply.dim != dim or reply.body_len != nbytes:
             raise DataPlaneDown(f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "
                                 f"{reply.dim}, dtype {reply.dtype} for {n} rows of {dim} dims in dtype {dtype}")
         out = torch.empty((n, row_cols(dtype, dim)), dtype=ROW_DTYPES[dtype])  # (n, D), fp8 (n, D + D/32): rows land here
         if nbytes:
-            await self._recv_exact(conn.sock, memoryview(out.view(torch.uint8).numpy()).cast("B"))
+            await self._recv_exact(conn.io, memoryview(out.view(torch.uint8).numpy()).cast("B"))
         return out, reply.applied_step
 
     @staticmethod
-    async def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-        loop = asyncio.get_running_loop()
+    async def _recv_exact(io: PlainIO | TlsIO, view: memoryview) -> None:
         got, n = 0, len(view)
         while got < n:
-            k = await loop.sock_recv_into(sock, view[got:])
+            k = await io.recv_into(view[got:])
             if k == 0:
                 raise ConnectionResetError(f"the shard closed the connection after {got} of {n} bytes")
             got += k

@@ -51,13 +51,14 @@ class _Peer:
 
 class RowPaths:
     def __init__(self, *, mode: str = "auto", host_id: str = "", shm_dir: str = "/dev/shm",
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, tcp_ssl: Any = None, tcp_server_name: str = "") -> None:
         if mode not in ("auto", "shm", "tcp", "grpc"):
             raise ValueError(f"row_path: unknown {mode!r} (auto, shm, tcp or grpc)")
         self.mode = mode
         self.host_id = local_host_id(host_id)
         self.shm_dir = shm_dir
         self.retry = retry or RetryPolicy()
+        self.tcp_ssl, self.tcp_server_name = tcp_ssl, tcp_server_name  # TLS on the data plane (ssl.SSLContext)
         self._peers: dict[str, _Peer] = {}
         self._warned: set[str] = set()
         self.used: dict[str, int] = {"shm": 0, "tcp": 0, "grpc": 0}  # lookups served per path
@@ -168,7 +169,8 @@ class RowPaths:
     async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         if peer.tcp is None:
-            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id, shard_address=address)
+            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id, shard_address=address,
+                                       ssl_context=self.tcp_ssl, server_name=self.tcp_server_name)
         attempt = 0
         while True:
             remaining = deadline - loop.time()

@@ -50,7 +50,8 @@ class SyncShardClient:
             control = ControlPlane.from_config(cfg)
             try:
                 client = await ShardClient.connect(control, wire_dtype=wire_dtype or c.wire_dtype, timeout_s=timeout_s,
-                                                   row_path=c.row_path, host_id=c.host_id, shm_dir=c.shm_dir)
+                                                   row_path=c.row_path, host_id=c.host_id, shm_dir=c.shm_dir,
+                                                   security=cfg.security)
                 alive = {r.shard_id for r in await control.shards() if r.alive}
             except BaseException:
                 await control.close()

@@ -119,6 +119,7 @@ async def rebalance(
     remove: Iterable[int] = (),
     client: Any = None,
     timeout_s: float = 600.0,
+    security: Any = None,
 ) -> RebalanceReport:
     """Move slots so that the target shards own them evenly; see the module docstring."""
     from services.client import ShardClient
@@ -141,7 +142,7 @@ async def rebalance(
     plan = plan_slot_map(smap.owners, targets)
     own_client = client is None
     if own_client:
-        client = await ShardClient.connect(control)
+        client = await ShardClient.connect(control, security=security)  # SetSlotMap/MigrateSlots: admin
     try:
         await client.refresh()
         addresses = {i: r.address for i, r in records.items()}

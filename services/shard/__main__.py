@@ -64,16 +64,25 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--shard-id {args.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)"
             )
+        host = args.host or cfg.cluster.host
+        from services.security.tls import check_bind  # plaintext only on loopback (docs/security.md)
+
+        check_bind(host, cfg.security, what=f"shard {args.shard_id} gRPC and data plane")
+        if args.metrics_port is not None:
+            check_bind(host, cfg.security, what=f"shard {args.shard_id} metrics (--metrics-port)")
         # torch, grpc and the telemetry SDK load only past the cheap checks: bad arguments fail fast
         # (bad OTEL_* settings too: telemetry is checked before the server imports torch)
         from services.telemetry import setup_telemetry
 
-        tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, attributes={"engram.shard_id": args.shard_id})
+        sec = cfg.security  # with TLS on, the metrics are HTTPS with the shard's certificate
+        tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, metrics_host=host,
+                              attributes={"engram.shard_id": args.shard_id},
+                              metrics_tls=(sec.tls_cert, sec.tls_key) if sec.tls_enabled else None)
         try:
             from services.shard.server import ServeOptions, serve
 
             opts = ServeOptions(
-                shard_id=args.shard_id, host=args.host or cfg.cluster.host, port=args.port, advertise=args.advertise,
+                shard_id=args.shard_id, host=host, port=args.port, advertise=args.advertise,
                 standalone=args.standalone, threads=cfg.cluster.shard_threads,
                 torch_threads=cfg.cluster.shard_torch_threads, grace_s=cfg.cluster.shard_grace_s,
                 pending_wait_s=cfg.cluster.pending_wait_s,

@@ -13,6 +13,11 @@ field, a wrong length or an oversized request whose body can be skipped, and aft
 lookup error, the connection stays usable; after a bad magic or version (the stream cannot
 be trusted) or a truncated frame, the shard answers and closes. A client that goes away
 mid-reply costs only its connection. Lookups never write.
+
+Security (docs/transport-security.md): with `security.tls_enabled` every connection is TLS with the
+shard's certificate (re-read when its files change), and with auth on the client certificate
+must carry the read role, else the connection gets one PERMISSION_DENIED frame and is closed.
+Without TLS the plane cannot tell who connects: with auth on the shard binds it to loopback.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl as ssl_module
 
 import numpy as np
 import torch
 
 from services.frames import KIND_LOOKUP, REQUEST, REQUEST_MAGIC, VERSION, Reply, Request, error_reply
+from services.security.roles import allows
+from services.security.tls import ServerSSL, peer_role
+from services.security.tlsio import PlainIO, TlsIO
 from services.shard.engine import INLINE_LOOKUP_ROWS, ShardEngine
 from services.shard.errors import Code, ShardError
 from services.shard.gather import gather_into
@@ -35,6 +44,7 @@ log = logging.getLogger("engram.shard")
 SOCK_BUF = 4 << 20
 CHUNK_BYTES = 2 << 20  # reply bytes per gather step of a large reply
 INLINE_BYTES = 256 << 10  # smaller replies are gathered on the loop (no thread hop)
+HANDSHAKE_S = 10.0  # a TLS handshake that takes longer costs only its connection
 
 
 class Disconnected(Exception):
@@ -42,8 +52,11 @@ class Disconnected(Exception):
 
 
 class DataPlane:
-    def __init__(self, engine: ShardEngine, *, max_reply_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, engine: ShardEngine, *, max_reply_bytes: int, chunk_bytes: int = CHUNK_BYTES,
+                 ssl: ServerSSL | None = None, need_role: str | None = None) -> None:
         self.engine = engine
+        self.ssl = ssl
+        self.need_role = need_role  # with TLS: the role a client certificate needs
         self.max_reply_bytes = max_reply_bytes
         self.max_request_bytes = max_reply_bytes  # ids: 8 bytes a row, never more than the rows' reply
         self.chunk_bytes = chunk_bytes
@@ -96,8 +109,37 @@ class DataPlane:
 
     # ---------------------------------------------------------------------------------------
 
+    async def _secure(self, sock: socket.socket) -> _Connection | None:
+        """The connection's byte stream: TLS handshake and role check when TLS is on -> None: refused."""
+        if self.ssl is None:
+            return _Connection(sock, PlainIO(sock))
+        io = TlsIO(sock, self.ssl.current(), server_side=True)
+        try:
+            await asyncio.wait_for(io.handshake(), HANDSHAKE_S)
+        except (OSError, TimeoutError, ssl_module.SSLError) as exc:
+            log.info("data plane: TLS handshake refused: %s", exc)
+            return None
+        conn = _Connection(sock, io)
+        if self.need_role is not None:
+            role = peer_role(io.peercert())
+            if not allows(role, self.need_role):
+                why = f"this caller has '{role}'" if role else "the client certificate carries no engram role"
+                await self._error(conn, Code.PERMISSION_DENIED, f"the data plane needs the '{self.need_role}' role; "
+                                  f"{why}")
+                with contextlib.suppress(OSError, TimeoutError):  # read the request: close with FIN, not RST
+                    await asyncio.wait_for(io.recv_into(memoryview(conn.head)), 1.0)
+                return None
+        return conn
+
     async def _serve(self, sock: socket.socket) -> None:
-        conn = _Connection(sock)
+        try:
+            conn = await self._secure(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if conn is None:
+            sock.close()
+            return
         try:
             while await self._one(conn):
                 pass
@@ -225,9 +267,9 @@ class DataPlane:
 class _Connection:
     """One client connection and its reusable buffers."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, io: PlainIO | TlsIO) -> None:
         self.sock = sock
-        self.loop = asyncio.get_running_loop()
+        self.io = io
         self.head = bytearray(REQUEST.size)
         self._ids = np.empty(0, dtype="<i8")
         self._reply = torch.empty(0, dtype=torch.uint8)
@@ -248,7 +290,7 @@ class _Connection:
         view = memoryview(buf).cast("B")[:nbytes]
         got = 0
         while got < nbytes:
-            k = await self.loop.sock_recv_into(self.sock, view[got:])
+            k = await self.io.recv_into(view[got:])
             if k == 0:
                 break
             got += k
@@ -257,12 +299,11 @@ class _Connection:
     async def drain(self, nbytes: int) -> int:
         got = 0
         while got < nbytes:
-            k = await self.loop.sock_recv_into(self.sock, memoryview(self._scratch)[: min(len(self._scratch),
-                                                                                          nbytes - got)])
+            k = await self.io.recv_into(memoryview(self._scratch)[: min(len(self._scratch), nbytes - got)])
             if k == 0:
                 break
             got += k
         return got
 
     async def send(self, data) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        await self.io.sendall(data)

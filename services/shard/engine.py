@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -67,6 +67,8 @@ class ShardEngine:
         self.store = store
         self.pool = pool
         self.address = address
+        # (target, options) -> a grpc.aio channel to a peer shard (the server sets the secure one)
+        self.dial: Callable[[str, list], Any] = lambda target, options: grpc.aio.insecure_channel(target, options=options)
         self.pending_wait_s = pending_wait_s
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(64 << 10, min(4 << 20, max_message_bytes // 4))
@@ -349,7 +351,7 @@ class ShardEngine:
             opts = channel_options(max_message_bytes=self.max_message_bytes, keepalive_s=self.limits.keepalive_s,
                                    retries=False)  # ImportSlots streams: never resent by the channel
             try:
-                async with grpc.aio.insecure_channel(req.target, options=opts) as channel:
+                async with self.dial(req.target, opts) as channel:
                     resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(
                         chunks(), timeout=self.limits.migrate_timeout_s)
             except grpc.aio.AioRpcError as exc:

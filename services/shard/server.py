@@ -37,6 +37,8 @@ from services.control import ControlPlane, ControlPlaneUnavailable
 from services.control.failover import FailoverLoop, rejoin
 from services.control.store import SlotMap
 from services.grpc_options import enable_reflection, server_options
+from services.security import tls
+from services.security.interceptor import server_interceptors
 from services.shard import memory
 from services.shard.dataplane import DataPlane
 from services.shard.engine import ShardEngine
@@ -83,9 +85,9 @@ async def _boot_from_control_plane(
         await cp.close()
         raise BootError(str(exc)) from None
     stored.cluster.redis_url, stored.cluster.namespace = cfg.cluster.redis_url, cfg.cluster.namespace
-    stored.security = cfg.security  # credentials and keys are this process's, never the stored tree's
     for name in LOCAL_FIELDS:  # where this process runs, not the cluster's layout
         setattr(stored.cluster, name, getattr(cfg.cluster, name))
+    stored.security = cfg.security  # this process's certificates and rights, never the stored ones
     manifests, seen = [], set()
     for m in ([latest] if latest else []) + history:  # newest first, each checkpoint once
         key = (m.get("step"), m.get("name"))
@@ -209,6 +211,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         options=server_options(max_message_bytes=max_bytes, keepalive_s=c.keepalive_s,
                                idle_connection_s=c.idle_connection_s),
         maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        interceptors=server_interceptors(cfg.security),
     )
     add_to_server(MemoryShardServicer(engine), server)
     enable_reflection(server, SERVICE_NAME)
@@ -216,8 +219,9 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    sec = cfg.security
     try:
-        port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+        port, _ = tls.add_port(server, f"{opts.host}:{opts.port}", sec)
     except RuntimeError as exc:
         raise BootError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from None
     if port == 0:
@@ -225,9 +229,15 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     host = opts.host if opts.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
     address = opts.advertise or f"{host}:{port}"
     engine.address = address
-    data_plane = DataPlane(engine, max_reply_bytes=max_bytes)
+    engine.dial = lambda target, options: tls.aio_channel(target, sec, options)  # MigrateSlots -> ImportSlots
+    data_plane = DataPlane(engine, max_reply_bytes=max_bytes, ssl=tls.ServerSSL(sec) if sec.tls_enabled else None,
+                           need_role="read" if sec.auth_enabled else None)
+    data_host = opts.host
+    if sec.auth_enabled and not sec.tls_enabled and not tls.is_loopback(data_host):
+        data_host = "127.0.0.1"  # it cannot check tokens: same-host readers only, the rest take gRPC
+        log.warning("data plane on 127.0.0.1 only: with auth on and TLS off it cannot tell who connects")
     try:
-        data_port = await data_plane.start(opts.host, cfg.cluster.data_port)
+        data_port = await data_plane.start(data_host, cfg.cluster.data_port)
     except OSError as exc:
         tables.close()
         raise BootError(f"data plane cannot listen on {opts.host}:{cfg.cluster.data_port}: {exc}") from None

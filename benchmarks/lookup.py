@@ -16,7 +16,9 @@ then torch's bf16 conversion: the memory-bandwidth limit, best of 1 thread and t
 default threads) and (b) fetched from the same Redis with one MGET through redis-py +
 hiredis, each row stored as one key holding its bytes. This process runs with
 `services.client.keep_heap()` (malloc keeps freed pages; `--malloc default` to compare),
-which the numpy and Redis baselines share. CPU time per lookup is recorded for
+which the numpy and Redis baselines share. The client runs on uvloop, as in the worker and
+the trainer (`services.client.loop.LoopThread`; `--loop asyncio` for the default loop). CPU
+time per lookup is recorded for
 the client process and the shard processes, which shows where the time goes even on a busy
 machine. Latencies: p50/p99 over the repetitions (count in the JSON).
 
@@ -310,6 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time tcp and grpc with mTLS + roles (rows tcp+tls, grpc+tls) on a second cluster")
     parser.add_argument("--malloc", choices=["keep-heap", "default"], default="keep-heap",
                         help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the client's event loop (the worker's and the trainer's is uvloop)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--fp8", action="store_true", help="also: bytes per 64K-row lookup, fp8 vs bf16 "
                                                            "(benchmarks/lookup_fp8.py; 256-dim rows)")
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_redis(r, table.shape[1], batches, args)
                 r.close()
             num_rows = int(table.shape[0]) if table is not None else sum(cfg_rows(cfg))
-            results += asyncio.run(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table))
+            results += run_loop(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table), args.loop)
     fp8 = None
     if args.fp8:  # its own clusters (256-dim rows, fp8 and fp32 storage); prints the fp8 vs bf16 line
         from benchmarks.lookup_fp8 import run_fp8
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['tls_p50_ms']:>10.3f} {c['p50_ratio']:>6.2f} {c['throughput_ratio']:>8.2f}")
     report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
               // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
-              "client_malloc": args.malloc, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
+              "client_malloc": args.malloc, "client_loop": args.loop, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
               "targets": targets(results), "tls_cost": cost, "results": results, **({"fp8": fp8} if fp8 else {})}
     nan = float("nan")
     for path, t in report["targets"].items():
@@ -383,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_report(args.json, report)
     return 0
+
+
+def run_loop(coro: Any, loop: str) -> Any:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def cfg_rows(cfg: Config) -> list[int]:

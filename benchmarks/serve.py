@@ -11,14 +11,18 @@ full-window forward for every new token, batched). Ratio = new tokens/s over old
 Part 2 (real processes): a checkpoint of the preset (2 training steps: the weights do not
 matter for speed) served by `engram serve` with the tables
   local   in the worker (worker.row_source=local)
-  remote  on 2 shard processes (LocalCluster; `engram cluster load` puts the checkpoint's
-          tables there), rows over gRPC (the co-located shared-memory and framed network
-          data paths are not on main yet; when they land they become two more ways here)
-Both servers run side by side; each (workload, concurrency) level runs on local, then on
-remote, so that load from a shared machine hits both alike. Workloads: prefill-heavy (long
+  shm     on 2 shard processes, rows read in place from their shared-memory table files
+  tcp     on the same 2 shards, rows over the framed TCP data plane
+  grpc    on the same 2 shards, rows over the gRPC Lookup
+(`--ways`, default all four). The remote ways share one LocalCluster (`engram cluster load`
+puts the checkpoint's tables there once) and differ only in `cluster.row_path`. Every server
+is up first; each (workload, concurrency) level then runs on each way in turn, so that load
+from a shared machine hits all alike. A remote server that logs a row-path fallback is
+counted (`fallbacks`): its figures would not be its path's. Workloads: prefill-heavy (long
 prompt, few new tokens) and decode-heavy (short prompt, many new tokens). Each concurrency
-level C runs C closed-loop streaming clients for `--requests` requests in all; reported: generated tokens/s, prompt tokens/s, TTFT and inter-token latency
-p50/p99 (client side, from the SSE stream), errors.
+level C runs C closed-loop streaming clients for `--requests` requests in all; reported:
+generated tokens/s, prompt tokens/s, TTFT and inter-token latency p50/p99 (client side, from
+the SSE stream), errors, and each remote way's throughput over local's at the same level.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ import torch
 from benchmarks.machine import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
+WAYS = ("local", "shm", "tcp", "grpc")
+FALLBACK_MARK = "path unavailable"  # services/client/row_paths.py logs this once per fallen-back path
 WORKLOADS = {"prefill-heavy": dict(prompt_tokens=96, max_tokens=8), "decode-heavy": dict(prompt_tokens=8, max_tokens=64)}
 
 
@@ -174,10 +180,11 @@ async def offered_load(url: str, *, concurrency: int, requests: int, prompts: li
             "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99)}
 
 
-def serve_process(checkpoint: Path, sets: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
-                             "--port", "0", "--set", "worker.http_port=0", *[f"--set={s}" for s in sets]],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def serve_process(checkpoint: Path, sets: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    with log.open("w") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
+                                 "--port", "0", "--set", "worker.http_port=0", *[f"--set={s}" for s in sets]],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     for line in proc.stdout:
@@ -186,7 +193,7 @@ def serve_process(checkpoint: Path, sets: list[str]) -> tuple[subprocess.Popen, 
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise RuntimeError("engram serve did not print READY")
+    raise RuntimeError(f"engram serve did not print READY (log: {log.read_text()[-2000:]})")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -211,37 +218,36 @@ def make_checkpoint(tmp: Path, preset: str) -> Path:
     return Path(train_local(cfg).checkpoint)
 
 
-def start_way(way: str, checkpoint: Path, preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """`engram serve` for one way (and its cluster for `remote`) -> {proc, http, cluster}."""
+def start_cluster(checkpoint: Path, preset: str, tmp: Path) -> Any:
+    """2 shard processes holding the checkpoint's tables (`engram cluster load`)."""
+    from services.launcher import LocalCluster
+
+    cluster = LocalCluster(preset=preset, overrides=[], num_shards=2, log_dir=tmp / "logs-cluster",
+                           startup_timeout_s=120)
+    cluster.start()
+    load = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(checkpoint),
+                           "--preset", preset, *[f"--set={o}" for o in cluster.cluster_overrides],
+                           "--dir", str(tmp / "slots"), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if load.returncode:
+        cluster.stop()
+        raise RuntimeError(f"engram cluster load failed: {load.stderr}")
+    return cluster
+
+
+def start_way(way: str, checkpoint: Path, args: argparse.Namespace, tmp: Path, cluster: Any) -> dict[str, Any]:
+    """`engram serve` for one way -> {proc, http, log}."""
     sets = [f"worker.max_running={max(args.concurrency)}", "worker.max_queue=1024"]
-    cluster = None
-    if way == "remote":
-        from services.launcher import LocalCluster
-
-        cluster = LocalCluster(preset=preset, overrides=[], num_shards=2, log_dir=tmp / f"logs-{way}",
-                               startup_timeout_s=120)
-        cluster.start()
-        load = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(checkpoint),
-                               "--preset", preset, *[f"--set={o}" for o in cluster.cluster_overrides],
-                               "--dir", str(tmp / "slots"), "--no-progress"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
-        if load.returncode:
-            cluster.stop()
-            raise RuntimeError(f"engram cluster load failed: {load.stderr}")
-        sets += ["worker.row_source=remote", *cluster.cluster_overrides]
-    try:
-        proc, http = serve_process(checkpoint, sets)
-    except BaseException:
-        if cluster is not None:
-            cluster.stop()
-        raise
-    return {"proc": proc, "http": http, "cluster": cluster}
+    if way != "local":
+        sets += ["worker.row_source=remote", f"cluster.row_path={way}", *cluster.cluster_overrides]
+    log = tmp / f"serve-{way}.log"
+    proc, http = serve_process(checkpoint, sets, log)
+    return {"proc": proc, "http": http, "log": log}
 
 
-def stop_way(server: dict[str, Any]) -> None:
-    stop(server["proc"])
-    if server["cluster"] is not None:
-        server["cluster"].stop()
+def fallbacks(server: dict[str, Any]) -> int:
+    """Row-path fallbacks the server logged so far (0 for a way that stayed on its path)."""
+    return sum(FALLBACK_MARK in line for line in server["log"].read_text(errors="replace").splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
-    ap.add_argument("--ways", nargs="+", default=["local", "remote"], choices=["local", "remote"])
+    ap.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS,
+                    help="local tables, or 2 shards read over shared memory, the TCP data plane or gRPC")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the KV-cache comparison (medians)")
     ap.add_argument("--quick", action="store_true", help="concurrency 1 4, 8 requests, 3 reps of a short decode")
     ap.add_argument("--json", default=None, help="write results here")
@@ -275,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                    for name, wl in WORKLOADS.items()}
         print("part 2: offered load against engram serve (HTTP, streaming)", flush=True)
         servers: dict[str, dict[str, Any]] = {}
+        cluster = None
         rows = []
         try:
+            if any(w != "local" for w in args.ways):
+                cluster = start_cluster(checkpoint, args.preset, tmp)
             for way in args.ways:  # every server up first; then each level runs on each way in turn
-                servers[way] = start_way(way, checkpoint, args.preset, args, tmp)
+                servers[way] = start_way(way, checkpoint, args, tmp, cluster)
             for name, wl in WORKLOADS.items():
                 for c in args.concurrency:
                     for way in args.ways:
@@ -286,31 +296,35 @@ def main(argv: list[str] | None = None) -> int:
                             f"http://{servers[way]['http']}/v1/completions", concurrency=c,
                             requests=max(args.requests, c), prompts=prompts[name], max_tokens=wl["max_tokens"],
                             model="engram"))
+                        res["fallbacks"] = fallbacks(servers[way])
                         rows.append({"way": way, "workload": name, **res})
                         print(f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
                               f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
-                              f"errors {res['errors']}", flush=True)
+                              f"errors {res['errors']}" + (f"  FALLBACKS {res['fallbacks']}" if res["fallbacks"]
+                                                            else ""), flush=True)
         finally:
             for server in servers.values():
-                stop_way(server)
+                stop(server["proc"])
+            if cluster is not None:
+                cluster.stop()
     print(f"\n{'way':<7} {'workload':<14} {'C':>3} {'gen tok/s':>10} {'prompt tok/s':>12} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4}")
+          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'fallbk':>6}")
     for r in rows:
         print(f"{r['way']:<7} {r['workload']:<14} {r['concurrency']:>3} {r['gen_tokens_per_s']:>10.1f} "
               f"{r['prompt_tokens_per_s']:>12.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
-              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['errors']:>4}")
-    remote_cost = {}
+              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['errors']:>4} {r['fallbacks']:>6}")
+    over_local: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r["way"] == "remote":
-            base = next(x for x in rows if x["way"] == "local" and x["workload"] == r["workload"]
-                        and x["concurrency"] == r["concurrency"]) if "local" in args.ways else None
-            if base:
-                remote_cost[f"{r['workload']} C={r['concurrency']}"] = r["gen_tokens_per_s"] / base["gen_tokens_per_s"]
-    if remote_cost:
-        print("\nremote (gRPC) throughput / local: " + ", ".join(f"{k}: {v:.3f}" for k, v in remote_cost.items()))
+        base = next((x for x in rows if x["way"] == "local" and x["workload"] == r["workload"]
+                     and x["concurrency"] == r["concurrency"]), None)
+        if r["way"] != "local" and base is not None:
+            over_local.setdefault(r["way"], {})[f"{r['workload']} C={r['concurrency']}"] = (
+                r["gen_tokens_per_s"] / base["gen_tokens_per_s"])
+    for way, ratios in over_local.items():
+        print(f"{way} throughput / local: " + ", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
     out = {"machine": machine_info(), "load_average_1m": os.getloadavg()[0], "preset": args.preset,
            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-           "kv_cache_vs_full_window": kv, "offered_load": rows, "remote_over_local": remote_cost}
+           "kv_cache_vs_full_window": kv, "offered_load": rows, "over_local": over_local}
     if args.json:
         write_report(args.json, out)
     return 0

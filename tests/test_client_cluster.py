@@ -208,7 +208,7 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
             torch.testing.assert_close(await client.lookup(1, ids), w, rtol=1e-6, atol=1e-6)
             # training lookups: gated on the step, and the handle tells which step the rows have seen
             handle = client.lookup(1, ids, step=2, max_staleness=0)
-            assert handle.applied_step is None
+            assert handle.applied_step == (1 if handle.done() else None)  # a small shm read lands at issue
             torch.testing.assert_close(await handle, w, rtol=1e-6, atol=1e-6)
             assert handle.applied_step == 1
             with pytest.raises(ShardError) as info:  # step 3 needs step 2 applied: refused until the deadline

@@ -115,6 +115,49 @@ def test_training_lookups_carry_step_and_return_applied_step(cluster: LocalClust
     run(go())
 
 
+def test_small_shm_lookups_are_read_at_issue_and_counted(cluster: LocalCluster) -> None:
+    """A small shared-memory lookup comes back as a finished handle (no task, no loop round);
+    the client counts its reads and the staleness they carried (they never reach a shard)."""
+    async def go() -> None:
+        client = await _client(cluster, "shm", "bf16")
+        try:
+            ids = np.arange(4, 3000, 9)  # both shards; rows no test updates (1 mod 3)
+            handle = client.lookup(1, ids)
+            assert handle.done()  # read in place inside lookup()
+            rows = await handle
+            assert torch.equal(rows.view(torch.uint8), expected_rows(cluster.cfg, 1, ids).view(torch.uint8))
+            assert client.row_paths.used == {"shm": 2, "tcp": 0, "grpc": 0}
+            applied = min((await client.applied_steps()).values())
+            handle = client.lookup(1, ids, step=applied + 2, max_staleness=1)  # one step behind: allowed
+            assert handle.done() and handle.applied_step == applied
+            reads = client.row_paths.shm_reads
+            assert reads.lookups == 4 and reads.rows == 2 * ids.size and reads.max_staleness_seen == 1, reads
+        finally:
+            await client.close()
+            await client.control.close()
+
+    run(go())
+
+
+def test_sync_facade_reads_shared_memory_on_the_callers_thread(cluster: LocalCluster) -> None:
+    from engram.config import load_config
+    from services.client.sync import SyncShardClient
+
+    cfg = load_config("tiny", None, [*OVERRIDES, f"cluster.shm_dir={cluster.shm}", "cluster.row_path=shm",
+                                     *cluster.cluster_overrides])
+    with SyncShardClient.connect(cfg) as shards:
+        ids = np.arange(7, 4000, 6)  # rows no test updates (1 mod 3)
+        first, _ = shards.lookup(1, ids).result(timeout=30)  # on the loop: opens the table files
+        fut = shards.lookup(1, ids)
+        assert fut.done()  # read on this thread
+        rows, applied = fut.result()
+        assert rows.dtype == torch.float32 and torch.equal(rows, first)
+        assert torch.equal(rows, expected_rows(cfg, 1, ids).float())
+        assert applied is not None and shards.client.row_paths.used["tcp"] == 0
+        with pytest.raises(ValueError, match="outside table 1"):  # bad ids: from the future, as before
+            shards.lookup(1, np.array([-1])).result(timeout=30)
+
+
 def client_deadline(seconds: float = 5.0) -> float:
     import asyncio
 

@@ -176,7 +176,23 @@ class RemoteRowSource(RowSource):
 
     def issue(self, unique: dict[int, torch.Tensor]) -> dict[int, cf.Future[Landed]]:
         # the indices are CPU tensors (engram.indexer): `.cpu()` is a no-op here, not a device sync
-        return {layer: self.loop.submit(self._fetch(layer, ids.detach().cpu())) for layer, ids in unique.items()}
+        out: dict[int, cf.Future[Landed]] = {}
+        read_now = getattr(self.client, "read_now", None)  # ShardClient: rows mapped from shared memory
+        for layer, ids in unique.items():
+            ids_cpu = ids.detach().cpu()
+            if read_now is not None:
+                done: cf.Future[Landed] = cf.Future()
+                try:
+                    now = read_now(layer, ids_cpu)  # on this thread: no hop to the loop thread
+                    if now is not None:
+                        done.set_result(self.lander.land(now[0]))  # (U, dh)
+                except Exception as exc:  # noqa: BLE001 - raised where the future is read, as on the loop
+                    done.set_exception(exc)
+                if done.done():
+                    out[layer] = done
+                    continue
+            out[layer] = self.loop.submit(self._fetch(layer, ids_cpu))
+        return out
 
     def close(self) -> None:
         if self._close_client is not None:

@@ -9,6 +9,8 @@ Phases of a lookup (all on the caller's event loop; the numpy work is O(N) vecto
   1. dedup (routing.dedup), 2. split unique ids by slot owner, 3. cut each shard's ids into
   messages under the size limit, 4. one Lookup per message, all concurrent, under one
   deadline, 5. rows land in (U, D) at their positions, 6. `await handle` expands by inverse.
+A small lookup (<= 1 MiB of rows) whose shards are all mapped from shared memory skips 3-5:
+`lookup()` reads the rows in place right away and returns a finished handle (no task).
 
 Failures: UNAVAILABLE is retried with backoff for idempotent calls; FAILED_PRECONDITION
 refreshes the slot map from the control plane and, if the epoch moved, re-routes the ids
@@ -18,6 +20,7 @@ of the failed message; anything else is raised as one `ShardError`.
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,11 +28,12 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
+from opentelemetry import trace as otel_trace
 
 from engram.config import Config, SecurityConfig
 from engram.layout import TableLayout, even_slot_map, table_layouts
 from engram.row_format import check_wire_format
-from services import wire
+from services import telemetry, wire
 from services.client.channels import ChannelPool, Endpoint, channel_options
 from services.client.codec import encode_lookup_request
 from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
@@ -46,12 +50,13 @@ from services.client.routing import (
     max_rows_per_message,
     slot_of,
     split_by_owner,
+    void_rows,
 )
-from services.client.row_paths import RowPaths
+from services.client.row_paths import INLINE_SHM_BYTES, RowPaths
 from services.client.state import Routing, gather_or_cancel
 from services.security.tls import client_ssl
 from services.telemetry import traced_task
-from services.wire import ROW_DTYPES, row_bytes, row_cols
+from services.wire import ROW_DTYPES, TORCH_DTYPES, row_bytes, row_cols
 
 T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 8 << 20  # response bytes per Lookup message: one 64K-row bf16 reply, no reassembly copy
@@ -288,6 +293,13 @@ class ShardClient(ShardOps):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError("ShardClient.lookup must be called from a running event loop") from None
+        t0 = time.time_ns()
+        now = self._read_now(table, d.unique, step=step, max_staleness=max_staleness)
+        if now is not None:  # read in place already: a finished handle, no task, no loop round
+            landed = loop.create_future()
+            landed.set_result(now)
+            span = self._inline_span(t0, table=table, rows=int(d.unique.size), ids=int(flat.size))
+            return LookupHandle(table=table, dedup=d, task=landed, upcast=upcast, span=span, dim=layout.dim)
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
             self._gather(table, d.unique, deadline, self.retry.max_refreshes, step=step, max_staleness=max_staleness),
@@ -296,6 +308,56 @@ class ShardClient(ShardOps):
             unique_ratio=round(d.unique.size / max(1, flat.size), 4))
         return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span, dim=layout.dim,
                             fp8=self.wire_dtype == "fp8")
+
+    def _read_now(self, table: int, ids: np.ndarray, *, step: int, max_staleness: int,
+                  open_files: bool = True) -> tuple[torch.Tensor, int | None] | None:
+        """(U,) distinct ids -> ((U, D) rows, oldest applied step) read from shared memory on this
+        thread, when every shard of a small lookup (<= INLINE_SHM_BYTES) is mapped here and each
+        read succeeds at once; else None and the lookup goes the async way (row_paths.py)."""
+        dim = self.layouts[table].dim
+        if self._dtype not in TORCH_DTYPES or not ids.size or ids.size * row_bytes(self._dtype, dim) > INLINE_SHM_BYTES:
+            return None  # fp8 rows are not in shared memory
+        if self.row_paths.mode not in ("auto", "shm"):
+            return None
+        routing = self._routing
+        out = torch.empty((ids.size, dim), dtype=self._torch_dtype)  # (U, D)
+        applied: int | None = None
+        for g in split_by_owner(ids, routing.owners):
+            address = routing.addresses.get(g.shard)
+            part = out if g.positions is None else torch.empty((g.ids.size, dim), dtype=self._torch_dtype)  # (n, D)
+            got = None if not address else self.row_paths.read_now(
+                address=address, table=table, ids=g.ids, out=part, epoch=routing.epoch, step=step,
+                max_staleness=max_staleness, open_files=open_files)
+            if got is None:
+                return None
+            if g.positions is not None:
+                np.put(void_rows(out), g.positions, void_rows(part))
+            applied = got if applied is None else min(applied, got)
+        return out, applied
+
+    def read_now(self, table: int, row_ids: np.ndarray | torch.Tensor, *, step: int = 0,
+                 max_staleness: int = 0) -> tuple[torch.Tensor, int | None] | None:
+        """For a thread other than the client's loop (SyncShardClient): (U,) distinct ids -> ((U, D)
+        rows in the wire dtype, oldest applied step) from shared memory now, or None (then call
+        `lookup` on the loop). Only reads; shared-memory files are opened by loop-side lookups."""
+        flat, _ = as_id_array(row_ids)  # (U,)
+        check_range(flat, self.layout(table).num_rows, table)
+        t0 = time.time_ns()
+        now = self._read_now(table, flat, step=step, max_staleness=max_staleness, open_files=False)
+        if now is not None:
+            self._inline_span(t0, table=table, rows=int(flat.size), ids=int(flat.size))
+        return now
+
+    @staticmethod
+    def _inline_span(t0_ns: int, *, table: int, rows: int, ids: int) -> Any:
+        """The "lookup" span and client metrics of a lookup already read from shared memory."""
+        telemetry.record_lookup((time.time_ns() - t0_ns) * 1e-9, rows, side="client", table=table)
+        if not telemetry.enabled():
+            return otel_trace.INVALID_SPAN
+        sp = telemetry.tracer().start_span("lookup", start_time=t0_ns, attributes={
+            "table": table, "rows": rows, "ids": ids, "row_path": "shm"})
+        sp.end()
+        return sp
 
     def _chunk_rows(self, dim: int) -> int:
         width = row_bytes(self._dtype, dim)

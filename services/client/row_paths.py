@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,16 @@ class _Peer:
     tcp: DataPlaneClient | None = None
 
 
+@dataclass(slots=True)
+class ShmReads:
+    """This client's shared-memory reads: they never reach a shard, so the client counts them
+    (the shard's Stats count the TCP and gRPC lookups it served)."""
+
+    lookups: int = 0
+    rows: int = 0
+    max_staleness_seen: int = 0  # over training reads (step > 0): steps of updates the rows missed
+
+
 class RowPaths:
     def __init__(self, *, mode: str = "auto", host_id: str = "", shm_dir: str = "/dev/shm",
                  retry: RetryPolicy | None = None, tcp_ssl: Any = None, tcp_server_name: str = "") -> None:
@@ -62,6 +73,8 @@ class RowPaths:
         self._peers: dict[str, _Peer] = {}
         self._warned: set[str] = set()
         self.used: dict[str, int] = {"shm": 0, "tcp": 0, "grpc": 0}  # lookups served per path
+        self.shm_reads = ShmReads()
+        self._count_lock = threading.Lock()  # `read_now` may run on a caller's thread (SyncShardClient)
 
     # ---------------------------------------------------------------------------------------
 
@@ -106,7 +119,7 @@ class RowPaths:
         if self.mode in ("auto", "shm") and not peer.shm_off and dtype in TORCH_DTYPES:  # fp8 rows: not in shm
             got = await self._shm(peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
             if got is not None:
-                self.used["shm"] += 1
+                self._count_shm(ids.size, step, got[1])
                 return got
         if not peer.tcp_off:
             got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness,
@@ -115,6 +128,42 @@ class RowPaths:
                 self.used["tcp"] += 1
                 return got
         return None
+
+    def read_now(self, *, address: str, table: int, ids: np.ndarray, out: torch.Tensor, epoch: int, step: int,
+                 max_staleness: int, open_files: bool = True) -> int | None:
+        """out (n, D) <- the rows of ids (n,) from shared memory, on the calling thread -> applied step.
+
+        None when the rows need more than one read (no shared memory for that shard, a file to
+        open and `open_files` is off, any `Miss`): `lookup()` then takes the call from the top.
+        Only reads state, so a thread other than the client's loop may call it with
+        `open_files=False` (readers are opened on the loop).
+        """
+        if self.mode not in ("auto", "shm"):
+            return None
+        peer = self._peers.get(address)
+        if peer is None or peer.shm_off:
+            return None
+        reader = peer.readers.get(table)
+        if reader is None or reader.retired:
+            if not open_files:
+                return None
+            reader = self._reader(peer, address, table, int(out.shape[1]))
+            if reader is None:
+                return None
+        got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+        if isinstance(got, Miss):
+            return None
+        self._count_shm(ids.size, step, got)
+        return got
+
+    def _count_shm(self, rows: int, step: int, applied: int) -> None:
+        with self._count_lock:
+            self.used["shm"] += 1
+            r = self.shm_reads
+            r.lookups += 1
+            r.rows += int(rows)
+            if step:
+                r.max_staleness_seen = max(r.max_staleness_seen, step - 1 - applied)
 
     def _reader(self, peer: _Peer, address: str, table: int, dim: int) -> ShmTableReader | None:
         reader = peer.readers.get(table)
@@ -178,9 +227,9 @@ class RowPaths:
                 raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
                                  shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})")
             try:
-                return await asyncio.wait_for(peer.tcp.lookup(
-                    table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness),
-                    remaining)
+                async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
+                    return await peer.tcp.lookup(table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step,
+                                                 max_staleness=max_staleness)
             except TimeoutError:
                 raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
                                  shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})") from None

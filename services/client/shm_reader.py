@@ -6,9 +6,11 @@ a client on the same host maps it read-only and gathers the rows itself, no roun
     positions (n,) = base[id % num_slots] + id // num_slots       (base from the file)
     rows (n, D)    = mirror[positions]  (whole-row copies)  or  weights[positions] rounded
 
-under the file's seqlock: SEQ even before, unchanged after, else gather again. A file of
-another epoch, a retired file, a row of a slot the file does not hold, or a writer that keeps
-the seqlock busy make `read` answer why instead of rows; the caller then takes another path.
+under the file's seqlock: SEQ even before, unchanged after, else gather again. The pages of
+the rows a read gathers from are mapped into this process once, on its first read (`populate`),
+so reads take no page faults. A file of another epoch, a retired file, a row of a slot the
+file does not hold, or a writer that keeps the seqlock busy make `read` answer why instead of
+rows; the caller then takes another path.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from services.shard.shm_table import (
 from services.wire import TORCH_DTYPES
 
 SEQ_TRIES = 64  # gathers tried while updates keep overlapping, then the caller takes another path
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now (mmap has no name for it before Python 3.13)
+PAGE = mmap.PAGESIZE
 
 
 class ShmUnavailable(Exception):
@@ -100,15 +104,39 @@ class ShmTableReader:
             self.mirror = None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim,
                                                         int(h[H_MIRROR_OFFSET]))  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
+        self._regions = {torch.float32: (int(h[H_WEIGHTS_OFFSET]), rows * dim * 4)}  # dtype -> (offset, bytes)
+        if self.mirror is not None:
+            self._regions[self.mirror.dtype] = (int(h[H_MIRROR_OFFSET]), rows * dim * self.mirror.element_size())
+        self._populated: set[torch.dtype] = set()
+        self._all_owned = bool(num_slots) and int(self.base.min()) >= 0  # then no per-read ownership check
 
     @property
     def retired(self) -> bool:
         return bool(self.header[H_RETIRED])
 
+    def populate(self, dtype: torch.dtype) -> None:
+        """Map every page of the rows a `dtype` read gathers from (the mirror or the weights) now.
+
+        Without it each first touch of a 4 KiB page of the shard's file is a minor page fault in
+        this process: random rows touch a new page almost every row until the whole table has
+        been read once, which costs more than the gather itself.
+        """
+        src = dtype if dtype in self._whole_rows else torch.float32
+        if src in self._populated:
+            return
+        self._populated.add(src)
+        offset, nbytes = self._regions[src]
+        if not nbytes:
+            return
+        try:
+            self.mm.madvise(MADV_POPULATE_READ, offset, nbytes)
+        except (OSError, ValueError):  # an older kernel: touch one byte per page instead
+            np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=offset)[::PAGE].max()
+
     def positions(self, ids: np.ndarray) -> np.ndarray | None:
         """(n,) ids -> (n,) positions, or None if a row's slot is not in this file."""
         pos = self.base[slot_of(ids, self.num_slots)]  # (n,) slot starts
-        if pos.size and pos.min() < 0:
+        if not self._all_owned and pos.size and pos.min() < 0:
             return None
         pos += (ids >> self.shift) if self.shift >= 0 else ids // self.num_slots
         return pos
@@ -124,8 +152,8 @@ class ShmTableReader:
         pos = self.positions(ids)
         if pos is None:
             return Miss("moved")
+        self.populate(out.dtype)  # once per source; a set lookup after that
         rows = self._whole_rows.get(out.dtype)  # the mirror or the weights in the wire dtype: whole-row copies
-        idx = torch.from_numpy(pos)
         for attempt in range(SEQ_TRIES):
             seq = int(h[H_SEQ])
             if seq & 1:  # an update is writing rows right now
@@ -137,7 +165,7 @@ class ShmTableReader:
             if rows is not None:
                 np.take(rows, pos, out=void_rows(out), mode="clip")  # ids checked: no buffering
             else:
-                gather_into(self.weights, idx, out)  # fp32 rounded to the wire dtype on the way
+                gather_into(self.weights, torch.from_numpy(pos), out)  # fp32 rounded to the wire dtype on the way
             if int(h[H_SEQ]) == seq:
                 return applied
         return Miss("busy")

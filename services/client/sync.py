@@ -105,7 +105,20 @@ class SyncShardClient:
 
     def lookup(self, table: int, ids: np.ndarray, *, step: int = 0, max_staleness: int = 0,
                timeout_s: float | None = None) -> cf.Future[tuple[torch.Tensor, int | None]]:
-        """(U,) distinct int64 rows -> future of ((U, D) fp32 rows, oldest applied_step of the shards asked)."""
+        """(U,) distinct int64 rows -> future of ((U, D) fp32 rows, oldest applied_step of the shards asked).
+
+        Rows mapped from shared memory are read on the calling thread (a finished future, no
+        hop to the loop thread) when the whole lookup can be read at once; the rest go on the loop."""
+        done: cf.Future[tuple[torch.Tensor, int | None]] = cf.Future()
+        try:
+            now = self.client.read_now(table, ids, step=step, max_staleness=max_staleness)
+        except Exception as exc:  # bad ids: raised from the future, as on the loop
+            done.set_exception(exc)
+            return done
+        if now is not None:
+            rows, applied = now  # (U, D) wire dtype, this call's own tensor
+            done.set_result((rows.float(), applied))
+            return done
 
         async def go() -> tuple[torch.Tensor, int | None]:
             handle = self.client.lookup(table, ids, dedup_ids=False, step=step, max_staleness=max_staleness,

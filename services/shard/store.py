@@ -232,9 +232,11 @@ class ShardStore:
                 f"row_ids: {bad.size} of {ids.size} ids are outside table {table}'s rows 0..{layout.num_rows - 1}"
                 f" (first: {int(ids[bad[0]])} at index {int(bad[0])})",
             )
-        slots = ids % self.num_slots
-        base = data.base[slots]
-        if base.min() < 0:
+        mask = self.num_slots - 1
+        pow2 = not self.num_slots & mask  # a mask and a shift instead of two int64 divisions
+        slots = ids & mask if pow2 else ids % self.num_slots
+        base = data.base[slots]  # (n,) a fresh array
+        if data.base.min() < 0 and base.min() < 0:  # (S,) first: a shard owning every slot skips the (n,) pass
             i = int(np.flatnonzero(base < 0)[0])
             slot = int(slots[i])
             raise precondition(
@@ -250,7 +252,8 @@ class ShardStore:
                     f"slot {slot} is being migrated to {frozen[slot]}: updates to it wait for the new "
                     f"slot map (epoch > {view.epoch}); retry"
                 )
-        return base + ids // self.num_slots
+        base += (ids >> (mask.bit_length())) if pow2 else ids // self.num_slots
+        return base
 
     # ---------------------------------------------------------------------------------------
     # lookups

@@ -36,6 +36,17 @@ class _Conn:
         self.io = io
         self.head = bytearray(REPLY.size)
 
+    @property
+    def lost(self) -> str | None:
+        """Why an idle connection can't be used (the shard closed it, or sent bytes nobody asked for); None: usable."""
+        try:
+            pending = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return f"broken: {exc}"
+        return "closed by the shard" if not pending else "bytes that answer no request"
+
 
 class DataPlaneClient:
     def __init__(self, address: str, *, shard_id: int | None = None, shard_address: str = "",
@@ -73,6 +84,15 @@ class DataPlaneClient:
                 last = exc
         raise DataPlaneDown(f"cannot connect to the data plane at {self.address}: {last}")
 
+    async def _take(self) -> _Conn:
+        """An idle connection the shard has not closed meanwhile (idle timeout, restart), else a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.lost is None:
+                return conn
+            conn.sock.close()
+        return await self._connect()
+
     def _error(self, code: Code, message: str) -> ShardError:
         return ShardError(code, message, address=self.shard_address, shard_id=self.shard_id,
                           call=f"Lookup (data plane at {self.address})")
@@ -82,7 +102,7 @@ class DataPlaneClient:
     ) -> tuple[torch.Tensor, int]:
         """(n,) int64 ids -> ((n, D) rows in `dtype` (fp8: (n, D + D/32) bytes), the shard's applied step). Raises ShardError
         for an error frame, DataPlaneDown when the connection fails."""
-        conn = self._idle.pop() if self._idle else await self._connect()
+        conn = await self._take()
         ok = False
         try:
             out = await self._request(conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step,

@@ -4,8 +4,8 @@ One secure LocalCluster (Redis with a generated password, a signed control plane
 a checkpoint root in a temp folder). The attacker is a plain gRPC client on loopback and, for
 the control-plane attacks, a Redis client that knows the password but not the cluster key.
 
-Attacks that need part A's roles (an unauthenticated ApplyGradients at lr=50, ...) are the
-`needs_roles_*` functions at the end: written, not collected until the roles interceptor lands.
+Attacks on the roles (an unauthenticated ApplyGradients at lr=50, admin RPCs without the admin
+role) run against a standalone shard with auth on (bearer tokens), at the end.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import pytest
 import redis
 import torch
 
+from engram.config import load_config
 from engram.layout import slot_num_rows, table_layouts
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.client import ShardClient
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.launcher import LocalCluster
 from services.wire import pack_ids
+from tests.fixtures_cluster import ShardProcess, shard_procs  # noqa: F401
 from tests.fixtures_procs import cluster_fixture, expected_rows, run
 
 cluster = cluster_fixture(num_shards=2, overrides=[], secure=True)
@@ -289,19 +291,59 @@ def test_far_future_step_and_orphaning_slot_maps_are_refused(cluster: LocalClust
 # part A (wt-tls): enable as `test_*` with the roles interceptor; each needs a client without credentials
 
 
-def needs_roles_apply_gradients_at_lr_50_without_credentials(cluster: LocalCluster) -> None:
-    rows, dim = rows_of(cluster, 1, 4), table_layouts(cluster.cfg.engram)[TABLE].dim
-    before = lookup(cluster, 1, rows)
-    refused(lambda: stub(cluster, 1).ApplyGradients(shard_pb2.ApplyGradientsRequest(
-        table=TABLE, epoch=1, row_ids=pack_ids(rows), grads=np.ones((4, dim), np.float32).tobytes(), step=1,
-        optimizer=shard_pb2.OptimizerParams(kind="adam", lr=50.0, beta1=0.9, beta2=0.999, eps=1e-8)), timeout=10),
-        grpc.StatusCode.UNAUTHENTICATED, "train")
-    assert lookup(cluster, 1, rows) == before
+# ---------------------------------------------------------------------------------------------
+# roles (issue 12 part A): a shard with auth on; the attacker has no credentials, or the wrong role
 
 
-def needs_roles_admin_rpcs_without_credentials(cluster: LocalCluster) -> None:
-    s = stub(cluster, 1)
-    for call in (lambda: s.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=10),
-                 lambda: s.Checkpoint(shard_pb2.CheckpointRequest(name="x", step=1), timeout=10),
-                 lambda: s.ImportSlots(iter([]), timeout=10)):
-        refused(call, grpc.StatusCode.UNAUTHENTICATED, "admin")
+TOKENS = {"read": "r" * 24, "train": "t" * 24, "admin": "a" * 24}
+
+
+def _auth_shard(tmp_path: Path, shard_procs: list) -> ShardProcess:  # noqa: F811
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{role} {tok}\n" for role, tok in TOKENS.items()))
+    shard = ShardProcess(["--preset", "tiny", "--standalone", "--shard-id", "0", "--port", "0",
+                          "--set", "cluster.num_shards=1", "--set", "security.auth_enabled=true",
+                          "--set", f"security.tokens_file={tokens}"])
+    shard_procs.append(shard)
+    shard.start()
+    return shard
+
+
+def _as(role: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {TOKENS[role]}")] if role else []
+
+
+def test_apply_gradients_at_lr_50_is_refused_without_the_train_role(tmp_path: Path, shard_procs: list) -> None:  # noqa: F811
+    shard = _auth_shard(tmp_path, shard_procs)
+    with grpc.insecure_channel(shard.address) as ch:
+        s = shard_pb2_grpc.MemoryShardStub(ch)
+        rows = np.arange(4, dtype=np.int64)
+        dim = table_layouts(load_config("tiny", None, ["cluster.num_shards=1"]).engram)[TABLE].dim
+
+        def read() -> bytes:
+            return s.Lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32),
+                            timeout=10, metadata=_as("read")).rows
+
+        before = read()
+        push = shard_pb2.ApplyGradientsRequest(
+            table=TABLE, epoch=1, row_ids=pack_ids(rows), grads=np.ones((4, dim), np.float32).tobytes(), step=1,
+            optimizer=shard_pb2.OptimizerParams(kind="adam", lr=50.0, beta1=0.9, beta2=0.999, eps=1e-8))
+        refused(lambda: s.ApplyGradients(push, timeout=10), grpc.StatusCode.UNAUTHENTICATED, "train")
+        refused(lambda: s.ApplyGradients(push, timeout=10, metadata=_as("read")),
+                grpc.StatusCode.PERMISSION_DENIED, "train")
+        assert read() == before  # nothing was written
+
+
+def test_admin_rpcs_are_refused_without_the_admin_role(tmp_path: Path, shard_procs: list) -> None:  # noqa: F811
+    shard = _auth_shard(tmp_path, shard_procs)
+    with grpc.insecure_channel(shard.address) as ch:
+        s = shard_pb2_grpc.MemoryShardStub(ch)
+        for who, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("train", grpc.StatusCode.PERMISSION_DENIED)):
+            md = _as(who)
+            for call in (lambda md=md: s.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=10,
+                                              metadata=md),
+                         lambda md=md: s.Restore(shard_pb2.RestoreRequest(), timeout=10, metadata=md),
+                         lambda md=md: s.ImportSlots(iter([]), timeout=10, metadata=md)):
+                refused(call, code, "admin")
+        stats = s.Stats(shard_pb2.StatsRequest(), timeout=10, metadata=_as("read"))
+        assert len(stats.slots) > 0  # no slot was dropped

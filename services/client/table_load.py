@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from engram.fileio import atomic_write_text
+from engram.fileio import atomic_write_text, fsync_dir
 from engram.layout import TableLayout, slot_num_rows
 from engram.torch_io import load_checkpoint_file
-from services.shard.checkpoint import SlotMeta, fsync_dir, slot_path, write_slot
+from services.shard.checkpoint import SlotMeta, slot_path, write_slot
 from services.shard.memory import alloc_state
 from services.shard.row_store_format import STORAGE_DTYPES, read_only, storage_cols
 from services.shard.store import SlotData

@@ -114,14 +114,6 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
     }
 
 
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _inside(root: Path, path: Path) -> bool:
     real = path.resolve()  # follows every symlink on the way, existing or not
     return real == root or root in real.parents

@@ -28,6 +28,9 @@ def _tiny(tmp: Path) -> list[str]:
 
 
 CASES: dict[str, object] = {
+    "failover": lambda tmp: ["--preset", "tiny", "--rows", "64", "--skip-training", "--wait-s", "60"],
+    "lookup_fp8": lambda tmp: ["--rows", "1024", "--reps", "1"],
+    "soak": lambda tmp: ["--minutes", "0.15", "--every-s", "4"],
     "lookup": lambda tmp: ["--shards", "1", "--batches", "256", "--dtypes", "fp32", "--paths", "grpc,tcp",
                            "--target-rows", "256", "--min-reps", "1", "--max-reps", "1", "--no-baselines"],
     "ngram_stats": lambda tmp: ["--preset", "tiny", *_tiny(tmp)],

@@ -50,8 +50,9 @@ from engram.layout import table_layouts
 from services.launcher import LocalCluster
 
 
-def one_fault(cluster: LocalCluster, load: LookupLoad, *, kind: str, victim: int, survivor: int,
-              wait_s: float) -> dict[str, Any]:
+def one_fault(
+    cluster: LocalCluster, load: LookupLoad, *, kind: str, victim: int, survivor: int, wait_s: float
+) -> dict[str, Any]:
     before = slot_map(cluster)
     n_events = len(events(cluster))
     failed0 = load.failed
@@ -61,8 +62,12 @@ def one_fault(cluster: LocalCluster, load: LookupLoad, *, kind: str, victim: int
     os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
     out: dict[str, Any] = {"fault": f"{'kill -9' if kind == 'kill' else 'SIGSTOP'} shard {victim}"}
     try:
-        smap = wait_for("failover", lambda: (m := slot_map(cluster)).epoch > before.epoch and victim not in
-                        m.all_holders() and m, wait_s, every_s=0.02)
+        smap = wait_for(
+            "failover",
+            lambda: (m := slot_map(cluster)).epoch > before.epoch and victim not in m.all_holders() and m,
+            wait_s,
+            every_s=0.02,
+        )
         t_seen = time.monotonic()
         new = [e for e in events(cluster)[n_events:] if e["kind"] == "failover"]
         out["detect_s"] = round(new[0]["t"] - t0_wall, 3) if new else round(t_seen - t0, 3)
@@ -72,9 +77,12 @@ def one_fault(cluster: LocalCluster, load: LookupLoad, *, kind: str, victim: int
 
             cfg = load.cfg
             with SyncShardClient.connect(cfg) as rows:
-                wait_for("the survivor at the new epoch",
-                         lambda: int(rows.call(rows.client.stats([survivor]))[survivor].epoch) >= smap.epoch,
-                         wait_s, every_s=0.02)
+                wait_for(
+                    "the survivor at the new epoch",
+                    lambda: int(rows.call(rows.client.stats([survivor]))[survivor].epoch) >= smap.epoch,
+                    wait_s,
+                    every_s=0.02,
+                )
             out["promote_s"] = round(time.monotonic() - t0, 3)
         except Exception as exc:  # noqa: BLE001 - reported
             out["promote_s"] = None
@@ -94,15 +102,25 @@ def one_fault(cluster: LocalCluster, load: LookupLoad, *, kind: str, victim: int
     out["failed_requests"] = load.failed - failed0
     during = load.latencies(t0, t_end)
     base = load.latencies(t_base, t0)
-    out.update(lookups_during=len(during), p50_during_ms=round(1e3 * float(np.median(during)), 2) if during else None,
-               p99_during_ms=round(1e3 * p99(during), 2), p99_before_ms=round(1e3 * p99(base), 2))
+    out.update(
+        lookups_during=len(during),
+        p50_during_ms=round(1e3 * float(np.median(during)), 2) if during else None,
+        p99_during_ms=round(1e3 * p99(during), 2),
+        p99_before_ms=round(1e3 * p99(base), 2),
+    )
     return out
 
 
 def lookup_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     over = ["cluster.row_path=tcp", "cluster.wire_dtype=bf16"]
-    cluster = LocalCluster(preset=args.preset, overrides=over, num_shards=2, replicas=2, log_dir=root / "lookup-logs",
-                           startup_timeout_s=120)
+    cluster = LocalCluster(
+        preset=args.preset,
+        overrides=over,
+        num_shards=2,
+        replicas=2,
+        log_dir=root / "lookup-logs",
+        startup_timeout_s=120,
+    )
     with cluster:
         cfg = load_config(args.preset, None, [*over, *cluster.cluster_overrides])
         table, layout = next(iter(table_layouts(cfg.engram).items()))
@@ -113,8 +131,12 @@ def lookup_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             results = [one_fault(cluster, load, kind="kill", victim=1, survivor=0, wait_s=args.wait_s)]
             time.sleep(2.0)
             results.append(one_fault(cluster, load, kind="stop", victim=0, survivor=1, wait_s=args.wait_s))
-            total = {"lookups_ok": load.ok, "lookups_failed": load.failed, "errors": load.errors[:5],
-                     "replica_switches": load.client.replica_switches if load.client else None}
+            total = {
+                "lookups_ok": load.ok,
+                "lookups_failed": load.failed,
+                "errors": load.errors[:5],
+                "replica_switches": load.client.replica_switches if load.client else None,
+            }
     return {"rows_per_lookup": int(ids.size), "faults": results, **total}
 
 
@@ -123,13 +145,25 @@ def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     write_code_corpus(root / "corpus.txt")
     steps = args.steps
-    base = [f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}",
-            "train.progress=false", "cluster.wire_dtype=fp32", f"train.steps={steps}"]
+    base = [
+        f'train.corpus=["{root / "corpus.txt"}"]',
+        f"tokenizer.cache_dir={root / 'cache'}",
+        "train.progress=false",
+        "cluster.wire_dtype=fp32",
+        f"train.steps={steps}",
+    ]
     data = prepare_data(load_config("tiny", None, base))
     runs: dict[str, Any] = {}
     for name in ("clean", "kill", "stop"):
-        cluster = LocalCluster(preset="tiny", overrides=base, num_shards=2, replicas=2, log_dir=root / f"{name}-logs",
-                               startup_timeout_s=120, shard_args=["--threads", "2"])
+        cluster = LocalCluster(
+            preset="tiny",
+            overrides=base,
+            num_shards=2,
+            replicas=2,
+            log_dir=root / f"{name}-logs",
+            startup_timeout_s=120,
+            shard_args=["--threads", "2"],
+        )
         with cluster:
             cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
             timers: list[threading.Timer] = []
@@ -150,27 +184,45 @@ def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             losses, dense, rows = train_remote(cfg, data, steps=steps, on_step=None if name == "clean" else fault)
             wall = time.monotonic() - t0
             try:
+
                 def replicated(c: LocalCluster = cluster) -> Any:
                     return fully_replicated(c, {0, 1})
 
                 smap = wait_for("R holders", replicated, args.wait_s)
                 tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
                 addresses = rows.client.addresses
-                same = all(torch.equal(holder_rows(cfg, smap, addresses, 0, t, tables[t].shape[0]),
-                                       holder_rows(cfg, smap, addresses, 1, t, tables[t].shape[0]))
-                           for t in cfg.engram.layer_ids)
+                same = all(
+                    torch.equal(
+                        holder_rows(cfg, smap, addresses, 0, t, tables[t].shape[0]),
+                        holder_rows(cfg, smap, addresses, 1, t, tables[t].shape[0]),
+                    )
+                    for t in cfg.engram.layer_ids
+                )
             finally:
                 rows.close()
-            runs[name] = {"losses": losses, "dense": dense, "tables": tables, "wall_s": round(wall, 2),
-                          "replicas_identical": same, "events": [e["kind"] for e in events(cluster)]}
+            runs[name] = {
+                "losses": losses,
+                "dense": dense,
+                "tables": tables,
+                "wall_s": round(wall, 2),
+                "replicas_identical": same,
+                "events": [e["kind"] for e in events(cluster)],
+            }
     clean = runs["clean"]
     out: dict[str, Any] = {"steps": steps}
     for name in ("clean", "kill", "stop"):
         r = runs[name]
-        diff = max([float((r["tables"][t] - clean["tables"][t]).abs().max()) for t in clean["tables"]] +
-                   [float((r["dense"][k] - v).abs().max()) for k, v in clean["dense"].items()])
-        out[name] = {"wall_s": r["wall_s"], "final_weights_max_abs_diff": diff, "final_weights_equal": diff <= 1e-6,
-                     "replicas_identical": r["replicas_identical"], "events": r["events"]}
+        diff = max(
+            [float((r["tables"][t] - clean["tables"][t]).abs().max()) for t in clean["tables"]]
+            + [float((r["dense"][k] - v).abs().max()) for k, v in clean["dense"].items()]
+        )
+        out[name] = {
+            "wall_s": r["wall_s"],
+            "final_weights_max_abs_diff": diff,
+            "final_weights_equal": diff <= 1e-6,
+            "replicas_identical": r["replicas_identical"],
+            "events": r["events"],
+        }
     return out
 
 
@@ -183,27 +235,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    report: dict[str, Any] = {"machine": machine_info(), "replicas": 2, "shards": 2,
-                              "note": "a shared 2-core box: numbers taken under other jobs' load (load_avg)"}
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "replicas": 2,
+        "shards": 2,
+        "note": "a shared 2-core box: numbers taken under other jobs' load (load_avg)",
+    }
     with tempfile.TemporaryDirectory(prefix="engram-failover-") as tmp:
         report["lookups"] = lookup_faults(args, Path(tmp))
         if not args.skip_training:
             report["training"] = training_faults(args, Path(tmp))
     report["load_avg_end"] = os.getloadavg()
-    print(f"\nfailover (R=2, 2 shards, default detection), load avg {report['machine']['load_avg_start']} -> "
-          f"{tuple(round(x, 2) for x in report['load_avg_end'])}")
-    print(f"{'fault':<18}{'failed':>8}{'detect s':>10}{'promote s':>11}{'R again s':>11}{'p99 before':>12}"
-          f"{'p99 during':>12}")
+    print(
+        f"\nfailover (R=2, 2 shards, default detection), load avg {report['machine']['load_avg_start']} -> "
+        f"{tuple(round(x, 2) for x in report['load_avg_end'])}"
+    )
+    print(
+        f"{'fault':<18}{'failed':>8}{'detect s':>10}{'promote s':>11}{'R again s':>11}{'p99 before':>12}"
+        f"{'p99 during':>12}"
+    )
     for f in report["lookups"]["faults"]:
-        print(f"{f['fault']:<18}{f['failed_requests']:>8}{f.get('detect_s')!s:>10}{f.get('promote_s')!s:>11}"
-              f"{f.get('r_restored_s')!s:>11}{f['p99_before_ms']:>10}ms{f['p99_during_ms']:>10}ms")
+        print(
+            f"{f['fault']:<18}{f['failed_requests']:>8}{f.get('detect_s')!s:>10}{f.get('promote_s')!s:>11}"
+            f"{f.get('r_restored_s')!s:>11}{f['p99_before_ms']:>10}ms{f['p99_during_ms']:>10}ms"
+        )
     if "training" in report:
         tr = report["training"]
         print(f"\nsync training, {tr['steps']} steps: fault -> final weights vs the unfaulted run")
         for name in ("clean", "kill", "stop"):
             r = tr[name]
-            print(f"  {name:<6} equal={r['final_weights_equal']!s:<6} max|diff|={r['final_weights_max_abs_diff']:.2e} "
-                  f"replicas identical={r['replicas_identical']!s:<6} wall {r['wall_s']} s")
+            print(
+                f"  {name:<6} equal={r['final_weights_equal']!s:<6} max|diff|={r['final_weights_max_abs_diff']:.2e} "
+                f"replicas identical={r['replicas_identical']!s:<6} wall {r['wall_s']} s"
+            )
     if args.json:
         write_report(args.json, report)
     return 0

@@ -120,8 +120,17 @@ def train_remote(
     model = shard_model(cfg, vocab.lookup)
     backbone_opt, _ = build_optimizers(model, t)
     rows = SyncShardClient.connect(cfg)
-    runner = RemoteStep(model=model, ddp=model, shards=rows, backbone_opt=backbone_opt, cfg=cfg, rank=0, world=1,
-                        device="cpu", timeout_s=60.0)
+    runner = RemoteStep(
+        model=model,
+        ddp=model,
+        shards=rows,
+        backbone_opt=backbone_opt,
+        cfg=cfg,
+        rank=0,
+        world=1,
+        device="cpu",
+        timeout_s=60.0,
+    )
     rng = np.random.default_rng(t.seed)
     losses = []
     nxt = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
@@ -140,8 +149,14 @@ def holder_rows(cfg: Any, smap: Any, addresses: dict[int, str], shard_id: int, t
     """(n, D) fp32 rows of `table` read from one holder only (every slot routed to `shard_id`)."""
 
     async def go() -> torch.Tensor:
-        client = ShardClient(cfg, epoch=smap.epoch, owners=[shard_id] * cfg.cluster.num_slots, addresses=addresses,
-                             wire_dtype="fp32", row_path="grpc")
+        client = ShardClient(
+            cfg,
+            epoch=smap.epoch,
+            owners=[shard_id] * cfg.cluster.num_slots,
+            addresses=addresses,
+            wire_dtype="fp32",
+            row_path="grpc",
+        )
         try:
             return await client.lookup(table, np.arange(n), dedup_ids=False)
         finally:

@@ -45,8 +45,13 @@ from benchmarks.machine import machine_info, write_report
 from engram.config import Config, load_config
 from engram.config_args import add_config_args
 
-TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_per_ngram=512",
-         "engram.table_size_per_ngram=[65521,65521]", "cluster.optimizer=adagrad"]  # 16 heads: ~1.05M rows x 64
+TABLE = [
+    "engram.layer_ids=[1]",
+    "engram.n_head_per_ngram=8",
+    "engram.n_embed_per_ngram=512",
+    "engram.table_size_per_ngram=[65521,65521]",
+    "cluster.optimizer=adagrad",
+]  # 16 heads: ~1.05M rows x 64
 BATCHES = [1024, 4096, 16384, 65536, 262144]
 ITEMSIZE = {"bf16": 2, "fp32": 4}
 
@@ -67,8 +72,12 @@ def summarize(lat_s: list[float], rows: int, row_bytes: int, cpu: dict[str, floa
     lat = np.asarray(lat_s)
     p50 = float(np.median(lat))
     out = {
-        "reps": int(lat.size), "p50_ms": p50 * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
-        "min_ms": float(lat.min()) * 1e3, "rows_per_s": rows / p50, "gb_per_s": rows * row_bytes / p50 / 1e9,
+        "reps": int(lat.size),
+        "p50_ms": p50 * 1e3,
+        "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+        "min_ms": float(lat.min()) * 1e3,
+        "rows_per_s": rows / p50,
+        "gb_per_s": rows * row_bytes / p50 / 1e9,
     }
     for k, v in (cpu or {}).items():
         out[f"{k}_cpu_ms"] = v * 1e3 / lat.size
@@ -98,6 +107,7 @@ def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -
     out = []
     default_threads = torch.get_num_threads()
     for dtype in args.dtypes:
+
         def gather(ids: np.ndarray, dtype: str = dtype) -> torch.Tensor:
             rows = torch.from_numpy(np.take(table, ids, axis=0))  # (B, D) fp32
             return rows.to(torch.bfloat16) if dtype == "bf16" else rows
@@ -106,7 +116,9 @@ def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -
             best = None
             for threads in sorted({1, default_threads}):
                 torch.set_num_threads(threads)
-                r = summarize(timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype])
+                r = summarize(
+                    timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype]
+                )
                 r["torch_threads"] = threads
                 best = r if best is None or r["rows_per_s"] > best["rows_per_s"] else best
             assert best is not None
@@ -144,8 +156,9 @@ def bench_redis(r: Any, dim: int, batches: Batches, args: argparse.Namespace) ->
         for rows in args.batches:
             reps = max(3, reps_for(rows, args) // 4)
             res = summarize(timed(fetch, batches, rows, reps), rows, dim * ITEMSIZE[dtype])
-            out.append({"method": "redis_mget", "dtype": dtype, "batch": rows, "hiredis": redis.utils.HIREDIS_AVAILABLE,
-                        **res})
+            out.append(
+                {"method": "redis_mget", "dtype": dtype, "batch": rows, "hiredis": redis.utils.HIREDIS_AVAILABLE, **res}
+            )
     return out
 
 
@@ -173,8 +186,9 @@ async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace,
     return out
 
 
-async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None,
-                     path: str) -> list:
+async def bench_path(
+    cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None, path: str
+) -> list:
     label = f"{path}+tls" if cluster.tls else path
     from services.client import ShardClient
 
@@ -183,8 +197,9 @@ async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, t
     procs = [psutil.Process(p.pid) for p in cluster.shards.values()]
     try:
         for dtype in args.dtypes:
-            client = await ShardClient.connect(cp, wire_dtype=dtype, timeout_s=120, row_path=path,
-                                               security=cluster.security("read"))
+            client = await ShardClient.connect(
+                cp, wire_dtype=dtype, timeout_s=120, row_path=path, security=cluster.security("read")
+            )
             dim = client.layouts[1].dim
             try:
                 if table is not None:  # the shards serve exactly the rows the baselines use
@@ -201,16 +216,21 @@ async def bench_path(cluster: Any, batches: Batches, args: argparse.Namespace, t
                         t0 = time.perf_counter()
                         await client.lookup(1, ids, dedup_ids=False)
                         lat.append(time.perf_counter() - t0)
-                    cpu = {"client": time.process_time() - cpu0,
-                           "shards": sum(sum(p.cpu_times()[:2]) for p in procs) - srv0}
+                    cpu = {
+                        "client": time.process_time() - cpu0,
+                        "shards": sum(sum(p.cpu_times()[:2]) for p in procs) - srv0,
+                    }
                     res = summarize(lat, rows, dim * ITEMSIZE[dtype], cpu)
                     used = {k: v for k, v in client.row_paths.used.items() if v}
                     if set(used) != {path}:  # a fallback would make the row lie
                         raise RuntimeError(f"row path {path}: lookups went over {used}")
                     client.row_paths.used.update(dict.fromkeys(used, 0))
                     out.append({"method": label, "shards": len(procs), "dtype": dtype, "batch": rows, **res})
-                    print(f"  {label:<8} {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} "
-                          f"Mrows/s p50 {res['p50_ms']:7.3f} ms", flush=True)
+                    print(
+                        f"  {label:<8} {len(procs)} shard(s) {dtype} {rows:>7}: {res['rows_per_s'] / 1e6:7.2f} "
+                        f"Mrows/s p50 {res['p50_ms']:7.3f} ms",
+                        flush=True,
+                    )
             finally:
                 await client.close()
     finally:
@@ -235,14 +255,18 @@ async def fetch_table(cluster: Any) -> np.ndarray:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'method':<18} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
-          f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}")
+    print(
+        f"\n{'method':<18} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
+        f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}"
+    )
     for r in results:
         name = f"{r['method']} {r['shards']} shard{'s' if r['shards'] > 1 else ''}" if "shards" in r else r["method"]
         client_cpu = f"{r['client_cpu_ms']:.2f}" if "client_cpu_ms" in r else ""
         shard_cpu = f"{r['shards_cpu_ms']:.2f}" if "shards_cpu_ms" in r else ""
-        print(f"{name:<18} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
-              f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}")
+        print(
+            f"{name:<18} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
+            f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}"
+        )
 
 
 def tls_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,23 +279,35 @@ def tls_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = plain.get((r["method"][: -len("+tls")], r.get("shards"), r["dtype"], r["batch"]))
         if base is None:
             continue
-        out.append({"path": base["method"], "shards": r["shards"], "dtype": r["dtype"], "batch": r["batch"],
-                    "plain_p50_ms": base["p50_ms"], "tls_p50_ms": r["p50_ms"],
-                    "p50_ratio": r["p50_ms"] / base["p50_ms"], "throughput_ratio": r["rows_per_s"] / base["rows_per_s"]})
+        out.append(
+            {
+                "path": base["method"],
+                "shards": r["shards"],
+                "dtype": r["dtype"],
+                "batch": r["batch"],
+                "plain_p50_ms": base["p50_ms"],
+                "tls_p50_ms": r["p50_ms"],
+                "p50_ratio": r["p50_ms"] / base["p50_ms"],
+                "throughput_ratio": r["rows_per_s"] / base["rows_per_s"],
+            }
+        )
     return out
 
 
-TARGETS = {"shm": {"of_numpy": 0.9, "p50_1k_ms": 0.1}, "tcp": {"of_numpy": 0.75, "p50_1k_ms": 0.4},
-           "grpc": {}}
+TARGETS = {"shm": {"of_numpy": 0.9, "p50_1k_ms": 0.1}, "tcp": {"of_numpy": 0.75, "p50_1k_ms": 0.4}, "grpc": {}}
 MGET_TARGET = 25.0
 
 
 def targets(results: list[dict[str, Any]], batch: int = 65536, small: int = 1024) -> dict[str, Any]:
     """The issue's figures: 64K bf16 rows from one shard vs numpy and Redis; 1K-row p50s."""
+
     def row(method: str, size: int, **kw: Any) -> dict[str, Any] | None:
         for r in results:
-            if r["method"] == method and r["dtype"] == "bf16" and r["batch"] == size and all(
-                r.get(k) == v for k, v in kw.items()
+            if (
+                r["method"] == method
+                and r["dtype"] == "bf16"
+                and r["batch"] == size
+                and all(r.get(k) == v for k, v in kw.items())
             ):
                 return r
         return None
@@ -288,35 +324,54 @@ def targets(results: list[dict[str, Any]], batch: int = 65536, small: int = 1024
         if r1k:
             t["p50_1k_ms"] = r1k["p50_ms"]
         if t:
-            out[path] = t | {f"{k}_target": v for k, v in want.items()} | (
-                {"over_redis_mget_target": MGET_TARGET} if want else {})
+            out[path] = (
+                t
+                | {f"{k}_target": v for k, v in want.items()}
+                | ({"over_redis_mget_target": MGET_TARGET} if want else {})
+            )
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="engram bench lookup", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="engram bench lookup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser, default_preset="cpu")
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--shards", type=ints, default=[1, 2, 4], help="comma-separated shard counts")
     parser.add_argument("--batches", type=ints, default=BATCHES, help="comma-separated batch sizes (rows)")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["bf16", "fp32"])
-    parser.add_argument("--paths", type=lambda s: s.split(","), default=["shm", "tcp", "grpc"],
-                        help="row paths to time: shm, tcp, grpc")
+    parser.add_argument(
+        "--paths", type=lambda s: s.split(","), default=["shm", "tcp", "grpc"], help="row paths to time: shm, tcp, grpc"
+    )
     parser.add_argument("--target-rows", type=int, default=1 << 20, help="rows timed per configuration")
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--max-reps", type=int, default=60)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this (client) process")
     parser.add_argument("--no-baselines", action="store_true", help="skip numpy and Redis")
-    parser.add_argument("--tls", action="store_true",
-                        help="also time tcp and grpc with mTLS + roles (rows tcp+tls, grpc+tls) on a second cluster")
-    parser.add_argument("--malloc", choices=["keep-heap", "default"], default="keep-heap",
-                        help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)")
-    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
-                        help="the client's event loop (the worker's and the trainer's is uvloop)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also time tcp and grpc with mTLS + roles (rows tcp+tls, grpc+tls) on a second cluster",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["keep-heap", "default"],
+        default="keep-heap",
+        help="keep-heap: services.client.keep_heap() in this process (see services/client/memory.py)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the client's event loop (the worker's and the trainer's is uvloop)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--fp8", action="store_true", help="also: bytes per 64K-row lookup, fp8 vs bf16 "
-                                                           "(benchmarks/lookup_fp8.py; 256-dim rows)")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also: bytes per 64K-row lookup, fp8 vs bf16 (benchmarks/lookup_fp8.py; 256-dim rows)",
+    )
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in ITEMSIZE]
     if bad:
@@ -344,12 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     table: np.ndarray | None = None
     for num_shards, tls in [(n, t) for n in args.shards for t in ([False, True] if args.tls else [False])]:
         print(f"starting {num_shards} shard(s){' with TLS' if tls else ''} ...", flush=True)
-        with LocalCluster(cfg, preset=args.preset, config_file=args.config, overrides=[*TABLE, *args.overrides],
-                          num_shards=num_shards, startup_timeout_s=300, tls=tls) as cluster:
+        with LocalCluster(
+            cfg,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=[*TABLE, *args.overrides],
+            num_shards=num_shards,
+            startup_timeout_s=300,
+            tls=tls,
+        ) as cluster:
             if table is None and not args.no_baselines:
                 table = asyncio.run(fetch_table(cluster))
                 batches = Batches(table.shape[0])
-                print(f"table: {table.shape[0]:,} rows x {table.shape[1]} dims; numpy and Redis baselines ...", flush=True)
+                print(
+                    f"table: {table.shape[0]:,} rows x {table.shape[1]} dims; numpy and Redis baselines ...", flush=True
+                )
                 results += bench_numpy(table, batches, args)
                 results += bench_dedup(batches, args)
                 r = load_redis(cluster.redis_url, table, args.dtypes)
@@ -367,22 +431,41 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     cost = tls_cost(results)
     if cost:
-        print(f"\nTLS cost (same run): {'path':<5} {'shards':>6} {'dtype':<5} {'batch':>7} {'plain p50':>10} "
-              f"{'tls p50':>10} {'p50 x':>6} {'rows/s x':>8}")
+        print(
+            f"\nTLS cost (same run): {'path':<5} {'shards':>6} {'dtype':<5} {'batch':>7} {'plain p50':>10} "
+            f"{'tls p50':>10} {'p50 x':>6} {'rows/s x':>8}"
+        )
         for c in cost:
-            print(f"{'':<20}{c['path']:<5} {c['shards']:>6} {c['dtype']:<5} {c['batch']:>7} {c['plain_p50_ms']:>10.3f} "
-                  f"{c['tls_p50_ms']:>10.3f} {c['p50_ratio']:>6.2f} {c['throughput_ratio']:>8.2f}")
-    report = {"benchmark": "lookup", "machine": info, "table": {"overrides": TABLE, "dim": cfg.engram.n_embed_per_ngram
-              // cfg.engram.n_head_per_ngram, "num_rows": sum(cfg_rows(cfg))}, "client_torch_threads": args.torch_threads,
-              "client_malloc": args.malloc, "client_loop": args.loop, "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
-              "targets": targets(results), "tls_cost": cost, "results": results, **({"fp8": fp8} if fp8 else {})}
+            print(
+                f"{'':<20}{c['path']:<5} {c['shards']:>6} {c['dtype']:<5} {c['batch']:>7} {c['plain_p50_ms']:>10.3f} "
+                f"{c['tls_p50_ms']:>10.3f} {c['p50_ratio']:>6.2f} {c['throughput_ratio']:>8.2f}"
+            )
+    report = {
+        "benchmark": "lookup",
+        "machine": info,
+        "table": {
+            "overrides": TABLE,
+            "dim": cfg.engram.n_embed_per_ngram // cfg.engram.n_head_per_ngram,
+            "num_rows": sum(cfg_rows(cfg)),
+        },
+        "client_torch_threads": args.torch_threads,
+        "client_malloc": args.malloc,
+        "client_loop": args.loop,
+        "client_chunk_bytes": DEFAULT_CHUNK_BYTES,
+        "targets": targets(results),
+        "tls_cost": cost,
+        "results": results,
+        **({"fp8": fp8} if fp8 else {}),
+    }
     nan = float("nan")
     for path, t in report["targets"].items():
         if isinstance(t, dict):
-            print(f"{path:<4}: 64K bf16 rows from 1 shard {t.get('of_numpy', nan):.2f}x the in-process gather (target "
-                  f"{t.get('of_numpy_target', '-')}), {t.get('over_redis_mget', nan):.1f}x Redis MGET (target "
-                  f"{MGET_TARGET if path != 'grpc' else '-'}); 1K rows p50 {t.get('p50_1k_ms', nan) * 1e3:.0f} us "
-                  f"(target {t.get('p50_1k_ms_target', nan) * 1e3:.0f} us)")
+            print(
+                f"{path:<4}: 64K bf16 rows from 1 shard {t.get('of_numpy', nan):.2f}x the in-process gather (target "
+                f"{t.get('of_numpy_target', '-')}), {t.get('over_redis_mget', nan):.1f}x Redis MGET (target "
+                f"{MGET_TARGET if path != 'grpc' else '-'}); 1K rows p50 {t.get('p50_1k_ms', nan) * 1e3:.0f} us "
+                f"(target {t.get('p50_1k_ms_target', nan) * 1e3:.0f} us)"
+            )
     print(f"{info['wall_s']:.0f} s, load average {info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}")
     if args.json:
         write_report(args.json, report)

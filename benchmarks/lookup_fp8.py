@@ -24,10 +24,17 @@ import numpy as np
 
 from benchmarks.machine import machine_info, write_report
 
-TABLE = ["engram.layer_ids=[1]", "engram.n_head_per_ngram=8", "engram.n_embed_per_ngram=2048",
-         "engram.table_size_per_ngram=[8191,8191]", "cluster.optimizer=adagrad"]  # 16 heads: ~131K rows x 256
-STORAGE = {"fp32": ["engram.row_format=fp32", "cluster.wire_dtype=bf16"],
-           "fp8": ["engram.row_format=fp8", "cluster.wire_dtype=fp8"]}
+TABLE = [
+    "engram.layer_ids=[1]",
+    "engram.n_head_per_ngram=8",
+    "engram.n_embed_per_ngram=2048",
+    "engram.table_size_per_ngram=[8191,8191]",
+    "cluster.optimizer=adagrad",
+]  # 16 heads: ~131K rows x 256
+STORAGE = {
+    "fp32": ["engram.row_format=fp32", "cluster.wire_dtype=bf16"],
+    "fp8": ["engram.row_format=fp8", "cluster.wire_dtype=fp8"],
+}
 WIRES = {"fp32": ["bf16", "fp8"], "fp8": ["fp8"]}
 TARGET_RATIO = 0.53
 
@@ -58,13 +65,21 @@ async def _time(cluster: Any, *, wire: str, path: str, rows: int, reps: int) -> 
     finally:
         await client.close()
         await cp.close()
-    return {"wire": wire, "path": path, "batch": rows, "reps": reps, "bytes_per_lookup": int(np.median(moved)),
-            "bytes_per_row": float(np.median(moved)) / rows, "p50_ms": float(np.median(lat)) * 1e3,
-            "p99_ms": float(np.percentile(lat, 99)) * 1e3}
+    return {
+        "wire": wire,
+        "path": path,
+        "batch": rows,
+        "reps": reps,
+        "bytes_per_lookup": int(np.median(moved)),
+        "bytes_per_row": float(np.median(moved)) / rows,
+        "p50_ms": float(np.median(lat)) * 1e3,
+        "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+    }
 
 
-def run_fp8(*, preset: str = "cpu", paths: tuple[str, ...] = ("tcp", "grpc"), rows: int = 65536,
-            reps: int = 7) -> dict[str, Any]:
+def run_fp8(
+    *, preset: str = "cpu", paths: tuple[str, ...] = ("tcp", "grpc"), rows: int = 65536, reps: int = 7
+) -> dict[str, Any]:
     """-> {"results": [...], "ratio": fp8/bf16 bytes per 64K-row lookup, ...}; prints a table and the line."""
     from engram.config import load_config
     from services.launcher import LocalCluster
@@ -79,21 +94,34 @@ def run_fp8(*, preset: str = "cpu", paths: tuple[str, ...] = ("tcp", "grpc"), ro
                 for path in paths:
                     r = {"storage": storage, **asyncio.run(_time(cluster, wire=wire, path=path, rows=rows, reps=reps))}
                     results.append(r)
-                    print(f"  {storage:>4} storage, {wire:>4} wire, {path:<4}: {r['bytes_per_row']:6.1f} B/row, "
-                          f"{r['bytes_per_lookup'] / 2**20:6.2f} MiB/lookup, p50 {r['p50_ms']:7.2f} ms", flush=True)
+                    print(
+                        f"  {storage:>4} storage, {wire:>4} wire, {path:<4}: {r['bytes_per_row']:6.1f} B/row, "
+                        f"{r['bytes_per_lookup'] / 2**20:6.2f} MiB/lookup, p50 {r['p50_ms']:7.2f} ms",
+                        flush=True,
+                    )
     bf16 = next(r for r in results if r["wire"] == "bf16")
     fp8 = next(r for r in results if r["wire"] == "fp8" and r["storage"] == "fp8")
     ratio = fp8["bytes_per_lookup"] / bf16["bytes_per_lookup"]
-    print(f"fp8 vs bf16: a {rows // 1024}K-row lookup moves {fp8['bytes_per_lookup']:,} vs {bf16['bytes_per_lookup']:,} "
-          f"row bytes = {ratio:.4f}x (target <= {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'}); "
-          f"p50 {fp8['p50_ms']:.1f} vs {bf16['p50_ms']:.1f} ms over {fp8['path']}")
-    return {"batch": rows, "dim": 256, "ratio_fp8_over_bf16_bytes": ratio, "ratio_target": TARGET_RATIO,
-            "results": results}
+    print(
+        f"fp8 vs bf16: a {rows // 1024}K-row lookup moves {fp8['bytes_per_lookup']:,} vs {bf16['bytes_per_lookup']:,} "
+        f"row bytes = {ratio:.4f}x (target <= {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'}); "
+        f"p50 {fp8['p50_ms']:.1f} vs {bf16['p50_ms']:.1f} ms over {fp8['path']}"
+    )
+    return {
+        "batch": rows,
+        "dim": 256,
+        "ratio_fp8_over_bf16_bytes": ratio,
+        "ratio_target": TARGET_RATIO,
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lookup_fp8", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.lookup_fp8",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--paths", type=lambda s: tuple(s.split(",")), default=("tcp", "grpc"))
     parser.add_argument("--rows", type=int, default=65536)

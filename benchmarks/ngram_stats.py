@@ -50,11 +50,22 @@ def measure(preset: str, overrides: list[str]) -> dict:
     for n in (2, 3, 4):
         counts = ngram_counts(ids, n, bits)
         s, last = fit_zipf(counts)
-        orders[n] = {"zipf_exponent": round(s, 4), "distinct": int(counts.size), "fit_ranks": [10, last],
-                     "top_share": float(counts[:1000].sum() / counts.sum())}
-    return {"preset": preset, "corpus": cfg.train.corpus or "python stdlib (default)",
-            "max_corpus_mb": cfg.train.max_corpus_mb, "tokens": int(ids.size), "vocab": vocab.vocab_size,
-            "compressed_vocab": vocab.size, "orders": orders, "date": time.strftime("%Y-%m-%d")}
+        orders[n] = {
+            "zipf_exponent": round(s, 4),
+            "distinct": int(counts.size),
+            "fit_ranks": [10, last],
+            "top_share": float(counts[:1000].sum() / counts.sum()),
+        }
+    return {
+        "preset": preset,
+        "corpus": cfg.train.corpus or "python stdlib (default)",
+        "max_corpus_mb": cfg.train.max_corpus_mb,
+        "tokens": int(ids.size),
+        "vocab": vocab.vocab_size,
+        "compressed_vocab": vocab.size,
+        "orders": orders,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--preset", default=None, help="default: cpu on --device cpu, small on cuda")
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--cache-mb", type=float, default=None, help="hot-row cache of the 'cached' way (cpu 4, cuda 256)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads of the model (cpu default 1: the shards need the other core)")
+    parser.add_argument(
+        "--cache-mb", type=float, default=None, help="hot-row cache of the 'cached' way (cpu 4, cuda 256)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the model (cpu default 1: the shards need the other core)",
+    )
     parser.add_argument("--wire", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
@@ -188,22 +194,29 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, model, device = build(args)
     load_before = os.getloadavg()
-    with LocalCluster(cfg, preset=args.preset, overrides=[f"cluster.wire_dtype={args.wire}", *args.overrides],
-                      num_shards=args.shards) as cluster:
-        remote_cfg = load_config(args.preset, None, [
-            f"cluster.wire_dtype={args.wire}", *args.overrides, *cluster.cluster_overrides])
+    with LocalCluster(
+        cfg, preset=args.preset, overrides=[f"cluster.wire_dtype={args.wire}", *args.overrides], num_shards=args.shards
+    ) as cluster:
+        remote_cfg = load_config(
+            args.preset, None, [f"cluster.wire_dtype={args.wire}", *args.overrides, *cluster.cluster_overrides]
+        )
         sources = {way: remote_source(remote_cfg, device) for way in ("prefetch", "sync")}
         assert model.indexer is not None, "the benchmark needs an Engram model"
-        cache = HotRowCache(capacity_bytes=int(args.cache_mb * (1 << 20)), device=device,
-                            dims={layer: lay.dim for layer, lay in model.indexer.layouts.items()})
+        cache = HotRowCache(
+            capacity_bytes=int(args.cache_mb * (1 << 20)),
+            device=device,
+            dims={layer: lay.dim for layer, lay in model.indexer.layouts.items()},
+        )
         timeout_s = remote_cfg.cluster.lookup_timeout_s
         pipes = {
             "prefetch": PrefetchPipeline(model, sources["prefetch"], timeout_s=timeout_s),
             "sync": PrefetchPipeline(model, sources["sync"], prefetch=False, timeout_s=timeout_s),
             "cached": PrefetchPipeline(model, sources["prefetch"], cache=cache, timeout_s=timeout_s),
         }
-        train_pipes = {way: PrefetchPipeline(model, src, prefetch=way == "prefetch", train=True, timeout_s=timeout_s)
-                       for way, src in sources.items()}
+        train_pipes = {
+            way: PrefetchPipeline(model, src, prefetch=way == "prefetch", train=True, timeout_s=timeout_s)
+            for way, src in sources.items()
+        }
         bench = Bench(model, pipes, args)
         errors = {way: bench.check(way) for way in pipes}
         print("max |logits - local| :", {k: f"{v:.2e}" for k, v in errors.items()})
@@ -235,18 +248,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hot-row cache: {args.cache_mb:g} MB, hit rate {100 * cache_stats.hit_rate:.1f}%")
         for src in sources.values():
             src.close()
-    results = {way: {k: statistics.median(v) if v else float("nan") for k, v in s.items()} for way, s in samples.items()}
+    results = {
+        way: {k: statistics.median(v) if v else float("nan") for k, v in s.items()} for way, s in samples.items()
+    }
     cost = overheads(samples)
     report(results, cost)
     if args.json:
         out = {
-            "benchmark": "prefetch", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": {**machine_info(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()}},
-            "device": str(device), "preset": args.preset,
+            "benchmark": "prefetch",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "machine": {
+                **machine_info(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()},
+            },
+            "device": str(device),
+            "preset": args.preset,
             "args": {k: v for k, v in vars(args).items() if k != "json"},
             "units": {"prefill": "tokens/s", "decode": "tokens/s", "train": "ms/step (fwd+bwd)"},
-            "max_abs_logit_diff_vs_local": errors, "median": results, "samples": samples,
+            "max_abs_logit_diff_vs_local": errors,
+            "median": results,
+            "samples": samples,
             "cache_hit_rate": cache_stats.hit_rate,
             "overhead_vs_local_pct": cost,
             "overhead_method": "median over repetitions of (way / local of the same repetition)",
@@ -291,8 +314,10 @@ def overheads(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 
 
 def report(results: dict[str, dict[str, float]], cost: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{'way':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'train ms/step':>14}   "
-          "cost vs local (median of paired ratios)")
+    print(
+        f"\n{'way':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'train ms/step':>14}   "
+        "cost vs local (median of paired ratios)"
+    )
     for way in WAYS:
         r = results[way]
         extra = ""

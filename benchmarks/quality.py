@@ -46,8 +46,8 @@ DEFAULT_VARIANTS = ("baseline", "engram")
 
 SAMPLE_TEXT = (
     "def __init__(self, *args, **kwargs):\n"
-    "    raise NotImplementedError(\"subclasses must override\")\n"
-    "if __name__ == \"__main__\":\n"
+    '    raise NotImplementedError("subclasses must override")\n'
+    'if __name__ == "__main__":\n'
     "    import sys\n"
 )
 
@@ -66,8 +66,12 @@ def gate_heatmap(checkpoint: str, text: str, path: Path) -> dict:
     tokens = [tok.decode([i]) for i in ids]
     plot_gate_heatmap(tokens, grid, layers, path, title="Engram gate per token")
     top = np.argsort(-grid.mean(axis=0))[:8]
-    return {"tokens": tokens, "gates": grid.round(4).tolist(), "layers": layers,
-            "highest": [(tokens[i], float(grid[:, i].mean())) for i in sorted(top)]}
+    return {
+        "tokens": tokens,
+        "gates": grid.round(4).tolist(),
+        "layers": layers,
+        "highest": [(tokens[i], float(grid[:, i].mean())) for i in sorted(top)],
+    }
 
 
 def param_counts(cfg: Config, compress_lookup: np.ndarray) -> dict:
@@ -119,11 +123,15 @@ def summarise(report: dict) -> None:
         done = [s for s in seeds if str(s) in runs.get(name, {}) and str(s) in runs.get("baseline", {})]
         if not done:
             continue
-        gains = [(runs["baseline"][str(s)]["final_val_loss"] - runs[name][str(s)]["final_val_loss"])
-                 / runs["baseline"][str(s)]["final_val_loss"] for s in done]
+        gains = [
+            (runs["baseline"][str(s)]["final_val_loss"] - runs[name][str(s)]["final_val_loss"])
+            / runs["baseline"][str(s)]["final_val_loss"]
+            for s in done
+        ]
         first = runs[name][str(done[0])]
         summary[name] = {
-            "seeds": done, "relative_val_loss_reduction": dict(zip(map(str, done), gains)),
+            "seeds": done,
+            "relative_val_loss_reduction": dict(zip(map(str, done), gains)),
             "stats": summarize(gains),
             "step_flops_ratio": first["step_flops"] / runs["baseline"][str(done[0])]["step_flops"],
             "params": first["params"],
@@ -134,9 +142,16 @@ def summarise(report: dict) -> None:
 def run(cfg: Config, out_dir: Path, *, seeds: list[int], variants: list[str], json_path: Path | None) -> dict:
     data = prepare_data(cfg)
     lookup = data[1].lookup
-    report: dict = {"config": cfg.to_dict(), "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
-                    "seeds": seeds, "variants": variants, "runs": {}, "summary": {},
-                    "compression_ratio": data[1].ratio}
+    report: dict = {
+        "config": cfg.to_dict(),
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": seeds,
+        "variants": variants,
+        "runs": {},
+        "summary": {},
+        "compression_ratio": data[1].ratio,
+    }
     curves = {}
     for name, seed in seed_order(variants, seeds):
         c = variant_config(cfg, name, seed, lookup)
@@ -144,10 +159,15 @@ def run(cfg: Config, out_dir: Path, *, seeds: list[int], variants: list[str], js
         t0 = time.perf_counter()
         r = train_local(c, data=data, label=f"{name} seed {seed}")
         report["runs"].setdefault(name, {})[str(seed)] = {
-            "final_val_loss": r.final_val_loss, "val_losses": r.val_losses, "step_flops": r.step_flops,
-            "tokens_per_s": r.tokens_per_s, "wall_s": time.perf_counter() - t0,
-            "params": param_counts(c, lookup), "mlp_hidden": c.model.mlp_hidden,
-            "tokens": c.train.steps * c.train.batch_size * c.train.seq_len, "checkpoint": r.checkpoint,
+            "final_val_loss": r.final_val_loss,
+            "val_losses": r.val_losses,
+            "step_flops": r.step_flops,
+            "tokens_per_s": r.tokens_per_s,
+            "wall_s": time.perf_counter() - t0,
+            "params": param_counts(c, lookup),
+            "mlp_hidden": c.model.mlp_hidden,
+            "tokens": c.train.steps * c.train.batch_size * c.train.seq_len,
+            "checkpoint": r.checkpoint,
         }
         if seed == seeds[0]:
             curves[name] = r
@@ -156,8 +176,9 @@ def run(cfg: Config, out_dir: Path, *, seeds: list[int], variants: list[str], js
             write_json(report, json_path)
     plot_loss_curves(curves, out_dir / "loss_curves.png")
     if "engram" in report["runs"]:
-        report["gates"] = gate_heatmap(report["runs"]["engram"][str(seeds[0])]["checkpoint"], SAMPLE_TEXT,
-                                       out_dir / "gate_heatmap.png")
+        report["gates"] = gate_heatmap(
+            report["runs"]["engram"][str(seeds[0])]["checkpoint"], SAMPLE_TEXT, out_dir / "gate_heatmap.png"
+        )
     return report
 
 
@@ -169,18 +190,26 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'model':<18} {'seed':>5} {'val loss':>9} {'params':>10} {'step GFLOPs':>12} {'tokens/s':>10} {'wall s':>8}")
+    print(
+        f"\n{'model':<18} {'seed':>5} {'val loss':>9} {'params':>10} {'step GFLOPs':>12} {'tokens/s':>10} {'wall s':>8}"
+    )
     for name, per_seed in report["runs"].items():
         for seed, r in per_seed.items():
-            print(f"{name:<18} {seed:>5} {r['final_val_loss']:>9.4f} {r['params']['total']:>10,} "
-                  f"{r['step_flops'] / 1e9:>12.2f} {r['tokens_per_s']:>10,.0f} {r['wall_s']:>8.1f}")
+            print(
+                f"{name:<18} {seed:>5} {r['final_val_loss']:>9.4f} {r['params']['total']:>10,} "
+                f"{r['step_flops'] / 1e9:>12.2f} {r['tokens_per_s']:>10,.0f} {r['wall_s']:>8.1f}"
+            )
     print(f"\nrelative validation-loss reduction vs the baseline ({len(report['seeds'])} seeds asked):")
-    print(f"{'model':<18} {'n':>2} {'mean %':>8} {'std %':>7} {'min %':>7} {'max %':>7} {'95% CI %':>17} {'FLOPs x':>8}")
+    print(
+        f"{'model':<18} {'n':>2} {'mean %':>8} {'std %':>7} {'min %':>7} {'max %':>7} {'95% CI %':>17} {'FLOPs x':>8}"
+    )
     for name, s in report["summary"].items():
         st = s["stats"]
         ci = f"[{100 * st['ci95'][0]:+.2f}, {100 * st['ci95'][1]:+.2f}]" if st["ci95"] else "(one seed)"
-        print(f"{name:<18} {st['n']:>2} {100 * st['mean']:>+8.2f} {100 * st['std']:>7.2f} {100 * st['min']:>+7.2f} "
-              f"{100 * st['max']:>+7.2f} {ci:>17} {s['step_flops_ratio']:>8.3f}")
+        print(
+            f"{name:<18} {st['n']:>2} {100 * st['mean']:>+8.2f} {100 * st['std']:>7.2f} {100 * st['min']:>+7.2f} "
+            f"{100 * st['max']:>+7.2f} {ci:>17} {s['step_flops_ratio']:>8.3f}"
+        )
     if "gates" in report:
         print("gate fires most on:", ", ".join(f"{t!r}={g:.2f}" for t, g in report["gates"]["highest"]))
 
@@ -216,11 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seeds", type=int, default=3, help="paired runs per variant (train.seed + 0..N-1)")
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds instead of --seeds")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)}; gains need the baseline "
-                             "(in this run or in a report merged with --merge)")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="REPORT.json",
-                        help="no training: merge reports of one configuration (seeds split across processes)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)}; gains need the baseline "
+        "(in this run or in a report merged with --merge)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="REPORT.json",
+        help="no training: merge reports of one configuration (seeds split across processes)",
+    )
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--json", default=None, help="write the report here (rewritten after every run)")
     args = parser.parse_args(argv)
@@ -242,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
-                 else [cfg.train.seed + k for k in range(args.seeds)])
+        seeds = (
+            [int(x) for x in args.seed_list.split(",")]
+            if args.seed_list
+            else [cfg.train.seed + k for k in range(args.seeds)]
+        )
     except ValueError:
         parser.error(f"--seed-list: expected comma-separated integers, got {args.seed_list!r}")
     report = run(cfg, out_dir, seeds=seeds, variants=variants, json_path=json_path)

@@ -49,7 +49,10 @@ from benchmarks.machine import machine_info, write_report
 ROOT = Path(__file__).resolve().parents[1]
 WAYS = ("local", "shm", "tcp", "grpc")
 FALLBACK_MARK = "path unavailable"  # services/client/row_paths.py logs this once per fallen-back path
-WORKLOADS = {"prefill-heavy": dict(prompt_tokens=96, max_tokens=8), "decode-heavy": dict(prompt_tokens=8, max_tokens=64)}
+WORKLOADS = {
+    "prefill-heavy": dict(prompt_tokens=96, max_tokens=8),
+    "decode-heavy": dict(prompt_tokens=8, max_tokens=64),
+}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -78,7 +81,7 @@ def kv_speedup(checkpoint: Path, *, batch: int, prompt: int, new_tokens: int, re
         seqs = [list(p) for p in prompts]
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = engine.logprobs([Work(ids=s[-cfg.model.max_seq_len:], last_only=True) for s in seqs])
+            out = engine.logprobs([Work(ids=s[-cfg.model.max_seq_len :], last_only=True) for s in seqs])
             for s, lp in zip(seqs, out):
                 s.append(int(lp.argmax()))
         return time.perf_counter() - t0, [s[prompt:] for s in seqs]
@@ -86,14 +89,30 @@ def kv_speedup(checkpoint: Path, *, batch: int, prompt: int, new_tokens: int, re
     def new() -> tuple[float, list[list[int]]]:
         async def run() -> tuple[float, list[list[int]]]:
             ex = cf.ThreadPoolExecutor(1)
-            sched = Scheduler(model, pipeline=PrefetchPipeline(model, LocalRowSource(model)),
-                              num_tokens=tok.get_vocab_size(), eot=None, executor=ex, kv_cache_mb=64,
-                              block_size=16, max_step_tokens=4096, max_running=batch, max_queue=batch)
+            sched = Scheduler(
+                model,
+                pipeline=PrefetchPipeline(model, LocalRowSource(model)),
+                num_tokens=tok.get_vocab_size(),
+                eot=None,
+                executor=ex,
+                kv_cache_mb=64,
+                block_size=16,
+                max_step_tokens=4096,
+                max_running=batch,
+                max_queue=batch,
+            )
             sched.start()
             loop = asyncio.get_running_loop()
-            seqs = [Sequence(prompt_ids=p, tok=tok, loop=loop, options=EngramOptions(),
-                             params=SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eot=True))
-                    for p in prompts]
+            seqs = [
+                Sequence(
+                    prompt_ids=p,
+                    tok=tok,
+                    loop=loop,
+                    options=EngramOptions(),
+                    params=SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eot=True),
+                )
+                for p in prompts
+            ]
             t0 = time.perf_counter()
             for s in seqs:
                 sched.submit(s)
@@ -122,16 +141,24 @@ def kv_speedup(checkpoint: Path, *, batch: int, prompt: int, new_tokens: int, re
         times["kv-cache (scheduler)"].append(t_new)
         same = same and o_old == o_new
     tok_s = {k: batch * new_tokens / statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "reps": reps,
-            "tokens_per_s": tok_s, "seconds": times, "same_greedy_tokens": same,
-            "speedup": tok_s["kv-cache (scheduler)"] / tok_s["full-window (previous engine)"]}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "tokens_per_s": tok_s,
+        "seconds": times,
+        "same_greedy_tokens": same,
+        "speedup": tok_s["kv-cache (scheduler)"] / tok_s["full-window (previous engine)"],
+    }
 
 
 # --------------------------------------------------------------------------------------------- part 2
 
 
-async def offered_load(url: str, *, concurrency: int, requests: int, prompts: list[list[int]], max_tokens: int,
-                       model: str) -> dict[str, Any]:
+async def offered_load(
+    url: str, *, concurrency: int, requests: int, prompts: list[list[int]], max_tokens: int, model: str
+) -> dict[str, Any]:
     ttft: list[float] = []
     itl: list[float] = []
     tokens = errors = prompt_tokens = 0
@@ -142,8 +169,14 @@ async def offered_load(url: str, *, concurrency: int, requests: int, prompts: li
         nonlocal tokens, errors, prompt_tokens
         while queue:
             i = queue.pop()
-            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "stream": True,
-                    "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": model,
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             t0 = last = time.perf_counter()
             n = 0
             try:
@@ -173,18 +206,42 @@ async def offered_load(url: str, *, concurrency: int, requests: int, prompts: li
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": requests, "errors": errors, "first_error": first_error[:1],
-            "seconds": wall,
-            "gen_tokens_per_s": tokens / wall, "prompt_tokens_per_s": prompt_tokens / wall,
-            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
-            "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99)}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": errors,
+        "first_error": first_error[:1],
+        "seconds": wall,
+        "gen_tokens_per_s": tokens / wall,
+        "prompt_tokens_per_s": prompt_tokens / wall,
+        "ttft_p50_ms": 1e3 * pct(ttft, 50),
+        "ttft_p99_ms": 1e3 * pct(ttft, 99),
+        "itl_p50_ms": 1e3 * pct(itl, 50),
+        "itl_p99_ms": 1e3 * pct(itl, 99),
+    }
 
 
 def serve_process(checkpoint: Path, sets: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     with log.open("w") as err:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
-                                 "--port", "0", "--set", "worker.http_port=0", *[f"--set={s}" for s in sets]],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "engram_cli.main",
+                "serve",
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                "0",
+                "--set",
+                "worker.http_port=0",
+                *[f"--set={s}" for s in sets],
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     for line in proc.stdout:
@@ -212,9 +269,20 @@ def make_checkpoint(tmp: Path, preset: str) -> Path:
     words = ["def", "return", "value", "self", "class", "import", "for", "in", "if", "else", "(", ")", ":"]
     rng = np.random.default_rng(0)
     (tmp / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(4000)))
-    cfg = load_config(preset, None, [f"train.corpus=[\"{tmp / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp / 'tok'}",
-                                     f"train.out_dir={tmp / 'run'}", "train.progress=false", "train.steps=2",
-                                     "train.eval_every=2", "train.eval_batches=1", "train.warmup_steps=1"])
+    cfg = load_config(
+        preset,
+        None,
+        [
+            f'train.corpus=["{tmp / "corpus.txt"}"]',
+            f"tokenizer.cache_dir={tmp / 'tok'}",
+            f"train.out_dir={tmp / 'run'}",
+            "train.progress=false",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.eval_batches=1",
+            "train.warmup_steps=1",
+        ],
+    )
     return Path(train_local(cfg).checkpoint)
 
 
@@ -222,13 +290,30 @@ def start_cluster(checkpoint: Path, preset: str, tmp: Path) -> Any:
     """2 shard processes holding the checkpoint's tables (`engram cluster load`)."""
     from services.launcher import LocalCluster
 
-    cluster = LocalCluster(preset=preset, overrides=[], num_shards=2, log_dir=tmp / "logs-cluster",
-                           startup_timeout_s=120)
+    cluster = LocalCluster(
+        preset=preset, overrides=[], num_shards=2, log_dir=tmp / "logs-cluster", startup_timeout_s=120
+    )
     cluster.start()
-    load = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(checkpoint),
-                           "--preset", preset, *[f"--set={o}" for o in cluster.cluster_overrides],
-                           "--dir", str(tmp / "slots"), "--no-progress"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram_cli.main",
+            "cluster",
+            "load",
+            str(checkpoint),
+            "--preset",
+            preset,
+            *[f"--set={o}" for o in cluster.cluster_overrides],
+            "--dir",
+            str(tmp / "slots"),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if load.returncode:
         cluster.stop()
         raise RuntimeError(f"engram cluster load failed: {load.stderr}")
@@ -255,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
-    ap.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS,
-                    help="local tables, or 2 shards read over shared memory, the TCP data plane or gRPC")
+    ap.add_argument(
+        "--ways",
+        nargs="+",
+        default=list(WAYS),
+        choices=WAYS,
+        help="local tables, or 2 shards read over shared memory, the TCP data plane or gRPC",
+    )
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the KV-cache comparison (medians)")
     ap.add_argument("--quick", action="store_true", help="concurrency 1 4, 8 requests, 3 reps of a short decode")
     ap.add_argument("--json", default=None, help="write results here")
@@ -278,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<32} {v:8.1f} tok/s")
         print(f"  speed-up {kv['speedup']:.2f}x (same greedy tokens: {kv['same_greedy_tokens']})", flush=True)
         gen = np.random.default_rng(1)
-        prompts = {name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
-                   for name, wl in WORKLOADS.items()}
+        prompts = {
+            name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
+            for name, wl in WORKLOADS.items()
+        }
         print("part 2: offered load against engram serve (HTTP, streaming)", flush=True)
         servers: dict[str, dict[str, Any]] = {}
         cluster = None
@@ -292,39 +384,65 @@ def main(argv: list[str] | None = None) -> int:
             for name, wl in WORKLOADS.items():
                 for c in args.concurrency:
                     for way in args.ways:
-                        res = asyncio.run(offered_load(
-                            f"http://{servers[way]['http']}/v1/completions", concurrency=c,
-                            requests=max(args.requests, c), prompts=prompts[name], max_tokens=wl["max_tokens"],
-                            model="engram"))
+                        res = asyncio.run(
+                            offered_load(
+                                f"http://{servers[way]['http']}/v1/completions",
+                                concurrency=c,
+                                requests=max(args.requests, c),
+                                prompts=prompts[name],
+                                max_tokens=wl["max_tokens"],
+                                model="engram",
+                            )
+                        )
                         res["fallbacks"] = fallbacks(servers[way])
                         rows.append({"way": way, "workload": name, **res})
-                        print(f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
-                              f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
-                              f"errors {res['errors']}" + (f"  FALLBACKS {res['fallbacks']}" if res["fallbacks"]
-                                                            else ""), flush=True)
+                        print(
+                            f"  {way:<7} {name:<14} C={c:<3} {res['gen_tokens_per_s']:8.1f} gen tok/s  "
+                            f"TTFT p50 {res['ttft_p50_ms']:7.1f} ms  ITL p50 {res['itl_p50_ms']:6.1f} ms  "
+                            f"errors {res['errors']}" + (f"  FALLBACKS {res['fallbacks']}" if res["fallbacks"] else ""),
+                            flush=True,
+                        )
         finally:
             for server in servers.values():
                 stop(server["proc"])
             if cluster is not None:
                 cluster.stop()
-    print(f"\n{'way':<7} {'workload':<14} {'C':>3} {'gen tok/s':>10} {'prompt tok/s':>12} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'fallbk':>6}")
+    print(
+        f"\n{'way':<7} {'workload':<14} {'C':>3} {'gen tok/s':>10} {'prompt tok/s':>12} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} {'fallbk':>6}"
+    )
     for r in rows:
-        print(f"{r['way']:<7} {r['workload']:<14} {r['concurrency']:>3} {r['gen_tokens_per_s']:>10.1f} "
-              f"{r['prompt_tokens_per_s']:>12.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
-              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['errors']:>4} {r['fallbacks']:>6}")
+        print(
+            f"{r['way']:<7} {r['workload']:<14} {r['concurrency']:>3} {r['gen_tokens_per_s']:>10.1f} "
+            f"{r['prompt_tokens_per_s']:>12.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
+            f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['errors']:>4} {r['fallbacks']:>6}"
+        )
     over_local: dict[str, dict[str, float]] = {}
     for r in rows:
-        base = next((x for x in rows if x["way"] == "local" and x["workload"] == r["workload"]
-                     and x["concurrency"] == r["concurrency"]), None)
+        base = next(
+            (
+                x
+                for x in rows
+                if x["way"] == "local" and x["workload"] == r["workload"] and x["concurrency"] == r["concurrency"]
+            ),
+            None,
+        )
         if r["way"] != "local" and base is not None:
             over_local.setdefault(r["way"], {})[f"{r['workload']} C={r['concurrency']}"] = (
-                r["gen_tokens_per_s"] / base["gen_tokens_per_s"])
+                r["gen_tokens_per_s"] / base["gen_tokens_per_s"]
+            )
     for way, ratios in over_local.items():
         print(f"{way} throughput / local: " + ", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
-    out = {"machine": machine_info(), "load_average_1m": os.getloadavg()[0], "preset": args.preset,
-           "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-           "kv_cache_vs_full_window": kv, "offered_load": rows, "over_local": over_local}
+    out = {
+        "machine": machine_info(),
+        "load_average_1m": os.getloadavg()[0],
+        "preset": args.preset,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "kv_cache_vs_full_window": kv,
+        "offered_load": rows,
+        "over_local": over_local,
+    }
     if args.json:
         write_report(args.json, out)
     return 0

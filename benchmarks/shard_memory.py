@@ -42,19 +42,38 @@ HEADS, DIM = 8, 64  # per n-gram order; 2 orders -> 16 heads of 64-dim rows
 def shard_args(gib: float, optimizer: str) -> list[str]:
     rows_per_head = int(gib * (1 << 30) / (4 * DIM) / (2 * HEADS))
     return [
-        "--preset", "tiny", "--standalone", "--shard-id", "0",
-        "--set", "engram.layer_ids=[1]", "--set", f"engram.n_head_per_ngram={HEADS}",
-        "--set", f"engram.n_embed_per_ngram={HEADS * DIM}",
-        "--set", f"engram.table_size_per_ngram=[{rows_per_head},{rows_per_head}]",
-        "--set", "cluster.num_shards=1", "--set", "cluster.num_slots=256",
-        "--set", f"cluster.optimizer={optimizer}", "--log-level", "WARNING",
+        "--preset",
+        "tiny",
+        "--standalone",
+        "--shard-id",
+        "0",
+        "--set",
+        "engram.layer_ids=[1]",
+        "--set",
+        f"engram.n_head_per_ngram={HEADS}",
+        "--set",
+        f"engram.n_embed_per_ngram={HEADS * DIM}",
+        "--set",
+        f"engram.table_size_per_ngram=[{rows_per_head},{rows_per_head}]",
+        "--set",
+        "cluster.num_shards=1",
+        "--set",
+        "cluster.num_slots=256",
+        "--set",
+        f"cluster.optimizer={optimizer}",
+        "--log-level",
+        "WARNING",
     ]
 
 
 def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updates: int, settle_s: float) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "services.shard", *shard_args(gib, optimizer)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.shard", *shard_args(gib, optimizer)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -72,9 +91,16 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
         stats = stub.Stats(shard_pb2.StatsRequest(), timeout=30)
         table = stats.tables[0]
         held = table.weight_bytes + table.state_bytes + table.mirror_bytes
-        out = {"optimizer": optimizer, "rows": table.num_rows, "dim": table.dim, "weight_bytes": table.weight_bytes,
-               "state_bytes": table.state_bytes, "mirror_bytes": table.mirror_bytes, "boot_s": round(boot_s, 2),
-               "rss_ready": rss()}
+        out = {
+            "optimizer": optimizer,
+            "rows": table.num_rows,
+            "dim": table.dim,
+            "weight_bytes": table.weight_bytes,
+            "state_bytes": table.state_bytes,
+            "mirror_bytes": table.mirror_bytes,
+            "boot_s": round(boot_s, 2),
+            "rss_ready": rss(),
+        }
         rng = np.random.default_rng(0)
         lat, peak = [], out["rss_ready"]
         for _ in range(lookups):
@@ -90,9 +116,12 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
         for step in range(1, updates + 1):
             ids = rng.choice(table.num_rows, 16384, replace=False).astype(np.int64)
             grads = rng.standard_normal((ids.size, DIM), dtype=np.float32)
-            stub.ApplyGradients(shard_pb2.ApplyGradientsRequest(
-                table=table.table, epoch=1, row_ids=ids.tobytes(), grads=grads.tobytes(), step=step, optimizer=opt),
-                timeout=60)
+            stub.ApplyGradients(
+                shard_pb2.ApplyGradientsRequest(
+                    table=table.table, epoch=1, row_ids=ids.tobytes(), grads=grads.tobytes(), step=step, optimizer=opt
+                ),
+                timeout=60,
+            )
             peak = max(peak, rss())
         out["rss_after_updates"] = rss()
         time.sleep(settle_s)  # the shard trims freed request memory every 2 s
@@ -101,9 +130,14 @@ def run_one(gib: float, optimizer: str, *, lookups: int, lookup_rows: int, updat
             out["ratio_" + key.removeprefix("rss_")] = round(out[key] / held, 4)
         if lat:
             ms = sorted(x * 1e3 for x in lat)
-            out["lookup"] = {"rows": lookup_rows, "dtype": "bf16", "calls": len(ms),
-                             "p50_ms": round(statistics.median(ms), 2), "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2),
-                             "rows_per_s": round(lookup_rows / statistics.median(ms) * 1e3)}
+            out["lookup"] = {
+                "rows": lookup_rows,
+                "dtype": "bf16",
+                "calls": len(ms),
+                "p50_ms": round(statistics.median(ms), 2),
+                "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 2),
+                "rows_per_s": round(lookup_rows / statistics.median(ms) * 1e3),
+            }
         channel.close()
         return out
     finally:
@@ -125,22 +159,41 @@ def main() -> int:
     parser.add_argument("--machine", default="cpu-2core")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    results = [run_one(args.gib, opt, lookups=args.lookups, lookup_rows=args.lookup_rows, updates=args.updates,
-                       settle_s=args.settle_s) for opt in args.optimizers.split(",")]
+    results = [
+        run_one(
+            args.gib,
+            opt,
+            lookups=args.lookups,
+            lookup_rows=args.lookup_rows,
+            updates=args.updates,
+            settle_s=args.settle_s,
+        )
+        for opt in args.optimizers.split(",")
+    ]
     gib = 1 << 30
     print("ratio = RSS / (weights + optimizer state + mirror); target <= 1.15 (settled)")
-    print(f"{'optimizer':<9} {'weights':>8} {'state':>8} {'mirror':>8} {'RSS ready':>10} {'ready':>6} {'+lookups':>9} "
-          f"{'+updates':>9} {'peak':>6} {'settled':>8} {'boot s':>7} {'64K bf16 p50':>13}")
+    print(
+        f"{'optimizer':<9} {'weights':>8} {'state':>8} {'mirror':>8} {'RSS ready':>10} {'ready':>6} {'+lookups':>9} "
+        f"{'+updates':>9} {'peak':>6} {'settled':>8} {'boot s':>7} {'64K bf16 p50':>13}"
+    )
     for r in results:
-        print(f"{r['optimizer']:<9} {r['weight_bytes'] / gib:7.2f}G {r['state_bytes'] / gib:7.2f}G "
-              f"{r['mirror_bytes'] / gib:7.2f}G "
-              f"{r['rss_ready'] / gib:9.2f}G {r['ratio_ready']:6.3f} {r['ratio_after_lookups']:9.3f} "
-              f"{r['ratio_after_updates']:9.3f} {r['ratio_peak_traffic']:6.3f} {r['ratio_settled']:8.3f} "
-              f"{r['boot_s']:7.1f} {r.get('lookup', {}).get('p50_ms', 0):10.1f} ms")
+        print(
+            f"{r['optimizer']:<9} {r['weight_bytes'] / gib:7.2f}G {r['state_bytes'] / gib:7.2f}G "
+            f"{r['mirror_bytes'] / gib:7.2f}G "
+            f"{r['rss_ready'] / gib:9.2f}G {r['ratio_ready']:6.3f} {r['ratio_after_lookups']:9.3f} "
+            f"{r['ratio_after_updates']:9.3f} {r['ratio_peak_traffic']:6.3f} {r['ratio_settled']:8.3f} "
+            f"{r['boot_s']:7.1f} {r.get('lookup', {}).get('p50_ms', 0):10.1f} ms"
+        )
     if args.json:
-        doc = {"benchmark": "shard_memory", "machine": args.machine, "cpus": psutil.cpu_count(),
-               "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"), "target_ratio": 1.15,
-               "results": results}
+        doc = {
+            "benchmark": "shard_memory",
+            "machine": args.machine,
+            "cpus": psutil.cpu_count(),
+            "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d"),
+            "target_ratio": 1.15,
+            "results": results,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0

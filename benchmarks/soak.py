@@ -42,18 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="engram-soak-") as tmp:
         root = Path(tmp)
         write_code_corpus(root / "corpus.txt")
-        base = [f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}",
-                "train.progress=false", "cluster.wire_dtype=fp32", "train.steps=1000000", "train.warmup_steps=10"]
+        base = [
+            f'train.corpus=["{root / "corpus.txt"}"]',
+            f"tokenizer.cache_dir={root / 'cache'}",
+            "train.progress=false",
+            "cluster.wire_dtype=fp32",
+            "train.steps=1000000",
+            "train.warmup_steps=10",
+        ]
         data = prepare_data(load_config("tiny", None, base))
         state: dict[str, Any] = {"faults": 0, "rss": []}
-        cluster = LocalCluster(preset="tiny", overrides=base, num_shards=2, replicas=2, log_dir=root / "soak-logs",
-                               startup_timeout_s=120, shard_args=["--threads", "2"])
+        cluster = LocalCluster(
+            preset="tiny",
+            overrides=base,
+            num_shards=2,
+            replicas=2,
+            log_dir=root / "soak-logs",
+            startup_timeout_s=120,
+            shard_args=["--threads", "2"],
+        )
         with cluster:
             cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
             survivor, me = psutil.Process(cluster.shards[0].pid), psutil.Process()
             t_start = time.monotonic()
             end = t_start + 60 * args.minutes
             state["next"] = t_start + args.every_s
+
             def on_step(step0: int) -> bool:
                 now = time.monotonic()
                 if now >= state["next"] and now < end:
@@ -72,10 +86,19 @@ def main(argv: list[str] | None = None) -> int:
                 faulted = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
             finally:
                 rows.close()
-            state["rss"].append((round(time.monotonic() - t_start, 1), survivor.memory_info().rss, me.memory_info().rss))
+            state["rss"].append(
+                (round(time.monotonic() - t_start, 1), survivor.memory_info().rss, me.memory_info().rss)
+            )
             kinds = [e["kind"] for e in events(cluster)]
-        ref = LocalCluster(preset="tiny", overrides=base, num_shards=2, replicas=2, log_dir=root / "ref-logs",
-                           startup_timeout_s=120, shard_args=["--threads", "2"])
+        ref = LocalCluster(
+            preset="tiny",
+            overrides=base,
+            num_shards=2,
+            replicas=2,
+            log_dir=root / "ref-logs",
+            startup_timeout_s=120,
+            shard_args=["--threads", "2"],
+        )
         with ref:
             rcfg = load_config("tiny", None, [*base, *ref.cluster_overrides])
             _, _, rows = train_remote(rcfg, data, steps=applied)
@@ -86,15 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     diff = max(float((faulted[t] - clean[t]).abs().max()) for t in clean)
     rss = state["rss"]
     first, last = rss[0] if rss else (0, 1, 1), rss[-1] if rss else (0, 1, 1)
-    report.update(steps=applied, steps_run=len(losses), faults=state["faults"], repairs=kinds.count("repaired"),
-                  failovers=kinds.count("failover"), final_tables_max_abs_diff=diff, no_update_lost=diff <= 1e-6,
-                  rss_samples=rss, shard0_rss_growth=(last[1] - first[1]) / first[1],
-                  client_rss_growth=(last[2] - first[2]) / first[2], load_avg_end=os.getloadavg())
-    print(f"soak {args.minutes:g} min, kill -9 + restart every {args.every_s:g} s: {state['faults']} faults, "
-          f"{report['failovers']} failovers, {report['repairs']} repairs, {applied} steps")
+    report.update(
+        steps=applied,
+        steps_run=len(losses),
+        faults=state["faults"],
+        repairs=kinds.count("repaired"),
+        failovers=kinds.count("failover"),
+        final_tables_max_abs_diff=diff,
+        no_update_lost=diff <= 1e-6,
+        rss_samples=rss,
+        shard0_rss_growth=(last[1] - first[1]) / first[1],
+        client_rss_growth=(last[2] - first[2]) / first[2],
+        load_avg_end=os.getloadavg(),
+    )
+    print(
+        f"soak {args.minutes:g} min, kill -9 + restart every {args.every_s:g} s: {state['faults']} faults, "
+        f"{report['failovers']} failovers, {report['repairs']} repairs, {applied} steps"
+    )
     print(f"  final tables vs unfaulted: max|diff| {diff:.2e} -> no update lost: {diff <= 1e-6}")
-    print(f"  RSS growth from the first fault to the end: shard 0 {100 * report['shard0_rss_growth']:+.2f}%, "
-          f"client {100 * report['client_rss_growth']:+.2f}%  (load avg {report['load_avg_end']})")
+    print(
+        f"  RSS growth from the first fault to the end: shard 0 {100 * report['shard0_rss_growth']:+.2f}%, "
+        f"client {100 * report['client_rss_growth']:+.2f}%  (load avg {report['load_avg_end']})"
+    )
     if args.json:
         write_report(args.json, report)
     return 0

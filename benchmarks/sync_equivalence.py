@@ -39,7 +39,13 @@ def pull_tables(cfg) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
 
 
 def compare(
-    *, preset: str, overrides: list[str], out_dir: Path, workers: int = 2, shards: int = 2, threads: int = 2,
+    *,
+    preset: str,
+    overrides: list[str],
+    out_dir: Path,
+    workers: int = 2,
+    shards: int = 2,
+    threads: int = 2,
     data: tuple | None = None,
 ) -> dict:
     """Local (grad_accum=workers) vs sync Ray (workers, shards) -> differences and both runs' numbers.
@@ -51,8 +57,13 @@ def compare(
     from engram.data import prepare_data
     from trainer.ray_trainer import init_ray, train_ray
 
-    base = [*overrides, "train.progress=false", "cluster.wire_dtype=fp32", "dist.mode=sync",
-            f"dist.num_workers={workers}"]
+    base = [
+        *overrides,
+        "train.progress=false",
+        "cluster.wire_dtype=fp32",
+        "dist.mode=sync",
+        f"dist.num_workers={workers}",
+    ]
     local_cfg = load_config(preset, None, [*base, f"train.grad_accum={workers}", f"train.out_dir={out_dir / 'local'}"])
     data = data if data is not None else prepare_data(local_cfg)
     before = torch.get_num_threads()
@@ -69,10 +80,16 @@ def compare(
         init_ray(num_cpus=max(2, workers))
     cluster = LocalCluster(preset=preset, overrides=base, num_shards=shards, log_dir=out_dir / "cluster-logs").start()
     try:
-        ray_cfg = load_config(preset, None, [
-            *base, *cluster.cluster_overrides, f"train.out_dir={out_dir / 'ray'}",
-            f"cluster.checkpoint_dir={out_dir / 'ray' / 'shards'}",
-        ])
+        ray_cfg = load_config(
+            preset,
+            None,
+            [
+                *base,
+                *cluster.cluster_overrides,
+                f"train.out_dir={out_dir / 'ray'}",
+                f"cluster.checkpoint_dir={out_dir / 'ray' / 'shards'}",
+            ],
+        )
         t0 = time.perf_counter()
         dist_run = train_ray(ray_cfg, data=data, label="ray-sync")
         ray_wall = time.perf_counter() - t0
@@ -86,20 +103,34 @@ def compare(
         raise RuntimeError(f"local ran {a.size} steps, Ray {b.size}")
     val_a = np.array([v for _, v in local.val_losses])
     val_b = np.array([v for _, v in dist_run.val_losses])
-    table_diff = {str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())  # type: ignore[operator]
-                  for layer, rows in tables.items()}
+    table_diff = {
+        str(layer): float((rows - local_model.tables[str(layer)].weight.detach()).abs().max())  # type: ignore[operator]
+        for layer, rows in tables.items()
+    }
     per_step = np.abs(a - b)
     return {
-        "steps": int(a.size), "workers": workers, "shards": shards, "local_threads": threads,
+        "steps": int(a.size),
+        "workers": workers,
+        "shards": shards,
+        "local_threads": threads,
         "max_abs_train_loss_diff": float(per_step.max()),
         "first_differing_step": int(np.argmax(per_step > 0)) + 1 if (per_step > 0).any() else None,
         "steps_bit_identical": int((per_step == 0).sum()),
         "max_abs_val_loss_diff": float(np.abs(val_a - val_b).max()) if val_a.size else float("nan"),
         "max_abs_table_diff": table_diff,
-        "local": {"final_val_loss": local.final_val_loss, "val_losses": local.val_losses,
-                  "train_losses": local.train_losses, "wall_s": local_wall},
-        "ray": {"final_val_loss": dist_run.final_val_loss, "val_losses": dist_run.val_losses,
-                "train_losses": dist_run.train_losses, "wall_s": ray_wall, "staleness": dist_run.staleness},
+        "local": {
+            "final_val_loss": local.final_val_loss,
+            "val_losses": local.val_losses,
+            "train_losses": local.train_losses,
+            "wall_s": local_wall,
+        },
+        "ray": {
+            "final_val_loss": dist_run.final_val_loss,
+            "val_losses": dist_run.val_losses,
+            "train_losses": dist_run.train_losses,
+            "wall_s": ray_wall,
+            "staleness": dist_run.staleness,
+        },
     }
 
 
@@ -109,8 +140,10 @@ def print_table(r: dict) -> None:
     for key, name in names.items():
         print(f"{name:<28} {r[key]['final_val_loss']:>15.6f} {r[key]['wall_s']:>8.1f}")
     print(f"\nsteps: {r['steps']}, bit-identical training losses: {r['steps_bit_identical']}/{r['steps']}")
-    print(f"max |train loss diff|: {r['max_abs_train_loss_diff']:.3g}   max |val loss diff|: "
-          f"{r['max_abs_val_loss_diff']:.3g}   max |table diff| per layer: {r['max_abs_table_diff']}")
+    print(
+        f"max |train loss diff|: {r['max_abs_train_loss_diff']:.3g}   max |val loss diff|: "
+        f"{r['max_abs_val_loss_diff']:.3g}   max |table diff| per layer: {r['max_abs_table_diff']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,12 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     overrides = [f"train.steps={args.steps}", *args.overrides]
-    result = compare(preset=args.preset, overrides=overrides, out_dir=Path(args.out_dir).resolve(),
-                     workers=args.workers, shards=args.shards, threads=args.threads)
+    result = compare(
+        preset=args.preset,
+        overrides=overrides,
+        out_dir=Path(args.out_dir).resolve(),
+        workers=args.workers,
+        shards=args.shards,
+        threads=args.threads,
+    )
     print_table(result)
-    report = {"benchmark": "sync_equivalence", "date": time.strftime("%Y-%m-%d"),
-              "command": "python -m benchmarks.sync_equivalence " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {**machine_info(), "load_avg_1m": os.getloadavg()[0]}, "preset": args.preset, **result}
+    report = {
+        "benchmark": "sync_equivalence",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m benchmarks.sync_equivalence " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {**machine_info(), "load_avg_1m": os.getloadavg()[0]},
+        "preset": args.preset,
+        **result,
+    }
     if args.json:
         write_report(args.json, report)
     return 0

@@ -48,14 +48,22 @@ def run(cfg: Config, sizes: list[int], out_dir: Path) -> dict:
         t0 = time.perf_counter()
         r = train_local(c, data=data, label=f"size {size}" if size else "dense")
         point = {
-            "table_size_per_ngram": size, "total_rows": total_rows(c) if size else 0,
-            "final_val_loss": r.final_val_loss, "step_flops": r.step_flops, "tokens_per_s": r.tokens_per_s,
+            "table_size_per_ngram": size,
+            "total_rows": total_rows(c) if size else 0,
+            "final_val_loss": r.final_val_loss,
+            "step_flops": r.step_flops,
+            "tokens_per_s": r.tokens_per_s,
             "wall_s": time.perf_counter() - t0,
         }
         points.append(point)
         print(f"  rows/head {size:>8}: val loss {r.final_val_loss:.4f} ({point['wall_s']:.0f} s)", flush=True)
-    return {"config": cfg.to_dict(), "machine": machine_info(), "points": points,
-            "load_avg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "config": cfg.to_dict(),
+        "machine": machine_info(),
+        "points": points,
+        "load_avg_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def plot(report: dict, path: Path) -> None:
@@ -81,8 +89,10 @@ def plot(report: dict, path: Path) -> None:
 def print_table(report: dict) -> None:
     print(f"\n{'rows/head':>10} {'total rows':>12} {'val loss':>9} {'step GFLOPs':>12} {'wall s':>8}")
     for p in report["points"]:
-        print(f"{p['table_size_per_ngram'] or 'dense':>10} {p['total_rows']:>12,} {p['final_val_loss']:>9.4f} "
-              f"{p['step_flops'] / 1e9:>12.3f} {p['wall_s']:>8.0f}")
+        print(
+            f"{p['table_size_per_ngram'] or 'dense':>10} {p['total_rows']:>12,} {p['final_val_loss']:>9.4f} "
+            f"{p['step_flops'] / 1e9:>12.3f} {p['wall_s']:>8.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

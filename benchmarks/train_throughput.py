@@ -39,8 +39,14 @@ def run(args: argparse.Namespace) -> dict:
     from trainer.ray_trainer import init_ray, train_ray
 
     out = Path(args.out_dir).resolve()
-    base = [f"train.steps={args.steps}", f"train.eval_every={args.steps}", "train.progress=false",
-            f"cluster.wire_dtype={args.wire}", f"dist.num_workers={args.workers}", *args.overrides]
+    base = [
+        f"train.steps={args.steps}",
+        f"train.eval_every={args.steps}",
+        "train.progress=false",
+        f"cluster.wire_dtype={args.wire}",
+        f"dist.num_workers={args.workers}",
+        *args.overrides,
+    ]
     cfg0 = load_config(args.preset, None, base)
     data = prepare_data(cfg0)
     torch.set_num_threads(args.threads)  # local run; each Ray worker gets the same count
@@ -57,50 +63,85 @@ def run(args: argparse.Namespace) -> dict:
             print(f"round {r} local: {res.tokens_per_s:,.0f} tok/s", flush=True)
             for name, mode, prefetch in variants:
                 t0 = time.perf_counter()
-                cluster = LocalCluster(cfg, preset=args.preset, overrides=base, num_shards=args.shards,
-                                       log_dir=out / f"logs-{name}-{r}").start()
+                cluster = LocalCluster(
+                    cfg, preset=args.preset, overrides=base, num_shards=args.shards, log_dir=out / f"logs-{name}-{r}"
+                ).start()
                 t_cluster = time.perf_counter() - t0
                 try:
-                    cfg = load_config(args.preset, None, [
-                        *base, *cluster.cluster_overrides, f"dist.mode={mode}", f"dist.prefetch={str(prefetch).lower()}",
-                        f"train.out_dir={out / f'{name}-{r}'}", f"cluster.checkpoint_dir={out / f'{name}-{r}' / 'shards'}",
-                    ])
+                    cfg = load_config(
+                        args.preset,
+                        None,
+                        [
+                            *base,
+                            *cluster.cluster_overrides,
+                            f"dist.mode={mode}",
+                            f"dist.prefetch={str(prefetch).lower()}",
+                            f"train.out_dir={out / f'{name}-{r}'}",
+                            f"cluster.checkpoint_dir={out / f'{name}-{r}' / 'shards'}",
+                        ],
+                    )
                     t1 = time.perf_counter()
                     dist_res = train_ray(cfg, data=data, label=name, torch_threads=args.threads)
                     wall = time.perf_counter() - t1
                 finally:
                     cluster.stop()
-                runs[name].append({
-                    "tokens_per_s": dist_res.tokens_per_s, "final_val_loss": dist_res.final_val_loss,
-                    "blocked_fraction": dist_res.timings["blocked_fraction"], "staleness": dist_res.staleness,
-                    "timings_s": dist_res.timings, "cluster_start_s": t_cluster, "ray_run_wall_s": wall,
-                    "load_avg_1m": os.getloadavg()[0],
-                })
-                print(f"round {r} {name}: {dist_res.tokens_per_s:,.0f} tok/s, blocked on the shards "
-                      f"{100 * dist_res.timings['blocked_fraction']:.1f}% (staleness max {dist_res.staleness.get('max')})",
-                      flush=True)
+                runs[name].append(
+                    {
+                        "tokens_per_s": dist_res.tokens_per_s,
+                        "final_val_loss": dist_res.final_val_loss,
+                        "blocked_fraction": dist_res.timings["blocked_fraction"],
+                        "staleness": dist_res.staleness,
+                        "timings_s": dist_res.timings,
+                        "cluster_start_s": t_cluster,
+                        "ray_run_wall_s": wall,
+                        "load_avg_1m": os.getloadavg()[0],
+                    }
+                )
+                print(
+                    f"round {r} {name}: {dist_res.tokens_per_s:,.0f} tok/s, blocked on the shards "
+                    f"{100 * dist_res.timings['blocked_fraction']:.1f}% (staleness max {dist_res.staleness.get('max')})",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     summary = {name: float(np.median([x["tokens_per_s"] for x in xs])) for name, xs in runs.items()}
-    blocked = {name: float(np.median([x["blocked_fraction"] for x in xs])) for name, xs in runs.items() if name != "local"}
+    blocked = {
+        name: float(np.median([x["blocked_fraction"] for x in xs])) for name, xs in runs.items() if name != "local"
+    }
 
     def med(xs: list[dict], key: str) -> float:
         return float(np.median([x["timings_s"][key] for x in xs]))
 
-    print(f"\n{'run':<22} {'tokens/s (median)':>18} {'vs local':>9} {'val loss':>9} {'blocked':>8} "
-          f"{'lookup s':>9} {'push s':>7} {'loop s':>7}")
+    print(
+        f"\n{'run':<22} {'tokens/s (median)':>18} {'vs local':>9} {'val loss':>9} {'blocked':>8} "
+        f"{'lookup s':>9} {'push s':>7} {'loop s':>7}"
+    )
     for name, xs in runs.items():
-        extra = (f"{100 * blocked[name]:>7.1f}% {med(xs, 'lookup'):>9.2f} {med(xs, 'push'):>7.2f} {med(xs, 'wall'):>7.1f}"
-                 if name in blocked else f"{'-':>8} {'-':>9} {'-':>7} {'-':>7}")
-        print(f"{name:<22} {summary[name]:>18,.0f} {summary[name] / summary['local']:>8.2f}x "
-              f"{np.median([x['final_val_loss'] for x in xs]):>9.4f} {extra}")
+        extra = (
+            f"{100 * blocked[name]:>7.1f}% {med(xs, 'lookup'):>9.2f} {med(xs, 'push'):>7.2f} {med(xs, 'wall'):>7.1f}"
+            if name in blocked
+            else f"{'-':>8} {'-':>9} {'-':>7} {'-':>7}"
+        )
+        print(
+            f"{name:<22} {summary[name]:>18,.0f} {summary[name] / summary['local']:>8.2f}x "
+            f"{np.median([x['final_val_loss'] for x in xs]):>9.4f} {extra}"
+        )
     return {
-        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"),
+        "benchmark": "train_throughput",
+        "date": time.strftime("%Y-%m-%d"),
         "machine": {**machine_info(), "host_cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-        "command": args.command, "preset": args.preset, "steps": args.steps, "rounds": args.rounds,
-        "workers": args.workers, "shards": args.shards, "wire_dtype": args.wire, "torch_threads": args.threads,
+        "command": args.command,
+        "preset": args.preset,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "workers": args.workers,
+        "shards": args.shards,
+        "wire_dtype": args.wire,
+        "torch_threads": args.threads,
         "global_batch_tokens": cfg0.train.batch_size * cfg0.train.seq_len,
-        "median_tokens_per_s": summary, "median_blocked_fraction": blocked, "runs": runs,
+        "median_tokens_per_s": summary,
+        "median_blocked_fraction": blocked,
+        "runs": runs,
     }
 
 
@@ -115,12 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="also run each mode with dist.prefetch=false, side by side")
+    p.add_argument(
+        "--no-prefetch", action="store_true", help="also run each mode with dist.prefetch=false, side by side"
+    )
     p.add_argument("--wire", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the local process and of each Ray worker (an oversubscribed box "
-                        "runs 2-thread torch far slower than 1-thread)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the local process and of each Ray worker (an oversubscribed box "
+        "runs 2-thread torch far slower than 1-thread)",
+    )
     p.add_argument("--ray-cpus", type=int, default=None, help="num_cpus for the local Ray instance")
     p.add_argument("--out-dir", default="runs/bench-train-throughput")
     p.add_argument("--json", default=None, help="write the results here")

@@ -106,9 +106,17 @@ def plan(inp: PlanInput) -> dict[str, Any]:
     for layer, t in layouts.items():
         check_wire_format(storage=inp.row_format, wire=wire, dim=t.dim)
         stored = row_nbytes(inp.row_format, t.dim) + OPTIMIZER_STATE_BYTES[inp.optimizer](t.dim)
-        tables.append({"layer": layer, "rows": t.num_rows, "dim": t.dim, "heads": len(t.head_sizes),
-                       "row_bytes": row_nbytes(inp.row_format, t.dim), "stored_row_bytes": stored,
-                       "bytes": t.num_rows * stored})
+        tables.append(
+            {
+                "layer": layer,
+                "rows": t.num_rows,
+                "dim": t.dim,
+                "heads": len(t.head_sizes),
+                "row_bytes": row_nbytes(inp.row_format, t.dim),
+                "stored_row_bytes": stored,
+                "bytes": t.num_rows * stored,
+            }
+        )
         for slot, shard in enumerate(slot_map):
             n = slot_num_rows(t.num_rows, slot, inp.num_slots)
             shard_rows[shard] += n
@@ -141,24 +149,47 @@ def plan(inp: PlanInput) -> dict[str, Any]:
     shard_rows_per_s = demand_rows * busiest_share / inp.replicas
     worker_rows_per_s = inp.gpu_tokens_per_s * rows_per_token * (1 - hit_rate)
     return {
-        "layout": {"tables": tables, "total_rows": total_rows, "total_bytes": total_bytes,
-                   "row_format": inp.row_format, "wire_format": wire, "optimizer": inp.optimizer},
-        "cluster": {"num_shards": inp.num_shards, "replicas": inp.replicas, "nodes": inp.num_shards * inp.replicas,
-                    "num_slots": inp.num_slots, "stored_bytes_all_replicas": total_bytes * inp.replicas},
-        "shard": {"bytes_max": max(shard_bytes), "bytes_min": min(shard_bytes), "rows_max": shard_rows[busiest],
-                  "node_ram_bytes": inp.node_ram_bytes, "usable_ram_bytes": usable,
-                  "fits": max(shard_bytes) <= usable,
-                  "rows_per_s": shard_rows_per_s, "bytes_per_s": shard_rows_per_s * wire_row_bytes},
-        "worker": {"workers": inp.workers, "tokens_per_s": inp.gpu_tokens_per_s, "rows_per_token": rows_per_token,
-                   "cache_bytes": inp.cache_bytes_per_worker, "cache_rows_per_table": min(cache_rows_per_table),
-                   "cache_hit_rate": hit_rate, "rows_per_s": worker_rows_per_s,
-                   "rx_bytes_per_s": worker_rows_per_s * wire_row_bytes, "tx_bytes_per_s": worker_rows_per_s * ID_BYTES},
+        "layout": {
+            "tables": tables,
+            "total_rows": total_rows,
+            "total_bytes": total_bytes,
+            "row_format": inp.row_format,
+            "wire_format": wire,
+            "optimizer": inp.optimizer,
+        },
+        "cluster": {
+            "num_shards": inp.num_shards,
+            "replicas": inp.replicas,
+            "nodes": inp.num_shards * inp.replicas,
+            "num_slots": inp.num_slots,
+            "stored_bytes_all_replicas": total_bytes * inp.replicas,
+        },
+        "shard": {
+            "bytes_max": max(shard_bytes),
+            "bytes_min": min(shard_bytes),
+            "rows_max": shard_rows[busiest],
+            "node_ram_bytes": inp.node_ram_bytes,
+            "usable_ram_bytes": usable,
+            "fits": max(shard_bytes) <= usable,
+            "rows_per_s": shard_rows_per_s,
+            "bytes_per_s": shard_rows_per_s * wire_row_bytes,
+        },
+        "worker": {
+            "workers": inp.workers,
+            "tokens_per_s": inp.gpu_tokens_per_s,
+            "rows_per_token": rows_per_token,
+            "cache_bytes": inp.cache_bytes_per_worker,
+            "cache_rows_per_table": min(cache_rows_per_table),
+            "cache_hit_rate": hit_rate,
+            "rows_per_s": worker_rows_per_s,
+            "rx_bytes_per_s": worker_rows_per_s * wire_row_bytes,
+            "tx_bytes_per_s": worker_rows_per_s * ID_BYTES,
+        },
         "zipf": {str(k): v for k, v in sorted(inp.zipf.items())},
     }
 
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
 def parse_bytes(text: str) -> int:
@@ -166,7 +197,7 @@ def parse_bytes(text: str) -> int:
     raw = text.strip().upper().replace(" ", "")
     unit = raw.rstrip("B") if raw.endswith("B") else raw
     num = unit.rstrip("KMGTI")
-    suffix = unit[len(num):]
+    suffix = unit[len(num) :]
     if suffix not in _UNITS or not num:
         raise ValueError(f"size: cannot parse {text!r} (e.g. 512GiB, 64GB, 1.5TiB, 4096)")
     try:

@@ -24,18 +24,28 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    path: Path, *, model: EngramLM, optimizers: tuple, step: int, cfg: Config,
-    compress_lookup: np.ndarray, tokenizer_json: str, history: dict,
+    path: Path,
+    *,
+    model: EngramLM,
+    optimizers: tuple,
+    step: int,
+    cfg: Config,
+    compress_lookup: np.ndarray,
+    tokenizer_json: str,
+    history: dict,
 ) -> None:
-    atomic_torch_save({
-        "step": step,
-        "config": cfg.to_dict(),
-        "model": model.state_dict(),
-        "optimizers": [opt.state_dict() if opt is not None else None for opt in optimizers],
-        "compress_lookup": torch.from_numpy(np.array(compress_lookup, dtype=np.int64)),
-        "tokenizer_json": tokenizer_json,
-        "history": history,
-    }, path)
+    atomic_torch_save(
+        {
+            "step": step,
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "optimizers": [opt.state_dict() if opt is not None else None for opt in optimizers],
+            "compress_lookup": torch.from_numpy(np.array(compress_lookup, dtype=np.int64)),
+            "tokenizer_json": tokenizer_json,
+            "history": history,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: Path, model: EngramLM, *optimizers) -> tuple[int, dict]:  # type: ignore[no-untyped-def]

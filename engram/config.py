@@ -37,6 +37,7 @@ class ConfigError(ValueError):
 
 _ROW_WIDTH = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8.25}  # bits per value (fp8: + one scale byte per 32)
 
+
 @dataclass(kw_only=True, slots=True)
 class TokenizerConfig:
     path: str | None = None  # a tokenizer.json to load; None trains a byte-level BPE on the corpus
@@ -238,9 +239,7 @@ def tiny() -> Config:
     return Config(
         tokenizer=TokenizerConfig(vocab_size=512),
         model=ModelConfig(vocab_size=512, n_layer=2, n_head=2, d_model=32, max_seq_len=64),
-        engram=EngramConfig(
-            layer_ids=[1], n_head_per_ngram=2, n_embed_per_ngram=16, table_size_per_ngram=[997, 997]
-        ),
+        engram=EngramConfig(layer_ids=[1], n_head_per_ngram=2, n_embed_per_ngram=16, table_size_per_ngram=[997, 997]),
         train=TrainConfig(seq_len=32, batch_size=4, steps=20, eval_every=10, eval_batches=2, max_corpus_mb=0.5),
         cluster=ClusterConfig(num_shards=2, num_slots=16),
     )
@@ -264,7 +263,9 @@ def small() -> Config:
         tokenizer=TokenizerConfig(vocab_size=8192),
         model=ModelConfig(vocab_size=8192, n_layer=8, n_head=8, d_model=512, max_seq_len=512),
         engram=EngramConfig(
-            layer_ids=[1, 5], n_head_per_ngram=8, n_embed_per_ngram=256,
+            layer_ids=[1, 5],
+            n_head_per_ngram=8,
+            n_embed_per_ngram=256,
             table_size_per_ngram=[200003, 200003],
         ),
         train=TrainConfig(
@@ -292,7 +293,9 @@ def paper27b() -> Config:
         tokenizer=TokenizerConfig(vocab_size=129280),
         model=_paper_backbone(),
         engram=EngramConfig(
-            layer_ids=[2, 15], n_head_per_ngram=8, n_embed_per_ngram=640,
+            layer_ids=[2, 15],
+            n_head_per_ngram=8,
+            n_embed_per_ngram=640,
             table_size_per_ngram=[2_262_400, 2_262_400],
         ),
         train=TrainConfig(device="cuda"),
@@ -324,9 +327,16 @@ def v41flash() -> Config:
         tokenizer=TokenizerConfig(vocab_size=129280),
         model=ModelConfig(vocab_size=129280, n_layer=16, n_head=4, d_model=64, max_seq_len=128),
         engram=EngramConfig(
-            layer_ids=[1, 14], max_ngram_size=4, n_head_per_ngram=8, n_embed_per_ngram=8 * 256,
-            table_size_per_ngram=[16_000_000] * 3, pad_id=2, seed=0, row_format="fp8",
-            compressed_vocab_size=99_092, short_conv=False,
+            layer_ids=[1, 14],
+            max_ngram_size=4,
+            n_head_per_ngram=8,
+            n_embed_per_ngram=8 * 256,
+            table_size_per_ngram=[16_000_000] * 3,
+            pad_id=2,
+            seed=0,
+            row_format="fp8",
+            compressed_vocab_size=99_092,
+            short_conv=False,
         ),
         train=TrainConfig(seq_len=128, device="cuda"),
         cluster=ClusterConfig(wire_dtype="fp8", row_mirror=""),  # fp8 rows travel as stored: 264 bytes
@@ -334,7 +344,12 @@ def v41flash() -> Config:
 
 
 PRESETS = {
-    "tiny": tiny, "cpu": cpu, "small": small, "paper27b": paper27b, "paper40b": paper40b, "v41flash": v41flash,
+    "tiny": tiny,
+    "cpu": cpu,
+    "small": small,
+    "paper27b": paper27b,
+    "paper40b": paper40b,
+    "v41flash": v41flash,
 }
 
 
@@ -346,8 +361,10 @@ def _set_path(cfg: Config, dotted: str, value: Any) -> None:
     section_name, _, field_name = dotted.partition(".")
     section = getattr(cfg, section_name, None)
     if section is None or not dataclasses.is_dataclass(section) or not field_name:
-        raise ConfigError(f"{dotted}: unknown config field (expected section.field, sections: "
-                          f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
+        raise ConfigError(
+            f"{dotted}: unknown config field (expected section.field, sections: "
+            f"{', '.join(f.name for f in dataclasses.fields(cfg))})"
+        )
     names = {f.name: f for f in dataclasses.fields(section)}
     if field_name not in names:
         raise ConfigError(f"{dotted}: unknown field of '{section_name}' (known: {', '.join(names)})")
@@ -401,8 +418,12 @@ def parse_config_text(text: str, *, toml: bool) -> dict[str, Any]:
 
 
 def load_config(
-    preset: str = "cpu", file: str | None = None, overrides: list[str] | None = None, *,
-    base: Config | None = None, data: dict[str, Any] | None = None,
+    preset: str = "cpu",
+    file: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: Config | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Config:
     """base (a copy of it) or preset -> merged file -> merged `data` -> `a.b=value` overrides -> validated Config."""
     if base is not None:
@@ -459,8 +480,10 @@ def check_choices(cfg: Config) -> None:
         for name, allowed in _choices(values.__class__).items():
             value = getattr(values, name)
             if value not in allowed:
-                raise ConfigError(f"{section.name}.{name}: unknown {value!r} "
-                                  f"({', '.join(repr(a) if a == '' else str(a) for a in allowed)})")
+                raise ConfigError(
+                    f"{section.name}.{name}: unknown {value!r} "
+                    f"({', '.join(repr(a) if a == '' else str(a) for a in allowed)})"
+                )
 
 
 def validate(cfg: Config) -> None:
@@ -479,12 +502,12 @@ def validate(cfg: Config) -> None:
     check_choices(cfg)
     _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
     if cfg.tokenizer.clean_up_tokenization_spaces not in (None, True, False):
-        raise ConfigError("tokenizer.clean_up_tokenization_spaces: expected true, false or null, got "
-                          f"{cfg.tokenizer.clean_up_tokenization_spaces!r}")
-    if cfg.tokenizer.vocab_size > m.vocab_size:
         raise ConfigError(
-            f"tokenizer.vocab_size: {cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}"
+            "tokenizer.clean_up_tokenization_spaces: expected true, false or null, got "
+            f"{cfg.tokenizer.clean_up_tokenization_spaces!r}"
         )
+    if cfg.tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(f"tokenizer.vocab_size: {cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}")
     if e.enabled:
         if not e.layer_ids:
             raise ConfigError("engram.layer_ids: empty; set engram.enabled=false for a baseline")
@@ -519,11 +542,15 @@ def validate(cfg: Config) -> None:
                 f"engram.row_format: fp8 needs dims per head ({e.n_embed_per_ngram // e.n_head_per_ngram}) "
                 "to be a multiple of the 32-value scale block"
             )
-        if isinstance(e.compressed_vocab_size, bool) or not isinstance(e.compressed_vocab_size, int) \
-                or e.compressed_vocab_size < 0:
+        if (
+            isinstance(e.compressed_vocab_size, bool)
+            or not isinstance(e.compressed_vocab_size, int)
+            or e.compressed_vocab_size < 0
+        ):
             raise ConfigError(f"engram.compressed_vocab_size: must be an integer >= 0, got {e.compressed_vocab_size!r}")
-        if e.key_norm_eps is not None and (isinstance(e.key_norm_eps, bool)
-                                           or not isinstance(e.key_norm_eps, (int, float)) or e.key_norm_eps <= 0):
+        if e.key_norm_eps is not None and (
+            isinstance(e.key_norm_eps, bool) or not isinstance(e.key_norm_eps, (int, float)) or e.key_norm_eps <= 0
+        ):
             raise ConfigError(f"engram.key_norm_eps: must be null or a positive number, got {e.key_norm_eps!r}")
         if not 0 <= e.pad_id < m.vocab_size:
             raise ConfigError(f"engram.pad_id: {e.pad_id} is outside the vocabulary 0..{m.vocab_size - 1}")
@@ -543,14 +570,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.engram_lr_mult: must be positive, got {t.engram_lr_mult}")
     if t.weight_decay < 0 or t.warmup_steps < 0 or t.checkpoint_every < 0 or t.grad_clip < 0:
         raise ConfigError("train.weight_decay/warmup_steps/checkpoint_every/grad_clip: must be >= 0")
-    for name in ("num_shards", "num_slots", "heartbeat_s", "heartbeat_ttl_s", "lookup_timeout_s", "max_message_mb",
-                 "max_step_jump", "max_epoch_jump", "max_step_parts", "pending_step_timeout_s", "freeze_lease_s",
-                 "migrate_timeout_s", "inflight_mb", "max_concurrent_rpcs", "keepalive_s", "idle_connection_s",
-                 "replicas", "failover_check_s", "replica_switch_s", "pending_wait_s"):
+    for name in (
+        "num_shards",
+        "num_slots",
+        "heartbeat_s",
+        "heartbeat_ttl_s",
+        "lookup_timeout_s",
+        "max_message_mb",
+        "max_step_jump",
+        "max_epoch_jump",
+        "max_step_parts",
+        "pending_step_timeout_s",
+        "freeze_lease_s",
+        "migrate_timeout_s",
+        "inflight_mb",
+        "max_concurrent_rpcs",
+        "keepalive_s",
+        "idle_connection_s",
+        "replicas",
+        "failover_check_s",
+        "replica_switch_s",
+        "pending_wait_s",
+    ):
         _positive(f"cluster.{name}", getattr(c, name))
     if c.replicas > c.num_shards:
-        raise ConfigError(f"cluster.replicas: {c.replicas} copies of each slot need as many shards (num_shards "
-                          f"{c.num_shards})")
+        raise ConfigError(
+            f"cluster.replicas: {c.replicas} copies of each slot need as many shards (num_shards {c.num_shards})"
+        )
     for name in ("shard_threads", "shard_torch_threads", "shard_grace_s"):
         if getattr(c, name) < 0:
             raise ConfigError(f"cluster.{name}: must be >= 0, got {getattr(c, name)!r}")
@@ -559,8 +605,10 @@ def validate(cfg: Config) -> None:
     stored = _ROW_WIDTH.get(e.row_format, 32)
     if _ROW_WIDTH[c.wire_dtype] > stored:
         allowed = ", ".join(f for f in ROW_FORMATS if _ROW_WIDTH[f] <= stored)
-        raise ConfigError(f"cluster.wire_dtype: {c.wire_dtype} rows are wider than the tables' storage format "
-                          f"engram.row_format={e.row_format}; a lookup may ask only for {allowed}")
+        raise ConfigError(
+            f"cluster.wire_dtype: {c.wire_dtype} rows are wider than the tables' storage format "
+            f"engram.row_format={e.row_format}; a lookup may ask only for {allowed}"
+        )
     if not 0 <= c.base_port < 65536:
         raise ConfigError(f"cluster.base_port: {c.base_port} is not a TCP port")
     if not 0 <= c.data_port < 65536:
@@ -572,8 +620,9 @@ def validate(cfg: Config) -> None:
     for name in ("redis_username", "redis_password_file", "redis_ca_file", "cluster_key_file"):
         value = getattr(cfg.security, name)
         if not isinstance(value, str) or not value.isprintable() or (name == "redis_username" and " " in value):
-            raise ConfigError(f"security.{name}: expected a {'name' if name == 'redis_username' else 'path'}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"security.{name}: expected a {'name' if name == 'redis_username' else 'path'}, got {value!r}"
+            )
     d = cfg.dist
     _positive("dist.step_timeout_s", d.step_timeout_s)
     if isinstance(d.staleness, bool) or not isinstance(d.staleness, int) or d.staleness < 0:
@@ -581,12 +630,21 @@ def validate(cfg: Config) -> None:
     if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 0:
         raise ConfigError(f"dist.num_workers: must be an integer >= 1 (or 0: one per GPU), got {d.num_workers!r}")
     if d.ray_address is not None and not isinstance(d.ray_address, str):
-        raise ConfigError(f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}")
+        raise ConfigError(
+            f"dist.ray_address: expected a string like 'ray://host:10001' or 'auto', got {d.ray_address!r}"
+        )
     w = cfg.worker
     if w.cache_mb < 0:
         raise ConfigError(f"worker.cache_mb: must be >= 0, got {w.cache_mb}")
-    for name in ("max_batch", "max_new_tokens", "kv_cache_mb", "kv_block_size", "max_step_tokens", "max_running",
-                 "max_queue"):
+    for name in (
+        "max_batch",
+        "max_new_tokens",
+        "kv_cache_mb",
+        "kv_block_size",
+        "max_step_tokens",
+        "max_running",
+        "max_queue",
+    ):
         _positive(f"worker.{name}", getattr(w, name))
     if not -1 <= w.http_port < 65536:
         raise ConfigError(f"worker.http_port: {w.http_port} is not a TCP port (-1 = off, 0 = a free port)")
@@ -602,10 +660,14 @@ def validate(cfg: Config) -> None:
 def _validate_security(s: SecurityConfig) -> None:
     if s.tls_enabled and not (s.tls_cert and s.tls_key and s.tls_ca):
         missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if not getattr(s, n)]
-        raise ConfigError(f"security.{missing[0]}: required when security.tls_enabled is true "
-                          f"(missing: {', '.join('security.' + n for n in missing)})")
+        raise ConfigError(
+            f"security.{missing[0]}: required when security.tls_enabled is true "
+            f"(missing: {', '.join('security.' + n for n in missing)})"
+        )
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError("security.tls_key: tls_cert and tls_key go together (a certificate and its key)")
     if s.auth_enabled and not s.tls_enabled and not s.tokens_file:
-        raise ConfigError("security.tokens_file: auth without TLS needs the tokens the server accepts "
-                          "(or set security.tls_enabled with client certificates)")
+        raise ConfigError(
+            "security.tokens_file: auth without TLS needs the tokens the server accepts "
+            "(or set security.tls_enabled with client certificates)"
+        )

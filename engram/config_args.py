@@ -16,11 +16,19 @@ from engram.config import PRESETS, Config, load_config
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
     # the choices are listed, not enforced by argparse: load_config names an unknown preset (exit 2)
-    parser.add_argument("--preset", default=default_preset, metavar="{" + ",".join(PRESETS) + "}",
-                        help=f"base configuration (default: {default_preset})")
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        metavar="{" + ",".join(PRESETS) + "}",
+        help=f"base configuration (default: {default_preset})",
+    )
     parser.add_argument("--config", default=None, metavar="FILE", help="JSON or TOML file merged over the preset")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override one config field (repeatable), e.g. --set train.steps=100",
     )
 

@@ -50,9 +50,7 @@ def corpus_files(paths: list[str]) -> list[Path]:
     if not paths:
         files = stdlib_files()
         if not files:
-            raise ConfigError(
-                f"train.corpus: empty and no stdlib sources under {sysconfig.get_paths()['stdlib']}"
-            )
+            raise ConfigError(f"train.corpus: empty and no stdlib sources under {sysconfig.get_paths()['stdlib']}")
         return files
     files, seen = [], set()
     for raw in paths:
@@ -121,8 +119,10 @@ def cache_key(*parts: Any) -> str:
 def write_code_corpus(path: Path, *, functions: int = 400) -> Path:
     """A small synthetic corpus for tests and benchmarks: repetitive Python-like text with recurring
     n-grams (no downloads); -> path."""
-    path.write_text("\n".join(
-        f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n"
-        for i in range(functions)
-    ))
+    path.write_text(
+        "\n".join(
+            f"def function_{i % 17}(self, value):\n    return value * {i % 5} + self.offset_{i % 3}\n"
+            for i in range(functions)
+        )
+    )
     return path

@@ -71,10 +71,7 @@ class TokenDataset:
         data = self._checked(split, seq_len)
         total = batch_size * num_batches
         starts = np.linspace(0, len(data) - seq_len - 1, total).round().astype(np.int64)
-        return [
-            self._windows(data, starts[i * batch_size : (i + 1) * batch_size], seq_len)
-            for i in range(num_batches)
-        ]
+        return [self._windows(data, starts[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(num_batches)]
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -139,9 +136,7 @@ def prepare_data(cfg: Config) -> tuple[Tokenizer, CompressedVocab, TokenDataset]
     tok = build_tokenizer(cfg, files)
     vocab = vocab_size_of(tok)
     if cfg.engram.enabled and not 0 <= cfg.engram.pad_id < vocab:
-        raise ConfigError(
-            f"engram.pad_id: {cfg.engram.pad_id} is outside the tokenizer's vocabulary 0..{vocab - 1}"
-        )
+        raise ConfigError(f"engram.pad_id: {cfg.engram.pad_id} is outside the tokenizer's vocabulary 0..{vocab - 1}")
     compressed = compressed_vocab_for(cfg, tok)
     data = tokenize_to_memmap(
         tok,

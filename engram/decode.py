@@ -43,8 +43,15 @@ class KVPool:
     """Fixed pool of KV blocks for every layer: k, v (n_layer, num_blocks * block_size, nh, hd)."""
 
     def __init__(
-        self, *, n_layer: int, n_head: int, head_dim: int, block_size: int, num_blocks: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        *,
+        n_layer: int,
+        n_head: int,
+        head_dim: int,
+        block_size: int,
+        num_blocks: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         if block_size < 1 or num_blocks < 1:
             raise ValueError(f"KV pool: block_size and num_blocks must be >= 1, got {block_size}, {num_blocks}")
@@ -116,8 +123,9 @@ def make_pool(model: EngramLM, *, budget_bytes: int, block_size: int, device: to
             f"worker.kv_cache_mb: {budget_bytes / 2**20:g} MiB holds {num} blocks of {per} B, fewer than one "
             f"sequence of model.max_seq_len={m.max_seq_len} tokens needs"
         )
-    return KVPool(n_layer=m.n_layer, n_head=m.n_head, head_dim=hd, block_size=block_size, num_blocks=int(num),
-                  device=device)
+    return KVPool(
+        n_layer=m.n_layer, n_head=m.n_head, head_dim=hd, block_size=block_size, num_blocks=int(num), device=device
+    )
 
 
 @dataclass(slots=True)
@@ -150,14 +158,22 @@ def _plan(pool: KVPool, seqs: list[SeqState], counts: list[int], n: int, device:
     new_rows = rows.gather(1, new_pos.clamp(max=L - 1))  # (B, n)
     mask = (pos.view(1, 1, L) <= new_pos.unsqueeze(2)) & valid_key.unsqueeze(1)  # (B, n, L) causal, own keys
     return _Plan(
-        new_slots=new_rows[valid_new].to(device), new_src=torch.nonzero(valid_new.flatten()).flatten().to(device),
-        gather=gather.to(device), mask=mask.unsqueeze(1).to(device),
+        new_slots=new_rows[valid_new].to(device),
+        new_src=torch.nonzero(valid_new.flatten()).flatten().to(device),
+        gather=gather.to(device),
+        mask=mask.unsqueeze(1).to(device),
     )
 
 
 def _attention(
-    block_attn: Attention, x_BnD: torch.Tensor, *, layer: int, pool: KVPool, plan: _Plan,
-    cos_Bn: torch.Tensor, sin_Bn: torch.Tensor,
+    block_attn: Attention,
+    x_BnD: torch.Tensor,
+    *,
+    layer: int,
+    pool: KVPool,
+    plan: _Plan,
+    cos_Bn: torch.Tensor,
+    sin_Bn: torch.Tensor,
 ) -> torch.Tensor:
     B, n, D = x_BnD.shape
     nh = block_attn.n_head
@@ -174,8 +190,9 @@ def _attention(
     return block_attn.proj(y.transpose(1, 2).reshape(B, n, D))
 
 
-def _short_conv(sc: ShortConv, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState],
-                counts: list[int]) -> torch.Tensor:
+def _short_conv(
+    sc: ShortConv, value_BnMD: torch.Tensor, *, layer: int, seqs: list[SeqState], counts: list[int]
+) -> torch.Tensor:
     """SiLU(causal dilated depthwise conv(RMSNorm(value))) with each sequence's cached tail."""
     B, n, M, D = value_BnMD.shape
     normed = torch.cat([sc.norms[m](value_BnMD[:, :, m]) for m in range(M)], dim=-1)  # (B, n, C)
@@ -194,8 +211,13 @@ def _short_conv(sc: ShortConv, value_BnMD: torch.Tensor, *, layer: int, seqs: li
 
 
 def extend(
-    model: EngramLM, pool: KVPool, seqs: list[SeqState], new_ids: list[list[int]], *,
-    rows_at: Callable[[int], torch.Tensor] | None = None, knockout: torch.Tensor | None = None,
+    model: EngramLM,
+    pool: KVPool,
+    seqs: list[SeqState],
+    new_ids: list[list[int]],
+    *,
+    rows_at: Callable[[int], torch.Tensor] | None = None,
+    knockout: torch.Tensor | None = None,
     gates_out: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Append new tokens to each sequence's cache; -> logits (B, n, V) of the new positions.
@@ -231,18 +253,27 @@ def extend(
             e = r.reshape(B, n, -1).to(h.dtype)  # (B, n, E)
             alpha = eng.gates(h, e)  # (B, n, M)
             value = alpha.unsqueeze(-1) * eng.value_proj(e).unsqueeze(2)  # (B, n, M, D)
-            y = value if eng.short_conv is None else value + _short_conv(
-                eng.short_conv, value, layer=i, seqs=seqs, counts=counts)  # short_conv None: the ablation
+            y = (
+                value
+                if eng.short_conv is None
+                else value + _short_conv(eng.short_conv, value, layer=i, seqs=seqs, counts=counts)
+            )  # short_conv None: the ablation
             if knockout is not None:
                 y = y * (~knockout).to(y.dtype).view(B, 1, 1, 1)
             h = h + y
             if gates_out is not None:
                 gates_out[i] = alpha
-        a = _attention(block.attn, block.attn_norm(block.hc_attn.read_input(h)), layer=i, pool=pool, plan=plan,
-                       cos_Bn=cos, sin_Bn=sin)
+        a = _attention(
+            block.attn,
+            block.attn_norm(block.hc_attn.read_input(h)),
+            layer=i,
+            pool=pool,
+            plan=plan,
+            cos_Bn=cos,
+            sin_Bn=sin,
+        )
         h = block.hc_attn.write_output(h, a)
         h = block.hc_mlp.write_output(h, block.mlp(block.mlp_norm(block.hc_mlp.read_input(h))))
     for s, c in zip(seqs, counts):
         s.length += c
     return model.lm_head(model.norm(h.sum(dim=2)))  # (B, n, V)
-

@@ -60,8 +60,13 @@ class ShortConv(nn.Module):
         channels = d_model * hc_mult
         self.norms = nn.ModuleList([nn.RMSNorm(d_model, eps=eps) for _ in range(hc_mult)])
         self.conv = nn.Conv1d(
-            channels, channels, kernel_size, groups=channels, bias=False,
-            padding=(kernel_size - 1) * dilation, dilation=dilation,
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
         )
         nn.init.zeros_(self.conv.weight)  # the paper zero-inits the conv: Y starts as the gated value
 
@@ -81,8 +86,18 @@ class EngramLayer(nn.Module):
     """
 
     def __init__(
-        self, *, embed_dim: int, d_model: int, hc_mult: int, kernel_size: int, max_ngram_size: int, eps: float,
-        key_norm_eps: float | None = None, gate: bool = True, short_conv: bool = True, shared_keys: bool = False,
+        self,
+        *,
+        embed_dim: int,
+        d_model: int,
+        hc_mult: int,
+        kernel_size: int,
+        max_ngram_size: int,
+        eps: float,
+        key_norm_eps: float | None = None,
+        gate: bool = True,
+        short_conv: bool = True,
+        shared_keys: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model

@@ -102,9 +102,7 @@ class NgramHasher:
         if n_head_per_ngram <= 0:
             raise ValueError(f"n_head_per_ngram: must be positive, got {n_head_per_ngram}")
         if len(table_size_per_ngram) != max_ngram_size - 1 or min(table_size_per_ngram) < 2:
-            raise ValueError(
-                f"table_size_per_ngram: need {max_ngram_size - 1} sizes >= 2, got {table_size_per_ngram}"
-            )
+            raise ValueError(f"table_size_per_ngram: need {max_ngram_size - 1} sizes >= 2, got {table_size_per_ngram}")
         if not layer_ids:
             raise ValueError("layer_ids: empty")
         self.compressed_vocab_size = compressed_vocab_size
@@ -180,7 +178,9 @@ class NgramHasher:
         T = x.shape[1]
         m, primes = self._torch_consts(layer, x.device)
         padded = torch.nn.functional.pad(x, (self.max_ngram_size - 1, 0), value=self.pad_id)  # (B, T+N-1)
-        shifts = [padded[:, self.max_ngram_size - 1 - k : self.max_ngram_size - 1 - k + T] for k in range(self.max_ngram_size)]
+        shifts = [
+            padded[:, self.max_ngram_size - 1 - k : self.max_ngram_size - 1 - k + T] for k in range(self.max_ngram_size)
+        ]
         H = self.n_head_per_ngram
         out = []
         mix = shifts[0] * m[0]

@@ -102,9 +102,16 @@ class Block(nn.Module):
         self.engram: EngramLayer | None = None
         if e.enabled and layer_index in e.layer_ids:
             self.engram = EngramLayer(
-                embed_dim=(e.max_ngram_size - 1) * e.n_embed_per_ngram, d_model=m.d_model, hc_mult=m.hc_mult,
-                kernel_size=e.kernel_size, max_ngram_size=e.max_ngram_size, eps=m.norm_eps,
-                key_norm_eps=e.key_norm_eps, gate=e.gate, short_conv=e.short_conv, shared_keys=e.shared_keys,
+                embed_dim=(e.max_ngram_size - 1) * e.n_embed_per_ngram,
+                d_model=m.d_model,
+                hc_mult=m.hc_mult,
+                kernel_size=e.kernel_size,
+                max_ngram_size=e.max_ngram_size,
+                eps=m.norm_eps,
+                key_norm_eps=e.key_norm_eps,
+                gate=e.gate,
+                short_conv=e.short_conv,
+                shared_keys=e.shared_keys,
             )
 
     def forward(
@@ -123,6 +130,7 @@ class Block(nn.Module):
 class EngramLM(nn.Module):
     rope_cos: torch.Tensor  # (max_seq_len, head_dim / 2)
     rope_sin: torch.Tensor
+
     def __init__(self, cfg: Config, compress_lookup: np.ndarray | None = None, *, local_tables: bool = True) -> None:
         """`local_tables=False`: no `LocalEngramTable`s are built (rows come from memory shards)."""
         super().__init__()
@@ -205,7 +213,10 @@ class EngramLM(nn.Module):
             return self._forward(ids_BT, targets_BT, engram_rows, return_gates)
 
     def _forward(
-        self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None, engram_rows: Mapping[int, EngramRows] | None,
+        self,
+        ids_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None,
+        engram_rows: Mapping[int, EngramRows] | None,
         return_gates: bool,
     ):  # type: ignore[no-untyped-def]
         B, T = ids_BT.shape

@@ -208,6 +208,8 @@ def decode_rows(rows: np.ndarray, fmt: str, dim: int, dtype: torch.dtype = torch
         raise ValueError(f"decode_rows: expected (R, {row_nbytes(fmt, dim)}) bytes of {fmt}, got {rows.shape}")
     if fmt == "fp8":
         v, s = unpack_fp8(rows, dim)
-        return dequantize_fp8(torch.from_numpy(np.ascontiguousarray(v)), torch.from_numpy(np.ascontiguousarray(s)), dtype)
+        return dequantize_fp8(
+            torch.from_numpy(np.ascontiguousarray(v)), torch.from_numpy(np.ascontiguousarray(s)), dtype
+        )
     t = torch.from_numpy(np.ascontiguousarray(rows)).view(TORCH_DTYPES[fmt])
     return t.to(dtype)

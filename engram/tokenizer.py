@@ -113,8 +113,9 @@ def read_clean_up_flag(path: str | Path) -> bool:
         raise ConfigError(f"tokenizer.path: {cfg_path} is not valid JSON ({exc})") from None
     value = data.get("clean_up_tokenization_spaces", False) if isinstance(data, dict) else None
     if not isinstance(value, bool):
-        raise ConfigError(f"tokenizer.path: {cfg_path}: clean_up_tokenization_spaces must be true or false, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"tokenizer.path: {cfg_path}: clean_up_tokenization_spaces must be true or false, got {value!r}"
+        )
     return value
 
 
@@ -129,8 +130,9 @@ def clean_up_flag(cfg: Config) -> bool:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     p = tokenizer_json_path(path)
     if not p.is_file():
-        raise ConfigError(f"tokenizer.path: {path} does not exist" + (" (no tokenizer.json in it)" if p != Path(path)
-                                                                         else ""))
+        raise ConfigError(
+            f"tokenizer.path: {path} does not exist" + (" (no tokenizer.json in it)" if p != Path(path) else "")
+        )
     try:
         return Tokenizer.from_file(str(p))
     except Exception as exc:  # the Rust side raises a bare Exception
@@ -252,9 +254,7 @@ class CompressedVocab:
 
     def _check_range(self, max_id: int) -> None:
         if max_id >= self.vocab_size:
-            raise ValueError(
-                f"CompressedVocab: token id {max_id} is outside the vocabulary 0..{self.vocab_size - 1}"
-            )
+            raise ValueError(f"CompressedVocab: token id {max_id} is outside the vocabulary 0..{self.vocab_size - 1}")
 
     @overload
     def __call__(self, ids: torch.Tensor) -> torch.Tensor: ...

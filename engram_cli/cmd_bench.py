@@ -38,8 +38,9 @@ def discover(folder: Path | None = None) -> dict[str, str]:
 def register(parser: argparse.ArgumentParser) -> None:
     found = discover()
     parser.add_argument("--list", action="store_true", help="list the benchmarks with one line each, then exit")
-    parser.add_argument("name", nargs="?", choices=sorted(found), metavar="NAME",
-                        help=f"one of: {', '.join(sorted(found))}")
+    parser.add_argument(
+        "name", nargs="?", choices=sorted(found), metavar="NAME", help=f"one of: {', '.join(sorted(found))}"
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
     parser.set_defaults(func=run)
 

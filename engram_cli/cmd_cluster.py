@@ -24,7 +24,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     init = sub.add_parser("init", help="store the layout and an even slot map (epoch 1)")
     add_config_args(init)
-    init.add_argument("--shards", type=int, default=None, help="shards to spread the slots over (default: cluster.num_shards)")
+    init.add_argument(
+        "--shards", type=int, default=None, help="shards to spread the slots over (default: cluster.num_shards)"
+    )
     init.add_argument("--force", action="store_true", help="wipe an initialised namespace first")
     status = sub.add_parser("status", help="table of shards: address, liveness, slots, rows, RAM")
     add_config_args(status)
@@ -37,18 +39,31 @@ def register(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--remove", type=int, nargs="+", help="shard ids that leave")
     load = sub.add_parser("load", help="load a trained checkpoint's Engram tables into the running shards")
     add_config_args(load)
-    load.add_argument("checkpoint", help="a checkpoint.pt written by `engram train` (local or the Ray run's final "
-                                         "one), or a Ray step directory holding shards.json")
-    load.add_argument("--name", default=None,
-                      help="checkpoint name the slot files get under cluster.checkpoint_dir, which the shards share "
-                           "(default: load-<checkpoint file stem>); a re-run with the same name resumes")
+    load.add_argument(
+        "checkpoint",
+        help="a checkpoint.pt written by `engram train` (local or the Ray run's final "
+        "one), or a Ray step directory holding shards.json",
+    )
+    load.add_argument(
+        "--name",
+        default=None,
+        help="checkpoint name the slot files get under cluster.checkpoint_dir, which the shards share "
+        "(default: load-<checkpoint file stem>); a re-run with the same name resumes",
+    )
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     imp = sub.add_parser("import", help="stream fp8 Engram tables of a safetensors checkpoint into the shards")
     add_config_args(imp)
-    imp.add_argument("directory", help="checkpoint directory: *.safetensors (+ model.safetensors.index.json) holding "
-                                       "layers.{L}.engram.embed.weight (F8_E4M3) and .scale (F8_E8M0)")
-    imp.add_argument("--dir", default=None, help="checkpoint name of the slot files under cluster.checkpoint_dir "
-                                                 "(its last path part; default import-<name>); a re-run resumes there")
+    imp.add_argument(
+        "directory",
+        help="checkpoint directory: *.safetensors (+ model.safetensors.index.json) holding "
+        "layers.{L}.engram.embed.weight (F8_E4M3) and .scale (F8_E8M0)",
+    )
+    imp.add_argument(
+        "--dir",
+        default=None,
+        help="checkpoint name of the slot files under cluster.checkpoint_dir "
+        "(its last path part; default import-<name>); a re-run resumes there",
+    )
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = sub.add_parser("export", help="write the Engram tables as an fp8 safetensors checkpoint")
     add_config_args(exp)
@@ -65,13 +80,22 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
     from engram_cli.cmd_cluster_io import export_tables, import_tables
 
-    action = {"init": _init, "status": _status, "rebalance": _rebalance, "load": _load, "import": import_tables,
-              "export": export_tables}[args.action]
+    action = {
+        "init": _init,
+        "status": _status,
+        "rebalance": _rebalance,
+        "load": _load,
+        "import": import_tables,
+        "export": export_tables,
+    }[args.action]
     try:
         return asyncio.run(action(cfg, args))
     except ControlPlaneUnavailable as exc:
-        print(f"engram cluster {args.action}: {exc}\n(is Redis running at cluster.redis_url? "
-              "`engram up` starts a local cluster)", file=sys.stderr)
+        print(
+            f"engram cluster {args.action}: {exc}\n(is Redis running at cluster.redis_url? "
+            "`engram up` starts a local cluster)",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as exc:
         print(f"engram cluster {args.action}: {exc}", file=sys.stderr)
@@ -89,8 +113,10 @@ async def _init(cfg: Any, args: argparse.Namespace) -> int:
     try:
         shards = args.shards or cfg.cluster.num_shards
         smap = await cp.init_cluster(cfg, num_shards=shards, force=args.force)
-        print(f"initialised cluster {cp.namespace!r} at {cp.url}: epoch {smap.epoch}, "
-              f"{cfg.cluster.num_slots} slots over {shards} shards")
+        print(
+            f"initialised cluster {cp.namespace!r} at {cp.url}: epoch {smap.epoch}, "
+            f"{cfg.cluster.num_slots} slots over {shards} shards"
+        )
         return 0
     finally:
         await cp.close()
@@ -120,9 +146,13 @@ async def _status(cfg: Any, args: argparse.Namespace) -> int:
         for owner in smap.owners:
             owned[owner] = owned.get(owner, 0) + 1
         n_alive = sum(r.alive for r in records.values())
-        print(f"cluster {cp.namespace!r} at {cp.url}: epoch {smap.epoch}, {len(smap.owners)} slots, "
-              f"{len(records)} shards registered ({n_alive} alive), tables {layout.engram.layer_ids}")
-        print(f"{'shard':>5}  {'address':<22} {'alive':<5} {'slots':>5} {'rows':>12} {'RAM':>12}  {'last seen':<10} note")
+        print(
+            f"cluster {cp.namespace!r} at {cp.url}: epoch {smap.epoch}, {len(smap.owners)} slots, "
+            f"{len(records)} shards registered ({n_alive} alive), tables {layout.engram.layer_ids}"
+        )
+        print(
+            f"{'shard':>5}  {'address':<22} {'alive':<5} {'slots':>5} {'rows':>12} {'RAM':>12}  {'last seen':<10} note"
+        )
         now = time.time()
         for shard_id in sorted(set(records) | set(owned)):
             rec = records.get(shard_id)
@@ -141,9 +171,11 @@ async def _status(cfg: Any, args: argparse.Namespace) -> int:
             if rec is None:
                 note = "owns slots but never registered"
             seen = "-" if rec is None else f"{max(0.0, now - rec.last_seen):.1f} s ago"
-            print(f"{shard_id:>5}  {(rec.address if rec else '-'):<22} {('yes' if rec and rec.alive else 'no'):<5} "
-                  f"{owned.get(shard_id, 0):>5} {('-' if rows is None else f'{rows:,}'):>12} {_mib(ram):>12}  "
-                  f"{seen:<10} {note}")
+            print(
+                f"{shard_id:>5}  {(rec.address if rec else '-'):<22} {('yes' if rec and rec.alive else 'no'):<5} "
+                f"{owned.get(shard_id, 0):>5} {('-' if rows is None else f'{rows:,}'):>12} {_mib(ram):>12}  "
+                f"{seen:<10} {note}"
+            )
         return 0
     finally:
         await cp.close()
@@ -154,11 +186,14 @@ async def _rebalance(cfg: Any, args: argparse.Namespace) -> int:
 
     cp = _control(cfg)
     try:
-        report = await rebalance(cp, num_shards=args.shards, add=args.add or (), remove=args.remove or (),
-                                 security=cfg.security)
+        report = await rebalance(
+            cp, num_shards=args.shards, add=args.add or (), remove=args.remove or (), security=cfg.security
+        )
         moved = sum(len(s) for s in report.moves.values())
-        print(f"epoch {report.old_epoch} -> {report.new_epoch}: moved {moved} slots "
-              f"({report.bytes_sent / 2**20:,.1f} MiB) in {report.seconds:.1f} s")
+        print(
+            f"epoch {report.old_epoch} -> {report.new_epoch}: moved {moved} slots "
+            f"({report.bytes_sent / 2**20:,.1f} MiB) in {report.seconds:.1f} s"
+        )
         for (src, dst), slots in sorted(report.moves.items()):
             print(f"  shard {src} -> shard {dst}: {len(slots)} slots")
         return 0
@@ -194,8 +229,10 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
         client = await ShardClient.connect(cp, timeout_s=cfg.cluster.lookup_timeout_s, security=cfg.security)
         try:
             if client.cfg.engram != trained.engram:
-                raise ValueError(f"the cluster {cp.namespace!r} holds another Engram layout than the checkpoint's "
-                                 "engram config (re-init the cluster with the checkpoint's config)")
+                raise ValueError(
+                    f"the cluster {cp.namespace!r} holds another Engram layout than the checkpoint's "
+                    "engram config (re-init the cluster with the checkpoint's config)"
+                )
             layouts = client.layouts
             num_slots = client.cfg.cluster.num_slots
             total = sum(min(num_slots, lay.num_rows) for lay in layouts.values())
@@ -208,8 +245,15 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
                 bar.update(1)
 
             manifest = await asyncio.to_thread(
-                write_table_slots, tables, layouts, directory=directory, name=name, num_slots=num_slots,
-                kind=client.cfg.cluster.optimizer, step=step, on_slot=tick,
+                write_table_slots,
+                tables,
+                layouts,
+                directory=directory,
+                name=name,
+                num_slots=num_slots,
+                kind=client.cfg.cluster.optimizer,
+                step=step,
+                on_slot=tick,
             )
             bar.close()
             result = await client.restore(manifest)
@@ -217,8 +261,10 @@ async def _load(cfg: Any, args: argparse.Namespace) -> int:
             await client.close()
     finally:
         await cp.close()
-    print(f"loaded {len(layouts)} tables of {args.checkpoint} (step {step}) into cluster {cp.namespace!r}: "
-          f"{result['slots_restored']} slots restored from checkpoint {name} ({skipped} slot files reused)")
+    print(
+        f"loaded {len(layouts)} tables of {args.checkpoint} (step {step}) into cluster {cp.namespace!r}: "
+        f"{result['slots_restored']} slots restored from checkpoint {name} ({skipped} slot files reused)"
+    )
     return 0
 
 

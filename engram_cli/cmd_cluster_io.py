@@ -24,8 +24,9 @@ async def import_tables(cfg: Any, args: argparse.Namespace) -> int:
 
     cp = ControlPlane.from_config(cfg)
     try:
-        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s,
-                                           security=cfg.security)
+        client = await ShardClient.connect(
+            cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s, security=cfg.security
+        )
         try:
             name = Path(args.directory).resolve().name
             # a checkpoint name directly under this process's cluster.checkpoint_dir (the shards' root)
@@ -35,11 +36,14 @@ async def import_tables(cfg: Any, args: argparse.Namespace) -> int:
             total = sum(min(client.cfg.cluster.num_slots, lay.num_rows) for lay in client.layouts.values())
             bar = tqdm(total=total, unit="slot", desc="slot files", disable=args.no_progress)
             try:
-                report = await import_checkpoint(client, args.directory, slot_dir=slot_dir,
-                                                 on_slot=lambda t, s, skipped: bar.update(1))
+                report = await import_checkpoint(
+                    client, args.directory, slot_dir=slot_dir, on_slot=lambda t, s, skipped: bar.update(1)
+                )
             except CheckpointError as exc:
-                print(f"engram cluster import: {exc}\nnothing was imported; the shards serve what they served",
-                      file=sys.stderr)
+                print(
+                    f"engram cluster import: {exc}\nnothing was imported; the shards serve what they served",
+                    file=sys.stderr,
+                )
                 return 1
             finally:
                 bar.close()
@@ -49,9 +53,11 @@ async def import_tables(cfg: Any, args: argparse.Namespace) -> int:
         await cp.close()
     for tensor, digest in sorted(report.digests.items()):
         print(f"sha256 {digest}  {tensor}")
-    print(f"imported {report.rows:,} rows of {len(client.layouts)} tables from {args.directory} into cluster "
-          f"{cp.namespace!r}: {report.slots_restored} slots restored from {slot_dir} ({report.slots_reused} slot "
-          f"files reused); read back: every tensor's sha256 matches the checkpoint")
+    print(
+        f"imported {report.rows:,} rows of {len(client.layouts)} tables from {args.directory} into cluster "
+        f"{cp.namespace!r}: {report.slots_restored} slots restored from {slot_dir} ({report.slots_reused} slot "
+        f"files reused); read back: every tensor's sha256 matches the checkpoint"
+    )
     return 0
 
 
@@ -66,14 +72,14 @@ async def export_tables(cfg: Any, args: argparse.Namespace) -> int:
         raise ValueError(f"--chunk-rows: must be >= 1, got {args.chunk_rows}")
     cp = ControlPlane.from_config(cfg)
     try:
-        client = await ShardClient.connect(cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s,
-                                           security=cfg.security)
+        client = await ShardClient.connect(
+            cp, wire_dtype="fp8", timeout_s=cfg.cluster.lookup_timeout_s, security=cfg.security
+        )
         try:
             total = sum(lay.num_rows for lay in client.layouts.values())
             bar = tqdm(total=total, unit="row", unit_scale=True, desc="export", disable=args.no_progress)
             try:
-                report = await export_checkpoint(client, args.directory, chunk_rows=args.chunk_rows,
-                                                 on_rows=bar.update)
+                report = await export_checkpoint(client, args.directory, chunk_rows=args.chunk_rows, on_rows=bar.update)
             except CheckpointError as exc:
                 print(f"engram cluster export: {exc}", file=sys.stderr)
                 return 1
@@ -85,6 +91,7 @@ async def export_tables(cfg: Any, args: argparse.Namespace) -> int:
         await cp.close()
     for tensor, digest in sorted(report.digests.items()):
         print(f"sha256 {digest}  {tensor}")
-    print(f"exported {report.rows:,} rows of {len(client.layouts)} tables to {args.directory}: "
-          f"{', '.join(report.files)}")
+    print(
+        f"exported {report.rows:,} rows of {len(client.layouts)} tables to {args.directory}: {', '.join(report.files)}"
+    )
     return 0

@@ -1,7 +1,7 @@
 """`engram generate "prompt" --address host:port`: stream tokens from a running model worker.
 
-    engram generate "def main(" --address 127.0.0.1:50061 --max-new-tokens 64 --temperature 0
-    engram generate --score "some text" --address 127.0.0.1:50061     # log-probs instead
+engram generate "def main(" --address 127.0.0.1:50061 --max-new-tokens 64 --temperature 0
+engram generate --score "some text" --address 127.0.0.1:50061     # log-probs instead
 """
 
 from __future__ import annotations
@@ -40,12 +40,21 @@ def run(args: argparse.Namespace) -> int:
         stub = worker_pb2_grpc.ModelWorkerStub(channel)
         try:
             if args.score:
-                reply = stub.Score(worker_pb2.ScoreRequest(text=args.prompt, truncate=args.truncate), timeout=args.timeout_s)
-                print(f"{reply.num_tokens} tokens, total log-prob {reply.total_logprob:.4f}, "
-                      f"mean {reply.total_logprob / max(1, len(reply.logprobs)):.4f}")
+                reply = stub.Score(
+                    worker_pb2.ScoreRequest(text=args.prompt, truncate=args.truncate), timeout=args.timeout_s
+                )
+                print(
+                    f"{reply.num_tokens} tokens, total log-prob {reply.total_logprob:.4f}, "
+                    f"mean {reply.total_logprob / max(1, len(reply.logprobs)):.4f}"
+                )
                 return 0
-            fields = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                      "top_p": args.top_p, "seed": args.seed}
+            fields = {
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_k": args.top_k,
+                "top_p": args.top_p,
+                "seed": args.seed,
+            }
             req = worker_pb2.GenerateRequest(
                 prompt=args.prompt, truncate=args.truncate, **{k: v for k, v in fields.items() if v is not None}
             )

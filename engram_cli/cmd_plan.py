@@ -17,8 +17,9 @@ from engram.config import PRESETS, ConfigError, load_config
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layout", default="v41flash", help=f"a preset whose engram section is the layout "
-                                                             f"({', '.join(PRESETS)})")
+    parser.add_argument(
+        "--layout", default="v41flash", help=f"a preset whose engram section is the layout ({', '.join(PRESETS)})"
+    )
     parser.add_argument("--format", default=None, help="storage format fp32|bf16|fp16|fp8 (default: the layout's)")
     parser.add_argument("--wire", default=None, help="wire format of lookups (default: the storage format)")
     parser.add_argument("--shards", type=int, required=True, help="partitions of the slot space")
@@ -28,8 +29,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-tokens-per-s", type=float, required=True, help="tokens/s of one GPU worker")
     parser.add_argument("--workers", type=int, default=1, help="GPU workers reading the tables")
     parser.add_argument("--cache", default="0", help="hot-row cache per worker, e.g. 8GiB (rows kept in bf16)")
-    parser.add_argument("--zipf", type=float, default=None,
-                        help=f"Zipf exponent of row popularity (default: measured per order {MEASURED_ZIPF})")
+    parser.add_argument(
+        "--zipf",
+        type=float,
+        default=None,
+        help=f"Zipf exponent of row popularity (default: measured per order {MEASURED_ZIPF})",
+    )
     parser.add_argument("--optimizer", default="none", help="none | adam | adagrad: optimizer state beside rows")
     parser.add_argument("--slots", type=int, default=None, help="slots (default: the preset's cluster.num_slots)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json or HF folder: report |V'| and check it")
@@ -47,11 +52,15 @@ def _rate(n: float) -> str:
 
 def print_plan(p: dict[str, Any], layout: str) -> None:
     lay, sh, w, cl = p["layout"], p["shard"], p["worker"], p["cluster"]
-    print(f"layout {layout}: {lay['row_format']} storage, {lay['wire_format']} on the wire, optimizer {lay['optimizer']}")
+    print(
+        f"layout {layout}: {lay['row_format']} storage, {lay['wire_format']} on the wire, optimizer {lay['optimizer']}"
+    )
     print(f"{'layer':>6} {'rows':>15} {'dim':>5} {'heads':>5} {'B/row':>6} {'bytes':>14}")
     for t in lay["tables"]:
-        print(f"{t['layer']:>6} {t['rows']:>15,} {t['dim']:>5} {t['heads']:>5} {t['stored_row_bytes']:>6} "
-              f"{_gib(t['bytes']):>14}")
+        print(
+            f"{t['layer']:>6} {t['rows']:>15,} {t['dim']:>5} {t['heads']:>5} {t['stored_row_bytes']:>6} "
+            f"{_gib(t['bytes']):>14}"
+        )
     print(f"{'total':>6} {lay['total_rows']:>15,} {'':>5} {'':>5} {'':>6} {_gib(lay['total_bytes']):>14}")
     rows = [
         ("shards x replicas (nodes)", f"{cl['num_shards']} x {cl['replicas']} = {cl['nodes']}"),
@@ -84,16 +93,29 @@ def run(args: argparse.Namespace) -> int:
 
         cfg.tokenizer.path = args.tokenizer
         cv = compressed_vocab_for(cfg, load_tokenizer(args.tokenizer))  # refuses a different |V'|
-        print(f"tokenizer {args.tokenizer}: |V| = {cv.vocab_size:,} -> |V'| = {cv.size:,} (the layout's: "
-              f"{cfg.engram.compressed_vocab_size or 'any'})")
+        print(
+            f"tokenizer {args.tokenizer}: |V| = {cv.vocab_size:,} -> |V'| = {cv.size:,} (the layout's: "
+            f"{cfg.engram.compressed_vocab_size or 'any'})"
+        )
     zipf = dict(MEASURED_ZIPF) if args.zipf is None else {2: args.zipf}
     try:
-        p = plan(PlanInput(
-            engram=cfg.engram, row_format=args.format or cfg.engram.row_format, wire_format=args.wire,
-            num_shards=args.shards, replicas=args.replicas, node_ram_bytes=node_ram, ram_reserve=args.ram_reserve,
-            gpu_tokens_per_s=args.gpu_tokens_per_s, workers=args.workers, cache_bytes_per_worker=cache, zipf=zipf,
-            optimizer=args.optimizer, num_slots=args.slots or cfg.cluster.num_slots,
-        ))
+        p = plan(
+            PlanInput(
+                engram=cfg.engram,
+                row_format=args.format or cfg.engram.row_format,
+                wire_format=args.wire,
+                num_shards=args.shards,
+                replicas=args.replicas,
+                node_ram_bytes=node_ram,
+                ram_reserve=args.ram_reserve,
+                gpu_tokens_per_s=args.gpu_tokens_per_s,
+                workers=args.workers,
+                cache_bytes_per_worker=cache,
+                zipf=zipf,
+                optimizer=args.optimizer,
+                num_slots=args.slots or cfg.cluster.num_slots,
+            )
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.json:

@@ -20,7 +20,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-s", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
     parser.add_argument("--grace", dest="grace_s", type=float, help=argparse.SUPPRESS)  # old spelling (k8s, compose)
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override a worker.* or cluster.* field (repeatable), e.g. --set worker.max_batch=16",
     )
     parser.set_defaults(func=run)

@@ -24,19 +24,27 @@ from engram.config_args import add_config_args
 def register(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--shards", type=int, default=None, help="number of shards (default: cluster.num_shards)")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="copies of each slot on different shards (default: cluster.replicas)")
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="copies of each slot on different shards (default: cluster.replicas)"
+    )
     parser.add_argument("--namespace", default=None, help="control-plane key prefix (default: cluster.namespace)")
     parser.add_argument("--host", default="127.0.0.1", help="interface for Redis and the shards")
     parser.add_argument("--log-dir", default=None, help="where Redis and shard logs go (default: a temp dir)")
     parser.add_argument("--startup-timeout-s", type=float, default=180.0)
-    parser.add_argument("--no-auth", action="store_true",
-                        help="no Redis password and an unsigned control plane (a trusted single-user machine only)")
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no Redis password and an unsigned control plane (a trusted single-user machine only)",
+    )
     tls = parser.add_mutually_exclusive_group()
-    tls.add_argument("--tls", dest="tls", action="store_true", default=True,
-                     help="mTLS and roles with throwaway certificates (the default)")
-    tls.add_argument("--insecure", dest="tls", action="store_false",
-                     help="plaintext, no roles: a trusted machine only")
+    tls.add_argument(
+        "--tls",
+        dest="tls",
+        action="store_true",
+        default=True,
+        help="mTLS and roles with throwaway certificates (the default)",
+    )
+    tls.add_argument("--insecure", dest="tls", action="store_false", help="plaintext, no roles: a trusted machine only")
     parser.set_defaults(func=run)
 
 
@@ -60,15 +68,32 @@ def run(args: argparse.Namespace) -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, interrupt)
     cluster = LocalCluster(
-        cfg, preset=args.preset, config_file=args.config, overrides=args.overrides, num_shards=args.shards,
-        replicas=args.replicas, namespace=args.namespace or cfg.cluster.namespace, host=args.host, log_dir=args.log_dir,
-        startup_timeout_s=args.startup_timeout_s, keep_logs=True, secure=not args.no_auth, tls=args.tls,
+        cfg,
+        preset=args.preset,
+        config_file=args.config,
+        overrides=args.overrides,
+        num_shards=args.shards,
+        replicas=args.replicas,
+        namespace=args.namespace or cfg.cluster.namespace,
+        host=args.host,
+        log_dir=args.log_dir,
+        startup_timeout_s=args.startup_timeout_s,
+        keep_logs=True,
+        secure=not args.no_auth,
+        tls=args.tls,
     )
     if args.no_auth:
-        print("engram up: WARNING --no-auth: Redis has no password and the control plane is unsigned; any local "
-              "process can redirect the cluster's traffic", file=sys.stderr, flush=True)
+        print(
+            "engram up: WARNING --no-auth: Redis has no password and the control plane is unsigned; any local "
+            "process can redirect the cluster's traffic",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        print(f"starting Redis and {cluster.num_shards} shards, {cluster.cfg.cluster.replicas} copies of each slot (logs in {cluster.log_dir}) ...", flush=True)
+        print(
+            f"starting Redis and {cluster.num_shards} shards, {cluster.cfg.cluster.replicas} copies of each slot (logs in {cluster.log_dir}) ...",
+            flush=True,
+        )
         cluster.start()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: stop.set())
@@ -79,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"other commands reach it with: --preset {args.preset} {sets}")
         if cluster.tls:
             c = cluster.certs
-            print(f"TLS + roles on: CA {c['admin'].ca}; identities admin {c['admin'].cert}, train {c['train'].cert}, "
-                  f"read {c['read'].cert} (keys beside them, *-key.pem); the trainer takes train, workers read")
+            print(
+                f"TLS + roles on: CA {c['admin'].ca}; identities admin {c['admin'].cert}, train {c['train'].cert}, "
+                f"read {c['read'].cert} (keys beside them, *-key.pem); the trainer takes train, workers read"
+            )
         else:
             print("WARNING: --insecure: plaintext and no roles; anyone who can reach these ports can change the tables")
         print("ready; Ctrl-C stops the cluster", flush=True)

@@ -57,8 +57,9 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram", description=OVERVIEW, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="engram", description=OVERVIEW, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"engram {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
@@ -68,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"engram_cli.cmd_{name}":
                 raise
             continue
-        module.register(sub.add_parser(name, help=help_text, description=module.__doc__ or help_text,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+        module.register(
+            sub.add_parser(
+                name,
+                help=help_text,
+                description=module.__doc__ or help_text,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return parser
 
 

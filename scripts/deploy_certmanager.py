@@ -12,55 +12,139 @@ from typing import Any
 
 import jsonschema
 
-_REF = {"type": "object", "additionalProperties": False, "required": ["name"],
-        "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
-                       "group": {"const": "cert-manager.io"}}}
-_META = {"type": "object", "required": ["name"],
-         "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"},
-                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "group": {"const": "cert-manager.io"},
+    },
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 _DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"}
-_USAGES = ["signing", "digital signature", "content commitment", "key encipherment", "key agreement",
-           "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
-           "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
-           "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]
+_USAGES = [
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
+]
 _STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
 
 CERTIFICATE = {
-    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"const": "Certificate"}, "metadata": _META,
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": _META,
         "spec": {
-            "type": "object", "additionalProperties": False, "required": ["secretName", "issuerRef"],
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
             "properties": {
-                "secretName": {"type": "string", "minLength": 1}, "issuerRef": _REF,
-                "commonName": {"type": "string", "maxLength": 64}, "dnsNames": _STRINGS, "uris": _STRINGS,
-                "ipAddresses": _STRINGS, "emailAddresses": _STRINGS, "isCA": {"type": "boolean"},
-                "duration": _DURATION, "renewBefore": _DURATION, "usages": {"type": "array", "items": {"enum": _USAGES}},
+                "secretName": {"type": "string", "minLength": 1},
+                "issuerRef": _REF,
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": _STRINGS,
+                "uris": _STRINGS,
+                "ipAddresses": _STRINGS,
+                "emailAddresses": _STRINGS,
+                "isCA": {"type": "boolean"},
+                "duration": _DURATION,
+                "renewBefore": _DURATION,
+                "usages": {"type": "array", "items": {"enum": _USAGES}},
                 "revisionHistoryLimit": {"type": "integer", "minimum": 1},
-                "privateKey": {"type": "object", "additionalProperties": False, "properties": {
-                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
-                    "encoding": {"enum": ["PKCS1", "PKCS8"]}, "rotationPolicy": {"enum": ["Never", "Always"]}}},
-                "subject": {"type": "object", "additionalProperties": False, "properties": {
-                    k: _STRINGS for k in ("organizations", "organizationalUnits", "countries", "localities",
-                                          "provinces", "streetAddresses", "postalCodes")}},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                },
+                "subject": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        k: _STRINGS
+                        for k in (
+                            "organizations",
+                            "organizationalUnits",
+                            "countries",
+                            "localities",
+                            "provinces",
+                            "streetAddresses",
+                            "postalCodes",
+                        )
+                    },
+                },
             },
         },
     },
 }
 
 ISSUER = {
-    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"enum": ["Issuer", "ClusterIssuer"]}, "metadata": _META,
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "metadata": _META,
         "spec": {
-            "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
             "properties": {
-                "selfSigned": {"type": "object", "additionalProperties": False,
-                               "properties": {"crlDistributionPoints": _STRINGS}},
-                "ca": {"type": "object", "additionalProperties": False, "required": ["secretName"],
-                       "properties": {"secretName": {"type": "string", "minLength": 1},
-                                      "crlDistributionPoints": _STRINGS, "ocspServers": _STRINGS}},
+                "selfSigned": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"crlDistributionPoints": _STRINGS},
+                },
+                "ca": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["secretName"],
+                    "properties": {
+                        "secretName": {"type": "string", "minLength": 1},
+                        "crlDistributionPoints": _STRINGS,
+                        "ocspServers": _STRINGS,
+                    },
+                },
             },
         },
     },
@@ -77,8 +161,11 @@ def problems(doc: dict[str, Any]) -> list[str]:
     schema = KINDS.get(str(doc.get("kind")))
     if schema is None:
         return [f"cert-manager kind {doc.get('kind')!r} has no schema here (Certificate, Issuer, ClusterIssuer)"]
-    return [f"cert-manager {doc['kind']} schema at {'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: "
-            f"{e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    return [
+        f"cert-manager {doc['kind']} schema at {'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: "
+        f"{e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
+    ]
 
 
 def tls_problems(docs: list[dict[str, Any]]) -> list[str]:

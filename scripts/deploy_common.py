@@ -28,9 +28,15 @@ K8S_VERSION = "1.33.0"
 SOURCE_DIRS = ("engram", "engram_cli", "services", "worker", "trainer", "benchmarks")
 # Variables our image's processes see that are read by something other than our code.
 THIRD_PARTY_ENV = {
-    "PYTHONUNBUFFERED": "python", "PYTHONDONTWRITEBYTECODE": "python", "MPLCONFIGDIR": "matplotlib",
-    "RAY_ADDRESS": "ray", "RAY_USAGE_STATS_ENABLED": "ray", "OMP_NUM_THREADS": "torch/OpenMP",
-    "CUDA_VISIBLE_DEVICES": "CUDA", "NVIDIA_VISIBLE_DEVICES": "nvidia-container-runtime", "HOME": "posix",
+    "PYTHONUNBUFFERED": "python",
+    "PYTHONDONTWRITEBYTECODE": "python",
+    "MPLCONFIGDIR": "matplotlib",
+    "RAY_ADDRESS": "ray",
+    "RAY_USAGE_STATS_ENABLED": "ray",
+    "OMP_NUM_THREADS": "torch/OpenMP",
+    "CUDA_VISIBLE_DEVICES": "CUDA",
+    "NVIDIA_VISIBLE_DEVICES": "nvidia-container-runtime",
+    "HOME": "posix",
 }
 
 
@@ -80,8 +86,10 @@ class Checker:
         name = argv[0]
         if name not in self.implemented:
             if name in self.declared and not self.strict:
-                self.report.note(f"{where}: `engram {name}` is declared in engram_cli.main.COMMANDS but not "
-                                 "implemented yet: its flags were not checked")
+                self.report.note(
+                    f"{where}: `engram {name}` is declared in engram_cli.main.COMMANDS but not "
+                    "implemented yet: its flags were not checked"
+                )
                 return Cmd(name, port=_int_flag(argv, "--port"))
             known = ", ".join(sorted(self.implemented))
             self.report.fail(where, f"`engram {shlex.join(argv)}`: no such command `{name}` (engram has: {known})")
@@ -145,16 +153,22 @@ class Checker:
             if name in used_in_args or name in THIRD_PARTY_ENV or name in otel:
                 continue
             if name.startswith("OTEL_"):
-                self.report.fail(where, f"environment {name}: not one of the OTEL_* variables the OpenTelemetry "
-                                        "SDK defines (a typo?)")
+                self.report.fail(
+                    where,
+                    f"environment {name}: not one of the OTEL_* variables the OpenTelemetry SDK defines (a typo?)",
+                )
             elif not re.search(rf"\b{re.escape(name)}\b", self.code_text()):
-                self.report.fail(where, f"environment {name}: set but read nowhere in the code "
-                                 f"({', '.join(SOURCE_DIRS)}) and not a known third-party variable")
+                self.report.fail(
+                    where,
+                    f"environment {name}: set but read nowhere in the code "
+                    f"({', '.join(SOURCE_DIRS)}) and not a known third-party variable",
+                )
 
     def code_text(self) -> str:
         if self._code_text is None:
-            self._code_text = "\n".join(p.read_text(errors="replace") for d in SOURCE_DIRS
-                                        for p in sorted((self.root / d).rglob("*.py")))
+            self._code_text = "\n".join(
+                p.read_text(errors="replace") for d in SOURCE_DIRS for p in sorted((self.root / d).rglob("*.py"))
+            )
         return self._code_text
 
 
@@ -174,7 +188,9 @@ def shell_engram_argvs(script: str) -> list[list[str]]:
 
 def _int_flag(argv: list[str], flag: str) -> int | None:
     for i, a in enumerate(argv):
-        value = argv[i + 1] if a == flag and i + 1 < len(argv) else a[len(flag) + 1:] if a.startswith(flag + "=") else None
+        value = (
+            argv[i + 1] if a == flag and i + 1 < len(argv) else a[len(flag) + 1 :] if a.startswith(flag + "=") else None
+        )
         if value is not None and value.isdigit():
             return int(value)
     return None
@@ -195,8 +211,9 @@ def table_bytes_per_shard(cfg: Any) -> int:
     key = f"{cfg.engram!r} {cfg.cluster.optimizer}"
     if key not in _LAYOUT_BYTES:  # the prime search of a big layout takes seconds
         state_floats = (lambda dim: 2 * dim) if cfg.cluster.optimizer == "adam" else (lambda dim: 1)
-        _LAYOUT_BYTES[key] = sum(t.num_rows * (t.dim + state_floats(t.dim)) * 4
-                                 for t in table_layouts(cfg.engram).values())
+        _LAYOUT_BYTES[key] = sum(
+            t.num_rows * (t.dim + state_floats(t.dim)) * 4 for t in table_layouts(cfg.engram).values()
+        )
     total = _LAYOUT_BYTES[key]
     copies = max(1, int(getattr(cfg.cluster, "replicas", 1)))  # each slot on `replicas` shards
     most_slots = -(-cfg.cluster.num_slots * copies // cfg.cluster.num_shards)
@@ -234,8 +251,12 @@ def selector_matches(selector: dict | None, labels: dict) -> bool:
         return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}.get(op)
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op)
         if ok is None:
             raise ValueError(f"unknown label selector operator {op!r}")
         if not ok:
@@ -253,7 +274,9 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
     if kind == "RayJob":
         rc = spec.get("rayClusterSpec") or {}
         pods = [("ray-head", (rc.get("headGroupSpec") or {}).get("template") or {})]
-        pods += [(f"ray-worker {g.get('groupName')}", g.get("template") or {}) for g in rc.get("workerGroupSpecs") or []]
+        pods += [
+            (f"ray-worker {g.get('groupName')}", g.get("template") or {}) for g in rc.get("workerGroupSpecs") or []
+        ]
         if spec.get("submitterPodTemplate"):
             pods.append(("submitter", spec["submitterPodTemplate"]))
         return pods

@@ -52,9 +52,20 @@ from deploy_common import (  # noqa: E402
 from deploy_rowpaths import cluster_field, compose_row_paths, data_address, engram_sets, flag  # noqa: E402
 
 CLUSTER_SCOPED = {
-    "Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass",
-    "CustomResourceDefinition", "IngressClass", "RuntimeClass", "APIService", "CSIDriver",
-    "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "ValidatingAdmissionPolicy",
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+    "CustomResourceDefinition",
+    "IngressClass",
+    "RuntimeClass",
+    "APIService",
+    "CSIDriver",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy",
 }
 SCHEME_PORTS = {"redis": 6379, "rediss": 6379, "http": 80, "https": 443, "grpc": 443, "ray": 10001}
 URL_RE = re.compile(r"\b([a-z][a-z0-9+.-]*)://([A-Za-z0-9_.-]+)(?::(\d+))?")
@@ -107,11 +118,13 @@ class K8sRefs:
     def __init__(self, docs: list[dict], rel: str, *, optional_may_be_missing: bool = False) -> None:
         self.docs, self.rel, self.lenient = docs, rel, optional_may_be_missing
         self.problems: list[str] = []
-        self.objects = {(d["kind"], (d.get("metadata") or {}).get("namespace"), d["metadata"]["name"]): d
-                        for d in docs}
+        self.objects = {(d["kind"], (d.get("metadata") or {}).get("namespace"), d["metadata"]["name"]): d for d in docs}
         # (where, owner, pod template, namespace)
-        self.pods = [(self._where(d, role), d, tpl, d["metadata"].get("namespace"))
-                     for d in docs for role, tpl in pod_templates(d)]
+        self.pods = [
+            (self._where(d, role), d, tpl, d["metadata"].get("namespace"))
+            for d in docs
+            for role, tpl in pod_templates(d)
+        ]
         self.policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
 
     def _where(self, doc: dict, role: str = "pod") -> str:
@@ -141,13 +154,19 @@ class K8sRefs:
                 continue
             ns = d["metadata"].get("namespace")
             if ns is None:
-                self.fail(self._where(d), "no namespace: `kubectl apply` puts it in the context's namespace "
-                                          "(usually default), away from the objects that use it")
+                self.fail(
+                    self._where(d),
+                    "no namespace: `kubectl apply` puts it in the context's namespace "
+                    "(usually default), away from the objects that use it",
+                )
             else:
                 seen.setdefault(ns, []).append(f"{d['kind']}/{d['metadata']['name']}")
         if len(seen) > 1:
-            self.fail(self.rel, "objects are split over namespaces: " +
-                      "; ".join(f"{ns}: {', '.join(objs)}" for ns, objs in sorted(seen.items())))
+            self.fail(
+                self.rel,
+                "objects are split over namespaces: "
+                + "; ".join(f"{ns}: {', '.join(objs)}" for ns, objs in sorted(seen.items())),
+            )
         declared = [d["metadata"]["name"] for d in self.docs if d["kind"] == "Namespace"]
         for ns in seen:
             if declared and ns not in declared:
@@ -156,8 +175,9 @@ class K8sRefs:
 
     def _exists(self, kind: str, ns: str | None, name: str) -> bool:
         if kind == "Secret" and any(  # cert-manager writes the Secret a Certificate names
-                k == "Certificate" and _ns == ns and ((d.get("spec") or {}).get("secretName") == name)
-                for (k, _ns, _n), d in self.objects.items()):
+            k == "Certificate" and _ns == ns and ((d.get("spec") or {}).get("secretName") == name)
+            for (k, _ns, _n), d in self.objects.items()
+        ):
             return True
         return (kind, ns, name) in self.objects
 
@@ -176,8 +196,9 @@ class K8sRefs:
         mounted: dict[str, str] = {}  # ConfigMap name -> why it is read
         for v in volumes.values():
             self._volume(where, v, ns, mounted)
-        texts: list[str] = [str(doc["spec"]["entrypoint"])] if doc["kind"] == "RayJob" and where.endswith(
-            "(ray-head)") else []
+        texts: list[str] = (
+            [str(doc["spec"]["entrypoint"])] if doc["kind"] == "RayJob" and where.endswith("(ray-head)") else []
+        )
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             cw = f"{where} container {c.get('name')}"
             for m in c.get("volumeMounts") or []:
@@ -188,10 +209,12 @@ class K8sRefs:
                 for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
                     ref = src.get(key)
                     if ref:
-                        self._ref(cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")),
-                                  what=f"envFrom {key}")
+                        self._ref(
+                            cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")), what=f"envFrom {key}"
+                        )
                         obj = self.objects.get((kind, ns, ref.get("name"))) or next(
-                            (d for (k, _ns, n), d in self.objects.items() if (k, n) == (kind, ref.get("name"))), None)
+                            (d for (k, _ns, n), d in self.objects.items() if (k, n) == (kind, ref.get("name"))), None
+                        )
                         if kind == "ConfigMap" and obj:  # (if it is elsewhere: what the pod meant to read)
                             texts += [str(v) for v in (obj.get("data") or {}).values()]
             for e in env.values():
@@ -199,18 +222,41 @@ class K8sRefs:
                 for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
                     ref = vf.get(key)
                     if ref:
-                        self._ref(cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")),
-                                  what=f"env {e['name']} {key}")
+                        self._ref(
+                            cw,
+                            kind,
+                            ns,
+                            ref.get("name", ""),
+                            optional=bool(ref.get("optional")),
+                            what=f"env {e['name']} {key}",
+                        )
                         obj = self.objects.get((kind, ns, ref.get("name")))
                         data = {**((obj or {}).get("data") or {}), **((obj or {}).get("stringData") or {})}
                         if obj and ref.get("key") not in data:
                             self.fail(cw, f"env {e['name']}: {kind} {ref.get('name')} has no key {ref.get('key')!r}")
             own = [str(e["value"]) for e in env.values() if "value" in e]
             own += [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
-            own += self._row_paths(cw, c, doc, ns, env, [str(v) for name in mounted for v in
-                                   ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()])
-            for text in own + texts + [str(v) for name in mounted for v in
-                                       ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()]:
+            own += self._row_paths(
+                cw,
+                c,
+                doc,
+                ns,
+                env,
+                [
+                    str(v)
+                    for name in mounted
+                    for v in ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()
+                ],
+            )
+            for text in (
+                own
+                + texts
+                + [
+                    str(v)
+                    for name in mounted
+                    for v in ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()
+                ]
+            ):
                 for host, scheme, port in addresses(self._expand(text, env, doc, ns)):
                     self._dial(cw, tpl, ns, host, scheme, port)
 
@@ -221,8 +267,11 @@ class K8sRefs:
         if "cluster.shm_dir" in sets or "cluster.host_id" in sets:
             shm_dir = sets.get("cluster.shm_dir") or cluster_field(argv, configs, "shm_dir") or "/dev/shm"
             if shm_dir.rstrip("/") not in {m["mountPath"].rstrip("/") for m in c.get("volumeMounts") or []}:
-                self.fail(cw, f"cluster.shm_dir {shm_dir} (co-located row path) is not a volume this container "
-                              "mounts: shards and workers of a node share no files there")
+                self.fail(
+                    cw,
+                    f"cluster.shm_dir {shm_dir} (co-located row path) is not a volume this container "
+                    "mounts: shards and workers of a node share no files there",
+                )
         advertise = flag(argv, "--advertise")
         if advertise is None:
             return []
@@ -235,24 +284,48 @@ class K8sRefs:
 
     def _volume(self, where: str, v: dict, ns: str | None, mounted: dict[str, str]) -> None:
         if "configMap" in v:
-            self._ref(where, "ConfigMap", ns, v["configMap"].get("name", ""), optional=bool(v["configMap"].get("optional")),
-                      what=f"volume {v['name']} configMap")
+            self._ref(
+                where,
+                "ConfigMap",
+                ns,
+                v["configMap"].get("name", ""),
+                optional=bool(v["configMap"].get("optional")),
+                what=f"volume {v['name']} configMap",
+            )
             mounted[v["configMap"].get("name", "")] = v["name"]
         if "secret" in v:
-            self._ref(where, "Secret", ns, v["secret"].get("secretName", ""), optional=bool(v["secret"].get("optional")),
-                      what=f"volume {v['name']} secret")
+            self._ref(
+                where,
+                "Secret",
+                ns,
+                v["secret"].get("secretName", ""),
+                optional=bool(v["secret"].get("optional")),
+                what=f"volume {v['name']} secret",
+            )
         if "persistentVolumeClaim" in v:
-            self._ref(where, "PersistentVolumeClaim", ns, v["persistentVolumeClaim"].get("claimName", ""),
-                      what=f"volume {v['name']} claim")
+            self._ref(
+                where,
+                "PersistentVolumeClaim",
+                ns,
+                v["persistentVolumeClaim"].get("claimName", ""),
+                what=f"volume {v['name']} claim",
+            )
         for source in (v.get("projected") or {}).get("sources") or []:
             for key, kind, name_key in (("configMap", "ConfigMap", "name"), ("secret", "Secret", "name")):
                 if key in source:
-                    self._ref(where, kind, ns, source[key].get(name_key, ""), optional=bool(source[key].get("optional")),
-                              what=f"volume {v['name']} projected {key}")
+                    self._ref(
+                        where,
+                        kind,
+                        ns,
+                        source[key].get(name_key, ""),
+                        optional=bool(source[key].get("optional")),
+                        what=f"volume {v['name']} projected {key}",
+                    )
 
     @staticmethod
     def _expand(text: str, env: dict, doc: dict, ns: str | None) -> str:
         """$(VAR) -> what Kubernetes substitutes (a sample pod name / node name for per-pod fields)."""
+
         def one(m: re.Match) -> str:
             e = env.get(m.group(1))
             if e is None:
@@ -260,8 +333,12 @@ class K8sRefs:
             if "value" in e:
                 return str(e["value"])
             path = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
-            return {"metadata.namespace": str(ns), "metadata.name": f"{doc['metadata']['name']}-0",
-                    "spec.nodeName": "node-0"}.get(path, "0" if "pod-index" in path else "x")
+            return {
+                "metadata.namespace": str(ns),
+                "metadata.name": f"{doc['metadata']['name']}-0",
+                "spec.nodeName": "node-0",
+            }.get(path, "0" if "pod-index" in path else "x")
+
         return VAR_RE.sub(one, text)
 
     def _dial(self, cw: str, tpl: dict, ns: str | None, host: str, scheme: str | None, port: int | None) -> None:
@@ -274,8 +351,11 @@ class K8sRefs:
             labels = labels[:-1]
         elif len(labels) > 2:
             return  # outside the cluster's DNS (a registry, an external endpoint): not ours to resolve
-        svc_name, svc_ns, per_pod = labels[-2] if len(labels) == 3 else labels[0], \
-            labels[-1] if len(labels) >= 2 else ns, len(labels) == 3
+        svc_name, svc_ns, per_pod = (
+            labels[-2] if len(labels) == 3 else labels[0],
+            labels[-1] if len(labels) >= 2 else ns,
+            len(labels) == 3,
+        )
         address = f"{scheme + '://' if scheme else ''}{host}{':' + str(port) if port else ''}"
         if svc_ns != ns:
             self.fail(cw, f"dials {address}: namespace {svc_ns}, but the pod runs in {ns}")
@@ -302,14 +382,21 @@ class K8sRefs:
             labels = (tpl.get("metadata") or {}).get("labels") or {}
             if pod_ns != ns or not labels_match((svc.get("spec") or {}).get("selector"), labels):
                 continue
-            policies = [p for p in self._policies_for(labels, ns) if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+            policies = [
+                p for p in self._policies_for(labels, ns) if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+            ]
             if policies and not any(admits(p, src_labels, {}, _port_number(tpl, target)) for p in policies):
                 names = ", ".join(p["metadata"]["name"] for p in policies)
-                self.fail(cw, f"dials {address}, but NetworkPolicy {names} admits no ingress from this pod on that port")
+                self.fail(
+                    cw, f"dials {address}, but NetworkPolicy {names} admits no ingress from this pod on that port"
+                )
 
     def _policies_for(self, labels: dict, ns: str | None) -> list[dict]:
-        return [p for p in self.policies if p["metadata"].get("namespace") == ns
-                and selector_matches(p["spec"].get("podSelector"), labels)]
+        return [
+            p
+            for p in self.policies
+            if p["metadata"].get("namespace") == ns and selector_matches(p["spec"].get("podSelector"), labels)
+        ]
 
     def _coverage(self) -> None:
         for where, _doc, tpl, ns in self.pods:
@@ -328,8 +415,9 @@ def _port_number(tpl: dict, target: int | str) -> int | None:
     return None
 
 
-def admits(policy: dict, src_labels: dict, src_ns_labels: dict | None, port: int | None, *,
-           same_namespace: bool = True) -> bool:
+def admits(
+    policy: dict, src_labels: dict, src_ns_labels: dict | None, port: int | None, *, same_namespace: bool = True
+) -> bool:
     """Does one of the policy's ingress rules let a pod (labels, its namespace's labels) in on `port`?
 
     src_ns_labels None = the namespace's labels are unknown: a namespaceSelector admits it only when
@@ -409,8 +497,9 @@ def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
         for text in texts:
             for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+][^}]*)?\}", text):
                 if not m.group(2):
-                    problems.append(f"{sw}: ${{{m.group(1)}}} has no default: compose substitutes an empty "
-                                    "string when it is unset")
+                    problems.append(
+                        f"{sw}: ${{{m.group(1)}}} has no default: compose substitutes an empty string when it is unset"
+                    )
             for host, scheme, port in addresses(text):
                 if _is_local(host):
                     continue
@@ -418,8 +507,10 @@ def check_compose(data: dict, where: str = "docker-compose.yml") -> list[str]:
                 if host not in services:
                     problems.append(f"{sw}: dials {address}: no service {host}")
                 elif port is None or port not in compose_ports(services[host]):
-                    problems.append(f"{sw}: dials {address}: service {host} exposes "
-                                    f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
+                    problems.append(
+                        f"{sw}: dials {address}: service {host} exposes "
+                        f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}"
+                    )
     return problems + compose_row_paths(data, where)
 
 

@@ -60,9 +60,11 @@ def flag(argv: list[str], name: str) -> str | None:
 def data_address(advertise: str, data_port: str | None) -> tuple[str | None, str]:
     """-> (the data plane's registered host:port or None, why none)."""
     if data_port is None or data_port.strip() in ("", "0"):
-        return None, (f"the shard advertises {advertise} but its data plane listens on a random port "
-                      "(cluster.data_port unset or 0): no Service or NetworkPolicy can name it; set a fixed "
-                      "cluster.data_port")
+        return None, (
+            f"the shard advertises {advertise} but its data plane listens on a random port "
+            "(cluster.data_port unset or 0): no Service or NetworkPolicy can name it; set a fixed "
+            "cluster.data_port"
+        )
     if not data_port.isdigit():
         return None, f"cluster.data_port={data_port!r} is not a port number"
     return f"{advertise.rsplit(':', 1)[0]}:{int(data_port)}", ""
@@ -88,8 +90,10 @@ def compose_row_paths(data: dict, where: str) -> list[str]:
                 if host not in services:
                     problems.append(f"{sw}: registers its data plane as {address}: no service {host}")
                 elif int(port) not in compose_ports(services[host]):
-                    problems.append(f"{sw}: registers its data plane as {address}: service {host} exposes "
-                                    f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}")
+                    problems.append(
+                        f"{sw}: registers its data plane as {address}: service {host} exposes "
+                        f"{sorted(compose_ports(services[host]))} (expose/ports), not {port}"
+                    )
         sets = engram_sets(argv)
         if "cluster.host_id" in sets:
             claims[name] = sets["cluster.host_id"]
@@ -103,19 +107,25 @@ def compose_row_paths(data: dict, where: str) -> list[str]:
             mounts[target.rstrip("/")] = (kind, source)
         kind, source = mounts.get(shm_dir, ("", ""))
         if kind != "volume":
-            problems.append(f"{sw}: cluster.shm_dir {shm_dir} (co-located row path) is not a named volume this "
-                            "service mounts: it shares no files there with the other services")
+            problems.append(
+                f"{sw}: cluster.shm_dir {shm_dir} (co-located row path) is not a named volume this "
+                "service mounts: it shares no files there with the other services"
+            )
             continue
         sharing.setdefault((source, shm_dir), []).append((name, sets.get("cluster.host_id", "")))
     for (volume, path), users in sorted(sharing.items()):
         ids = {h for _n, h in users}
         if len(ids) != 1 or "" in ids:
-            problems.append(f"{where}: services {', '.join(n for n, _h in users)} share volume {volume} at {path} "
-                            f"but set cluster.host_id {sorted(ids)}: they must name the one host they share")
+            problems.append(
+                f"{where}: services {', '.join(n for n, _h in users)} share volume {volume} at {path} "
+                f"but set cluster.host_id {sorted(ids)}: they must name the one host they share"
+            )
             continue
         members = {n for n, _h in users}
         for name, host_id in claims.items():
             if host_id in ids and name not in members:
-                problems.append(f"{where} services.{name}: cluster.host_id={host_id} claims the host of volume "
-                                f"{volume} but does not mount it at {path}: its shared-memory reads would fail")
+                problems.append(
+                    f"{where} services.{name}: cluster.host_id={host_id} claims the host of volume "
+                    f"{volume} but does not mount it at {path}: its shared-memory reads would fail"
+                )
     return problems

@@ -129,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                 trace_id = asyncio.run(one_step(cluster, (8, 64, 4), args.compute_ms))
                 tel.force_flush()
                 want = args.shards
-                spans = rx.wait_for(lambda got: sum(s.trace_id == trace_id and s.kind == "server" for s in got) >= want,
-                                    timeout_s=30)
+                spans = rx.wait_for(
+                    lambda got: sum(s.trace_id == trace_id and s.kind == "server" for s in got) >= want, timeout_s=30
+                )
         finally:
             tel.shutdown()
     trace = [s for s in spans if s.trace_id == trace_id]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    title = (f"One step's trace, received over OTLP from {len({s.pid for s in trace})} processes "
-             f"(preset {args.preset}, {args.shards} shards, ids (8, 64, 4); {time.strftime('%Y-%m-%d')})")
+    title = (
+        f"One step's trace, received over OTLP from {len({s.pid for s in trace})} processes "
+        f"(preset {args.preset}, {args.shards} shards, ids (8, 64, 4); {time.strftime('%Y-%m-%d')})"
+    )
     draw(trace, args.out, title)
     args.out.with_suffix(".json").write_text(json.dumps([asdict(s) for s in trace], indent=1))
     print(f"wrote {args.out} ({len(trace)} spans, trace {trace_id})")

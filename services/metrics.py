@@ -15,23 +15,35 @@ class _Instruments:
 
     def __init__(self, meter: otel_metrics.Meter) -> None:
         self.lookup_latency = meter.create_histogram(
-            "engram.lookup.duration", unit="s", description="latency of one lookup (client: all shards; "
-            "shard: one request)", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+            "engram.lookup.duration",
+            unit="s",
+            description="latency of one lookup (client: all shards; shard: one request)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        )
         self.rows = meter.create_counter(
-            "engram.lookup.rows", unit="{row}", description="rows looked up; rate() gives rows/s")
-        self.cache_hits = meter.create_counter("engram.cache.hits", unit="{row}", description="rows served "
-                                               "from the worker's row cache")
-        self.cache_requests = meter.create_counter("engram.cache.requests", unit="{row}",
-                                                   description="rows asked of the worker's row cache")
-        self.cache_hit_ratio = meter.create_gauge("engram.cache.hit_ratio", unit="1",
-                                                  description="hits / requests of the last batch")
-        self.staleness = meter.create_gauge("engram.staleness", unit="{step}",
-                                            description="optimizer steps a lookup's rows lag the trainer")
-        self.queue_depth = meter.create_gauge("engram.queue.depth", unit="{request}",
-                                              description="requests queued or in flight")
+            "engram.lookup.rows", unit="{row}", description="rows looked up; rate() gives rows/s"
+        )
+        self.cache_hits = meter.create_counter(
+            "engram.cache.hits", unit="{row}", description="rows served from the worker's row cache"
+        )
+        self.cache_requests = meter.create_counter(
+            "engram.cache.requests", unit="{row}", description="rows asked of the worker's row cache"
+        )
+        self.cache_hit_ratio = meter.create_gauge(
+            "engram.cache.hit_ratio", unit="1", description="hits / requests of the last batch"
+        )
+        self.staleness = meter.create_gauge(
+            "engram.staleness", unit="{step}", description="optimizer steps a lookup's rows lag the trainer"
+        )
+        self.queue_depth = meter.create_gauge(
+            "engram.queue.depth", unit="{request}", description="requests queued or in flight"
+        )
         self.shard_events = meter.create_counter(
-            "engram.shard.events", unit="{event}", description="stuck state a shard expired or refused: "
-            "event=step_discarded | freeze_lifted | staged_dropped | inflight_refused | bad_request")
+            "engram.shard.events",
+            unit="{event}",
+            description="stuck state a shard expired or refused: "
+            "event=step_discarded | freeze_lifted | staged_dropped | inflight_refused | bad_request",
+        )
 
 
 _instruments: _Instruments | None = None

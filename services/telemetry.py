@@ -49,8 +49,14 @@ from services.tracing import annotate, annotate_rows, enabled, span, traced_task
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
-            "parentbased_always_off", "parentbased_traceidratio")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 PROTOCOLS = ("grpc", "http/protobuf")
 METRICS_EXPORTERS = ("otlp", "prometheus", "none")
 EXCLUDED_SERVICES = "grpc.health.v1.Health,grpc.reflection.v1alpha.ServerReflection"
@@ -120,8 +126,11 @@ def settings_from_env(service_name: str, env: Mapping[str, str]) -> TelemetrySet
             raise ConfigError(f"OTEL_RESOURCE_ATTRIBUTES: expected key=value pairs, got {item!r}")
         attrs[key.strip()] = value.strip()
     return TelemetrySettings(
-        service_name=env.get("OTEL_SERVICE_NAME", "").strip() or service_name, traces_endpoint=traces,
-        metrics_endpoint=metrics, prometheus="prometheus" in exporters, resource_attributes=attrs,
+        service_name=env.get("OTEL_SERVICE_NAME", "").strip() or service_name,
+        traces_endpoint=traces,
+        metrics_endpoint=metrics,
+        prometheus="prometheus" in exporters,
+        resource_attributes=attrs,
         traces_protocol=_choice(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol, PROTOCOLS),
         metrics_protocol=_choice(env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol, PROTOCOLS),
     )
@@ -158,8 +167,9 @@ def _sampler():
     chosen = sampling._get_from_env_or_default()  # the SDK's own reading of OTEL_TRACES_SAMPLER(_ARG)
 
     class NoOrphanClientSpans(sampling.Sampler):
-        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                          trace_state=None):
+        def should_sample(
+            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+        ):
             parent = otel_trace.get_current_span(parent_context).get_span_context()
             if kind == otel_trace.SpanKind.CLIENT and not parent.is_valid:
                 return sampling.SamplingResult(sampling.Decision.DROP)
@@ -193,8 +203,15 @@ def _exporter(signal: str, protocol: str, endpoint: str) -> Any:
 class Telemetry:
     """What `setup_telemetry` installed; `shutdown()` flushes and removes it."""
 
-    def __init__(self, service_name: str, *, tracer_provider=None, meter_provider=None,
-                 instrumentors: tuple = (), metrics_server=None) -> None:
+    def __init__(
+        self,
+        service_name: str,
+        *,
+        tracer_provider=None,
+        meter_provider=None,
+        instrumentors: tuple = (),
+        metrics_server=None,
+    ) -> None:
         self.service_name = service_name
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -237,9 +254,15 @@ class Telemetry:
         metrics.uninstall()
 
 
-def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-                    attributes: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-                    metrics_tls: tuple[str, str] | None = None) -> Telemetry:
+def setup_telemetry(
+    service_name: str,
+    *,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+    attributes: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    metrics_tls: tuple[str, str] | None = None,
+) -> Telemetry:
     """Install tracing/metrics for this process from the OTEL_* environment. Call once, at entry.
 
     `metrics_port` (a CLI value of the caller; 0 picks a free port) serves Prometheus text even
@@ -254,12 +277,25 @@ def setup_telemetry(service_name: str, *, metrics_port: int | None = None, metri
     if tracing.enabled() or metrics.active():
         raise RuntimeError("setup_telemetry: already set up in this process; call shutdown() first")
     with _otel_environ(env):
-        return _install(service_name, settings, metrics_port=metrics_port, metrics_host=metrics_host,
-                        attributes=attributes or {}, metrics_tls=metrics_tls)
+        return _install(
+            service_name,
+            settings,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            attributes=attributes or {},
+            metrics_tls=metrics_tls,
+        )
 
 
-def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_port: int | None,
-             metrics_host: str, attributes: Mapping[str, Any], metrics_tls: tuple[str, str] | None = None) -> Telemetry:
+def _install(
+    service_name: str,
+    settings: TelemetrySettings | None,
+    *,
+    metrics_port: int | None,
+    metrics_host: str,
+    attributes: Mapping[str, Any],
+    metrics_tls: tuple[str, str] | None = None,
+) -> Telemetry:
     from opentelemetry.sdk.resources import Resource
 
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (which wins over ours)
@@ -284,18 +320,21 @@ def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_p
         readers.append(PrometheusMetricReader(registry=registry))
         try:
             certfile, keyfile = metrics_tls or (None, None)
-            server = start_http_server(metrics_port, addr=metrics_host, registry=registry, certfile=certfile,
-                                       keyfile=keyfile)
+            server = start_http_server(
+                metrics_port, addr=metrics_host, registry=registry, certfile=certfile, keyfile=keyfile
+            )
         except OSError as exc:
-            raise ConfigError(f"--metrics-port: cannot serve Prometheus metrics on {metrics_host}:{metrics_port}: "
-                              f"{exc}") from None
+            raise ConfigError(
+                f"--metrics-port: cannot serve Prometheus metrics on {metrics_host}:{metrics_port}: {exc}"
+            ) from None
     if settings is not None and settings.traces_endpoint:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         tracer_provider = TracerProvider(resource=resource, sampler=_sampler())
-        tracer_provider.add_span_processor(BatchSpanProcessor(
-            _exporter("traces", settings.traces_protocol, settings.traces_endpoint)))
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(_exporter("traces", settings.traces_protocol, settings.traces_endpoint))
+        )
         if not _global_is_set(otel_trace.get_tracer_provider()):
             otel_trace.set_tracer_provider(tracer_provider)  # for libraries that trace through the global API
         instrumentors = _instrument(tracer_provider)
@@ -303,8 +342,9 @@ def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_p
     if settings is not None and settings.metrics_endpoint:
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        readers.append(PeriodicExportingMetricReader(
-            _exporter("metrics", settings.metrics_protocol, settings.metrics_endpoint)))
+        readers.append(
+            PeriodicExportingMetricReader(_exporter("metrics", settings.metrics_protocol, settings.metrics_endpoint))
+        )
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 
@@ -312,11 +352,20 @@ def _install(service_name: str, settings: TelemetrySettings | None, *, metrics_p
         if not _global_is_set(otel_metrics.get_meter_provider()):
             otel_metrics.set_meter_provider(meter_provider)
         metrics.install(meter_provider.get_meter(TRACER_NAME))
-    tel = Telemetry(name, tracer_provider=tracer_provider, meter_provider=meter_provider,
-                    instrumentors=tuple(instrumentors), metrics_server=server)
-    log.info("telemetry: service=%s traces=%s metrics=%s prometheus_port=%s", name,
-             settings.traces_endpoint if settings else None, settings.metrics_endpoint if settings else None,
-             tel.metrics_port)
+    tel = Telemetry(
+        name,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        instrumentors=tuple(instrumentors),
+        metrics_server=server,
+    )
+    log.info(
+        "telemetry: service=%s traces=%s metrics=%s prometheus_port=%s",
+        name,
+        settings.traces_endpoint if settings else None,
+        settings.metrics_endpoint if settings else None,
+        tel.metrics_port,
+    )
     return tel
 
 
@@ -336,8 +385,12 @@ def _instrument(tracer_provider) -> list:
     os.environ.setdefault("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", EXCLUDED_SERVICES)
     done = []
     # the sync gRPC client too (scripts and tools with sync stubs; the trainer uses the async ShardClient)
-    for inst in (GrpcAioInstrumentorServer(), GrpcAioInstrumentorClient(), GrpcInstrumentorClient(),
-                 RedisInstrumentor()):
+    for inst in (
+        GrpcAioInstrumentorServer(),
+        GrpcAioInstrumentorClient(),
+        GrpcInstrumentorClient(),
+        RedisInstrumentor(),
+    ):
         inst.instrument(tracer_provider=tracer_provider)
         done.append(inst)
     return done

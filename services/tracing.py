@@ -49,8 +49,9 @@ def span(name: str, *, parent: Any = None, **attributes: Any):
     return _tracer.start_as_current_span(name, context=context, attributes=_clean(attributes))
 
 
-def traced_task(coro: Coroutine[Any, Any, T], name: str, *, rows: int | None = None, table: int | None = None,
-                **attributes: Any) -> tuple[asyncio.Task[T], Any]:
+def traced_task(
+    coro: Coroutine[Any, Any, T], name: str, *, rows: int | None = None, table: int | None = None, **attributes: Any
+) -> tuple[asyncio.Task[T], Any]:
     """Run `coro` as a task inside a span that ends when the task does -> (task, span).
 
     Calls the task makes (gRPC client spans) become the span's children, although the caller

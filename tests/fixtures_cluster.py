@@ -20,8 +20,11 @@ import pytest
 from tests.line_process import LineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_BIN = (shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
-             or "/usr/bin/redis-server")
+REDIS_BIN = (
+    shutil.which("redis-server")
+    or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+    or "/usr/bin/redis-server"
+)
 
 
 def free_port() -> int:
@@ -130,6 +133,10 @@ def shard_procs() -> Iterator[list[ShardProcess]]:
 def run_shard_to_exit(args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     """Run `python -m services.shard` expecting it to exit (bad configuration paths)."""
     return subprocess.run(
-        [sys.executable, "-m", "services.shard", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-m", "services.shard", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -36,8 +36,12 @@ def cluster_fixture(*, num_shards: int, overrides: list[str], preset: str = "tin
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         root = tmp_path_factory.mktemp("cluster-checkpoints")  # the shards' checkpoint root
         cluster = LocalCluster(
-            preset=preset, overrides=[f"cluster.checkpoint_dir={root}", *overrides], num_shards=num_shards,
-            log_dir=tmp_path_factory.mktemp("cluster-logs"), startup_timeout_s=60, secure=secure,
+            preset=preset,
+            overrides=[f"cluster.checkpoint_dir={root}", *overrides],
+            num_shards=num_shards,
+            log_dir=tmp_path_factory.mktemp("cluster-logs"),
+            startup_timeout_s=60,
+            secure=secure,
         )
         with cluster:
             yield cluster
@@ -84,6 +88,10 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 
 def engram_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engram_cli.main", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "-m", "engram_cli.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -25,8 +25,17 @@ from proto.shard.v1 import shard_pb2
 
 SERVICE = "/engram.shard.v1.MemoryShard/"
 STREAMING = {"LookupStream", "ImportSlots"}
-RPCS = ("Lookup", "LookupStream", "ApplyGradients", "Checkpoint", "Restore", "MigrateSlots", "ImportSlots",
-        "SetSlotMap", "Stats")
+RPCS = (
+    "Lookup",
+    "LookupStream",
+    "ApplyGradients",
+    "Checkpoint",
+    "Restore",
+    "MigrateSlots",
+    "ImportSlots",
+    "SetSlotMap",
+    "Stats",
+)
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 I32 = (1 << 31) - 1
@@ -80,8 +89,9 @@ class Corpus:
             slots = self.rng.choice(t.owned, size=n)
             per_slot = t.num_rows // t.num_slots
             return (slots + t.num_slots * self.rng.integers(0, per_slot, size=n)).astype(np.int64)
-        return self.rng.choice(np.array([-1, -(1 << 63), t.num_rows, t.num_rows + 5, (1 << 63) - 1, 0, 1, 2, 3]),
-                               size=n).astype(np.int64)
+        return self.rng.choice(
+            np.array([-1, -(1 << 63), t.num_rows, t.num_rows + 5, (1 << 63) - 1, 0, 1, 2, 3]), size=n
+        ).astype(np.int64)
 
     def mangle(self, data: bytes) -> bytes:
         b = bytearray(data)
@@ -110,15 +120,22 @@ class Corpus:
             row_ids = np.resize(self.ids(t, 64, owned=True), (2 << 20) // 8 // t.dim + 1000).tobytes()
         return shard_pb2.LookupRequest(
             table=self.pick([t.table, t.table, -1, I32, 0, t.table + 1]),
-            epoch=self.pick([epoch, epoch, 0, epoch + 1, U64]), row_ids=row_ids,
-            dtype=self.pick([1, 2, 3, 0, 4, I32]), request_id=self.pick(["", "x" * 1000, "\u2603"]),
-            step=self.pick([0, 0, 1, U64, self.any_int()]), max_staleness=self.pick([0, U32, self.any_int(32)]),
+            epoch=self.pick([epoch, epoch, 0, epoch + 1, U64]),
+            row_ids=row_ids,
+            dtype=self.pick([1, 2, 3, 0, 4, I32]),
+            request_id=self.pick(["", "x" * 1000, "\u2603"]),
+            step=self.pick([0, 0, 1, U64, self.any_int()]),
+            max_staleness=self.pick([0, U32, self.any_int(32)]),
         )
 
     def optimizer(self) -> shard_pb2.OptimizerParams:
         return shard_pb2.OptimizerParams(
-            kind=self.pick(["adam", "", "adagrad", "sgd", "\x00", "a" * 500]), lr=self.any_float(),
-            beta1=self.any_float(), beta2=self.any_float(), eps=self.any_float(), version=self.any_int(32),
+            kind=self.pick(["adam", "", "adagrad", "sgd", "\x00", "a" * 500]),
+            lr=self.any_float(),
+            beta1=self.any_float(),
+            beta2=self.any_float(),
+            eps=self.any_float(),
+            version=self.any_int(32),
         )
 
     def apply(self, t: Target, epoch: int, applied: int) -> shard_pb2.ApplyGradientsRequest:
@@ -134,8 +151,10 @@ class Corpus:
             gbytes = gbytes[: int(self.rng.integers(len(gbytes) + 1))]
         multi = self.rng.random() < 0.05
         return shard_pb2.ApplyGradientsRequest(
-            table=self.pick([t.table, t.table, t.table, -7, I32]), epoch=self.pick([epoch, epoch, epoch, 0, U64]),
-            row_ids=ids.tobytes(), grads=gbytes,
+            table=self.pick([t.table, t.table, t.table, -7, I32]),
+            epoch=self.pick([epoch, epoch, epoch, 0, U64]),
+            row_ids=ids.tobytes(),
+            grads=gbytes,
             step=self.pick([applied + 1, applied + 2, applied, 0, 1 << 63, U64, applied + 1000]),
             optimizer=self.optimizer() if self.rng.random() < 0.5 else valid_adam(self.rng),
             # multi-part steps never complete here: they hold max_step_parts parts, far more than sent
@@ -145,29 +164,87 @@ class Corpus:
         )
 
     def checkpoint(self, t: Target) -> shard_pb2.CheckpointRequest:
-        name = self.pick(["", "\x00bad", "/dev/null/x", "/proc/nope/x", f"{t.scratch}/{'y' * 300}", "../escape",
-                          f"{t.scratch}/../../escape", ".hidden", "a//b", "/" + "z" * 5000,
-                          f"{t.scratch}/ck{int(self.rng.integers(3))}"])
+        name = self.pick(
+            [
+                "",
+                "\x00bad",
+                "/dev/null/x",
+                "/proc/nope/x",
+                f"{t.scratch}/{'y' * 300}",
+                "../escape",
+                f"{t.scratch}/../../escape",
+                ".hidden",
+                "a//b",
+                "/" + "z" * 5000,
+                f"{t.scratch}/ck{int(self.rng.integers(3))}",
+            ]
+        )
         return shard_pb2.CheckpointRequest(name=name, step=self.any_int())
 
     def restore(self, t: Target) -> shard_pb2.RestoreRequest:
         files = []
         for _ in range(int(self.rng.integers(0, 6))):
-            files.append(shard_pb2.SlotFile(
-                table=self.pick([t.table, -1, I32]), slot=self.pick([*t.owned[:3], -1, t.num_slots, I32]),
-                path=self.pick(["etc/passwd", "../../etc/passwd", "/etc/passwd", "", "dev/zero", "a\x00b",
-                                "table1/slot00000.bin", "x" * 5000]),
-                sha256=self.pick(["", "00" * 32, "zz"]), num_rows=self.any_int(), num_bytes=self.any_int(),
-            ))
-        name = self.pick(["/", "", "/nonexistent-engram", "\x00", "..", f"{t.scratch}/never-written",
-                          f"{t.scratch}/ck{int(self.rng.integers(3))}"])
+            files.append(
+                shard_pb2.SlotFile(
+                    table=self.pick([t.table, -1, I32]),
+                    slot=self.pick([*t.owned[:3], -1, t.num_slots, I32]),
+                    path=self.pick(
+                        [
+                            "etc/passwd",
+                            "../../etc/passwd",
+                            "/etc/passwd",
+                            "",
+                            "dev/zero",
+                            "a\x00b",
+                            "table1/slot00000.bin",
+                            "x" * 5000,
+                        ]
+                    ),
+                    sha256=self.pick(["", "00" * 32, "zz"]),
+                    num_rows=self.any_int(),
+                    num_bytes=self.any_int(),
+                )
+            )
+        name = self.pick(
+            [
+                "/",
+                "",
+                "/nonexistent-engram",
+                "\x00",
+                "..",
+                f"{t.scratch}/never-written",
+                f"{t.scratch}/ck{int(self.rng.integers(3))}",
+            ]
+        )
         return shard_pb2.RestoreRequest(name=name, files=files)
 
     def migrate(self, t: Target, epoch: int) -> shard_pb2.MigrateSlotsRequest:
-        slots = self.pick([[], [-1], [t.num_slots], [I32], t.owned[:1] * 2, t.owned[:2],
-                           [int(s) for s in self.rng.integers(-5, t.num_slots + 5, size=4)]])
-        target = self.pick([t.peer, t.peer, t.address, "", "unix:/tmp/x", "127.0.0.1:0",
-                            f"127.0.0.1:{t.closed_port}", "a" * 300, "::::", "127.0.0.1:99999", "host with space:1"])
+        slots = self.pick(
+            [
+                [],
+                [-1],
+                [t.num_slots],
+                [I32],
+                t.owned[:1] * 2,
+                t.owned[:2],
+                [int(s) for s in self.rng.integers(-5, t.num_slots + 5, size=4)],
+            ]
+        )
+        target = self.pick(
+            [
+                t.peer,
+                t.peer,
+                t.address,
+                "",
+                "unix:/tmp/x",
+                "127.0.0.1:0",
+                f"127.0.0.1:{t.closed_port}",
+                "a" * 300,
+                "::::",
+                "127.0.0.1:99999",
+                "host with space:1",
+            ]
+        )
         return shard_pb2.MigrateSlotsRequest(slots=slots, target=target, epoch=self.pick([epoch, 0, epoch + 1, U64]))
 
     def chunks(self, t: Target, epoch: int) -> list[shard_pb2.SlotChunk]:
@@ -177,13 +254,18 @@ class Corpus:
         out = []
         for i in range(int(self.rng.integers(0, 4))):
             rows = int(self.rng.integers(0, 5))
-            out.append(shard_pb2.SlotChunk(
-                table=self.pick([t.table, t.table, -1]), slot=slot, epoch=self.pick([epoch, epoch, 0, U64]),
-                weights=self.raw(rows * per_row + self.pick([0, 0, 1])),
-                state=self.raw(rows * 2 * per_row + self.pick([0, 0, 3])),
-                applied_step=self.any_int(), last=bool(self.rng.random() < 0.4),
-                offset_rows=self.pick([0, 0, rows * i, U64]),
-            ))
+            out.append(
+                shard_pb2.SlotChunk(
+                    table=self.pick([t.table, t.table, -1]),
+                    slot=slot,
+                    epoch=self.pick([epoch, epoch, 0, U64]),
+                    weights=self.raw(rows * per_row + self.pick([0, 0, 1])),
+                    state=self.raw(rows * 2 * per_row + self.pick([0, 0, 3])),
+                    applied_step=self.any_int(),
+                    last=bool(self.rng.random() < 0.4),
+                    offset_rows=self.pick([0, 0, rows * i, U64]),
+                )
+            )
         return out
 
     def slot_map(self, t: Target, epoch: int) -> shard_pb2.SetSlotMapRequest:
@@ -239,8 +321,14 @@ class Corpus:
 def valid_adam(rng: np.random.Generator) -> shard_pb2.OptimizerParams:
     """Legal but unusual Adam hyper-parameters."""
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-    return shard_pb2.OptimizerParams(kind=pick(["adam", ""]), lr=pick([1e-6, 0.05, 3.0]), beta1=pick([0.0, 0.9]),
-                                     beta2=pick([0.0, 0.999, 0.999999]), eps=pick([1e-30, 1e-8, 1.0]), version=1)
+    return shard_pb2.OptimizerParams(
+        kind=pick(["adam", ""]),
+        lr=pick([1e-6, 0.05, 3.0]),
+        beta1=pick([0.0, 0.9]),
+        beta2=pick([0.0, 0.999, 0.999999]),
+        eps=pick([1e-30, 1e-8, 1.0]),
+        version=1,
+    )
 
 
 def valid_step(rng: np.random.Generator, t: Target, *, epoch: int, step: int) -> shard_pb2.ApplyGradientsRequest:
@@ -250,5 +338,12 @@ def valid_step(rng: np.random.Generator, t: Target, *, epoch: int, step: int) ->
     ids = np.unique(slots + t.num_slots * rng.integers(0, t.num_rows // t.num_slots, size=n)).astype(np.int64)
     scale = float(rng.choice([1e-6, 1.0, 1e15]))
     grads = (rng.standard_normal((ids.size, t.dim)) * scale).astype(np.float32)
-    return shard_pb2.ApplyGradientsRequest(table=t.table, epoch=epoch, row_ids=ids.tobytes(), grads=grads.tobytes(),
-                                           step=step, optimizer=valid_adam(rng), num_parts=int(rng.integers(0, 2)))
+    return shard_pb2.ApplyGradientsRequest(
+        table=t.table,
+        epoch=epoch,
+        row_ids=ids.tobytes(),
+        grads=grads.tobytes(),
+        step=step,
+        optimizer=valid_adam(rng),
+        num_parts=int(rng.integers(0, 2)),
+    )

@@ -27,8 +27,9 @@ class LineProcess:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
 
     def launch(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+        )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -45,7 +46,9 @@ class LineProcess:
             except queue.Empty:
                 if self.kill_on_timeout:
                     self.kill()
-                raise TimeoutError(f"no {prefix!r} line from {self.name} in {timeout_s} s; stderr:\n{self.stderr()}") from None
+                raise TimeoutError(
+                    f"no {prefix!r} line from {self.name} in {timeout_s} s; stderr:\n{self.stderr()}"
+                ) from None
             if line is None:
                 rc = self.proc.wait() if self.proc else None
                 raise RuntimeError(f"{self.name} exited ({rc}) before {prefix!r}; stderr:\n{self.stderr()}")

@@ -48,18 +48,31 @@ def test_tokens_give_roles_and_rotate(tmp_path: Path, shard_procs: list) -> None
     assert code == grpc.StatusCode.UNAUTHENTICATED and "'read' role" in msg and "no bearer token" in msg, msg
     code, msg = _code(shard.address, SecurityConfig(token_file=_token_file(tmp_path, "x", "z" * 20)), lookup)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "not known" in msg, msg
-    code, msg = _code(shard.address, SecurityConfig(token_file=_token_file(tmp_path, "read")),
-                      "/engram.shard.v1.MemoryShard/SetSlotMap")
+    code, msg = _code(
+        shard.address,
+        SecurityConfig(token_file=_token_file(tmp_path, "read")),
+        "/engram.shard.v1.MemoryShard/SetSlotMap",
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED and "'admin' role; this caller has 'read'" in msg, msg
 
     cfg = load_config("tiny", None, ["cluster.num_shards=1"])
     ids = np.arange(64)
 
     async def go() -> None:
-        reader = ShardClient.standalone(cfg, [shard.address], row_path="grpc", wire_dtype="fp32",
-                                        security=SecurityConfig(token_file=_token_file(tmp_path, "read")))
-        trainer = ShardClient.standalone(cfg, [shard.address], row_path="grpc", wire_dtype="fp32",
-                                         security=SecurityConfig(token_file=_token_file(tmp_path, "train")))
+        reader = ShardClient.standalone(
+            cfg,
+            [shard.address],
+            row_path="grpc",
+            wire_dtype="fp32",
+            security=SecurityConfig(token_file=_token_file(tmp_path, "read")),
+        )
+        trainer = ShardClient.standalone(
+            cfg,
+            [shard.address],
+            row_path="grpc",
+            wire_dtype="fp32",
+            security=SecurityConfig(token_file=_token_file(tmp_path, "train")),
+        )
         try:
             before = await reader.lookup(1, ids)
             grads = torch.ones(ids.size, before.shape[-1])
@@ -78,8 +91,10 @@ def test_tokens_give_roles_and_rotate(tmp_path: Path, shard_procs: list) -> None
     time.sleep(1.1)
     tokens.write_text(f"read {new_read}\n")
     time.sleep(1.1)
-    assert _code(shard.address, SecurityConfig(token_file=_token_file(tmp_path, "read")), lookup)[0] == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        _code(shard.address, SecurityConfig(token_file=_token_file(tmp_path, "read")), lookup)[0]
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     code, _ = _code(shard.address, SecurityConfig(token_file=_token_file(tmp_path, "new", new_read)), lookup)
     assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
     assert shard.proc.poll() is None
@@ -88,8 +103,19 @@ def test_tokens_give_roles_and_rotate(tmp_path: Path, shard_procs: list) -> None
 def test_plaintext_on_a_public_address_is_refused(tmp_path: Path) -> None:
     out = run_shard_to_exit([*BASE, "--host", "0.0.0.0"])
     assert out.returncode == 2 and "without TLS; refusing" in out.stderr, out.stderr
-    out = run_shard_to_exit([*BASE, "--host", "127.0.0.1", "--metrics-port", "0", "--set", "cluster.host=0.0.0.0",
-                             "--set", "security.tls_enabled=true"])
+    out = run_shard_to_exit(
+        [
+            *BASE,
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--set",
+            "cluster.host=0.0.0.0",
+            "--set",
+            "security.tls_enabled=true",
+        ]
+    )
     assert out.returncode == 2 and "security.tls_cert: required" in out.stderr, out.stderr
 
 

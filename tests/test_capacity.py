@@ -17,8 +17,16 @@ GIB = 2**30
 
 
 def test_v41flash_bytes_per_shard_by_hand() -> None:
-    p = plan(PlanInput(engram=load_config("v41flash").engram, row_format="fp8", num_shards=2, replicas=2,
-                       node_ram_bytes=512 * GIB, gpu_tokens_per_s=20_000))
+    p = plan(
+        PlanInput(
+            engram=load_config("v41flash").engram,
+            row_format="fp8",
+            num_shards=2,
+            replicas=2,
+            node_ram_bytes=512 * GIB,
+            gpu_tokens_per_s=20_000,
+        )
+    )
     # 384,006,168 = 256 * 1,500,024 + 24 and 384,016,682 = 256 * 1,500,065 + 42: shard 0 holds slots
     # 0..127, i.e. 128 full rounds plus the 24 (resp. 42) slots that hold one row more
     shard0_rows = (128 * 1_500_024 + 24) + (128 * 1_500_065 + 42)
@@ -28,17 +36,35 @@ def test_v41flash_bytes_per_shard_by_hand() -> None:
     assert p["layout"]["total_bytes"] == 768_022_850 * 264
     assert p["shard"]["fits"] and p["shard"]["usable_ram_bytes"] == int(512 * GIB * 0.9)
     assert p["worker"]["rows_per_token"] == 48  # 2 layers x 3 orders x 8 heads
-    one = plan(PlanInput(engram=load_config("v41flash").engram, row_format="fp8", num_shards=1, replicas=1,
-                         node_ram_bytes=128 * GIB, gpu_tokens_per_s=1))
+    one = plan(
+        PlanInput(
+            engram=load_config("v41flash").engram,
+            row_format="fp8",
+            num_shards=1,
+            replicas=1,
+            node_ram_bytes=128 * GIB,
+            gpu_tokens_per_s=1,
+        )
+    )
     assert not one["shard"]["fits"]  # 189 GiB on one 128 GiB node
 
 
 def _toy(**kw: object) -> dict:
     # one layer, one order, one head: the prime after 10 is 11 rows of 32 dims
-    e = EngramConfig(layer_ids=[1], max_ngram_size=2, n_head_per_ngram=1, n_embed_per_ngram=32,
-                     table_size_per_ngram=[10])
-    base: dict = dict(engram=e, row_format="fp8", num_shards=2, replicas=2, node_ram_bytes=1000, ram_reserve=0.0,
-                      gpu_tokens_per_s=1000.0, workers=2, num_slots=4)
+    e = EngramConfig(
+        layer_ids=[1], max_ngram_size=2, n_head_per_ngram=1, n_embed_per_ngram=32, table_size_per_ngram=[10]
+    )
+    base: dict = dict(
+        engram=e,
+        row_format="fp8",
+        num_shards=2,
+        replicas=2,
+        node_ram_bytes=1000,
+        ram_reserve=0.0,
+        gpu_tokens_per_s=1000.0,
+        workers=2,
+        num_slots=4,
+    )
     base.update(kw)
     return plan(PlanInput(**base))
 
@@ -89,8 +115,21 @@ def test_bad_inputs() -> None:
 
 
 def test_cli_json_and_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    args = ["plan", "--layout", "v41flash", "--format", "fp8", "--shards", "2", "--replicas", "2",
-            "--node-ram", "512GiB", "--gpu-tokens-per-s", "20000"]
+    args = [
+        "plan",
+        "--layout",
+        "v41flash",
+        "--format",
+        "fp8",
+        "--shards",
+        "2",
+        "--replicas",
+        "2",
+        "--node-ram",
+        "512GiB",
+        "--gpu-tokens-per-s",
+        "20000",
+    ]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["shard"]["bytes_max"] == 101_379_024_912 and out["layout_preset"] == "v41flash"

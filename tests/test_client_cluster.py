@@ -181,11 +181,13 @@ def test_bad_input_is_refused_before_any_call(cluster: LocalCluster) -> None:
             with pytest.raises(ValueError, match="integers"):
                 client.lookup(1, np.array([0.5]))
             with pytest.raises(ValueError, match="appears more than once"):
-                await client.apply_gradients(1, np.array([5, 5]), torch.zeros(2, 8), step=1,
-                                             optimizer={"kind": "adam", "lr": 0.1})
+                await client.apply_gradients(
+                    1, np.array([5, 5]), torch.zeros(2, 8), step=1, optimizer={"kind": "adam", "lr": 0.1}
+                )
             with pytest.raises(ValueError, match="NaN/Inf"):
-                await client.apply_gradients(1, np.array([5]), torch.full((1, 8), float("nan")), step=1,
-                                             optimizer={"kind": "adam", "lr": 0.1})
+                await client.apply_gradients(
+                    1, np.array([5]), torch.full((1, 8), float("nan")), step=1, optimizer={"kind": "adam", "lr": 0.1}
+                )
         finally:
             await closing(client)
 
@@ -234,8 +236,23 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
 def test_standalone_shards_without_a_control_plane(tmp_path) -> None:
     cfg = load_config("tiny")
     procs = [
-        ShardProcess(i, [sys.executable, "-m", "services.shard", "--preset", "tiny", "--standalone",
-                         "--shard-id", str(i), "--port", "0"], log_path=tmp_path / f"s{i}.log", env=dict(os.environ))
+        ShardProcess(
+            i,
+            [
+                sys.executable,
+                "-m",
+                "services.shard",
+                "--preset",
+                "tiny",
+                "--standalone",
+                "--shard-id",
+                str(i),
+                "--port",
+                "0",
+            ],
+            log_path=tmp_path / f"s{i}.log",
+            env=dict(os.environ),
+        )
         for i in range(cfg.cluster.num_shards)
     ]
     try:

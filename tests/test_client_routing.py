@@ -118,12 +118,14 @@ def test_out_of_range_ids_are_named() -> None:
 def test_codecs_match_protobuf(n: int) -> None:
     ids = np.arange(n, dtype="<i8") * 7919
     ours = encode_lookup_request(table=15, epoch=2**40 + 3, row_ids=ids, dtype=shard_pb2.BF16, request_id="r1")
-    ref = shard_pb2.LookupRequest(table=15, epoch=2**40 + 3, row_ids=ids.tobytes(), dtype=shard_pb2.BF16,
-                                  request_id="r1")
+    ref = shard_pb2.LookupRequest(
+        table=15, epoch=2**40 + 3, row_ids=ids.tobytes(), dtype=shard_pb2.BF16, request_id="r1"
+    )
     assert ours == ref.SerializeToString()
     ours = encode_lookup_request(table=1, epoch=2, row_ids=ids, dtype=shard_pb2.FP32, step=2**33 + 1, max_staleness=3)
-    ref = shard_pb2.LookupRequest(table=1, epoch=2, row_ids=ids.tobytes(), dtype=shard_pb2.FP32, step=2**33 + 1,
-                                  max_staleness=3)
+    ref = shard_pb2.LookupRequest(
+        table=1, epoch=2, row_ids=ids.tobytes(), dtype=shard_pb2.FP32, step=2**33 + 1, max_staleness=3
+    )
     assert ours == ref.SerializeToString()
     msg = shard_pb2.LookupResponse(rows=ids.tobytes(), dim=64, dtype=shard_pb2.FP16, epoch=9, applied_step=4)
     reply = decode_lookup_response(msg.SerializeToString())

@@ -25,13 +25,31 @@ pytestmark = pytest.mark.timeout(180)
 def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
     ck = shared_tiny_checkpoint()
     sets = [f"--set={o}" for o in cluster.cluster_overrides]
-    out = subprocess.run([sys.executable, "-m", "engram_cli.main", "cluster", "load", str(ck), "--preset", "tiny",
-                          *sets, "--name", "slots", "--no-progress"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engram_cli.main",
+            "cluster",
+            "load",
+            str(ck),
+            "--preset",
+            "tiny",
+            *sets,
+            "--name",
+            "slots",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "16 slots restored" in out.stdout and "(0 slot files reused)" in out.stdout  # tiny: 16 slots, 2 shards
-    worker = WorkerProcess(ck, *sets, "--set=worker.row_source=remote", "--set=cluster.wire_dtype=fp32",
-                           "--set=worker.http_port=0").start()
+    worker = WorkerProcess(
+        ck, *sets, "--set=worker.row_source=remote", "--set=cluster.wire_dtype=fp32", "--set=worker.http_port=0"
+    ).start()
     try:
         assert "differ" not in worker.stderr()  # the shards hold the checkpoint's rows now
         model, _, tok_json = load_model(ck)
@@ -44,8 +62,18 @@ def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
         with grpc.insecure_channel(worker.address) as ch:
             reply = worker_pb2_grpc.ModelWorkerStub(ch).Score(pb.ScoreRequest(text=text), timeout=60)
         torch.testing.assert_close(torch.tensor(list(reply.logprobs)), expected, rtol=0, atol=1e-6)
-        r = httpx.post(f"http://{worker.http}/v1/completions", timeout=60, json={
-            "model": "engram", "prompt": text, "max_tokens": 5, "temperature": 0, "logprobs": 0, "ignore_eos": True})
+        r = httpx.post(
+            f"http://{worker.http}/v1/completions",
+            timeout=60,
+            json={
+                "model": "engram",
+                "prompt": text,
+                "max_tokens": 5,
+                "temperature": 0,
+                "logprobs": 0,
+                "ignore_eos": True,
+            },
+        )
         assert r.status_code == 200, r.text
         new = []
         for lp in r.json()["choices"][0]["logprobs"]["token_logprobs"]:  # generation on remote rows, KV cache
@@ -71,11 +99,27 @@ def test_slot_files_resume_after_an_interruption(cluster, tmp_path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_table_slots(tables, layouts, directory=tmp_path, name="resume", num_slots=16, kind="adam", step=step,
-                          on_slot=stop_after_5)
+        write_table_slots(
+            tables,
+            layouts,
+            directory=tmp_path,
+            name="resume",
+            num_slots=16,
+            kind="adam",
+            step=step,
+            on_slot=stop_after_5,
+        )
     seen.clear()
-    manifest = write_table_slots(tables, layouts, directory=tmp_path, name="resume", num_slots=16, kind="adam", step=step,
-                                 on_slot=lambda t, s, k: seen.append((t, s, k)))
+    manifest = write_table_slots(
+        tables,
+        layouts,
+        directory=tmp_path,
+        name="resume",
+        num_slots=16,
+        kind="adam",
+        step=step,
+        on_slot=lambda t, s, k: seen.append((t, s, k)),
+    )
     assert [k for _, _, k in seen] == [True] * 5 + [False] * 11 and len(manifest["files"]) == 16
     with open(tmp_path / "table1" / "slot00003.bin", "rb") as f:  # rows 3, 19, 35, ... of table 1
         f.seek(48)

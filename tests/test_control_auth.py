@@ -47,17 +47,29 @@ async def _ping(cp: ControlPlane, timeout_s: float = 5.0) -> None:
 
 def test_acl_user_from_config_files(tmp_path: Path) -> None:
     port = free_port()
-    proc = _redis(f"port {port}\nbind 127.0.0.1\nsave \"\"\nuser default off\n"
-                  "user engram on >s3cret-pw ~engram:* +@all\n", tmp_path)
+    proc = _redis(
+        f'port {port}\nbind 127.0.0.1\nsave ""\nuser default off\nuser engram on >s3cret-pw ~engram:* +@all\n', tmp_path
+    )
     try:
         write_secret(tmp_path / "pw", b"s3cret-pw\n")
-        cfg = load_config("tiny", overrides=[f"cluster.redis_url=redis://127.0.0.1:{port}/0",
-                                             "security.redis_username=engram", f"security.redis_password_file={tmp_path / 'pw'}"])
+        cfg = load_config(
+            "tiny",
+            overrides=[
+                f"cluster.redis_url=redis://127.0.0.1:{port}/0",
+                "security.redis_username=engram",
+                f"security.redis_password_file={tmp_path / 'pw'}",
+            ],
+        )
         asyncio.run(_ping(ControlPlane.from_config(cfg)))
         for user, pw in ((None, None), (None, "s3cret-pw"), ("engram", "wrong")):
             with pytest.raises(ControlPlaneUnavailable, match="unreachable while pinging"):
-                asyncio.run(_ping(ControlPlane.connect(f"redis://127.0.0.1:{port}/0", "engram", username=user,
-                                                       password=pw, retries=0)))
+                asyncio.run(
+                    _ping(
+                        ControlPlane.connect(
+                            f"redis://127.0.0.1:{port}/0", "engram", username=user, password=pw, retries=0
+                        )
+                    )
+                )
     finally:
         stop_process(proc, grace_s=5)
 
@@ -71,16 +83,29 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "engram-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-          .not_valid_after(now + datetime.timedelta(hours=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     skey = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(name).public_key(skey.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(name)
+        .public_key(skey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     ca_path, cert_path, key_path = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
     ca_path.write_bytes(ca.public_bytes(pem))
@@ -92,19 +117,33 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
 def test_rediss_with_a_ca_file(tmp_path: Path) -> None:
     ca, cert, key = _tls_files(tmp_path)
     port = free_port()
-    proc = _redis(f"port 0\ntls-port {port}\nbind 127.0.0.1\nsave \"\"\ntls-cert-file {cert}\ntls-key-file {key}\n"
-                  f"tls-ca-cert-file {ca}\ntls-auth-clients no\nrequirepass tls-pw\n", tmp_path)
+    proc = _redis(
+        f'port 0\ntls-port {port}\nbind 127.0.0.1\nsave ""\ntls-cert-file {cert}\ntls-key-file {key}\n'
+        f"tls-ca-cert-file {ca}\ntls-auth-clients no\nrequirepass tls-pw\n",
+        tmp_path,
+    )
     try:
         write_secret(tmp_path / "pw", b"tls-pw")
         url = f"rediss://127.0.0.1:{port}/0"
-        cfg = load_config("tiny", overrides=[f"cluster.redis_url={url}", f"security.redis_ca_file={ca}",
-                                             f"security.redis_password_file={tmp_path / 'pw'}"])
+        cfg = load_config(
+            "tiny",
+            overrides=[
+                f"cluster.redis_url={url}",
+                f"security.redis_ca_file={ca}",
+                f"security.redis_password_file={tmp_path / 'pw'}",
+            ],
+        )
         asyncio.run(_ping(ControlPlane.from_config(cfg)))
         with pytest.raises(ControlPlaneUnavailable, match="unreachable while pinging"):  # an unknown CA
             asyncio.run(_ping(ControlPlane.connect(url, "engram", password="tls-pw", retries=0)))
         with pytest.raises(ControlPlaneUnavailable):  # plaintext to a TLS port
-            asyncio.run(_ping(ControlPlane.connect(f"redis://127.0.0.1:{port}/0", "engram", password="tls-pw",
-                                                   retries=0, timeout_s=1)))
+            asyncio.run(
+                _ping(
+                    ControlPlane.connect(
+                        f"redis://127.0.0.1:{port}/0", "engram", password="tls-pw", retries=0, timeout_s=1
+                    )
+                )
+            )
         with pytest.raises(ValueError, match="not a rediss:// URL"):
             ControlPlane.connect(f"redis://127.0.0.1:{port}/0", "engram", ca_file=str(ca))
     finally:

@@ -41,8 +41,22 @@ async def _init(redis: RedisServer, ns: str) -> None:
 
 
 def _shards(redis: RedisServer, ns: str, ids=(0,), *extra: str) -> list[ShardProcess]:
-    return [ShardProcess(["--preset", "tiny", "--set", f"cluster.redis_url={redis.url}", "--set",
-                          f"cluster.namespace={ns}", "--shard-id", str(i), *extra]) for i in ids]
+    return [
+        ShardProcess(
+            [
+                "--preset",
+                "tiny",
+                "--set",
+                f"cluster.redis_url={redis.url}",
+                "--set",
+                f"cluster.namespace={ns}",
+                "--shard-id",
+                str(i),
+                *extra,
+            ]
+        )
+        for i in ids
+    ]
 
 
 async def _lookup_all(redis: RedisServer, ns: str) -> torch.Tensor:
@@ -74,8 +88,12 @@ def _push(address: str, step: int, epoch: int = 1) -> None:
         rows = np.arange(LAYOUT.num_rows, dtype=np.int64)
         rows = rows[np.isin(rows % CFG.cluster.num_slots, slots)]
         grads = np.ones((rows.size, LAYOUT.dim), dtype=np.float32)
-        stub.ApplyGradients(shard_pb2.ApplyGradientsRequest(table=TABLE, epoch=epoch, row_ids=rows.tobytes(),
-                                                            grads=grads.tobytes(), step=step, optimizer=ADAM), timeout=10)
+        stub.ApplyGradients(
+            shard_pb2.ApplyGradientsRequest(
+                table=TABLE, epoch=epoch, row_ids=rows.tobytes(), grads=grads.tobytes(), step=step, optimizer=ADAM
+            ),
+            timeout=10,
+        )
 
 
 def test_redis_killed_and_restarted_with_aof_cluster_resumes(shard_procs, tmp_path):  # noqa: F811
@@ -126,7 +144,10 @@ def test_redis_restarted_empty_shards_republish_layout_and_slot_map(shard_procs,
         assert any("re-published" in p.stderr() for p in shards)
         shards[0].kill()  # a shard that restarts now boots from the re-published layout
         shard_procs.extend(start_all(_shards(redis, "bare")))
-        assert _wait("lookups with shard 0 restarted", lambda: asyncio.run(_lookup_all(redis, "bare"))).shape == before.shape
+        assert (
+            _wait("lookups with shard 0 restarted", lambda: asyncio.run(_lookup_all(redis, "bare"))).shape
+            == before.shape
+        )
     finally:
         redis.stop()
 
@@ -145,9 +166,12 @@ def test_shard_boots_from_older_manifest_when_newest_folder_is_gone(shard_procs,
             for p in shards:
                 with grpc.insecure_channel(p.address) as ch:
                     resp = shard_pb2_grpc.MemoryShardStub(ch).Checkpoint(
-                        shard_pb2.CheckpointRequest(name=name, step=step), timeout=30)
-                files += [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
-                          for f in resp.files]
+                        shard_pb2.CheckpointRequest(name=name, step=step), timeout=30
+                    )
+                files += [
+                    {k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
+                    for f in resp.files
+                ]
 
             async def put() -> None:
                 cp = _cp(redis, "ck")

@@ -154,7 +154,9 @@ def test_redis_down_is_control_plane_unavailable():
     async def body():
         cp = ControlPlane.connect(url, "down", timeout_s=0.5, retries=0)
         try:
-            with pytest.raises(ControlPlaneUnavailable, match=rf"control plane at {url} is unreachable while reading the slot map"):
+            with pytest.raises(
+                ControlPlaneUnavailable, match=rf"control plane at {url} is unreachable while reading the slot map"
+            ):
                 await cp.slot_map()
             with pytest.raises(ControlPlaneUnavailable, match="sending the heartbeat of shard 3"):
                 await cp.heartbeat(3, {}, ttl_s=1)

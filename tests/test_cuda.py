@@ -87,8 +87,9 @@ def test_cuda_prefetch_and_forward_never_sync_the_host(source_kind: str, with_ca
     """indices (CPU) -> issue -> land (side stream, event) -> wait -> forward, under sync debug mode "error"."""
     model = cuda_model().eval()
     loop = LoopThread() if source_kind == "remote" else None
-    source = (RemoteRowSource(TableClient(model), loop=loop, device="cuda", owns_loop=True) if loop
-              else LocalRowSource(model))
+    source = (
+        RemoteRowSource(TableClient(model), loop=loop, device="cuda", owns_loop=True) if loop else LocalRowSource(model)
+    )
     cache = None
     if with_cache:
         dims = {layer: lay.dim for layer, lay in model.indexer.layouts.items()}  # type: ignore[union-attr]
@@ -112,8 +113,9 @@ def test_cuda_training_step_with_landed_rows_never_syncs_the_host() -> None:
     """prefetch + forward with rows landed from a (fake) shard client: the rows' grads stay on the GPU."""
     model = cuda_model().train()
     loop = LoopThread()
-    pipe = PrefetchPipeline(model, RemoteRowSource(TableClient(model), loop=loop, device="cuda", owns_loop=True),
-                            train=True)
+    pipe = PrefetchPipeline(
+        model, RemoteRowSource(TableClient(model), loop=loop, device="cuda", owns_loop=True), train=True
+    )
     try:
         x, y = cpu_ids(model, 1), cpu_ids(model, 2)
         _, loss = model(x.cuda(), y.cuda())  # warm-up (autograd, cuBLAS)

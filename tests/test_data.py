@@ -62,9 +62,7 @@ def test_corpus_files_folders_and_errors(tmp_path: Path) -> None:
 
 def test_iter_documents_jsonl_and_cap(tmp_path: Path) -> None:
     jl = tmp_path / "d.jsonl"
-    jl.write_text(
-        json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "caf\u00e9", "id": 2}) + "\n"
-    )
+    jl.write_text(json.dumps({"text": "first doc"}) + "\n\n" + json.dumps({"text": "caf\u00e9", "id": 2}) + "\n")
     txt = tmp_path / "e.txt"
     txt.write_bytes(b"plain \xff bytes")
     assert list(iter_documents([jl, txt], 1000)) == ["first doc", "caf\u00e9", "plain \ufffd bytes"]
@@ -72,9 +70,7 @@ def test_iter_documents_jsonl_and_cap(tmp_path: Path) -> None:
     assert list(iter_documents([jl, txt], 9)) == ["first doc"]
 
 
-@pytest.mark.parametrize(
-    "line", ["{broken", json.dumps({"txt": "x"}), json.dumps(["text"]), json.dumps({"text": 3})]
-)
+@pytest.mark.parametrize("line", ["{broken", json.dumps({"txt": "x"}), json.dumps(["text"]), json.dumps({"text": 3})])
 def test_iter_documents_bad_jsonl_line(tmp_path: Path, line: str) -> None:
     jl = tmp_path / "bad.jsonl"
     jl.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
@@ -143,9 +139,7 @@ def test_prepare_data_tiny(tmp_path: Path) -> None:
     assert tok.get_vocab_size() <= cfg.model.vocab_size
     assert compressed.vocab_size == tok.get_vocab_size() and 0 < compressed.size < compressed.vocab_size
     assert data.vocab_size == tok.get_vocab_size()
-    x, y = data.batch(
-        "val", batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, rng=np.random.default_rng(1)
-    )
+    x, y = data.batch("val", batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, rng=np.random.default_rng(1))
     assert x.shape == (cfg.train.batch_size, cfg.train.seq_len) and int(x.max()) < tok.get_vocab_size()
     assert compressed(x).max() < compressed.size
 

@@ -23,9 +23,23 @@ from tests.fixtures_cluster import ShardProcess, free_port
 from tests.fixtures_procs import expected_rows
 
 DIM = 8  # tiny preset: 16 dims per order, 2 heads
-ARGS = ["--preset", "tiny", "--standalone", "--shard-id", "0", "--set", "cluster.num_shards=1",
-        "--set", "cluster.max_message_mb=1", "--set", "engram.table_size_per_ngram=[4099,4099]",
-        "--set", "cluster.optimizer=adagrad", "--log-level", "WARNING"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--standalone",
+    "--shard-id",
+    "0",
+    "--set",
+    "cluster.num_shards=1",
+    "--set",
+    "cluster.max_message_mb=1",
+    "--set",
+    "engram.table_size_per_ngram=[4099,4099]",
+    "--set",
+    "cluster.optimizer=adagrad",
+    "--log-level",
+    "WARNING",
+]
 Code = grpc.StatusCode
 
 
@@ -67,10 +81,19 @@ def read_reply(s: socket.socket) -> tuple[Reply, bytes]:
     return reply, recv_exact(s, reply.body_len)
 
 
-def request(ids: np.ndarray, *, rid: int = 7, table: int = 1, dtype: int = shard_pb2.FP32, epoch: int = 1,
-            **kw) -> bytes:
-    fields = dict(request_id=rid, table=table, dtype=dtype, epoch=epoch, step=0, max_staleness=0, n_ids=ids.size,
-                  body_len=8 * ids.size)
+def request(
+    ids: np.ndarray, *, rid: int = 7, table: int = 1, dtype: int = shard_pb2.FP32, epoch: int = 1, **kw
+) -> bytes:
+    fields = dict(
+        request_id=rid,
+        table=table,
+        dtype=dtype,
+        epoch=epoch,
+        step=0,
+        max_staleness=0,
+        n_ids=ids.size,
+        body_len=8 * ids.size,
+    )
     fields.update(kw)
     return Request(**fields).pack() + ids.astype("<i8").tobytes()
 
@@ -125,8 +148,10 @@ def test_truncated_header_and_body(shard) -> None:
 def test_recoverable_errors_keep_the_connection(shard) -> None:
     with connect(shard) as s:
         ids = np.arange(4)
-        s.sendall(Request(request_id=1, table=1, dtype=1, epoch=1, step=0, max_staleness=0, n_ids=2,
-                          body_len=17).pack() + b"x" * 17)
+        s.sendall(
+            Request(request_id=1, table=1, dtype=1, epoch=1, step=0, max_staleness=0, n_ids=2, body_len=17).pack()
+            + b"x" * 17
+        )
         assert_error(s, Code.INVALID_ARGUMENT, "wrong length", "17")
         assert_good(s)
         s.sendall(request(ids, table=9))
@@ -160,8 +185,11 @@ def test_oversized_requests(shard) -> None:
         assert_good(s)
         assert time.monotonic() - t0 < 10
     with connect(shard) as s:  # a body that cannot be skipped: answered, then closed
-        s.sendall(Request(request_id=3, table=1, dtype=1, epoch=1, step=0, max_staleness=0, n_ids=1 << 40,
-                          body_len=8 << 40).pack())
+        s.sendall(
+            Request(
+                request_id=3, table=1, dtype=1, epoch=1, step=0, max_staleness=0, n_ids=1 << 40, body_len=8 << 40
+            ).pack()
+        )
         assert_error(s, Code.RESOURCE_EXHAUSTED, "oversized", "closing")
         assert_closed(s)
 
@@ -197,8 +225,10 @@ def test_client_leaving_mid_reply_and_fuzz_leave_the_shard_serving(shard) -> Non
         stats = stub.Stats(shard_pb2.StatsRequest(), timeout=10)
         assert stats.updates == 0 and stats.tables[0].applied_step == 0
         ids = np.arange(0, shard.num_rows, 97)
-        resp = stub.Lookup(shard_pb2.LookupRequest(table=1, epoch=1, row_ids=ids.astype("<i8").tobytes(),
-                                                   dtype=shard_pb2.FP32), timeout=10)
+        resp = stub.Lookup(
+            shard_pb2.LookupRequest(table=1, epoch=1, row_ids=ids.astype("<i8").tobytes(), dtype=shard_pb2.FP32),
+            timeout=10,
+        )
         got = torch.frombuffer(bytearray(resp.rows), dtype=torch.float32).view(-1, DIM)
         assert torch.equal(got, expected_rows_tiny(ids))
     assert shard.proc.poll() is None

@@ -29,8 +29,9 @@ def rows_for(ids: np.ndarray) -> np.ndarray:
 
 def reply(req: Request, ids: np.ndarray, **kw: int) -> bytes:
     body = rows_for(ids).tobytes()
-    fields = dict(status=0, request_id=req.request_id, epoch=req.epoch, applied_step=3, dim=DIM, dtype=FP32,
-                  body_len=len(body))
+    fields = dict(
+        status=0, request_id=req.request_id, epoch=req.epoch, applied_step=3, dim=DIM, dtype=FP32, body_len=len(body)
+    )
     fields.update(kw)
     return Reply(**fields).pack() + (body if not fields["status"] else b"")
 
@@ -65,6 +66,7 @@ async def serve(scripts: list[Script]) -> tuple[asyncio.AbstractServer, list[int
 
 def run(scripts: list[Script], body: Callable[[DataPlaneClient, list[Script]], Awaitable[None]]) -> int:
     """-> connections the server saw."""
+
     async def go() -> int:
         server, conns = await serve(scripts)
         client = DataPlaneClient(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", shard_id=0)

@@ -40,10 +40,15 @@ def rows_fn(model: EngramLM, contexts: list[list[int]], counts: list[int]):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("overrides", [
-    [], ["model.hc_mult=2"], ["engram.max_ngram_size=4", "engram.table_size_per_ngram=[997,991,983]"],
-    ["model.hc_mult=2", "engram.short_conv=false", "engram.gate=false", "engram.shared_keys=true"],  # ablations
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.hc_mult=2"],
+        ["engram.max_ngram_size=4", "engram.table_size_per_ngram=[997,991,983]"],
+        ["model.hc_mult=2", "engram.short_conv=false", "engram.gate=false", "engram.shared_keys=true"],  # ablations
+    ],
+)
 def test_prefill_then_decode_equals_full_forward(overrides) -> None:
     model = model_of(*overrides)
     pool = make_pool(model, budget_bytes=1 << 20, block_size=4)
@@ -89,8 +94,15 @@ def test_chunked_prefill_equals_one_prefill_and_knockout_removes_the_branch() ->
     s2 = SeqState()
     s2.reserve(pool, 30)
     gates: dict[int, torch.Tensor] = {}
-    ko = extend(model, pool, [s2], [prompt], rows_at=rows_fn(model, [prompt], [30]), knockout=torch.tensor([True]),
-                gates_out=gates)
+    ko = extend(
+        model,
+        pool,
+        [s2],
+        [prompt],
+        rows_at=rows_fn(model, [prompt], [30]),
+        knockout=torch.tensor([True]),
+        gates_out=gates,
+    )
     assert set(gates) == {1} and gates[1].shape == (1, 30, 1) and bool(((gates[1] > 0) & (gates[1] < 1)).all())
     eng = model.blocks[1].engram
     saved = eng.forward

@@ -49,7 +49,8 @@ def _overlay(root: Path, name: str, body: str) -> Path:
     target = root / "k8s" / "overlays" / name
     target.mkdir(parents=True)
     (target / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n" + body)
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n" + body
+    )
     return target
 
 
@@ -59,8 +60,12 @@ def test_every_overlay_renders_into_engram_and_resolves(kubectl):
         docs = render(kubectl, ROOT / "k8s" / "overlays" / name)
         namespaced = [d for d in docs if d["kind"] not in deploy_refs.CLUSTER_SCOPED]
         assert {d["metadata"].get("namespace") for d in namespaced} == {"engram"}, name
-        assert {("ConfigMap", "engram-otel"), ("Service", "jaeger"), ("Deployment", "jaeger"),
-                ("NetworkPolicy", "jaeger-ingress")} <= {(d["kind"], d["metadata"]["name"]) for d in namespaced}
+        assert {
+            ("ConfigMap", "engram-otel"),
+            ("Service", "jaeger"),
+            ("Deployment", "jaeger"),
+            ("NetworkPolicy", "jaeger-ingress"),
+        } <= {(d["kind"], d["metadata"]["name"]) for d in namespaced}
         assert K8sRefs(docs, name).check() == []
     assert check_overlays(ROOT, kubectl) == []
 
@@ -74,16 +79,24 @@ def test_original_namespace_split_is_reported(tmp_path, kubectl):
         for obj in ("ConfigMap/engram-otel", "Deployment/jaeger", "Service/jaeger"):
             assert f"k8s/overlays/{overlay} {obj}: no namespace" in "\n".join(problems), problems
         for pod in ("StatefulSet/engram-shard container shard", "Deployment/engram-worker container worker"):
-            assert (f"k8s/overlays/{overlay} {pod}: envFrom configMapRef engram-otel: no ConfigMap engram-otel "
-                    "rendered in namespace engram") in "\n".join(problems), problems
-            assert (f"k8s/overlays/{overlay} {pod}: dials http://jaeger:4317: no Service jaeger rendered in "
-                    "namespace engram") in problems, problems
+            assert (
+                f"k8s/overlays/{overlay} {pod}: envFrom configMapRef engram-otel: no ConfigMap engram-otel "
+                "rendered in namespace engram"
+            ) in "\n".join(problems), problems
+            assert (
+                f"k8s/overlays/{overlay} {pod}: dials http://jaeger:4317: no Service jaeger rendered in "
+                "namespace engram"
+            ) in problems, problems
 
 
 def test_an_overlay_with_its_own_namespace_moves_everything(tmp_path, kubectl):
     root = _copy(tmp_path, only="none")
-    target = _overlay(root, "staging", "namespace: engram-staging\nresources:\n  - ../../base\n"
-                                       "components:\n  - ../../components/cert-manager\n  - ../../components/tracing\n")
+    target = _overlay(
+        root,
+        "staging",
+        "namespace: engram-staging\nresources:\n  - ../../base\n"
+        "components:\n  - ../../components/cert-manager\n  - ../../components/tracing\n",
+    )
     docs = render(kubectl, target)
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"engram-staging"}
     assert K8sRefs(docs, "staging").check() == []
@@ -91,48 +104,81 @@ def test_an_overlay_with_its_own_namespace_moves_everything(tmp_path, kubectl):
 
 K8S_BREAKS = {
     "OTLP endpoint on a port jaeger does not expose": (
-        "components/tracing/otel-env.yaml", "http://jaeger:4317", "http://jaeger:4319",
-        "container shard: dials http://jaeger:4319: Service jaeger exposes [4317, 16686], not 4319"),
+        "components/tracing/otel-env.yaml",
+        "http://jaeger:4317",
+        "http://jaeger:4319",
+        "container shard: dials http://jaeger:4319: Service jaeger exposes [4317, 16686], not 4319",
+    ),
     "OTLP endpoint in another namespace": (
-        "components/tracing/otel-env.yaml", "http://jaeger:4317", "http://jaeger.observability:4317",
-        "container worker: dials http://jaeger.observability:4317: namespace observability, but the pod runs in engram"),
+        "components/tracing/otel-env.yaml",
+        "http://jaeger:4317",
+        "http://jaeger.observability:4317",
+        "container worker: dials http://jaeger.observability:4317: namespace observability, but the pod runs in engram",
+    ),
     "Redis address names no Service": (
-        "base/config.yaml", 'redis_url = "redis://redis:6379/0"', 'redis_url = "redis://redis-0:6379/0"',
-        "StatefulSet/engram-shard container shard: dials redis://redis-0:6379: no Service redis-0 rendered"),
+        "base/config.yaml",
+        'redis_url = "redis://redis:6379/0"',
+        'redis_url = "redis://redis-0:6379/0"',
+        "StatefulSet/engram-shard container shard: dials redis://redis-0:6379: no Service redis-0 rendered",
+    ),
     "Jaeger's policy does not admit the workloads on 4317": (
-        "components/tracing/networkpolicy.yaml", "              app.kubernetes.io/name: engram\n",
+        "components/tracing/networkpolicy.yaml",
+        "              app.kubernetes.io/name: engram\n",
         "              app.kubernetes.io/name: engram-nothing\n",
-        "container shard: dials http://jaeger:4317, but NetworkPolicy jaeger-ingress admits no ingress"),
+        "container shard: dials http://jaeger:4317, but NetworkPolicy jaeger-ingress admits no ingress",
+    ),
     "a pod no NetworkPolicy selects": (
-        "base/networkpolicy.yaml", "values: [cluster-init, trainer-submitter]", "values: [trainer-submitter]",
-        "Job/engram-cluster-init: no NetworkPolicy selects this pod"),
+        "base/networkpolicy.yaml",
+        "values: [cluster-init, trainer-submitter]",
+        "values: [trainer-submitter]",
+        "Job/engram-cluster-init: no NetworkPolicy selects this pod",
+    ),
     "a claim that is not rendered": (
-        "base/worker.yaml", "claimName: engram-runs", "claimName: engram-run",
-        "Deployment/engram-worker: volume runs claim engram-run: no PersistentVolumeClaim engram-run rendered"),
+        "base/worker.yaml",
+        "claimName: engram-runs",
+        "claimName: engram-run",
+        "Deployment/engram-worker: volume runs claim engram-run: no PersistentVolumeClaim engram-run rendered",
+    ),
     "a ConfigMap volume that is not rendered": (
-        "base/shards.yaml", "          configMap:\n            name: engram-config",
+        "base/shards.yaml",
+        "          configMap:\n            name: engram-config",
         "          configMap:\n            name: engram-cfg",
-        "StatefulSet/engram-shard: volume config configMap engram-cfg: no ConfigMap engram-cfg"),
+        "StatefulSet/engram-shard: volume config configMap engram-cfg: no ConfigMap engram-cfg",
+    ),
     "a service account that is not rendered": (
-        "base/worker.yaml", "      automountServiceAccountToken: false\n      terminationGracePeriodSeconds: 30",
+        "base/worker.yaml",
+        "      automountServiceAccountToken: false\n      terminationGracePeriodSeconds: 30",
         "      automountServiceAccountToken: false\n      serviceAccountName: engram-sa\n"
         "      terminationGracePeriodSeconds: 30",
-        "Deployment/engram-worker: serviceAccountName engram-sa: no ServiceAccount engram-sa"),
+        "Deployment/engram-worker: serviceAccountName engram-sa: no ServiceAccount engram-sa",
+    ),
     "data plane port the shard Service does not expose": (
-        "base/shards.yaml", "    - name: data\n      port: 50062\n", "    - name: data\n      port: 50063\n",
+        "base/shards.yaml",
+        "    - name: data\n      port: 50062\n",
+        "    - name: data\n      port: 50063\n",
         "container shard: dials engram-shard-0.engram-shard.engram.svc.cluster.local:50062: Service engram-shard "
-        "exposes [9464, 50060, 50063], not 50062"),
+        "exposes [9464, 50060, 50063], not 50062",
+    ),
     "data plane port the shard policy does not admit": (
-        "base/networkpolicy.yaml", "        - protocol: TCP\n          port: 50062\n", "",
+        "base/networkpolicy.yaml",
+        "        - protocol: TCP\n          port: 50062\n",
+        "",
         "Deployment/engram-worker (shard client): dials engram-shard-0.engram-shard.engram.svc.cluster.local:50062, "
-        "but NetworkPolicy engram-shard-ingress admits no ingress"),
+        "but NetworkPolicy engram-shard-ingress admits no ingress",
+    ),
     "data plane on a random port": (
-        "base/config.yaml", "    data_port = 50062\n", "",
+        "base/config.yaml",
+        "    data_port = 50062\n",
+        "",
         "StatefulSet/engram-shard container shard: the shard advertises "
-        "$(POD_NAME).engram-shard.$(POD_NAMESPACE).svc.cluster.local:50060 but its data plane listens on a random port"),
+        "$(POD_NAME).engram-shard.$(POD_NAMESPACE).svc.cluster.local:50060 but its data plane listens on a random port",
+    ),
     "a per-pod name under a Service that is not headless": (
-        "base/shards.yaml", "  clusterIP: None", "  clusterIP: 10.0.0.10",
-        "dials engram-shard-0.engram-shard.engram.svc.cluster.local:50060: a per-pod name needs a headless Service"),
+        "base/shards.yaml",
+        "  clusterIP: None",
+        "  clusterIP: 10.0.0.10",
+        "dials engram-shard-0.engram-shard.engram.svc.cluster.local:50060: a per-pod name needs a headless Service",
+    ),
 }
 
 
@@ -148,9 +194,12 @@ def test_broken_manifests_are_named(case, tmp_path, kubectl):
 def test_only_operators_reach_the_jaeger_ui(kubectl):
     docs = render(kubectl, ROOT / "k8s" / "overlays" / "cpu")
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "jaeger-ingress")
-    engram_pods = [(tpl.get("metadata") or {}).get("labels") or {}
-                   for d in docs for _role, tpl in deploy_refs.pod_templates(d)
-                   if ((tpl.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name") == "engram"]
+    engram_pods = [
+        (tpl.get("metadata") or {}).get("labels") or {}
+        for d in docs
+        for _role, tpl in deploy_refs.pod_templates(d)
+        if ((tpl.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name") == "engram"
+    ]
     assert len(engram_pods) >= 5
     for labels in engram_pods:
         assert admits(policy, labels, None, 4317), labels
@@ -165,8 +214,12 @@ def test_only_operators_reach_the_jaeger_ui(kubectl):
 def test_shared_memory_component(tmp_path, kubectl):
     """Shards and workers on one node share the node's memory-backed /dev/shm and know their node."""
     root = _copy(tmp_path, only="none")
-    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n"
-                                   "  - ../../components/tracing\n")
+    target = _overlay(
+        root,
+        "shm",
+        "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n"
+        "  - ../../components/tracing\n",
+    )
     docs = render(kubectl, target)
     assert K8sRefs(docs, "shm").check() == []
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -188,8 +241,13 @@ def test_shared_memory_component(tmp_path, kubectl):
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"  # hostPath is not allowed by baseline
     assert labels["pod-security.kubernetes.io/warn"] == "restricted"
     # only shards and workers claim the node's host id: the Ray pods and the Job keep their own
-    claimants = {d["metadata"]["name"] for d in docs for _role, tpl in deploy_refs.pod_templates(d)
-                 for c in tpl["spec"]["containers"] if "cluster.host_id=$(NODE_NAME)" in (c.get("args") or [])}
+    claimants = {
+        d["metadata"]["name"]
+        for d in docs
+        for _role, tpl in deploy_refs.pod_templates(d)
+        for c in tpl["spec"]["containers"]
+        if "cluster.host_id=$(NODE_NAME)" in (c.get("args") or [])
+    }
     assert claimants == {"engram-shard", "engram-worker"}
     # no overlay opts in (namespace-wide privileged enforcement; docs/deploy.md says why)
     for name in OVERLAYS:
@@ -198,13 +256,22 @@ def test_shared_memory_component(tmp_path, kubectl):
 
 def test_shared_memory_component_without_its_mount_is_reported(tmp_path, kubectl):
     root = _copy(tmp_path, only="none")
-    _break(root / "k8s" / "components" / "shm" / "kustomization.yaml", "mountPath: /dev/shm/engram",
-           "mountPath: /dev/shm/other")
-    target = _overlay(root, "shm", "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n")
+    _break(
+        root / "k8s" / "components" / "shm" / "kustomization.yaml",
+        "mountPath: /dev/shm/engram",
+        "mountPath: /dev/shm/other",
+    )
+    target = _overlay(
+        root,
+        "shm",
+        "resources:\n  - ../../base\ncomponents:\n  - ../../components/cert-manager\n  - ../../components/shm\n",
+    )
     problems = K8sRefs(render(kubectl, target), "shm").check()
     for pod in ("StatefulSet/engram-shard container shard", "Deployment/engram-worker container worker"):
-        assert (f"shm {pod}: cluster.shm_dir /dev/shm/engram (co-located row path) is not a volume this container "
-                "mounts: shards and workers of a node share no files there") in problems, problems
+        assert (
+            f"shm {pod}: cluster.shm_dir /dev/shm/engram (co-located row path) is not a volume this container "
+            "mounts: shards and workers of a node share no files there"
+        ) in problems, problems
 
 
 def test_data_plane_in_every_overlay(kubectl):
@@ -221,9 +288,12 @@ def test_data_plane_in_every_overlay(kubectl):
         svc = by_name[("Service", "engram-shard")]["spec"]
         assert {"name": "data", "port": port, "targetPort": "data"} in svc["ports"] and svc["clusterIP"] == "None"
         policy = by_name[("NetworkPolicy", "engram-shard-ingress")]
-        clients = [(tpl.get("metadata") or {}).get("labels") or {} for d in docs
-                   for _role, tpl in deploy_refs.pod_templates(d)
-                   if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true"]
+        clients = [
+            (tpl.get("metadata") or {}).get("labels") or {}
+            for d in docs
+            for _role, tpl in deploy_refs.pod_templates(d)
+            if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true"
+        ]
         assert len(clients) >= 3, clients  # worker, cluster-init, Ray head and workers
         for labels in clients + [shard["metadata"]["labels"]]:
             assert admits(policy, labels, None, port), labels
@@ -257,41 +327,56 @@ def test_compose_cross_references_resolve():
 
 COMPOSE_BREAKS = {
     "OTLP endpoint on a port jaeger does not expose": (
-        "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4317", "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4319",
-        "services.shard-0: dials http://jaeger:4319: service jaeger exposes [4317, 4318, 16686] (expose/ports), not 4319"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4317",
+        "OTEL_EXPORTER_OTLP_ENDPOINT: http://jaeger:4319",
+        "services.shard-0: dials http://jaeger:4319: service jaeger exposes [4317, 4318, 16686] (expose/ports), not 4319",
+    ),
     "Redis address names no service": (
-        'redis_url = "redis://redis:6379/0"', 'redis_url = "redis://cache:6379/0"',
-        "services.cluster-init: dials redis://cache:6379: no service cache"),
+        'redis_url = "redis://redis:6379/0"',
+        'redis_url = "redis://cache:6379/0"',
+        "services.cluster-init: dials redis://cache:6379: no service cache",
+    ),
     "Ray address on a port the head does not expose": (
-        'ray_address = "ray://ray-head:10001"', 'ray_address = "ray://ray-head:10002"',
-        "services.train: dials ray://ray-head:10002: service ray-head exposes"),
+        'ray_address = "ray://ray-head:10001"',
+        'ray_address = "ray://ray-head:10002"',
+        "services.train: dials ray://ray-head:10002: service ray-head exposes",
+    ),
     "undeclared volume": (
         "    - runs:/data/runs\n    - checkpoints:/data/checkpoints\n    - certs:/certs:ro\n  environment",
         "    - runs:/data/runs\n    - checkpoint:/data/checkpoints\n    - certs:/certs:ro\n  environment",
-        "services.cluster-init: volume checkpoint: not declared under the top-level volumes"),
+        "services.cluster-init: volume checkpoint: not declared under the top-level volumes",
+    ),
     "data plane port a shard does not expose": (
-        'expose: ["50060", "50062", "9464"]', 'expose: ["50060", "9464"]',
-        "services.shard-0: registers its data plane as shard-0:50062: service shard-0 exposes [9464, 50060]"),
+        'expose: ["50060", "50062", "9464"]',
+        'expose: ["50060", "9464"]',
+        "services.shard-0: registers its data plane as shard-0:50062: service shard-0 exposes [9464, 50060]",
+    ),
     "a shard on a random data port": (
-        '"--set", "cluster.data_port=50062", ', "",
-        "services.shard-0: the shard advertises shard-0:50060 but its data plane listens on a random port"),
+        '"--set", "cluster.data_port=50062", ',
+        "",
+        "services.shard-0: the shard advertises shard-0:50060 but its data plane listens on a random port",
+    ),
     "the worker names another host than the shards": (
         '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose",',
         '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=elsewhere",',
         "services shard-0, shard-1, shard-2, worker share volume shm at /dev/shm/engram but set cluster.host_id "
-        "['elsewhere', 'engram-compose']"),
+        "['elsewhere', 'engram-compose']",
+    ),
     "a Ray container claims the shared host id without the volume": (
         'command: ["train", "--ray", "--config", "/etc/engram/engram.toml",',
         'command: ["train", "--ray", "--config", "/etc/engram/engram.toml", "--set", "cluster.host_id=engram-compose",',
-        "services.train: cluster.host_id=engram-compose claims the host of volume shm but does not mount it"),
+        "services.train: cluster.host_id=engram-compose claims the host of volume shm but does not mount it",
+    ),
     "shm_dir where no volume is mounted": (
         '"--set", "cluster.shm_dir=/dev/shm/engram", "--set", "cluster.host_id=engram-compose",\n',
         '"--set", "cluster.shm_dir=/dev/shm", "--set", "cluster.host_id=engram-compose",\n',
-        "services.worker: cluster.shm_dir /dev/shm (co-located row path) is not a named volume this service mounts"),
+        "services.worker: cluster.shm_dir /dev/shm (co-located row path) is not a named volume this service mounts",
+    ),
     "interpolation without a default": (
         "OTEL_RESOURCE_ATTRIBUTES: deployment.environment=compose",
         "OTEL_RESOURCE_ATTRIBUTES: deployment.environment=${ENGRAM_ENV}",
-        "services.worker: ${ENGRAM_ENV} has no default"),
+        "services.worker: ${ENGRAM_ENV} has no default",
+    ),
 }
 
 
@@ -308,7 +393,7 @@ def test_every_scanner_skip_has_a_reason():
     """.checkov.yaml: each skipped check on one line with its reason; scripts/scan.sh runs it in CI."""
     lines = (ROOT / ".checkov.yaml").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("skip-check:"))
-    entries = [line.strip() for line in lines[start + 1:] if line.startswith("  - ")]
+    entries = [line.strip() for line in lines[start + 1 :] if line.startswith("  - ")]
     assert entries, "no skip-check entries found"
     for entry in entries:
         check, _, reason = entry[2:].partition("#")

@@ -56,8 +56,9 @@ def _run(root: Path, *only: str, capsys) -> tuple[int, str]:
 
 
 def test_real_files_pass():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--schemas", str(SCHEMAS)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--schemas", str(SCHEMAS)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "are valid" in r.stdout
     assert "FAIL" not in r.stdout
@@ -65,33 +66,48 @@ def test_real_files_pass():
 
 COMPOSE_BREAKS = {
     "unknown key": (
-        "  redis:\n    image: redis:7.2-alpine\n", "  redis:\n    image: redis:7.2-alpine\n    restart_policy: always\n",
-        ["services/redis: Compose schema: 'restart_policy' does not match",
-         "`docker compose config` rejects it", "'restart_policy' not allowed"],
+        "  redis:\n    image: redis:7.2-alpine\n",
+        "  redis:\n    image: redis:7.2-alpine\n    restart_policy: always\n",
+        [
+            "services/redis: Compose schema: 'restart_policy' does not match",
+            "`docker compose config` rejects it",
+            "'restart_policy' not allowed",
+        ],
     ),
     "unknown engram command": (
-        'command: ["train", "--ray", "--config"', 'command: ["nosuchcmd", "--ray", "--config"',
-        ["services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml --set", "no such command `nosuchcmd`"],
+        'command: ["train", "--ray", "--config"',
+        'command: ["nosuchcmd", "--ray", "--config"',
+        [
+            "services.train: `engram nosuchcmd --ray --config /etc/engram/engram.toml --set",
+            "no such command `nosuchcmd`",
+        ],
     ),
     "bad configuration": (
-        "num_shards = 3\n", 'num_shards = 3\n      wire_dtype = "int9"\n',
+        "num_shards = 3\n",
+        'num_shards = 3\n      wire_dtype = "int9"\n',
         ["services.shard-0: bad configuration: cluster.wire_dtype: unknown 'int9'"],
     ),
     "health check on the wrong port": (
-        '"--address", "127.0.0.1:50051"', '"--address", "127.0.0.1:50052"',
+        '"--address", "127.0.0.1:50051"',
+        '"--address", "127.0.0.1:50052"',
         ["services.worker: healthcheck checks port 50052 but the service listens on 50051"],
     ),
     "shm tmpfs smaller than the table files": (
-        'o: "size=4g,uid=10001', 'o: "size=16m,uid=10001',
-        ["volumes.shm: tmpfs size 16m < 78 MiB: the table files of 3 shards, 2 copies of each slot (59 MiB, fp32 + bf16 "
-         "mirror)"],
+        'o: "size=4g,uid=10001',
+        'o: "size=16m,uid=10001',
+        [
+            "volumes.shm: tmpfs size 16m < 78 MiB: the table files of 3 shards, 2 copies of each slot (59 MiB, fp32 + bf16 "
+            "mirror)"
+        ],
     ),
     "plaintext shards": (
-        "      tls_enabled = true\n      auth_enabled = true\n", "      tls_enabled = false\n      auth_enabled = false\n",
+        "      tls_enabled = true\n      auth_enabled = true\n",
+        "      tls_enabled = false\n      auth_enabled = false\n",
         ["services.shard-0: serves plaintext gRPC on 50060", "services.shard-2: serves plaintext gRPC on 50060"],
     ),
     "environment variable nobody reads": (
-        "OTEL_METRICS_EXPORTER: none #", "OTEL_METRICS_EXPORTR: none #",
+        "OTEL_METRICS_EXPORTER: none #",
+        "OTEL_METRICS_EXPORTR: none #",
         ["environment OTEL_METRICS_EXPORTR: not one of the OTEL_* variables"],
     ),
 }
@@ -110,62 +126,89 @@ def test_broken_compose_fails(case, tmp_path, capsys):
 
 K8S_BREAKS = {
     "StatefulSet with a bad field": (
-        "shards.yaml", "  podManagementPolicy: Parallel", "  podManagementPolicy: Parallel\n  replicaz: 3",
-        ["StatefulSet/engram-shard: Kubernetes 1.33.0 schema at spec: Additional properties are not allowed "
-         "('replicaz' was unexpected)"],
+        "shards.yaml",
+        "  podManagementPolicy: Parallel",
+        "  podManagementPolicy: Parallel\n  replicaz: 3",
+        [
+            "StatefulSet/engram-shard: Kubernetes 1.33.0 schema at spec: Additional properties are not allowed "
+            "('replicaz' was unexpected)"
+        ],
     ),
     "RayJob missing its head group": (
-        "rayjob.yaml", "    headGroupSpec:", "    headGroupSpek:",
+        "rayjob.yaml",
+        "    headGroupSpec:",
+        "    headGroupSpek:",
         ["RayJob/engram-train: KubeRay RayJob schema at spec/rayClusterSpec: 'headGroupSpec' is a required property"],
     ),
     "RayJob with an unknown field": (
-        "rayjob.yaml", "  shutdownAfterJobFinishes: true", "  shutdownAfterJobFinishes: true\n  entrypont: x",
+        "rayjob.yaml",
+        "  shutdownAfterJobFinishes: true",
+        "  shutdownAfterJobFinishes: true\n  entrypont: x",
         ["RayJob/engram-train: KubeRay RayJob schema at spec: Additional properties are not allowed ('entrypont'"],
     ),
     "probe on the wrong port": (
-        "worker.yaml", '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
-                       '"--address", "127.0.0.1:50051"',
+        "worker.yaml",
+        '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
+        '"--address", "127.0.0.1:50051"',
         '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
         '"--address", "127.0.0.1:50052"',
         ["Deployment/engram-worker container worker: readinessProbe checks port 50052 but the server listens on 50051"],
     ),
     "shards without TLS": (
-        "config.yaml", "    tls_enabled = true\n    auth_enabled = true\n",
+        "config.yaml",
+        "    tls_enabled = true\n    auth_enabled = true\n",
         "    tls_enabled = false\n    auth_enabled = false\n",
         ["StatefulSet/engram-shard container shard: serves plaintext gRPC on 50060"],
     ),
     "gRPC probe on a TLS shard": (
-        "shards.yaml", '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
-                       '"--address", "127.0.0.1:50060", "--service",\n                        '
-                       '"engram.shard.v1.MemoryShard", "--config", "/etc/engram/engram.toml"]',
+        "shards.yaml",
+        '          readinessProbe:\n            exec:\n              command: ["engram", "health", "--quiet", '
+        '"--address", "127.0.0.1:50060", "--service",\n                        '
+        '"engram.shard.v1.MemoryShard", "--config", "/etc/engram/engram.toml"]',
         "          readinessProbe:\n            grpc:\n              port: 50060",
         ["container shard: readinessProbe: kubelet's gRPC probe cannot speak TLS to a TLS server"],
     ),
     "worker not admitted to the shards": (
-        "worker.yaml", '        engram.io/shard-client: "true"\n', "",
-        ["NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
-         "ingress rule admits it on 50060"],
+        "worker.yaml",
+        '        engram.io/shard-client: "true"\n',
+        "",
+        [
+            "NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
+            "ingress rule admits it on 50060"
+        ],
     ),
     "shard data port not declared": (
-        "shards.yaml", "            - name: data\n              containerPort: 50062 # cluster.data_port in engram-config\n", "",
+        "shards.yaml",
+        "            - name: data\n              containerPort: 50062 # cluster.data_port in engram-config\n",
+        "",
         ["StatefulSet/engram-shard container shard: listens on cluster.data_port 50062 but declares containerPorts"],
     ),
     "shard data port on a random port": (
-        "config.yaml", "    data_port = 50062\n", "",
+        "config.yaml",
+        "    data_port = 50062\n",
+        "",
         ["container shard: cluster.data_port is 0 (a random port)"],
     ),
     "worker not admitted to the data plane": (
-        "networkpolicy.yaml", "        - protocol: TCP\n          port: 50062\n", "",
-        ["NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
-         "ingress rule admits it on 50062"],
+        "networkpolicy.yaml",
+        "        - protocol: TCP\n          port: 50062\n",
+        "",
+        [
+            "NetworkPolicy/engram-shard-ingress: k8s/base Deployment/engram-worker talks to the shards but no "
+            "ingress rule admits it on 50062"
+        ],
     ),
     "shard memory below the table layout": (
-        "shards.yaml", "memory: 2Gi #", "memory: 512Mi #",
+        "shards.yaml",
+        "memory: 2Gi #",
+        "memory: 512Mi #",
         ["StatefulSet/engram-shard: memory request 512 MiB < tables + process"],
     ),
     "args reference an undefined variable": (
-        "shards.yaml", "            - name: POD_NAMESPACE\n              valueFrom:\n                fieldRef:\n"
-                       "                  fieldPath: metadata.namespace\n", "",
+        "shards.yaml",
+        "            - name: POD_NAMESPACE\n              valueFrom:\n                fieldRef:\n"
+        "                  fieldPath: metadata.namespace\n",
+        "",
         ["args reference $(POD_NAMESPACE) but the container defines no env POD_NAMESPACE"],
     ),
 }
@@ -209,8 +252,11 @@ def test_cert_manager_objects_are_checked(tmp_path, capsys):
     _break(certs, "    algorithm: ECDSA\n", "    algorithm: DSA\n")
     rc, out = _run(root, "k8s", capsys=capsys)
     assert rc == 1, out
-    assert "Certificate/engram-read: cert-manager Certificate schema at spec: 'secretName' is a required property" \
-        in out, out
+    assert (
+        "Certificate/engram-read: cert-manager Certificate schema at spec: 'secretName' is a required property" in out
+    ), out
     assert "Additional properties are not allowed ('secretNam' was unexpected)" in out, out
-    assert "Certificate/engram-shard: cert-manager Certificate schema at spec/privateKey/algorithm: 'DSA' is not one" \
-        in out, out
+    assert (
+        "Certificate/engram-shard: cert-manager Certificate schema at spec/privateKey/algorithm: 'DSA' is not one"
+        in out
+    ), out

@@ -24,11 +24,22 @@ pytestmark = pytest.mark.timeout(180)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("det")
     write_code_corpus(root / "corpus.txt")
-    cfg = load_config("tiny", None, [
-        f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}",
-        "train.progress=false", "train.batch_size=16", "train.seq_len=64", "train.steps=4", "train.eval_every=2",
-        "engram.n_head_per_ngram=4", "engram.n_embed_per_ngram=64", "engram.table_size_per_ngram=[997,997]",
-    ])
+    cfg = load_config(
+        "tiny",
+        None,
+        [
+            f'train.corpus=["{root / "corpus.txt"}"]',
+            f"tokenizer.cache_dir={root / 'cache'}",
+            "train.progress=false",
+            "train.batch_size=16",
+            "train.seq_len=64",
+            "train.steps=4",
+            "train.eval_every=2",
+            "engram.n_head_per_ngram=4",
+            "engram.n_embed_per_ngram=64",
+            "engram.table_size_per_ngram=[997,997]",
+        ],
+    )
     return root, cfg, prepare_data(cfg)
 
 

@@ -30,9 +30,16 @@ from services.client.engram_safetensors import (
 from services.client.safetensors_io import layout_tensors
 from tests.fixtures_procs import cluster_fixture, engram_cli, run
 
-LAYOUT = ["model.n_layer=4", "engram.layer_ids=[1,2]", "engram.max_ngram_size=4", "engram.n_head_per_ngram=8",
-          "engram.n_embed_per_ngram=2048", "engram.table_size_per_ngram=[101,101,101]", "engram.row_format=fp8",
-          "cluster.wire_dtype=fp8"]
+LAYOUT = [
+    "model.n_layer=4",
+    "engram.layer_ids=[1,2]",
+    "engram.max_ngram_size=4",
+    "engram.n_head_per_ngram=8",
+    "engram.n_embed_per_ngram=2048",
+    "engram.table_size_per_ngram=[101,101,101]",
+    "engram.row_format=fp8",
+    "cluster.wire_dtype=fp8",
+]
 cluster = cluster_fixture(num_shards=2, overrides=LAYOUT)
 pytestmark = pytest.mark.timeout(240)
 LAYOUTS = table_layouts(load_config("tiny", overrides=LAYOUT).engram)
@@ -43,16 +50,19 @@ def fp8_rows(layer: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return quantize_fp8(x)  # (rows, 256) E4M3 codes, (rows, 8) E8M0 codes
 
 
-def write_checkpoint(directory: Path, *, seed: int = 7, rows: dict[int, int] | None = None,
-                     mutate=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_checkpoint(
+    directory: Path, *, seed: int = 7, rows: dict[int, int] | None = None, mutate=None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One file per layer + the index, as the safetensors library writes them -> {name: (values, scales)}."""
     directory.mkdir(parents=True)
     layers = sorted(LAYOUTS)
     weight_map, total, out = {}, 0, {}
     for i, layer in enumerate(layers):
         v, s = fp8_rows(layer, (rows or {}).get(layer, LAYOUTS[layer].num_rows), seed)
-        tensors = {f"layers.{layer}.engram.embed.weight": torch.from_numpy(v).view(torch.float8_e4m3fn),
-                   f"layers.{layer}.engram.embed.scale": torch.from_numpy(s).view(torch.float8_e8m0fnu)}
+        tensors = {
+            f"layers.{layer}.engram.embed.weight": torch.from_numpy(v).view(torch.float8_e4m3fn),
+            f"layers.{layer}.engram.embed.scale": torch.from_numpy(s).view(torch.float8_e8m0fnu),
+        }
         if mutate is not None:
             mutate(layer, tensors)
         name = f"model-{i + 1:05d}-of-{len(layers):05d}.safetensors"
@@ -80,11 +90,15 @@ async def digests_now(c) -> dict[str, str]:
 def test_safetensors_header_is_the_librarys(tmp_path) -> None:
     """Export lays files out byte for byte as the library does (tensor order, JSON, padding)."""
     v, s = fp8_rows(1, 37, 0)
-    tensors = {"layers.1.engram.embed.weight": torch.from_numpy(v).view(torch.float8_e4m3fn),
-               "layers.1.engram.embed.scale": torch.from_numpy(s).view(torch.float8_e8m0fnu)}
+    tensors = {
+        "layers.1.engram.embed.weight": torch.from_numpy(v).view(torch.float8_e4m3fn),
+        "layers.1.engram.embed.scale": torch.from_numpy(s).view(torch.float8_e8m0fnu),
+    }
     save_file(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
-    head, where = layout_tensors([(n, "F8_E4M3" if n.endswith("weight") else "F8_E8M0", tuple(t.shape))
-                                  for n, t in tensors.items()], metadata={"format": "pt"})
+    head, where = layout_tensors(
+        [(n, "F8_E4M3" if n.endswith("weight") else "F8_E8M0", tuple(t.shape)) for n, t in tensors.items()],
+        metadata={"format": "pt"},
+    )
     raw = (tmp_path / "a.safetensors").read_bytes()
     assert raw[: len(head)] == head
     e = where["layers.1.engram.embed.weight"]
@@ -95,8 +109,18 @@ def test_import_lookup_export_round_trip(cluster, tmp_path) -> None:
     src = tmp_path / "ckpt"
     rows = write_checkpoint(src)
     sets = [f"--set={o}" for o in cluster.cluster_overrides]
-    out = engram_cli("cluster", "import", str(src), "--preset", "tiny", *sets, "--dir", str(tmp_path / "slots"),
-                     "--no-progress", timeout_s=180)
+    out = engram_cli(
+        "cluster",
+        "import",
+        str(src),
+        "--preset",
+        "tiny",
+        *sets,
+        "--dir",
+        str(tmp_path / "slots"),
+        "--no-progress",
+        timeout_s=180,
+    )
     assert out.returncode == 0, out.stderr
     for layer, (v, s) in rows.items():  # the checksum of every tensor, as sha256sum would give it
         assert f"sha256 {hashlib.sha256(v.tobytes()).hexdigest()}  {layer}.engram.embed.weight" in out.stdout
@@ -120,8 +144,9 @@ def test_import_lookup_export_round_trip(cluster, tmp_path) -> None:
 
     run(lookups(), timeout_s=120)
     dst = tmp_path / "export"
-    out = engram_cli("cluster", "export", str(dst), "--preset", "tiny", *sets, "--chunk-rows", "1000",
-                     "--no-progress", timeout_s=180)
+    out = engram_cli(
+        "cluster", "export", str(dst), "--preset", "tiny", *sets, "--chunk-rows", "1000", "--no-progress", timeout_s=180
+    )
     assert out.returncode == 0, out.stderr
     for f in sorted(src.iterdir()):
         assert (dst / f.name).read_bytes() == f.read_bytes(), f"{f.name} differs"  # byte-identical, index too
@@ -131,11 +156,19 @@ def test_import_lookup_export_round_trip(cluster, tmp_path) -> None:
 def _bad(name: str, tmp_path: Path) -> Path:
     d = tmp_path / name
     if name == "wrong_shape":
-        write_checkpoint(d, mutate=lambda layer, t: t.update({f"layers.{layer}.engram.embed.weight":
-                                                              t[f"layers.{layer}.engram.embed.weight"][:, :128].contiguous()}))
+        write_checkpoint(
+            d,
+            mutate=lambda layer, t: t.update(
+                {f"layers.{layer}.engram.embed.weight": t[f"layers.{layer}.engram.embed.weight"][:, :128].contiguous()}
+            ),
+        )
     elif name == "wrong_dtype":
-        write_checkpoint(d, mutate=lambda layer, t: t.update({f"layers.{layer}.engram.embed.weight":
-                                                              t[f"layers.{layer}.engram.embed.weight"].float()}))
+        write_checkpoint(
+            d,
+            mutate=lambda layer, t: t.update(
+                {f"layers.{layer}.engram.embed.weight": t[f"layers.{layer}.engram.embed.weight"].float()}
+            ),
+        )
     elif name == "missing_scale":
         write_checkpoint(d, mutate=lambda layer, t: t.pop(f"layers.{layer}.engram.embed.scale") if layer == 2 else None)
     elif name == "row_count":
@@ -152,7 +185,7 @@ BAD = {
     "wrong_dtype": "layers.1.engram.embed.weight: wrong dtype F32, expected F8_E4M3",
     "missing_scale": "missing scale tensor layers.2.engram.embed.scale",
     "row_count": f"layers.2.engram.embed.weight: {LAYOUTS[2].num_rows - 1} rows, but layer 2's layout has "
-                 f"{LAYOUTS[2].num_rows} (the sum of its 24 head primes",
+    f"{LAYOUTS[2].num_rows} (the sum of its 24 head primes",
     "truncated": "model-00002-of-00002.safetensors: truncated: tensor layers.2.engram.embed.weight ends at byte",
 }
 
@@ -176,8 +209,17 @@ def test_bad_checkpoints_are_refused_and_nothing_is_imported(cluster, tmp_path) 
     assert run(digests_now(cluster), timeout_s=60) == before  # the shards serve what they served
 
     sets = [f"--set={o}" for o in cluster.cluster_overrides]  # the CLI says the same, exit 1
-    out = engram_cli("cluster", "import", str(tmp_path / "row_count"), "--preset", "tiny", *sets, "--no-progress",
-                     "--dir", str(tmp_path / "cli-slots"))
+    out = engram_cli(
+        "cluster",
+        "import",
+        str(tmp_path / "row_count"),
+        "--preset",
+        "tiny",
+        *sets,
+        "--no-progress",
+        "--dir",
+        str(tmp_path / "cli-slots"),
+    )
     assert out.returncode == 1 and BAD["row_count"] in out.stderr and "nothing was imported" in out.stderr
 
 
@@ -209,8 +251,11 @@ def test_interrupted_import_leaves_nothing_visible_then_resumes(cluster, tmp_pat
     seen.clear()
     report = run(go(lambda t, s, k: seen.append(k)), timeout_s=120)
     assert seen == [True] * 5 + [False] * 27 and report.slots_reused == 5  # 2 tables x 16 slots
-    want = {f"{k}.engram.embed.{n}": hashlib.sha256(a.tobytes()).hexdigest()
-            for k, (v, s) in rows.items() for n, a in (("weight", v), ("scale", s))}
+    want = {
+        f"{k}.engram.embed.{n}": hashlib.sha256(a.tobytes()).hexdigest()
+        for k, (v, s) in rows.items()
+        for n, a in (("weight", v), ("scale", s))
+    }
     assert report.digests == want and run(digests_now(cluster), timeout_s=60) == want
 
     other = tmp_path / "other"
@@ -236,20 +281,28 @@ def test_fp8_tables_refuse_pushes_and_wider_lookups(cluster) -> None:
         client = await fp8_client(cluster)
         try:
             with pytest.raises(ValueError, match="stored as fp8 .* read-only"):
-                await client.apply_gradients(1, np.array([0]), torch.zeros(1, 256), step=1,
-                                             optimizer={"kind": "adam", "lr": 0.1})
+                await client.apply_gradients(
+                    1, np.array([0]), torch.zeros(1, 256), step=1, optimizer={"kind": "adam", "lr": 0.1}
+                )
             address = client.addresses[0]
             async with grpc.aio.insecure_channel(address) as ch:
                 stub = shard_pb2_grpc.MemoryShardStub(ch)
                 row = next(r for r in range(100) if client.owners[r % 16] == 0)
                 req = shard_pb2.ApplyGradientsRequest(
-                    table=1, epoch=client.epoch, row_ids=np.array([row], "<i8").tobytes(),
-                    grads=np.zeros(256, "<f4").tobytes(), step=1, optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.1))
+                    table=1,
+                    epoch=client.epoch,
+                    row_ids=np.array([row], "<i8").tobytes(),
+                    grads=np.zeros(256, "<f4").tobytes(),
+                    step=1,
+                    optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.1),
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ApplyGradients(req, timeout=10)
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "table 1 is stored as fp8 (E4M3 values + UE8M0 block-32 scales), which is read-only" \
+                assert (
+                    "table 1 is stored as fp8 (E4M3 values + UE8M0 block-32 scales), which is read-only"
                     in err.value.details()
+                )
                 look = shard_pb2.LookupRequest(table=1, epoch=client.epoch, row_ids=req.row_ids, dtype=shard_pb2.BF16)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Lookup(look, timeout=10)

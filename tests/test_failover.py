@@ -38,8 +38,12 @@ from tests.fixtures_cluster import ShardProcess, shard_procs, start_all  # noqa:
 from tests.fixtures_procs import expected_rows
 
 pytestmark = pytest.mark.timeout(180)
-FAST = ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1.5", "cluster.failover_check_s=0.1",
-        "cluster.replica_switch_s=0.5"]
+FAST = [
+    "cluster.heartbeat_s=0.2",
+    "cluster.heartbeat_ttl_s=1.5",
+    "cluster.failover_check_s=0.1",
+    "cluster.replica_switch_s=0.5",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +92,9 @@ def test_client_holder_matrix_and_alternates():
 
 def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
     over = [*FAST, "cluster.wire_dtype=fp32", "cluster.row_path=tcp"]  # tcp: a stopped shard answers nothing
-    cluster = LocalCluster(preset="tiny", overrides=over, num_shards=2, replicas=2, log_dir=tmp_path / "logs",
-                           startup_timeout_s=60)
+    cluster = LocalCluster(
+        preset="tiny", overrides=over, num_shards=2, replicas=2, log_dir=tmp_path / "logs", startup_timeout_s=60
+    )
     with cluster:
         cfg = load_config("tiny", None, [*over, *cluster.cluster_overrides])
         table, layout = next(iter(table_layouts(cfg.engram).items()))
@@ -101,7 +106,9 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
             os.kill(cluster.shards[1].pid, signal.SIGKILL)
             t_kill = time.monotonic()
             smap = wait_for("failover", lambda: (m := slot_map(cluster)).all_holders() == {0} and m)
-            assert time.monotonic() - t_kill < 10.0  # the heartbeat TTL, not a deadline (timing: benchmarks/failover.py)
+            assert (
+                time.monotonic() - t_kill < 10.0
+            )  # the heartbeat TTL, not a deadline (timing: benchmarks/failover.py)
             assert smap.owners == [0] * cfg.cluster.num_slots
             load.wait_more()
             cluster.add_shard(1)  # restarted: boots empty, rebuilt from shard 0
@@ -141,11 +148,25 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
 
     write_code_corpus(tmp_path / "corpus.txt")
     steps = 10
-    base = [*FAST, f"train.corpus=[\"{tmp_path / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp_path / 'cache'}",
-            "train.progress=false", "cluster.wire_dtype=fp32", f"train.steps={steps}", f"train.out_dir={tmp_path / 'run'}"]
+    base = [
+        *FAST,
+        f'train.corpus=["{tmp_path / "corpus.txt"}"]',
+        f"tokenizer.cache_dir={tmp_path / 'cache'}",
+        "train.progress=false",
+        "cluster.wire_dtype=fp32",
+        f"train.steps={steps}",
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
     data = prepare_data(load_config("tiny", None, base))
-    cluster = LocalCluster(preset="tiny", overrides=base, num_shards=2, replicas=2, log_dir=tmp_path / "logs",
-                           startup_timeout_s=60, shard_args=["--threads", "2"])
+    cluster = LocalCluster(
+        preset="tiny",
+        overrides=base,
+        num_shards=2,
+        replicas=2,
+        log_dir=tmp_path / "logs",
+        startup_timeout_s=60,
+        shard_args=["--threads", "2"],
+    )
     with cluster:
         cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
         timers: list[threading.Timer] = []
@@ -163,8 +184,10 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
             assert min(rows.applied_steps().values()) == steps
             tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
             addresses = rows.client.addresses
-            copies = {t: [holder_rows(cfg, smap, addresses, s, t, tables[t].shape[0]) for s in (0, 1)]
-                      for t in cfg.engram.layer_ids}
+            copies = {
+                t: [holder_rows(cfg, smap, addresses, s, t, tables[t].shape[0]) for s in (0, 1)]
+                for t in cfg.engram.layer_ids
+            }
         finally:
             rows.close()
         kinds = [e["kind"] for e in events(cluster)]
@@ -212,7 +235,10 @@ def test_epoch_only_slot_map_moves_the_epoch_while_a_step_collects_parts(shard_p
         done = c.apply(mine, torch.ones(4, dim), step=1, epoch=2, part="w1", num_parts=2)
         assert not done.pending and done.applied_step == 1  # the step kept its first part across the new map
         assert not torch.equal(c.lookup(mine, epoch=2), expected_rows(cfg, table, mine, torch.float32))
-        expect_error(lambda: c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=1 << 40, owned_slots=owned),
-                                               timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "max_epoch_jump")
+        expect_error(
+            lambda: c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=1 << 40, owned_slots=owned), timeout=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_epoch_jump",
+        )
     finally:
         c.close()

@@ -25,8 +25,15 @@ FP8_LAYOUT = ["engram.n_head_per_ngram=2", "engram.n_embed_per_ngram=128", "engr
 
 def make(fmt: str, shard_id: int = 0, wire: str | None = None, optimizer: str = "adam") -> ShardStore:
     wire = wire or {"fp8": "fp8", "bf16": "bf16"}.get(fmt, "bf16")
-    cfg = load_config("tiny", overrides=[*FP8_LAYOUT, f"engram.row_format={fmt}", f"cluster.wire_dtype={wire}",
-                                         f"cluster.optimizer={optimizer}"])
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            *FP8_LAYOUT,
+            f"engram.row_format={fmt}",
+            f"cluster.wire_dtype={wire}",
+            f"cluster.optimizer={optimizer}",
+        ],
+    )
     return ShardStore.from_slot_map(cfg, shard_id=shard_id, owners=even_slot_map(16, 2), epoch=1, init_threads=1)
 
 
@@ -36,8 +43,9 @@ def owned(store: ShardStore, table: int) -> np.ndarray:
 
 
 def raw_lookup(store: ShardStore, table: int, rows: np.ndarray, dtype: int) -> bytes:
-    resp = shard_pb2.LookupResponse.FromString(store.lookup(table=table, epoch=1, row_ids=pack_ids(rows),
-                                                            dtype=dtype).payload)
+    resp = shard_pb2.LookupResponse.FromString(
+        store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=dtype).payload
+    )
     assert resp.dtype == dtype and resp.dim == store.layouts[table].dim
     return resp.rows
 
@@ -94,11 +102,23 @@ def test_fp8_table_refuses_gradients_naming_the_format() -> None:
     rows = owned(store, 1)[:4]
     before = store.view.tables[1].weights.clone()
     with pytest.raises(ShardError) as err:
-        store.prepare_update(table=1, epoch=1, row_ids=pack_ids(rows), grads=b"\0" * (4 * 64 * 4), step=1,
-                             kind="adam", lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+        store.prepare_update(
+            table=1,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=b"\0" * (4 * 64 * 4),
+            step=1,
+            kind="adam",
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+        )
     assert err.value.code == Code.FAILED_PRECONDITION
-    assert "ApplyGradients: table 1 is stored as fp8 (E4M3 values + UE8M0 block-32 scales), which is read-only" \
+    assert (
+        "ApplyGradients: table 1 is stored as fp8 (E4M3 values + UE8M0 block-32 scales), which is read-only"
         in err.value.message
+    )
     assert torch.equal(store.view.tables[1].weights, before)
 
 
@@ -110,8 +130,20 @@ def test_bf16_storage_trains_in_fp32_and_rounds_back() -> None:
     served = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.BF16)), dtype=torch.bfloat16)
     assert torch.equal(served.view(rows.size, dim), start)
     g = torch.ones(rows.size, dim)
-    store.apply_update(store.prepare_update(table=1, epoch=1, row_ids=pack_ids(rows), grads=g.numpy().tobytes(),
-                                            step=1, kind="adagrad", lr=0.5, beta1=0, beta2=0, eps=1e-10))
+    store.apply_update(
+        store.prepare_update(
+            table=1,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=g.numpy().tobytes(),
+            step=1,
+            kind="adagrad",
+            lr=0.5,
+            beta1=0,
+            beta2=0,
+            eps=1e-10,
+        )
+    )
     after = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.BF16)), dtype=torch.bfloat16)
     assert torch.equal(after.view(rows.size, dim), (start.float() - 0.5).to(torch.bfloat16))  # adagrad: lr*sign
     fp16 = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.FP16)), dtype=torch.float16)

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*cmd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        list(cmd), cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_wheelhouse_self_test() -> None:
@@ -34,10 +35,19 @@ def test_wheelhouse_self_test() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_cpu_self_test(tmp_path: Path) -> None:
-    out = run("bash", "scripts/gpu_check.sh", str(tmp_path / "out"),
-              env={"GPU_CHECK_CPU": "1", "GPU_CHECK_SKIP_RAY": "1", "VPY": sys.executable}, timeout=580)
+    out = run(
+        "bash",
+        "scripts/gpu_check.sh",
+        str(tmp_path / "out"),
+        env={"GPU_CHECK_CPU": "1", "GPU_CHECK_SKIP_RAY": "1", "VPY": sys.executable},
+        timeout=580,
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert out.returncode == 0, (out.stdout, summary["problems"], (tmp_path / "out" / "gpu_check.log").read_text()[-4000:])
+    assert out.returncode == 0, (
+        out.stdout,
+        summary["problems"],
+        (tmp_path / "out" / "gpu_check.log").read_text()[-4000:],
+    )
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert status == {"cuda_tests": "pass", "prefetch": "pass", "quality": "pass", "ray": "skip"}
     figures = summary["figures"]

@@ -155,12 +155,15 @@ def test_dependency_floors_match_what_the_generated_proto_code_checks() -> None:
 
     root = Path(__file__).resolve().parents[1]
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
-    floor = {m.group(1): tuple(map(int, m.group(2).split("."))) for d in deps
-             if (m := re.match(r"([a-z-]+)>=([\d.]+)", d))}
+    floor = {
+        m.group(1): tuple(map(int, m.group(2).split("."))) for d in deps if (m := re.match(r"([a-z-]+)>=([\d.]+)", d))
+    }
     need: dict[str, tuple[int, ...]] = {}
     for f in root.glob("proto/**/*_pb2.py"):
-        v = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+)",
-                      f.read_text())
+        v = re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+)",
+            f.read_text(),
+        )
         assert v, f"{f}: no runtime version check found"
         need["protobuf"] = max(need.get("protobuf", ()), tuple(map(int, v.groups())))
     for f in root.glob("proto/**/*_pb2_grpc.py"):

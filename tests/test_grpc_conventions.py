@@ -66,10 +66,15 @@ def test_grpcurl_lists_the_worker_service() -> None:
 def test_service_config_retries_exactly_the_idempotent_calls() -> None:
     config = json.loads(service_config())
     names = {(n["service"], n["method"]) for mc in config["methodConfig"] for n in mc["name"]}
-    assert names == set(IDEMPOTENT_METHODS) == {
-        ("engram.shard.v1.MemoryShard", "Lookup"), ("engram.shard.v1.MemoryShard", "Stats"),
-        ("grpc.health.v1.Health", "Check"),
-    }
+    assert (
+        names
+        == set(IDEMPOTENT_METHODS)
+        == {
+            ("engram.shard.v1.MemoryShard", "Lookup"),
+            ("engram.shard.v1.MemoryShard", "Stats"),
+            ("grpc.health.v1.Health", "Check"),
+        }
+    )
     assert all(mc["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"] for mc in config["methodConfig"])
     opts = dict(channel_options(max_message_bytes=1 << 20, retries=False))
     assert "grpc.service_config" not in opts and opts["grpc.enable_retries"] == 0
@@ -98,10 +103,17 @@ async def _flaky_server(fail_first: int) -> tuple[grpc.aio.Server, int, dict[str
         return grpc.unary_unary_rpc_method_handler(call)
 
     server = grpc.aio.server(options=server_options(max_message_bytes=1 << 20))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("engram.shard.v1.MemoryShard", {
-        "Stats": handler("Stats", shard_pb2.StatsResponse),
-        "ApplyGradients": handler("ApplyGradients", shard_pb2.ApplyGradientsResponse),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "engram.shard.v1.MemoryShard",
+                {
+                    "Stats": handler("Stats", shard_pb2.StatsResponse),
+                    "ApplyGradients": handler("ApplyGradients", shard_pb2.ApplyGradientsResponse),
+                },
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port, calls

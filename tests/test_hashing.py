@@ -9,8 +9,9 @@ import torch
 from engram.hashing import NgramHasher, head_table_sizes, is_prime, layer_multipliers, next_prime
 
 
-def demo_reference(ids: np.ndarray, *, vocab: int, sizes: list[int], N: int, H: int, layers: list[int], pad: int,
-                   seed: int) -> dict[int, np.ndarray]:
+def demo_reference(
+    ids: np.ndarray, *, vocab: int, sizes: list[int], N: int, H: int, layers: list[int], pad: int, seed: int
+) -> dict[int, np.ndarray]:
     """A literal, loop-by-loop transcription of the demo's formula, written independently of engram.hashing:
     plain Python ints with explicit two's-complement wrapping, trial-division primality."""
 
@@ -39,7 +40,10 @@ def demo_reference(ids: np.ndarray, *, vocab: int, sizes: list[int], N: int, H: 
     B, T = ids.shape
     for layer in layers:
         half = max(1, ((2**63 - 1) // vocab) // 2)
-        m = [int(v) * 2 + 1 for v in np.random.default_rng(seed + 10007 * layer).integers(0, half, size=N, dtype=np.int64)]
+        m = [
+            int(v) * 2 + 1
+            for v in np.random.default_rng(seed + 10007 * layer).integers(0, half, size=N, dtype=np.int64)
+        ]
         res = np.zeros((B, T, (N - 1) * H), dtype=np.int64)
         for b in range(B):
             for t in range(T):
@@ -65,8 +69,9 @@ def test_primes() -> None:
 
 def test_demo_table_sizes() -> None:
     """Demo defaults: table_size_per_ngram = [5*129280]*2, N=3, 8 heads, layers [1, 15]."""
-    sizes = head_table_sizes(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8,
-                             table_size_per_ngram=[646400, 646400])
+    sizes = head_table_sizes(
+        layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, table_size_per_ngram=[646400, 646400]
+    )
     flat = [p for layer in (1, 15) for per_n in sizes[layer] for p in per_n]
     assert len(flat) == len(set(flat)) == 32
     assert all(is_prime(p) for p in flat)
@@ -87,14 +92,21 @@ def test_multipliers_are_odd_and_seeded() -> None:
 
 def test_hand_derived_vector() -> None:
     """One position by hand: t=1, layer 1, 2-gram: mix = (x1*m0) ^ (x0*m1) mod p."""
-    h = NgramHasher(compressed_vocab_size=50, table_size_per_ngram=[101, 101], max_ngram_size=3,
-                    n_head_per_ngram=2, layer_ids=[1], pad_id=7, seed=3)
+    h = NgramHasher(
+        compressed_vocab_size=50,
+        table_size_per_ngram=[101, 101],
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        layer_ids=[1],
+        pad_id=7,
+        seed=3,
+    )
     m = [int(v) for v in h.multipliers[1]]
     p2 = h.table_sizes[1][0]
     ids = np.array([[4, 9]])
     out = h.hash(ids)[1]
     assert out.shape == (1, 2, 4)
-    mix_t1 = ((9 * m[0]) ^ (4 * m[1]))  # fits in int64 since ids*m < 2^63 by construction of the bound
+    mix_t1 = (9 * m[0]) ^ (4 * m[1])  # fits in int64 since ids*m < 2^63 by construction of the bound
     assert out[0, 1, 0] == mix_t1 % p2[0] and out[0, 1, 1] == mix_t1 % p2[1]
     mix_t0 = (4 * m[0]) ^ (7 * m[1])  # position 0 sees the pad id before the start
     assert out[0, 0, 0] == mix_t0 % p2[0]
@@ -107,8 +119,15 @@ def test_equals_demo_formula_numpy_and_torch(N: int, H: int, layers: list[int], 
     sizes = [int(s) for s in rng.integers(50, 500, size=N - 1)]
     ids = rng.integers(0, vocab, size=(3, 17))
     ids[0, :5] = vocab - 1  # the largest id: the products come closest to int64's limit
-    h = NgramHasher(compressed_vocab_size=vocab, table_size_per_ngram=sizes, max_ngram_size=N,
-                    n_head_per_ngram=H, layer_ids=layers, pad_id=2, seed=seed)
+    h = NgramHasher(
+        compressed_vocab_size=vocab,
+        table_size_per_ngram=sizes,
+        max_ngram_size=N,
+        n_head_per_ngram=H,
+        layer_ids=layers,
+        pad_id=2,
+        seed=seed,
+    )
     ref = demo_reference(ids, vocab=vocab, sizes=sizes, N=N, H=H, layers=layers, pad=2, seed=seed)
     got_np = h.hash(ids)
     got_t = h.hash(torch.from_numpy(ids))
@@ -129,10 +148,19 @@ def test_products_of_valid_ids_fit_in_int64() -> None:
         assert int(m.max()) * (vocab - 1) <= 2**63 - 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (GPU check runs on the device box)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine (GPU check runs on the device box)"
+)
 def test_cuda_equals_numpy() -> None:
-    h = NgramHasher(compressed_vocab_size=100_000, table_size_per_ngram=[646400, 646400], max_ngram_size=3,
-                    n_head_per_ngram=8, layer_ids=[1, 15], pad_id=2, seed=0)
+    h = NgramHasher(
+        compressed_vocab_size=100_000,
+        table_size_per_ngram=[646400, 646400],
+        max_ngram_size=3,
+        n_head_per_ngram=8,
+        layer_ids=[1, 15],
+        pad_id=2,
+        seed=0,
+    )
     ids = np.random.default_rng(0).integers(0, 100_000, size=(8, 512))
     cpu = h.hash(ids)
     gpu = h.hash(torch.from_numpy(ids).cuda())
@@ -143,12 +171,33 @@ def test_cuda_equals_numpy() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="compressed_vocab_size"):
-        NgramHasher(compressed_vocab_size=0, table_size_per_ngram=[11], max_ngram_size=2, n_head_per_ngram=1,
-                    layer_ids=[1], pad_id=0, seed=0)
+        NgramHasher(
+            compressed_vocab_size=0,
+            table_size_per_ngram=[11],
+            max_ngram_size=2,
+            n_head_per_ngram=1,
+            layer_ids=[1],
+            pad_id=0,
+            seed=0,
+        )
     with pytest.raises(ValueError, match="table_size_per_ngram"):
-        NgramHasher(compressed_vocab_size=10, table_size_per_ngram=[11], max_ngram_size=3, n_head_per_ngram=1,
-                    layer_ids=[1], pad_id=0, seed=0)
-    h = NgramHasher(compressed_vocab_size=10, table_size_per_ngram=[11], max_ngram_size=2, n_head_per_ngram=1,
-                    layer_ids=[1], pad_id=0, seed=0)
+        NgramHasher(
+            compressed_vocab_size=10,
+            table_size_per_ngram=[11],
+            max_ngram_size=3,
+            n_head_per_ngram=1,
+            layer_ids=[1],
+            pad_id=0,
+            seed=0,
+        )
+    h = NgramHasher(
+        compressed_vocab_size=10,
+        table_size_per_ngram=[11],
+        max_ngram_size=2,
+        n_head_per_ngram=1,
+        layer_ids=[1],
+        pad_id=0,
+        seed=0,
+    )
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         h.hash(np.zeros(5, dtype=np.int64))

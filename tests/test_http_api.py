@@ -31,8 +31,9 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    proc = WorkerProcess(checkpoint, "--set", "worker.http_port=0", "--set", "worker.max_queue=64",
-                         "--set", "worker.kv_cache_mb=4").start()
+    proc = WorkerProcess(
+        checkpoint, "--set", "worker.http_port=0", "--set", "worker.max_queue=64", "--set", "worker.kv_cache_mb=4"
+    ).start()
     yield proc
     proc.kill()
 
@@ -51,15 +52,17 @@ def metric(server, name: str) -> float:
 
 def serving(server) -> None:
     assert httpx.get(f"http://{server.http}/health", timeout=10).status_code == 200
-    r = httpx.post(f"http://{server.http}/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2},
-                   timeout=30)
+    r = httpx.post(
+        f"http://{server.http}/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2}, timeout=30
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_models_and_greedy_completion_match_the_checkpoint(server, client, checkpoint) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
-    out = client.completions.create(model=MODEL, prompt="def function_", max_tokens=10, temperature=0, logprobs=3,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL, prompt="def function_", max_tokens=10, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     choice = out.choices[0]
     assert choice.finish_reason == "length" and out.usage.completion_tokens == 10
     model, _, tok_json = load_model(checkpoint)
@@ -77,8 +80,15 @@ def test_models_and_greedy_completion_match_the_checkpoint(server, client, check
 
 
 def test_streaming_equals_non_streaming(client) -> None:
-    kw = dict(model=MODEL, prompt="class Foo", max_tokens=12, temperature=0.8, top_p=0.9, seed=11,
-              extra_body={"ignore_eos": True, "top_k": 50})
+    kw = dict(
+        model=MODEL,
+        prompt="class Foo",
+        max_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=11,
+        extra_body={"ignore_eos": True, "top_k": 50},
+    )
     whole = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
@@ -87,12 +97,18 @@ def test_streaming_equals_non_streaming(client) -> None:
 
 
 def test_stop_strings_cut_the_text(client) -> None:
-    full = client.completions.create(model=MODEL, prompt="def f", max_tokens=24, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    full = (
+        client.completions.create(
+            model=MODEL, prompt="def f", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = full[5:7]
     assert stop
-    cut = client.completions.create(model=MODEL, prompt="def f", max_tokens=24, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]
+    cut = client.completions.create(
+        model=MODEL, prompt="def f", max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
@@ -100,13 +116,21 @@ def test_stop_strings_cut_the_text(client) -> None:
 def test_curl(server) -> None:
     url = f"http://{server.http}/v1/completions"
     body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 4, "stream": True, "ignore_eos": True})
-    out = subprocess.run(["curl", "-sN", url, "-H", "Content-Type: application/json", "-d", body],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["curl", "-sN", url, "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     events = [line[6:] for line in out.stdout.splitlines() if line.startswith("data: ")]
     assert out.returncode == 0 and events[-1] == "[DONE]" and len(events) == 5
     assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
-    plain = subprocess.run(["curl", "-s", url, "-d", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2})],
-                           capture_output=True, text=True, timeout=60)
+    plain = subprocess.run(
+        ["curl", "-s", url, "-d", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2})],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(plain.stdout)["choices"][0]["text"] is not None
 
 
@@ -117,8 +141,15 @@ def test_32_concurrent_streams(server, client) -> None:
     def one(i: int) -> None:
         try:
             n, reason = 0, None
-            for c in client.completions.create(model=MODEL, prompt=f"def function_{i}(", max_tokens=16, stream=True,
-                                               temperature=1.0, seed=i, extra_body={"ignore_eos": True}):
+            for c in client.completions.create(
+                model=MODEL,
+                prompt=f"def function_{i}(",
+                max_tokens=16,
+                stream=True,
+                temperature=1.0,
+                seed=i,
+                extra_body={"ignore_eos": True},
+            ):
                 n += 1
                 reason = c.choices[0].finish_reason or reason
             results[i] = (n, reason)
@@ -150,23 +181,26 @@ def test_a_disconnected_stream_frees_its_kv_blocks(server) -> None:
     serving(server)
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"model": MODEL, "prompt": ""}, 400, "prompt: empty"),
-    ({"model": MODEL, "prompt": "x " * 200}, 400, "maximum context length is 64"),
-    ({"model": "gpt-4", "prompt": "x"}, 404, "`gpt-4` does not exist"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens: expected an integer"),
-    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "a batch of 2 prompts"),
-    ({"model": MODEL, "prompt": [1, 2, 10**9]}, 400, "token ids must be in"),
-    ({"model": MODEL, "prompt": "x", "n": 3}, 400, "n: only n=1"),
-    ({"model": MODEL, "prompt": "x", "engram": {"knockout": "yes"}}, 400, "engram.knockout"),
-    ({"model": MODEL, "prompt": "x", "engram": {"gates": True}}, 400, "unknown option"),
-    ({"prompt": "x"}, 400, "model: missing"),
-    ([1, 2], 400, "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": MODEL, "prompt": ""}, 400, "prompt: empty"),
+        ({"model": MODEL, "prompt": "x " * 200}, 400, "maximum context length is 64"),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "`gpt-4` does not exist"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens: expected an integer"),
+        ({"model": MODEL, "prompt": ["a", "b"]}, 400, "a batch of 2 prompts"),
+        ({"model": MODEL, "prompt": [1, 2, 10**9]}, 400, "token ids must be in"),
+        ({"model": MODEL, "prompt": "x", "n": 3}, 400, "n: only n=1"),
+        ({"model": MODEL, "prompt": "x", "engram": {"knockout": "yes"}}, 400, "engram.knockout"),
+        ({"model": MODEL, "prompt": "x", "engram": {"gates": True}}, 400, "unknown option"),
+        ({"prompt": "x"}, 400, "model: missing"),
+        ([1, 2], 400, "expected a JSON object"),
+    ],
+)
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, needle) -> None:
     r = httpx.post(f"http://{server.http}/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
@@ -175,8 +209,12 @@ def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, needle) -
 
 
 def test_non_json_and_openai_client_errors(server, client) -> None:
-    r = httpx.post(f"http://{server.http}/v1/completions", content=b"{not json", timeout=30,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        f"http://{server.http}/v1/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model=MODEL, prompt="x", top_p=2)
@@ -189,11 +227,13 @@ def test_raw_socket_disconnect_mid_request_keeps_serving(server) -> None:
     host, port = server.http.rsplit(":", 1)
     body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 300, "stream": True, "ignore_eos": True})
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
         assert b"200 OK" in s.recv(4096)
     with socket.create_connection((host, int(port)), timeout=10) as s:  # half a body, then gone
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"')
     deadline = time.monotonic() + 20
     while metric(server, "engram_kv_cache_blocks_used") > 0:
         assert time.monotonic() < deadline
@@ -208,20 +248,23 @@ def test_knockout_and_gates(client) -> None:
     assert len(gates) == 6 and all(set(g) == {"1"} and len(g["1"]) == 1 and 0 < g["1"][0] < 1 for g in gates)
     ko = client.completions.create(**kw, extra_body={"ignore_eos": True, "engram": {"knockout": True}})
     assert ko.choices[0].model_extra["engram"]["knockout"] is True
-    assert ko.choices[0].logprobs.token_logprobs[0] != pytest.approx(base.choices[0].logprobs.token_logprobs[0],
-                                                                     abs=1e-6)
+    assert ko.choices[0].logprobs.token_logprobs[0] != pytest.approx(
+        base.choices[0].logprobs.token_logprobs[0], abs=1e-6
+    )
 
 
 def test_overload_gets_429_and_the_server_recovers(checkpoint) -> None:
-    proc = WorkerProcess(checkpoint, "--set", "worker.http_port=0", "--set", "worker.max_queue=1",
-                         "--set", "worker.max_running=1").start()
+    proc = WorkerProcess(
+        checkpoint, "--set", "worker.http_port=0", "--set", "worker.max_queue=1", "--set", "worker.max_running=1"
+    ).start()
     try:
         url = f"http://{proc.http}/v1/completions"
         codes: list[int] = []
 
         def one() -> None:
-            r = httpx.post(url, json={"model": MODEL, "prompt": "def", "max_tokens": 40, "ignore_eos": True},
-                           timeout=60)
+            r = httpx.post(
+                url, json={"model": MODEL, "prompt": "def", "max_tokens": 40, "ignore_eos": True}, timeout=60
+            )
             codes.append(r.status_code)
             if r.status_code == 429:
                 assert "worker.max_queue=1" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"

@@ -40,7 +40,10 @@ def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, timeout_
 def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engram_cli.main", "up", "--preset", "tiny", "--shards", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()

@@ -193,27 +193,33 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_detector_finds_a_late_import_cycle(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "engram/__init__.py": "",
-        "engram/data.py": "from engram.tokenizer import train\n",
-        "engram/tokenizer.py": "def train():\n    from engram.data import docs  # late\n",
-        "engram/ok.py": "import engram.data\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "engram/__init__.py": "",
+            "engram/data.py": "from engram.tokenizer import train\n",
+            "engram/tokenizer.py": "def train():\n    from engram.data import docs  # late\n",
+            "engram/ok.py": "import engram.data\n",
+        },
+    )
     graph = import_graph(root, ["engram"])
     assert graph["engram.data"] == {"engram.tokenizer"}
     assert cycles(graph) == [["engram.data", "engram.tokenizer"]]
 
 
 def test_detector_finds_relative_and_flat_cycles_and_skips_type_checking(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "services/__init__.py": "",
-        "services/a.py": "from . import b\n",
-        "services/b.py": "from .c import x\n",
-        "services/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from services.a import y\n",
-        "scripts/one.py": "from two import f\n",
-        "scripts/two.py": "import three\n",
-        "scripts/three.py": "def g():\n    import one\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "services/__init__.py": "",
+            "services/a.py": "from . import b\n",
+            "services/b.py": "from .c import x\n",
+            "services/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from services.a import y\n",
+            "scripts/one.py": "from two import f\n",
+            "scripts/two.py": "import three\n",
+            "scripts/three.py": "def g():\n    import one\n",
+        },
+    )
     graph = import_graph(root, ["services", "scripts"], flat=["scripts"])
     assert graph["services.a"] == {"services", "services.b"}
     assert graph["services.c"] == set()  # TYPE_CHECKING only
@@ -224,24 +230,30 @@ def test_detector_finds_relative_and_flat_cycles_and_skips_type_checking(tmp_pat
 
 
 def test_detector_finds_upward_and_forbidden_imports(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "engram/__init__.py": "import grpc\nimport numpy\nimport json\n",
-        "services/__init__.py": "",
-        "services/main.py": "from engram_cli.main import add_config_args\nfrom engram import x\n",
-        "worker/__init__.py": "",
-        "worker/run.py": "def f():\n    from trainer.checkpoint import load\n",
-        "trainer/__init__.py": "",
-        "trainer/checkpoint.py": "",
-        "engram_cli/__init__.py": "",
-        "engram_cli/main.py": "",
-        "scripts/draw.py": "from tests.receiver import R\n",
-        "tests/__init__.py": "",
-        "tests/receiver.py": "import scripts.draw\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "engram/__init__.py": "import grpc\nimport numpy\nimport json\n",
+            "services/__init__.py": "",
+            "services/main.py": "from engram_cli.main import add_config_args\nfrom engram import x\n",
+            "worker/__init__.py": "",
+            "worker/run.py": "def f():\n    from trainer.checkpoint import load\n",
+            "trainer/__init__.py": "",
+            "trainer/checkpoint.py": "",
+            "engram_cli/__init__.py": "",
+            "engram_cli/main.py": "",
+            "scripts/draw.py": "from tests.receiver import R\n",
+            "tests/__init__.py": "",
+            "tests/receiver.py": "import scripts.draw\n",
+        },
+    )
     pkgs = ["engram", "services", "worker", "trainer", "engram_cli", "scripts", "tests"]
     bad = upward_imports(import_graph(root, pkgs, flat=["scripts"]), ALLOWED)
-    assert bad == ["scripts.draw -> tests.receiver", "services.main -> engram_cli.main",
-                   "worker.run -> trainer.checkpoint"]
+    assert bad == [
+        "scripts.draw -> tests.receiver",
+        "services.main -> engram_cli.main",
+        "worker.run -> trainer.checkpoint",
+    ]
     assert third_party_imports(root, "engram") == ["engram: grpc", "engram: numpy"]
 
 

@@ -36,14 +36,24 @@ def test_v41flash_table_sizes_and_format() -> None:
 
 def test_v41flash_hashing_equals_demo_formula() -> None:
     e = load_config("v41flash").engram
-    kw = dict(sizes=e.table_size_per_ngram, N=e.max_ngram_size, H=e.n_head_per_ngram, layers=e.layer_ids,
-              pad=e.pad_id, seed=e.seed)
+    kw = dict(
+        sizes=e.table_size_per_ngram,
+        N=e.max_ngram_size,
+        H=e.n_head_per_ngram,
+        layers=e.layer_ids,
+        pad=e.pad_id,
+        seed=e.seed,
+    )
     ids = np.random.default_rng(0).integers(0, e.compressed_vocab_size, size=(2, 11))
     ref = demo_reference(ids, vocab=e.compressed_vocab_size, **kw)
     hasher = NgramHasher(
-        compressed_vocab_size=e.compressed_vocab_size, table_size_per_ngram=e.table_size_per_ngram,
-        max_ngram_size=e.max_ngram_size, n_head_per_ngram=e.n_head_per_ngram, layer_ids=e.layer_ids,
-        pad_id=e.pad_id, seed=e.seed,
+        compressed_vocab_size=e.compressed_vocab_size,
+        table_size_per_ngram=e.table_size_per_ngram,
+        max_ngram_size=e.max_ngram_size,
+        n_head_per_ngram=e.n_head_per_ngram,
+        layer_ids=e.layer_ids,
+        pad_id=e.pad_id,
+        seed=e.seed,
     )
     got = hasher.hash(ids)
     got_torch = hasher.hash(torch.from_numpy(ids))
@@ -53,11 +63,14 @@ def test_v41flash_hashing_equals_demo_formula() -> None:
         np.testing.assert_array_equal(got_torch[layer].numpy(), ref[layer])
 
 
-@pytest.mark.parametrize(("preset", "paper", "tol"), [
-    ("paper40b", 18.5e9, 0.01),
-    # issue 14's sizes give 5.79B against the paper's stated 5.7B: 1.6%, reported, not hidden
-    ("paper27b", 5.7e9, 0.02),
-])
+@pytest.mark.parametrize(
+    ("preset", "paper", "tol"),
+    [
+        ("paper40b", 18.5e9, 0.01),
+        # issue 14's sizes give 5.79B against the paper's stated 5.7B: 1.6%, reported, not hidden
+        ("paper27b", 5.7e9, 0.02),
+    ],
+)
 def test_paper_presets_match_parameter_counts(preset: str, paper: float, tol: float) -> None:
     cfg = load_config(preset)
     assert cfg.engram.n_embed_per_ngram // cfg.engram.n_head_per_ngram == 80
@@ -125,8 +138,9 @@ def test_ablation_switches_change_the_module() -> None:
 def test_model_reads_ablation_fields() -> None:
     from engram.model import EngramLM
 
-    cfg = load_config("tiny", overrides=["engram.gate=false", "engram.short_conv=false", "engram.shared_keys=true",
-                                         "model.hc_mult=2"])
+    cfg = load_config(
+        "tiny", overrides=["engram.gate=false", "engram.short_conv=false", "engram.shared_keys=true", "model.hc_mult=2"]
+    )
     model = EngramLM(cfg, np.arange(cfg.model.vocab_size))
     layer = model.blocks[1].engram
     assert layer is not None and not layer.use_gate and layer.short_conv is None and len(layer.key_projs) == 1

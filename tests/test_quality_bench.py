@@ -22,7 +22,7 @@ from trainer.local import train_local
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     write_code_corpus(root / "corpus.txt")
-    ov = [f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}", "train.progress=false"]
+    ov = [f'train.corpus=["{root / "corpus.txt"}"]', f"tokenizer.cache_dir={root / 'cache'}", "train.progress=false"]
     cfg = load_config("tiny", None, ov)
     return root, ov, cfg, prepare_data(cfg)
 
@@ -58,7 +58,9 @@ def test_config_fields_are_validated() -> None:
 
 def test_frozen_table_rows_never_move_but_the_rest_trains(setup) -> None:
     root, ov, _, data = setup
-    cfg = load_config("tiny", None, [*ov, "engram.freeze_table=true", "train.steps=4", f"train.out_dir={root / 'frozen'}"])
+    cfg = load_config(
+        "tiny", None, [*ov, "engram.freeze_table=true", "train.steps=4", f"train.out_dir={root / 'frozen'}"]
+    )
     init = load_config("tiny", None, [*ov, "train.steps=1"])
     from engram.model import EngramLM
 
@@ -90,8 +92,19 @@ def test_multi_seed_report_with_every_variant(setup) -> None:
     root, ov, _, _ = setup
     out = root / "report.json"
     sets = [a for o in [*ov, "train.steps=4", "train.eval_every=4"] for a in ("--set", o)]
-    args = ["--preset", "tiny", "--seeds", "2", "--variants", "baseline,engram,engram-frozen,dense-same-params",
-            "--out", str(root / "runs"), "--json", str(out), *sets]
+    args = [
+        "--preset",
+        "tiny",
+        "--seeds",
+        "2",
+        "--variants",
+        "baseline,engram,engram-frozen,dense-same-params",
+        "--out",
+        str(root / "runs"),
+        "--json",
+        str(out),
+        *sets,
+    ]
     assert quality_main(args) == 0
     report = json.loads(out.read_text())
     seeds = report["seeds"]
@@ -99,8 +112,11 @@ def test_multi_seed_report_with_every_variant(setup) -> None:
     assert set(report["runs"]) == {"baseline", "engram", "engram-frozen", "dense-same-params"}
     for name in ("engram", "engram-frozen", "dense-same-params"):
         s = report["summary"][name]
-        gains = [(report["runs"]["baseline"][str(k)]["final_val_loss"] - report["runs"][name][str(k)]["final_val_loss"])
-                 / report["runs"]["baseline"][str(k)]["final_val_loss"] for k in seeds]
+        gains = [
+            (report["runs"]["baseline"][str(k)]["final_val_loss"] - report["runs"][name][str(k)]["final_val_loss"])
+            / report["runs"]["baseline"][str(k)]["final_val_loss"]
+            for k in seeds
+        ]
         assert s["stats"]["n"] == 2 and s["stats"]["mean"] == pytest.approx(sum(gains) / 2)
         assert s["stats"]["ci95"][0] <= s["stats"]["mean"] <= s["stats"]["ci95"][1]
     # paired runs see the same tokens; the same-parameter model costs more FLOPs per step
@@ -112,11 +128,43 @@ def test_multi_seed_report_with_every_variant(setup) -> None:
     assert (root / "runs" / "gate_heatmap.png").is_file()
     # one seed run alone (another process) reproduces that seed bit for bit, and merges back
     part = root / "part.json"
-    assert quality_main(["--preset", "tiny", "--seed-list", "1235", "--variants", "baseline,engram",
-                         "--out", str(root / "part"), "--json", str(part), *sets]) == 0
+    assert (
+        quality_main(
+            [
+                "--preset",
+                "tiny",
+                "--seed-list",
+                "1235",
+                "--variants",
+                "baseline,engram",
+                "--out",
+                str(root / "part"),
+                "--json",
+                str(part),
+                *sets,
+            ]
+        )
+        == 0
+    )
     first = root / "first.json"
-    assert quality_main(["--preset", "tiny", "--seed-list", "1234", "--variants", "baseline,engram",
-                         "--out", str(root / "first"), "--json", str(first), *sets]) == 0
+    assert (
+        quality_main(
+            [
+                "--preset",
+                "tiny",
+                "--seed-list",
+                "1234",
+                "--variants",
+                "baseline,engram",
+                "--out",
+                str(root / "first"),
+                "--json",
+                str(first),
+                *sets,
+            ]
+        )
+        == 0
+    )
     merged_path = root / "merged.json"
     assert quality_main(["--merge", str(first), str(part), "--json", str(merged_path)]) == 0
     merged = json.loads(merged_path.read_text())
@@ -126,8 +174,26 @@ def test_multi_seed_report_with_every_variant(setup) -> None:
             assert merged["runs"][name][k]["final_val_loss"] == report["runs"][name][k]["final_val_loss"]
     assert merged["summary"]["engram"]["stats"] == report["summary"]["engram"]["stats"]
     other = root / "other.json"
-    assert quality_main(["--preset", "tiny", "--seed-list", "1", "--variants", "baseline", "--out", str(root / "o"),
-                         "--json", str(other), *sets, "--set", "model.d_model=64"]) == 0
+    assert (
+        quality_main(
+            [
+                "--preset",
+                "tiny",
+                "--seed-list",
+                "1",
+                "--variants",
+                "baseline",
+                "--out",
+                str(root / "o"),
+                "--json",
+                str(other),
+                *sets,
+                "--set",
+                "model.d_model=64",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(ValueError, match="another configuration"):
         quality_main(["--merge", str(first), str(other)])
 

@@ -17,13 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def engram(*args: str, timeout: float = 60.0, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engram_cli.main", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "engram_cli.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_dist_config_is_validated_with_field_names() -> None:
-    for override, field in [("dist.mode=eventual", "dist.mode"), ("dist.staleness=-1", "dist.staleness"),
-                            ("dist.num_workers=-1", "dist.num_workers")]:
+    for override, field in [
+        ("dist.mode=eventual", "dist.mode"),
+        ("dist.staleness=-1", "dist.staleness"),
+        ("dist.num_workers=-1", "dist.num_workers"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             load_config("tiny", None, [override])
     from trainer.ray_trainer import check_dist_config
@@ -39,11 +48,28 @@ def test_ray_flags_need_ray() -> None:
 
 def train_args(tmp_path, corpus, *extra: str) -> list[str]:
     return [
-        "train", "--preset", "tiny", "--ray", "--up", "--workers", "2",
-        "--set", f"train.corpus=[\"{corpus}\"]", "--set", f"tokenizer.cache_dir={tmp_path / 'cache'}",
-        "--set", f"train.out_dir={tmp_path / 'run'}", "--set", f"cluster.checkpoint_dir={tmp_path / 'shards'}",
-        "--set", "cluster.wire_dtype=fp32", "--set", "train.checkpoint_every=5",
-        "--set", "train.progress=false", *extra,
+        "train",
+        "--preset",
+        "tiny",
+        "--ray",
+        "--up",
+        "--workers",
+        "2",
+        "--set",
+        f'train.corpus=["{corpus}"]',
+        "--set",
+        f"tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"train.out_dir={tmp_path / 'run'}",
+        "--set",
+        f"cluster.checkpoint_dir={tmp_path / 'shards'}",
+        "--set",
+        "cluster.wire_dtype=fp32",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "train.progress=false",
+        *extra,
     ]
 
 
@@ -57,8 +83,15 @@ def test_engram_train_ray_sigkilled_then_resumed(tmp_path) -> None:
     corpus.write_text("\n".join(f"def f_{i % 13}(x):\n    return x * {i % 7}\n" for i in range(300)))
     args = train_args(tmp_path, corpus)
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "engram_cli.main", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engram_cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     seen = []
     try:
         assert proc.stdout is not None
@@ -82,8 +115,12 @@ def test_engram_train_ray_sigkilled_then_resumed(tmp_path) -> None:
     from engram.data import prepare_data
     from trainer.local import train_local
 
-    cfg = load_config("tiny", None, [a for a in args[args.index("--set"):] if a != "--set"]
-                      + [f"train.out_dir={tmp_path / 'local'}", "train.grad_accum=2"])  # the 2 workers' split
+    cfg = load_config(
+        "tiny",
+        None,
+        [a for a in args[args.index("--set") :] if a != "--set"]
+        + [f"train.out_dir={tmp_path / 'local'}", "train.grad_accum=2"],
+    )  # the 2 workers' split
     local = train_local(cfg, data=prepare_data(cfg))
     assert len(result["train_losses"]) == 20
     assert result["train_losses"] == pytest.approx(local.train_losses, rel=1e-6)

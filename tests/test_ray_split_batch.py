@@ -36,8 +36,16 @@ def split_vs_reference(
 ) -> tuple[float, float]:
     """(largest relative loss gap over `steps`, largest final weight difference) between the
     emulated W-worker split and a local reference with `reference_micro_batches`-way accumulation."""
-    cfg = load_config("tiny", None, [f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'c'}",
-                                     f"train.seed={seed}", f"train.steps={steps}"])
+    cfg = load_config(
+        "tiny",
+        None,
+        [
+            f'train.corpus=["{root / "corpus.txt"}"]',
+            f"tokenizer.cache_dir={root / 'c'}",
+            f"train.seed={seed}",
+            f"train.steps={steps}",
+        ],
+    )
     t = cfg.train
     _, vocab, ds = prepare_data(cfg)
 

@@ -28,9 +28,7 @@ def lower_bound(owners: list[int], targets: list[int]) -> int:
     base, extra = divmod(n, len(targets))
     by_size = sorted(targets, key=lambda t: -held.get(t, 0))
     quota = {t: base + (i < extra) for i, t in enumerate(by_size)}
-    return sum(c for s, c in held.items() if s not in quota) + sum(
-        max(0, held.get(t, 0) - quota[t]) for t in targets
-    )
+    return sum(c for s, c in held.items() if s not in quota) + sum(max(0, held.get(t, 0) - quota[t]) for t in targets)
 
 
 def test_grow_two_to_three_moves_only_what_the_new_shard_needs() -> None:
@@ -151,8 +149,14 @@ def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> Non
             result = await pusher.apply_gradients(1, rows, grads, step=1, optimizer=opt)
             assert pusher.epoch == 2 and set(result.shards) == {0, 1, 2} and result.rows_updated == 300
             w = expected_rows(cfg, 1, rows, torch.float32).clone()
-            lazy_adam_(w, torch.zeros_like(w), torch.zeros_like(w), grads, step=1,
-                       p=AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8))
+            lazy_adam_(
+                w,
+                torch.zeros_like(w),
+                torch.zeros_like(w),
+                grads,
+                step=1,
+                p=AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8),
+            )
             torch.testing.assert_close(await pusher.lookup(1, rows), w, rtol=1e-6, atol=1e-6)
         finally:
             for c in (client, stale, pusher, standalone):
@@ -168,6 +172,7 @@ failing_cluster = cluster_fixture(num_shards=2, overrides=["engram.table_size_pe
 def test_failed_rebalance_leaves_the_old_map_serving_updates(failing_cluster: LocalCluster, monkeypatch) -> None:
     """Slots are frozen for updates while they migrate; if the slot-map CAS then fails, the rebalancer
     re-installs the old map on the sources and the frozen slots take gradients again."""
+
     async def main() -> None:
         cp = failing_cluster.control()
         pusher = await ShardClient.connect(cp, wire_dtype="fp32")

@@ -55,16 +55,21 @@ def workdir(tmp_path_factory):
 
 def overrides(root, name: str, *extra: str) -> list[str]:
     return [
-        f"train.corpus=[\"{root / 'corpus.txt'}\"]", f"tokenizer.cache_dir={root / 'cache'}",
-        f"train.out_dir={root / name}", f"cluster.checkpoint_dir={root / name / 'shards'}",
-        "train.progress=false", "cluster.wire_dtype=fp32", *extra,
+        f'train.corpus=["{root / "corpus.txt"}"]',
+        f"tokenizer.cache_dir={root / 'cache'}",
+        f"train.out_dir={root / name}",
+        f"cluster.checkpoint_dir={root / name / 'shards'}",
+        "train.progress=false",
+        "cluster.wire_dtype=fp32",
+        *extra,
     ]
 
 
 def start_cluster(root, name: str, *extra: str, num_shards: int = 2) -> tuple[LocalCluster, list[str]]:
     ov = overrides(root, name, *extra)
-    cluster = LocalCluster(preset="tiny", overrides=ov, num_shards=num_shards, log_dir=root / f"{name}-logs",
-                           shard_args=["--threads", "2"]).start()
+    cluster = LocalCluster(
+        preset="tiny", overrides=ov, num_shards=num_shards, log_dir=root / f"{name}-logs", shard_args=["--threads", "2"]
+    ).start()
     return cluster, ov + cluster.cluster_overrides
 
 
@@ -131,8 +136,9 @@ def load_model_init(cfg, layer: int) -> torch.Tensor:
     from engram.layout import table_layouts
 
     lay = table_layouts(cfg.engram)[layer]
-    rows = init_rows(seed=cfg.engram.seed, layer_id=layer, rows=np.arange(lay.num_rows), dim=lay.dim,
-                     std=cfg.engram.init_std)
+    rows = init_rows(
+        seed=cfg.engram.seed, layer_id=layer, rows=np.arange(lay.num_rows), dim=lay.dim, std=cfg.engram.init_std
+    )
     return torch.from_numpy(rows)
 
 
@@ -174,8 +180,16 @@ def test_async_staleness_is_bounded_and_training_converges(ray_session, workdir,
     _, data, _, _ = reference
     # two Engram layers: pushes of several tables per step, in order, on the background thread
     # TCP rows: the shards count the staleness they serve (shared-memory reads never reach them)
-    cluster, ov = start_cluster(workdir, "async", "dist.mode=async", "dist.staleness=1", "train.steps=20",
-                                "model.n_layer=3", "engram.layer_ids=[1,2]", "cluster.row_path=tcp")
+    cluster, ov = start_cluster(
+        workdir,
+        "async",
+        "dist.mode=async",
+        "dist.staleness=1",
+        "train.steps=20",
+        "model.n_layer=3",
+        "engram.layer_ids=[1,2]",
+        "cluster.row_path=tcp",
+    )
     try:
         cfg = load_config("tiny", None, ov)
         result = train_ray(cfg, data=data)
@@ -234,12 +248,24 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         with pytest.raises(ConfigError, match="already trained"):  # a fresh run on trained tables
             train_ray(cfg)
         # the trainer refuses to compute a step whose tables are already ahead of it
-        step = RemoteStep(model=None, ddp=None, shards=rows, backbone_opt=None, cfg=cfg, rank=0, world=1,  # type: ignore[arg-type]
-                          device="cpu")
+        step = RemoteStep(
+            model=None,
+            ddp=None,
+            shards=rows,
+            backbone_opt=None,
+            cfg=cfg,
+            rank=0,
+            world=1,  # type: ignore[arg-type]
+            device="cpu",
+        )
         ids2 = np.array([1, 2])
-        pre = Prefetch(step=1, max_staleness=0, x_BT=np.zeros((1, 1), dtype=np.int64),
-                       indices={layer: (torch.from_numpy(ids2), torch.zeros(1, 1, 1, dtype=torch.long))},
-                       futures={layer: rows.lookup(layer, ids2, step=1, max_staleness=0)})
+        pre = Prefetch(
+            step=1,
+            max_staleness=0,
+            x_BT=np.zeros((1, 1), dtype=np.int64),
+            indices={layer: (torch.from_numpy(ids2), torch.zeros(1, 1, 1, dtype=torch.long))},
+            futures={layer: rows.lookup(layer, ids2, step=1, max_staleness=0)},
+        )
         with pytest.raises(StaleRowsError, match="ahead of the dense state"):
             step.fetch(1, pre, need_grad=True)
         rows.close()
@@ -300,7 +326,9 @@ def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, 
         with SyncShardClient.connect(cfg) as shards:
             stats = shards.stats()
             half = cfg.cluster.num_slots // 2
-            assert sorted(len(st.slots) for st in stats.values()) == [half, half] and {st.epoch for st in stats.values()} == {2}
+            assert sorted(len(st.slots) for st in stats.values()) == [half, half] and {
+                st.epoch for st in stats.values()
+            } == {2}
             assert {t.applied_step for st in stats.values() for t in st.tables} == {cfg.train.steps}
         for layer, rows in pull_tables(cfg).items():
             torch.testing.assert_close(rows, local_model.tables[str(layer)].weight.detach(), rtol=0, atol=1e-5)

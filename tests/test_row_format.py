@@ -49,8 +49,14 @@ def test_row_bytes() -> None:
 
 
 def test_wire_not_wider_than_storage() -> None:
-    for storage, wire in [("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp8"), ("bf16", "fp16"), ("bf16", "fp8"),
-                          ("fp8", "fp8")]:
+    for storage, wire in [
+        ("fp32", "fp32"),
+        ("fp32", "bf16"),
+        ("fp32", "fp8"),
+        ("bf16", "fp16"),
+        ("bf16", "fp8"),
+        ("fp8", "fp8"),
+    ]:
         check_wire_format(storage=storage, wire=wire, dim=256)
     for storage, wire in [("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32"), ("fp16", "fp32")]:
         with pytest.raises(ValueError, match=f"wire format {wire} .* wider than the table's storage format {storage}"):
@@ -68,13 +74,15 @@ def test_e4m3_table_matches_torch() -> None:
 
 def test_e4m3_encoder_equals_torch_cast() -> None:
     rng = np.random.default_rng(0)
-    y = np.concatenate([
-        rng.uniform(-448, 448, 20000),
-        rng.normal(0, 1, 20000),
-        rng.uniform(-2.0**-5, 2.0**-5, 20000),  # subnormal range of E4M3 (below 2^-6) and around it
-        (E4M3_VALUES[:0x7F][:-1] + E4M3_VALUES[1:0x7F]) / 2,  # exact ties between neighbours: to even
-        [0.0, -0.0, 448.0, -448.0, 2.0**-10, 3 * 2.0**-10, 1e-30],
-    ]).astype(np.float32)
+    y = np.concatenate(
+        [
+            rng.uniform(-448, 448, 20000),
+            rng.normal(0, 1, 20000),
+            rng.uniform(-(2.0**-5), 2.0**-5, 20000),  # subnormal range of E4M3 (below 2^-6) and around it
+            (E4M3_VALUES[:0x7F][:-1] + E4M3_VALUES[1:0x7F]) / 2,  # exact ties between neighbours: to even
+            [0.0, -0.0, 448.0, -448.0, 2.0**-10, 3 * 2.0**-10, 1e-30],
+        ]
+    ).astype(np.float32)
     np.testing.assert_array_equal(encode_e4m3(y), torch_e4m3(y))
     with pytest.raises(ValueError, match="within"):
         encode_e4m3(np.array([449.0]))
@@ -130,8 +138,10 @@ def test_dequantize_error_bound_and_paths_agree() -> None:
     x = rng.normal(0, 0.02, (128, 256)).astype(np.float32)
     values, scales = quantize_fp8(x)
     back = dequantize_fp8_numpy(values, scales)
-    ref = (torch.from_numpy(values).view(torch.float8_e4m3fn).double().numpy().reshape(128, 8, 32)
-           * np.ldexp(1.0, scales.astype(int) - 127)[..., None]).reshape(128, 256)
+    ref = (
+        torch.from_numpy(values).view(torch.float8_e4m3fn).double().numpy().reshape(128, 8, 32)
+        * np.ldexp(1.0, scales.astype(int) - 127)[..., None]
+    ).reshape(128, 256)
     np.testing.assert_array_equal(back, ref.astype(np.float32))
     # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normals; subnormals within half a quantum
     scale = np.ldexp(1.0, scales.astype(int) - 127).repeat(32, axis=1)

@@ -23,8 +23,13 @@ OVERRIDES = ["cluster.optimizer=adagrad", "engram.table_size_per_ngram=[4099,409
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     shm = tmp_path_factory.mktemp("shm")
-    with LocalCluster(preset="tiny", overrides=[*OVERRIDES, f"cluster.shm_dir={shm}"], num_shards=2,
-                      log_dir=tmp_path_factory.mktemp("logs"), startup_timeout_s=60) as c:
+    with LocalCluster(
+        preset="tiny",
+        overrides=[*OVERRIDES, f"cluster.shm_dir={shm}"],
+        num_shards=2,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        startup_timeout_s=60,
+    ) as c:
         c.shm = shm
         yield c
     assert not list(shm.iterdir()), "shards left table files behind after a clean stop"
@@ -52,8 +57,9 @@ async def _lookup_all(c: LocalCluster, dtype: str, ids: np.ndarray) -> dict[str,
 def test_paths_return_identical_rows(cluster: LocalCluster, dtype: str) -> None:
     ids = np.random.default_rng(0).integers(0, 8000, size=(3, 50))  # duplicates, both shards
     got = run(_lookup_all(cluster, dtype, ids))
-    want = expected_rows(cluster.cfg, 1, ids, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                  "fp16": torch.float16}[dtype])
+    want = expected_rows(
+        cluster.cfg, 1, ids, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    )
     for path, (rows, big, used) in got.items():
         assert rows.dtype == want.dtype and torch.equal(rows.view(torch.uint8), want.view(torch.uint8)), path
         assert torch.equal(big.view(torch.uint8), got["grpc"][1].view(torch.uint8)), path
@@ -100,12 +106,14 @@ def test_training_lookups_carry_step_and_return_applied_step(cluster: LocalClust
                 stats = await client.stats([shard])
                 applied = stats[shard].tables[0].applied_step
                 ids = np.array([5], dtype=np.int64)
-                rows, got = await client._lookup_chunk(1, shard, ids, routing, client_deadline(), 0,
-                                                       step=applied + 1, max_staleness=0)
+                rows, got = await client._lookup_chunk(
+                    1, shard, ids, routing, client_deadline(), 0, step=applied + 1, max_staleness=0
+                )
                 assert got == applied and rows.shape == (1, client.layouts[1].dim)
                 with pytest.raises(Exception) as info:  # 3 steps ahead of the updates: refused until the deadline
-                    await client._lookup_chunk(1, shard, ids, routing, client_deadline(0.4), 0,
-                                               step=applied + 3, max_staleness=1)
+                    await client._lookup_chunk(
+                        1, shard, ids, routing, client_deadline(0.4), 0, step=applied + 3, max_staleness=1
+                    )
                 assert getattr(info.value, "code", None) is not None
                 assert info.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), info.value
             finally:
@@ -118,6 +126,7 @@ def test_training_lookups_carry_step_and_return_applied_step(cluster: LocalClust
 def test_small_shm_lookups_are_read_at_issue_and_counted(cluster: LocalCluster) -> None:
     """A small shared-memory lookup comes back as a finished handle (no task, no loop round);
     the client counts its reads and the staleness they carried (they never reach a shard)."""
+
     async def go() -> None:
         client = await _client(cluster, "shm", "bf16")
         try:
@@ -143,8 +152,9 @@ def test_sync_facade_reads_shared_memory_on_the_callers_thread(cluster: LocalClu
     from engram.config import load_config
     from services.client.sync import SyncShardClient
 
-    cfg = load_config("tiny", None, [*OVERRIDES, f"cluster.shm_dir={cluster.shm}", "cluster.row_path=shm",
-                                     *cluster.cluster_overrides])
+    cfg = load_config(
+        "tiny", None, [*OVERRIDES, f"cluster.shm_dir={cluster.shm}", "cluster.row_path=shm", *cluster.cluster_overrides]
+    )
     with SyncShardClient.connect(cfg) as shards:
         ids = np.arange(7, 4000, 6)  # rows no test updates (1 mod 3)
         first, _ = shards.lookup(1, ids).result(timeout=30)  # on the loop: opens the table files
@@ -166,8 +176,9 @@ def client_deadline(seconds: float = 5.0) -> float:
 
 def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluster, caplog) -> None:
     async def go() -> dict:
-        client = await ShardClient.connect(cluster.control(), wire_dtype="bf16", row_path="auto",
-                                           shm_dir="/nonexistent-engram-shm")
+        client = await ShardClient.connect(
+            cluster.control(), wire_dtype="bf16", row_path="auto", shm_dir="/nonexistent-engram-shm"
+        )
         try:
             ids = np.arange(1, 2000, 3)  # rows the update test above did not touch
             for _ in range(3):
@@ -187,8 +198,8 @@ def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluste
 
 def test_shard_without_shm_dir_serves_tcp(tmp_path) -> None:
     overrides = [*OVERRIDES, "cluster.shm_dir=/nonexistent-engram-shm"]
-    with LocalCluster(preset="tiny", overrides=overrides, num_shards=1, log_dir=tmp_path,
-                      startup_timeout_s=60) as c:
+    with LocalCluster(preset="tiny", overrides=overrides, num_shards=1, log_dir=tmp_path, startup_timeout_s=60) as c:
+
         async def go() -> dict:
             client = await ShardClient.connect(c.control(), wire_dtype="fp16")
             try:

@@ -79,8 +79,11 @@ def rows_of(c: LocalCluster, shard: int, n: int = 64) -> np.ndarray:
 
 
 def lookup(c: LocalCluster, shard: int, rows: np.ndarray) -> bytes:
-    return stub(c, shard).Lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(rows),
-                                                         dtype=shard_pb2.FP32), timeout=10).rows
+    return (
+        stub(c, shard)
+        .Lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32), timeout=10)
+        .rows
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +126,11 @@ def test_tampered_slot_map_is_ignored_and_reported(cluster: LocalCluster) -> Non
         try:
             owners = client.owners
             forged = {"epoch": 2, "owners": [0] * len(owners)}  # every slot to shard 0
-            for data in (msgpack.packb(forged),  # unsigned
-                         original[:35] + msgpack.packb(forged),  # a valid MAC of the old body, a new body
-                         original.replace(b"\x01", b"\x02", 1)):  # one bit of the signed entry
+            for data in (
+                msgpack.packb(forged),  # unsigned
+                original[:35] + msgpack.packb(forged),  # a valid MAC of the old body, a new body
+                original.replace(b"\x01", b"\x02", 1),
+            ):  # one bit of the signed entry
                 r.set(key, data)
                 before = client.control.tampered.total
                 assert await client.refresh() == 1 and client.owners == owners  # the verified map stands
@@ -153,7 +158,9 @@ def test_overwritten_shard_address_is_ignored_and_repaired(cluster: LocalCluster
     async def main() -> None:
         client = await ShardClient.connect(cluster.control(), row_path="grpc")
         try:
-            record = msgpack.unpackb(r.hget(key, "1")[35:], strict_map_key=False)  # shard 1's body (after the ES1 + MAC prefix)
+            record = msgpack.unpackb(
+                r.hget(key, "1")[35:], strict_map_key=False
+            )  # shard 1's body (after the ES1 + MAC prefix)
             # the issue's attack: shard 0's entry now says shard 1's address (unsigned; then shard 1's signed entry)
             for data in (msgpack.packb({**record, "address": good[1]}), r.hget(key, "1")):
                 r.hset(key, "0", data)
@@ -190,10 +197,17 @@ def test_checkpoint_writes_only_under_its_root(cluster: LocalCluster, tmp_path: 
     (cluster.checkpoint_dir / "evil").symlink_to(outside, target_is_directory=True)
     s = stub(cluster, 0)
     for name in ("../escape", str(outside), "ok/../../escape", ".hidden", "a//b", "", "x\x00y"):
-        refused(lambda n=name: s.Checkpoint(shard_pb2.CheckpointRequest(name=n, step=1), timeout=10),
-                grpc.StatusCode.INVALID_ARGUMENT, "name:")
-    refused(lambda: s.Checkpoint(shard_pb2.CheckpointRequest(name="evil/ck", step=1), timeout=10),
-            grpc.StatusCode.INVALID_ARGUMENT, "name:", "symlink")
+        refused(
+            lambda n=name: s.Checkpoint(shard_pb2.CheckpointRequest(name=n, step=1), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "name:",
+        )
+    refused(
+        lambda: s.Checkpoint(shard_pb2.CheckpointRequest(name="evil/ck", step=1), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "name:",
+        "symlink",
+    )
     assert list(outside.iterdir()) == [] and not (cluster.checkpoint_dir.parent / "escape").exists()
     files = s.Checkpoint(shard_pb2.CheckpointRequest(name="legit/ck1", step=1), timeout=30).files
     assert files and all((cluster.checkpoint_dir / "legit" / "ck1" / f.path).is_file() for f in files)
@@ -204,24 +218,39 @@ def test_restore_needs_checksums_and_is_no_file_oracle(cluster: LocalCluster) ->
     before = lookup(cluster, 0, rows_of(cluster, 0))
     files = list(s.Checkpoint(shard_pb2.CheckpointRequest(name="oracle", step=1), timeout=30).files)
     no_sum = [shard_pb2.SlotFile(table=f.table, slot=f.slot, path=f.path, sha256="") for f in files]
-    refused(lambda: s.Restore(shard_pb2.RestoreRequest(name="oracle", files=no_sum), timeout=10),
-            grpc.StatusCode.INVALID_ARGUMENT, "sha256")
+    refused(
+        lambda: s.Restore(shard_pb2.RestoreRequest(name="oracle", files=no_sum), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sha256",
+    )
     # the attacker's own bytes in place of a slot file, with their own checksum: refused, nothing echoed
     secret = b"TOPSECRET-" * 8
     victim = cluster.checkpoint_dir / "oracle" / files[0].path
     victim.write_bytes(secret)
-    forged = [shard_pb2.SlotFile(table=f.table, slot=f.slot, path=f.path,
-                                 sha256=hashlib.sha256(secret).hexdigest() if i == 0 else f.sha256)
-              for i, f in enumerate(files)]
-    text = refused(lambda: s.Restore(shard_pb2.RestoreRequest(name="oracle", files=forged), timeout=10),
-                   grpc.StatusCode.DATA_LOSS)
+    forged = [
+        shard_pb2.SlotFile(
+            table=f.table, slot=f.slot, path=f.path, sha256=hashlib.sha256(secret).hexdigest() if i == 0 else f.sha256
+        )
+        for i, f in enumerate(files)
+    ]
+    text = refused(
+        lambda: s.Restore(shard_pb2.RestoreRequest(name="oracle", files=forged), timeout=10), grpc.StatusCode.DATA_LOSS
+    )
     assert "TOPSECRET" not in text and "b'" not in text
-    for name, path in (("..", files[0].path), ("/etc", files[0].path), ("oracle", "../../../../etc/passwd"),
-                       ("oracle", "/etc/passwd")):
-        sneaky = [shard_pb2.SlotFile(table=f.table, slot=f.slot, path=path if i == 0 else f.path, sha256=f.sha256)
-                  for i, f in enumerate(files)]
-        text = refused(lambda n=name, fs=sneaky: s.Restore(shard_pb2.RestoreRequest(name=n, files=fs), timeout=10),
-                       grpc.StatusCode.INVALID_ARGUMENT)
+    for name, path in (
+        ("..", files[0].path),
+        ("/etc", files[0].path),
+        ("oracle", "../../../../etc/passwd"),
+        ("oracle", "/etc/passwd"),
+    ):
+        sneaky = [
+            shard_pb2.SlotFile(table=f.table, slot=f.slot, path=path if i == 0 else f.path, sha256=f.sha256)
+            for i, f in enumerate(files)
+        ]
+        text = refused(
+            lambda n=name, fs=sneaky: s.Restore(shard_pb2.RestoreRequest(name=n, files=fs), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
         assert "root:" not in text and "exist" not in text  # says what was wrong with the request, not the disk
     assert lookup(cluster, 0, rows_of(cluster, 0)) == before
 
@@ -233,9 +262,14 @@ def test_migrate_slots_dials_only_registered_shards(cluster: LocalCluster) -> No
         trap.settimeout(0.5)
         target = f"127.0.0.1:{trap.getsockname()[1]}"
         slot = int(stats(cluster, 0).slots[0])
-        refused(lambda: stub(cluster, 0).MigrateSlots(
-            shard_pb2.MigrateSlotsRequest(slots=[slot], target=target, epoch=1), timeout=10),
-            grpc.StatusCode.INVALID_ARGUMENT, "target:", "not the address of a live shard registered")
+        refused(
+            lambda: stub(cluster, 0).MigrateSlots(
+                shard_pb2.MigrateSlotsRequest(slots=[slot], target=target, epoch=1), timeout=10
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "target:",
+            "not the address of a live shard registered",
+        )
         with pytest.raises(TimeoutError):
             trap.accept()  # the shard never dialled it
     assert slot in stats(cluster, 0).slots
@@ -253,19 +287,43 @@ def test_nan_rows_are_refused_by_import_and_apply(cluster: LocalCluster) -> None
     nan = ok.copy()
     nan[n // 2, 1] = np.nan
     neg_v = np.concatenate([ok, -np.ones((n, dim), np.float32)]).tobytes()
-    for weights, state, words in ((nan, np.zeros(2 * n * dim, np.float32).tobytes(), "weights: non-finite"),
-                                  (ok, neg_v, "negative second moments")):
-        chunk = shard_pb2.SlotChunk(table=TABLE, slot=slot, epoch=1, weights=weights.tobytes(), state=state,
-                                    applied_step=0, last=True, offset_rows=0)
-        refused(lambda c=chunk: stub(cluster, 1).ImportSlots(iter([c]), timeout=10),
-                grpc.StatusCode.INVALID_ARGUMENT, *words.split(": "))
+    for weights, state, words in (
+        (nan, np.zeros(2 * n * dim, np.float32).tobytes(), "weights: non-finite"),
+        (ok, neg_v, "negative second moments"),
+    ):
+        chunk = shard_pb2.SlotChunk(
+            table=TABLE,
+            slot=slot,
+            epoch=1,
+            weights=weights.tobytes(),
+            state=state,
+            applied_step=0,
+            last=True,
+            offset_rows=0,
+        )
+        refused(
+            lambda c=chunk: stub(cluster, 1).ImportSlots(iter([c]), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            *words.split(": "),
+        )
     rows = rows_of(cluster, 1, 4)
     before = lookup(cluster, 1, rows)
     grads = np.full((4, dim), np.nan, np.float32)
-    refused(lambda: stub(cluster, 1).ApplyGradients(shard_pb2.ApplyGradientsRequest(
-        table=TABLE, epoch=1, row_ids=pack_ids(rows), grads=grads.tobytes(), step=1,
-        optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)), timeout=10),
-        grpc.StatusCode.INVALID_ARGUMENT, "NaN")
+    refused(
+        lambda: stub(cluster, 1).ApplyGradients(
+            shard_pb2.ApplyGradientsRequest(
+                table=TABLE,
+                epoch=1,
+                row_ids=pack_ids(rows),
+                grads=grads.tobytes(),
+                step=1,
+                optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8),
+            ),
+            timeout=10,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NaN",
+    )
     assert lookup(cluster, 1, rows) == before
 
 
@@ -274,16 +332,26 @@ def test_far_future_step_and_orphaning_slot_maps_are_refused(cluster: LocalClust
     dim = table_layouts(cluster.cfg.engram)[TABLE].dim
     applied = stats(cluster, 1).tables[0].applied_step
     with pytest.raises(grpc.RpcError) as err:
-        s.ApplyGradients(shard_pb2.ApplyGradientsRequest(
-            table=TABLE, epoch=1, row_ids=pack_ids(rows), grads=np.ones((4, dim), np.float32).tobytes(), step=2**63,
-            optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)), timeout=10)
+        s.ApplyGradients(
+            shard_pb2.ApplyGradientsRequest(
+                table=TABLE,
+                epoch=1,
+                row_ids=pack_ids(rows),
+                grads=np.ones((4, dim), np.float32).tobytes(),
+                step=2**63,
+                optimizer=shard_pb2.OptimizerParams(kind="adam", lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8),
+            ),
+            timeout=10,
+        )
     assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
     assert "max_step_jump" in err.value.details()
     assert stats(cluster, 1).tables[0].applied_step == applied
     owned = list(stats(cluster, 1).slots)
     for epoch in (1, 2):  # drop every slot, at the current epoch and one ahead of the control plane
-        refused(lambda e=epoch: s.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=e, owned_slots=[]), timeout=10),
-                grpc.StatusCode.FAILED_PRECONDITION)
+        refused(
+            lambda e=epoch: s.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=e, owned_slots=[]), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
     assert list(stats(cluster, 1).slots) == owned and stats(cluster, 1).epoch == 1
 
 
@@ -301,9 +369,23 @@ TOKENS = {"read": "r" * 24, "train": "t" * 24, "admin": "a" * 24}
 def _auth_shard(tmp_path: Path, shard_procs: list) -> ShardProcess:  # noqa: F811
     tokens = tmp_path / "tokens"
     tokens.write_text("".join(f"{role} {tok}\n" for role, tok in TOKENS.items()))
-    shard = ShardProcess(["--preset", "tiny", "--standalone", "--shard-id", "0", "--port", "0",
-                          "--set", "cluster.num_shards=1", "--set", "security.auth_enabled=true",
-                          "--set", f"security.tokens_file={tokens}"])
+    shard = ShardProcess(
+        [
+            "--preset",
+            "tiny",
+            "--standalone",
+            "--shard-id",
+            "0",
+            "--port",
+            "0",
+            "--set",
+            "cluster.num_shards=1",
+            "--set",
+            "security.auth_enabled=true",
+            "--set",
+            f"security.tokens_file={tokens}",
+        ]
+    )
     shard_procs.append(shard)
     shard.start()
     return shard
@@ -321,16 +403,25 @@ def test_apply_gradients_at_lr_50_is_refused_without_the_train_role(tmp_path: Pa
         dim = table_layouts(load_config("tiny", None, ["cluster.num_shards=1"]).engram)[TABLE].dim
 
         def read() -> bytes:
-            return s.Lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32),
-                            timeout=10, metadata=_as("read")).rows
+            return s.Lookup(
+                shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32),
+                timeout=10,
+                metadata=_as("read"),
+            ).rows
 
         before = read()
         push = shard_pb2.ApplyGradientsRequest(
-            table=TABLE, epoch=1, row_ids=pack_ids(rows), grads=np.ones((4, dim), np.float32).tobytes(), step=1,
-            optimizer=shard_pb2.OptimizerParams(kind="adam", lr=50.0, beta1=0.9, beta2=0.999, eps=1e-8))
+            table=TABLE,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=np.ones((4, dim), np.float32).tobytes(),
+            step=1,
+            optimizer=shard_pb2.OptimizerParams(kind="adam", lr=50.0, beta1=0.9, beta2=0.999, eps=1e-8),
+        )
         refused(lambda: s.ApplyGradients(push, timeout=10), grpc.StatusCode.UNAUTHENTICATED, "train")
-        refused(lambda: s.ApplyGradients(push, timeout=10, metadata=_as("read")),
-                grpc.StatusCode.PERMISSION_DENIED, "train")
+        refused(
+            lambda: s.ApplyGradients(push, timeout=10, metadata=_as("read")), grpc.StatusCode.PERMISSION_DENIED, "train"
+        )
         assert read() == before  # nothing was written
 
 
@@ -340,10 +431,13 @@ def test_admin_rpcs_are_refused_without_the_admin_role(tmp_path: Path, shard_pro
         s = shard_pb2_grpc.MemoryShardStub(ch)
         for who, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("train", grpc.StatusCode.PERMISSION_DENIED)):
             md = _as(who)
-            for call in (lambda md=md: s.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=10,
-                                              metadata=md),
-                         lambda md=md: s.Restore(shard_pb2.RestoreRequest(), timeout=10, metadata=md),
-                         lambda md=md: s.ImportSlots(iter([]), timeout=10, metadata=md)):
+            for call in (
+                lambda md=md: s.SetSlotMap(
+                    shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=10, metadata=md
+                ),
+                lambda md=md: s.Restore(shard_pb2.RestoreRequest(), timeout=10, metadata=md),
+                lambda md=md: s.ImportSlots(iter([]), timeout=10, metadata=md),
+            ):
                 refused(call, code, "admin")
         stats = s.Stats(shard_pb2.StatsRequest(), timeout=10, metadata=_as("read"))
         assert len(stats.slots) > 0  # no slot was dropped

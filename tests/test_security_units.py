@@ -22,8 +22,23 @@ def test_checkpoint_names_stay_under_the_root(tmp_path: Path) -> None:
     (root / "out").symlink_to(tmp_path, target_is_directory=True)
     (root / "in").symlink_to(root / "run-1", target_is_directory=True)
     assert ckpt.checkpoint_dir(root, "in/x") == root.resolve() / "in" / "x"  # a link that stays inside is fine
-    for bad in ("", "..", "../x", "a/../../x", "/abs", "a//b", "a/", ".hidden", "a/.b", "a b", "a\\b", "x" * 256,
-                "out", "out/x", "é"):
+    for bad in (
+        "",
+        "..",
+        "../x",
+        "a/../../x",
+        "/abs",
+        "a//b",
+        "a/",
+        ".hidden",
+        "a/.b",
+        "a b",
+        "a\\b",
+        "x" * 256,
+        "out",
+        "out/x",
+        "é",
+    ):
         with pytest.raises(ShardError) as err:
             ckpt.checkpoint_dir(root, bad)
         assert err.value.code == Code.INVALID_ARGUMENT and err.value.message.startswith("name:"), bad
@@ -34,10 +49,12 @@ def test_signed_entries_detect_edits_forgeries_and_moves() -> None:
     data = seal(signer, "ns:shards#0", b"body")
     assert open_entry(signer, "ns:shards#0", data) == b"body"
     assert open_entry(None, "ns:shards#0", data) == b"body"  # a reader without the key cannot check, takes it
-    for where, bad in (("ns:shards#1", data),  # moved to another shard id
-                       ("ns:shards#0", data[:-1] + b"B"),  # edited
-                       ("ns:shards#0", b"body"),  # unsigned
-                       ("ns:shards#0", seal(Signer(b"o" * 32), "ns:shards#0", b"body"))):  # another key
+    for where, bad in (
+        ("ns:shards#1", data),  # moved to another shard id
+        ("ns:shards#0", data[:-1] + b"B"),  # edited
+        ("ns:shards#0", b"body"),  # unsigned
+        ("ns:shards#0", seal(Signer(b"o" * 32), "ns:shards#0", b"body")),
+    ):  # another key
         with pytest.raises(Tampered):
             open_entry(signer, where, bad)
     with pytest.raises(ValueError, match="at least 32"):

@@ -31,8 +31,13 @@ from tests.fuzz_corpus import SERVICE, STREAMING, Corpus, Target, valid_step
 pytestmark = pytest.mark.timeout(170)
 N_CASES = 10_000
 SEED = int(os.environ.get("ENGRAM_FUZZ_SEED", "20261130"))
-LIMITS = {"max_message_mb": 1, "pending_step_timeout_s": 1, "freeze_lease_s": 1, "migrate_timeout_s": 5,
-          "inflight_mb": 64}
+LIMITS = {
+    "max_message_mb": 1,
+    "pending_step_timeout_s": 1,
+    "freeze_lease_s": 1,
+    "migrate_timeout_s": 5,
+    "inflight_mb": 64,
+}
 CFG = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in LIMITS.items()])
 TABLE, LAYOUT = next(iter(table_layouts(CFG.engram).items()))
 NSLOTS, DIM, HEADER = CFG.cluster.num_slots, LAYOUT.dim, 48
@@ -90,17 +95,38 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
         await cp.close()
 
     asyncio.run(init())
-    args = ["--preset", "tiny", "--set", f"cluster.redis_url={redis_server.url}", "--set", "cluster.namespace=fuzz",
-            "--set", f"cluster.checkpoint_dir={tmp_path / 'root'}", "--pending-wait-s", "0.5"]
+    args = [
+        "--preset",
+        "tiny",
+        "--set",
+        f"cluster.redis_url={redis_server.url}",
+        "--set",
+        "cluster.namespace=fuzz",
+        "--set",
+        f"cluster.checkpoint_dir={tmp_path / 'root'}",
+        "--pending-wait-s",
+        "0.5",
+    ]
     procs = start_all([ShardProcess([*args, "--shard-id", str(i)]) for i in range(2)])
     shard_procs.extend(procs)
     opts = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
     channels = [grpc.insecure_channel(p.address, options=opts) for p in procs]
     stubs = [shard_pb2_grpc.MemoryShardStub(ch) for ch in channels]
     owned = [list(stubs[i].Stats(shard_pb2.StatsRequest(), timeout=10).slots) for i in range(2)]
-    targets = [Target(address=procs[i].address, table=TABLE, dim=DIM, num_rows=LAYOUT.num_rows, num_slots=NSLOTS,
-                      owned=owned[i], peer=procs[1 - i].address, closed_port=free_port(),
-                      scratch=f"scratch{i}") for i in range(2)]
+    targets = [
+        Target(
+            address=procs[i].address,
+            table=TABLE,
+            dim=DIM,
+            num_rows=LAYOUT.num_rows,
+            num_slots=NSLOTS,
+            owned=owned[i],
+            peer=procs[1 - i].address,
+            closed_port=free_port(),
+            scratch=f"scratch{i}",
+        )
+        for i in range(2)
+    ]
     before = [_state(stubs[i], tmp_path / "root", f"before{i}") for i in range(2)]
 
     corpus, rng = Corpus(SEED), np.random.default_rng(SEED + 1)
@@ -134,7 +160,9 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
         futs = []
         for k in range(N_CASES):
             i = k % 2
-            if k % 20 < 2:  # a legal update, on both shards, every so often: the only kind of write allowed to change rows
+            if (
+                k % 20 < 2
+            ):  # a legal update, on both shards, every so often: the only kind of write allowed to change rows
                 req = valid_step(rng, targets[i], epoch=1, step=applied[i] + 1)
                 futs.append(submit(pool, i, "ApplyGradients", req.SerializeToString(), "valid"))
             c = corpus.case(targets[i], epoch=1, applied=applied[i])
@@ -142,11 +170,22 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
         for f in futs:
             f.result()
     corpus_s = time.monotonic() - t0
-    print(f"fuzz: {sum(counts.values())} requests in {corpus_s:.1f} s; accepted updates "
-          f"{[len(a) for a in accepted]}; codes {sorted(counts.items())}")
+    print(
+        f"fuzz: {sum(counts.values())} requests in {corpus_s:.1f} s; accepted updates "
+        f"{[len(a) for a in accepted]}; codes {sorted(counts.items())}"
+    )
     assert sum(counts.values()) >= N_CASES
-    assert {rpc for rpc, _ in counts} == {"Lookup", "LookupStream", "ApplyGradients", "Checkpoint", "Restore",
-                                          "MigrateSlots", "ImportSlots", "SetSlotMap", "Stats"}
+    assert {rpc for rpc, _ in counts} == {
+        "Lookup",
+        "LookupStream",
+        "ApplyGradients",
+        "Checkpoint",
+        "Restore",
+        "MigrateSlots",
+        "ImportSlots",
+        "SetSlotMap",
+        "Stats",
+    }
     assert sum(n for (_, code), n in counts.items() if code != "OK") > N_CASES // 2, counts
 
     # every shard serving, and no stuck state: the next valid step applies once leases ran out
@@ -162,8 +201,12 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
                 resp = stubs[i].ApplyGradients(req, timeout=10)
                 break
             except grpc.RpcError as exc:
-                retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
-                                       grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+                retry = exc.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.ABORTED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                )
                 if not retry or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

@@ -19,8 +19,18 @@ from tests.fixtures_cluster import ShardProcess, redis_server, shard_procs, star
 from tests.test_shard_server import Client, _init, expect_error, redis_args, rows_of
 
 pytestmark = pytest.mark.timeout(120)
-LIMITS = ["--set", "cluster.pending_step_timeout_s=1", "--set", "cluster.freeze_lease_s=1",
-          "--set", "cluster.max_message_mb=4", "--set", "cluster.inflight_mb=1", "--set", "cluster.idle_connection_s=1"]
+LIMITS = [
+    "--set",
+    "cluster.pending_step_timeout_s=1",
+    "--set",
+    "cluster.freeze_lease_s=1",
+    "--set",
+    "cluster.max_message_mb=4",
+    "--set",
+    "cluster.inflight_mb=1",
+    "--set",
+    "cluster.idle_connection_s=1",
+]
 CFG = load_config("tiny")
 TABLE, LAYOUT = next(iter(table_layouts(CFG.engram).items()))
 DIM, NSLOTS = LAYOUT.dim, CFG.cluster.num_slots
@@ -65,12 +75,22 @@ def test_steps_and_epochs_advance_only_by_bounded_amounts(pair):
         expect_error(lambda b=bad: c.apply(mine, g, step=b), grpc.StatusCode.FAILED_PRECONDITION, "too far ahead")
     assert c.apply(mine, g, step=step).applied_step == step  # the next step still applies
     setmap = c.stub.SetSlotMap
-    expect_error(lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=1 << 63, owned_slots=list(range(8))), timeout=5),
-                 grpc.StatusCode.INVALID_ARGUMENT, "max_epoch_jump")
-    expect_error(lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=5),
-                 grpc.StatusCode.FAILED_PRECONDITION, "drop slots [0, 1, 2", "without naming their new owners")
-    expect_error(lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[], owners=[9999] * NSLOTS),
-                                timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "outside 0..15")
+    expect_error(
+        lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=1 << 63, owned_slots=list(range(8))), timeout=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_epoch_jump",
+    )
+    expect_error(
+        lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=5),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "drop slots [0, 1, 2",
+        "without naming their new owners",
+    )
+    expect_error(
+        lambda: setmap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[], owners=[9999] * NSLOTS), timeout=5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside 0..15",
+    )
     assert torch.equal(c.lookup(mine), c.lookup(mine, epoch=1))  # still at epoch 1, every slot served
     assert c.stub.Stats(shard_pb2.StatsRequest(), timeout=5).epoch == 1
 
@@ -83,8 +103,11 @@ def test_partial_multi_part_step_expires(pair):
     assert c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=2).pending
     ckpt = shard_pb2.CheckpointRequest(name="never-written", step=step)
     expect_error(lambda: c.stub.Checkpoint(ckpt, timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "collecting parts")
-    expect_error(lambda: c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=1 << 20),
-                 grpc.StatusCode.INVALID_ARGUMENT, "max_step_parts")
+    expect_error(
+        lambda: c.apply(mine, torch.ones(4, DIM), step=step, part="w0", num_parts=1 << 20),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_step_parts",
+    )
     time.sleep(1.5)  # pending_step_timeout_s=1: the half step is discarded, nothing of it applied
     assert _applied(c) == step - 1
     assert c.apply(mine, torch.ones(4, DIM), step=step).applied_step == step
@@ -109,16 +132,21 @@ def test_migration_freeze_is_a_lease(redis_server, shard_procs):  # noqa: F811
     moved = moved[moved % NSLOTS == 3][:4]
     c0.stub.MigrateSlots(shard_pb2.MigrateSlotsRequest(slots=[3], target=procs[1].address, epoch=1), timeout=30)
     step = _applied(c0) + 1
-    expect_error(lambda: c0.apply(moved, torch.ones(4, DIM), step=step), grpc.StatusCode.UNAVAILABLE,
-                 "being migrated to")
+    expect_error(
+        lambda: c0.apply(moved, torch.ones(4, DIM), step=step), grpc.StatusCode.UNAVAILABLE, "being migrated to"
+    )
     # nobody sends the new slot map: the freeze lifts after freeze_lease_s=1 ...
     assert _retry(lambda: c0.apply(moved, torch.ones(4, DIM), step=step)).applied_step == step
     # ... and a map giving slot 3 away is refused: updates reached it after the copy
     new = [1 if s == 3 else o for s, o in enumerate(OWNERS)]
     owned0 = [s for s, o in enumerate(new) if o == 0]
     asyncio.run(_set_map(redis_server.url, "lease", new))  # even with the control plane's word for it
-    expect_error(lambda: c0.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=owned0, owners=new),
-                                            timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "expired", "migrate it again")
+    expect_error(
+        lambda: c0.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=owned0, owners=new), timeout=5),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "expired",
+        "migrate it again",
+    )
     assert "dropped 1 staged slot imports" in _wait_log(procs[1], "dropped 1 staged slot imports")
     c0.close()
 
@@ -139,11 +167,15 @@ def test_reply_size_and_inflight_memory_checked_before_work(pair):
     req = shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=ids.tobytes(), dtype=shard_pb2.FP32)
     expect_error(lambda: c.stub.Lookup(req, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED, "cluster.inflight_mb")
     # 3.5 MiB of ids whose reply would be 14 MiB: refused from the request, before any reply exists
-    big = shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=np.resize(mine, (3584 << 10) // 8).tobytes(),
-                                  dtype=shard_pb2.FP32)
+    big = shard_pb2.LookupRequest(
+        table=TABLE, epoch=1, row_ids=np.resize(mine, (3584 << 10) // 8).tobytes(), dtype=shard_pb2.FP32
+    )
     with grpc.insecure_channel(procs[0].address, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
-        expect_error(lambda: shard_pb2_grpc.MemoryShardStub(ch).Lookup(big, timeout=10),
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, "MiB reply, over cluster.max_message_mb=4")
+        expect_error(
+            lambda: shard_pb2_grpc.MemoryShardStub(ch).Lookup(big, timeout=10),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "MiB reply, over cluster.max_message_mb=4",
+        )
     small = mine[:100]
     assert c.lookup(small).shape == (100, DIM)  # and the shard serves the next request
 
@@ -153,11 +185,15 @@ def test_malformed_bytes_get_one_line_not_a_traceback(pair):
     with grpc.insecure_channel(procs[0].address) as ch:
         for rpc in ("Lookup", "ApplyGradients", "SetSlotMap", "Stats"):
             call = ch.unary_unary(f"/engram.shard.v1.MemoryShard/{rpc}")
-            expect_error(lambda c=call: c(b"\x0a\xff\xff\xff\xff\x0f\x01", timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
-                         "are not a valid")
+            expect_error(
+                lambda c=call: c(b"\x0a\xff\xff\xff\xff\x0f\x01", timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "are not a valid",
+            )
         stream = ch.stream_unary("/engram.shard.v1.MemoryShard/ImportSlots")
-        expect_error(lambda: stream(iter([b"\xff\xff"]), timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
-                     "not a valid SlotChunk")
+        expect_error(
+            lambda: stream(iter([b"\xff\xff"]), timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "not a valid SlotChunk"
+        )
     log = procs[0].stderr()
     assert "Traceback" not in log and log.count("bad request: Lookup refused: INVALID_ARGUMENT") >= 1
 

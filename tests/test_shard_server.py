@@ -57,14 +57,26 @@ class Client:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def lookup(self, rows, *, epoch=1, dtype=shard_pb2.FP32, table=TABLE) -> torch.Tensor:
-        resp = self.stub.Lookup(shard_pb2.LookupRequest(table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)),
-                                                        dtype=dtype), timeout=10)
+        resp = self.stub.Lookup(
+            shard_pb2.LookupRequest(table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)), dtype=dtype),
+            timeout=10,
+        )
         return unpack_rows(resp.rows, dtype, resp.dim).clone()
 
     def apply(self, rows, grads: torch.Tensor, *, step, epoch=1, part="", num_parts=0, table=TABLE):
-        return self.stub.ApplyGradients(shard_pb2.ApplyGradientsRequest(
-            table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)), grads=grads.numpy().tobytes(), step=step,
-            optimizer=ADAM, part_id=part, num_parts=num_parts), timeout=10)
+        return self.stub.ApplyGradients(
+            shard_pb2.ApplyGradientsRequest(
+                table=table,
+                epoch=epoch,
+                row_ids=pack_ids(np.asarray(rows)),
+                grads=grads.numpy().tobytes(),
+                step=step,
+                optimizer=ADAM,
+                part_id=part,
+                num_parts=num_parts,
+            ),
+            timeout=10,
+        )
 
     def serving(self) -> int:
         return self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
@@ -124,8 +136,11 @@ def test_lookup_stream_answers_each_chunk_in_order(two_shards):
     for c, r in zip(chunks, resps, strict=True):
         assert torch.equal(unpack_rows(r.rows, shard_pb2.FP16, DIM), init_table(c).half())
     bad = [reqs[0], shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids([NROWS]), dtype=shard_pb2.FP32)]
-    expect_error(lambda: list(clients[1].stub.LookupStream(iter(bad), timeout=10)), grpc.StatusCode.OUT_OF_RANGE,
-                 "chunk 1: row_ids")
+    expect_error(
+        lambda: list(clients[1].stub.LookupStream(iter(bad), timeout=10)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "chunk 1: row_ids",
+    )
 
 
 def test_every_bad_request_is_refused_and_changes_nothing(two_shards):
@@ -145,13 +160,27 @@ def test_every_bad_request_is_refused_and_changes_nothing(two_shards):
         (lambda: c.lookup(theirs), s.FAILED_PRECONDITION, f"row {theirs[0]} is in slot", "owned by shard 1 at epoch 1"),
         (lambda: c.lookup(mine, epoch=0), s.FAILED_PRECONDITION, "stale slot-map epoch 0 (shard is at 1)"),
         (lambda: c.lookup(mine, epoch=2), s.UNAVAILABLE, "has not seen epoch 2 yet; retry"),
-        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\x01" * 9, dtype=1), timeout=5),
-         s.INVALID_ARGUMENT, "9 bytes is not a whole number of int64 ids"),
-        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(mine), dtype=7), timeout=5),
-         s.INVALID_ARGUMENT, "dtype: 7 is not a wire dtype"),
-        (lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\0" * (2 << 20), dtype=1), timeout=5),
-         s.RESOURCE_EXHAUSTED),  # over cluster.max_message_mb=1: refused by grpc itself
-        (lambda: c.apply(mine[:4], nan, step=2), s.INVALID_ARGUMENT, "1 non-finite values (NaN/Inf) in 1 rows of table"),
+        (
+            lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\x01" * 9, dtype=1), timeout=5),
+            s.INVALID_ARGUMENT,
+            "9 bytes is not a whole number of int64 ids",
+        ),
+        (
+            lambda: lookup(shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(mine), dtype=7), timeout=5),
+            s.INVALID_ARGUMENT,
+            "dtype: 7 is not a wire dtype",
+        ),
+        (
+            lambda: lookup(
+                shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=b"\0" * (2 << 20), dtype=1), timeout=5
+            ),
+            s.RESOURCE_EXHAUSTED,
+        ),  # over cluster.max_message_mb=1: refused by grpc itself
+        (
+            lambda: c.apply(mine[:4], nan, step=2),
+            s.INVALID_ARGUMENT,
+            "1 non-finite values (NaN/Inf) in 1 rows of table",
+        ),
         (lambda: c.apply(mine[:4], g, step=1), s.FAILED_PRECONDITION, "step 1 for table 1 is from the past"),
         (lambda: c.apply(mine[:4], g, step=1 << 63), s.FAILED_PRECONDITION, "too far ahead", "max_step_jump=1"),
         (lambda: c.apply(mine[:4], g[:3], step=2), s.INVALID_ARGUMENT, "grads:", "expected 128 for 4 rows"),
@@ -211,8 +240,15 @@ def test_bad_configuration_exits_2():
 
 
 def redis_args(redis, namespace: str, shard: int) -> list[str]:
-    return [*TINY, "--set", f"cluster.redis_url={redis.url}", "--set", f"cluster.namespace={namespace}",
-            "--shard-id", str(shard)]
+    return [
+        *TINY,
+        "--set",
+        f"cluster.redis_url={redis.url}",
+        "--set",
+        f"cluster.namespace={namespace}",
+        "--shard-id",
+        str(shard),
+    ]
 
 
 async def _init(url: str, namespace: str, num_shards: int, manifest: dict | None = None, **over) -> None:
@@ -255,9 +291,13 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
     for shard, c in enumerate(clients):
         where = rows_of(owners2, shard)
         expected[where] = c.lookup(where)
-    manifest = {"step": 2, "name": "ck",
-                "files": [{k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
-                          for f in files]}
+    manifest = {
+        "step": 2,
+        "name": "ck",
+        "files": [
+            {k: getattr(f, k) for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")} for f in files
+        ],
+    }
 
     asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
     three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
@@ -282,11 +322,15 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
 
     asyncio.run(bump())
     c2 = Client(three[2].address)
-    c2.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(owners3) if o == 2]),
-                       timeout=10)
+    c2.stub.SetSlotMap(
+        shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(owners3) if o == 2]), timeout=10
+    )
     foreign = rows_of(owners3, 1)[:1]
-    expect_error(lambda: c2.lookup(foreign, epoch=2), grpc.StatusCode.FAILED_PRECONDITION,
-                 f"row {foreign[0]} is in slot {foreign[0] % NSLOTS} owned by shard 1 at epoch 2")
+    expect_error(
+        lambda: c2.lookup(foreign, epoch=2),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"row {foreign[0]} is in slot {foreign[0] % NSLOTS} owned by shard 1 at epoch 2",
+    )
 
     # a corrupt or truncated file: Restore refuses with the file's name, the live table is unchanged
     c = Client(three[0].address)
@@ -361,8 +405,9 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
             try:
                 for shard in (0, 1):
                     where = np.flatnonzero(owner == shard)
-                    if where.size and not torch.equal(clients[shard].lookup(rows[where], epoch=state["epoch"]),
-                                                      expected[where]):
+                    if where.size and not torch.equal(
+                        clients[shard].lookup(rows[where], epoch=state["epoch"]), expected[where]
+                    ):
                         state["errors"].append("wrong rows")
                 state["ok"] += 1
             except grpc.RpcError as exc:
@@ -374,17 +419,23 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     time.sleep(0.3)
-    resp = c0.stub.MigrateSlots(shard_pb2.MigrateSlotsRequest(slots=moved, target=procs[1].address, epoch=1),
-                                timeout=30)
+    resp = c0.stub.MigrateSlots(
+        shard_pb2.MigrateSlotsRequest(slots=moved, target=procs[1].address, epoch=1), timeout=30
+    )
     assert resp.slots_sent == 2 and resp.bytes_sent > 0
     moved_rows = rows[np.isin(rows % NSLOTS, moved)]
-    expect_error(lambda: c0.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2), grpc.StatusCode.UNAVAILABLE,
-                 "being migrated to")
+    expect_error(
+        lambda: c0.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2),
+        grpc.StatusCode.UNAVAILABLE,
+        "being migrated to",
+    )
     new = [1 if s in moved else o for s, o in enumerate(owners)]
     asyncio.run(_set_map(redis_server.url, "mig", new, 2))
     for c, shard in ((c1, 1), (c0, 0)):
-        c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard],
-                                                      owners=new), timeout=30)
+        c.stub.SetSlotMap(
+            shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard], owners=new),
+            timeout=30,
+        )
     state["map"], state["epoch"] = new, 2
     time.sleep(0.3)
     state["stop"] = True
@@ -392,8 +443,9 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     assert state["ok"] > 3 and not state["errors"], state
     where = np.isin(rows, moved_rows)
     assert torch.equal(c1.lookup(moved_rows, epoch=2), expected[torch.from_numpy(where)])
-    expect_error(lambda: c0.lookup(moved_rows, epoch=2), grpc.StatusCode.FAILED_PRECONDITION,
-                 "owned by shard 1 at epoch 2")
+    expect_error(
+        lambda: c0.lookup(moved_rows, epoch=2), grpc.StatusCode.FAILED_PRECONDITION, "owned by shard 1 at epoch 2"
+    )
     expect_error(lambda: c0.lookup(rows[:3], epoch=1), grpc.StatusCode.FAILED_PRECONDITION, "stale slot-map epoch 1")
     # the optimizer state moved too: a second Adam step on the new owner matches the local history
     c1.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2, epoch=2)
@@ -404,5 +456,8 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
     asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], 3))
-    expect_error(lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
-                 grpc.StatusCode.FAILED_PRECONDITION, "slot 0: shard 1 has no data for it")
+    expect_error(
+        lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "slot 0: shard 1 has no data for it",
+    )

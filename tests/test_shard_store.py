@@ -78,9 +78,10 @@ def lookup_f32(store: ShardStore, table: int, rows: np.ndarray) -> torch.Tensor:
 
 def test_init_matches_init_rows_on_any_layout():
     cfg = make_cfg()
-    (table, layout), = table_layouts(cfg.engram).items()
-    full = init_rows(seed=cfg.engram.seed, layer_id=table, rows=np.arange(layout.num_rows), dim=layout.dim,
-                     std=cfg.engram.init_std)
+    ((table, layout),) = table_layouts(cfg.engram).items()
+    full = init_rows(
+        seed=cfg.engram.seed, layer_id=table, rows=np.arange(layout.num_rows), dim=layout.dim, std=cfg.engram.init_std
+    )
     for num_shards in (1, 2, 3):
         for shard in range(num_shards):
             store = make_store(cfg, shard, num_shards)
@@ -111,8 +112,11 @@ def test_bad_lookups_name_the_problem():
         (dict(table=99), Code.INVALID_ARGUMENT, "table 99: no such Engram table"),
         (dict(row_ids=pack_ids(np.array([mine, n]))), Code.OUT_OF_RANGE, f"outside table {table}'s rows 0..{n - 1}"),
         (dict(row_ids=pack_ids(np.array([-1]))), Code.OUT_OF_RANGE, "first: -1 at index 0"),
-        (dict(row_ids=pack_ids(np.array([other]))), Code.FAILED_PRECONDITION,
-         f"row {other} is in slot {other % 16} owned by shard 1 at epoch 1"),
+        (
+            dict(row_ids=pack_ids(np.array([other]))),
+            Code.FAILED_PRECONDITION,
+            f"row {other} is in slot {other % 16} owned by shard 1 at epoch 1",
+        ),
         (dict(epoch=0), Code.FAILED_PRECONDITION, "stale slot-map epoch 0 (shard is at 1)"),
         (dict(epoch=2), Code.UNAVAILABLE, "shard at epoch 1 has not seen epoch 2 yet; retry"),
         (dict(row_ids=b"\x00" * 12), Code.INVALID_ARGUMENT, "12 bytes is not a whole number of int64 ids"),
@@ -136,8 +140,11 @@ def test_adam_update_equals_row_optim_and_sparse_adam():
     table, layout = next(iter(store.layouts.items()))
     emb = torch.nn.Embedding(layout.num_rows, layout.dim, sparse=True)
     with torch.no_grad():
-        emb.weight.copy_(torch.from_numpy(init_rows(seed=0, layer_id=table, rows=np.arange(layout.num_rows),
-                                                    dim=layout.dim, std=1.0)))
+        emb.weight.copy_(
+            torch.from_numpy(
+                init_rows(seed=0, layer_id=table, rows=np.arange(layout.num_rows), dim=layout.dim, std=1.0)
+            )
+        )
     kw = adam_kw()
     opt = torch.optim.SparseAdam(emb.parameters(), lr=kw["lr"], betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"])
     w = emb.weight.detach().clone()
@@ -170,16 +177,20 @@ def test_training_lookups_beyond_the_staleness_bound_are_refused():
     rows = np.arange(20, dtype=np.int64)
     g = torch.ones((20, layout.dim))
     for step in (1, 2):
-        store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
-                                                step=step, **adam_kw()))
+        store.apply_update(
+            store.prepare_update(
+                table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g), step=step, **adam_kw()
+            )
+        )
     before = snapshot(store)
     # applied step 2: step 3 misses 0 steps, step 4 misses 1, step 5 misses 2
     for step, bound in ((3, 0), (4, 1), (5, 2)):
         store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32, step=step, max_staleness=bound)
     for step, bound, missed in ((4, 0, 1), (5, 1, 2)):
         with pytest.raises(ShardError) as err:
-            store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32, step=step,
-                         max_staleness=bound)
+            store.lookup(
+                table=table, epoch=1, row_ids=pack_ids(rows), dtype=shard_pb2.FP32, step=step, max_staleness=bound
+            )
         assert err.value.code == Code.UNAVAILABLE
         assert f"would miss {missed} steps" in err.value.message and f"staleness bound {bound}" in err.value.message
     assert_unchanged(store, before)
@@ -195,8 +206,9 @@ def test_adagrad_update_equals_row_optim():
     acc = torch.zeros(rows.size)
     kw = dict(kind="adagrad", lr=float(F32(0.1)), beta1=0.0, beta2=0.0, eps=float(F32(1e-10)))
     for step in (1, 2):
-        store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
-                                                step=step, **kw))
+        store.apply_update(
+            store.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g), step=step, **kw)
+        )
         rowwise_adagrad_(w, acc, g, p=AdagradParams(lr=kw["lr"], eps=kw["eps"]))
     assert torch.equal(lookup_f32(store, table, rows), w)
     assert store.view.tables[table].state[0].shape == (store.view.tables[table].weights.shape[0],)
@@ -210,8 +222,9 @@ def test_bad_updates_change_nothing():
     mine = owned_rows(store, table)[:4]
     other = next(r for r in range(n) if r % store.num_slots not in store.view.owned)
     g = torch.ones(4, d)
-    store.apply_update(store.prepare_update(table=table, epoch=1, row_ids=pack_ids(mine), grads=grad_bytes(g),
-                                            step=1, **adam_kw()))
+    store.apply_update(
+        store.prepare_update(table=table, epoch=1, row_ids=pack_ids(mine), grads=grad_bytes(g), step=1, **adam_kw())
+    )
     nan_g = g.clone()
     nan_g[1, 2], nan_g[3, 0], nan_g[3, 1] = float("nan"), float("inf"), -float("inf")
     base = dict(table=table, epoch=1, row_ids=pack_ids(mine), grads=grad_bytes(g), step=2, **adam_kw())
@@ -224,10 +237,16 @@ def test_bad_updates_change_nothing():
         (dict(step=0), Code.INVALID_ARGUMENT, "step: must be >= 1"),
         (dict(grads=grad_bytes(g)[:-4]), Code.INVALID_ARGUMENT, f"expected {4 * d * 4} for 4 rows x {d} dims"),
         (dict(row_ids=pack_ids(mine)[:-3]), Code.INVALID_ARGUMENT, "not a whole number of int64 ids"),
-        (dict(row_ids=pack_ids(np.array([mine[0], mine[1], mine[0], mine[2]]))), Code.INVALID_ARGUMENT,
-         f"row {mine[0]} appears 2 times in the gradient of table 1"),
-        (dict(grads=grad_bytes(nan_g)), Code.INVALID_ARGUMENT,
-         f"3 non-finite values (NaN/Inf) in 2 rows of table 1 (first: row {mine[1]})"),
+        (
+            dict(row_ids=pack_ids(np.array([mine[0], mine[1], mine[0], mine[2]]))),
+            Code.INVALID_ARGUMENT,
+            f"row {mine[0]} appears 2 times in the gradient of table 1",
+        ),
+        (
+            dict(grads=grad_bytes(nan_g)),
+            Code.INVALID_ARGUMENT,
+            f"3 non-finite values (NaN/Inf) in 2 rows of table 1 (first: row {mine[1]})",
+        ),
         (dict(row_ids=pack_ids(np.array([*mine[:3], n + 5]))), Code.OUT_OF_RANGE, "1 of 4 ids are outside"),
         (dict(row_ids=pack_ids(np.array([*mine[:3], other]))), Code.FAILED_PRECONDITION, f"row {other} is in slot"),
         (dict(kind="adagrad"), Code.FAILED_PRECONDITION, "keeps adam state; cannot apply adagrad"),
@@ -263,8 +282,16 @@ def test_sync_parts_sum_and_apply_once():
     opt = shard_pb2.OptimizerParams(kind="adam", lr=kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"])
 
     def req(rows, g, step, part, num_parts=2):
-        return shard_pb2.ApplyGradientsRequest(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g),
-                                               step=step, optimizer=opt, part_id=part, num_parts=num_parts)
+        return shard_pb2.ApplyGradientsRequest(
+            table=table,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=grad_bytes(g),
+            step=step,
+            optimizer=opt,
+            part_id=part,
+            num_parts=num_parts,
+        )
 
     async def body():
         with ThreadPoolExecutor(2) as pool:
@@ -295,10 +322,12 @@ def test_sync_parts_sum_and_apply_once():
     summed = torch.zeros(5, d)
     summed.index_add_(0, torch.tensor([0, 1, 2, 3]), g_a)
     summed.index_add_(0, torch.tensor([2, 0, 4]), g_b)
-    ref.apply_update(ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(union), grads=grad_bytes(summed),
-                                        step=1, **kw))
-    ref.apply_update(ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows_b), grads=grad_bytes(g_b),
-                                        step=2, **kw))  # step 2 = w1's part + w0's empty part
+    ref.apply_update(
+        ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(union), grads=grad_bytes(summed), step=1, **kw)
+    )
+    ref.apply_update(
+        ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows_b), grads=grad_bytes(g_b), step=2, **kw)
+    )  # step 2 = w1's part + w0's empty part
     assert torch.equal(lookup_f32(store, table, union), lookup_f32(ref, table, union))
 
 
@@ -308,8 +337,12 @@ def test_sync_parts_sum_and_apply_once():
 
 def _metas(store, table):
     layout = store.layouts[table]
-    return [ckpt.SlotMeta(table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots), layout.dim,
-                          store.kind) for s in store.view.owned]
+    return [
+        ckpt.SlotMeta(
+            table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots), layout.dim, store.kind
+        )
+        for s in store.view.owned
+    ]
 
 
 def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
@@ -317,8 +350,16 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
     src, dst = make_store(cfg), make_store(cfg)
     table, layout = next(iter(src.layouts.items()))
     rows = owned_rows(src, table)
-    src.apply_update(src.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows),
-                                        grads=grad_bytes(torch.randn(rows.size, layout.dim)), step=1, **adam_kw()))
+    src.apply_update(
+        src.prepare_update(
+            table=table,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=grad_bytes(torch.randn(rows.size, layout.dim)),
+            step=1,
+            **adam_kw(),
+        )
+    )
     files = [ckpt.write_slot(tmp_path, m, src.slot_block(table, m.slot)) for m in _metas(src, table)]
     assert not list(tmp_path.rglob(".*tmp*"))
     for f, meta in zip(files, _metas(dst, table), strict=True):
@@ -345,9 +386,12 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
     (tmp_path / ckpt.slot_path(table, other.slot)).write_bytes(raw)
     with pytest.raises(ShardError, match="does not match this cluster's layout: slot"):
         ckpt.verify_slot(str(tmp_path), ckpt.slot_path(table, other.slot), f["sha256"], other)
-    for rel, sha, match in [("../x.bin", f["sha256"], "must be 'table"), ("/etc/passwd", f["sha256"], "must be 'table"),
-                            (f["path"], "", "sha256 must be 64 lowercase hex digits"),
-                            (f["path"], "AB" * 32, "sha256 must be 64 lowercase hex digits")]:
+    for rel, sha, match in [
+        ("../x.bin", f["sha256"], "must be 'table"),
+        ("/etc/passwd", f["sha256"], "must be 'table"),
+        (f["path"], "", "sha256 must be 64 lowercase hex digits"),
+        (f["path"], "AB" * 32, "sha256 must be 64 lowercase hex digits"),
+    ]:
         with pytest.raises(ShardError, match=match) as err:
             ckpt.verify_slot(str(tmp_path), rel, sha, meta)
         assert err.value.code == Code.INVALID_ARGUMENT
@@ -364,8 +408,20 @@ def test_slot_chunks_stage_and_switch_ownership():
     moved = list(a.view.owned[:2])
     rows = owned_rows(a, table)
     g = torch.randn(rows.size, layout.dim)
-    a.apply_update(a.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows), grads=grad_bytes(g), step=1,
-                                    kind="adagrad", lr=0.5, beta1=0, beta2=0, eps=1e-10))
+    a.apply_update(
+        a.prepare_update(
+            table=table,
+            epoch=1,
+            row_ids=pack_ids(rows),
+            grads=grad_bytes(g),
+            step=1,
+            kind="adagrad",
+            lr=0.5,
+            beta1=0,
+            beta2=0,
+            eps=1e-10,
+        )
+    )
     staging = Staging(b)
     chunks = [c for s in moved for c in slot_chunks(a, table=table, slot=s, epoch=1, chunk_bytes=1000)]
     assert len(chunks) > len(moved) and all(len(c.weights) + len(c.state) <= 1000 for c in chunks)

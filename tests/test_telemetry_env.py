@@ -36,25 +36,34 @@ def _free_port() -> int:
 
 def test_protocols_and_exporters_are_checked_and_named() -> None:
     base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
-    s = telemetry.settings_from_env("x", {**base, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                          "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"})
+    s = telemetry.settings_from_env(
+        "x", {**base, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"}
+    )
     assert (s.traces_protocol, s.metrics_protocol) == ("http/protobuf", "grpc")
-    for extra, name in (({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
-                        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
-                        ({"OTEL_METRICS_EXPORTER": "otlp,statsd"}, "OTEL_METRICS_EXPORTER")):
+    for extra, name in (
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+        ({"OTEL_METRICS_EXPORTER": "otlp,statsd"}, "OTEL_METRICS_EXPORTER"),
+    ):
         with pytest.raises(ConfigError, match=name):
             telemetry.settings_from_env("x", {**base, **extra})
     only_prometheus = telemetry.settings_from_env("x", {"OTEL_METRICS_EXPORTER": "prometheus"})
     assert only_prometheus is not None and only_prometheus.prometheus and only_prometheus.traces_endpoint is None
-    assert telemetry.settings_from_env("x", {**base, "OTEL_TRACES_EXPORTER": "none",
-                                             "OTEL_METRICS_EXPORTER": "none"}) is None
+    assert (
+        telemetry.settings_from_env("x", {**base, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"})
+        is None
+    )
 
 
 def test_grpc_endpoint_without_scheme_needs_otlp_insecure() -> None:
     with OtlpReceiver() as rx:
         hostport = rx.endpoint.removeprefix("http://")
-        tel = telemetry.setup_telemetry("engram-test", env=_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=hostport, OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_METRICS_EXPORTER="none"))
+        tel = telemetry.setup_telemetry(
+            "engram-test",
+            env=_env(
+                OTEL_EXPORTER_OTLP_ENDPOINT=hostport, OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_METRICS_EXPORTER="none"
+            ),
+        )
         try:
             assert tel.tracing
             with telemetry.span("insecure-check"):
@@ -87,9 +96,14 @@ def test_http_protobuf_protocol_posts_to_v1_traces() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        tel = telemetry.setup_telemetry("engram-test", env=_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", OTEL_METRICS_EXPORTER="none"))
+        tel = telemetry.setup_telemetry(
+            "engram-test",
+            env=_env(
+                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+                OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                OTEL_METRICS_EXPORTER="none",
+            ),
+        )
         try:
             with telemetry.span("http-check"):
                 pass
@@ -105,9 +119,14 @@ def test_http_protobuf_protocol_posts_to_v1_traces() -> None:
 
 def test_prometheus_metrics_exporter_from_the_environment() -> None:
     port = _free_port()
-    tel = telemetry.setup_telemetry("engram-test", env=_env(
-        OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(port),
-        OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1"))
+    tel = telemetry.setup_telemetry(
+        "engram-test",
+        env=_env(
+            OTEL_METRICS_EXPORTER="prometheus",
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(port),
+            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+        ),
+    )
     try:
         assert tel.metrics_port == port and not tel.tracing
         telemetry.record_lookup(0.002, 64, side="shard")
@@ -123,9 +142,19 @@ def test_deploy_validator_accepts_standard_otel_variables_and_catches_typos() ->
 
     report = Report()
     checker = Checker(ROOT, report, strict=False)
-    checker.env(["OTEL_EXPORTER_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_BSP_SCHEDULE_DELAY",
-                 "OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "OTEL_EXPORTER_PROMETHEUS_PORT"], "compose")
+    checker.env(
+        [
+            "OTEL_EXPORTER_OTLP_INSECURE",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_BSP_SCHEDULE_DELAY",
+            "OTEL_PYTHON_GRPC_EXCLUDED_SERVICES",
+            "OTEL_EXPORTER_PROMETHEUS_PORT",
+        ],
+        "compose",
+    )
     assert report.problems == []
     checker.env(["OTEL_EXPORTER_OTLP_INSECUR"], "compose")
-    assert report.problems == ["compose: environment OTEL_EXPORTER_OTLP_INSECUR: not one of the OTEL_* variables "
-                               "the OpenTelemetry SDK defines (a typo?)"]
+    assert report.problems == [
+        "compose: environment OTEL_EXPORTER_OTLP_INSECUR: not one of the OTEL_* variables "
+        "the OpenTelemetry SDK defines (a typo?)"
+    ]

@@ -31,17 +31,32 @@ SHARD = "/engram.shard.v1.MemoryShard/"
 UNARY = ["Lookup", "ApplyGradients", "Checkpoint", "Restore", "MigrateSlots", "SetSlotMap", "Stats"]
 STREAMING = {"LookupStream": "stream_stream", "ImportSlots": "stream_unary"}
 ALL = [*UNARY, *STREAMING, "HealthCheck"]
-NEEDS = {"Lookup": "read", "LookupStream": "read", "Stats": "read", "HealthCheck": "read", "ApplyGradients": "train",
-         "Checkpoint": "train", "Restore": "admin", "MigrateSlots": "admin", "ImportSlots": "admin",
-         "SetSlotMap": "admin"}
+NEEDS = {
+    "Lookup": "read",
+    "LookupStream": "read",
+    "Stats": "read",
+    "HealthCheck": "read",
+    "ApplyGradients": "train",
+    "Checkpoint": "train",
+    "Restore": "admin",
+    "MigrateSlots": "admin",
+    "ImportSlots": "admin",
+    "SetSlotMap": "admin",
+}
 RANK = {"read": 0, "train": 1, "admin": 2}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     ck = tmp_path_factory.mktemp("ck")
-    with LocalCluster(preset="tiny", num_shards=2, log_dir=tmp_path_factory.mktemp("logs"), startup_timeout_s=90,
-                      overrides=["cluster.row_path=tcp", f"cluster.checkpoint_dir={ck}"], tls=True) as c:
+    with LocalCluster(
+        preset="tiny",
+        num_shards=2,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        startup_timeout_s=90,
+        overrides=["cluster.row_path=tcp", f"cluster.checkpoint_dir={ck}"],
+        tls=True,
+    ) as c:
         c.checkpoint_root = ck
         yield c
 
@@ -56,14 +71,21 @@ def extra(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> di
     made = {
         "norole": certs.issue(ca_key, ca_cert, name="nobody", role=None),
         "forged": certs.issue(other_key, other_cert, name="forger", role="admin"),
-        "expired": certs.issue(ca_key, ca_cert, name="late", role="admin", days=1,
-                               not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3)),
+        "expired": certs.issue(
+            ca_key,
+            ca_cert,
+            name="late",
+            role="admin",
+            days=1,
+            not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3),
+        ),
     }
     secs = {}
     for name, (key, cert) in made.items():
         c, k = certs.write_pair(out, name, key, cert)
-        secs[name] = SecurityConfig(tls_enabled=True, tls_cert=str(c), tls_key=str(k),
-                                    tls_ca=str(cluster.certs["admin"].ca), auth_enabled=True)
+        secs[name] = SecurityConfig(
+            tls_enabled=True, tls_cert=str(c), tls_key=str(k), tls_ca=str(cluster.certs["admin"].ca), auth_enabled=True
+        )
     return secs
 
 
@@ -107,8 +129,10 @@ def test_each_role_is_refused_outside_its_rights(cluster: LocalCluster, role: st
             details = _call.details  # type: ignore[attr-defined]
             assert f"needs the '{need}' role; this caller has '{role}'" in details, details
     for name in ("Lookup", "Stats", "HealthCheck"):  # allowed: empty requests get past the interceptor
-        assert _call(cluster.addresses[1], sec, name) not in (grpc.StatusCode.PERMISSION_DENIED,
-                                                               grpc.StatusCode.UNAUTHENTICATED), name
+        assert _call(cluster.addresses[1], sec, name) not in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ), name
 
 
 def test_forged_and_expired_certificates_are_refused(cluster: LocalCluster, extra: dict[str, SecurityConfig]) -> None:
@@ -167,19 +191,18 @@ def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
 
     async def go() -> None:
         reader = await ShardClient.connect(cluster.control(), wire_dtype="fp32", security=cluster.security("read"))
-        trainer = await ShardClient.connect(cluster.control(), wire_dtype="fp32", security=cluster.security("train"),
-                                            row_path="grpc")
+        trainer = await ShardClient.connect(
+            cluster.control(), wire_dtype="fp32", security=cluster.security("train"), row_path="grpc"
+        )
         try:
             rows = await reader.lookup(1, ids)  # over the TLS data plane (cluster.row_path=tcp)
             assert torch.equal(rows, want)
             assert reader.row_paths.used["tcp"] >= 2 and reader.row_paths.used["grpc"] == 0, reader.row_paths.used
             uniq = np.unique(ids)
             with pytest.raises(ShardError) as err:  # read may not push
-                await reader.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1,
-                                             optimizer=OPT)
+                await reader.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1, optimizer=OPT)
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
-            await trainer.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1,
-                                          optimizer=OPT)
+            await trainer.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1, optimizer=OPT)
             after = await trainer.lookup(1, ids)
             assert not torch.equal(after, want)  # the push changed the rows
             where = cluster.checkpoint_root / "tls-step1"
@@ -201,8 +224,10 @@ def _served_cn(address: str, sec: SecurityConfig) -> str:
     host, _, port = address.rpartition(":")
     ctx = _client_ssl(sec)
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=host) as s:
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as s,
+    ):
         cert = s.getpeercert()
     return next(v for rdn in cert["subject"] for k, v in rdn if k == "commonName")
 
@@ -221,8 +246,10 @@ def test_rotated_certificate_is_served_without_restart(cluster: LocalCluster) ->
     assert _served_cn(address, admin) == "engram-shard-rotated"  # gRPC: the next connection
     assert _served_cn(data, admin) == "engram-shard-rotated"  # data plane: the next accept
     assert cluster.shards[0].pid == pid and cluster.shards[0].proc.poll() is None
-    assert _call(address, admin, "Stats") == grpc.StatusCode.INVALID_ARGUMENT or \
-        _call(address, admin, "Stats") == grpc.StatusCode.OK  # and it still serves calls
+    assert (
+        _call(address, admin, "Stats") == grpc.StatusCode.INVALID_ARGUMENT
+        or _call(address, admin, "Stats") == grpc.StatusCode.OK
+    )  # and it still serves calls
 
 
 def test_worker_serves_mtls_with_roles(cluster: LocalCluster, extra: dict[str, SecurityConfig]) -> None:
@@ -234,8 +261,13 @@ def test_worker_serves_mtls_with_roles(cluster: LocalCluster, extra: dict[str, S
     from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
     read = cluster.certs["read"]
-    sets = ["security.tls_enabled=true", "security.auth_enabled=true", f"security.tls_ca={read.ca}",
-            f"security.tls_cert={read.cert}", f"security.tls_key={read.key}"]
+    sets = [
+        "security.tls_enabled=true",
+        "security.auth_enabled=true",
+        f"security.tls_ca={read.ca}",
+        f"security.tls_cert={read.cert}",
+        f"security.tls_key={read.key}",
+    ]
     worker = WorkerProcess(shared_tiny_checkpoint(), *[a for s in sets for a in ("--set", s)]).start()
     try:
         with sync_channel(worker.address, cluster.security("read")) as ch:
@@ -245,8 +277,9 @@ def test_worker_serves_mtls_with_roles(cluster: LocalCluster, extra: dict[str, S
             worker_pb2_grpc.ModelWorkerStub(ch).Score(worker_pb2.ScoreRequest(text="def f(x):"), timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = [sys.executable, "-m", "engram_cli.main", "health", "--address", worker.address]
-        ok = subprocess.run([*health, *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
-                            timeout=60)
+        ok = subprocess.run(
+            [*health, *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=60
+        )
         assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
         plain = subprocess.run(health, capture_output=True, text=True, timeout=60)
         assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain.stdout + plain.stderr

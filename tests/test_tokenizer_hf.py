@@ -21,8 +21,27 @@ from engram.tokenizer import (
 
 # byte-level tokens ("Ġ" is the byte-level space): two of them decode to text that transformers'
 # clean-up rewrites into the text of another token ("a ." -> "a.", "it 's" -> "it's")
-TOKENS = ["<s>", "</s>", "<pad>", "a", "Ġ", ".", "'", "s", "aĠ.", "a.", "it", "itĠ's", "it's", "Ġ.", "Ġ,", "doĠn't",
-          "don't", "Ġ?", "xĠ!y"]
+TOKENS = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "a",
+    "Ġ",
+    ".",
+    "'",
+    "s",
+    "aĠ.",
+    "a.",
+    "it",
+    "itĠ's",
+    "it's",
+    "Ġ.",
+    "Ġ,",
+    "doĠn't",
+    "don't",
+    "Ġ?",
+    "xĠ!y",
+]
 
 
 def write_hf_tokenizer(folder: Path, clean_up: bool | None) -> Path:
@@ -42,10 +61,22 @@ def write_hf_tokenizer(folder: Path, clean_up: bool | None) -> Path:
 
 def test_clean_up_rules_are_transformers() -> None:
     cases = {
-        "a .": "a.", "a ?": "a?", "b !": "b!", "c ,": "c,", "x ' y": "x'y", "do n't": "don't", "I 'm": "I'm",
-        "it 's": "it's", "we 've": "we've", "they 're": "they're",
+        "a .": "a.",
+        "a ?": "a?",
+        "b !": "b!",
+        "c ,": "c,",
+        "x ' y": "x'y",
+        "do n't": "don't",
+        "I 'm": "I'm",
+        "it 's": "it's",
+        "we 've": "we've",
+        "they 're": "they're",
         # near misses the rule list does not touch
-        "a ;": "a ;", "a :": "a :", "we 'll": "we 'll", "a  .": "a .", ". .": "..",
+        "a ;": "a ;",
+        "a :": "a :",
+        "we 'll": "we 'll",
+        "a  .": "a .",
+        ". .": "..",
     }
     for text, want in cases.items():
         assert clean_up_tokenization(text) == want, text
@@ -69,11 +100,19 @@ def test_decode_with_clean_up_merges_keys(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cleaned.lookup, expected)
 
 
-@pytest.mark.parametrize(("in_file", "override", "want"), [
-    (True, None, True), (False, None, False), (None, None, False), (True, "false", False), (False, "true", True),
-])
-def test_flag_comes_from_tokenizer_config(tmp_path: Path, in_file: bool | None, override: str | None,
-                                          want: bool) -> None:
+@pytest.mark.parametrize(
+    ("in_file", "override", "want"),
+    [
+        (True, None, True),
+        (False, None, False),
+        (None, None, False),
+        (True, "false", False),
+        (False, "true", True),
+    ],
+)
+def test_flag_comes_from_tokenizer_config(
+    tmp_path: Path, in_file: bool | None, override: str | None, want: bool
+) -> None:
     folder = write_hf_tokenizer(tmp_path / "hf", clean_up=in_file)
     assert read_clean_up_flag(folder / "tokenizer.json") is (bool(in_file) if in_file is not None else False)
     sets = [f"tokenizer.path={folder}", "model.vocab_size=512", "tokenizer.vocab_size=512"]
@@ -91,10 +130,15 @@ def test_layout_with_other_compressed_size_is_refused(tmp_path: Path) -> None:
     cfg = load_config("tiny", overrides=[*base, f"engram.compressed_vocab_size={size}"])
     assert compressed_vocab_for(cfg, tok).size == size
     # the same layout with the clean-up switched off: |V'| moves by 3 and the layout is refused
-    cfg = load_config("tiny", overrides=[*base, f"engram.compressed_vocab_size={size}",
-                                         "tokenizer.clean_up_tokenization_spaces=false"])
-    with pytest.raises(ConfigError, match=f"built for \\|V'\\| = {size} but this tokenizer compresses "
-                                          f"{len(TOKENS)} tokens to \\|V'\\| = {size + 3}"):
+    cfg = load_config(
+        "tiny",
+        overrides=[*base, f"engram.compressed_vocab_size={size}", "tokenizer.clean_up_tokenization_spaces=false"],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=f"built for \\|V'\\| = {size} but this tokenizer compresses "
+        f"{len(TOKENS)} tokens to \\|V'\\| = {size + 3}",
+    ):
         compressed_vocab_for(cfg, tok)
     # the no-compression ablation hashes raw ids
     cfg = load_config("tiny", overrides=[*base, "engram.compress_vocab=false"])

@@ -72,12 +72,15 @@ def test_viewer_check_names_broken_traces(exported):
     """The check itself: a lost parent, a missing service name and a second root are each reported."""
     _, doc = exported
     broken = json.loads(json.dumps(doc))
-    victim = next(s for rs in broken["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]
-                  if s["name"] == "train.step")
+    victim = next(
+        s for rs in broken["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"] if s["name"] == "train.step"
+    )
     victim["parentSpanId"] = "00000000000000ff"
     problems = check_trace(broken)
-    assert any("span 'train.step' (engram-trainer) has parent 00000000000000ff, which is not in the trace" in p
-               for p in problems), problems
+    assert any(
+        "span 'train.step' (engram-trainer) has parent 00000000000000ff, which is not in the trace" in p
+        for p in problems
+    ), problems
 
     unnamed = json.loads(json.dumps(doc))
     for rs in unnamed["resourceSpans"]:

@@ -56,9 +56,17 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
             with LocalCluster(preset="tiny", num_shards=2) as cluster:
                 ids = np.concatenate([np.arange(0, 64), np.arange(0, 32)]).astype(np.int64)  # both shards, repeats
                 rows, unique = asyncio.run(_lookup(cluster, ids))
-                assert tuple(rows.shape) == (96, cluster.cfg.engram.n_embed_per_ngram // cluster.cfg.engram.n_head_per_ngram)
-                health = subprocess.run([sys.executable, "-m", "engram_cli.main", "health", "--address",
-                                         cluster.addresses[0]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                assert tuple(rows.shape) == (
+                    96,
+                    cluster.cfg.engram.n_embed_per_ngram // cluster.cfg.engram.n_head_per_ngram,
+                )
+                health = subprocess.run(
+                    [sys.executable, "-m", "engram_cli.main", "health", "--address", cluster.addresses[0]],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert health.returncode == 0, health.stderr
                 assert "SERVING" in health.stdout
                 assert tel.force_flush()
@@ -118,29 +126,48 @@ def test_no_endpoint_installs_nothing():
         tel.shutdown()
     """)
     for extra in ({}, {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}):
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**_clean_env(), **extra},
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env={**_clean_env(), **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["False", "False", "ProxyTracerProvider", "True", "True", "False", "False"], r.stdout
 
 
 def test_bad_otel_settings_are_named():
     base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
-    for extra, name in (({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
-                        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
-                        ({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER"),
-                        ({"OTEL_RESOURCE_ATTRIBUTES": "novalue"}, "OTEL_RESOURCE_ATTRIBUTES")):
+    for extra, name in (
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "novalue"}, "OTEL_RESOURCE_ATTRIBUTES"),
+    ):
         with pytest.raises(ConfigError, match=name):
             telemetry.settings_from_env("x", {**base, **extra})
-    s = telemetry.settings_from_env("engram-shard", {**base, "OTEL_SERVICE_NAME": "shard-a",
-                                                     "OTEL_METRICS_EXPORTER": "none"})
-    assert (s.service_name, s.traces_endpoint, s.metrics_endpoint) == ("shard-a", base["OTEL_EXPORTER_OTLP_ENDPOINT"], None)
+    s = telemetry.settings_from_env(
+        "engram-shard", {**base, "OTEL_SERVICE_NAME": "shard-a", "OTEL_METRICS_EXPORTER": "none"}
+    )
+    assert (s.service_name, s.traces_endpoint, s.metrics_endpoint) == (
+        "shard-a",
+        base["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        None,
+    )
 
 
 def test_shard_with_bad_telemetry_settings_exits_2(monkeypatch):
     env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_SAMPLER": "sometimes"}
-    r = subprocess.run([sys.executable, "-m", "services.shard", "--preset", "tiny", "--standalone", "--shard-id", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "services.shard", "--preset", "tiny", "--standalone", "--shard-id", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "engram shard 0: bad configuration: OTEL_TRACES_SAMPLER: unknown sampler 'sometimes'" in r.stderr, r.stderr
 
@@ -157,6 +184,6 @@ def test_prometheus_port_serves_the_metrics():
     finally:
         tel.shutdown()
     assert "engram_lookup_duration_seconds_bucket{" in text and 'le="0.005"' in text  # seconds buckets
-    for line in ('engram_lookup_rows_total{', "engram_cache_hit_ratio{", "engram_staleness{", "engram_queue_depth{"):
+    for line in ("engram_lookup_rows_total{", "engram_cache_hit_ratio{", "engram_staleness{", "engram_queue_depth{"):
         assert line in text, text
     assert 'queue="prefetch"' in text and 'side="client"' in text

@@ -21,11 +21,20 @@ def corpus(tmp_path):
 
 
 def cfg_for(tmp_path, corpus, *extra: str):
-    return load_config("tiny", None, [
-        f"train.corpus=[\"{corpus}\"]", f"tokenizer.cache_dir={tmp_path / 'cache'}",
-        f"train.out_dir={tmp_path / 'run'}", "train.progress=false", "train.steps=16", "train.eval_every=8",
-        "train.warmup_steps=2", *extra,
-    ])
+    return load_config(
+        "tiny",
+        None,
+        [
+            f'train.corpus=["{corpus}"]',
+            f"tokenizer.cache_dir={tmp_path / 'cache'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.progress=false",
+            "train.steps=16",
+            "train.eval_every=8",
+            "train.warmup_steps=2",
+            *extra,
+        ],
+    )
 
 
 def test_trains_checkpoints_and_plots(tmp_path, corpus) -> None:
@@ -53,10 +62,14 @@ def test_resume_reaches_the_same_loss(tmp_path, corpus) -> None:
 def test_cli_bad_configuration_exits_2(tmp_path) -> None:
     for args, field in [
         (["--set", "engram.layer_ids=[0]"], "engram.layer_ids"),
-        (["--set", f"train.corpus=[\"{tmp_path}/missing\"]"], "train.corpus"),
+        (["--set", f'train.corpus=["{tmp_path}/missing"]'], "train.corpus"),
         (["--set", "model.d_model=-4"], "model.d_model"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "engram_cli.main", "train", "--preset", "tiny", *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "engram_cli.main", "train", "--preset", "tiny", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         assert field in proc.stderr

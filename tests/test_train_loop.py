@@ -49,13 +49,32 @@ class Checkpoints:
 
 
 def run(*, steps: int = 12, start: int = 0, history: dict | None = None, **kw):  # type: ignore[no-untyped-def]
-    cfg = load_config("tiny", None, [f"train.steps={steps}", "train.eval_every=5", "train.checkpoint_every=4",
-                                     "train.eval_batches=2", "train.batch_size=4", "train.seq_len=8",
-                                     "train.progress=false", "train.seed=7"])
+    cfg = load_config(
+        "tiny",
+        None,
+        [
+            f"train.steps={steps}",
+            "train.eval_every=5",
+            "train.checkpoint_every=4",
+            "train.eval_batches=2",
+            "train.batch_size=4",
+            "train.seq_len=8",
+            "train.progress=false",
+            "train.seed=7",
+        ],
+    )
     data = TokenDataset(train=np.arange(1000, dtype=np.uint16), val=np.arange(200, dtype=np.uint16), vocab_size=1000)
     backend, ckpt = Recorder(), Checkpoints()
-    stats = run_loop(cfg=cfg, backend=backend, dataset=data, checkpointer=ckpt, sync=NoSync(torch.nn.Linear(1, 1)),
-                     start=start, history=history, **kw)
+    stats = run_loop(
+        cfg=cfg,
+        backend=backend,
+        dataset=data,
+        checkpointer=ckpt,
+        sync=NoSync(torch.nn.Linear(1, 1)),
+        start=start,
+        history=history,
+        **kw,
+    )
     return backend, ckpt, stats
 
 

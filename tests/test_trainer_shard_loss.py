@@ -31,8 +31,13 @@ def test_shard_errors_pickle_with_their_cause():
     import grpc
 
     errors = [
-        ClientShardError(grpc.StatusCode.UNAVAILABLE, "connection refused", address="127.0.0.1:5", shard_id=1,
-                         call="Lookup of table 1"),
+        ClientShardError(
+            grpc.StatusCode.UNAVAILABLE,
+            "connection refused",
+            address="127.0.0.1:5",
+            shard_id=1,
+            call="Lookup of table 1",
+        ),
         ClientShardError(grpc.StatusCode.ABORTED, "waited", address="a:1", call="ApplyGradients"),
         ServerShardError(grpc.StatusCode.FAILED_PRECONDITION, "step 9 is too far ahead"),
     ]
@@ -51,8 +56,23 @@ def _cluster(redis, shard_procs, ns: str, over: list[str]):  # noqa: F811
         await cp.close()
 
     asyncio.run(init())
-    procs = start_all([ShardProcess(["--preset", "tiny", "--set", f"cluster.redis_url={redis.url}", "--set",
-                                     f"cluster.namespace={ns}", "--shard-id", str(i)]) for i in range(2)])
+    procs = start_all(
+        [
+            ShardProcess(
+                [
+                    "--preset",
+                    "tiny",
+                    "--set",
+                    f"cluster.redis_url={redis.url}",
+                    "--set",
+                    f"cluster.namespace={ns}",
+                    "--shard-id",
+                    str(i),
+                ]
+            )
+            for i in range(2)
+        ]
+    )
     shard_procs.extend(procs)
     return cfg, procs
 
@@ -61,9 +81,12 @@ def test_killed_shard_fails_fast_with_the_cause(redis_server, shard_procs):  # n
     # the client retries UNAVAILABLE (a restarting shard comes back); the heartbeat ends the wait.
     # Over shared memory a client still reads a dead shard's last rows (docs/consistency.md): the
     # network paths are what must fail fast here.
-    cfg, procs = _cluster(redis_server, shard_procs, "kill",
-                          ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60",
-                           "cluster.row_path=tcp"])
+    cfg, procs = _cluster(
+        redis_server,
+        shard_procs,
+        "kill",
+        ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60", "cluster.row_path=tcp"],
+    )
     table, layout = next(iter(table_layouts(cfg.engram).items()))
     rows = SyncShardClient.connect(cfg)
     try:
@@ -83,9 +106,12 @@ def test_killed_shard_fails_fast_with_the_cause(redis_server, shard_procs):  # n
 
 def test_stopped_shard_is_noticed_by_its_heartbeat(redis_server, shard_procs):  # noqa: F811
     # a 60 s call deadline: only the heartbeat (TTL 1 s) can end the wait early
-    cfg, procs = _cluster(redis_server, shard_procs, "stop",
-                          ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60",
-                           "cluster.row_path=tcp"])  # shm reads a stopped shard's memory (docs/consistency.md)
+    cfg, procs = _cluster(
+        redis_server,
+        shard_procs,
+        "stop",
+        ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60", "cluster.row_path=tcp"],
+    )  # shm reads a stopped shard's memory (docs/consistency.md)
     table, layout = next(iter(table_layouts(cfg.engram).items()))
     rows = SyncShardClient.connect(cfg)
     os.kill(procs[0].proc.pid, signal.SIGSTOP)

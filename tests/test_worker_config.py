@@ -8,14 +8,17 @@ from engram.config import ConfigError, load_config
 from worker.runtime import with_overrides
 
 
-@pytest.mark.parametrize(("override", "field"), [
-    ("worker.row_source=disk", "worker.row_source"),
-    ("worker.cache_mb=-1", "worker.cache_mb"),
-    ("worker.max_batch=0", "worker.max_batch"),
-    ("worker.batch_timeout_ms=-1", "worker.batch_timeout_ms"),
-    ("worker.max_new_tokens=0", "worker.max_new_tokens"),
-    ("worker.port=70000", "worker.port"),
-])
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("worker.row_source=disk", "worker.row_source"),
+        ("worker.cache_mb=-1", "worker.cache_mb"),
+        ("worker.max_batch=0", "worker.max_batch"),
+        ("worker.batch_timeout_ms=-1", "worker.batch_timeout_ms"),
+        ("worker.max_new_tokens=0", "worker.max_new_tokens"),
+        ("worker.port=70000", "worker.port"),
+    ],
+)
 def test_bad_worker_fields_are_named(override, field) -> None:
     with pytest.raises(ConfigError, match=field):
         load_config("tiny", None, [override])

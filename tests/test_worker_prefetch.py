@@ -94,8 +94,9 @@ def test_layers_are_issued_together_and_overlap_other_work(model, loop) -> None:
 
 @pytest.mark.timeout(30)
 def test_a_lookup_past_the_deadline_is_rows_unavailable(model, loop) -> None:
-    pipe = PrefetchPipeline(model, RemoteRowSource(DelayedClient(model, delay_s=5), loop=loop, timeout_s=0.2),
-                            timeout_s=0.2)
+    pipe = PrefetchPipeline(
+        model, RemoteRowSource(DelayedClient(model, delay_s=5), loop=loop, timeout_s=0.2), timeout_s=0.2
+    )
     t0 = time.perf_counter()
     with pytest.raises(RowsUnavailable, match=r"layer 1.*lookup_timeout_s=0.2"):
         pipe.forward(ids())

@@ -65,9 +65,16 @@ def test_remote_bf16_logits_are_within_bf16_rounding(cluster) -> None:
 
 def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster) -> None:
     checkpoint = shared_tiny_checkpoint()
-    sets = [f"--set={o}" for o in [*cluster.cluster_overrides, "worker.row_source=remote", "cluster.lookup_timeout_s=1.5",
-                                                     # shm would read the stopped shard's memory (docs/consistency.md)
-                                                     "cluster.row_path=tcp"]]
+    sets = [
+        f"--set={o}"
+        for o in [
+            *cluster.cluster_overrides,
+            "worker.row_source=remote",
+            "cluster.lookup_timeout_s=1.5",
+            # shm would read the stopped shard's memory (docs/consistency.md)
+            "cluster.row_path=tcp",
+        ]
+    ]
     worker = WorkerProcess(checkpoint, *sets).start()
     shard_pid = cluster.shards[0].proc.pid
     try:

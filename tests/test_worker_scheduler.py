@@ -33,12 +33,20 @@ def randomise_conv(model: EngramLM) -> EngramLM:
     return model
 
 
-async def generate(sched: Scheduler, tok: Tokenizer, prompts: list[list[int]], *, max_tokens: int,
-                   **kw) -> list[list[TokenEvent]]:
+async def generate(
+    sched: Scheduler, tok: Tokenizer, prompts: list[list[int]], *, max_tokens: int, **kw
+) -> list[list[TokenEvent]]:
     loop = asyncio.get_running_loop()
-    seqs = [Sequence(prompt_ids=p, tok=tok, loop=loop, options=EngramOptions(),
-                     params=SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=5, ignore_eot=True, **kw))
-            for p in prompts]
+    seqs = [
+        Sequence(
+            prompt_ids=p,
+            tok=tok,
+            loop=loop,
+            options=EngramOptions(),
+            params=SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=5, ignore_eot=True, **kw),
+        )
+        for p in prompts
+    ]
     for s in seqs:
         sched.submit(s)
 
@@ -54,12 +62,15 @@ async def generate(sched: Scheduler, tok: Tokenizer, prompts: list[list[int]], *
     return await asyncio.gather(*(drain(s) for s in seqs))
 
 
-def check_against_full_forward(model: EngramLM, num_tokens: int, prompt: list[int], events: list[TokenEvent],
-                               tol: float) -> None:
+def check_against_full_forward(
+    model: EngramLM, num_tokens: int, prompt: list[int], events: list[TokenEvent], tol: float
+) -> None:
     ids = list(prompt)
     for ev in events:
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids[-model.cfg.model.max_seq_len:]]))[0][0, -1, :num_tokens], -1)
+            logp = torch.log_softmax(
+                model(torch.tensor([ids[-model.cfg.model.max_seq_len :]]))[0][0, -1, :num_tokens], -1
+            )
         assert ev.token_id == int(logp.argmax())
         top = torch.topk(logp, 5)
         assert [i for i, _ in ev.top_logprobs] == top.indices.tolist()
@@ -141,13 +152,30 @@ def test_queue_limit_and_cancel_free_blocks(trained) -> None:
 
     async def main():
         ex = cf.ThreadPoolExecutor(1)
-        sched = Scheduler(model, pipeline=PrefetchPipeline(model, LocalRowSource(model)), num_tokens=tok.get_vocab_size(),
-                          eot=None, executor=ex, kv_cache_mb=1.0, block_size=8, max_step_tokens=64, max_running=1,
-                          max_queue=1)
+        sched = Scheduler(
+            model,
+            pipeline=PrefetchPipeline(model, LocalRowSource(model)),
+            num_tokens=tok.get_vocab_size(),
+            eot=None,
+            executor=ex,
+            kv_cache_mb=1.0,
+            block_size=8,
+            max_step_tokens=64,
+            max_running=1,
+            max_queue=1,
+        )
         sched.start()
         loop = asyncio.get_running_loop()
-        mk = lambda: Sequence(prompt_ids=[1, 2, 3], tok=tok, loop=loop, options=EngramOptions(),  # noqa: E731
-                              params=SamplingParams(max_tokens=500, temperature=0, ignore_eot=True))
+
+        def mk() -> Sequence:
+            return Sequence(
+                prompt_ids=[1, 2, 3],
+                tok=tok,
+                loop=loop,
+                options=EngramOptions(),
+                params=SamplingParams(max_tokens=500, temperature=0, ignore_eot=True),
+            )
+
         a, b = mk(), mk()
         sched.submit(a)
         await asyncio.wait_for(a.events.get(), 30)  # a runs

@@ -88,21 +88,28 @@ def test_concurrent_requests_are_served_together(stub) -> None:
     for t in threads:
         t.join(60)
     assert all(len(results[i]) == 8 for i in range(6)) and all(len(s.result().logprobs) > 0 for s in scores)
-    alone = [m.token_id for m in stub.Generate(
-        pb.GenerateRequest(prompt="def function_3", max_new_tokens=8, temperature=0, ignore_eot=True), timeout=30)]
+    alone = [
+        m.token_id
+        for m in stub.Generate(
+            pb.GenerateRequest(prompt="def function_3", max_new_tokens=8, temperature=0, ignore_eot=True), timeout=30
+        )
+    ]
     assert alone == results[3]  # batching with others does not change greedy output
 
 
-@pytest.mark.parametrize(("request_", "field"), [
-    (pb.GenerateRequest(prompt=""), "prompt: empty"),
-    (pb.GenerateRequest(prompt="x " * 200), "model.max_seq_len"),
-    (pb.GenerateRequest(prompt="x", temperature=-0.5), "temperature"),
-    (pb.GenerateRequest(prompt="x", top_p=0.0), "top_p"),
-    (pb.GenerateRequest(prompt="x", top_p=1.5), "top_p"),
-    (pb.GenerateRequest(prompt="x", top_k=-1), "top_k"),
-    (pb.GenerateRequest(prompt="x", max_new_tokens=0), "max_new_tokens"),
-    (pb.GenerateRequest(prompt="x", max_new_tokens=100000), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.GenerateRequest(prompt=""), "prompt: empty"),
+        (pb.GenerateRequest(prompt="x " * 200), "model.max_seq_len"),
+        (pb.GenerateRequest(prompt="x", temperature=-0.5), "temperature"),
+        (pb.GenerateRequest(prompt="x", top_p=0.0), "top_p"),
+        (pb.GenerateRequest(prompt="x", top_p=1.5), "top_p"),
+        (pb.GenerateRequest(prompt="x", top_k=-1), "top_k"),
+        (pb.GenerateRequest(prompt="x", max_new_tokens=0), "max_new_tokens"),
+        (pb.GenerateRequest(prompt="x", max_new_tokens=100000), "max_new_tokens"),
+    ],
+)
 def test_bad_generate_requests_are_invalid_argument(stub, request_, field) -> None:
     code, details = code_of(lambda: list(stub.Generate(request_, timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
@@ -115,7 +122,11 @@ def test_bad_score_requests_and_truncation(stub) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "64 tokens" in details
     reply = stub.Score(pb.ScoreRequest(text="x " * 200, truncate=True), timeout=30)
     assert reply.truncated and reply.num_tokens == 64
-    msgs = list(stub.Generate(pb.GenerateRequest(prompt="x " * 200, truncate=True, max_new_tokens=2, ignore_eot=True), timeout=30))
+    msgs = list(
+        stub.Generate(
+            pb.GenerateRequest(prompt="x " * 200, truncate=True, max_new_tokens=2, ignore_eot=True), timeout=30
+        )
+    )
     assert len(msgs) == 2
 
 
@@ -150,8 +161,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(checkpoint) -> None:
 
 
 def test_generation_slides_past_the_context_window(stub) -> None:
-    msgs = list(stub.Generate(pb.GenerateRequest(prompt="def", max_new_tokens=80, temperature=0, ignore_eot=True),
-                              timeout=60))
+    msgs = list(
+        stub.Generate(pb.GenerateRequest(prompt="def", max_new_tokens=80, temperature=0, ignore_eot=True), timeout=60)
+    )
     assert len(msgs) == 80 and msgs[-1].finish_reason == "length"  # 81 tokens > max_seq_len=64
 
 
@@ -162,8 +174,13 @@ def test_engram_generate_cli(worker) -> None:
     from tests.worker_proc import ROOT
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     ok = cli("def function_", "--max-new-tokens", "5", "--temperature", "0")
     assert ok.returncode == 0 and ok.stdout.startswith("def function_")

@@ -50,11 +50,13 @@ def _trainer(overrides: list[str]) -> None:
     model = shard_model(cfg, vocab.lookup)
     backbone_opt, _ = build_optimizers(model, cfg.train)
     rows = SyncShardClient.connect(cfg)
-    runner = RemoteStep(model=model, ddp=model, shards=rows, backbone_opt=backbone_opt, cfg=cfg,
-                        rank=0, world=1, device="cpu")
+    runner = RemoteStep(
+        model=model, ddp=model, shards=rows, backbone_opt=backbone_opt, cfg=cfg, rank=0, world=1, device="cpu"
+    )
     try:
-        x, y = dataset.batch("train", batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
-                             rng=np.random.default_rng(0))  # (B, T)
+        x, y = dataset.batch(
+            "train", batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len, rng=np.random.default_rng(0)
+        )  # (B, T)
         out = runner.train_step(0, x, y)
         print(f"trainer: step 1 loss {out.loss:.4f}")
     finally:
@@ -110,12 +112,17 @@ def traced_run(workdir: Path, rx) -> tuple[str, list]:  # type: ignore[no-untype
     from tests.corpus import write_code_corpus
 
     write_code_corpus(workdir / "corpus.txt")
-    overrides = [f"train.corpus=[\"{workdir / 'corpus.txt'}\"]", f"tokenizer.cache_dir={workdir / 'cache'}",
-                 f"train.out_dir={workdir / 'run'}", f"cluster.checkpoint_dir={workdir / 'shards'}",
-                 "train.progress=false", "cluster.wire_dtype=fp32",
-                 # lookups over gRPC carry the trace into the shards; the shm and TCP row paths have
-                 # client spans only (README: a real trace)
-                 "cluster.row_path=grpc"]
+    overrides = [
+        f'train.corpus=["{workdir / "corpus.txt"}"]',
+        f"tokenizer.cache_dir={workdir / 'cache'}",
+        f"train.out_dir={workdir / 'run'}",
+        f"cluster.checkpoint_dir={workdir / 'shards'}",
+        "train.progress=false",
+        "cluster.wire_dtype=fp32",
+        # lookups over gRPC carry the trace into the shards; the shm and TCP row paths have
+        # client spans only (README: a real trace)
+        "cluster.row_path=grpc",
+    ]
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_METRICS_EXPORTER": "none"}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "TRACEPARENT"}
     saved = dict(os.environ)
@@ -129,19 +136,32 @@ def traced_run(workdir: Path, rx) -> tuple[str, list]:  # type: ignore[no-untype
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
                 for role in ("trainer", "worker"):
-                    r = subprocess.run([sys.executable, "-m", "tests.trace_run", "--role", role,
-                                        "--overrides", json.dumps(every)], cwd=ROOT,
-                                       env={**clean, **otel, "TRACEPARENT": carrier["traceparent"]},
-                                       capture_output=True, text=True, timeout=180)
+                    r = subprocess.run(
+                        [sys.executable, "-m", "tests.trace_run", "--role", role, "--overrides", json.dumps(every)],
+                        cwd=ROOT,
+                        env={**clean, **otel, "TRACEPARENT": carrier["traceparent"]},
+                        capture_output=True,
+                        text=True,
+                        timeout=180,
+                    )
                     if r.returncode != 0:
                         raise RuntimeError(f"{role} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
             trace_id = format(root.get_span_context().trace_id, "032x")
             tel.force_flush()
             # the shards export in batches: wait until both clients' server spans are in
-            rx.wait_for(lambda got: {("engram-shard", "ApplyGradients"), ("engram-shard", "Lookup")} <= {
-                (s.service, s.name.rsplit("/", 1)[-1]) for s in got if s.trace_id == trace_id and s.kind == "server"}
-                and sum(s.trace_id == trace_id and s.kind == "server" and s.name.endswith("/Lookup") for s in got)
-                >= sum(s.trace_id == trace_id and s.kind == "client" and s.name.endswith("/Lookup") for s in got), 30)
+            rx.wait_for(
+                lambda got: (
+                    {("engram-shard", "ApplyGradients"), ("engram-shard", "Lookup")}
+                    <= {
+                        (s.service, s.name.rsplit("/", 1)[-1])
+                        for s in got
+                        if s.trace_id == trace_id and s.kind == "server"
+                    }
+                    and sum(s.trace_id == trace_id and s.kind == "server" and s.name.endswith("/Lookup") for s in got)
+                    >= sum(s.trace_id == trace_id and s.kind == "client" and s.name.endswith("/Lookup") for s in got)
+                ),
+                30,
+            )
     finally:
         tel.shutdown()
         os.environ.clear()

@@ -29,11 +29,20 @@ def train_tiny_checkpoint(tmp: Path, *extra: str) -> Path:
     from trainer.local import train_local
 
     write_code_corpus(tmp / "corpus.txt", functions=300)
-    cfg = load_config("tiny", None, [
-        f"train.corpus=[\"{tmp / 'corpus.txt'}\"]", f"tokenizer.cache_dir={tmp / 'cache'}",
-        f"train.out_dir={tmp / 'run'}", "train.progress=false", "train.steps=8", "train.eval_every=8",
-        "train.warmup_steps=2", *extra,
-    ])
+    cfg = load_config(
+        "tiny",
+        None,
+        [
+            f'train.corpus=["{tmp / "corpus.txt"}"]',
+            f"tokenizer.cache_dir={tmp / 'cache'}",
+            f"train.out_dir={tmp / 'run'}",
+            "train.progress=false",
+            "train.steps=8",
+            "train.eval_every=8",
+            "train.warmup_steps=2",
+            *extra,
+        ],
+    )
     return Path(train_local(cfg).checkpoint)
 
 
@@ -43,8 +52,9 @@ class WorkerProcess(LineProcess):
     name = "worker"
 
     def __init__(self, checkpoint: Path, *args: str) -> None:
-        super().__init__([sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint),
-                          "--port", "0", *args])
+        super().__init__(
+            [sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint), "--port", "0", *args]
+        )
         self.address = ""
         self.http = ""  # host:port of the HTTP API when worker.http_port >= 0
 

@@ -56,11 +56,14 @@ class LocalStep:
 
     rows_remote = False
 
-    def __init__(self, *, model: EngramLM, backbone_opt: torch.optim.Optimizer, engram_opt: SparseRowAdam | None,
-                 cfg: Config) -> None:
+    def __init__(
+        self, *, model: EngramLM, backbone_opt: torch.optim.Optimizer, engram_opt: SparseRowAdam | None, cfg: Config
+    ) -> None:
         self.model, self.backbone_opt, self.engram_opt, self.t = model, backbone_opt, engram_opt, cfg.train
 
-    def train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None) -> StepOut:
+    def train_step(
+        self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None
+    ) -> StepOut:
         t0 = time.perf_counter()
         lr = set_lr(step0, self.t, self.backbone_opt, self.engram_opt)
         self.backbone_opt.zero_grad(set_to_none=True)
@@ -96,13 +99,24 @@ class LocalCheckpointer:
     tokenizer_json: str
 
     def save(self, stats: LoopStats, *, final: bool) -> None:
-        save_checkpoint(self.path, model=self.model, optimizers=self.optimizers, step=stats.step, cfg=self.cfg,
-                        compress_lookup=self.compress_lookup, tokenizer_json=self.tokenizer_json,
-                        history=stats.history)
+        save_checkpoint(
+            self.path,
+            model=self.model,
+            optimizers=self.optimizers,
+            step=stats.step,
+            cfg=self.cfg,
+            compress_lookup=self.compress_lookup,
+            tokenizer_json=self.tokenizer_json,
+            history=stats.history,
+        )
 
 
 def train_local(
-    cfg: Config, *, data: tuple | None = None, resume: bool = False, label: str | None = None,
+    cfg: Config,
+    *,
+    data: tuple | None = None,
+    resume: bool = False,
+    label: str | None = None,
     stop_at: int | None = None,
 ) -> TrainResult:
     """Train `cfg` on its corpus; `data` = prepare_data(cfg) result, to share between runs.
@@ -123,22 +137,47 @@ def train_local(
     if resume and ckpt_path.exists():
         start, history = load_checkpoint(ckpt_path, model, backbone_opt, engram_opt)
         history["val_losses"] = [tuple(v) for v in history["val_losses"]]
-    checkpointer = LocalCheckpointer(path=ckpt_path, cfg=cfg, model=model, optimizers=(backbone_opt, engram_opt),
-                                     compress_lookup=vocab.lookup, tokenizer_json=tokenizer.to_str())
+    checkpointer = LocalCheckpointer(
+        path=ckpt_path,
+        cfg=cfg,
+        model=model,
+        optimizers=(backbone_opt, engram_opt),
+        compress_lookup=vocab.lookup,
+        tokenizer_json=tokenizer.to_str(),
+    )
     model.train()
-    stats = run_loop(cfg=cfg, backend=LocalStep(model=model, backbone_opt=backbone_opt, engram_opt=engram_opt, cfg=cfg),
-                     dataset=dataset, checkpointer=checkpointer, sync=NoSync(model), start=start, history=history,
-                     label=label or "train", stop_at=stop_at)
+    stats = run_loop(
+        cfg=cfg,
+        backend=LocalStep(model=model, backbone_opt=backbone_opt, engram_opt=engram_opt, cfg=cfg),
+        dataset=dataset,
+        checkpointer=checkpointer,
+        sync=NoSync(model),
+        start=start,
+        history=history,
+        label=label or "train",
+        stop_at=stop_at,
+    )
     h = stats.history
     result = TrainResult(
-        final_val_loss=h["val_losses"][-1][1] if h["val_losses"] else float("nan"), train_losses=h["train_losses"],
-        val_losses=h["val_losses"], tokens_per_s=stats.tokens_per_s, compression_ratio=vocab.ratio,
-        step_flops=step_flops(model, batch_size=t.batch_size, seq_len=t.seq_len), checkpoint=str(ckpt_path),
+        final_val_loss=h["val_losses"][-1][1] if h["val_losses"] else float("nan"),
+        train_losses=h["train_losses"],
+        val_losses=h["val_losses"],
+        tokens_per_s=stats.tokens_per_s,
+        compression_ratio=vocab.ratio,
+        step_flops=step_flops(model, batch_size=t.batch_size, seq_len=t.seq_len),
+        checkpoint=str(ckpt_path),
     )
     plot_loss_curves({label or "train": result}, out / "loss.png")
-    (out / "result.json").write_text(json.dumps({
-        "final_val_loss": result.final_val_loss, "val_losses": result.val_losses,
-        "tokens_per_s": result.tokens_per_s, "step_flops": result.step_flops,
-        "compression_ratio": result.compression_ratio,
-    }, indent=2))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "final_val_loss": result.final_val_loss,
+                "val_losses": result.val_losses,
+                "tokens_per_s": result.tokens_per_s,
+                "step_flops": result.step_flops,
+                "compression_ratio": result.compression_ratio,
+            },
+            indent=2,
+        )
+    )
     return result

@@ -62,7 +62,9 @@ class StepBackend(Protocol):
 
     rows_remote: bool
 
-    def train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None) -> StepOut: ...
+    def train_step(
+        self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None
+    ) -> StepOut: ...
 
     def evaluate(self, batches: Batches, step: int) -> float: ...
 
@@ -99,7 +101,8 @@ class DDPSync(GradSync):
         super().__init__(model)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.module = DistributedDataParallel(
-            model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
+            model, device_ids=[torch.device(device)] if device.startswith("cuda") else None
+        )
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -135,8 +138,14 @@ def mean_timings(stats: LoopStats, sync: GradSync) -> dict:
     mean = torch.tensor([*stats.timings.tolist(), stats.wall_s], dtype=torch.float64)  # (lookup, compute, push, wall)
     sync.mean_(mean)
     lookup, compute, push, wall = mean.tolist()
-    return {"lookup": lookup, "compute": compute, "push": push, "wall": wall,
-            "blocked": lookup + push, "blocked_fraction": (lookup + push) / max(wall, 1e-9)}
+    return {
+        "lookup": lookup,
+        "compute": compute,
+        "push": push,
+        "wall": wall,
+        "blocked": lookup + push,
+        "blocked_fraction": (lookup + push) / max(wall, 1e-9),
+    }
 
 
 def _read(pending: list) -> list[float]:
@@ -147,9 +156,18 @@ def _read(pending: list) -> list[float]:
 
 
 def run_loop(
-    *, cfg: Config, backend: StepBackend, dataset: TokenDataset, checkpointer: Checkpointer, sync: GradSync,
-    start: int = 0, history: dict | None = None, label: str = "train", stop_at: int | None = None,
-    on_step: StepHook | None = None, make_bar: BarFactory = console_bar,
+    *,
+    cfg: Config,
+    backend: StepBackend,
+    dataset: TokenDataset,
+    checkpointer: Checkpointer,
+    sync: GradSync,
+    start: int = 0,
+    history: dict | None = None,
+    label: str = "train",
+    stop_at: int | None = None,
+    on_step: StepHook | None = None,
+    make_bar: BarFactory = console_bar,
 ) -> LoopStats:
     """Train steps start+1 .. train.steps (or `stop_at`) -> the loop's statistics.
 
@@ -163,8 +181,9 @@ def run_loop(
     rng = np.random.default_rng(t.seed)
     for _ in range(start):  # replay the sampler: a resumed run sees the same batches
         dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng)
-    eval_batches = list(dataset.iter_eval_batches("val", batch_size=t.batch_size, seq_len=t.seq_len,
-                                                  num_batches=t.eval_batches))
+    eval_batches = list(
+        dataset.iter_eval_batches("val", batch_size=t.batch_size, seq_len=t.seq_len, num_batches=t.eval_batches)
+    )
     bar = make_bar(range(start, t.steps), desc=label, enabled=sync.rank == 0 and t.progress)
     pending: list = []  # losses of the steps since the last read (device tensors or floats)
 
@@ -179,7 +198,9 @@ def run_loop(
     for step0 in bar:
         assert nxt is not None
         x, y = nxt  # (B, T) global batch
-        nxt = dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng) if step0 + 1 < t.steps else None
+        nxt = (
+            dataset.batch("train", batch_size=t.batch_size, seq_len=t.seq_len, rng=rng) if step0 + 1 < t.steps else None
+        )
         out = backend.train_step(step0, x, y, next_x=None if nxt is None or not cfg.dist.prefetch else nxt[0])
         done = stats.step = step0 + 1
         if on_step is not None:

@@ -62,8 +62,12 @@ class CheckpointLog(UserCallback):
         if checkpoint is None or not metrics:
             return
         m = metrics[0]  # rank 0's
-        self.queue.put_nowait({"line": f"checkpoint step {m['step']}: dense state + {m.get('slot_files', '?')} "
-                                       f"slot files (loss {m['loss']:.4f}, {m['tokens_per_s']:,.0f} tokens/s)"})
+        self.queue.put_nowait(
+            {
+                "line": f"checkpoint step {m['step']}: dense state + {m.get('slot_files', '?')} "
+                f"slot files (loss {m['loss']:.4f}, {m['tokens_per_s']:,.0f} tokens/s)"
+            }
+        )
 
 
 class DriverConsole:

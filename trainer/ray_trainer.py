@@ -110,8 +110,10 @@ def resolve_workers(cfg: Config, *, gpus: int | None) -> int | None:
     if gpus is None:
         return d.num_workers or None
     if gpus < 1:
-        raise ConfigError("dist.use_gpu: no GPU is visible (torch.cuda / the Ray cluster has none); "
-                          "train on CPU with dist.use_gpu=false")
+        raise ConfigError(
+            "dist.use_gpu: no GPU is visible (torch.cuda / the Ray cluster has none); "
+            "train on CPU with dist.use_gpu=false"
+        )
     if d.num_workers > gpus:
         raise ConfigError(
             f"dist.num_workers: {d.num_workers} workers with dist.use_gpu=true need one GPU each, but there "
@@ -128,7 +130,9 @@ def check_dist_config(cfg: Config, *, gpus: int | None = -1) -> int | None:
     if not cfg.engram.enabled:
         raise ConfigError("engram.enabled: distributed training pushes Engram rows to the shards; enable Engram")
     if cfg.engram.freeze_table:
-        raise ConfigError("engram.freeze_table: an ablation for local training only (the shards always train their rows)")
+        raise ConfigError(
+            "engram.freeze_table: an ablation for local training only (the shards always train their rows)"
+        )
     if t.grad_accum != 1:
         raise ConfigError(
             f"train.grad_accum: {t.grad_accum} is for local training (it reproduces {t.grad_accum} workers' split); "
@@ -196,8 +200,16 @@ def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
             return state["optimizer"]
 
     h = state["history"]
-    save_checkpoint(path, model=model, optimizers=(_Saved(), None), step=int(state["step"]), cfg=cfg,
-                    compress_lookup=vocab.lookup, tokenizer_json=tokenizer.to_str(), history=h)
+    save_checkpoint(
+        path,
+        model=model,
+        optimizers=(_Saved(), None),
+        step=int(state["step"]),
+        cfg=cfg,
+        compress_lookup=vocab.lookup,
+        tokenizer_json=tokenizer.to_str(),
+        history=h,
+    )
     return path
 
 
@@ -220,8 +232,14 @@ def _fresh_run(cfg: Config) -> None:
 
 
 def train_ray(
-    cfg: Config, *, data: tuple | None = None, resume: bool = False, stop_at: int | None = None,
-    on_step: StepHook | None = None, label: str = "ray", torch_threads: int = 1,
+    cfg: Config,
+    *,
+    data: tuple | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    on_step: StepHook | None = None,
+    label: str = "ray",
+    torch_threads: int = 1,
 ) -> RayTrainResult:
     """Train `cfg` on Ray (ray.init must have been called, or a local instance is started).
 
@@ -250,16 +268,30 @@ def train_ray(
     run_id = f"{out.name}-{int(time.time())}"
     queue = new_queue()
     loop_cfg = {
-        "config": cfg.to_dict(), "stop_at": stop_at, "on_step": on_step, "label": label, "run_id": run_id,
-        "torch_threads": torch_threads, "console": queue,
+        "config": cfg.to_dict(),
+        "stop_at": stop_at,
+        "on_step": on_step,
+        "label": label,
+        "run_id": run_id,
+        "torch_threads": torch_threads,
+        "console": queue,
         "shard_ckpt_name": re.sub(r"[^A-Za-z0-9._-]", "-", run_id).lstrip("."),  # under cluster.checkpoint_dir
     }
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
-                                     resources_per_worker={"CPU": 1} if not cfg.dist.use_gpu else None),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(out), failure_config=FailureConfig(max_failures=0),
-                             callbacks=[CheckpointLog(queue)], logging_config=LoggingConfig(log_level="WARNING")),
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.dist.num_workers,
+            use_gpu=cfg.dist.use_gpu,
+            resources_per_worker={"CPU": 1} if not cfg.dist.use_gpu else None,
+        ),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(out),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=[CheckpointLog(queue)],
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
     )
     with DriverConsole(queue, label=label, start=start, total=cfg.train.steps, show_bar=cfg.train.progress):
         fit = trainer.fit()
@@ -267,19 +299,34 @@ def train_ray(
     start = int(m.get("resumed_from", start))
     result = RayTrainResult(
         final_val_loss=m["val_losses"][-1][1] if m.get("val_losses") else float("nan"),
-        train_losses=list(m.get("train_losses", [])), val_losses=[tuple(v) for v in m.get("val_losses", [])],
-        tokens_per_s=float(m.get("tokens_per_s", 0.0)), staleness=m.get("staleness", {}),
-        timings=m.get("timings_s", {}), resumed_from=start,
+        train_losses=list(m.get("train_losses", [])),
+        val_losses=[tuple(v) for v in m.get("val_losses", [])],
+        tokens_per_s=float(m.get("tokens_per_s", 0.0)),
+        staleness=m.get("staleness", {}),
+        timings=m.get("timings_s", {}),
+        resumed_from=start,
     )
     if int(m.get("step", 0)) == cfg.train.steps and fit.checkpoint is not None:
         with fit.checkpoint.as_directory() as d:
             result.checkpoint = str(export_model(cfg, Path(d), data, out / "checkpoint.pt"))
     plot_loss_curves({label: result}, out / "loss.png")
-    (out / "result.json").write_text(json.dumps({
-        "final_val_loss": result.final_val_loss, "val_losses": result.val_losses, "train_losses": result.train_losses,
-        "tokens_per_s": result.tokens_per_s, "staleness": result.staleness, "timings_s": result.timings,
-        "mode": cfg.dist.mode, "num_workers": cfg.dist.num_workers, "resumed_from": start,
-        "step_flops": step_flops(shard_model(cfg, data[1].lookup), batch_size=cfg.train.batch_size,
-                                 seq_len=cfg.train.seq_len),
-    }, indent=2))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "final_val_loss": result.final_val_loss,
+                "val_losses": result.val_losses,
+                "train_losses": result.train_losses,
+                "tokens_per_s": result.tokens_per_s,
+                "staleness": result.staleness,
+                "timings_s": result.timings,
+                "mode": cfg.dist.mode,
+                "num_workers": cfg.dist.num_workers,
+                "resumed_from": start,
+                "step_flops": step_flops(
+                    shard_model(cfg, data[1].lookup), batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len
+                ),
+            },
+            indent=2,
+        )
+    )
     return result

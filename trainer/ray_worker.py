@@ -84,30 +84,44 @@ class RayCheckpointer:
         self.step_runner.settle(done)
         self.sync.barrier()
         metrics = {
-            "step": done, "loss": stats.last_loss, "tokens_per_s": stats.tokens_per_s, "world": self.sync.world,
-            "staleness": self.step_runner.staleness.as_dict(), "resumed_from": self.resumed_from,
+            "step": done,
+            "loss": stats.last_loss,
+            "tokens_per_s": stats.tokens_per_s,
+            "world": self.sync.world,
+            "staleness": self.step_runner.staleness.as_dict(),
+            "resumed_from": self.resumed_from,
             # mean over workers; blocked = waiting on the shards (lookups + pushes), of the loop's wall time
             "timings_s": mean_timings(stats, self.sync),
-            "train_losses": stats.history["train_losses"], "val_losses": stats.history["val_losses"],
+            "train_losses": stats.history["train_losses"],
+            "val_losses": stats.history["val_losses"],
         }
         if self.sync.rank != 0:
             ray.train.report(metrics)
             return
-        manifest = self.rows.checkpoint(f"{self.shard_ckpt_name}/step_{done:06d}", done,
-                                        extra={"run": self.run_id, "world": self.sync.world})
+        manifest = self.rows.checkpoint(
+            f"{self.shard_ckpt_name}/step_{done:06d}", done, extra={"run": self.run_id, "world": self.sync.world}
+        )
         metrics["slot_files"] = len(manifest["files"])
-        state = {"step": done, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "history": stats.history, "config": self.cfg.to_dict(), "world": self.sync.world}
+        state = {
+            "step": done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": stats.history,
+            "config": self.cfg.to_dict(),
+            "world": self.sync.world,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             atomic_torch_save(state, Path(tmp) / DENSE_FILE)
             (Path(tmp) / MANIFEST_FILE).write_text(json.dumps(manifest))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{done:06d}")
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{done:06d}"
+            )
         # Ray Train registers a report when its controller next polls the workers: wait for that, so
         # that a trainer killed after this line resumes from this step (the other workers wait in
         # the next step's all-reduce)
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
-                                               timeout_s=300)
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=300
+        )
 
 
 def _resume_state(cfg: Config, *, rank: int, device: str) -> dict | None:
@@ -159,22 +173,52 @@ def train_loop(loop_cfg: dict) -> None:
             f"the shards' tables are at step {applied} but the dense state is at step {start}: "
             + ("restore the matching checkpoint" if start else "start from a fresh cluster (engram up) or --resume")
         )
-    step_runner = RemoteStep(model=model, ddp=sync.module, shards=rows, backbone_opt=backbone_opt, cfg=cfg,
-                             rank=rank, world=world, device=device)
-    checkpointer = RayCheckpointer(cfg=cfg, model=model, optimizer=backbone_opt, step_runner=step_runner, rows=rows,
-                                   sync=sync, shard_ckpt_name=loop_cfg["shard_ckpt_name"],
-                                   run_id=loop_cfg["run_id"], resumed_from=start)
+    step_runner = RemoteStep(
+        model=model,
+        ddp=sync.module,
+        shards=rows,
+        backbone_opt=backbone_opt,
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+    )
+    checkpointer = RayCheckpointer(
+        cfg=cfg,
+        model=model,
+        optimizer=backbone_opt,
+        step_runner=step_runner,
+        rows=rows,
+        sync=sync,
+        shard_ckpt_name=loop_cfg["shard_ckpt_name"],
+        run_id=loop_cfg["run_id"],
+        resumed_from=start,
+    )
     queue = loop_cfg.get("console")  # trainer.ray_console: the driver draws the progress
 
     def make_bar(steps: range, *, desc: str, enabled: bool) -> Bar:
         from trainer.ray_console import QueueBar
 
-        return QueueBar(queue, steps, enabled=enabled) if queue is not None else console_bar(steps, desc=desc, enabled=enabled)
+        return (
+            QueueBar(queue, steps, enabled=enabled)
+            if queue is not None
+            else console_bar(steps, desc=desc, enabled=enabled)
+        )
 
     try:
-        run_loop(cfg=cfg, backend=step_runner, dataset=dataset, checkpointer=checkpointer, sync=sync, start=start,
-                 history=history, label=loop_cfg.get("label", "ray"), stop_at=loop_cfg.get("stop_at"),
-                 on_step=loop_cfg.get("on_step"), make_bar=make_bar)
+        run_loop(
+            cfg=cfg,
+            backend=step_runner,
+            dataset=dataset,
+            checkpointer=checkpointer,
+            sync=sync,
+            start=start,
+            history=history,
+            label=loop_cfg.get("label", "ray"),
+            stop_at=loop_cfg.get("stop_at"),
+            on_step=loop_cfg.get("on_step"),
+            make_bar=make_bar,
+        )
     finally:
         step_runner.close()
         rows.close()

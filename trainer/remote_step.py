@@ -96,8 +96,17 @@ class RemoteStep:
     rows_remote = True
 
     def __init__(
-        self, *, model: EngramLM, ddp: torch.nn.Module, shards: SyncShardClient, backbone_opt: torch.optim.Optimizer,
-        cfg: Config, rank: int, world: int, device: str, timeout_s: float | None = None,
+        self,
+        *,
+        model: EngramLM,
+        ddp: torch.nn.Module,
+        shards: SyncShardClient,
+        backbone_opt: torch.optim.Optimizer,
+        cfg: Config,
+        rank: int,
+        world: int,
+        device: str,
+        timeout_s: float | None = None,
     ) -> None:
         self.model, self.ddp, self.shards, self.opt = model, ddp, shards, backbone_opt
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -118,9 +127,12 @@ class RemoteStep:
     def _issue(self, step: int, x_BT: np.ndarray, *, max_staleness: int) -> Prefetch:
         x_cpu = torch.from_numpy(local_slice(x_BT, self.rank, self.world))  # (B/world, T)
         indices = self.model.engram_indices(x_cpu)  # CPU: no device sync (engram.indexer)
-        futures = {layer: self.shards.lookup(layer, u.cpu().numpy(), step=step, max_staleness=max_staleness,
-                                             timeout_s=self.timeout_s)
-                   for layer, (u, _) in indices.items()}
+        futures = {
+            layer: self.shards.lookup(
+                layer, u.cpu().numpy(), step=step, max_staleness=max_staleness, timeout_s=self.timeout_s
+            )
+            for layer, (u, _) in indices.items()
+        }
         return Prefetch(step=step, max_staleness=max_staleness, x_BT=x_BT, indices=indices, futures=futures)
 
     def _wait(self, fut: cf.Future, *, step: int, ids: np.ndarray, layer: int, max_staleness: int):  # type: ignore[no-untyped-def]
@@ -144,8 +156,9 @@ class RemoteStep:
         out, oldest, reread = {}, None, 0
         for layer, (unique, inverse) in pre.indices.items():
             ids = unique.cpu().numpy()
-            rows, applied = self._wait(pre.futures[layer], step=step, ids=ids, layer=layer,
-                                       max_staleness=pre.max_staleness)
+            rows, applied = self._wait(
+                pre.futures[layer], step=step, ids=ids, layer=layer, max_staleness=pre.max_staleness
+            )
             if layer in pre.reread:
                 pos, fut = pre.reread[layer]
                 fresh, applied2 = self._wait(fut, step=step, ids=ids[pos], layer=layer, max_staleness=0)
@@ -154,7 +167,9 @@ class RemoteStep:
                 reread += pos.size
             if applied is not None:
                 oldest = applied if oldest is None else min(oldest, applied)
-            out[layer] = EngramRows(rows=rows.to(self.device).requires_grad_(need_grad), inverse=inverse.to(self.device))
+            out[layer] = EngramRows(
+                rows=rows.to(self.device).requires_grad_(need_grad), inverse=inverse.to(self.device)
+            )
         oldest = step - 1 if oldest is None else oldest
         if oldest > step - 1:
             raise StaleRowsError(
@@ -184,8 +199,10 @@ class RemoteStep:
                 continue  # answered after step `step` was applied: nothing to read again
             ids = unique.cpu().numpy()
             pos = np.flatnonzero(np.isin(ids, updated[layer][0].cpu().numpy()))
-            pre.reread[layer] = (pos, self.shards.lookup(layer, ids[pos], step=step + 1, max_staleness=0,
-                                                          timeout_s=self.timeout_s))
+            pre.reread[layer] = (
+                pos,
+                self.shards.lookup(layer, ids[pos], step=step + 1, max_staleness=0, timeout_s=self.timeout_s),
+            )
 
     # ---------------------------------------------------------------------------------------
     # stage 4: pushes
@@ -195,20 +212,36 @@ class RemoteStep:
         return AdamParams(lr=t.lr * t.engram_lr_mult * lr_factor(step0, t))
 
     def _push(self, step: int, hyper: AdamParams, grads: dict[int, tuple[np.ndarray, torch.Tensor]]) -> cf.Future:
-        opt = {"kind": self.cfg.cluster.optimizer, "lr": hyper.lr, "beta1": hyper.beta1, "beta2": hyper.beta2,
-               "eps": hyper.eps, "version": 1}
+        opt = {
+            "kind": self.cfg.cluster.optimizer,
+            "lr": hyper.lr,
+            "beta1": hyper.beta1,
+            "beta2": hyper.beta2,
+            "eps": hyper.eps,
+            "version": 1,
+        }
         prev = self._pushes[-1] if self._pushes else None
         client = self.shards.client
 
         async def send() -> None:
             if prev is not None:  # async: steps reach the shards in order
                 await asyncio.wrap_future(prev)
-            await asyncio.gather(*(
-                client.apply_gradients(layer, ids, g, step=step, optimizer=opt, part_id=str(self.rank),
-                                       num_parts=self.world, max_staleness=self.k if self.mode == "async" else 0,
-                                       timeout_s=self.timeout_s)
-                for layer, (ids, g) in grads.items()
-            ))
+            await asyncio.gather(
+                *(
+                    client.apply_gradients(
+                        layer,
+                        ids,
+                        g,
+                        step=step,
+                        optimizer=opt,
+                        part_id=str(self.rank),
+                        num_parts=self.world,
+                        max_staleness=self.k if self.mode == "async" else 0,
+                        timeout_s=self.timeout_s,
+                    )
+                    for layer, (ids, g) in grads.items()
+                )
+            )
 
         fut = self.shards.submit(send())
         self._pushes.append(fut)
@@ -226,7 +259,9 @@ class RemoteStep:
     # ---------------------------------------------------------------------------------------
     # the step
 
-    def train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None) -> StepOut:
+    def train_step(
+        self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None = None
+    ) -> StepOut:
         """One optimizer step on this worker's slice of the global batch (x, y: (B, T) global).
 
         `next_x`: the next step's global batch, whose lookups then fly during this step.
@@ -257,7 +292,10 @@ class RemoteStep:
         grads = {}
         for layer, r in engram_rows.items():
             assert r.rows.grad is not None, f"layer {layer}: the rows got no gradient"
-            grads[layer] = (pre.indices[layer][0].cpu().numpy(), r.rows.grad.detach().cpu() / self.world)  # (U,), (U, dh)
+            grads[layer] = (
+                pre.indices[layer][0].cpu().numpy(),
+                r.rows.grad.detach().cpu() / self.world,
+            )  # (U,), (U, dh)
         pushed = self._push(step, self.engram_hyper(step0), grads)
         if t.grad_clip > 0:  # the dense update runs while the push is on the wire
             torch.nn.utils.clip_grad_norm_(self.model.dense_parameters(), t.grad_clip)
@@ -277,8 +315,16 @@ class RemoteStep:
             global_loss /= self.world
         self._reread(step, x_BT)
         t4 = time.perf_counter()
-        return StepOut(loss=float(global_loss), tokens=x_BT.size, staleness=stale, lr=lr, lookup_s=t1 - t0,
-                       compute_s=(t2 - t1) + (t4 - t3), push_s=t3 - t2, reread_rows=reread)
+        return StepOut(
+            loss=float(global_loss),
+            tokens=x_BT.size,
+            staleness=stale,
+            lr=lr,
+            lookup_s=t1 - t0,
+            compute_s=(t2 - t1) + (t4 - t3),
+            push_s=t3 - t2,
+            reread_rows=reread,
+        )
 
     def settle(self, step: int) -> None:
         """Every push up to `step` answered and applied on every shard (before eval/checkpoint)."""
@@ -295,10 +341,14 @@ class RemoteStep:
             x = torch.from_numpy(batches[i][0]).to(self.device)
             y = torch.from_numpy(batches[i][1]).to(self.device)
             indices = self.model.engram_indices(torch.from_numpy(batches[i][0]))  # CPU ids: no device sync
-            futs = {layer: self.shards.lookup(layer, u.cpu().numpy(), timeout_s=self.timeout_s)
-                    for layer, (u, _) in indices.items()}
-            rows = {layer: EngramRows(rows=futs[layer].result()[0].to(self.device), inverse=inv.to(self.device))
-                    for layer, (_, inv) in indices.items()}
+            futs = {
+                layer: self.shards.lookup(layer, u.cpu().numpy(), timeout_s=self.timeout_s)
+                for layer, (u, _) in indices.items()
+            }
+            rows = {
+                layer: EngramRows(rows=futs[layer].result()[0].to(self.device), inverse=inv.to(self.device))
+                for layer, (_, inv) in indices.items()
+            }
             _, loss = self.model(x, y, engram_rows=rows)
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64, device=self.device)
         self.model.train()

@@ -54,7 +54,8 @@ def build_optimizers(model: EngramLM, cfg: TrainConfig) -> tuple[torch.optim.Ada
     no_decay = [p for p in dense if p.dim() < 2]
     backbone = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     tables = [p for p in model.tables.parameters() if p.requires_grad]  # none when engram.freeze_table
     engram = SparseRowAdam(tables, lr=cfg.lr * cfg.engram_lr_mult) if tables else None
@@ -94,7 +95,8 @@ def step_flops(model: EngramLM, *, batch_size: int, seq_len: int) -> float:
     cfg = model.cfg.model
     table_ids = {id(p) for p in model.tables.parameters()}
     matmul_params = sum(
-        p.numel() for name, p in model.named_parameters()
+        p.numel()
+        for name, p in model.named_parameters()
         if id(p) not in table_ids and p.dim() >= 2 and "tok_emb" not in name
     )
     if cfg.tie_embeddings:

@@ -21,7 +21,11 @@ R = TypeVar("R")
 
 class DynamicBatcher(Generic[W, R]):
     def __init__(
-        self, run: Callable[[list[W]], list[R]], *, max_batch: int, timeout_ms: float,
+        self,
+        run: Callable[[list[W]], list[R]],
+        *,
+        max_batch: int,
+        timeout_ms: float,
         executor: cf.ThreadPoolExecutor | None = None,
     ) -> None:
         """`executor`: the model thread to run on (shared with the generation engine); owned if None."""

@@ -71,8 +71,13 @@ class HotRowCache:
     """Bounded-bytes LRU cache of Engram rows, per layer, on `device`."""
 
     def __init__(
-        self, *, capacity_bytes: int, dims: dict[int, int], device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32, max_staleness: int | None = None,
+        self,
+        *,
+        capacity_bytes: int,
+        dims: dict[int, int],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_staleness: int | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes: must be positive, got {capacity_bytes}")

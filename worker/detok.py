@@ -43,8 +43,10 @@ class StopText:
 
     def push(self, delta: str) -> tuple[str, bool]:
         self.text += delta
-        cut = min((i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0),
-                  default=-1)
+        cut = min(
+            (i for i in (self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0),
+            default=-1,
+        )
         if cut >= 0:
             out, self.emitted = self.text[self.emitted : cut], cut
             self.text = self.text[:cut]

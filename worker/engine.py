@@ -41,7 +41,12 @@ class ModelEngine:
     """Batched forward passes of an `EngramLM` for Score and Generate (not thread-safe: one caller)."""
 
     def __init__(
-        self, model: EngramLM, cfg: Config, *, source: RowSource | None = None, pad_id: int = 0,
+        self,
+        model: EngramLM,
+        cfg: Config,
+        *,
+        source: RowSource | None = None,
+        pad_id: int = 0,
         num_tokens: int | None = None,
     ) -> None:
         self.model, self.cfg, self.pad_id = model.eval(), cfg, pad_id
@@ -52,8 +57,11 @@ class ModelEngine:
         self.pipeline: PrefetchPipeline | None = None
         if model.indexer is not None:
             self.pipeline = PrefetchPipeline(
-                model, source or LocalRowSource(model), prefetch=cfg.worker.prefetch,
-                cache=build_cache(model, cfg, self.device), timeout_s=cfg.cluster.lookup_timeout_s,
+                model,
+                source or LocalRowSource(model),
+                prefetch=cfg.worker.prefetch,
+                cache=build_cache(model, cfg, self.device),
+                timeout_s=cfg.cluster.lookup_timeout_s,
             )
         self.batches = 0
         self.sequences = 0

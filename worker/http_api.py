@@ -47,12 +47,15 @@ class EngineMetrics:
         self.requests = Counter("engram_requests", "finished requests by outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("engram_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("engram_generation_tokens", "generated tokens", registry=r)
-        self.ttft = Histogram("engram_time_to_first_token_seconds", "request arrival to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("engram_inter_token_latency_seconds", "between tokens of one stream",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("engram_e2e_request_latency_seconds", "arrival to last token", buckets=LATENCY_BUCKETS,
-                             registry=r)
+        self.ttft = Histogram(
+            "engram_time_to_first_token_seconds", "request arrival to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "engram_inter_token_latency_seconds", "between tokens of one stream", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "engram_e2e_request_latency_seconds", "arrival to last token", buckets=LATENCY_BUCKETS, registry=r
+        )
         r.register(_EngineCollector(scheduler))  # type: ignore[arg-type]
 
 
@@ -75,8 +78,16 @@ class _EngineCollector:
 
 
 class Api:
-    def __init__(self, *, scheduler: Scheduler, tok: Tokenizer, model_name: str, max_seq_len: int,
-                 max_new_tokens: int, tok_executor: cf.ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        *,
+        scheduler: Scheduler,
+        tok: Tokenizer,
+        model_name: str,
+        max_seq_len: int,
+        max_new_tokens: int,
+        tok_executor: cf.ThreadPoolExecutor,
+    ) -> None:
         self.scheduler, self.tok, self.model_name = scheduler, tok, model_name
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
         self.num_tokens = tok.get_vocab_size()
@@ -90,25 +101,39 @@ class Api:
         return self.tok.decode([token_id], skip_special_tokens=False)
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.prometheus, methods=["GET"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+            ]
+        )
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok" if self.serving else "stopping"}, status_code=200 if self.serving else 503)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "engram",
-            "root": self.model_name, "max_model_len": self.max_seq_len,
-        }]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "engram",
+                        "root": self.model_name,
+                        "max_model_len": self.max_seq_len,
+                    }
+                ],
+            }
+        )
 
     async def prometheus(self, request: Request) -> Response:
-        return PlainTextResponse(generate_latest(self.metrics.registry).decode(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @staticmethod
     def error(exc: proto.ApiError) -> Response:
@@ -123,8 +148,9 @@ class Api:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise proto.ApiError(400, f"request body: not valid JSON ({exc})") from None
-        req = proto.parse_completion(body, model_name=self.model_name, max_new_tokens=self.max_new_tokens,
-                                     num_tokens=self.num_tokens)
+        req = proto.parse_completion(
+            body, model_name=self.model_name, max_new_tokens=self.max_new_tokens, num_tokens=self.num_tokens
+        )
         loop = asyncio.get_running_loop()
         if req.prompt_ids is None:  # tokenisation off the event loop
             enc = await loop.run_in_executor(self.tok_executor, self.tok.encode, req.prompt_text)
@@ -135,8 +161,11 @@ class Api:
             ids = req.prompt_ids
         if len(ids) > self.max_seq_len:
             raise proto.ApiError(
-                400, f"prompt: this model's maximum context length is {self.max_seq_len} tokens "
-                     f"(model.max_seq_len), but the prompt has {len(ids)} tokens", param="prompt")
+                400,
+                f"prompt: this model's maximum context length is {self.max_seq_len} tokens "
+                f"(model.max_seq_len), but the prompt has {len(ids)} tokens",
+                param="prompt",
+            )
         seq = Sequence(prompt_ids=ids, params=req.params, options=req.options, tok=self.tok, loop=loop)
         try:
             self.scheduler.submit(seq)
@@ -181,8 +210,11 @@ class Api:
             return self.error(exc)
         cid, created = proto.completion_id(), proto.now()
         if req.stream:
-            return StreamingResponse(self._stream(req, seq, cid, created), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(req, seq, cid, created),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         text, finish, gates = "", None, []
         lp = proto.LogprobsBuilder(self.token_text) if req.params.logprobs is not None else None
         n = 0
@@ -197,8 +229,12 @@ class Api:
                     gates.append({str(k): v for k, v in ev.gates.items()})
         except proto.ApiError as exc:
             return self.error(exc)
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": lp.whole() if lp else None,
-                                  "finish_reason": finish}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": text,
+            "logprobs": lp.whole() if lp else None,
+            "finish_reason": finish,
+        }
         if req.options.return_gates or req.options.knockout:
             choice["engram"] = {"knockout": req.options.knockout, "gates": gates if req.options.return_gates else None}
         return JSONResponse(proto.chunk(cid, created, self.model_name, choice, proto.usage_of(seq.prompt_len, n)))
@@ -208,9 +244,12 @@ class Api:
         offset, n = 0, 0
         try:
             async for ev in self._events(seq):
-                choice: dict[str, Any] = {"index": 0, "text": ev.text,
-                                          "logprobs": lp.add(ev, offset) if lp else None,
-                                          "finish_reason": ev.finish_reason}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "text": ev.text,
+                    "logprobs": lp.add(ev, offset) if lp else None,
+                    "finish_reason": ev.finish_reason,
+                }
                 if ev.gates is not None:
                     choice["engram"] = {"gates": {str(k): v for k, v in ev.gates.items()}}
                 offset += len(ev.text)

@@ -30,18 +30,29 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, *, scheduler: Scheduler, tok: Tokenizer, cfg: Config, host: str, port: int,
-                 grace_s: float) -> None:
+    def __init__(
+        self, *, scheduler: Scheduler, tok: Tokenizer, cfg: Config, host: str, port: int, grace_s: float
+    ) -> None:
         self.tok_executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-tokenize")
-        self.api = Api(scheduler=scheduler, tok=tok, model_name=cfg.worker.model_name,
-                       max_seq_len=cfg.model.max_seq_len, max_new_tokens=cfg.worker.max_new_tokens,
-                       tok_executor=self.tok_executor)
+        self.api = Api(
+            scheduler=scheduler,
+            tok=tok,
+            model_name=cfg.worker.model_name,
+            max_seq_len=cfg.model.max_seq_len,
+            max_new_tokens=cfg.worker.max_new_tokens,
+            tok_executor=self.tok_executor,
+        )
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = int(self.sock.getsockname()[1])
-        config = uvicorn.Config(self.api.app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=max(1, int(grace_s)))
+        config = uvicorn.Config(
+            self.api.app(),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=max(1, int(grace_s)),
+        )
         self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 

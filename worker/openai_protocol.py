@@ -31,8 +31,12 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
-                503: "ServiceUnavailableError"}.get(self.status, "InternalServerError")
+        return {
+            400: "BadRequestError",
+            404: "NotFoundError",
+            429: "RateLimitError",
+            503: "ServiceUnavailableError",
+        }.get(self.status, "InternalServerError")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
@@ -149,14 +153,25 @@ def parse_completion(body: Any, *, model_name: str, max_new_tokens: int, num_tok
         raise _bad("stream", f"expected true or false, got {stream!r}")
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
-        raise _bad("stream_options", f"expected {{\"include_usage\": bool}}, got {so!r}")
+        raise _bad("stream_options", f'expected {{"include_usage": bool}}, got {so!r}')
     ignore = body.get("ignore_eos", False)
     if not isinstance(ignore, bool):
         raise _bad("ignore_eos", f"expected true or false, got {ignore!r}")
     return CompletionRequest(
-        prompt_text=text, prompt_ids=ids, stream=stream, include_usage=bool(so.get("include_usage", False)),
-        params=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, top_k),
-                              seed=seed, stop=stops, logprobs=logprobs, ignore_eot=ignore),
+        prompt_text=text,
+        prompt_ids=ids,
+        stream=stream,
+        include_usage=bool(so.get("include_usage", False)),
+        params=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=max(0, top_k),
+            seed=seed,
+            stop=stops,
+            logprobs=logprobs,
+            ignore_eot=ignore,
+        ),
         options=parse_engram(body.get("engram")),
     )
 
@@ -165,7 +180,7 @@ def parse_engram(value: Any) -> EngramOptions:
     if value is None:
         return EngramOptions()
     if not isinstance(value, dict):
-        raise _bad("engram", f"expected an object like {{\"knockout\": true, \"return_gates\": true}}, got {value!r}")
+        raise _bad("engram", f'expected an object like {{"knockout": true, "return_gates": true}}, got {value!r}')
     unknown = set(value) - {"knockout", "return_gates"}
     if unknown:
         raise _bad("engram", f"unknown option(s) {sorted(unknown)} (known: knockout, return_gates)")
@@ -202,22 +217,35 @@ class LogprobsBuilder:
         return {"tokens": [tok], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [offset]}
 
     def whole(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        }
 
 
-def chunk(cid: str, created: int, model: str, choice: dict[str, Any] | None,
-          usage: dict[str, int] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [choice] if choice is not None else []}
+def chunk(
+    cid: str, created: int, model: str, choice: dict[str, Any] | None, usage: dict[str, int] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice] if choice is not None else [],
+    }
     if usage is not None:
         out["usage"] = usage
     return out
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def now() -> int:

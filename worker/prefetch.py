@@ -150,8 +150,14 @@ class RemoteRowSource(RowSource):
     """Memory shards through an asyncio client, driven from a `LoopThread`."""
 
     def __init__(
-        self, client: AsyncRowClient, *, loop: LoopThread, device: torch.device | str = "cpu",
-        timeout_s: float = 10.0, owns: Callable[[], Awaitable[None]] | None = None, owns_loop: bool = False,
+        self,
+        client: AsyncRowClient,
+        *,
+        loop: LoopThread,
+        device: torch.device | str = "cpu",
+        timeout_s: float = 10.0,
+        owns: Callable[[], Awaitable[None]] | None = None,
+        owns_loop: bool = False,
     ) -> None:
         """`owns`: a coroutine function closing the client at `close()`; `owns_loop`: stop the loop too."""
         self.client, self.loop, self.timeout_s, self.owns_loop = client, loop, timeout_s, owns_loop
@@ -208,8 +214,12 @@ class PrefetchHandle:
     """One batch's rows in flight; `rows(layer)` is stage 4 for one layer."""
 
     def __init__(
-        self, *, indices: dict[int, tuple[torch.Tensor, torch.Tensor]], futures: dict[int, cf.Future[Landed]],
-        hits: dict[int, tuple[torch.Tensor, torch.Tensor] | None], pipeline: PrefetchPipeline,
+        self,
+        *,
+        indices: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        futures: dict[int, cf.Future[Landed]],
+        hits: dict[int, tuple[torch.Tensor, torch.Tensor] | None],
+        pipeline: PrefetchPipeline,
     ) -> None:
         self.indices, self.futures, self.hits, self.pipeline = indices, futures, hits, pipeline
         self._done: dict[int, EngramRows] = {}
@@ -273,8 +283,14 @@ class PrefetchPipeline:
     """
 
     def __init__(
-        self, model: EngramLM, source: RowSource, *, prefetch: bool = True, cache: HotRowCache | None = None,
-        timeout_s: float = 10.0, train: bool = False,
+        self,
+        model: EngramLM,
+        source: RowSource,
+        *,
+        prefetch: bool = True,
+        cache: HotRowCache | None = None,
+        timeout_s: float = 10.0,
+        train: bool = False,
     ) -> None:
         if model.indexer is None:
             raise ValueError("model: has no Engram layers, nothing to prefetch")
@@ -313,7 +329,10 @@ class PrefetchPipeline:
         return self._issue(indices)
 
     def assemble(
-        self, layer: int, unique: torch.Tensor, fetched: torch.Tensor,
+        self,
+        layer: int,
+        unique: torch.Tensor,
+        fetched: torch.Tensor,
         hit: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Merge cache hits with fetched misses -> (U, dh) in `unique` order; fill the cache.
@@ -350,7 +369,11 @@ class PrefetchPipeline:
         return LazyRows(at_layer, layers)
 
     def forward(  # type: ignore[no-untyped-def]
-        self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *, ids_cpu: torch.Tensor | None = None,
+        self,
+        ids_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        ids_cpu: torch.Tensor | None = None,
     ):
         """-> (logits (B, T, V), loss); rows come from the source through the pipeline.
 

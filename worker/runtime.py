@@ -43,9 +43,13 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
     async def connect() -> ShardClient:
         control = ControlPlane.from_config(cfg)
         client = await ShardClient.connect(
-            control, wire_dtype=cfg.cluster.wire_dtype, timeout_s=cfg.cluster.lookup_timeout_s,
+            control,
+            wire_dtype=cfg.cluster.wire_dtype,
+            timeout_s=cfg.cluster.lookup_timeout_s,
             # where this process runs (not the cluster's stored layout): which row path it may take
-            row_path=cfg.cluster.row_path, host_id=cfg.cluster.host_id, shm_dir=cfg.cluster.shm_dir,
+            row_path=cfg.cluster.row_path,
+            host_id=cfg.cluster.host_id,
+            shm_dir=cfg.cluster.shm_dir,
             security=cfg.security,
         )
         if client.cfg.engram != cfg.engram:
@@ -67,8 +71,9 @@ def remote_source(cfg: Config, device: torch.device) -> RowSource:
         await client.close()
         await client.control.close()
 
-    return RemoteRowSource(client, loop=loop, device=device, timeout_s=cfg.cluster.lookup_timeout_s, owns=close,
-                           owns_loop=True)
+    return RemoteRowSource(
+        client, loop=loop, device=device, timeout_s=cfg.cluster.lookup_timeout_s, owns=close, owns_loop=True
+    )
 
 
 def check_and_drop_local_tables(model: EngramLM, source: RowSource, *, sample: int = 64) -> list[int]:
@@ -106,7 +111,8 @@ def build_engine(model: EngramLM, cfg: Config, tok: Tokenizer) -> ModelEngine:
             print(
                 f"WARNING: the cluster's rows of Engram layers {differ} differ from this checkpoint's tables; "
                 "serving with the cluster's rows (load the trained tables into the shards to serve this model)",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
     try:
         pad = eot_id(tok)

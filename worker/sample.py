@@ -17,7 +17,12 @@ from worker.engine import sample_next
 
 @torch.no_grad()
 def sample_from_checkpoint(
-    checkpoint: str, prompt: str, *, max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95,
+    checkpoint: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
     seed: int = 0,
 ) -> str:
     """Continue `prompt` with the model in `checkpoint` (local tables); returns the new text only."""
@@ -35,13 +40,18 @@ def sample_from_checkpoint(
     for _ in range(max_new_tokens):
         if state.length + len(feed) > n:  # context shift: keep the last half of the window
             state.release(pool)
-            window = window[-(n // 2):]
+            window = window[-(n // 2) :]
             feed = list(window)
         state.reserve(pool, state.length + len(feed))
         rows_at = _local_rows(model, window, len(feed)) if model.indexer is not None else None
         logits = extend(model, pool, [state], [feed], rows_at=rows_at)[0, -1]  # (V,)
-        token = sample_next(torch.log_softmax(logits[: tok.get_vocab_size()].float(), -1), temperature=temperature,
-                            top_k=0, top_p=top_p, generator=gen)
+        token = sample_next(
+            torch.log_softmax(logits[: tok.get_vocab_size()].float(), -1),
+            temperature=temperature,
+            top_k=0,
+            top_p=top_p,
+            generator=gen,
+        )
         new.append(token)
         window.append(token)
         feed = [token]
@@ -55,7 +65,7 @@ def _seq_bytes(model) -> int:  # type: ignore[no-untyped-def]
 
 def _local_rows(model, window: list[int], count: int):  # type: ignore[no-untyped-def]
     """rows_at for the last `count` positions of `window` from the model's own tables (hashes need N-1 back)."""
-    ctx = torch.tensor([window[-(count + model.cfg.engram.max_ngram_size - 1):]])
+    ctx = torch.tensor([window[-(count + model.cfg.engram.max_ngram_size - 1) :]])
 
     def rows_at(layer: int) -> torch.Tensor:
         g = model.indexer.global_rows(ctx)[layer][:, -count:]  # (1, count, Hn)

@@ -47,15 +47,24 @@ class Overloaded(RuntimeError):
 
 class Scheduler:
     def __init__(
-        self, model: EngramLM, *, pipeline: PrefetchPipeline | None, num_tokens: int, eot: int | None,
-        executor: cf.ThreadPoolExecutor, kv_cache_mb: float, block_size: int, max_step_tokens: int,
-        max_running: int, max_queue: int,
+        self,
+        model: EngramLM,
+        *,
+        pipeline: PrefetchPipeline | None,
+        num_tokens: int,
+        eot: int | None,
+        executor: cf.ThreadPoolExecutor,
+        kv_cache_mb: float,
+        block_size: int,
+        max_step_tokens: int,
+        max_running: int,
+        max_queue: int,
     ) -> None:
         self.model, self.pipeline, self.num_tokens, self.eot = model, pipeline, num_tokens, eot
         self.executor = executor
         device = next(model.parameters()).device
         self.pool = make_pool(model, budget_bytes=int(kv_cache_mb * 2**20), block_size=block_size, device=device)
-        self.block_bytes = self.pool.k[:, : block_size].nbytes * 2
+        self.block_bytes = self.pool.k[:, :block_size].nbytes * 2
         self.max_step_tokens, self.max_running, self.max_queue = max_step_tokens, max_running, max_queue
         self.max_len = model.cfg.model.max_seq_len
         self.ngram = model.cfg.engram.max_ngram_size
@@ -65,8 +74,15 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0,
-                         "finished": 0, "cancelled": 0, "failed": 0}
+        self.counters = {
+            "steps": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "preemptions": 0,
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+        }
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -253,10 +269,13 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 logits = extend(
-                    self.model, self.pool, [s.state for s in seqs],
+                    self.model,
+                    self.pool,
+                    [s.state for s in seqs],
                     [s.tokens[a : a + c] for s, a, c in zip(seqs, starts, counts)],
                     rows_at=rows_at if self.pipeline is not None else None,
-                    knockout=torch.tensor(knock) if any(knock) else None, gates_out=gates if want_gates else None,
+                    knockout=torch.tensor(knock) if any(knock) else None,
+                    gates_out=gates if want_gates else None,
                 )  # (B, n, V)
         except (RowsUnavailable, OutOfBlocks, ValueError) as exc:
             for s in seqs:
@@ -291,13 +310,22 @@ class Scheduler:
             finish = "length"
             text += seq.stop_text.flush()
         return TokenEvent(
-            index=len(seq.generated) - 1, token_id=token, text=text, logprob=float(logp[token]), top_logprobs=top,
-            gates=seq.last_gates if seq.options.return_gates else None, finish_reason=finish,
+            index=len(seq.generated) - 1,
+            token_id=token,
+            text=text,
+            logprob=float(logp[token]),
+            top_logprobs=top,
+            gates=seq.last_gates if seq.options.return_gates else None,
+            finish_reason=finish,
         )
 
     def stats(self) -> dict[str, float]:
         return {
-            **self.counters, "running": len(self.running), "waiting": len(self.waiting),
-            "kv_blocks_total": self.pool.num_blocks, "kv_blocks_used": self.pool.used_blocks,
-            "kv_bytes_used": self.pool.used_blocks * self.block_bytes, "at": time.time(),
+            **self.counters,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_used": self.pool.used_blocks,
+            "kv_bytes_used": self.pool.used_blocks * self.block_bytes,
+            "at": time.time(),
         }

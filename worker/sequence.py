@@ -68,7 +68,12 @@ class RowTicket:
 
 class Sequence:
     def __init__(
-        self, *, prompt_ids: list[int], params: SamplingParams, options: EngramOptions, tok: Tokenizer,
+        self,
+        *,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        options: EngramOptions,
+        tok: Tokenizer,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.id = next(_ids)

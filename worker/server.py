@@ -109,11 +109,15 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"Engram rows unavailable: {exc}")
             raise  # unreachable: abort raises
 
-    async def Score(self, request: worker_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ScoreResponse:
+    async def Score(
+        self, request: worker_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ScoreResponse:
         try:
             ids, truncated = fit_context(
                 await self._encode(request.text),
-                field="text", limit=self.limit, truncate=request.truncate,
+                field="text",
+                limit=self.limit,
+                truncate=request.truncate,
             )
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -121,7 +125,10 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         targets = torch.tensor(ids[1:], dtype=torch.long)
         lps = logp_TV[:-1].gather(1, targets.unsqueeze(1)).squeeze(1) if len(ids) > 1 else torch.empty(0)  # (T-1,)
         return worker_pb2.ScoreResponse(
-            token_ids=ids, logprobs=lps.tolist(), total_logprob=float(lps.sum()), num_tokens=len(ids),
+            token_ids=ids,
+            logprobs=lps.tolist(),
+            total_logprob=float(lps.sum()),
+            num_tokens=len(ids),
             truncated=truncated,
         )
 
@@ -132,14 +139,25 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
             params = sampling_of(request, max_new_tokens_limit=self.cfg.worker.max_new_tokens)
             ids, _ = fit_context(
                 await self._encode(request.prompt),
-                field="prompt", limit=self.limit, truncate=request.truncate,
+                field="prompt",
+                limit=self.limit,
+                truncate=request.truncate,
             )
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         seq = Sequence(
-            prompt_ids=ids, tok=self.tok, loop=asyncio.get_running_loop(), options=EngramOptions(),
-            params=SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
-                                  top_p=params.top_p, seed=params.seed, ignore_eot=request.ignore_eot),
+            prompt_ids=ids,
+            tok=self.tok,
+            loop=asyncio.get_running_loop(),
+            options=EngramOptions(),
+            params=SamplingParams(
+                max_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                seed=params.seed,
+                ignore_eot=request.ignore_eot,
+            ),
         )
         try:
             self.scheduler.submit(seq)
@@ -151,43 +169,70 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 ev = await seq.events.get()
                 if isinstance(ev, ErrorEvent):
                     code = grpc.StatusCode.UNAVAILABLE if ev.unavailable else grpc.StatusCode.INTERNAL
-                    await context.abort(code, f"Engram rows unavailable: {ev.message}" if ev.unavailable else ev.message)
+                    await context.abort(
+                        code, f"Engram rows unavailable: {ev.message}" if ev.unavailable else ev.message
+                    )
                     return  # unreachable: abort raises
                 produced += 1
                 finished = ev.finish_reason is not None
                 reason = {"stop": "eot", "length": "length"}.get(ev.finish_reason or "", "")
                 yield worker_pb2.GenerateResponse(
-                    token_id=ev.token_id, text=ev.text, logprob=ev.logprob, index=ev.index, finish_reason=reason,
+                    token_id=ev.token_id,
+                    text=ev.text,
+                    logprob=ev.logprob,
+                    index=ev.index,
+                    finish_reason=reason,
                 )
                 if finished:
                     break
         finally:  # a client cancel arrives as CancelledError or GeneratorExit at an await/yield
             self.scheduler.cancel(seq)
             if not finished:
-                log.info("generate stopped after %d of %d tokens (cancelled or failed)", produced, params.max_new_tokens)
+                log.info(
+                    "generate stopped after %d of %d tokens (cancelled or failed)", produced, params.max_new_tokens
+                )
                 print(f"CANCELLED tokens={produced}", flush=True)
 
 
 async def serve(
-    engine: ModelEngine, tok: Tokenizer, cfg: Config, *, host: str = "127.0.0.1", port: int | None = None,
-    grace_s: float = 10.0, stop: asyncio.Event | None = None, http_port: int | None = None,
+    engine: ModelEngine,
+    tok: Tokenizer,
+    cfg: Config,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    grace_s: float = 10.0,
+    stop: asyncio.Event | None = None,
+    http_port: int | None = None,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     w = cfg.worker
     tls.check_bind(host, cfg.security, what=f"the worker's gRPC on {host}")
-    if (w.http_port if http_port is None else http_port) >= 0 and not tls.is_loopback(host) \
-            and not cfg.security.allow_plaintext_public:
-        raise ConfigError(f"worker.http_port: the HTTP API has neither TLS nor roles; refusing to serve it on {host}. "
-                          "Bind a loopback address (behind a TLS proxy) or set security.allow_plaintext_public=true")
+    if (
+        (w.http_port if http_port is None else http_port) >= 0
+        and not tls.is_loopback(host)
+        and not cfg.security.allow_plaintext_public
+    ):
+        raise ConfigError(
+            f"worker.http_port: the HTTP API has neither TLS nor roles; refusing to serve it on {host}. "
+            "Bind a loopback address (behind a TLS proxy) or set security.allow_plaintext_public=true"
+        )
     model_thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")  # the one model thread
     batcher: DynamicBatcher = DynamicBatcher(
         engine.logprobs, max_batch=w.max_batch, timeout_ms=w.batch_timeout_ms, executor=model_thread
     )
     batcher.start()
     scheduler = Scheduler(
-        engine.model, pipeline=engine.pipeline, num_tokens=engine.num_tokens, eot=eot_or_none(tok),
-        executor=model_thread, kv_cache_mb=w.kv_cache_mb, block_size=w.kv_block_size,
-        max_step_tokens=w.max_step_tokens, max_running=w.max_running, max_queue=w.max_queue,
+        engine.model,
+        pipeline=engine.pipeline,
+        num_tokens=engine.num_tokens,
+        eot=eot_or_none(tok),
+        executor=model_thread,
+        kv_cache_mb=w.kv_cache_mb,
+        block_size=w.kv_block_size,
+        max_step_tokens=w.max_step_tokens,
+        max_running=w.max_running,
+        max_queue=w.max_queue,
     )
     scheduler.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=server_interceptors(cfg.security))

@@ -103,19 +103,26 @@ class ShardClient(ShardOps):
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = cfg.cluster.max_message_mb << 20
         self.chunk_bytes = int(chunk_bytes)
-        self._routing = Routing(epoch, np.asarray(owners, dtype=np.int64), dict(addresses),
-                                holder_matrix(list(owners), replicas))
+        self._routing = Routing(
+            epoch, np.asarray(owners, dtype=np.int64), dict(addresses), holder_matrix(list(owners), replicas)
+        )
         sec = security if security is not None else cfg.security
-        self._pool = ChannelPool([*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s),
-                                  *channel_args], sec)
+        self._pool = ChannelPool(
+            [*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s), *channel_args], sec
+        )
         self._refresh_lock = asyncio.Lock()
         self.replica_switches = 0  # lookups sent again to another holder of their slots
         self._refreshed_at = 0.0
         self._bg: asyncio.Task[None] | None = None
         c = cfg.cluster
-        self.row_paths = RowPaths(mode=row_path or c.row_path, host_id=c.host_id if host_id is None else host_id,
-                                  shm_dir=shm_dir or c.shm_dir, retry=self.retry, tcp_ssl=client_ssl(sec),
-                                  tcp_server_name=sec.server_name)
+        self.row_paths = RowPaths(
+            mode=row_path or c.row_path,
+            host_id=c.host_id if host_id is None else host_id,
+            shm_dir=shm_dir or c.shm_dir,
+            retry=self.retry,
+            tcp_ssl=client_ssl(sec),
+            tcp_server_name=sec.server_name,
+        )
 
     @classmethod
     def standalone(cls, cfg: Config, addresses: list[str], **kw: Any) -> ShardClient:
@@ -134,8 +141,15 @@ class ShardClient(ShardOps):
         smap = await control.slot_map()
         shards = await control.shards()
         addresses = {r.shard_id: r.address for r in sorted(shards, key=lambda r: r.alive)}  # alive wins
-        client = cls(cfg, epoch=smap.epoch, owners=smap.owners, addresses=addresses, control=control,
-                     replicas=smap.replicas, **kw)
+        client = cls(
+            cfg,
+            epoch=smap.epoch,
+            owners=smap.owners,
+            addresses=addresses,
+            control=control,
+            replicas=smap.replicas,
+            **kw,
+        )
         client.row_paths.update(shards)
         return client
 
@@ -158,8 +172,14 @@ class ShardClient(ShardOps):
     def replicated(self) -> bool:
         return self._routing.holders is not None
 
-    def set_routing(self, *, epoch: int, owners: list[int], addresses: dict[int, str] | None = None,
-                    replicas: list[list[int]] | None = None) -> None:
+    def set_routing(
+        self,
+        *,
+        epoch: int,
+        owners: list[int],
+        addresses: dict[int, str] | None = None,
+        replicas: list[list[int]] | None = None,
+    ) -> None:
         if len(owners) != self.cfg.cluster.num_slots:
             raise ValueError(f"owners: {len(owners)} entries, cluster.num_slots is {self.cfg.cluster.num_slots}")
         addr = self._routing.addresses if addresses is None else dict(addresses)
@@ -169,8 +189,10 @@ class ShardClient(ShardOps):
         """Re-read the slot map and shard addresses from the control plane -> epoch."""
         if self.control is None:
             raise ShardError(
-                Code.FAILED_PRECONDITION, "the slot map changed and this client has no control plane to refresh "
-                "it from (standalone client: call set_routing)", call="refresh",
+                Code.FAILED_PRECONDITION,
+                "the slot map changed and this client has no control plane to refresh "
+                "it from (standalone client: call set_routing)",
+                call="refresh",
             )
         smap = await self.control.slot_map()
         shards = await self.control.shards()
@@ -234,8 +256,11 @@ class ShardClient(ShardOps):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ShardError(
-                    Code.DEADLINE_EXCEEDED, f"no answer before the deadline ({attempt} attempts)",
-                    address=address, shard_id=shard_id, call=call,
+                    Code.DEADLINE_EXCEEDED,
+                    f"no answer before the deadline ({attempt} attempts)",
+                    address=address,
+                    shard_id=shard_id,
+                    call=call,
                 )
             try:
                 return await invoke(self._pool.get(address), remaining)
@@ -303,14 +328,20 @@ class ShardClient(ShardOps):
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
             self._gather(table, d.unique, deadline, self.retry.max_refreshes, step=step, max_staleness=max_staleness),
-            "lookup", table=table,
-            rows=int(d.unique.size), ids=int(flat.size), epoch=self._routing.epoch,
-            unique_ratio=round(d.unique.size / max(1, flat.size), 4))
-        return LookupHandle(table=table, dedup=d, task=task, upcast=upcast, span=span, dim=layout.dim,
-                            fp8=self.wire_dtype == "fp8")
+            "lookup",
+            table=table,
+            rows=int(d.unique.size),
+            ids=int(flat.size),
+            epoch=self._routing.epoch,
+            unique_ratio=round(d.unique.size / max(1, flat.size), 4),
+        )
+        return LookupHandle(
+            table=table, dedup=d, task=task, upcast=upcast, span=span, dim=layout.dim, fp8=self.wire_dtype == "fp8"
+        )
 
-    def _read_now(self, table: int, ids: np.ndarray, *, step: int, max_staleness: int,
-                  open_files: bool = True) -> tuple[torch.Tensor, int | None] | None:
+    def _read_now(
+        self, table: int, ids: np.ndarray, *, step: int, max_staleness: int, open_files: bool = True
+    ) -> tuple[torch.Tensor, int | None] | None:
         """(U,) distinct ids -> ((U, D) rows, oldest applied step) read from shared memory on this
         thread, when every shard of a small lookup (<= INLINE_SHM_BYTES) is mapped here and each
         read succeeds at once; else None and the lookup goes the async way (row_paths.py)."""
@@ -325,9 +356,20 @@ class ShardClient(ShardOps):
         for g in split_by_owner(ids, routing.owners):
             address = routing.addresses.get(g.shard)
             part = out if g.positions is None else torch.empty((g.ids.size, dim), dtype=self._torch_dtype)  # (n, D)
-            got = None if not address else self.row_paths.read_now(
-                address=address, table=table, ids=g.ids, out=part, epoch=routing.epoch, step=step,
-                max_staleness=max_staleness, open_files=open_files)
+            got = (
+                None
+                if not address
+                else self.row_paths.read_now(
+                    address=address,
+                    table=table,
+                    ids=g.ids,
+                    out=part,
+                    epoch=routing.epoch,
+                    step=step,
+                    max_staleness=max_staleness,
+                    open_files=open_files,
+                )
+            )
             if got is None:
                 return None
             if g.positions is not None:
@@ -335,8 +377,9 @@ class ShardClient(ShardOps):
             applied = got if applied is None else min(applied, got)
         return out, applied
 
-    def read_now(self, table: int, row_ids: np.ndarray | torch.Tensor, *, step: int = 0,
-                 max_staleness: int = 0) -> tuple[torch.Tensor, int | None] | None:
+    def read_now(
+        self, table: int, row_ids: np.ndarray | torch.Tensor, *, step: int = 0, max_staleness: int = 0
+    ) -> tuple[torch.Tensor, int | None] | None:
         """For a thread other than the client's loop (SyncShardClient): (U,) distinct ids -> ((U, D)
         rows in the wire dtype, oldest applied step) from shared memory now, or None (then call
         `lookup` on the loop). Only reads; shared-memory files are opened by loop-side lookups."""
@@ -354,8 +397,9 @@ class ShardClient(ShardOps):
         telemetry.record_lookup((time.time_ns() - t0_ns) * 1e-9, rows, side="client", table=table)
         if not telemetry.enabled():
             return otel_trace.INVALID_SPAN
-        sp = telemetry.tracer().start_span("lookup", start_time=t0_ns, attributes={
-            "table": table, "rows": rows, "ids": ids, "row_path": "shm"})
+        sp = telemetry.tracer().start_span(
+            "lookup", start_time=t0_ns, attributes={"table": table, "rows": rows, "ids": ids, "row_path": "shm"}
+        )
         sp.end()
         return sp
 
@@ -373,25 +417,42 @@ class ShardClient(ShardOps):
         self._keep_fresh()
         routing = self._routing
         chunks = chunk_groups(split_by_owner(ids, routing.owners), self._chunk_rows(dim))
-        parts = await gather_or_cancel([
-            self._lookup_chunk(table, c.shard, c.ids, routing, deadline, refreshes, step=step,
-                               max_staleness=max_staleness)
-            for c in chunks
-        ])
+        parts = await gather_or_cancel(
+            [
+                self._lookup_chunk(
+                    table, c.shard, c.ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness
+                )
+                for c in chunks
+            ]
+        )
         applied = min((a for _, a in parts if a is not None), default=None)
-        rows = assemble(ids.size, row_cols(self._dtype, dim), self._torch_dtype,
-                        [(c.positions, p) for c, (p, _) in zip(chunks, parts)])
+        rows = assemble(
+            ids.size,
+            row_cols(self._dtype, dim),
+            self._torch_dtype,
+            [(c.positions, p) for c, (p, _) in zip(chunks, parts)],
+        )
         return rows, applied
 
     async def _lookup_chunk(
-        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
-        *, step: int = 0, max_staleness: int = 0, tried: frozenset[int] = frozenset(),
+        self,
+        table: int,
+        shard_id: int,
+        ids: np.ndarray,
+        routing: Routing,
+        deadline: float,
+        refreshes: int,
+        *,
+        step: int = 0,
+        max_staleness: int = 0,
+        tried: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the applied step): from `shard_id`, or, with replicas, from the next holder of
         the slots when it fails or does not answer in cluster.replica_switch_s (services/client/replicas.py)."""
         if routing.holders is None:
-            return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
-                                         max_staleness=max_staleness)
+            return await self._lookup_on(
+                table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness
+            )
         loop = asyncio.get_running_loop()
         tried = tried | {shard_id}
         alt = alternate_owners(routing.holders, set(tried))  # (S,) next holder per slot, -1 if none left
@@ -399,12 +460,28 @@ class ShardClient(ShardOps):
         can_switch = bool(ids.size) and bool((alt_of_ids >= 0).all())
         budget = min(deadline - loop.time(), self.cfg.cluster.replica_switch_s)
         try:
-            return await asyncio.wait_for(self._lookup_on(  # no retries here: the next holder is the retry
-                table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness,
-                retry=False), budget)
+            return await asyncio.wait_for(
+                self._lookup_on(  # no retries here: the next holder is the retry
+                    table,
+                    shard_id,
+                    ids,
+                    routing,
+                    deadline,
+                    refreshes,
+                    step=step,
+                    max_staleness=max_staleness,
+                    retry=False,
+                ),
+                budget,
+            )
         except TimeoutError:
-            err = ShardError(Code.DEADLINE_EXCEEDED, f"no answer in {budget:.2f} s (cluster.replica_switch_s)",
-                             address=routing.addresses.get(shard_id, ""), shard_id=shard_id, call="Lookup")
+            err = ShardError(
+                Code.DEADLINE_EXCEEDED,
+                f"no answer in {budget:.2f} s (cluster.replica_switch_s)",
+                address=routing.addresses.get(shard_id, ""),
+                shard_id=shard_id,
+                call="Lookup",
+            )
         except ShardError as exc:
             err = exc
         if err.code not in SWITCH_CODES or loop.time() >= deadline:
@@ -417,39 +494,78 @@ class ShardClient(ShardOps):
                 moved = False
             if moved:
                 return await self._gather(table, ids, deadline, refreshes - 1, step=step, max_staleness=max_staleness)
-            return await self._lookup_on(table, shard_id, ids, routing, deadline, refreshes, step=step,
-                                         max_staleness=max_staleness)
+            return await self._lookup_on(
+                table, shard_id, ids, routing, deadline, refreshes, step=step, max_staleness=max_staleness
+            )
         self.replica_switches += 1
         dim = self.layouts[table].dim
         groups = split_by_owner(ids, alt)
-        parts = await gather_or_cancel([
-            self._lookup_chunk(table, g.shard, g.ids, routing, deadline, refreshes, step=step,
-                               max_staleness=max_staleness, tried=tried)
-            for g in groups
-        ])
+        parts = await gather_or_cancel(
+            [
+                self._lookup_chunk(
+                    table,
+                    g.shard,
+                    g.ids,
+                    routing,
+                    deadline,
+                    refreshes,
+                    step=step,
+                    max_staleness=max_staleness,
+                    tried=tried,
+                )
+                for g in groups
+            ]
+        )
         applied = min((a for _, a in parts if a is not None), default=None)
         placed = [(slice(0, ids.size) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
         return assemble(ids.size, dim, self._torch_dtype, placed), applied
 
     async def _lookup_on(
-        self, table: int, shard_id: int, ids: np.ndarray, routing: Routing, deadline: float, refreshes: int,
-        *, step: int = 0, max_staleness: int = 0, retry: bool = True,
+        self,
+        table: int,
+        shard_id: int,
+        ids: np.ndarray,
+        routing: Routing,
+        deadline: float,
+        refreshes: int,
+        *,
+        step: int = 0,
+        max_staleness: int = 0,
+        retry: bool = True,
     ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the shard's applied step): shared memory, TCP data plane or gRPC (row_paths.py)."""
         dim = self.layouts[table].dim
         try:
             address = routing.addresses.get(shard_id)
-            fast = None if not address else await self.row_paths.lookup(
-                shard_id=shard_id, address=address, table=table, ids=ids, dtype=self._dtype, dim=dim,
-                epoch=routing.epoch, step=step, max_staleness=max_staleness, deadline=deadline)
+            fast = (
+                None
+                if not address
+                else await self.row_paths.lookup(
+                    shard_id=shard_id,
+                    address=address,
+                    table=table,
+                    ids=ids,
+                    dtype=self._dtype,
+                    dim=dim,
+                    epoch=routing.epoch,
+                    step=step,
+                    max_staleness=max_staleness,
+                    deadline=deadline,
+                )
+            )
             if fast is not None:
                 return fast
             self.row_paths.used["grpc"] += 1
-            request = encode_lookup_request(table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype,
-                                            step=step, max_staleness=max_staleness)
+            request = encode_lookup_request(
+                table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype, step=step, max_staleness=max_staleness
+            )
             reply = await self._call(
-                shard_id, "Lookup", lambda ep, t: ep.lookup_raw(request, timeout=t),
-                routing=routing, deadline=deadline, idempotent=retry,
+                shard_id,
+                "Lookup",
+                lambda ep, t: ep.lookup_raw(request, timeout=t),
+                routing=routing,
+                deadline=deadline,
+                idempotent=retry,
             )
         except ShardError as err:
             if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
@@ -460,8 +576,10 @@ class ShardClient(ShardOps):
             raise ShardError(
                 Code.INTERNAL,
                 f"malformed reply: {len(reply.rows)} bytes, dim {reply.dim}, dtype {reply.dtype} for {n} rows of "
-                f"{dim} dims in dtype {self._dtype}", address=routing.addresses.get(shard_id, ""),
-                shard_id=shard_id, call="Lookup",
+                f"{dim} dims in dtype {self._dtype}",
+                address=routing.addresses.get(shard_id, ""),
+                shard_id=shard_id,
+                call="Lookup",
             )
         with warnings.catch_warnings():  # the buffer is the received message, owned by this tensor alone
             warnings.simplefilter("ignore", UserWarning)

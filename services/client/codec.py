@@ -97,7 +97,13 @@ def _put_uint_field(out: bytearray, tag: int, value: int) -> None:
 
 
 def encode_lookup_request(
-    *, table: int, epoch: int, row_ids: np.ndarray, dtype: int, request_id: str = "", step: int = 0,
+    *,
+    table: int,
+    epoch: int,
+    row_ids: np.ndarray,
+    dtype: int,
+    request_id: str = "",
+    step: int = 0,
     max_staleness: int = 0,
 ) -> bytes:
     """A serialized LookupRequest, byte-identical to protobuf's, with one copy of the ids.

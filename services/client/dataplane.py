@@ -49,8 +49,15 @@ class _Conn:
 
 
 class DataPlaneClient:
-    def __init__(self, address: str, *, shard_id: int | None = None, shard_address: str = "",
-                 ssl_context: ssl.SSLContext | None = None, server_name: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        shard_id: int | None = None,
+        shard_address: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str = "",
+    ) -> None:
         host, _, port = address.rpartition(":")
         self.ssl_context, self.server_name = ssl_context, server_name
         self.address = address
@@ -94,8 +101,13 @@ class DataPlaneClient:
         return await self._connect()
 
     def _error(self, code: Code, message: str) -> ShardError:
-        return ShardError(code, message, address=self.shard_address, shard_id=self.shard_id,
-                          call=f"Lookup (data plane at {self.address})")
+        return ShardError(
+            code,
+            message,
+            address=self.shard_address,
+            shard_id=self.shard_id,
+            call=f"Lookup (data plane at {self.address})",
+        )
 
     async def lookup(
         self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0
@@ -105,8 +117,9 @@ class DataPlaneClient:
         conn = await self._take()
         ok = False
         try:
-            out = await self._request(conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step,
-                                      max_staleness=max_staleness)
+            out = await self._request(
+                conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
+            )
             ok = True
             return out
         except ShardError as err:
@@ -123,8 +136,16 @@ class DataPlaneClient:
     async def _request(self, conn: _Conn, *, table, ids, dtype, dim, epoch, step, max_staleness):
         rid = next(self._ids)
         n = int(ids.size)
-        head = Request(request_id=rid, table=table, dtype=dtype, epoch=epoch, step=step, max_staleness=max_staleness,
-                       n_ids=n, body_len=8 * n).pack()
+        head = Request(
+            request_id=rid,
+            table=table,
+            dtype=dtype,
+            epoch=epoch,
+            step=step,
+            max_staleness=max_staleness,
+            n_ids=n,
+            body_len=8 * n,
+        ).pack()
         ids = np.ascontiguousarray(ids, dtype="<i8")
         if n <= 8192:
             await conn.io.sendall(head + ids.tobytes())
@@ -135,8 +156,10 @@ class DataPlaneClient:
         reply = Reply.unpack(conn.head)
         connection_error = reply.request_id == 0 and reply.status  # e.g. refused at connect (no read role)
         if reply.magic != REPLY_MAGIC or (reply.request_id != rid and not connection_error):
-            raise DataPlaneDown(f"data plane at {self.address}: reply {reply.request_id} magic {reply.magic:#x} "
-                                f"to request {rid}: out of sync")
+            raise DataPlaneDown(
+                f"data plane at {self.address}: reply {reply.request_id} magic {reply.magic:#x} "
+                f"to request {rid}: out of sync"
+            )
         if reply.status:
             if reply.body_len > MAX_ERROR_BYTES:
                 raise DataPlaneDown(f"data plane at {self.address}: {reply.body_len}-byte error message")
@@ -147,9 +170,13 @@ class DataPlaneClient:
             raise err
         nbytes = n * row_bytes(dtype, dim)
         if reply.dtype != dtype or reply.dim != dim or reply.body_len != nbytes:
-            raise DataPlaneDown(f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "
-                                f"{reply.dim}, dtype {reply.dtype} for {n} rows of {dim} dims in dtype {dtype}")
-        out = torch.empty((n, row_cols(dtype, dim)), dtype=ROW_DTYPES[dtype])  # (n, D), fp8 (n, D + D/32): rows land here
+            raise DataPlaneDown(
+                f"data plane at {self.address}: malformed reply: {reply.body_len} bytes, dim "
+                f"{reply.dim}, dtype {reply.dtype} for {n} rows of {dim} dims in dtype {dtype}"
+            )
+        out = torch.empty(
+            (n, row_cols(dtype, dim)), dtype=ROW_DTYPES[dtype]
+        )  # (n, D), fp8 (n, D + D/32): rows land here
         if nbytes:
             await self._recv_exact(conn.io, memoryview(out.view(torch.uint8).numpy()).cast("B"))
         return out, reply.applied_step

@@ -14,7 +14,11 @@ from engram.row_format import dequantize_fp8
 
 
 def wire_to_values(
-    rows: torch.Tensor, *, dim: int, fp8: bool, device: torch.device | str | None = None,
+    rows: torch.Tensor,
+    *,
+    dim: int,
+    fp8: bool,
+    device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """rows (U, D) floats or (U, D + D/32) fp8 bytes -> (U, D) on `device` (default: where they are).

@@ -123,8 +123,9 @@ def open_checkpoint(directory: str | Path) -> dict[str, TensorFile]:
             tf = read_header(p)
             for tensor in tf.tensors:
                 if tensor in out:
-                    raise CheckpointError(f"checkpoint {directory}: {tensor} is in both {out[tensor].path.name} "
-                                          f"and {p.name}")
+                    raise CheckpointError(
+                        f"checkpoint {directory}: {tensor} is in both {out[tensor].path.name} and {p.name}"
+                    )
                 out[tensor] = tf
         return out
     except (SafetensorsError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -134,11 +135,16 @@ def open_checkpoint(directory: str | Path) -> dict[str, TensorFile]:
 def engram_tables(files: dict[str, TensorFile], layouts: dict[int, TableLayout]) -> dict[int, EngramTable]:
     """Check every Engram tensor against the cluster's layout -> {layer: table}."""
     tables = {}
-    extra = sorted(n for n in files if ".engram.embed." in n
-                   and n not in {f.format(layer) for layer in layouts for f in (WEIGHT, SCALE)})
+    extra = sorted(
+        n
+        for n in files
+        if ".engram.embed." in n and n not in {f.format(layer) for layer in layouts for f in (WEIGHT, SCALE)}
+    )
     if extra:
-        raise CheckpointError(f"{extra[0]}: the cluster has no such Engram table (its tables are layers "
-                              f"{sorted(layouts)}); {len(extra)} unexpected Engram tensors")
+        raise CheckpointError(
+            f"{extra[0]}: the cluster has no such Engram table (its tables are layers "
+            f"{sorted(layouts)}); {len(extra)} unexpected Engram tensors"
+        )
     for layer, lay in sorted(layouts.items()):
         w_name, s_name = WEIGHT.format(layer), SCALE.format(layer)
         for name, what in ((w_name, "value"), (s_name, "scale")):
@@ -152,13 +158,16 @@ def engram_tables(files: dict[str, TensorFile], layouts: dict[int, TableLayout])
         if len(w.shape) != 2 or w.shape[1] != lay.dim:
             raise CheckpointError(f"{w_name}: wrong shape {list(w.shape)}, expected [rows, {lay.dim}]")
         if len(s.shape) != 2 or s.shape[1] != blocks or s.shape[0] != w.shape[0]:
-            raise CheckpointError(f"{s_name}: wrong shape {list(s.shape)}, expected [{w.shape[0]}, {blocks}] "
-                                  f"(one scale per {FP8_BLOCK} values of each row)")
+            raise CheckpointError(
+                f"{s_name}: wrong shape {list(s.shape)}, expected [{w.shape[0]}, {blocks}] "
+                f"(one scale per {FP8_BLOCK} values of each row)"
+            )
         if w.shape[0] != lay.num_rows:
             raise CheckpointError(
                 f"{w_name}: {w.shape[0]} rows, but layer {layer}'s layout has {lay.num_rows} (the sum of its "
                 f"{len(lay.head_sizes)} head primes {lay.head_sizes[0]}..{lay.head_sizes[-1]}); the checkpoint "
-                "was built for another engram config (table_size_per_ngram, heads, orders or layers)")
+                "was built for another engram config (table_size_per_ngram, heads, orders or layers)"
+            )
         tables[layer] = EngramTable(layer=layer, dim=lay.dim, weight=(files[w_name], w), scale=(files[s_name], s))
     return tables
 
@@ -177,8 +186,10 @@ def _check_source(slot_dir: Path, digests: dict[str, str]) -> None:
     src = slot_dir / SOURCE
     if src.is_file():
         if json.loads(src.read_text()) != digests:
-            raise CheckpointError(f"{slot_dir} holds slot files of another checkpoint (see {src}); import into a "
-                                  "new directory (--dir) or remove it")
+            raise CheckpointError(
+                f"{slot_dir} holds slot files of another checkpoint (see {src}); import into a "
+                "new directory (--dir) or remove it"
+            )
         return
     tmp = slot_dir / f".{SOURCE}.tmp"
     tmp.write_text(json.dumps(digests, indent=1, sort_keys=True))
@@ -186,14 +197,19 @@ def _check_source(slot_dir: Path, digests: dict[str, str]) -> None:
 
 
 async def import_checkpoint(
-    client: Any, directory: str | Path, *, slot_dir: str | Path,
+    client: Any,
+    directory: str | Path,
+    *,
+    slot_dir: str | Path,
     on_slot: Callable[[int, int, bool], None] | None = None,
 ) -> Report:
     """Check, hash, write slot files (resumable), restore on every shard, read back and compare."""
     fmt = client.cfg.engram.row_format
     if fmt != "fp8":
-        raise CheckpointError(f"the cluster stores engram.row_format={fmt}; an fp8 checkpoint imports into an fp8 "
-                              "cluster (init it with engram.row_format=fp8 cluster.wire_dtype=fp8)")
+        raise CheckpointError(
+            f"the cluster stores engram.row_format={fmt}; an fp8 checkpoint imports into an fp8 "
+            "cluster (init it with engram.row_format=fp8 cluster.wire_dtype=fp8)"
+        )
     tables = engram_tables(await asyncio.to_thread(open_checkpoint, directory), client.layouts)
     digests = await asyncio.to_thread(source_digests, tables)
     slot_dir = Path(slot_dir).resolve()
@@ -207,19 +223,33 @@ async def import_checkpoint(
             on_slot(table, slot, skipped)
 
     manifest = await asyncio.to_thread(
-        write_table_slots, tables, client.layouts, directory=slot_dir, name=slot_dir.name,
+        write_table_slots,
+        tables,
+        client.layouts,
+        directory=slot_dir,
+        name=slot_dir.name,
         num_slots=client.cfg.cluster.num_slots,
-        kind=client.cfg.cluster.optimizer, step=0, on_slot=tick, fmt="fp8")
+        kind=client.cfg.cluster.optimizer,
+        step=0,
+        on_slot=tick,
+        fmt="fp8",
+    )
     result = await client.restore(manifest)
     served = await served_digests(client)
     wrong = sorted(n for n in digests if served.get(n) != digests[n])
     if wrong:
-        raise CheckpointError(f"read back after the import, {wrong[0]} has sha256 {served.get(wrong[0])}, the file "
-                              f"{digests[wrong[0]]}: the shards do not hold the checkpoint's rows")
+        raise CheckpointError(
+            f"read back after the import, {wrong[0]} has sha256 {served.get(wrong[0])}, the file "
+            f"{digests[wrong[0]]}: the shards do not hold the checkpoint's rows"
+        )
     if client.control is not None:  # a shard that restarts restores these slot files (kept in slot_dir)
         await client.control.put_manifest({**manifest, "source": str(Path(directory).resolve()), "sha256": digests})
-    return Report(digests=digests, slots_restored=int(result["slots_restored"]), slots_reused=reused,
-                  rows=sum(t.shape[0] for t in tables.values()))
+    return Report(
+        digests=digests,
+        slots_restored=int(result["slots_restored"]),
+        slots_reused=reused,
+        rows=sum(t.shape[0] for t in tables.values()),
+    )
 
 
 async def _chunks(client: Any, layer: int, chunk_rows: int):
@@ -241,8 +271,9 @@ async def _chunks(client: Any, layer: int, chunk_rows: int):
 
 def _fp8_client(client: Any) -> None:
     if client.wire_dtype != "fp8":
-        raise CheckpointError(f"the client asks for {client.wire_dtype} rows; reading an fp8 checkpoint's rows "
-                              "needs wire_dtype='fp8'")
+        raise CheckpointError(
+            f"the client asks for {client.wire_dtype} rows; reading an fp8 checkpoint's rows needs wire_dtype='fp8'"
+        )
 
 
 async def served_digests(client: Any, *, chunk_rows: int = 1 << 16) -> dict[str, str]:
@@ -259,7 +290,11 @@ async def served_digests(client: Any, *, chunk_rows: int = 1 << 16) -> dict[str,
 
 
 async def export_checkpoint(
-    client: Any, directory: str | Path, *, chunk_rows: int = 1 << 16, on_rows: Callable[[int], None] | None = None,
+    client: Any,
+    directory: str | Path,
+    *,
+    chunk_rows: int = 1 << 16,
+    on_rows: Callable[[int], None] | None = None,
 ) -> Report:
     """Every Engram table as fp8 safetensors, one file per layer plus the index -> digests per tensor."""
     _fp8_client(client)
@@ -272,9 +307,10 @@ async def export_checkpoint(
         lay = client.layouts[layer]
         name = f"model-{i + 1:05d}-of-{len(layers):05d}.safetensors"
         w_name, s_name = WEIGHT.format(layer), SCALE.format(layer)
-        head, where = layout_tensors([(w_name, "F8_E4M3", (lay.num_rows, lay.dim)),
-                                      (s_name, "F8_E8M0", (lay.num_rows, lay.dim // FP8_BLOCK))],
-                                     metadata={"format": "pt"})
+        head, where = layout_tensors(
+            [(w_name, "F8_E4M3", (lay.num_rows, lay.dim)), (s_name, "F8_E8M0", (lay.num_rows, lay.dim // FP8_BLOCK))],
+            metadata={"format": "pt"},
+        )
         data_bytes = sum(e.nbytes for e in where.values())
         tmp = directory / f".{name}.tmp-{os.getpid()}"
         fd = await asyncio.to_thread(create_file, tmp, head, data_bytes)

@@ -26,8 +26,17 @@ from services.telemetry import span as trace_span
 
 
 class LookupHandle:
-    def __init__(self, *, table: int, dedup: Dedup, task: asyncio.Future, upcast: bool, span: Any = None,
-                 dim: int = 0, fp8: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        table: int,
+        dedup: Dedup,
+        task: asyncio.Future,
+        upcast: bool,
+        span: Any = None,
+        dim: int = 0,
+        fp8: bool = False,
+    ) -> None:
         self.table = table
         self._dim, self._fp8 = dim, fp8  # fp8: the rows travel as (U, D + D/32) bytes
         self._span = span  # the lookup's trace span: "prefetch.wait" joins its trace when nothing else is current

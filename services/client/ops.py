@@ -59,8 +59,12 @@ def _one_per_slot(files: list[dict]) -> list[dict]:
     for f in files:
         key = (int(f["table"]), int(f["slot"]))
         if key in seen and seen[key]["sha256"] != f["sha256"]:
-            raise ShardError(Code.DATA_LOSS, f"replicas of table {key[0]} slot {key[1]} wrote different bytes "
-                             f"({seen[key]['sha256'][:12]} vs {f['sha256'][:12]}): the copies diverged", call="checkpoint")
+            raise ShardError(
+                Code.DATA_LOSS,
+                f"replicas of table {key[0]} slot {key[1]} wrote different bytes "
+                f"({seen[key]['sha256'][:12]} vs {f['sha256'][:12]}): the copies diverged",
+                call="checkpoint",
+            )
         seen.setdefault(key, f)
     return list(seen.values())
 
@@ -92,8 +96,10 @@ class ShardOps:
         """
         layout = self.layout(table)
         if self.cfg.engram.row_format == "fp8":  # the shards refuse it too (FAILED_PRECONDITION)
-            raise ValueError(f"apply_gradients: table {table} is stored as fp8 (E4M3 + UE8M0 scales), which is "
-                             "read-only; train an fp32 copy (engram.row_format=fp32)")
+            raise ValueError(
+                f"apply_gradients: table {table} is stored as fp8 (E4M3 + UE8M0 scales), which is "
+                "read-only; train an fp32 copy (engram.row_format=fp32)"
+            )
         ids, shape = as_id_array(row_ids)
         if len(shape) != 1:
             raise ValueError(f"row_ids: expected a 1-D array of distinct rows, got shape {shape}")
@@ -107,11 +113,24 @@ class ShardOps:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
         if self._routing.holders is not None:  # replicated slots: every holder gets the update
-            applied = await apply_replicated(self, table=table, ids=ids, grads=g, step=step, opt=opt, part_id=part_id,
-                                             num_parts=num_parts, max_staleness=max_staleness, deadline=deadline)
-            return ApplyResult(applied_step=min((r.applied_step for r in applied.values()), default=0),
-                               rows_updated=max((r.rows_updated for r in applied.values()), default=0),
-                               pending=any(r.pending for r in applied.values()), shards=applied)
+            applied = await apply_replicated(
+                self,
+                table=table,
+                ids=ids,
+                grads=g,
+                step=step,
+                opt=opt,
+                part_id=part_id,
+                num_parts=num_parts,
+                max_staleness=max_staleness,
+                deadline=deadline,
+            )
+            return ApplyResult(
+                applied_step=min((r.applied_step for r in applied.values()), default=0),
+                rows_updated=max((r.rows_updated for r in applied.values()), default=0),
+                pending=any(r.pending for r in applied.values()),
+                shards=applied,
+            )
         applied = {}
         refreshes = waits = 0
         while True:
@@ -120,9 +139,11 @@ class ShardOps:
             clash = sorted(set(groups) & set(applied))
             if clash:
                 raise ShardError(
-                    Code.ABORTED, f"the slot map changed to epoch {routing.epoch} while step {step} of table {table} "
+                    Code.ABORTED,
+                    f"the slot map changed to epoch {routing.epoch} while step {step} of table {table} "
                     f"was applied: shards {sorted(applied)} applied their part, and rows moved to shards {clash} "
-                    "which already did; re-run the step", call="ApplyGradients",
+                    "which already did; re-run the step",
+                    call="ApplyGradients",
                 )
             targets = sorted(set(groups) | (set(routing.owners.tolist()) - set(applied)))
             requests = {}
@@ -137,9 +158,15 @@ class ShardOps:
                         f"{self.max_message_bytes >> 20}; push fewer rows per call"
                     )
                 requests[t] = shard_pb2.ApplyGradientsRequest(
-                    table=table, epoch=routing.epoch, row_ids=t_ids.astype("<i8").tobytes(),
-                    grads=t_g.numpy().tobytes(), step=step, optimizer=opt, part_id=part_id,
-                    num_parts=num_parts, max_staleness=max_staleness,
+                    table=table,
+                    epoch=routing.epoch,
+                    row_ids=t_ids.astype("<i8").tobytes(),
+                    grads=t_g.numpy().tobytes(),
+                    step=step,
+                    optimizer=opt,
+                    part_id=part_id,
+                    num_parts=num_parts,
+                    max_staleness=max_staleness,
                 )
             outcomes = await asyncio.gather(
                 *(self._apply_one(t, requests[t], routing, deadline) for t in targets), return_exceptions=True
@@ -188,8 +215,12 @@ class ShardOps:
 
     async def _apply_one(self, shard_id, request, routing, deadline) -> shard_pb2.ApplyGradientsResponse:
         return await self._call(
-            shard_id, "ApplyGradients", lambda ep, t: ep.stub.ApplyGradients(request, timeout=t),
-            routing=routing, deadline=deadline, idempotent=False,
+            shard_id,
+            "ApplyGradients",
+            lambda ep, t: ep.stub.ApplyGradients(request, timeout=t),
+            routing=routing,
+            deadline=deadline,
+            idempotent=False,
         )
 
     # -----------------------------------------------------------------------------------------
@@ -208,22 +239,41 @@ class ShardOps:
         deadline = asyncio.get_running_loop().time() + timeout_s
         request = shard_pb2.CheckpointRequest(name=str(name), step=step)
         targets = routing.shard_ids()  # replicas write the same bytes to the same paths; one entry each below
-        replies = await gather_or_cancel([
-            self._call(t, "Checkpoint", lambda ep, tmo: ep.stub.Checkpoint(request, timeout=tmo),
-                       routing=routing, deadline=deadline, idempotent=True)
-            for t in targets
-        ])
+        replies = await gather_or_cancel(
+            [
+                self._call(
+                    t,
+                    "Checkpoint",
+                    lambda ep, tmo: ep.stub.Checkpoint(request, timeout=tmo),
+                    routing=routing,
+                    deadline=deadline,
+                    idempotent=True,
+                )
+                for t in targets
+            ]
+        )
         files = [
-            {"table": f.table, "slot": f.slot, "path": f.path, "sha256": f.sha256, "num_rows": f.num_rows,
-             "num_bytes": f.num_bytes}
-            for r in replies for f in r.files
+            {
+                "table": f.table,
+                "slot": f.slot,
+                "path": f.path,
+                "sha256": f.sha256,
+                "num_rows": f.num_rows,
+                "num_bytes": f.num_bytes,
+            }
+            for r in replies
+            for f in r.files
         ]
         files = _one_per_slot(files)
         self._check_coverage(files, "checkpoint")
         manifest = {
-            "step": int(step), "name": str(name), "num_slots": int(routing.owners.size),
-            "epoch": routing.epoch, "files": sorted(files, key=lambda f: (f["table"], f["slot"])),
-            "created": time.time(), **(extra or {}),
+            "step": int(step),
+            "name": str(name),
+            "num_slots": int(routing.owners.size),
+            "epoch": routing.epoch,
+            "files": sorted(files, key=lambda f: (f["table"], f["slot"])),
+            "created": time.time(),
+            **(extra or {}),
         }
         if self.control is not None:
             await self.control.put_manifest(manifest)
@@ -237,13 +287,16 @@ class ShardOps:
             seen[key] = seen.get(key, 0) + 1
         twice = [k for k, n in seen.items() if n > 1]
         missing = [
-            (t, s) for t, lay in self.layouts.items() for s in range(num_slots)
+            (t, s)
+            for t, lay in self.layouts.items()
+            for s in range(num_slots)
             if (t, s) not in seen and s < lay.num_rows
         ]
         if twice or missing:
             raise ShardError(
-                Code.DATA_LOSS, f"{what} does not cover every (table, slot) once: missing {missing[:8]}, "
-                f"duplicated {twice[:8]}", call=what,
+                Code.DATA_LOSS,
+                f"{what} does not cover every (table, slot) once: missing {missing[:8]}, duplicated {twice[:8]}",
+                call=what,
             )
 
     async def restore(self, manifest: dict | None = None, *, timeout_s: float = ADMIN_TIMEOUT_S) -> dict:
@@ -255,8 +308,10 @@ class ShardOps:
             if manifest is None:
                 raise ValueError("restore: the control plane holds no checkpoint manifest")
         if not isinstance(manifest.get("name"), str):
-            raise ValueError("manifest: no checkpoint 'name' (one written before checkpoints were named by a path: "
-                             "copy its folder under the shards' cluster.checkpoint_dir and set 'name' to where)")
+            raise ValueError(
+                "manifest: no checkpoint 'name' (one written before checkpoints were named by a path: "
+                "copy its folder under the shards' cluster.checkpoint_dir and set 'name' to where)"
+            )
         if int(manifest.get("num_slots", -1)) != self.cfg.cluster.num_slots:
             raise ValueError(
                 f"manifest: written for {manifest.get('num_slots')} slots, the cluster has {self.cfg.cluster.num_slots}"
@@ -268,26 +323,41 @@ class ShardOps:
         per_shard: dict[int, list[shard_pb2.SlotFile]] = {}
         for f in manifest["files"]:
             slot = int(f["slot"])
-            holders = [int(routing.owners[slot])] if routing.holders is None else [
-                int(h) for h in routing.holders[slot] if h >= 0]
+            holders = (
+                [int(routing.owners[slot])]
+                if routing.holders is None
+                else [int(h) for h in routing.holders[slot] if h >= 0]
+            )
             for owner in holders:
-                per_shard.setdefault(owner, []).append(shard_pb2.SlotFile(**{k: f[k] for k in (
-                "table", "slot", "path", "sha256", "num_rows", "num_bytes")}))
+                per_shard.setdefault(owner, []).append(
+                    shard_pb2.SlotFile(
+                        **{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")}
+                    )
+                )
         deadline = asyncio.get_running_loop().time() + timeout_s
         targets = sorted(per_shard)
-        replies = await gather_or_cancel([
-            self._call(
-                t, "Restore",
-                lambda ep, tmo, t=t: ep.stub.Restore(
-                    shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]), timeout=tmo),
-                routing=routing, deadline=deadline, idempotent=True,
-            )
-            for t in targets
-        ])
+        replies = await gather_or_cancel(
+            [
+                self._call(
+                    t,
+                    "Restore",
+                    lambda ep, tmo, t=t: ep.stub.Restore(
+                        shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]), timeout=tmo
+                    ),
+                    routing=routing,
+                    deadline=deadline,
+                    idempotent=True,
+                )
+                for t in targets
+            ]
+        )
         steps = sorted({int(r.step) for r in replies})
         if steps != [int(manifest["step"])]:
-            raise ShardError(Code.DATA_LOSS, f"restore of the step {manifest['step']} checkpoint: the shards "
-                             f"report steps {steps}", call="Restore")
+            raise ShardError(
+                Code.DATA_LOSS,
+                f"restore of the step {manifest['step']} checkpoint: the shards report steps {steps}",
+                call="Restore",
+            )
         return {"step": int(manifest["step"]), "slots_restored": sum(r.slots_restored for r in replies)}
 
     # -----------------------------------------------------------------------------------------
@@ -320,15 +390,23 @@ class ShardOps:
     async def pull_table(self, table: int, *, chunk_rows: int = 1 << 16) -> torch.Tensor:
         """The whole table (R, D) fp32, read back from the shards (exact: an fp32 lookup)."""
         if self.wire_dtype != "fp32":
-            sibling = type(self)(self.cfg, epoch=self.epoch, owners=self.owners, addresses=self.addresses,
-                                 control=self.control, wire_dtype="fp32", timeout_s=self.timeout_s)
+            sibling = type(self)(
+                self.cfg,
+                epoch=self.epoch,
+                owners=self.owners,
+                addresses=self.addresses,
+                control=self.control,
+                wire_dtype="fp32",
+                timeout_s=self.timeout_s,
+            )
             try:
                 return await sibling.pull_table(table, chunk_rows=chunk_rows)
             finally:
                 await sibling.close()
         n = self.layout(table).num_rows
-        handles = [self.lookup(table, np.arange(a, min(n, a + chunk_rows)), dedup_ids=False)
-                   for a in range(0, n, chunk_rows)]
+        handles = [
+            self.lookup(table, np.arange(a, min(n, a + chunk_rows)), dedup_ids=False) for a in range(0, n, chunk_rows)
+        ]
         return torch.cat([(await h).float() for h in handles])  # (R, D)
 
     async def discard_pending(self, num_parts: int, *, timeout_s: float = 60.0) -> int:
@@ -343,16 +421,23 @@ class ShardOps:
         routing = self._routing
         owners = routing.shard_ids()
         stats = await self.stats(owners, timeout_s=timeout_s)
-        opt = shard_pb2.OptimizerParams(kind=self.cfg.cluster.optimizer, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                        version=1)
+        opt = shard_pb2.OptimizerParams(
+            kind=self.cfg.cluster.optimizer, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, version=1
+        )
         deadline = asyncio.get_running_loop().time() + timeout_s
         sent = 0
         for sid in owners:
             for t in stats[sid].tables:
                 for part in range(num_parts):
                     req = shard_pb2.ApplyGradientsRequest(
-                        table=t.table, epoch=routing.epoch, row_ids=b"", grads=b"", step=t.applied_step + 1,
-                        optimizer=opt, part_id=str(part), num_parts=num_parts,
+                        table=t.table,
+                        epoch=routing.epoch,
+                        row_ids=b"",
+                        grads=b"",
+                        step=t.applied_step + 1,
+                        optimizer=opt,
+                        part_id=str(part),
+                        num_parts=num_parts,
                     )
                     try:
                         await self._apply_one(sid, req, routing, deadline)
@@ -369,18 +454,29 @@ class ShardOps:
         self, shard_ids: list[int] | None = None, *, timeout_s: float = 5.0, errors: str = "raise"
     ) -> dict[int, Any]:
         """shard id -> StatsResponse (or the ShardError, with errors="return")."""
-        return await self._each(shard_ids, "Stats", lambda ep, t: ep.stub.Stats(shard_pb2.StatsRequest(), timeout=t),
-                                timeout_s=timeout_s, errors=errors)
+        return await self._each(
+            shard_ids,
+            "Stats",
+            lambda ep, t: ep.stub.Stats(shard_pb2.StatsRequest(), timeout=t),
+            timeout_s=timeout_s,
+            errors=errors,
+        )
 
     async def health(self, shard_ids: list[int] | None = None, *, timeout_s: float = 5.0) -> dict[int, str]:
         """shard id -> "SERVING" / "NOT_SERVING" / ... or "ERROR: <what>"."""
         out = await self._each(
-            shard_ids, "Health.Check",
+            shard_ids,
+            "Health.Check",
             lambda ep, t: ep.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=t),
-            timeout_s=timeout_s, errors="return",
+            timeout_s=timeout_s,
+            errors="return",
         )
         return {
-            k: (f"ERROR: {v}" if isinstance(v, Exception) else health_pb2.HealthCheckResponse.ServingStatus.Name(v.status))
+            k: (
+                f"ERROR: {v}"
+                if isinstance(v, Exception)
+                else health_pb2.HealthCheckResponse.ServingStatus.Name(v.status)
+            )
             for k, v in out.items()
         }
 
@@ -405,8 +501,12 @@ class ShardOps:
         request = shard_pb2.MigrateSlotsRequest(slots=slots, target=target_address, epoch=epoch)
         deadline = asyncio.get_running_loop().time() + timeout_s
         return await self._call(
-            source, "MigrateSlots", lambda ep, t: ep.stub.MigrateSlots(request, timeout=t),
-            routing=self._routing, deadline=deadline, idempotent=False,
+            source,
+            "MigrateSlots",
+            lambda ep, t: ep.stub.MigrateSlots(request, timeout=t),
+            routing=self._routing,
+            deadline=deadline,
+            idempotent=False,
         )
 
     async def set_slot_map_on(
@@ -415,8 +515,12 @@ class ShardOps:
         request = shard_pb2.SetSlotMapRequest(epoch=epoch, owned_slots=owned_slots)
         deadline = asyncio.get_running_loop().time() + timeout_s
         return await self._call(
-            shard_id, "SetSlotMap", lambda ep, t: ep.stub.SetSlotMap(request, timeout=t),
-            routing=self._routing, deadline=deadline, idempotent=True,
+            shard_id,
+            "SetSlotMap",
+            lambda ep, t: ep.stub.SetSlotMap(request, timeout=t),
+            routing=self._routing,
+            deadline=deadline,
+            idempotent=True,
         )
 
 

@@ -60,8 +60,17 @@ def _already_received(err: BaseException) -> bool:  # a part re-sent after its a
 
 
 async def apply_replicated(
-    client: Any, *, table: int, ids: np.ndarray, grads: torch.Tensor, step: int, opt: shard_pb2.OptimizerParams,
-    part_id: str, num_parts: int, max_staleness: int, deadline: float,
+    client: Any,
+    *,
+    table: int,
+    ids: np.ndarray,
+    grads: torch.Tensor,
+    step: int,
+    opt: shard_pb2.OptimizerParams,
+    part_id: str,
+    num_parts: int,
+    max_staleness: int,
+    deadline: float,
 ) -> dict[int, shard_pb2.ApplyGradientsResponse]:
     """Send (U,) ids / (U, D) grads of `step` to every holder of their slots -> shard -> answer."""
     loop = asyncio.get_running_loop()
@@ -82,8 +91,16 @@ async def apply_replicated(
             pos = np.flatnonzero((mine == t).any(axis=1))  # (n_t,) rows this holder keeps
             t_ids, t_g = ids[pos], grads[torch.from_numpy(pos)] if pos.size else grads[:0]
             requests[t] = shard_pb2.ApplyGradientsRequest(
-                table=table, epoch=routing.epoch, row_ids=t_ids.astype("<i8").tobytes(), grads=t_g.numpy().tobytes(),
-                step=step, optimizer=opt, part_id=part_id, num_parts=num_parts, max_staleness=max_staleness)
+                table=table,
+                epoch=routing.epoch,
+                row_ids=t_ids.astype("<i8").tobytes(),
+                grads=t_g.numpy().tobytes(),
+                step=step,
+                optimizer=opt,
+                part_id=part_id,
+                num_parts=num_parts,
+                max_staleness=max_staleness,
+            )
         tasks = {t: asyncio.ensure_future(client._apply_one(t, requests[t], routing, deadline)) for t in targets}
         fenced: set[int] = set()
         try:
@@ -139,8 +156,11 @@ async def apply_replicated(
         waits += 1
         delay = min(client.retry.backoff(waits), check_s)
         if loop.time() + delay >= deadline:
-            raise last_error or ShardError(Code.DEADLINE_EXCEEDED, f"step {step} of table {table} was not applied "
-                                           "by every holder before the deadline", call="ApplyGradients")
+            raise last_error or ShardError(
+                Code.DEADLINE_EXCEEDED,
+                f"step {step} of table {table} was not applied by every holder before the deadline",
+                call="ApplyGradients",
+            )
         await asyncio.sleep(delay)
         if client.control is not None:
             await client._newer_than(routing.epoch)

@@ -61,8 +61,16 @@ class ShmReads:
 
 
 class RowPaths:
-    def __init__(self, *, mode: str = "auto", host_id: str = "", shm_dir: str = "/dev/shm",
-                 retry: RetryPolicy | None = None, tcp_ssl: Any = None, tcp_server_name: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        mode: str = "auto",
+        host_id: str = "",
+        shm_dir: str = "/dev/shm",
+        retry: RetryPolicy | None = None,
+        tcp_ssl: Any = None,
+        tcp_server_name: str = "",
+    ) -> None:
         if mode not in ("auto", "shm", "tcp", "grpc"):
             raise ValueError(f"row_path: unknown {mode!r} (auto, shm, tcp or grpc)")
         self.mode = mode
@@ -86,8 +94,12 @@ class RowPaths:
                 continue
             try:
                 files = {int(t): str(name) for t, name in dict(info.get("shm_files") or {}).items()}
-                peer = _Peer(host_id=str(info.get("host_id", "")), data_address=str(info.get("data_address", "")),
-                             shm_files=files, token=bytes.fromhex(str(info.get("shm_token", ""))))
+                peer = _Peer(
+                    host_id=str(info.get("host_id", "")),
+                    data_address=str(info.get("data_address", "")),
+                    shm_files=files,
+                    token=bytes.fromhex(str(info.get("shm_token", ""))),
+                )
             except (TypeError, ValueError) as exc:
                 log.warning("shard %s registered unreadable row paths (%s); using gRPC for it", r.address, exc)
                 continue
@@ -105,13 +117,30 @@ class RowPaths:
         if what not in self._warned:
             self._warned.add(what)
             nxt = "the TCP data plane" if what == "shm" and self.mode != "grpc" and not peer.tcp_off else "gRPC"
-            log.warning("rows of shard %s: %s path unavailable (%s); using %s (logged once)", address,
-                        "shared-memory" if what == "shm" else "TCP data-plane", reason, nxt)
+            log.warning(
+                "rows of shard %s: %s path unavailable (%s); using %s (logged once)",
+                address,
+                "shared-memory" if what == "shm" else "TCP data-plane",
+                reason,
+                nxt,
+            )
 
     # ---------------------------------------------------------------------------------------
 
-    async def lookup(self, *, shard_id: int, address: str, table: int, ids: np.ndarray, dtype: int, dim: int,
-                     epoch: int, step: int, max_staleness: int, deadline: float) -> tuple[torch.Tensor, int] | None:
+    async def lookup(
+        self,
+        *,
+        shard_id: int,
+        address: str,
+        table: int,
+        ids: np.ndarray,
+        dtype: int,
+        dim: int,
+        epoch: int,
+        step: int,
+        max_staleness: int,
+        deadline: float,
+    ) -> tuple[torch.Tensor, int] | None:
         """-> ((n, D) rows, applied step) by shared memory or TCP, or None: use gRPC."""
         peer = self._peers.get(address)
         if peer is None or self.mode == "grpc":
@@ -122,15 +151,24 @@ class RowPaths:
                 self._count_shm(ids.size, step, got[1])
                 return got
         if not peer.tcp_off:
-            got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness,
-                                  deadline)
+            got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
             if got is not None:
                 self.used["tcp"] += 1
                 return got
         return None
 
-    def read_now(self, *, address: str, table: int, ids: np.ndarray, out: torch.Tensor, epoch: int, step: int,
-                 max_staleness: int, open_files: bool = True) -> int | None:
+    def read_now(
+        self,
+        *,
+        address: str,
+        table: int,
+        ids: np.ndarray,
+        out: torch.Tensor,
+        epoch: int,
+        step: int,
+        max_staleness: int,
+        open_files: bool = True,
+    ) -> int | None:
         """out (n, D) <- the rows of ids (n,) from shared memory, on the calling thread -> applied step.
 
         None when the rows need more than one read (no shared memory for that shard, a file to
@@ -191,8 +229,9 @@ class RowPaths:
                 return None
             while True:
                 if big:
-                    got = await loop.run_in_executor(None, lambda r=reader: r.read(
-                        ids, out, epoch=epoch, step=step, max_staleness=max_staleness))
+                    got = await loop.run_in_executor(
+                        None, lambda r=reader: r.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+                    )
                 else:
                     got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
                 if not isinstance(got, Miss):
@@ -202,37 +241,62 @@ class RowPaths:
                 attempt += 1  # training read ahead of the updates it needs: wait for them, like the shard does
                 delay = self.retry.backoff(min(attempt, 4))
                 if loop.time() + delay >= deadline:
-                    raise ShardError(Code.DEADLINE_EXCEEDED, f"rows of table {table} for step {step} still miss "
-                                     f"{step - 1 - got.applied_step} steps of updates (staleness bound "
-                                     f"{max_staleness})", address=address, call="Lookup (shm)")
+                    raise ShardError(
+                        Code.DEADLINE_EXCEEDED,
+                        f"rows of table {table} for step {step} still miss "
+                        f"{step - 1 - got.applied_step} steps of updates (staleness bound "
+                        f"{max_staleness})",
+                        address=address,
+                        call="Lookup (shm)",
+                    )
                 await asyncio.sleep(delay)
             if got.reason == "retired":
                 peer.readers.pop(table, None)
                 continue
             if got.reason == "epoch" and got.epoch > epoch:
-                raise ShardError(Code.FAILED_PRECONDITION, f"stale slot-map epoch {epoch} (shard is at "
-                                 f"{got.epoch}): refresh the slot map", address=address, call="Lookup (shm)")
+                raise ShardError(
+                    Code.FAILED_PRECONDITION,
+                    f"stale slot-map epoch {epoch} (shard is at {got.epoch}): refresh the slot map",
+                    address=address,
+                    call="Lookup (shm)",
+                )
             return None  # not yet at this epoch, rows moved, or a busy writer: the gRPC path sorts it out
         return None
 
     async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         if peer.tcp is None:
-            peer.tcp = DataPlaneClient(peer.data_address, shard_id=shard_id, shard_address=address,
-                                       ssl_context=self.tcp_ssl, server_name=self.tcp_server_name)
+            peer.tcp = DataPlaneClient(
+                peer.data_address,
+                shard_id=shard_id,
+                shard_address=address,
+                ssl_context=self.tcp_ssl,
+                server_name=self.tcp_server_name,
+            )
         attempt = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
-                                 shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})")
+                raise ShardError(
+                    Code.DEADLINE_EXCEEDED,
+                    "no answer before the deadline",
+                    address=address,
+                    shard_id=shard_id,
+                    call=f"Lookup (data plane at {peer.data_address})",
+                )
             try:
                 async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
-                    return await peer.tcp.lookup(table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step,
-                                                 max_staleness=max_staleness)
+                    return await peer.tcp.lookup(
+                        table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
+                    )
             except TimeoutError:
-                raise ShardError(Code.DEADLINE_EXCEEDED, "no answer before the deadline", address=address,
-                                 shard_id=shard_id, call=f"Lookup (data plane at {peer.data_address})") from None
+                raise ShardError(
+                    Code.DEADLINE_EXCEEDED,
+                    "no answer before the deadline",
+                    address=address,
+                    shard_id=shard_id,
+                    call=f"Lookup (data plane at {peer.data_address})",
+                ) from None
             except DataPlaneDown as exc:
                 self._fallback("tcp", peer, address, str(exc))
                 peer.tcp_off = ""  # try the data plane again next call; this one goes over gRPC

@@ -29,10 +29,47 @@ import numpy as np
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
 _READ_BLOCK = 8 << 20
 # the library's Dtype enum, in declaration order (its sort key); bytes per element
-DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
-               "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
-ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8}
+DTYPE_ORDER = (
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+)
+ITEM_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
 
 
 class SafetensorsError(ValueError):
@@ -77,8 +114,9 @@ def read_header(path: str | Path) -> TensorFile:
                 raise SafetensorsError(f"{path}: truncated: {size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise SafetensorsError(f"{path}: truncated or not safetensors: header of {n} bytes declared, "
-                                       f"the file has {size} bytes")
+                raise SafetensorsError(
+                    f"{path}: truncated or not safetensors: header of {n} bytes declared, the file has {size} bytes"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise SafetensorsError(f"{path}: cannot read: {exc}") from None
@@ -90,8 +128,9 @@ def read_header(path: str | Path) -> TensorFile:
         raise SafetensorsError(f"{path}: header is not a JSON object")
     data_start = 8 + n
     metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
         raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
     tensors = {}
     for name, info in header.items():
@@ -107,16 +146,22 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
         raise SafetensorsError(f"{path}: tensor {name}: dtype {dtype!r} is not readable here")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise SafetensorsError(f"{path}: tensor {name}: shape {shape!r} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise SafetensorsError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end]")
     nbytes = int(np.prod(shape, dtype=np.int64)) * ITEM_BYTES[dtype] if shape else ITEM_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise SafetensorsError(f"{path}: tensor {name}: {dtype} {shape} is {nbytes} bytes, data_offsets span "
-                               f"{offsets[1] - offsets[0]}")
+        raise SafetensorsError(
+            f"{path}: tensor {name}: {dtype} {shape} is {nbytes} bytes, data_offsets span {offsets[1] - offsets[0]}"
+        )
     if data_start + offsets[1] > size:
-        raise SafetensorsError(f"{path}: truncated: tensor {name} ends at byte {data_start + offsets[1]}, the file "
-                               f"has {size} bytes")
+        raise SafetensorsError(
+            f"{path}: truncated: tensor {name} ends at byte {data_start + offsets[1]}, the file has {size} bytes"
+        )
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], nbytes=nbytes)
 
 
@@ -134,8 +179,9 @@ def sha256_region(path: str | Path, start: int, nbytes: int) -> str:
     return digest.hexdigest()
 
 
-def layout_tensors(specs: list[tuple[str, str, tuple[int, ...]]],
-                   metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, TensorEntry]]:
+def layout_tensors(
+    specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, TensorEntry]]:
     """(name, dtype, shape) of every tensor -> (the 8-byte length + padded header, where each tensor goes).
 
     The library's layout: tensors sorted by dtype (its enum order, largest first), then by name,
@@ -152,8 +198,10 @@ def layout_tensors(specs: list[tuple[str, str, tuple[int, ...]]],
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     data_start = 8 + len(raw)
-    entries = {name: TensorEntry(name=name, dtype=dtype, shape=tuple(shape), start=data_start + off, nbytes=nb)
-               for name, dtype, shape, off, nb in places}
+    entries = {
+        name: TensorEntry(name=name, dtype=dtype, shape=tuple(shape), start=data_start + off, nbytes=nb)
+        for name, dtype, shape, off, nb in places
+    }
     return struct.pack("<Q", len(raw)) + raw, entries
 
 

@@ -87,12 +87,15 @@ class ShmTableReader:
         if int(h[H_MAGIC]) != MAGIC or int(h[H_VERSION]) != VERSION:
             raise ShmUnavailable(f"{path}: not an Engram table file of version {VERSION}")
         if header_token(h) != token:
-            raise ShmUnavailable(f"{path}: belongs to another shard process than the registered one (a stale "
-                                 "file, or another host's /dev/shm)")
+            raise ShmUnavailable(
+                f"{path}: belongs to another shard process than the registered one (a stale "
+                "file, or another host's /dev/shm)"
+            )
         rows, self.dim, num_slots = int(h[H_ROWS]), int(h[H_DIM]), int(h[H_NUM_SLOTS])
         if self.dim != dim or int(h[H_SIZE]) != size:
-            raise ShmUnavailable(f"{path}: {self.dim}-dim rows and {size} bytes, expected {dim}-dim rows and "
-                                 f"{int(h[H_SIZE])} bytes")
+            raise ShmUnavailable(
+                f"{path}: {self.dim}-dim rows and {size} bytes, expected {dim}-dim rows and {int(h[H_SIZE])} bytes"
+            )
         self.epoch = int(h[H_EPOCH])
         self.num_slots = num_slots
         self.base = np.frombuffer(self.mm, dtype="<i8", count=num_slots, offset=BASE_OFFSET).copy()  # (S,)
@@ -101,8 +104,9 @@ class ShmTableReader:
             warnings.simplefilter("ignore", UserWarning)
             self.weights = mapped(self.mm, torch.float32, rows, dim, int(h[H_WEIGHTS_OFFSET]))  # (R, D)
             code = int(h[H_MIRROR_DTYPE])
-            self.mirror = None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim,
-                                                        int(h[H_MIRROR_OFFSET]))  # (R, D)
+            self.mirror = (
+                None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim, int(h[H_MIRROR_OFFSET]))
+            )  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
         self._regions = {torch.float32: (int(h[H_WEIGHTS_OFFSET]), rows * dim * 4)}  # dtype -> (offset, bytes)
         if self.mirror is not None:
@@ -141,8 +145,9 @@ class ShmTableReader:
         pos += (ids >> self.shift) if self.shift >= 0 else ids // self.num_slots
         return pos
 
-    def read(self, ids: np.ndarray, out: torch.Tensor, *, epoch: int, step: int = 0, max_staleness: int = 0
-             ) -> int | Miss:
+    def read(
+        self, ids: np.ndarray, out: torch.Tensor, *, epoch: int, step: int = 0, max_staleness: int = 0
+    ) -> int | Miss:
         """out (n, D) <- rows of ids (n,) -> the table's applied step (the rows are at least that new)."""
         h = self.header
         if h[H_RETIRED]:

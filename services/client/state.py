@@ -32,8 +32,10 @@ class Routing:
         address = self.addresses.get(shard_id)
         if not address:
             raise ShardError(
-                Code.UNAVAILABLE, f"has no registered address (slot map epoch {self.epoch}); is it running?",
-                shard_id=shard_id, call="routing",
+                Code.UNAVAILABLE,
+                f"has no registered address (slot map epoch {self.epoch}); is it running?",
+                shard_id=shard_id,
+                call="routing",
             )
         return address
 

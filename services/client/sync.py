@@ -49,9 +49,15 @@ class SyncShardClient:
         async def open_client() -> ShardClient:
             control = ControlPlane.from_config(cfg)
             try:
-                client = await ShardClient.connect(control, wire_dtype=wire_dtype or c.wire_dtype, timeout_s=timeout_s,
-                                                   row_path=c.row_path, host_id=c.host_id, shm_dir=c.shm_dir,
-                                                   security=cfg.security)
+                client = await ShardClient.connect(
+                    control,
+                    wire_dtype=wire_dtype or c.wire_dtype,
+                    timeout_s=timeout_s,
+                    row_path=c.row_path,
+                    host_id=c.host_id,
+                    shm_dir=c.shm_dir,
+                    security=cfg.security,
+                )
                 alive = {r.shard_id for r in await control.shards() if r.alive}
             except BaseException:
                 await control.close()
@@ -91,20 +97,28 @@ class SyncShardClient:
             return await awaitable
         c = self.client.cfg.cluster
         try:
-            return await while_alive(awaitable, control=control, shard_ids=lambda: set(self.client.owners),
-                                     check_every_s=max(0.5, min(2.0, c.heartbeat_ttl_s / 2)))
+            return await while_alive(
+                awaitable,
+                control=control,
+                shard_ids=lambda: set(self.client.owners),
+                check_every_s=max(0.5, min(2.0, c.heartbeat_ttl_s / 2)),
+            )
         except ShardSilent as silent:
             raise ShardError(
-                Code.UNAVAILABLE, f"the shard stopped heartbeating (no beat for over {c.heartbeat_ttl_s:g} s, "
+                Code.UNAVAILABLE,
+                f"the shard stopped heartbeating (no beat for over {c.heartbeat_ttl_s:g} s, "
                 "cluster.heartbeat_ttl_s) while the call waited: it is stopped, hung or cut off",
-                address=silent.address, shard_id=silent.shard_id, call="a call",
+                address=silent.address,
+                shard_id=silent.shard_id,
+                call="a call",
             ) from None
 
     # ---------------------------------------------------------------------------------------
     # rows
 
-    def lookup(self, table: int, ids: np.ndarray, *, step: int = 0, max_staleness: int = 0,
-               timeout_s: float | None = None) -> cf.Future[tuple[torch.Tensor, int | None]]:
+    def lookup(
+        self, table: int, ids: np.ndarray, *, step: int = 0, max_staleness: int = 0, timeout_s: float | None = None
+    ) -> cf.Future[tuple[torch.Tensor, int | None]]:
         """(U,) distinct int64 rows -> future of ((U, D) fp32 rows, oldest applied_step of the shards asked).
 
         Rows mapped from shared memory are read on the calling thread (a finished future, no
@@ -121,20 +135,41 @@ class SyncShardClient:
             return done
 
         async def go() -> tuple[torch.Tensor, int | None]:
-            handle = self.client.lookup(table, ids, dedup_ids=False, step=step, max_staleness=max_staleness,
-                                        timeout_s=timeout_s)
+            handle = self.client.lookup(
+                table, ids, dedup_ids=False, step=step, max_staleness=max_staleness, timeout_s=timeout_s
+            )
             rows = await handle.unique_rows()  # (U, D) wire dtype, may share the received message
             return rows.to(torch.float32, copy=True), handle.applied_step  # the caller's own, writable
 
         return self.submit(go())
 
-    def push(self, table: int, ids: np.ndarray, grads: torch.Tensor, *, step: int, optimizer: Any,
-             part_id: str = "", num_parts: int = 0, max_staleness: int = 0,
-             timeout_s: float | None = None) -> cf.Future[ApplyResult]:
+    def push(
+        self,
+        table: int,
+        ids: np.ndarray,
+        grads: torch.Tensor,
+        *,
+        step: int,
+        optimizer: Any,
+        part_id: str = "",
+        num_parts: int = 0,
+        max_staleness: int = 0,
+        timeout_s: float | None = None,
+    ) -> cf.Future[ApplyResult]:
         """Summed gradients (U,), (U, D) fp32 of 1-based `step` -> future of the shards' ApplyResult."""
-        return self.submit(self.client.apply_gradients(
-            table, ids, grads, step=step, optimizer=optimizer, part_id=part_id, num_parts=num_parts,
-            max_staleness=max_staleness, timeout_s=timeout_s))
+        return self.submit(
+            self.client.apply_gradients(
+                table,
+                ids,
+                grads,
+                step=step,
+                optimizer=optimizer,
+                part_id=part_id,
+                num_parts=num_parts,
+                max_staleness=max_staleness,
+                timeout_s=timeout_s,
+            )
+        )
 
     def applied_steps(self) -> dict[int, int]:
         return self.call(self.client.applied_steps())

@@ -43,8 +43,16 @@ def _save_progress(directory: Path, done: dict[str, dict]) -> None:
 
 
 def write_table_slots(
-    tables: dict[int, torch.Tensor], layouts: dict[int, TableLayout], *, directory: str | Path, name: str,
-    num_slots: int, kind: str, step: int, on_slot: Callable[[int, int, bool], None] | None = None, fmt: str = "fp32",
+    tables: dict[int, torch.Tensor],
+    layouts: dict[int, TableLayout],
+    *,
+    directory: str | Path,
+    name: str,
+    num_slots: int,
+    kind: str,
+    step: int,
+    on_slot: Callable[[int, int, bool], None] | None = None,
+    fmt: str = "fp32",
 ) -> dict[str, Any]:
     """Every (table, slot) of `tables` {layer: (rows, dim)} as slot files in `directory` (checkpoint `name`
     under the shards' checkpoint root) -> a restore manifest.
@@ -65,8 +73,9 @@ def write_table_slots(
             raise ValueError(f"checkpoint: no table for Engram layer {layer}")
         want = (layout.num_rows, storage_cols(fmt, layout.dim))
         if tuple(table.shape) != want:
-            raise ValueError(f"checkpoint: table {layer} is {tuple(table.shape)}, the cluster's layout is {want}"
-                             f" ({fmt} rows)")
+            raise ValueError(
+                f"checkpoint: table {layer} is {tuple(table.shape)}, the cluster's layout is {want} ({fmt} rows)"
+            )
     files = []
     for layer, layout in sorted(layouts.items()):
         table = tables[layer]
@@ -83,7 +92,8 @@ def write_table_slots(
                 continue
             block = SlotData(  # (rows, dim) in fmt: global rows slot, slot + num_slots, ...
                 weights=table[slot::num_slots].detach().to(STORAGE_DTYPES[fmt]).contiguous(),
-                state=() if read_only(fmt) else alloc_state(kind, rows, layout.dim), applied_step=step,
+                state=() if read_only(fmt) else alloc_state(kind, rows, layout.dim),
+                applied_step=step,
             )
             entry = write_slot(directory, meta, block)
             files.append(entry)
@@ -93,13 +103,13 @@ def write_table_slots(
                 on_slot(layer, slot, False)
     for sub in {directory / slot_path(t, 0) for t in layouts}:
         fsync_dir(sub.parent)
-    return {"step": int(step), "name": name, "num_slots": num_slots, "epoch": 0,
-            "files": files, "created": time.time()}
+    return {"step": int(step), "name": name, "num_slots": num_slots, "epoch": 0, "files": files, "created": time.time()}
 
 
 def checkpoint_tables(path: str | Path) -> tuple[dict[str, Any], dict[int, torch.Tensor], int]:
     """(config dict, {layer: table (rows, dim)}, step) of an `engram train` checkpoint, memory-mapped."""
     state = load_checkpoint_file(path, mmap=True)
-    tables = {int(k.split(".")[1]): v for k, v in state["model"].items() if k.startswith("tables.") and
-              k.endswith(".weight")}
+    tables = {
+        int(k.split(".")[1]): v for k, v in state["model"].items() if k.startswith("tables.") and k.endswith(".weight")
+    }
     return state["config"], tables, int(state.get("step", 0))

@@ -58,8 +58,12 @@ async def rejoin(control: ControlPlane, shard_id: int, *, attempts: int = 20) ->
         except ValueError:  # the map moved meanwhile: look again
             await asyncio.sleep(0.05)
             continue
-        log.warning("shard %d restarted: left %d slots to their live replicas (epoch %d); it is rebuilt from them",
-                    shard_id, len(covered), new.epoch)
+        log.warning(
+            "shard %d restarted: left %d slots to their live replicas (epoch %d); it is rebuilt from them",
+            shard_id,
+            len(covered),
+            new.epoch,
+        )
         await _event(control, "rejoin", shard=shard_id, slots=len(covered), epoch=new.epoch)
         return new
     raise RuntimeError(f"shard {shard_id}: the slot map kept changing while the shard rejoined")
@@ -116,11 +120,22 @@ class FailoverLoop:
             plan = drop_shards(smap.owners, smap.replicas, dead)
             t0 = time.time()
             new = await self.control.set_slot_map(plan.owners, expected_epoch=smap.epoch, replicas=plan.replicas)
-            log.warning("failover: shards %s stopped heartbeating; fenced at epoch %d, %d slots promoted to a "
-                        "replica%s", sorted(dead), new.epoch, len(plan.promoted),
-                        f", {len(plan.lost)} slots have no live holder" if plan.lost else "")
-            await _event(self.control, "failover", dead=sorted(dead), epoch=new.epoch, promoted=len(plan.promoted),
-                         lost=len(plan.lost), t=t0)
+            log.warning(
+                "failover: shards %s stopped heartbeating; fenced at epoch %d, %d slots promoted to a replica%s",
+                sorted(dead),
+                new.epoch,
+                len(plan.promoted),
+                f", {len(plan.lost)} slots have no live holder" if plan.lost else "",
+            )
+            await _event(
+                self.control,
+                "failover",
+                dead=sorted(dead),
+                epoch=new.epoch,
+                promoted=len(plan.promoted),
+                lost=len(plan.lost),
+                t=t0,
+            )
             smap = new
         await self._install(smap, records, alive)
         if self.cfg.cluster.replicas > 1:
@@ -140,9 +155,10 @@ class FailoverLoop:
         if not todo:
             return
         client = await self.client()
-        results = await asyncio.gather(*(
-            client.set_slot_map_on(s, epoch=smap.epoch, owned_slots=held, timeout_s=2.0) for s, held in todo
-        ), return_exceptions=True)
+        results = await asyncio.gather(
+            *(client.set_slot_map_on(s, epoch=smap.epoch, owned_slots=held, timeout_s=2.0) for s, held in todo),
+            return_exceptions=True,
+        )
         for (s, held), res in zip(todo, results, strict=True):
             if isinstance(res, BaseException):
                 log.info("SetSlotMap(epoch %d) on shard %d not installed yet: %s", smap.epoch, s, res)
@@ -155,8 +171,11 @@ class FailoverLoop:
     async def _repair(self, smap: SlotMap, records: dict, alive: set[int]) -> None:
         """One round: copies of one source's under-replicated slots into one empty live shard."""
         want = self.cfg.cluster.replicas
-        empty = [s for s in sorted(alive - smap.all_holders())
-                 if not (records[s].info or {}).get("slots") and (records[s].info or {}).get("epoch") == smap.epoch]
+        empty = [
+            s
+            for s in sorted(alive - smap.all_holders())
+            if not (records[s].info or {}).get("slots") and (records[s].info or {}).get("epoch") == smap.epoch
+        ]
         plan = next((p for t in empty if (p := plan_repair(smap.owners, smap.replicas, want=want, target=t))), None)
         if plan is None:
             return
@@ -164,25 +183,46 @@ class FailoverLoop:
         t0 = time.time()
         timeout = self.cfg.cluster.migrate_timeout_s
         try:
-            reply = await _between_steps(lambda: client.migrate_slots(
-                plan.source, plan.slots, records[plan.target].address, epoch=smap.epoch, timeout_s=timeout),
-                timeout_s=timeout)
+            reply = await _between_steps(
+                lambda: client.migrate_slots(
+                    plan.source, plan.slots, records[plan.target].address, epoch=smap.epoch, timeout_s=timeout
+                ),
+                timeout_s=timeout,
+            )
             new = await self.control.set_slot_map(plan.owners, expected_epoch=smap.epoch, replicas=plan.replicas)
         except BaseException:
             with contextlib.suppress(Exception):  # the old map stands: thaw the source's frozen slots
-                await client.set_slot_map_on(plan.source, epoch=smap.epoch, owned_slots=smap.held_by(plan.source),
-                                             timeout_s=5.0)
+                await client.set_slot_map_on(
+                    plan.source, epoch=smap.epoch, owned_slots=smap.held_by(plan.source), timeout_s=5.0
+                )
             raise
         await client.refresh()
 
         async def install(s: int) -> Any:
-            return await _between_steps(lambda: client.set_slot_map_on(
-                s, epoch=new.epoch, owned_slots=new.held_by(s), timeout_s=10.0), timeout_s=timeout)
+            return await _between_steps(
+                lambda: client.set_slot_map_on(s, epoch=new.epoch, owned_slots=new.held_by(s), timeout_s=10.0),
+                timeout_s=timeout,
+            )
 
         for s in [plan.target, *sorted((alive & new.all_holders()) - {plan.target})]:  # the target swaps in first
             await install(s)
             self._installed[s] = (new.epoch, records[s].address)
-        log.warning("repair: shard %d now holds %d slots copied from shard %d (%d bytes, %.2f s, epoch %d)",
-                    plan.target, len(plan.slots), plan.source, reply.bytes_sent, time.time() - t0, new.epoch)
-        await _event(self.control, "repaired", target=plan.target, source=plan.source, slots=len(plan.slots),
-                     epoch=new.epoch, t=time.time(), started=t0)
+        log.warning(
+            "repair: shard %d now holds %d slots copied from shard %d (%d bytes, %.2f s, epoch %d)",
+            plan.target,
+            len(plan.slots),
+            plan.source,
+            reply.bytes_sent,
+            time.time() - t0,
+            new.epoch,
+        )
+        await _event(
+            self.control,
+            "repaired",
+            target=plan.target,
+            source=plan.source,
+            slots=len(plan.slots),
+            epoch=new.epoch,
+            t=time.time(),
+            started=t0,
+        )

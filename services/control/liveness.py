@@ -41,7 +41,11 @@ async def silent_shards(control: ControlPlane, shard_ids: Collection[int]) -> li
 
 
 async def while_alive(
-    awaitable: Awaitable[T], *, control: ControlPlane, shard_ids: Callable[[], Collection[int]], check_every_s: float,
+    awaitable: Awaitable[T],
+    *,
+    control: ControlPlane,
+    shard_ids: Callable[[], Collection[int]],
+    check_every_s: float,
 ) -> T:
     """await `awaitable`, but cancel it and raise ShardSilent once a shard of `shard_ids()` stops beating."""
     task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)

@@ -65,8 +65,8 @@ def plan_slot_map(owners: list[int], targets: Iterable[int]) -> SlotPlan:
     by_size = sorted(targets, key=lambda t: (-len(held[t]), t))
     quota = {t: base + (1 if i < extra else 0) for i, t in enumerate(by_size)}
     for t in targets:
-        freed += held[t][quota[t]:]
-        del held[t][quota[t]:]
+        freed += held[t][quota[t] :]
+        del held[t][quota[t] :]
     freed.sort()
     new = list(owners)
     moves: dict[tuple[int, int], list[int]] = {}
@@ -149,27 +149,42 @@ async def rebalance(
         report = RebalanceReport(old_epoch=smap.epoch, new_epoch=smap.epoch, owners=plan.owners, moves=plan.moves)
         try:
             for (source, target), slots in sorted(plan.moves.items()):
-                reply = await _between_steps(lambda s=source, sl=slots, t=target: client.migrate_slots(
-                    s, sl, addresses[t], epoch=smap.epoch, timeout_s=timeout_s), timeout_s=timeout_s)
+                reply = await _between_steps(
+                    lambda s=source, sl=slots, t=target: client.migrate_slots(
+                        s, sl, addresses[t], epoch=smap.epoch, timeout_s=timeout_s
+                    ),
+                    timeout_s=timeout_s,
+                )
                 report.bytes_sent += reply.bytes_sent
             new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch) if plan.moves else smap
         except BaseException:
             # the old map stands: re-install it on the sources so their frozen slots take updates again
-            await asyncio.gather(*(
-                client.set_slot_map_on(src, epoch=smap.epoch, owned_slots=_owned(smap.owners, src), timeout_s=timeout_s)
-                for src in sorted({src for (src, _) in plan.moves})
-            ), return_exceptions=True)
+            await asyncio.gather(
+                *(
+                    client.set_slot_map_on(
+                        src, epoch=smap.epoch, owned_slots=_owned(smap.owners, src), timeout_s=timeout_s
+                    )
+                    for src in sorted({src for (src, _) in plan.moves})
+                ),
+                return_exceptions=True,
+            )
             raise
         report.new_epoch = new.epoch
         await client.refresh()
         gainers = sorted({t for (_, t) in plan.moves})
         involved = set(smap.owners) | set(new.owners) | {s for s, r in records.items() if r.alive}
         for group in (gainers, sorted(involved - set(gainers))):
-            replies = await asyncio.gather(*(
-                _between_steps(lambda s=s: client.set_slot_map_on(s, epoch=new.epoch, owned_slots=_owned(new.owners, s),
-                                                                  timeout_s=timeout_s), timeout_s=timeout_s)
-                for s in group
-            ))
+            replies = await asyncio.gather(
+                *(
+                    _between_steps(
+                        lambda s=s: client.set_slot_map_on(
+                            s, epoch=new.epoch, owned_slots=_owned(new.owners, s), timeout_s=timeout_s
+                        ),
+                        timeout_s=timeout_s,
+                    )
+                    for s in group
+                )
+            )
             report.set_on.update({s: r.slots_dropped for s, r in zip(group, replies, strict=True)})
         report.seconds = time.monotonic() - t0
         return report

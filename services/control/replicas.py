@@ -83,8 +83,11 @@ def plan_repair(owners: list[int], replicas: list[list[int]], *, want: int, targ
     The source is the holder (primary or replica) of the most such slots, the lowest id on a tie;
     the rest wait for the next round (or another empty shard).
     """
-    short = [s for s in range(len(owners))
-             if len(holders(owners, replicas, s)) < want and target not in holders(owners, replicas, s)]
+    short = [
+        s
+        for s in range(len(owners))
+        if len(holders(owners, replicas, s)) < want and target not in holders(owners, replicas, s)
+    ]
     if not short:
         return None
     by_source: dict[int, list[int]] = {}

@@ -67,7 +67,9 @@ def new_secret() -> bytes:
 class Signer:
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"security.cluster_key_file: the key has {len(key)} bytes, at least {MIN_KEY_BYTES} needed")
+            raise ValueError(
+                f"security.cluster_key_file: the key has {len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+            )
         self._key = key
 
     @classmethod
@@ -83,7 +85,7 @@ class Signer:
     def open(self, where: str, data: bytes) -> bytes:
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + _MAC:
             raise Tampered(f"{where}: unsigned entry (this cluster signs its entries)")
-        mac, body = data[len(MAGIC):len(MAGIC) + _MAC], data[len(MAGIC) + _MAC:]
+        mac, body = data[len(MAGIC) : len(MAGIC) + _MAC], data[len(MAGIC) + _MAC :]
         if not hmac.compare_digest(mac, self._mac(where, body)):
             raise Tampered(f"{where}: signature does not verify (edited, forged, or moved from another key)")
         return body
@@ -98,7 +100,7 @@ def open_entry(signer: Signer | None, where: str, data: bytes) -> bytes:
     if signer is not None:
         return signer.open(where, data)
     if data.startswith(MAGIC) and len(data) >= len(MAGIC) + _MAC:
-        return data[len(MAGIC) + _MAC:]  # signed, but this reader has no key to check it
+        return data[len(MAGIC) + _MAC :]  # signed, but this reader has no key to check it
     return data
 
 
@@ -120,5 +122,6 @@ class TamperLog:
         now = time.monotonic()
         if now - self._last.get(where, -1e9) >= 10.0:
             self._last[where] = now
-            log.warning("control plane at %s: %s; %s (%d so far for this entry)", self.url, exc, action,
-                        self.counts[where])
+            log.warning(
+                "control plane at %s: %s; %s (%d so far for this entry)", self.url, exc, action, self.counts[where]
+            )

@@ -90,8 +90,11 @@ class SlotMap:
 
     @classmethod
     def from_value(cls, value: dict) -> SlotMap:
-        return cls(epoch=int(value["epoch"]), owners=[int(o) for o in value["owners"]],
-                   replicas=[[int(h) for h in r] for r in value.get("replicas") or []])
+        return cls(
+            epoch=int(value["epoch"]),
+            owners=[int(o) for o in value["owners"]],
+            replicas=[[int(h) for h in r] for r in value.get("replicas") or []],
+        )
 
 
 @dataclass(slots=True)
@@ -127,8 +130,16 @@ class ControlPlane:
 
     @classmethod
     def connect(
-        cls, url: str, namespace: str, *, timeout_s: float = 2.0, retries: int = 1, username: str | None = None,
-        password: str | None = None, ca_file: str | None = None, signer: Signer | None = None,
+        cls,
+        url: str,
+        namespace: str,
+        *,
+        timeout_s: float = 2.0,
+        retries: int = 1,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        signer: Signer | None = None,
     ) -> ControlPlane:
         """A client for the cluster `namespace` at `url`; connects lazily (first call)."""
         auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
@@ -152,11 +163,21 @@ class ControlPlane:
     def from_config(cls, cfg: Config, **kw: Any) -> ControlPlane:
         """`connect` with cluster.redis_url/namespace and the credentials and key of `cfg.security`."""
         sec = cfg.security
-        password = read_secret(sec.redis_password_file, "security.redis_password_file").decode() \
-            if sec.redis_password_file else None
+        password = (
+            read_secret(sec.redis_password_file, "security.redis_password_file").decode()
+            if sec.redis_password_file
+            else None
+        )
         signer = Signer.from_file(sec.cluster_key_file) if sec.cluster_key_file else None
-        return cls.connect(cfg.cluster.redis_url, cfg.cluster.namespace, username=sec.redis_username or None,
-                           password=password, ca_file=sec.redis_ca_file or None, signer=signer, **kw)
+        return cls.connect(
+            cfg.cluster.redis_url,
+            cfg.cluster.namespace,
+            username=sec.redis_username or None,
+            password=password,
+            ca_file=sec.redis_ca_file or None,
+            signer=signer,
+            **kw,
+        )
 
     # ---------------------------------------------------------------------------------------
     # plumbing
@@ -182,8 +203,9 @@ class ControlPlane:
                 self.tampered.note(where, exc, f"ignored, keeping the last verified {what}")
                 return self._verified[where]
             self.tampered.note(where, exc, "ignored")
-            raise TamperedEntry(f"control plane at {self.url}: the {what} fails its signature ({exc}); "
-                                "not using it") from None
+            raise TamperedEntry(
+                f"control plane at {self.url}: the {what} fails its signature ({exc}); not using it"
+            ) from None
         self._verified[where] = value
         return value
 
@@ -201,9 +223,7 @@ class ControlPlane:
         try:
             return await fn()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise ControlPlaneUnavailable(
-                f"control plane at {self.url} is unreachable while {what}: {exc}"
-            ) from exc
+            raise ControlPlaneUnavailable(f"control plane at {self.url} is unreachable while {what}: {exc}") from exc
 
     async def ping(self) -> None:
         await self._call("pinging", self._r.ping)
@@ -232,8 +252,9 @@ class ControlPlane:
         replicas = cfg.cluster.replicas
         if not 1 <= replicas <= num_shards:
             raise ValueError(f"cluster.replicas: must be in 1..{num_shards} (the shard count), got {replicas}")
-        slot_map = SlotMap(epoch=1, owners=owners,
-                           replicas=replica_math.place_replicas(owners, replicas) if replicas > 1 else [])
+        slot_map = SlotMap(
+            epoch=1, owners=owners, replicas=replica_math.place_replicas(owners, replicas) if replicas > 1 else []
+        )
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
@@ -263,18 +284,14 @@ class ControlPlane:
         data = await self._call("reading the layout", lambda: self._r.get(self._key("layout")))
         value = self._verified_or(self._key("layout"), data, "layout")
         if value is None:
-            raise ConfigError(
-                f"cluster {self.namespace!r} at {self.url} is not initialised: run `engram cluster init`"
-            )
+            raise ConfigError(f"cluster {self.namespace!r} at {self.url} is not initialised: run `engram cluster init`")
         return config_from_dict(value)
 
     async def slot_map(self) -> SlotMap:
         data = await self._call("reading the slot map", lambda: self._r.get(self._key("slotmap")))
         value = self._verified_or(self._key("slotmap"), data, "slot map")
         if value is None:
-            raise ConfigError(
-                f"cluster {self.namespace!r} at {self.url} has no slot map: run `engram cluster init`"
-            )
+            raise ConfigError(f"cluster {self.namespace!r} at {self.url} has no slot map: run `engram cluster init`")
         return SlotMap.from_value(value)
 
     async def set_slot_map(
@@ -289,8 +306,11 @@ class ControlPlane:
         if replicas is not None:
             if replicas and len(replicas) != len(owners):
                 raise ValueError(f"replicas: {len(replicas)} lists for {len(owners)} slots")
-            bad = [s for s, rs in enumerate(replicas) if owners[s] in rs or len(set(rs)) != len(rs)
-                   or any(h < 0 for h in rs)]
+            bad = [
+                s
+                for s, rs in enumerate(replicas)
+                if owners[s] in rs or len(set(rs)) != len(rs) or any(h < 0 for h in rs)
+            ]
             if bad:
                 raise ValueError(f"replicas: slot {bad[0]} lists a shard twice (or the primary, or a negative id)")
         key = self._key("slotmap")
@@ -309,9 +329,7 @@ class ControlPlane:
                 if current["epoch"] != expected_epoch:
                     raise ValueError(f"slot map changed (epoch {current['epoch']}, expected {expected_epoch})")
                 if len(owners) != len(current["owners"]):
-                    raise ValueError(
-                        f"owners: {len(owners)} entries, the cluster has {len(current['owners'])} slots"
-                    )
+                    raise ValueError(f"owners: {len(owners)} entries, the cluster has {len(current['owners'])} slots")
                 if replicas is None:
                     kept = SlotMap.from_value(current).replicas
                     reps = [[h for h in rs if h != owners[s]] for s, rs in enumerate(kept)]
@@ -390,8 +408,9 @@ class ControlPlane:
 
     async def events(self) -> list[dict]:
         """The failover/repair events, newest first."""
-        raw = await self._call("reading failover events",
-                               lambda: self._r.lrange(self._key("failover", "events"), 0, -1))
+        raw = await self._call(
+            "reading failover events", lambda: self._r.lrange(self._key("failover", "events"), 0, -1)
+        )
         key = self._key("failover", "events")
         out = []
         for d in raw:
@@ -503,7 +522,5 @@ class ControlPlane:
 
     async def manifests(self) -> list[dict]:
         """The last MANIFEST_HISTORY manifests, newest first."""
-        raw = await self._call(
-            "reading the manifest history", lambda: self._r.lrange(self._key("manifests"), 0, -1)
-        )
+        raw = await self._call("reading the manifest history", lambda: self._r.lrange(self._key("manifests"), 0, -1))
         return [m for m in map(self._manifest, raw) if m is not None]

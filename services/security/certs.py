@@ -34,30 +34,53 @@ class Issued:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "engram"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "engram"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
-def make_ca(*, common_name: str = "engram throwaway CA", days: float = 30) -> tuple[ec.EllipticCurvePrivateKey,
-                                                                                     x509.Certificate]:
+def make_ca(
+    *, common_name: str = "engram throwaway CA", days: float = 30
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
 def issue(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *, name: str, role: str | None,
-    hosts: list[str] | tuple[str, ...] = (), days: float = 30, not_before: dt.datetime | None = None,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    name: str,
+    role: str | None,
+    hosts: list[str] | tuple[str, ...] = (),
+    days: float = 30,
+    not_before: dt.datetime | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A leaf certificate for `name` with `role` (None: no role) valid from `not_before` for `days`."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -74,13 +97,18 @@ def issue(
     if role is not None:
         alt.append(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role))
     cert = (
-        x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
@@ -96,8 +124,11 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def write_pair(folder: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
     cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}-key.pem"
-    _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()), 0o600)
+    _write(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+    )
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
 
@@ -120,8 +151,11 @@ def write_bundle(folder: str | Path, *, hosts: list[str] | tuple[str, ...] = (),
 def overrides(issued: Issued, *, auth: bool = True) -> list[str]:
     """`--set` values that give a process this identity."""
     return [
-        "security.tls_enabled=true", f"security.tls_cert={issued.cert}", f"security.tls_key={issued.key}",
-        f"security.tls_ca={issued.ca}", f"security.auth_enabled={'true' if auth else 'false'}",
+        "security.tls_enabled=true",
+        f"security.tls_cert={issued.cert}",
+        f"security.tls_key={issued.key}",
+        f"security.tls_ca={issued.ca}",
+        f"security.auth_enabled={'true' if auth else 'false'}",
     ]
 
 

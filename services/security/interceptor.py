@@ -81,8 +81,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method} needs the '{need}' role: {why}")
             if not allows(role, need):
                 self.refused += 1
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{method} needs the '{need}' role; this caller has '{role}'")
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the '{need}' role; this caller has '{role}'"
+                )
 
         return _wrap(handler, check)
 
@@ -106,8 +107,11 @@ def _wrap(h: Any, check: Callable[[Any], Awaitable[None]]) -> Any:
 
         return grpc.stream_unary_rpc_method_handler(su, **kw)
     streaming = h.unary_stream if h.unary_stream is not None else h.stream_stream
-    factory = grpc.unary_stream_rpc_method_handler if h.unary_stream is not None else grpc.stream_stream_rpc_method_handler
+    factory = (
+        grpc.unary_stream_rpc_method_handler if h.unary_stream is not None else grpc.stream_stream_rpc_method_handler
+    )
     if inspect.isasyncgenfunction(streaming):
+
         async def gen(request: Any, context: Any) -> Any:
             await check(context)
             async for item in streaming(request, context):

@@ -54,7 +54,7 @@ def strongest(roles: Iterable[str]) -> str | None:
 
 def roles_from_uris(uris: Iterable[str]) -> str | None:
     """SAN URIs of a certificate -> the strongest `engram-role:<role>` among them (None: no role)."""
-    return strongest(u[len(ROLE_URI_PREFIX):] for u in uris if u.startswith(ROLE_URI_PREFIX))
+    return strongest(u[len(ROLE_URI_PREFIX) :] for u in uris if u.startswith(ROLE_URI_PREFIX))
 
 
 def _digest(token: str) -> bytes:
@@ -104,8 +104,10 @@ def parse_tokens(text: str, *, source: str) -> dict[bytes, str]:
         role, _, token = line.partition(" ")
         token = token.strip()
         if role not in RANK or not token:
-            raise ConfigError(f"security.tokens_file: {source} line {n}: expected '<role> <token>' with role one of "
-                             f"{', '.join(ROLES)} (the line is not shown: it may hold a secret)")
+            raise ConfigError(
+                f"security.tokens_file: {source} line {n}: expected '<role> <token>' with role one of "
+                f"{', '.join(ROLES)} (the line is not shown: it may hold a secret)"
+            )
         if len(token) < 16:
             raise ConfigError(f"security.tokens_file: {source} line {n}: token shorter than 16 characters")
         out[_digest(token)] = role

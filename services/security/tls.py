@@ -55,8 +55,9 @@ def check_pair(sec: SecurityConfig) -> None:
         ctx.load_cert_chain(sec.tls_cert, sec.tls_key)
         ctx.load_verify_locations(sec.tls_ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"security.tls_cert: {sec.tls_cert} with key {sec.tls_key} and CA {sec.tls_ca} "
-                          f"do not load: {exc}") from None
+        raise ConfigError(
+            f"security.tls_cert: {sec.tls_cert} with key {sec.tls_key} and CA {sec.tls_ca} do not load: {exc}"
+        ) from None
 
 
 class _Reloader:
@@ -70,7 +71,8 @@ class _Reloader:
     def config(self) -> Any:
         s = self.sec
         return grpc.ssl_server_certificate_configuration(
-            [(_read(s.tls_key, "tls_key"), _read(s.tls_cert, "tls_cert"))], root_certificates=_read(s.tls_ca, "tls_ca"))
+            [(_read(s.tls_key, "tls_key"), _read(s.tls_cert, "tls_cert"))], root_certificates=_read(s.tls_ca, "tls_ca")
+        )
 
     def changed(self) -> bool:
         m = _mtimes(self.sec)
@@ -109,13 +111,19 @@ def check_bind(host: str, sec: SecurityConfig, *, what: str) -> None:
     if sec.tls_enabled or is_loopback(host):
         return
     if sec.allow_plaintext_public:
-        log.warning("!!! %s serves PLAINTEXT on %s (security.allow_plaintext_public=true): anyone who can reach "
-                    "this address can read and, without auth, change the tables. Use this on a trusted network "
-                    "only; set security.tls_enabled=true otherwise. !!!", what, host or "all interfaces")
+        log.warning(
+            "!!! %s serves PLAINTEXT on %s (security.allow_plaintext_public=true): anyone who can reach "
+            "this address can read and, without auth, change the tables. Use this on a trusted network "
+            "only; set security.tls_enabled=true otherwise. !!!",
+            what,
+            host or "all interfaces",
+        )
         return
-    raise ConfigError(f"security.tls_enabled: {what} would listen on {host or 'all interfaces'} without TLS; "
-                      "refusing. Turn TLS on (security.tls_enabled=true with tls_cert/tls_key/tls_ca), bind a "
-                      "loopback address, or set security.allow_plaintext_public=true on a trusted network")
+    raise ConfigError(
+        f"security.tls_enabled: {what} would listen on {host or 'all interfaces'} without TLS; "
+        "refusing. Turn TLS on (security.tls_enabled=true with tls_cert/tls_key/tls_ca), bind a "
+        "loopback address, or set security.allow_plaintext_public=true on a trusted network"
+    )
 
 
 def add_port(server: Any, address: str, sec: SecurityConfig) -> tuple[int, _Reloader | None]:
@@ -126,8 +134,9 @@ def add_port(server: Any, address: str, sec: SecurityConfig) -> tuple[int, _Relo
         return server.add_insecure_port(address), None
     check_pair(sec)
     reloader = _Reloader(sec)
-    creds = grpc.dynamic_ssl_server_credentials(reloader.config(), reloader.fetch,
-                                                require_client_authentication=sec.require_client_cert)
+    creds = grpc.dynamic_ssl_server_credentials(
+        reloader.config(), reloader.fetch, require_client_authentication=sec.require_client_cert
+    )
     return server.add_secure_port(address, creds), reloader
 
 
@@ -147,8 +156,9 @@ def read_token(sec: SecurityConfig) -> str:
 def channel_credentials(sec: SecurityConfig) -> grpc.ChannelCredentials:
     key = _read(sec.tls_key, "tls_key") if sec.tls_key else None
     cert = _read(sec.tls_cert, "tls_cert") if sec.tls_cert else None
-    creds = grpc.ssl_channel_credentials(root_certificates=_read(sec.tls_ca, "tls_ca"), private_key=key,
-                                         certificate_chain=cert)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(sec.tls_ca, "tls_ca"), private_key=key, certificate_chain=cert
+    )
     token = read_token(sec)
     if token:
         creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))

@@ -29,8 +29,9 @@ class PlainIO:
 
 
 class TlsIO:
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
-                 server_hostname: str | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()

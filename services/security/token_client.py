@@ -11,14 +11,19 @@ def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
     return [*(metadata or ()), ("authorization", f"Bearer {token}")]
 
 
-class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AioToken(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
     def __init__(self, token: str) -> None:
         self.token = token
 
     def _details(self, d: Any) -> Any:
-        return grpc.aio.ClientCallDetails(d.method, d.timeout, _with_token(d.metadata, self.token), d.credentials,
-                                          d.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            d.method, d.timeout, _with_token(d.metadata, self.token), d.credentials, d.wait_for_ready
+        )
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
         return await continuation(self._details(client_call_details), request)
@@ -45,8 +50,12 @@ class _CallDetails(grpc.ClientCallDetails):
         self.compression = getattr(d, "compression", None)
 
 
-class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _SyncToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     def __init__(self, token: str) -> None:
         self.token = token
 

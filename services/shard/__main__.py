@@ -28,18 +28,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     parser.add_argument("--advertise", default="", help="host:port to register (default: host:port bound)")
     parser.add_argument(
-        "--standalone", action="store_true",
+        "--standalone",
+        action="store_true",
         help="no control plane: slot map = even split of cluster.num_slots over cluster.num_shards, epoch 1",
     )
     parser.add_argument("--threads", type=int, default=None, help="cluster.shard_threads (0: cores + 2, at most 8)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="cluster.shard_torch_threads: torch intra-op threads (0: cores // 4)")
-    parser.add_argument("--grace-s", type=float, default=None,
-                        help="cluster.shard_grace_s: seconds in-flight calls get at shutdown (default 5)")
     parser.add_argument(
-        "--pending-wait-s", type=float, default=None,
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="cluster.shard_torch_threads: torch intra-op threads (0: cores // 4)",
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=None,
+        help="cluster.shard_grace_s: seconds in-flight calls get at shutdown (default 5)",
+    )
+    parser.add_argument(
+        "--pending-wait-s",
+        type=float,
+        default=None,
         help="cluster.pending_wait_s: sync mode: how long a gradient of step s+1 waits for step s to collect "
-             "its parts (then ABORTED; default 60)",
+        "its parts (then ABORTED; default 60)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -48,14 +59,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        flags = {"shard_threads": args.threads, "shard_torch_threads": args.torch_threads,
-                 "shard_grace_s": args.grace_s, "pending_wait_s": args.pending_wait_s}
-        cfg = load_config(args.preset, args.config, args.overrides,
-                          data={"cluster": {k: v for k, v in flags.items() if v is not None}})
+        flags = {
+            "shard_threads": args.threads,
+            "shard_torch_threads": args.torch_threads,
+            "shard_grace_s": args.grace_s,
+            "pending_wait_s": args.pending_wait_s,
+        }
+        cfg = load_config(
+            args.preset,
+            args.config,
+            args.overrides,
+            data={"cluster": {k: v for k, v in flags.items() if v is not None}},
+        )
         if args.shard_id < 0:
             raise ConfigError(f"--shard-id: must be >= 0, got {args.shard_id}")
         if not 0 <= args.port < 65536:
@@ -75,16 +95,25 @@ def run(args: argparse.Namespace) -> int:
         from services.telemetry import setup_telemetry
 
         sec = cfg.security  # with TLS on, the metrics are HTTPS with the shard's certificate
-        tel = setup_telemetry("engram-shard", metrics_port=args.metrics_port, metrics_host=host,
-                              attributes={"engram.shard_id": args.shard_id},
-                              metrics_tls=(sec.tls_cert, sec.tls_key) if sec.tls_enabled else None)
+        tel = setup_telemetry(
+            "engram-shard",
+            metrics_port=args.metrics_port,
+            metrics_host=host,
+            attributes={"engram.shard_id": args.shard_id},
+            metrics_tls=(sec.tls_cert, sec.tls_key) if sec.tls_enabled else None,
+        )
         try:
             from services.shard.server import ServeOptions, serve
 
             opts = ServeOptions(
-                shard_id=args.shard_id, host=host, port=args.port, advertise=args.advertise,
-                standalone=args.standalone, threads=cfg.cluster.shard_threads,
-                torch_threads=cfg.cluster.shard_torch_threads, grace_s=cfg.cluster.shard_grace_s,
+                shard_id=args.shard_id,
+                host=host,
+                port=args.port,
+                advertise=args.advertise,
+                standalone=args.standalone,
+                threads=cfg.cluster.shard_threads,
+                torch_threads=cfg.cluster.shard_torch_threads,
+                grace_s=cfg.cluster.shard_grace_s,
                 pending_wait_s=cfg.cluster.pending_wait_s,
             )
             return uvloop.run(serve(cfg, opts))
@@ -101,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.shard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_args(parser)
     return run(parser.parse_args(argv))
 

@@ -91,8 +91,16 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
         raise invalid(f"{rel} is a symlink out of the checkpoint directory: not writing through it")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim,
-        KIND_CODES[meta.kind], FORMAT_CODES[meta.fmt], block.applied_step,
+        MAGIC,
+        FORMAT_VERSION,
+        meta.table,
+        meta.slot,
+        meta.num_slots,
+        meta.rows,
+        meta.dim,
+        KIND_CODES[meta.kind],
+        FORMAT_CODES[meta.fmt],
+        block.applied_step,
     )
     digest = hashlib.sha256(header)
     try:
@@ -109,8 +117,12 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
         tmp.unlink(missing_ok=True)
         raise
     return {
-        "table": meta.table, "slot": meta.slot, "path": rel, "sha256": digest.hexdigest(),
-        "num_rows": meta.rows, "num_bytes": meta.file_bytes,
+        "table": meta.table,
+        "slot": meta.slot,
+        "path": rel,
+        "sha256": digest.hexdigest(),
+        "num_rows": meta.rows,
+        "num_bytes": meta.file_bytes,
     }
 
 
@@ -122,7 +134,9 @@ def _inside(root: Path, path: Path) -> bool:
 def checkpoint_dir(root: str | Path, name: str) -> Path:
     """The directory of checkpoint `name` under the checkpoint root; anything else is INVALID_ARGUMENT."""
     if not name:
-        raise invalid("name: required (a checkpoint name under the shard's cluster.checkpoint_dir, e.g. run1/step_000100)")
+        raise invalid(
+            "name: required (a checkpoint name under the shard's cluster.checkpoint_dir, e.g. run1/step_000100)"
+        )
     parts = name.split("/")
     if len(name) > MAX_NAME_CHARS or not all(_NAME_PART.fullmatch(p) for p in parts):
         raise invalid(
@@ -148,8 +162,10 @@ def resolve(directory: str | Path, rel: str, *, table: int, slot: int) -> Path:
 
 def check_sha256(sha256: str, *, table: int, slot: int) -> None:
     if not _SHA256.fullmatch(sha256):
-        raise invalid(f"files: table {table} slot {slot}: sha256 must be 64 lowercase hex digits "
-                      f"({'empty' if not sha256 else f'{len(sha256)} characters'}); restore refused, tables unchanged")
+        raise invalid(
+            f"files: table {table} slot {slot}: sha256 must be 64 lowercase hex digits "
+            f"({'empty' if not sha256 else f'{len(sha256)} characters'}); restore refused, tables unchanged"
+        )
 
 
 def _data_loss(rel: str, what: str, outcome: str = "restore refused, tables unchanged") -> ShardError:

@@ -52,8 +52,15 @@ class Disconnected(Exception):
 
 
 class DataPlane:
-    def __init__(self, engine: ShardEngine, *, max_reply_bytes: int, chunk_bytes: int = CHUNK_BYTES,
-                 ssl: ServerSSL | None = None, need_role: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: ShardEngine,
+        *,
+        max_reply_bytes: int,
+        chunk_bytes: int = CHUNK_BYTES,
+        ssl: ServerSSL | None = None,
+        need_role: str | None = None,
+    ) -> None:
         self.engine = engine
         self.ssl = ssl
         self.need_role = need_role  # with TLS: the role a client certificate needs
@@ -124,8 +131,9 @@ class DataPlane:
             role = peer_role(io.peercert())
             if not allows(role, self.need_role):
                 why = f"this caller has '{role}'" if role else "the client certificate carries no engram role"
-                await self._error(conn, Code.PERMISSION_DENIED, f"the data plane needs the '{self.need_role}' role; "
-                                  f"{why}")
+                await self._error(
+                    conn, Code.PERMISSION_DENIED, f"the data plane needs the '{self.need_role}' role; {why}"
+                )
                 with contextlib.suppress(OSError, TimeoutError):  # read the request: close with FIN, not RST
                     await asyncio.wait_for(io.recv_into(memoryview(conn.head)), 1.0)
                 return None
@@ -166,14 +174,22 @@ class DataPlane:
         if got == 0:
             return False
         if got < REQUEST.size:
-            await self._error(conn, Code.INVALID_ARGUMENT,
-                              f"truncated frame: the connection ended after {got} of {REQUEST.size} header bytes")
+            await self._error(
+                conn,
+                Code.INVALID_ARGUMENT,
+                f"truncated frame: the connection ended after {got} of {REQUEST.size} header bytes",
+            )
             return False
         req = Request.unpack(conn.head)
         rid = req.request_id
         if req.magic != REQUEST_MAGIC or req.version != VERSION:
-            await self._error(conn, Code.INVALID_ARGUMENT, f"bad frame: magic {req.magic:#x} version {req.version} "
-                              f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing", rid)
+            await self._error(
+                conn,
+                Code.INVALID_ARGUMENT,
+                f"bad frame: magic {req.magic:#x} version {req.version} "
+                f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing",
+                rid,
+            )
             return False
         problem = self._check_header(req)
         if problem is not None:
@@ -188,12 +204,22 @@ class DataPlane:
         ids = conn.ids_buffer(req.n_ids)
         got = await conn.recv_into(ids.view(np.uint8), req.body_len)
         if got < req.body_len:
-            await self._error(conn, Code.INVALID_ARGUMENT, f"truncated frame: the connection ended after {got} of "
-                              f"{req.body_len} id bytes", rid)
+            await self._error(
+                conn,
+                Code.INVALID_ARGUMENT,
+                f"truncated frame: the connection ended after {got} of {req.body_len} id bytes",
+                rid,
+            )
             return False
         try:
-            plan = self.engine.store.plan_lookup(table=req.table, epoch=req.epoch, ids=ids, dtype=req.dtype,
-                                                 step=req.step, max_staleness=req.max_staleness)
+            plan = self.engine.store.plan_lookup(
+                table=req.table,
+                epoch=req.epoch,
+                ids=ids,
+                dtype=req.dtype,
+                step=req.step,
+                max_staleness=req.max_staleness,
+            )
         except ShardError as exc:
             await self._error(conn, exc.code, exc.message, rid)
             return True
@@ -207,24 +233,34 @@ class DataPlane:
         if req.flags:
             return Code.INVALID_ARGUMENT, f"flags: {req.flags:#x}, no flags are defined"
         if req.body_len != 8 * req.n_ids:
-            return Code.INVALID_ARGUMENT, (f"wrong length: body_len {req.body_len} bytes, but {req.n_ids} int64 ids "
-                                           f"take {8 * req.n_ids}")
+            return Code.INVALID_ARGUMENT, (
+                f"wrong length: body_len {req.body_len} bytes, but {req.n_ids} int64 ids take {8 * req.n_ids}"
+            )
         if req.table not in store.layouts:
             return Code.INVALID_ARGUMENT, f"table {req.table}: no such Engram table (layers {sorted(store.layouts)})"
         if req.dtype not in ROW_DTYPES:
             return Code.INVALID_ARGUMENT, f"dtype: {req.dtype} is not a wire dtype (1 FP32, 2 BF16, 3 FP16, 4 FP8)"
         reply = req.n_ids * row_bytes(req.dtype, store.layouts[req.table].dim)
         if reply > self.max_reply_bytes:
-            return Code.RESOURCE_EXHAUSTED, (f"oversized request: {req.n_ids} rows make a {reply}-byte reply, the "
-                                             f"limit is {self.max_reply_bytes} (cluster.max_message_mb); split it")
+            return Code.RESOURCE_EXHAUSTED, (
+                f"oversized request: {req.n_ids} rows make a {reply}-byte reply, the "
+                f"limit is {self.max_reply_bytes} (cluster.max_message_mb); split it"
+            )
         return None
 
     async def _reply(self, conn: _Connection, req: Request, plan) -> None:
         n, dim = plan.pos.shape[0], plan.dim
         dtype, cols, width = ROW_DTYPES[plan.dtype], row_cols(plan.dtype, dim), row_bytes(plan.dtype, dim)
         nbytes = n * width
-        head = Reply(status=0, request_id=req.request_id, epoch=plan.epoch, applied_step=plan.applied_step, dim=dim,
-                     dtype=plan.dtype, body_len=nbytes).pack()
+        head = Reply(
+            status=0,
+            request_id=req.request_id,
+            epoch=plan.epoch,
+            applied_step=plan.applied_step,
+            dim=dim,
+            dtype=plan.dtype,
+            body_len=nbytes,
+        ).pack()
         buf = conn.reply_buffer(len(head) + nbytes)  # (48 + nbytes,) uint8
         buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
         out = buf[len(head) : len(head) + nbytes].view(dtype).view(n, cols)  # (n, D), fp8: (n, D + D/32)

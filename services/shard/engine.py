@@ -68,7 +68,9 @@ class ShardEngine:
         self.pool = pool
         self.address = address
         # (target, options) -> a grpc.aio channel to a peer shard (the server sets the secure one)
-        self.dial: Callable[[str, list], Any] = lambda target, options: grpc.aio.insecure_channel(target, options=options)
+        self.dial: Callable[[str, list], Any] = lambda target, options: grpc.aio.insecure_channel(
+            target, options=options
+        )
         self.pending_wait_s = pending_wait_s
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(64 << 10, min(4 << 20, max_message_bytes // 4))
@@ -135,7 +137,11 @@ class ShardEngine:
         record_shard_event("step_discarded")
         log.warning(
             "discarded step %d of table %d: %d of %d parts arrived in %.0f s (cluster.pending_step_timeout_s); "
-            "nothing of it was applied", pend.step, table, len(pend.parts), pend.num_parts,
+            "nothing of it was applied",
+            pend.step,
+            table,
+            len(pend.parts),
+            pend.num_parts,
             self.limits.pending_step_timeout_s,
         )
 
@@ -153,8 +159,11 @@ class ShardEngine:
                 dropped = self.staging.expire(self.limits.freeze_lease_s)
                 record_shard_event("staged_dropped", dropped)
                 if dropped:
-                    log.warning("dropped %d staged slot imports no slot map claimed in %.0f s", dropped,
-                                self.limits.freeze_lease_s)
+                    log.warning(
+                        "dropped %d staged slot imports no slot map claimed in %.0f s",
+                        dropped,
+                        self.limits.freeze_lease_s,
+                    )
 
     # ---------------------------------------------------------------------------------------
     # lookups and updates
@@ -162,8 +171,14 @@ class ShardEngine:
     async def lookup(self, req: shard_pb2.LookupRequest) -> LookupResult:
         """-> the serialized LookupResponse (the servicer sends it as is) and its numbers."""
         row_ids = req.row_ids  # each attribute access copies the field
-        kw = dict(table=req.table, epoch=req.epoch, row_ids=row_ids, dtype=req.dtype, step=req.step,
-                  max_staleness=req.max_staleness)
+        kw = dict(
+            table=req.table,
+            epoch=req.epoch,
+            row_ids=row_ids,
+            dtype=req.dtype,
+            step=req.step,
+            max_staleness=req.max_staleness,
+        )
         if len(row_ids) <= 8 * INLINE_LOOKUP_ROWS:
             result = self.store.lookup(**kw)
         else:
@@ -215,8 +230,17 @@ class ShardEngine:
     async def _apply_locked(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
         store, t, opt = self.store, req.table, req.optimizer
         upd = await self._run(
-            store.prepare_update, table=t, epoch=req.epoch, row_ids=req.row_ids, grads=req.grads, step=req.step,
-            kind=opt.kind, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
+            store.prepare_update,
+            table=t,
+            epoch=req.epoch,
+            row_ids=req.row_ids,
+            grads=req.grads,
+            step=req.step,
+            kind=opt.kind,
+            lr=opt.lr,
+            beta1=opt.beta1,
+            beta2=opt.beta2,
+            eps=opt.eps,
         )
         self.trimmer.note(3 * upd.grads.nbytes)  # the request and the update's temporaries
         pend = self.agg.pending(t)
@@ -252,8 +276,15 @@ class ShardEngine:
     def _metas(self, table: int, slots: tuple[int, ...]) -> list[ckpt.SlotMeta]:
         store, layout = self.store, self.store.layouts[table]
         return [
-            ckpt.SlotMeta(table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots),
-                          layout.dim, store.kind, store.row_format)
+            ckpt.SlotMeta(
+                table,
+                s,
+                store.num_slots,
+                slot_num_rows(layout.num_rows, s, store.num_slots),
+                layout.dim,
+                store.kind,
+                store.row_format,
+            )
             for s in slots
         ]
 
@@ -313,7 +344,9 @@ class ShardEngine:
                 steps = await self._run(verify_all)
                 await self._run(store.rewrite_rows, load_all, steps)
             except OSError as exc:
-                raise ShardError(Code.DATA_LOSS, f"reading checkpoint {req.name} failed: {exc.strerror or exc}") from exc
+                raise ShardError(
+                    Code.DATA_LOSS, f"reading checkpoint {req.name} failed: {exc.strerror or exc}"
+                ) from exc
         return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))
 
     # ---------------------------------------------------------------------------------------
@@ -335,7 +368,9 @@ class ShardEngine:
                 raise invalid(f"slots: need distinct slots to send, got {list(req.slots)}")
             not_owned = [s for s in slots if s not in view.owned]
             if not_owned:
-                raise precondition(f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}")
+                raise precondition(
+                    f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}"
+                )
             async with self._all_tables():  # in-flight updates finish; later ones see the freeze
                 froze = store.frozen.freeze(slots, req.target)
             sent = {"bytes": 0}
@@ -348,21 +383,26 @@ class ShardEngine:
                             sent["bytes"] += len(chunk.weights) + len(chunk.state)
                             yield chunk
 
-            opts = channel_options(max_message_bytes=self.max_message_bytes, keepalive_s=self.limits.keepalive_s,
-                                   retries=False)  # ImportSlots streams: never resent by the channel
+            opts = channel_options(
+                max_message_bytes=self.max_message_bytes, keepalive_s=self.limits.keepalive_s, retries=False
+            )  # ImportSlots streams: never resent by the channel
             try:
                 async with self.dial(req.target, opts) as channel:
                     resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(
-                        chunks(), timeout=self.limits.migrate_timeout_s)
+                        chunks(), timeout=self.limits.migrate_timeout_s
+                    )
             except grpc.aio.AioRpcError as exc:
                 store.frozen.unfreeze(froze)
-                raise ShardError(exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}") from None
+                raise ShardError(
+                    exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}"
+                ) from None
             except BaseException:
                 store.frozen.unfreeze(froze)
                 raise
             store.frozen.arm(slots, self.limits.freeze_lease_s)  # lifts unless a slot map comes in time
-        return shard_pb2.MigrateSlotsResponse(slots_sent=resp.slots_received // max(1, len(store.layouts)),
-                                              bytes_sent=sent["bytes"])
+        return shard_pb2.MigrateSlotsResponse(
+            slots_sent=resp.slots_received // max(1, len(store.layouts)), bytes_sent=sent["bytes"]
+        )
 
     async def import_slots(self, chunks: AsyncIterator[shard_pb2.SlotChunk]) -> shard_pb2.ImportSlotsResponse:
         received = 0
@@ -375,8 +415,10 @@ class ShardEngine:
                 for t, s in self.staging.partial_keys()[:1]:
                     raise invalid(f"stream ended before the last chunk of table {t} slot {s}")
             except TimeoutError:
-                raise ShardError(Code.DEADLINE_EXCEEDED, f"import stream still open after {limit:g} s "
-                                 "(cluster.migrate_timeout_s); partial slots dropped") from None
+                raise ShardError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"import stream still open after {limit:g} s (cluster.migrate_timeout_s); partial slots dropped",
+                ) from None
             finally:
                 self.staging.drop_partial()
         return shard_pb2.ImportSlotsResponse(slots_received=received)
@@ -424,7 +466,10 @@ class ShardEngine:
         async with self.admin, self._all_tables():
             before = self.store.view.epoch
             dropped = await self._run(
-                self.store.set_ownership, epoch=req.epoch, owned_slots=owned, owners=owners,
+                self.store.set_ownership,
+                epoch=req.epoch,
+                owned_slots=owned,
+                owners=owners,
                 staged=self.staging.complete,
             )
             if self.store.view.epoch != before:
@@ -438,12 +483,19 @@ class ShardEngine:
         """A small summary for the control plane's registry (msgpack-able)."""
         view = self.store.view
         return {
-            "epoch": view.epoch, "slots": len(view.owned), "rss_bytes": psutil.Process().memory_info().rss,
-            "rows": sum(d["num_rows"] for d in self.store.table_stats()), "bytes": self.store.nbytes(),
-            "lookups": self.lookups, "rows_served": self.rows_served, "updates": self.updates,
-            "applied_step": dict(self.store.applied_step), "max_staleness_seen": self.max_staleness_seen,
+            "epoch": view.epoch,
+            "slots": len(view.owned),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "rows": sum(d["num_rows"] for d in self.store.table_stats()),
+            "bytes": self.store.nbytes(),
+            "lookups": self.lookups,
+            "rows_served": self.rows_served,
+            "updates": self.updates,
+            "applied_step": dict(self.store.applied_step),
+            "max_staleness_seen": self.max_staleness_seen,
             **self._row_paths_info(),
-            "steps_discarded": self.steps_discarded, "freezes_lifted": self.store.frozen.lifted,
+            "steps_discarded": self.steps_discarded,
+            "freezes_lifted": self.store.frozen.lifted,
             "inflight_refused": self.budget.refused,
         }
 
@@ -456,8 +508,13 @@ class ShardEngine:
     def stats(self) -> shard_pb2.StatsResponse:
         view = self.store.view
         return shard_pb2.StatsResponse(
-            shard_id=str(self.store.shard_id), epoch=view.epoch, slots=list(view.owned),
+            shard_id=str(self.store.shard_id),
+            epoch=view.epoch,
+            slots=list(view.owned),
             tables=[shard_pb2.TableStats(**d) for d in self.store.table_stats()],
-            rss_bytes=psutil.Process().memory_info().rss, lookups=self.lookups, rows_served=self.rows_served,
-            updates=self.updates, max_staleness_seen=self.max_staleness_seen,
+            rss_bytes=psutil.Process().memory_info().rss,
+            lookups=self.lookups,
+            rows_served=self.rows_served,
+            updates=self.updates,
+            max_staleness_seen=self.max_staleness_seen,
         )

@@ -136,8 +136,10 @@ def check_target(target: str) -> None:
 async def check_peer(target: str, peers: Callable[[], Awaitable[list]] | None, *, self_id: int) -> None:
     """MigrateSlots dials only a shard the control plane registered (alive, another id) at `target`."""
     if peers is None:
-        raise precondition("target: a standalone shard has no registry to check a migration target against; "
-                           "MigrateSlots needs the control plane")
+        raise precondition(
+            "target: a standalone shard has no registry to check a migration target against; "
+            "MigrateSlots needs the control plane"
+        )
     try:
         records = await asyncio.wait_for(peers(), timeout=2.0)
     except Exception as exc:  # noqa: BLE001 - unreachable or tampered: never dial an unchecked address

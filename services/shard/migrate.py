@@ -48,8 +48,14 @@ def slot_chunks(
         state = b"".join(s[a:b].numpy().tobytes() for s in block.state)  # adam: m then v; adagrad: acc
         weights = block.weights[a:b].contiguous().view(torch.uint8).numpy().tobytes()  # the storage format's bytes
         yield shard_pb2.SlotChunk(
-            table=table, slot=slot, epoch=epoch, weights=weights, state=state,
-            applied_step=block.applied_step, last=b >= n, offset_rows=a,
+            table=table,
+            slot=slot,
+            epoch=epoch,
+            weights=weights,
+            state=state,
+            applied_step=block.applied_step,
+            last=b >= n,
+            offset_rows=a,
         )
 
 
@@ -63,16 +69,21 @@ _FINITE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 def _check_values(chunk: shard_pb2.SlotChunk, *, rows: int, dim: int, kind: str, fmt: str) -> None:
     """Rows and optimizer state a shard would serve and train: finite, and second moments >= 0."""
     where = f"table {chunk.table} slot {chunk.slot} at row {chunk.offset_rows}"
-    if rows and fmt in _FINITE_DTYPES and not bool(
-            torch.isfinite(torch.frombuffer(bytearray(chunk.weights), dtype=_FINITE_DTYPES[fmt])).all()):
+    if (
+        rows
+        and fmt in _FINITE_DTYPES
+        and not bool(torch.isfinite(torch.frombuffer(bytearray(chunk.weights), dtype=_FINITE_DTYPES[fmt])).all())
+    ):
         raise invalid(f"weights: non-finite values (NaN/Inf) in the chunk of {where}; slot not imported")
     state = np.frombuffer(chunk.state, dtype="<f4")
     if rows and not np.isfinite(state).all():
         raise invalid(f"state: non-finite values (NaN/Inf) in the chunk of {where}; slot not imported")
-    moments = state[rows * dim:] if kind == "adam" else state  # adam: m then v; adagrad: the accumulator
+    moments = state[rows * dim :] if kind == "adam" else state  # adam: m then v; adagrad: the accumulator
     if rows and (moments < 0).any():
-        raise invalid(f"state: negative {'second moments' if kind == 'adam' else 'accumulators'} in the chunk of "
-                      f"{where}; slot not imported")
+        raise invalid(
+            f"state: negative {'second moments' if kind == 'adam' else 'accumulators'} in the chunk of "
+            f"{where}; slot not imported"
+        )
 
 
 class Staging:
@@ -124,7 +135,9 @@ class Staging:
             self._partial[key] = (block, 0)
             self.complete.pop(key, None)
         if key not in self._partial:
-            raise precondition(f"table {chunk.table} slot {chunk.slot}: chunk at row {chunk.offset_rows} without a start")
+            raise precondition(
+                f"table {chunk.table} slot {chunk.slot}: chunk at row {chunk.offset_rows} without a start"
+            )
         block, received = self._partial[key]
         if chunk.offset_rows != received or received + rows > total:
             raise invalid(

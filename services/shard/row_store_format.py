@@ -23,7 +23,10 @@ from services.shard.errors import invalid, precondition
 from services.wire import FORMAT_OF, ROW_DTYPES
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.uint8,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.uint8,
 }
 READ_ONLY = ("fp8",)
 FP8_NAME = "fp8 (E4M3 values + UE8M0 block-32 scales)"
@@ -64,14 +67,16 @@ def check_lookup_dtype(fmt: str, dtype: int, *, dim: int, table: int) -> None:
     if wire is None:
         raise invalid(f"dtype: {wire_name(dtype)} is not a wire dtype (FP32, BF16, FP16 or FP8_E4M3_UE8M0)")
     if wire == "fp8" and dim % FP8_BLOCK:
-        raise invalid(f"dtype: FP8_E4M3_UE8M0 needs rows of a multiple of {FP8_BLOCK} values; table {table} has "
-                      f"{dim}")
+        raise invalid(f"dtype: FP8_E4M3_UE8M0 needs rows of a multiple of {FP8_BLOCK} values; table {table} has {dim}")
     if row_nbytes(wire, dim) > row_nbytes(fmt, dim):
         raise invalid(
             f"dtype: {wire_name(dtype)} ({row_nbytes(wire, dim)} bytes/row) is wider than table {table}'s storage "
             f"format {describe(fmt)} ({row_nbytes(fmt, dim)} bytes/row); ask for "
-            + ", ".join(f for f in FORMATS if (f != "fp8" or dim % FP8_BLOCK == 0)
-                        and row_nbytes(f, dim) <= row_nbytes(fmt, dim))
+            + ", ".join(
+                f
+                for f in FORMATS
+                if (f != "fp8" or dim % FP8_BLOCK == 0) and row_nbytes(f, dim) <= row_nbytes(fmt, dim)
+            )
         )
 
 

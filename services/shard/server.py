@@ -100,14 +100,17 @@ async def _boot_from_control_plane(
 async def _restore_manifest(engine: ShardEngine, manifest: dict) -> None:
     try:
         files = [
-            shard_pb2.SlotFile(**{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes")
-                                  if k in f})
+            shard_pb2.SlotFile(
+                **{k: f[k] for k in ("table", "slot", "path", "sha256", "num_rows", "num_bytes") if k in f}
+            )
             for f in manifest.get("files", [])
         ]
         req = shard_pb2.RestoreRequest(name=str(manifest.get("name", "")), files=files)
         resp = await engine.restore(req)
     except ShardError as exc:
-        raise BootError(f"restoring checkpoint step {manifest.get('step')} ({manifest.get('name')}): {exc.message}") from None
+        raise BootError(
+            f"restoring checkpoint step {manifest.get('step')} ({manifest.get('name')}): {exc.message}"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise BootError(f"checkpoint step {manifest.get('step')}: malformed manifest ({exc})") from None
     log.info("restored %d slots from checkpoint %s (step %d)", resp.slots_restored, req.name, resp.step)
@@ -124,8 +127,12 @@ async def _restore_newest(engine: ShardEngine, manifests: list[dict]) -> None:
             log.warning("cannot boot from checkpoint %d of %d (newest first): %s", i + 1, len(manifests), exc)
             continue
         if i:
-            log.warning("booted from an older checkpoint, step %s (%s): the %d newer ones did not verify",
-                        manifest.get("step"), manifest.get("name"), i)
+            log.warning(
+                "booted from an older checkpoint, step %s (%s): the %d newer ones did not verify",
+                manifest.get("step"),
+                manifest.get("name"),
+                i,
+            )
         else:
             log.info("booted from the newest checkpoint, step %s (%s)", manifest.get("step"), manifest.get("name"))
         return
@@ -140,8 +147,13 @@ async def _republish(cp: ControlPlane, engine: ShardEngine, cfg: Config) -> None
         smap = None  # a shard's view lists itself for its replica slots: not the cluster's map (docs/failover.md)
     restored = await cp.republish(cfg, smap)
     if restored:
-        log.warning("control plane at %s had lost %s: re-published from shard %d (epoch %d)", cp.url,
-                    " and ".join(restored), engine.store.shard_id, view.epoch)
+        log.warning(
+            "control plane at %s had lost %s: re-published from shard %d (epoch %d)",
+            cp.url,
+            " and ".join(restored),
+            engine.store.shard_id,
+            view.epoch,
+        )
 
 
 async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, shard_id: int, address: str) -> None:
@@ -180,25 +192,39 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     if opts.standalone:
         owners, epoch = even_slot_map(cfg.cluster.num_slots, cfg.cluster.num_shards), 1
         if not 0 <= opts.shard_id < cfg.cluster.num_shards:
-            raise BootError(f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)")
+            raise BootError(
+                f"--shard-id {opts.shard_id} is outside 0..{cfg.cluster.num_shards - 1} (cluster.num_shards)"
+            )
     else:
         cfg, cp, owners, epoch, manifests = await _boot_from_control_plane(cfg, opts.shard_id)
     loop = asyncio.get_running_loop()
-    tables = TableMemory(mirror=cfg.cluster.row_mirror, shm_dir=cfg.cluster.shm_dir,
-                         namespace=cfg.cluster.namespace, shard_id=opts.shard_id)
+    tables = TableMemory(
+        mirror=cfg.cluster.row_mirror,
+        shm_dir=cfg.cluster.shm_dir,
+        namespace=cfg.cluster.namespace,
+        shard_id=opts.shard_id,
+    )
     # a checkpoint overwrites every owned row (or the shard does not start): skip the init then
     try:
         store = await loop.run_in_executor(
-            pool, lambda: ShardStore.from_slot_map(cfg, shard_id=opts.shard_id, owners=owners, epoch=epoch,
-                                                   init_threads=max(1, min(8, cores)), init_weights=not manifests,
-                                                   memory=tables)
+            pool,
+            lambda: ShardStore.from_slot_map(
+                cfg,
+                shard_id=opts.shard_id,
+                owners=owners,
+                epoch=epoch,
+                init_threads=max(1, min(8, cores)),
+                init_weights=not manifests,
+                memory=tables,
+            ),
         )
     except BaseException:
         tables.close()
         raise
     max_bytes = cfg.cluster.max_message_mb << 20
-    engine = ShardEngine(store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s,
-                         limits=cfg.cluster)
+    engine = ShardEngine(
+        store, pool=pool, max_message_bytes=max_bytes, pending_wait_s=opts.pending_wait_s, limits=cfg.cluster
+    )
     if cp is not None:
         engine.slot_map_source, engine.peers_source = cp.slot_map, cp.shards
     if manifests:
@@ -208,8 +234,9 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
 
     c = cfg.cluster
     server = grpc.aio.server(
-        options=server_options(max_message_bytes=max_bytes, keepalive_s=c.keepalive_s,
-                               idle_connection_s=c.idle_connection_s),
+        options=server_options(
+            max_message_bytes=max_bytes, keepalive_s=c.keepalive_s, idle_connection_s=c.idle_connection_s
+        ),
         maximum_concurrent_rpcs=c.max_concurrent_rpcs,
         interceptors=server_interceptors(cfg.security),
     )
@@ -230,8 +257,12 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
     address = opts.advertise or f"{host}:{port}"
     engine.address = address
     engine.dial = lambda target, options: tls.aio_channel(target, sec, options)  # MigrateSlots -> ImportSlots
-    data_plane = DataPlane(engine, max_reply_bytes=max_bytes, ssl=tls.ServerSSL(sec) if sec.tls_enabled else None,
-                           need_role="read" if sec.auth_enabled else None)
+    data_plane = DataPlane(
+        engine,
+        max_reply_bytes=max_bytes,
+        ssl=tls.ServerSSL(sec) if sec.tls_enabled else None,
+        need_role="read" if sec.auth_enabled else None,
+    )
     data_host = opts.host
     if sec.auth_enabled and not sec.tls_enabled and not tls.is_loopback(data_host):
         data_host = "127.0.0.1"  # it cannot check tokens: same-host readers only, the rest take gRPC
@@ -242,8 +273,10 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         tables.close()
         raise BootError(f"data plane cannot listen on {opts.host}:{cfg.cluster.data_port}: {exc}") from None
     engine.row_paths = {
-        "host_id": local_host_id(cfg.cluster.host_id), "data_address": f"{address.rsplit(':', 1)[0]}:{data_port}",
-        "shm_files": {str(t): name for t, name in tables.files().items()}, "shm_token": tables.token.hex(),
+        "host_id": local_host_id(cfg.cluster.host_id),
+        "data_address": f"{address.rsplit(':', 1)[0]}:{data_port}",
+        "shm_files": {str(t): name for t, name in tables.files().items()},
+        "shm_token": tables.token.hex(),
         "shm_reason": tables.reason,
     }
     await server.start()
@@ -263,8 +296,15 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         beat = asyncio.create_task(_heartbeat(cp, engine, cfg, opts.shard_id, address))
         if cfg.cluster.replicas > 1:
             housekeeping.append(asyncio.create_task(FailoverLoop(cp, cfg, shard_id=opts.shard_id).run()))
-    log.info("shard %d serving %d slots at epoch %d on %s (data plane port %d, tables %s)", opts.shard_id,
-             len(store.view.owned), epoch, address, data_port, tables.dir or f"in private memory: {tables.reason}")
+    log.info(
+        "shard %d serving %d slots at epoch %d on %s (data plane port %d, tables %s)",
+        opts.shard_id,
+        len(store.view.owned),
+        epoch,
+        address,
+        data_port,
+        tables.dir or f"in private memory: {tables.reason}",
+    )
     print(f"READY shard={opts.shard_id} address={address}", file=ready_out, flush=True)
 
     await stop.wait()

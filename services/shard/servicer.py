@@ -67,7 +67,9 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
         annotate(bytes_out=result.rows_nbytes, applied_step=result.applied_step)
         return result.payload  # already a serialized LookupResponse (see add_to_server)
 
-    async def LookupStream(self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context) -> AsyncIterator[bytes]:
+    async def LookupStream(
+        self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context
+    ) -> AsyncIterator[bytes]:
         i = 0
         async for request in request_iterator:
             try:
@@ -81,8 +83,14 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
             i += 1
 
     async def ApplyGradients(self, request, context):
-        annotate_rows(request.row_ids, table=request.table, epoch=request.epoch, step=request.step,
-                      grad_bytes=len(request.grads), part_id=request.part_id or None)
+        annotate_rows(
+            request.row_ids,
+            table=request.table,
+            epoch=request.epoch,
+            step=request.step,
+            grad_bytes=len(request.grads),
+            part_id=request.part_id or None,
+        )
         response = await _answer(context, self.engine.apply_gradients(request), "ApplyGradients")
         annotate(rows_updated=response.rows_updated, pending=response.pending, applied_step=response.applied_step)
         return response

@@ -39,8 +39,26 @@ VERSION = 1
 HEADER_WORDS = 512
 BASE_OFFSET = HEADER_WORDS * 8
 ALIGN = 2 << 20  # row arrays start on 2 MiB boundaries (huge pages where tmpfs allows them)
-(H_MAGIC, H_VERSION, H_SEQ, H_APPLIED_STEP, H_EPOCH, H_RETIRED, H_SHARD, H_TABLE, H_ROWS, H_DIM, H_NUM_SLOTS,
- H_MIRROR_DTYPE, H_WEIGHTS_OFFSET, H_MIRROR_OFFSET, H_TOKEN0, H_TOKEN1, H_SIZE, H_PID) = range(18)
+(
+    H_MAGIC,
+    H_VERSION,
+    H_SEQ,
+    H_APPLIED_STEP,
+    H_EPOCH,
+    H_RETIRED,
+    H_SHARD,
+    H_TABLE,
+    H_ROWS,
+    H_DIM,
+    H_NUM_SLOTS,
+    H_MIRROR_DTYPE,
+    H_WEIGHTS_OFFSET,
+    H_MIRROR_OFFSET,
+    H_TOKEN0,
+    H_TOKEN1,
+    H_SIZE,
+    H_PID,
+) = range(18)
 MIRROR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIRROR_CODES = {torch.bfloat16: 2, torch.float16: 3}  # = shard_pb2.WireDtype BF16 / FP16 (checked in tests)
 _MADV_HUGEPAGE = 14
@@ -98,11 +116,23 @@ class Placement:
 class ShmTable:
     """The shard's side of one table file: a writable mapping, header words, row tensors."""
 
-    def __init__(self, path: Path, *, shard_id: int, table: int, rows: int, dim: int, base: np.ndarray,
-                 epoch: int, mirror: torch.dtype | None, token: bytes) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        shard_id: int,
+        table: int,
+        rows: int,
+        dim: int,
+        base: np.ndarray,
+        epoch: int,
+        mirror: torch.dtype | None,
+        token: bytes,
+    ) -> None:
         self.path = path
-        weights_offset, mirror_offset, size = file_layout(rows=rows, dim=dim, num_slots=base.size,
-                                                          mirror=mirror is not None)
+        weights_offset, mirror_offset, size = file_layout(
+            rows=rows, dim=dim, num_slots=base.size, mirror=mirror is not None
+        )
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self.inode = os.fstat(fd).st_ino
@@ -181,8 +211,11 @@ class TableMemory:
                     with contextlib.suppress(OSError):
                         stale.unlink()
             return path
-        log.warning("shard %d keeps its tables in private memory: %s (co-located clients use the TCP data "
-                    "plane)", self.shard_id, self.reason)
+        log.warning(
+            "shard %d keeps its tables in private memory: %s (co-located clients use the TCP data plane)",
+            self.shard_id,
+            self.reason,
+        )
         return None
 
     @property
@@ -195,8 +228,17 @@ class TableMemory:
             self._serial += 1
             path = self.dir / f".{table_file_name(self.namespace, self.shard_id, table)}.{os.getpid()}.{self._serial}"
             try:
-                shm = ShmTable(path, shard_id=self.shard_id, table=table, rows=rows, dim=dim, base=base,
-                               epoch=epoch, mirror=self.mirror_dtype, token=self.token)
+                shm = ShmTable(
+                    path,
+                    shard_id=self.shard_id,
+                    table=table,
+                    rows=rows,
+                    dim=dim,
+                    base=base,
+                    epoch=epoch,
+                    mirror=self.mirror_dtype,
+                    token=self.token,
+                )
                 return Placement(weights=shm.weights, mirror=shm.mirror, shm=shm)
             except OSError as exc:
                 with contextlib.suppress(OSError):
@@ -258,4 +300,3 @@ def _retire_file(path: Path) -> None:
 
 def header_token(header: np.ndarray) -> bytes:
     return header[H_TOKEN0 : H_TOKEN1 + 1].astype("<u8").tobytes()
-

@@ -170,8 +170,9 @@ class ShardStore:
             place = Placement(weights=fmts.alloc_rows(self.row_format, rows, layout.dim), mirror=None)
             state = () if fmts.read_only(self.row_format) else alloc_state(self.kind, rows, layout.dim)
             return TableData(base=base, weights=place.weights, state=state, place=place)
-        place = self.memory.allocate(table=table, rows=rows, dim=layout.dim, base=base, epoch=epoch,
-                                     alloc_private=alloc_table)
+        place = self.memory.allocate(
+            table=table, rows=rows, dim=layout.dim, base=base, epoch=epoch, alloc_private=alloc_table
+        )
         return TableData(base=base, weights=place.weights, state=alloc_state(self.kind, rows, layout.dim), place=place)
 
     def _init_weights(self, tables: dict[int, TableData], owned: tuple[int, ...], threads: int) -> None:
@@ -274,10 +275,12 @@ class ShardStore:
         self, *, table: int, epoch: int, row_ids: bytes, dtype: int, step: int = 0, max_staleness: int = 0
     ) -> LookupResult:
         """-> the serialized LookupResponse: rows [n, D] in `dtype`, in request order."""
-        plan = self.plan_lookup(table=table, epoch=epoch, ids=self.decode_ids(row_ids), dtype=dtype, step=step,
-                                max_staleness=max_staleness)
-        return encode_lookup(plan.src, plan.pos, dtype=dtype, epoch=plan.epoch, applied_step=plan.applied_step,
-                             dim=plan.dim)
+        plan = self.plan_lookup(
+            table=table, epoch=epoch, ids=self.decode_ids(row_ids), dtype=dtype, step=step, max_staleness=max_staleness
+        )
+        return encode_lookup(
+            plan.src, plan.pos, dtype=dtype, epoch=plan.epoch, applied_step=plan.applied_step, dim=plan.dim
+        )
 
     def plan_lookup(
         self, *, table: int, epoch: int, ids: np.ndarray, dtype: int, step: int = 0, max_staleness: int = 0
@@ -336,8 +339,7 @@ class ShardStore:
             raise invalid(f"step: must be >= 1 (1-based optimizer step), got {step}")
         if step <= self.applied_step[table]:
             raise precondition(
-                f"step {step} for table {table} is from the past: step {self.applied_step[table]} is "
-                "already applied"
+                f"step {step} for table {table} is from the past: step {self.applied_step[table]} is already applied"
             )
         if step > self.applied_step[table] + self.max_step_jump:
             raise precondition(
@@ -350,8 +352,7 @@ class ShardStore:
         n, dim = ids.size, layout.dim
         if len(grads) != n * dim * 4:
             raise invalid(
-                f"grads: {len(grads)} bytes, expected {n * dim * 4} for {n} rows x {dim} dims of fp32 "
-                f"(table {table})"
+                f"grads: {len(grads)} bytes, expected {n * dim * 4} for {n} rows x {dim} dims of fp32 (table {table})"
             )
         uniq, counts = np.unique(ids, return_counts=True)
         if uniq.size != n:
@@ -446,14 +447,18 @@ class ShardStore:
                 f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
                 f"epoch {view.epoch}; send the control plane's current slot map"
             )
-        if owners is not None and (len(owners) != self.num_slots or any(not 0 <= o < self.num_slots for o in owners)
-                                   or {s for s, o in enumerate(owners) if o == self.shard_id} != set(view.owned)):
+        if owners is not None and (
+            len(owners) != self.num_slots
+            or any(not 0 <= o < self.num_slots for o in owners)
+            or {s for s, o in enumerate(owners) if o == self.shard_id} != set(view.owned)
+        ):
             raise invalid(f"owners: not a map of {self.num_slots} slots giving this shard its slots {view.owned[:8]}")
         for data in view.tables.values():
             if data.place.shm is not None:
                 data.place.shm.set_epoch(epoch)
-        self.view = View(epoch=epoch, owned=view.owned, owners=tuple(owners) if owners else view.owners,
-                         tables=view.tables)
+        self.view = View(
+            epoch=epoch, owned=view.owned, owners=tuple(owners) if owners else view.owners, tables=view.tables
+        )
         self.frozen.clear()
 
     def set_ownership(
@@ -554,4 +559,3 @@ class ShardStore:
 
     def nbytes(self) -> int:
         return sum(d["weight_bytes"] + d["state_bytes"] + d["mirror_bytes"] for d in self.table_stats())
-

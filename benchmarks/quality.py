@@ -221,8 +221,8 @@ def merge_reports(paths: list[Path]) -> dict:
     for p, r in zip(paths[1:], reports[1:]):
         a = {k: v for k, v in first["config"].items() if k != "train"}
         b = {k: v for k, v in r["config"].items() if k != "train"}
-        ta = {k: v for k, v in first["config"]["train"].items() if k not in ("seed", "out_dir")}
-        tb = {k: v for k, v in r["config"]["train"].items() if k not in ("seed", "out_dir")}
+        ta = {k: v for k, v in first["config"]["train"].items() if k not in ("seed", "out_dir", "progress")}
+        tb = {k: v for k, v in r["config"]["train"].items() if k not in ("seed", "out_dir", "progress")}
         if a != b or ta != tb:
             raise ValueError(f"{p}: another configuration than {paths[0]}; only runs of one configuration merge")
     merged = {**first, "runs": {}, "seeds": [], "variants": [], "merged_from": [str(p) for p in paths]}

@@ -33,6 +33,7 @@ import grpc
 import psutil
 
 from engram.config import ClusterConfig
+from engram.fileio import fsync_dir
 from engram.layout import slot_num_rows
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.grpc_options import channel_options
@@ -300,7 +301,7 @@ class ShardEngine:
                     for meta in self._metas(t, view.owned):
                         files.append(ckpt.write_slot(directory, meta, self.store.slot_block(t, meta.slot, view)))
                     if view.owned:
-                        ckpt.fsync_dir(directory / f"table{t}")
+                        fsync_dir(directory / f"table{t}")
 
             try:
                 await self._run(write_all)

@@ -1,6 +1,6 @@
 """Loading torch checkpoints without running code from them.
 
-Every checkpoint this project writes (trainer/checkpoint.py, the Ray trainer's dense.pt) holds
+Every checkpoint this project writes (engram/checkpoint.py, the Ray trainer's dense.pt) holds
 tensors and plain data only (dicts, lists, str, int, float, bool, None), so it is read with
 `torch.load(weights_only=True)`: an unpickler that builds only those. A file holding any other
 pickled object (a class instance, a `__reduce__` that calls a function) is refused with

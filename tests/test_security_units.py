@@ -84,7 +84,7 @@ class _Payload:
 
 
 def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
-    from trainer.checkpoint import load_model
+    from engram.checkpoint import load_model
 
     marker = tmp_path / "ran"
     evil = tmp_path / "checkpoint.pt"

@@ -205,8 +205,8 @@ def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
             await trainer.apply_gradients(1, uniq, torch.ones(uniq.size, want.shape[-1]), step=1, optimizer=OPT)
             after = await trainer.lookup(1, ids)
             assert not torch.equal(after, want)  # the push changed the rows
-            where = cluster.checkpoint_root / "tls-step1"
-            manifest = await trainer.checkpoint(str(where), 1)
+            where = cluster.checkpoint_root / "tls-step1"  # a name under the shards' checkpoint root
+            manifest = await trainer.checkpoint("tls-step1", 1)
             assert manifest["files"] and all((where / f["path"]).is_file() for f in manifest["files"])
             with pytest.raises(ShardError) as err:  # restoring overwrites tables: admin only
                 await trainer.restore(manifest)

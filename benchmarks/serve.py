@@ -305,8 +305,8 @@ def start_cluster(checkpoint: Path, preset: str, tmp: Path) -> Any:
             "--preset",
             preset,
             *[f"--set={o}" for o in cluster.cluster_overrides],
-            "--dir",
-            str(tmp / "slots"),
+            "--name",
+            f"bench-serve-{tmp.name}",  # slot files under the cluster's checkpoint root
             "--no-progress",
         ],
         cwd=ROOT,

@@ -75,6 +75,7 @@ CASES: dict[str, object] = {
         "--quick",
         "--ways",
         "local",
+        "shm",  # a remote way too: the cluster start and `engram cluster load` must keep working
         "--concurrency",
         "1",
         "--requests",

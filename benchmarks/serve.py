@@ -368,8 +368,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<32} {v:8.1f} tok/s")
         print(f"  speed-up {kv['speedup']:.2f}x (same greedy tokens: {kv['same_greedy_tokens']})", flush=True)
         gen = np.random.default_rng(1)
+        from engram.config import load_config
+
+        window = load_config(args.preset).model.max_seq_len  # a prompt plus its new tokens must fit
         prompts = {
-            name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
+            name: [
+                gen.integers(3, vocab, min(wl["prompt_tokens"], window - wl["max_tokens"])).tolist() for _ in range(16)
+            ]
             for name, wl in WORKLOADS.items()
         }
         print("part 2: offered load against engram serve (HTTP, streaming)", flush=True)
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if r["way"] != "local" and base is not None:
             over_local.setdefault(r["way"], {})[f"{r['workload']} C={r['concurrency']}"] = (
-                r["gen_tokens_per_s"] / base["gen_tokens_per_s"]
+                r["gen_tokens_per_s"] / base["gen_tokens_per_s"] if base["gen_tokens_per_s"] else float("nan")
             )
     for way, ratios in over_local.items():
         print(f"{way} throughput / local: " + ", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import queue
 import shutil
@@ -46,7 +45,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engram.config import Config, SecurityConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-_PR_SET_PDEATHSIG = 1
 
 
 class LauncherError(RuntimeError):
@@ -59,15 +57,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_SETPRIV = shutil.which("setpriv")  # util-linux, in every Debian image: sets PDEATHSIG, then execs
 
 
 def _spawn(cmd: list[str], **kw: Any) -> subprocess.Popen:
-    # PDEATHSIG fires when the forking *thread* exits, so only the main thread may use it
-    if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
-        kw["preexec_fn"] = _die_with_parent
+    """Start `cmd` in its own session; on Linux it gets SIGTERM when the spawning thread dies.
+
+    No `preexec_fn`: that makes Python fork() instead of vfork(), which runs gRPC's fork
+    handlers in the child; they restart gRPC's poller there, `close_fds` then closes its epoll
+    fd, and the child can abort before exec ("epoll_wait error: Bad file descriptor", exit -6;
+    grpc/grpc#43055). `setpriv --pdeathsig` sets the parent-death signal in the child instead.
+    PDEATHSIG fires when the forking *thread* exits, so only the main thread asks for it."""
+    if _SETPRIV and sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+        cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
     return subprocess.Popen(cmd, start_new_session=True, **kw)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks.fault_harness import (
+    KillRestart,
     LookupLoad,
     events,
     fully_replicated,
@@ -103,7 +103,8 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
         ids = np.arange(layout.num_rows, dtype=np.int64)
         with LookupLoad(cfg, table, ids, expected_rows(cfg, table, ids, torch.float32)) as load:
             load.wait_more()
-            os.kill(cluster.shards[1].pid, signal.SIGKILL)
+            faults = KillRestart(cluster, 1)
+            faults.kill()
             t_kill = time.monotonic()
             smap = wait_for("failover", lambda: (m := slot_map(cluster)).all_holders() == {0} and m)
             assert (
@@ -111,7 +112,7 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
             )  # the heartbeat TTL, not a deadline (timing: benchmarks/failover.py)
             assert smap.owners == [0] * cfg.cluster.num_slots
             load.wait_more()
-            cluster.add_shard(1)  # restarted: boots empty, rebuilt from shard 0
+            faults.restart()  # boots empty, rebuilt from shard 0
             wait_for("repair", lambda c=cluster: fully_replicated(c, {0, 1}))
             load.wait_more()
             os.kill(cluster.shards[0].pid, signal.SIGSTOP)
@@ -169,15 +170,8 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
     )
     with cluster:
         cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
-        timers: list[threading.Timer] = []
-
-        def fault(step0: int) -> None:
-            if step0 == 3:  # lands inside step 4: its lookups, compute or push
-                timers.append(threading.Timer(0.01, os.kill, (cluster.shards[1].pid, signal.SIGKILL)))
-                timers[-1].start()
-            if step0 == 6:
-                cluster.add_shard(1)  # restarted: rebuilt from shard 0 while training goes on
-
+        # kill -9 inside step 4 (its lookups, compute or push); restarted before step 7, rebuilt while training goes on
+        fault = KillRestart(cluster, 1).at_steps(kill=3, restart=6)
         losses, dense, rows = train_remote(cfg, data, steps=steps, on_step=fault)
         try:
             smap = wait_for("two holders per slot", lambda: fully_replicated(cluster, {0, 1}))

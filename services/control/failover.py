@@ -13,9 +13,15 @@ that was stopped mid-tick) cannot overwrite a newer map. One tick:
   3. install   SetSlotMap(epoch, held slots) on every live shard behind the map's epoch; a
                shard that is in no holder list but still serves slots (a stopped shard that
                resumed) drops them
-  4. repair    an empty live shard receives copies of the slots that have fewer than
-               `replicas` holders, from ONE source per round (one MigrateSlots freeze), then
-               becomes their replica (epoch bump, SetSlotMap on the target first)
+  4. repair    a live shard being rebuilt (or else an empty one) receives copies of the slots
+               that have fewer than `replicas` holders, from ONE source per round (one
+               MigrateSlots freeze), then becomes their replica (epoch bump, SetSlotMap on the
+               target first). Rounds go on, one source after another, until the target holds
+               every short slot it can take: a shard that returns is rebuilt from every live
+               replica, whichever shards hold them (more shards than `replicas`). Each slot
+               keeps the step it was copied at (services/shard/ownership.py), so slots copied
+               from several sources at different steps are all right on one shard. The shards
+               being rebuilt are kept in `{ns}:failover:rebuild`, so a new leader goes on.
 
 `rejoin()` runs when a shard boots: a restarted shard that other live holders cover gives up
 its place in those slots first (epoch bump) and boots empty, so it never serves rows older
@@ -169,16 +175,32 @@ class FailoverLoop:
                 await _event(self.control, "fenced", shard=s, slots=res.slots_dropped, epoch=smap.epoch)
 
     async def _repair(self, smap: SlotMap, records: dict, alive: set[int]) -> None:
-        """One round: copies of one source's under-replicated slots into one empty live shard."""
+        """One round: copies of one source's under-replicated slots into the shard being rebuilt
+        (the one a previous round started), else into an empty live shard."""
         want = self.cfg.cluster.replicas
+
+        def in_sync(s: int) -> bool:
+            return (records[s].info or {}).get("epoch") == smap.epoch
+
+        rebuilding = await self.control.rebuilding()
+        going_on = [s for s in sorted(rebuilding & alive) if in_sync(s)]
         empty = [
             s
-            for s in sorted(alive - smap.all_holders())
-            if not (records[s].info or {}).get("slots") and (records[s].info or {}).get("epoch") == smap.epoch
+            for s in sorted(alive - smap.all_holders() - rebuilding)
+            if not (records[s].info or {}).get("slots") and in_sync(s)
         ]
-        plan = next((p for t in empty if (p := plan_repair(smap.owners, smap.replicas, want=want, target=t))), None)
+        plan = None
+        for t in [*going_on, *empty]:
+            plan = plan_repair(smap.owners, smap.replicas, want=want, target=t)
+            if plan is not None:
+                break
+            if t in rebuilding:  # holds every short slot it can take: rebuilt
+                await self.control.set_rebuilding(t, on=False)
+                await _event(self.control, "rebuilt", shard=t, slots=len(smap.held_by(t)), epoch=smap.epoch)
         if plan is None:
             return
+        if plan.target not in rebuilding:
+            await self.control.set_rebuilding(plan.target, on=True)
         client = await self.client()
         t0 = time.time()
         timeout = self.cfg.cluster.migrate_timeout_s

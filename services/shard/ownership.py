@@ -186,6 +186,7 @@ class SlotOwnership:
                     d.copy_(x)
             tables[t] = new
             new.place.refresh_mirror()
+        for t, new in tables.items():
             for s in owned:
                 if s not in view.owned:  # each imported slot keeps the step of the copy it came from
                     self.slot_steps[t][s] = staged[(t, s)].applied_step

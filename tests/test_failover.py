@@ -62,17 +62,15 @@ def test_replica_placement_failover_and_repair_plans():
     assert f.promoted == {1: 2, 4: 2} and f.lost == []
     both = drop_shards(owners, reps, {0, 1})
     assert both.lost == [0, 3] and both.owners[0] == 0  # nothing to promote: left as it was
-    # shard 1 returns empty: one source per round (the largest group first, then the lowest id)
+    # shard 1 returns empty: every short slot at once, each from the holder that has the most of them
     r = plan_repair(f.owners, f.replicas, want=2, target=1)
-    assert r is not None and r.source == 0 and r.slots == [0, 3]
+    assert r is not None and r.sources == {0: [0, 3], 2: [1, 4]} and r.slots == [0, 1, 3, 4]
     assert all(1 in r.replicas[s] for s in r.slots)
-    r2 = plan_repair(r.owners, r.replicas, want=2, target=1)
-    assert r2 is not None and r2.source == 2 and r2.slots == [1, 4]
-    assert plan_repair(r2.owners, r2.replicas, want=2, target=1) is None
+    assert plan_repair(r.owners, r.replicas, want=2, target=1) is None
     # every slot on every shard (R = N): the survivor that holds them all is the one source
     full = drop_shards([0, 1, 2], place_replicas([0, 1, 2], 3), {2})
     r3 = plan_repair(full.owners, full.replicas, want=3, target=2)
-    assert r3 is not None and r3.source == 0 and r3.slots == [0, 1, 2]
+    assert r3 is not None and r3.sources == {0: [0, 1, 2]}
 
 
 def test_client_holder_matrix_and_alternates():

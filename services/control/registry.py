@@ -37,22 +37,7 @@ class RegistryOps:
         async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T: ...
 
     # ---------------------------------------------------------------------------------------
-    # failover events, shards being rebuilt
-
-    async def rebuilding(self) -> set[int]:
-        """The shards a repair is rebuilding (copies arrive one source per round; services/control/failover.py)."""
-        raw = await self._call(
-            "reading the shards being rebuilt", lambda: self._r.smembers(self._key("failover", "rebuild"))
-        )
-        return {int(x) for x in raw if x.isdigit()}
-
-    async def set_rebuilding(self, shard_id: int, *, on: bool) -> None:
-        key = self._key("failover", "rebuild")
-
-        async def run() -> None:
-            await (self._r.sadd(key, str(shard_id)) if on else self._r.srem(key, str(shard_id)))
-
-        await self._call("marking a shard being rebuilt", run)
+    # failover events
 
     async def add_event(self, event: dict, *, keep: int = 200) -> None:
         """Append a failover/repair event (what happened, when) to `{ns}:failover:events`."""

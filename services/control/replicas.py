@@ -68,21 +68,23 @@ def drop_shards(owners: list[int], replicas: list[list[int]], dead: set[int]) ->
 
 @dataclass(frozen=True, slots=True)
 class Repair:
-    source: int  # a live holder the slots are copied from
+    sources: dict[int, list[int]]  # live holder -> the slots copied from it
     target: int
-    slots: list[int]
     owners: list[int]
     replicas: list[list[int]]  # the map once the target holds the slots
 
+    @property
+    def slots(self) -> list[int]:
+        return sorted(s for slots in self.sources.values() for s in slots)
+
 
 def plan_repair(owners: list[int], replicas: list[list[int]], *, want: int, target: int) -> Repair | None:
-    """Copies for a live shard `target` (empty, or being rebuilt): the under-replicated slots it
-    does not hold that ONE source holds.
+    """Copies for an empty live shard `target`: every under-replicated slot, each from one live
+    holder (the one that holds the most of them, the lowest id on a tie, so few sources freeze).
 
-    One source and one MigrateSlots freeze make the copy consistent at one applied step, which
-    is what lets a writer count a step that the copy already holds as applied (docs/failover.md).
-    The source is the holder (primary or replica) of the most such slots, the lowest id on a tie;
-    the rest come from other sources in the next rounds (services/control/failover.py).
+    The target holds nothing until the map lists it, so no client has counted it as having
+    applied a step its copies lack; slots copied from different sources may stand at different
+    steps, which a shard keeps per slot (services/shard/ownership.py).
     """
     short = [
         s
@@ -91,16 +93,18 @@ def plan_repair(owners: list[int], replicas: list[list[int]], *, want: int, targ
     ]
     if not short:
         return None
-    by_source: dict[int, list[int]] = {}
+    count: dict[int, int] = {}
     for slot in short:
         for h in holders(owners, replicas, slot):
-            by_source.setdefault(h, []).append(slot)
-    source = max(sorted(by_source), key=lambda h: len(by_source[h]))
-    slots = by_source[source]
+            count[h] = count.get(h, 0) + 1
+    sources: dict[int, list[int]] = {}
+    for slot in short:
+        best = max(sorted(holders(owners, replicas, slot)), key=lambda h: count[h])
+        sources.setdefault(best, []).append(slot)
     new_replicas = [list(rs) for rs in (replicas or [[] for _ in owners])]
-    for slot in slots:
+    for slot in short:
         new_replicas[slot].append(target)
-    return Repair(source=source, target=target, slots=slots, owners=list(owners), replicas=new_replicas)
+    return Repair(sources=sources, target=target, owners=list(owners), replicas=new_replicas)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from proto.shard.v1 import shard_pb2
 from services.shard.aggregate import StepAggregator
 from services.shard.engine_ckpt import CheckpointOps
 from services.shard.engine_slots import SlotMapOps
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult
 from services.shard.limits import InflightBudget
 from services.shard.memory import Trimmer
@@ -79,6 +79,7 @@ class ShardEngine(CheckpointOps, SlotMapOps):
         self.locks = {t: asyncio.Lock() for t in store.layouts}
         self.admin = asyncio.Lock()
         self.import_lock = asyncio.Lock()
+        self.importing = False  # an ImportSlots stream is open: updates wait (migrate.py)
         self.agg = StepAggregator()
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
@@ -245,6 +246,10 @@ class ShardEngine(CheckpointOps, SlotMapOps):
             eps=opt.eps,
         )
         self.trimmer.note(3 * upd.grads.nbytes)  # the request and the update's temporaries
+        if self.importing or self.staging.busy():  # checked under the table lock, right before the apply
+            raise unavailable(
+                f"shard {store.shard_id} is importing slots: updates wait for the new slot map (MigrateSlots); retry"
+            )
         pend = self.agg.pending(t)
         if req.num_parts <= 1:
             if pend is not None:

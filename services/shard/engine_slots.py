@@ -29,6 +29,7 @@ class SlotMapOps:
     limits: ClusterConfig
     admin: asyncio.Lock
     import_lock: asyncio.Lock
+    importing: bool
     locks: dict[int, asyncio.Lock]
     staging: Staging
     address: str
@@ -100,6 +101,8 @@ class SlotMapOps:
         received = 0
         limit = self.limits.migrate_timeout_s
         async with self.import_lock:
+            async with self._all_tables():  # refused while a step collects parts; none starts until the map
+                self.importing = True
             try:
                 async with asyncio.timeout(limit):  # a stream that stalls must not hold the import lock
                     async for chunk in chunks:
@@ -112,6 +115,7 @@ class SlotMapOps:
                     f"import stream still open after {limit:g} s (cluster.migrate_timeout_s); partial slots dropped",
                 ) from None
             finally:
+                self.importing = False
                 self.staging.drop_partial()
         return shard_pb2.ImportSlotsResponse(slots_received=received)
 

@@ -63,6 +63,11 @@ class SlotOwnership:
         steps[owned] = np.maximum(steps[owned], step)
         self.applied_step[table] = int(steps[owned].min()) if owned else step
 
+    def head_step(self, table: int) -> int:
+        """The newest step over the owned slots (the last step applied, with none owned)."""
+        owned = list(self.view.owned)
+        return int(self.slot_steps[table][owned].max()) if owned else self.applied_step[table]
+
     def behind(self, table: int, rows: np.ndarray, step: int) -> np.ndarray | None:
         """(U,) owned rows -> (U,) bool: their slot has not applied `step` yet; None when all are behind."""
         owned = list(self.view.owned)

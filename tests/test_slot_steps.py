@@ -124,3 +124,53 @@ def test_training_lookups_are_gated_on_the_oldest_slot() -> None:
     with pytest.raises(ShardError, match="would miss 1 steps"):
         target.lookup(table=table, epoch=2, row_ids=pack_ids(row), dtype=shard_pb2.FP32, step=2, max_staleness=0)
     target.lookup(table=table, epoch=2, row_ids=pack_ids(row), dtype=shard_pb2.FP32, step=2, max_staleness=1)
+
+
+def test_a_shard_that_imports_takes_no_update_and_refuses_an_older_copy() -> None:
+    """A gainer that already holds slots: no update while it imports or holds staged slots (a client
+    must not count it done with a step its new copies lack), and a copy older than its own steps
+    is refused (the migration is retried)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.shard.engine import ShardEngine
+
+    cfg = load_config("tiny", None, ["cluster.optimizer=adam"])
+    src, gainer = store_with(cfg, 0, [0, 1]), store_with(cfg, 1, [2, 3])
+    table, layout = next(iter(src.layouts.items()))
+    ids, g = grads(layout.num_rows, layout.dim, 1)
+    push(gainer, table, (ids, g), step=1)  # the gainer applied step 1; the source (frozen, say) did not
+    stale = list(slot_chunks(src, table=table, slot=0, epoch=1, chunk_bytes=1 << 20))
+    with pytest.raises(ShardError, match="behind step 1 .* retry the migration"):
+        Staging(gainer).add(stale[0])
+    push(src, table, (ids, g), step=1)
+    fresh = list(slot_chunks(src, table=table, slot=0, epoch=1, chunk_bytes=1 << 20))
+
+    def request(step: int, *, epoch: int = 1) -> shard_pb2.ApplyGradientsRequest:
+        mine = np.isin(ids % SLOTS, gainer.view.owned)
+        return shard_pb2.ApplyGradientsRequest(
+            table=table,
+            epoch=epoch,
+            row_ids=pack_ids(ids[mine]),
+            grads=g[torch.from_numpy(mine)].numpy().tobytes(),
+            step=step,
+            optimizer=shard_pb2.OptimizerParams(**ADAM),
+        )
+
+    async def body() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            eng = ShardEngine(gainer, pool=pool, max_message_bytes=1 << 22)
+
+            async def stream():
+                for c in fresh:
+                    yield c
+
+            assert (await eng.import_slots(stream())).slots_received == 1
+            with pytest.raises(ShardError, match="importing slots") as err:
+                await eng.apply_gradients(request(2))
+            assert err.value.code.name == "UNAVAILABLE" and gainer.applied_step[table] == 1
+            await eng.set_slot_map(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[0, 2, 3]))
+            ok = await eng.apply_gradients(request(2, epoch=2))
+            assert ok.applied_step == 2 and gainer.slot_steps[table][0] == 2
+
+    asyncio.run(body())

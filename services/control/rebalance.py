@@ -212,7 +212,8 @@ async def rebalance(
 
 
 async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T:
-    """`call()`, again while the shard says a training step is collecting parts (bounded by `timeout_s`)."""
+    """`call()`, again while the shard says a training step is collecting parts, or that a copy is
+    behind the steps its receiver applied (retry the migration), bounded by `timeout_s`."""
     from services.client import ShardError
 
     deadline, delay = time.monotonic() + timeout_s, 0.005
@@ -220,7 +221,8 @@ async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) 
         try:
             return await call()
         except ShardError as err:
-            if err.code.name != "FAILED_PRECONDITION" or "collecting parts" not in err.message:
+            again = "collecting parts" in err.message or "retry the migration" in err.message
+            if err.code.name != "FAILED_PRECONDITION" or not again:
                 raise
             if time.monotonic() + delay > deadline:
                 raise

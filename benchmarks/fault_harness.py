@@ -254,7 +254,7 @@ class KillRestart:
         return thread
 
 
-ADAM = {"kind": "adam", "lr": 0.05, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+ADAM: dict[str, Any] = {"kind": "adam", "lr": 0.05, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
 
 class Pusher:

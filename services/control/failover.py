@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -193,8 +194,13 @@ class FailoverLoop:
         try:
             for source, slots in sorted(plan.sources.items()):
                 reply = await _between_steps(
-                    lambda src=source, sl=slots: client.migrate_slots(
-                        src, sl, records[plan.target].address, epoch=smap.epoch, timeout_s=timeout
+                    functools.partial(
+                        client.migrate_slots,
+                        source,
+                        slots,
+                        records[plan.target].address,
+                        epoch=smap.epoch,
+                        timeout_s=timeout,
                     ),
                     timeout_s=timeout,
                 )

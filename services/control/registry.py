@@ -20,6 +20,7 @@ MANIFEST_HISTORY = 20
 
 class RegistryOps:
     _r: aioredis.Redis
+    namespace: str
     tampered: TamperLog
 
     if TYPE_CHECKING:  # ControlPlane's
@@ -54,7 +55,7 @@ class RegistryOps:
 
     async def events(self) -> list[dict]:
         """The failover/repair events, newest first."""
-        raw = await self._call(
+        raw: list[Any] = await self._call(
             "reading failover events", lambda: self._r.lrange(self._key("failover", "events"), 0, -1)
         )
         key = self._key("failover", "events")

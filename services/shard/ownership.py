@@ -16,6 +16,8 @@ the shard applied. Slot steps travel with the rows: in MigrateSlots chunks and c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from engram.layout import TableLayout, slot_num_rows
@@ -78,6 +80,28 @@ class SlotOwnership:
 
     # ---------------------------------------------------------------------------------------
     # slots (checkpoints, migration, ownership changes)
+
+    def rewrite_rows(self, write: Callable[[], None], steps: dict[tuple[int, int], int]) -> None:
+        """Run `write()` (it overwrites owned rows in place, e.g. a restore), then refresh the
+        mirrors and set the (table, slot) applied steps; shared readers retry while it runs."""
+        tables = self.view.tables
+        shms = [d.place.shm for d in tables.values() if d.place.shm is not None]
+        for shm in shms:
+            shm.begin_write()
+        try:
+            try:
+                write()
+            finally:  # the mirror follows the weights, whatever the write left in them
+                for d in tables.values():
+                    d.place.refresh_mirror()
+            for (t, s), step in steps.items():
+                self.slot_steps[t][s] = step
+            for t in {t for t, _ in steps}:
+                self._settle_steps(t, self.view.owned)
+        finally:
+            for t, d in tables.items():
+                if d.place.shm is not None:
+                    d.place.shm.end_write(self.applied_step[t])
 
     def slot_block(self, table: int, slot: int, view: View | None = None) -> SlotData:
         """Views (not copies) of one owned slot's rows and state."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.fault_harness import events, fully_replicated, train_remote, wait_for
+from benchmarks.fault_harness import KillRestart, events, fully_replicated, train_remote, wait_for
 from benchmarks.machine import machine_info, write_report
 from engram.config import load_config
 from engram.data import prepare_data
@@ -65,21 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
             survivor, me = psutil.Process(cluster.shards[0].pid), psutil.Process()
             t_start = time.monotonic()
-            end = t_start + 60 * args.minutes
-            state["next"] = t_start + args.every_s
+            faults = KillRestart(cluster, 1)
 
-            def on_step(step0: int) -> bool:
-                now = time.monotonic()
-                if now >= state["next"] and now < end:
-                    os.kill(cluster.shards[1].pid, signal.SIGKILL)
-                    cluster.shards[1].proc.wait(10)
-                    cluster.add_shard(1)
-                    state["faults"] += 1
-                    state["next"] = now + args.every_s
-                    state["rss"].append((round(now - t_start, 1), survivor.memory_info().rss, me.memory_info().rss))
-                return now >= end
+            def sample(now: float) -> None:
+                state["rss"].append((round(now - t_start, 1), survivor.memory_info().rss, me.memory_info().rss))
 
+            on_step = faults.every(args.every_s, until=t_start + 60 * args.minutes, on_fault=sample)
             losses, _, rows = train_remote(cfg, data, steps=10**6, on_step=on_step)
+            state["faults"] = faults.restarts
             try:
                 wait_for("R holders", lambda: fully_replicated(cluster, {0, 1}), 120)
                 applied = min(rows.applied_steps().values())

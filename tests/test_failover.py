@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks.fault_harness import (
+    KillRestart,
     LookupLoad,
     events,
     fully_replicated,
@@ -62,17 +62,15 @@ def test_replica_placement_failover_and_repair_plans():
     assert f.promoted == {1: 2, 4: 2} and f.lost == []
     both = drop_shards(owners, reps, {0, 1})
     assert both.lost == [0, 3] and both.owners[0] == 0  # nothing to promote: left as it was
-    # shard 1 returns empty: one source per round (the largest group first, then the lowest id)
+    # shard 1 returns empty: every short slot at once, each from the holder that has the most of them
     r = plan_repair(f.owners, f.replicas, want=2, target=1)
-    assert r is not None and r.source == 0 and r.slots == [0, 3]
+    assert r is not None and r.sources == {0: [0, 3], 2: [1, 4]} and r.slots == [0, 1, 3, 4]
     assert all(1 in r.replicas[s] for s in r.slots)
-    r2 = plan_repair(r.owners, r.replicas, want=2, target=1)
-    assert r2 is not None and r2.source == 2 and r2.slots == [1, 4]
-    assert plan_repair(r2.owners, r2.replicas, want=2, target=1) is None
+    assert plan_repair(r.owners, r.replicas, want=2, target=1) is None
     # every slot on every shard (R = N): the survivor that holds them all is the one source
     full = drop_shards([0, 1, 2], place_replicas([0, 1, 2], 3), {2})
     r3 = plan_repair(full.owners, full.replicas, want=3, target=2)
-    assert r3 is not None and r3.source == 0 and r3.slots == [0, 1, 2]
+    assert r3 is not None and r3.sources == {0: [0, 1, 2]}
 
 
 def test_client_holder_matrix_and_alternates():
@@ -103,7 +101,8 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
         ids = np.arange(layout.num_rows, dtype=np.int64)
         with LookupLoad(cfg, table, ids, expected_rows(cfg, table, ids, torch.float32)) as load:
             load.wait_more()
-            os.kill(cluster.shards[1].pid, signal.SIGKILL)
+            faults = KillRestart(cluster, 1)
+            faults.kill()
             t_kill = time.monotonic()
             smap = wait_for("failover", lambda: (m := slot_map(cluster)).all_holders() == {0} and m)
             assert (
@@ -111,7 +110,7 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
             )  # the heartbeat TTL, not a deadline (timing: benchmarks/failover.py)
             assert smap.owners == [0] * cfg.cluster.num_slots
             load.wait_more()
-            cluster.add_shard(1)  # restarted: boots empty, rebuilt from shard 0
+            faults.restart()  # boots empty, rebuilt from shard 0
             wait_for("repair", lambda c=cluster: fully_replicated(c, {0, 1}))
             load.wait_more()
             os.kill(cluster.shards[0].pid, signal.SIGSTOP)
@@ -169,15 +168,8 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
     )
     with cluster:
         cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides])
-        timers: list[threading.Timer] = []
-
-        def fault(step0: int) -> None:
-            if step0 == 3:  # lands inside step 4: its lookups, compute or push
-                timers.append(threading.Timer(0.01, os.kill, (cluster.shards[1].pid, signal.SIGKILL)))
-                timers[-1].start()
-            if step0 == 6:
-                cluster.add_shard(1)  # restarted: rebuilt from shard 0 while training goes on
-
+        # kill -9 inside step 4 (its lookups, compute or push); restarted before step 7, rebuilt while training goes on
+        fault = KillRestart(cluster, 1).at_steps(kill=3, restart=6)
         losses, dense, rows = train_remote(cfg, data, steps=steps, on_step=fault)
         try:
             smap = wait_for("two holders per slot", lambda: fully_replicated(cluster, {0, 1}))

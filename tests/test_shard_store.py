@@ -439,7 +439,8 @@ def test_slot_chunks_stage_and_switch_ownership():
         lookup(b, table, moved_rows, epoch=2),
         lookup_after(a, table, rows, g, moved_rows),
     )
-    assert b.applied_step[table] == 1
+    assert b.applied_step[table] == 0  # the oldest over its slots: its own never saw step 1 (ownership.py)
+    assert all(b.slot_steps[table][s] == (1 if s in moved else 0) for s in b.view.owned)
     with pytest.raises(ShardError, match="owned by shard 1 at epoch 2"):
         a.lookup(table=table, epoch=2, row_ids=pack_ids(moved_rows[:1]), dtype=shard_pb2.FP32)
     with pytest.raises(ShardError, match="stale slot-map epoch 1"):

@@ -13,9 +13,16 @@ that was stopped mid-tick) cannot overwrite a newer map. One tick:
   3. install   SetSlotMap(epoch, held slots) on every live shard behind the map's epoch; a
                shard that is in no holder list but still serves slots (a stopped shard that
                resumed) drops them
-  4. repair    an empty live shard receives copies of the slots that have fewer than
-               `replicas` holders, from ONE source per round (one MigrateSlots freeze), then
-               becomes their replica (epoch bump, SetSlotMap on the target first)
+  4. repair    an empty live shard receives copies of every slot that has fewer than
+               `replicas` holders, from every live holder that has them (one MigrateSlots
+               freeze per source), then becomes their replica in ONE map change (epoch bump,
+               SetSlotMap on the target first). A returning shard is so rebuilt from every live
+               replica, whichever shards hold them (3 shards, R=2: both survivors). Slots from
+               different sources may be copied at different steps; shards keep one applied step
+               per slot (services/shard/ownership.py). The target holds nothing before the map
+               lists it, so no client counted it as having applied a step one of its copies
+               lacks. The sources stay frozen until the map is installed: a round that takes
+               over half of `cluster.freeze_lease_s` is abandoned (thawed) and tried again.
 
 `rejoin()` runs when a shard boots: a restarted shard that other live holders cover gives up
 its place in those slots first (epoch bump) and boots empty, so it never serves rows older
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -169,7 +177,7 @@ class FailoverLoop:
                 await _event(self.control, "fenced", shard=s, slots=res.slots_dropped, epoch=smap.epoch)
 
     async def _repair(self, smap: SlotMap, records: dict, alive: set[int]) -> None:
-        """One round: copies of one source's under-replicated slots into one empty live shard."""
+        """One round: copies of every under-replicated slot into one empty live shard, one map change."""
         want = self.cfg.cluster.replicas
         empty = [
             s
@@ -180,20 +188,37 @@ class FailoverLoop:
         if plan is None:
             return
         client = await self.client()
-        t0 = time.time()
-        timeout = self.cfg.cluster.migrate_timeout_s
+        t0, start = time.time(), time.monotonic()
+        timeout, lease = self.cfg.cluster.migrate_timeout_s, self.cfg.cluster.freeze_lease_s
+        sent = 0
         try:
-            reply = await _between_steps(
-                lambda: client.migrate_slots(
-                    plan.source, plan.slots, records[plan.target].address, epoch=smap.epoch, timeout_s=timeout
-                ),
-                timeout_s=timeout,
-            )
+            for source, slots in sorted(plan.sources.items()):
+                reply = await _between_steps(
+                    functools.partial(
+                        client.migrate_slots,
+                        source,
+                        slots,
+                        records[plan.target].address,
+                        epoch=smap.epoch,
+                        timeout_s=timeout,
+                    ),
+                    timeout_s=timeout,
+                )
+                sent += reply.bytes_sent
+            if time.monotonic() - start > lease / 2:  # the first source's freeze may lift before the map
+                raise TimeoutError(
+                    f"repair copies took {time.monotonic() - start:.1f} s, over half of cluster.freeze_lease_s="
+                    f"{lease:g}; abandoned (sources thawed), tried again"
+                )
             new = await self.control.set_slot_map(plan.owners, expected_epoch=smap.epoch, replicas=plan.replicas)
         except BaseException:
-            with contextlib.suppress(Exception):  # the old map stands: thaw the source's frozen slots
-                await client.set_slot_map_on(
-                    plan.source, epoch=smap.epoch, owned_slots=smap.held_by(plan.source), timeout_s=5.0
+            with contextlib.suppress(Exception):  # the old map stands: thaw the sources' frozen slots
+                await asyncio.gather(
+                    *(
+                        client.set_slot_map_on(src, epoch=smap.epoch, owned_slots=smap.held_by(src), timeout_s=5.0)
+                        for src in plan.sources
+                    ),
+                    return_exceptions=True,
                 )
             raise
         await client.refresh()
@@ -208,11 +233,11 @@ class FailoverLoop:
             await install(s)
             self._installed[s] = (new.epoch, records[s].address)
         log.warning(
-            "repair: shard %d now holds %d slots copied from shard %d (%d bytes, %.2f s, epoch %d)",
+            "repair: shard %d now holds %d slots copied from shards %s (%d bytes, %.2f s, epoch %d)",
             plan.target,
             len(plan.slots),
-            plan.source,
-            reply.bytes_sent,
+            sorted(plan.sources),
+            sent,
             time.time() - t0,
             new.epoch,
         )
@@ -220,7 +245,7 @@ class FailoverLoop:
             self.control,
             "repaired",
             target=plan.target,
-            source=plan.source,
+            sources=sorted(plan.sources),
             slots=len(plan.slots),
             epoch=new.epoch,
             t=time.time(),

@@ -16,6 +16,13 @@ Steps (see services/shard/migrate.py for the shard side):
 Re-running `rebalance` with nothing to move re-sends step 4, which repairs shards that
 missed it.
 
+With replicas (cluster.replicas = R > 1) the replica sets move too (replicas.plan_replica_moves):
+every new holder of a slot receives a copy from the slot's old primary in step 2; old holders keep
+serving and applying updates until step 4, so a slot never has fewer than R copies. A map with
+slots short of R copies (a failed shard not rebuilt yet) is refused. A target shard may receive
+slots from several sources at different steps: shards keep one applied step per slot
+(services/shard/ownership.py).
+
 During sync training a shard refuses MigrateSlots and SetSlotMap while a step is collecting
 its workers' parts (FAILED_PRECONDITION); steps 2 and 4 retry until the step is applied, which
 the next step's parts cannot delay: once slots are frozen, parts touching them are refused
@@ -29,6 +36,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from services.control.replicas import plan_replica_moves
 
 T = TypeVar("T")
 
@@ -126,10 +135,12 @@ async def rebalance(
 
     t0 = time.monotonic()
     smap = await control.slot_map()
-    if any(smap.replicas):
+    want = (await control.config()).cluster.replicas if smap.replicas else 1
+    short = [s for s in range(len(smap.owners)) if len(smap.holders(s)) < want]
+    if short:
         raise ValueError(
-            "rebalance moves primaries only: this cluster keeps replicas (cluster.replicas > 1), whose placement "
-            "it does not plan yet (docs/failover.md, Limits); add capacity by restarting shards empty instead"
+            f"slots {short[:8]} ({len(short)} in all) have fewer than cluster.replicas={want} holders: a shard "
+            "failed and its slots are not rebuilt yet (docs/failover.md); rebalance once every slot has its copies"
         )
     targets = target_shards(smap.owners, num_shards=num_shards, add=add, remove=remove)
     records = {r.shard_id: r for r in await control.shards()}
@@ -140,6 +151,10 @@ async def rebalance(
             "--shard-id N ...` or LocalCluster.add_shard) and let them register"
         )
     plan = plan_slot_map(smap.owners, targets)
+    replicas: list[list[int]] | None = None
+    if want > 1:  # the replica sets move too: every new holder gets a copy (replicas.plan_replica_moves)
+        moves = plan_replica_moves(smap.owners, smap.replicas, primaries=plan.owners, targets=targets, want=want)
+        plan, replicas = SlotPlan(owners=moves.owners, moves=moves.copies), moves.replicas
     own_client = client is None
     if own_client:
         client = await ShardClient.connect(control, security=security)  # SetSlotMap/MigrateSlots: admin
@@ -156,14 +171,17 @@ async def rebalance(
                     timeout_s=timeout_s,
                 )
                 report.bytes_sent += reply.bytes_sent
-            new = await control.set_slot_map(plan.owners, expected_epoch=smap.epoch) if plan.moves else smap
+            changed = plan.moves or (replicas is not None and replicas != smap.replicas)
+            new = (
+                await control.set_slot_map(plan.owners, expected_epoch=smap.epoch, replicas=replicas)
+                if changed
+                else smap
+            )
         except BaseException:
             # the old map stands: re-install it on the sources so their frozen slots take updates again
             await asyncio.gather(
                 *(
-                    client.set_slot_map_on(
-                        src, epoch=smap.epoch, owned_slots=_owned(smap.owners, src), timeout_s=timeout_s
-                    )
+                    client.set_slot_map_on(src, epoch=smap.epoch, owned_slots=smap.held_by(src), timeout_s=timeout_s)
                     for src in sorted({src for (src, _) in plan.moves})
                 ),
                 return_exceptions=True,
@@ -172,13 +190,13 @@ async def rebalance(
         report.new_epoch = new.epoch
         await client.refresh()
         gainers = sorted({t for (_, t) in plan.moves})
-        involved = set(smap.owners) | set(new.owners) | {s for s, r in records.items() if r.alive}
+        involved = smap.all_holders() | new.all_holders() | {s for s, r in records.items() if r.alive}
         for group in (gainers, sorted(involved - set(gainers))):
             replies = await asyncio.gather(
                 *(
                     _between_steps(
                         lambda s=s: client.set_slot_map_on(
-                            s, epoch=new.epoch, owned_slots=_owned(new.owners, s), timeout_s=timeout_s
+                            s, epoch=new.epoch, owned_slots=new.held_by(s), timeout_s=timeout_s
                         ),
                         timeout_s=timeout_s,
                     )
@@ -194,7 +212,8 @@ async def rebalance(
 
 
 async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T:
-    """`call()`, again while the shard says a training step is collecting parts (bounded by `timeout_s`)."""
+    """`call()`, again while the shard says a training step is collecting parts, or that a copy is
+    behind the steps its receiver applied (retry the migration), bounded by `timeout_s`."""
     from services.client import ShardError
 
     deadline, delay = time.monotonic() + timeout_s, 0.005
@@ -202,13 +221,10 @@ async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) 
         try:
             return await call()
         except ShardError as err:
-            if err.code.name != "FAILED_PRECONDITION" or "collecting parts" not in err.message:
+            again = "collecting parts" in err.message or "retry the migration" in err.message
+            if err.code.name != "FAILED_PRECONDITION" or not again:
                 raise
             if time.monotonic() + delay > deadline:
                 raise
         await asyncio.sleep(delay)
         delay = min(2 * delay, 0.1)
-
-
-def _owned(owners: list[int], shard_id: int) -> list[int]:
-    return [slot for slot, owner in enumerate(owners) if owner == shard_id]

@@ -68,20 +68,23 @@ def drop_shards(owners: list[int], replicas: list[list[int]], dead: set[int]) ->
 
 @dataclass(frozen=True, slots=True)
 class Repair:
-    source: int  # a live holder the slots are copied from
+    sources: dict[int, list[int]]  # live holder -> the slots copied from it
     target: int
-    slots: list[int]
     owners: list[int]
     replicas: list[list[int]]  # the map once the target holds the slots
 
+    @property
+    def slots(self) -> list[int]:
+        return sorted(s for slots in self.sources.values() for s in slots)
+
 
 def plan_repair(owners: list[int], replicas: list[list[int]], *, want: int, target: int) -> Repair | None:
-    """Copies for an empty live shard `target`: the under-replicated slots that ONE source holds.
+    """Copies for an empty live shard `target`: every under-replicated slot, each from one live
+    holder (the one that holds the most of them, the lowest id on a tie, so few sources freeze).
 
-    One source and one MigrateSlots freeze make the copy consistent at one applied step, which
-    is what lets a writer count a step that the copy already holds as applied (docs/failover.md).
-    The source is the holder (primary or replica) of the most such slots, the lowest id on a tie;
-    the rest wait for the next round (or another empty shard).
+    The target holds nothing until the map lists it, so no client has counted it as having
+    applied a step its copies lack; slots copied from different sources may stand at different
+    steps, which a shard keeps per slot (services/shard/ownership.py).
     """
     short = [
         s
@@ -90,13 +93,75 @@ def plan_repair(owners: list[int], replicas: list[list[int]], *, want: int, targ
     ]
     if not short:
         return None
-    by_source: dict[int, list[int]] = {}
+    count: dict[int, int] = {}
     for slot in short:
         for h in holders(owners, replicas, slot):
-            by_source.setdefault(h, []).append(slot)
-    source = max(sorted(by_source), key=lambda h: len(by_source[h]))
-    slots = by_source[source]
+            count[h] = count.get(h, 0) + 1
+    sources: dict[int, list[int]] = {}
+    for slot in short:
+        best = max(sorted(holders(owners, replicas, slot)), key=lambda h: count[h])
+        sources.setdefault(best, []).append(slot)
     new_replicas = [list(rs) for rs in (replicas or [[] for _ in owners])]
-    for slot in slots:
+    for slot in short:
         new_replicas[slot].append(target)
-    return Repair(source=source, target=target, slots=slots, owners=list(owners), replicas=new_replicas)
+    return Repair(sources=sources, target=target, owners=list(owners), replicas=new_replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaMoves:
+    owners: list[int]  # the new primary per slot
+    replicas: list[list[int]]  # the new other holders per slot
+    copies: dict[tuple[int, int], list[int]]  # (source, target) -> slots the target gets a copy of
+
+    @property
+    def num_copied(self) -> int:
+        return sum(len(s) for s in self.copies.values())
+
+
+def plan_replica_moves(
+    owners: list[int], replicas: list[list[int]], *, primaries: list[int], targets: list[int], want: int
+) -> ReplicaMoves:
+    """Holder sets over `targets` with `want` copies per slot, the primaries `primaries` (a
+    plan_slot_map result), every target holding floor/ceil of the copies, few copies made.
+
+    Each slot keeps the old holders that stay, the new primary first; slots short of `want`
+    take the least-loaded targets; then replicas move from the fullest to the emptiest target
+    until loads differ by at most one. A new holder copies the slot from its old primary (the
+    first old holder still listed): old holders keep serving and applying updates until the
+    new map is installed, so a slot never has fewer than `want` copies while it moves.
+    """
+    ts = sorted(set(targets))
+    if not 1 <= want <= len(ts):
+        raise ValueError(f"replicas: {want} copies of each slot need as many target shards, got {ts}")
+    new_reps: list[list[int]] = []
+    load = dict.fromkeys(ts, 0)
+    for s, p in enumerate(primaries):
+        kept = [h for h in holders(owners, replicas, s) if h in load and h != p][: want - 1]
+        new_reps.append(kept)
+        for h in (p, *kept):
+            load[h] += 1
+    for s, p in enumerate(primaries):
+        while len(new_reps[s]) < want - 1:
+            t = min((t for t in ts if t != p and t not in new_reps[s]), key=lambda t: (load[t], t))
+            new_reps[s].append(t)
+            load[t] += 1
+    for _ in range(len(owners) * want):  # balance: move a replica from the fullest to the emptiest
+        hi = max(ts, key=lambda t: (load[t], -t))
+        lo = min(ts, key=lambda t: (load[t], t))
+        if load[hi] - load[lo] <= 1:
+            break
+        slot = next(
+            (s for s in range(len(owners)) if hi in new_reps[s] and lo not in new_reps[s] and primaries[s] != lo), None
+        )
+        if slot is None:
+            break
+        new_reps[slot][new_reps[slot].index(hi)] = lo
+        load[hi] -= 1
+        load[lo] += 1
+    copies: dict[tuple[int, int], list[int]] = {}
+    for s, p in enumerate(primaries):
+        old = holders(owners, replicas, s)
+        for h in (p, *new_reps[s]):
+            if h not in old:
+                copies.setdefault((old[0], h), []).append(s)
+    return ReplicaMoves(owners=list(primaries), replicas=new_reps, copies=copies)

@@ -21,16 +21,16 @@ signed, and a reader ignores an entry that fails its signature: it keeps the las
 verified (slot map, layout, a shard's record) or skips it (a manifest, a record it never saw),
 logs it and counts it (`tampered`). With nothing verified to fall back on, a tampered layout or
 slot map raises `TamperedEntry` (a `ControlPlaneUnavailable`: callers keep what they have).
+
+Here: connecting, signing, the layout, the slot map and the failover lease; the stored values
+are in records.py, the shard registry, manifests and failover events in registry.py.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import redis.asyncio as aioredis
@@ -43,10 +43,17 @@ from redis.exceptions import WatchError
 import services.control.replicas as replica_math
 from engram.config import Config, ConfigError, config_from_dict
 from engram.layout import even_slot_map
+from services.control.records import (  # noqa: F401 - re-exported, as before the split
+    ControlPlaneUnavailable,
+    ShardRecord,
+    SlotMap,
+    TamperedEntry,
+    redact_url,
+)
+from services.control.registry import MANIFEST_HISTORY, RegistryOps  # noqa: F401
 from services.control.security import Signer, Tampered, TamperLog, open_entry, read_secret, seal
 
 T = TypeVar("T")
-MANIFEST_HISTORY = 20
 
 
 def _layout(cfg: Config) -> dict:
@@ -56,68 +63,7 @@ def _layout(cfg: Config) -> dict:
     return data
 
 
-class ControlPlaneUnavailable(RuntimeError):
-    """Redis is down or unreachable; the message names the URL and what was being done."""
-
-
-class TamperedEntry(ControlPlaneUnavailable):
-    """An entry failed its signature and no verified copy is at hand (reported, not used)."""
-
-
-@dataclass(slots=True)
-class SlotMap:
-    epoch: int
-    owners: list[int]  # slot -> primary shard id
-    replicas: list[list[int]] = field(default_factory=list)  # slot -> its other holders; [] = no replicas
-
-    def slots_of(self, shard_id: int) -> list[int]:
-        return [slot for slot, owner in enumerate(self.owners) if owner == shard_id]
-
-    def holders(self, slot: int) -> list[int]:
-        return replica_math.holders(self.owners, self.replicas, slot)
-
-    def held_by(self, shard_id: int) -> list[int]:
-        return replica_math.held_by(self.owners, self.replicas, shard_id)
-
-    def view_for(self, shard_id: int) -> list[int]:
-        return replica_math.view_for(self.owners, self.replicas, shard_id)
-
-    def all_holders(self) -> set[int]:
-        return replica_math.all_holders(self.owners, self.replicas)
-
-    def to_value(self) -> dict:
-        return {"epoch": self.epoch, "owners": list(self.owners), "replicas": [list(r) for r in self.replicas]}
-
-    @classmethod
-    def from_value(cls, value: dict) -> SlotMap:
-        return cls(
-            epoch=int(value["epoch"]),
-            owners=[int(o) for o in value["owners"]],
-            replicas=[[int(h) for h in r] for r in value.get("replicas") or []],
-        )
-
-
-@dataclass(slots=True)
-class ShardRecord:
-    shard_id: int
-    address: str
-    alive: bool
-    info: dict[str, Any]
-    last_seen: float
-
-
-def redact_url(url: str) -> str:
-    """redis://user:secret@host:port/0 -> redis://user:***@host:port/0 (never log a password)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-class ControlPlane:
+class ControlPlane(RegistryOps):
     def __init__(self, client: aioredis.Redis, *, url: str, namespace: str, signer: Signer | None = None) -> None:
         if not namespace:
             raise ValueError("namespace: must be a non-empty key prefix")
@@ -392,135 +338,3 @@ class ControlPlane:
             return False
 
         return await self._call("taking the failover lease", run)
-
-    async def add_event(self, event: dict, *, keep: int = 200) -> None:
-        """Append a failover/repair event (what happened, when) to `{ns}:failover:events`."""
-        key = self._key("failover", "events")
-        data = self._pack(key, event)
-
-        async def run() -> None:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.lpush(self._key("failover", "events"), data)
-                pipe.ltrim(self._key("failover", "events"), 0, keep - 1)
-                await pipe.execute()
-
-        await self._call("recording a failover event", run)
-
-    async def events(self) -> list[dict]:
-        """The failover/repair events, newest first."""
-        raw = await self._call(
-            "reading failover events", lambda: self._r.lrange(self._key("failover", "events"), 0, -1)
-        )
-        key = self._key("failover", "events")
-        out = []
-        for d in raw:
-            try:
-                out.append(self._unpack(key, d))
-            except Tampered as exc:
-                self.tampered.note(key, exc, "event ignored")
-        return out
-
-    # ---------------------------------------------------------------------------------------
-    # shard registry
-
-    async def register_shard(self, shard_id: int, address: str, info: dict, *, ttl_s: float) -> None:
-        now = time.time()
-        record = {"address": address, "info": info, "last_seen": now, "registered_at": now}
-
-        async def run() -> None:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key("shards"), str(shard_id), self._pack(self._record_key(shard_id), record))
-                pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
-                await pipe.execute()
-
-        await self._call(f"registering shard {shard_id}", run)
-
-    def _record_key(self, shard_id: int | str) -> str:
-        return f"{self._key('shards')}#{shard_id}"
-
-    async def heartbeat(self, shard_id: int, info: dict, *, ttl_s: float) -> None:
-        """Refresh the liveness key and the shard's info.
-
-        Raises LookupError when the shard is not registered (e.g. Redis restarted empty): the
-        caller registers again.
-        """
-
-        async def run() -> None:
-            data = await self._r.hget(self._key("shards"), str(shard_id))
-            record = self._current(self._record_key(shard_id), data)  # tampered: register again
-            if record is None:
-                raise LookupError(f"shard {shard_id} is not registered in cluster {self.namespace!r}")
-            record.update(info=info, last_seen=time.time())
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key("shards"), str(shard_id), self._pack(self._record_key(shard_id), record))
-                pipe.set(self._key("alive", shard_id), b"1", px=max(1, int(ttl_s * 1000)))
-                await pipe.execute()
-
-        await self._call(f"sending the heartbeat of shard {shard_id}", run)
-
-    async def deregister_shard(self, shard_id: int) -> None:
-        """Mark a shard dead at once (clean shutdown); its record stays for `shards()`."""
-        await self._call(f"deregistering shard {shard_id}", lambda: self._r.delete(self._key("alive", shard_id)))
-
-    async def shards(self) -> list[ShardRecord]:
-        """Every shard ever registered, sorted by id; `alive` = its liveness key exists."""
-
-        async def run() -> list[ShardRecord]:
-            raw = await self._r.hgetall(self._key("shards"))
-            ids = sorted(int(k) for k in raw)
-            async with self._r.pipeline(transaction=False) as pipe:
-                for shard_id in ids:
-                    pipe.exists(self._key("alive", shard_id))
-                alive = await pipe.execute() if ids else []
-            out = []
-            for shard_id, is_alive in zip(ids, alive, strict=True):
-                where = self._record_key(shard_id)
-                try:
-                    record = self._verified_or(where, raw[str(shard_id).encode()], f"record of shard {shard_id}")
-                except TamperedEntry:
-                    continue  # never verified: as if not registered
-                out.append(
-                    ShardRecord(
-                        shard_id=shard_id,
-                        address=record["address"],
-                        alive=bool(is_alive),
-                        info=record.get("info", {}),
-                        last_seen=float(record.get("last_seen", 0.0)),
-                    )
-                )
-            return out
-
-        return await self._call("listing shards", run)
-
-    # ---------------------------------------------------------------------------------------
-    # checkpoint manifests
-
-    async def put_manifest(self, manifest: dict) -> None:
-        if "step" not in manifest or "files" not in manifest:
-            raise ValueError(f"manifest: needs 'step' and 'files', got keys {sorted(manifest)}")
-        data = self._pack(self._key("manifest"), manifest)
-
-        async def run() -> None:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.set(self._key("manifest"), data)
-                pipe.lpush(self._key("manifests"), data)
-                pipe.ltrim(self._key("manifests"), 0, MANIFEST_HISTORY - 1)
-                await pipe.execute()
-
-        await self._call("writing the checkpoint manifest", run)
-
-    async def latest_manifest(self) -> dict | None:
-        data = await self._call("reading the checkpoint manifest", lambda: self._r.get(self._key("manifest")))
-        return None if data is None else self._manifest(data)
-
-    def _manifest(self, data: Any) -> dict | None:
-        try:
-            return self._unpack(self._key("manifest"), data)
-        except Tampered as exc:
-            self.tampered.note(self._key("manifest"), exc, "skipping that manifest")
-            return None
-
-    async def manifests(self) -> list[dict]:
-        """The last MANIFEST_HISTORY manifests, newest first."""
-        raw = await self._call("reading the manifest history", lambda: self._r.lrange(self._key("manifests"), 0, -1))
-        return [m for m in map(self._manifest, raw) if m is not None]

@@ -1,5 +1,8 @@
 """The shard's request handling on the event loop: locks, the worker pool, aggregation, admin.
 
+Here: lookups, updates (multi-part steps), expiry, stats. Checkpoints and restores are in
+engine_ckpt.py, migration and slot maps in engine_slots.py (mixins of `ShardEngine`).
+
 Concurrency model:
 - every table touch runs in a ThreadPoolExecutor (torch gathers/updates release the GIL), so
   the event loop only parses, dispatches and replies; tiny lookups run inline;
@@ -33,17 +36,15 @@ import grpc
 import psutil
 
 from engram.config import ClusterConfig
-from engram.fileio import fsync_dir
-from engram.layout import slot_num_rows
-from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from services.grpc_options import channel_options
-from services.shard import checkpoint as ckpt
+from proto.shard.v1 import shard_pb2
 from services.shard.aggregate import StepAggregator
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.engine_ckpt import CheckpointOps
+from services.shard.engine_slots import SlotMapOps
+from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult
-from services.shard.limits import InflightBudget, check_peer, check_target
+from services.shard.limits import InflightBudget
 from services.shard.memory import Trimmer
-from services.shard.migrate import Staging, slot_chunks
+from services.shard.migrate import Staging
 from services.shard.store import ShardStore
 from services.telemetry import record_shard_event
 from services.wire import row_bytes
@@ -53,7 +54,7 @@ INLINE_LOOKUP_ROWS = 256  # smaller lookups skip the thread hop
 log = logging.getLogger("engram.shard")
 
 
-class ShardEngine:
+class ShardEngine(CheckpointOps, SlotMapOps):
     def __init__(
         self,
         store: ShardStore,
@@ -78,6 +79,7 @@ class ShardEngine:
         self.locks = {t: asyncio.Lock() for t in store.layouts}
         self.admin = asyncio.Lock()
         self.import_lock = asyncio.Lock()
+        self.importing = False  # an ImportSlots stream is open: updates wait (migrate.py)
         self.agg = StepAggregator()
         self.staging = Staging(store)
         self.lookups = self.rows_served = self.updates = 0
@@ -244,6 +246,10 @@ class ShardEngine:
             eps=opt.eps,
         )
         self.trimmer.note(3 * upd.grads.nbytes)  # the request and the update's temporaries
+        if self.importing or self.staging.busy():  # checked under the table lock, right before the apply
+            raise unavailable(
+                f"shard {store.shard_id} is importing slots: updates wait for the new slot map (MigrateSlots); retry"
+            )
         pend = self.agg.pending(t)
         if req.num_parts <= 1:
             if pend is not None:
@@ -270,212 +276,6 @@ class ShardEngine:
             self.budget.give(done.nbytes if done is not None else held)
         self.updates += 1
         return shard_pb2.ApplyGradientsResponse(applied_step=store.applied_step[t], rows_updated=rows)
-
-    # ---------------------------------------------------------------------------------------
-    # checkpoints
-
-    def _metas(self, table: int, slots: tuple[int, ...]) -> list[ckpt.SlotMeta]:
-        store, layout = self.store, self.store.layouts[table]
-        return [
-            ckpt.SlotMeta(
-                table,
-                s,
-                store.num_slots,
-                slot_num_rows(layout.num_rows, s, store.num_slots),
-                layout.dim,
-                store.kind,
-                store.row_format,
-            )
-            for s in slots
-        ]
-
-    async def checkpoint(self, req: shard_pb2.CheckpointRequest) -> shard_pb2.CheckpointResponse:
-        """Every owned (table, slot) to checkpoint `name`; each table is written under its update lock."""
-        directory = ckpt.checkpoint_dir(self.limits.checkpoint_dir, req.name)
-        files = []
-        async with self.admin, self._all_tables():
-            view = self.store.view
-
-            def write_all() -> None:
-                for t in sorted(view.tables):
-                    for meta in self._metas(t, view.owned):
-                        files.append(ckpt.write_slot(directory, meta, self.store.slot_block(t, meta.slot, view)))
-                    if view.owned:
-                        fsync_dir(directory / f"table{t}")
-
-            try:
-                await self._run(write_all)
-            except OSError as exc:
-                raise ShardError(Code.INTERNAL, f"checkpoint {req.name} failed: {exc.strerror or exc}") from exc
-        return shard_pb2.CheckpointResponse(files=[shard_pb2.SlotFile(**f) for f in files])
-
-    async def restore(self, req: shard_pb2.RestoreRequest) -> shard_pb2.RestoreResponse:
-        """All-or-nothing: every owned slot's file verified before any is loaded."""
-        store = self.store
-        directory = ckpt.checkpoint_dir(self.limits.checkpoint_dir, req.name)
-        async with self.admin, self._all_tables():
-            view = store.view
-            wanted = {(t, s) for t in store.layouts for s in view.owned}
-            by_key: dict[tuple[int, int], shard_pb2.SlotFile] = {}
-            for f in req.files:
-                if (f.table, f.slot) in by_key:
-                    raise invalid(f"files: table {f.table} slot {f.slot} is listed twice")
-                if (f.table, f.slot) in wanted:
-                    by_key[(f.table, f.slot)] = f
-            missing = sorted(wanted - set(by_key))
-            if missing:
-                raise precondition(
-                    f"checkpoint {req.name} has no file for table {missing[0][0]} slot {missing[0][1]} "
-                    f"({len(missing)} owned (table, slot) pairs missing); restore refused, tables unchanged"
-                )
-            jobs = [(by_key[(m.table, m.slot)], m) for t in sorted(store.layouts) for m in self._metas(t, view.owned)]
-
-            def verify_all() -> dict[int, int]:
-                steps: dict[int, int] = {}
-                for f, meta in jobs:
-                    step = ckpt.verify_slot(directory, f.path, f.sha256, meta)
-                    steps[meta.table] = max(steps.get(meta.table, 0), step)
-                return steps
-
-            def load_all() -> None:
-                for f, meta in jobs:
-                    ckpt.load_slot(directory, f.path, f.sha256, meta, store.slot_block(meta.table, meta.slot, view))
-
-            try:
-                steps = await self._run(verify_all)
-                await self._run(store.rewrite_rows, load_all, steps)
-            except OSError as exc:
-                raise ShardError(
-                    Code.DATA_LOSS, f"reading checkpoint {req.name} failed: {exc.strerror or exc}"
-                ) from exc
-        return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))
-
-    # ---------------------------------------------------------------------------------------
-    # migration and the slot map
-
-    async def migrate_slots(self, req: shard_pb2.MigrateSlotsRequest) -> shard_pb2.MigrateSlotsResponse:
-        store = self.store
-        if not req.target:
-            raise invalid("target: required (host:port of the receiving shard)")
-        check_target(req.target)
-        if req.target == self.address:
-            raise invalid(f"target: {req.target} is this shard")
-        await check_peer(req.target, self.peers_source, self_id=store.shard_id)
-        async with self.admin:
-            view = store.view
-            store.check_epoch(view, req.epoch)
-            slots = sorted(set(req.slots))
-            if not slots or len(slots) != len(req.slots):
-                raise invalid(f"slots: need distinct slots to send, got {list(req.slots)}")
-            not_owned = [s for s in slots if s not in view.owned]
-            if not_owned:
-                raise precondition(
-                    f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}"
-                )
-            async with self._all_tables():  # in-flight updates finish; later ones see the freeze
-                froze = store.frozen.freeze(slots, req.target)
-            sent = {"bytes": 0}
-
-            async def chunks() -> AsyncIterator[shard_pb2.SlotChunk]:
-                for t in sorted(store.layouts):
-                    for s in slots:
-                        gen = slot_chunks(store, table=t, slot=s, epoch=view.epoch, chunk_bytes=self.chunk_bytes)
-                        while (chunk := await self._run(next, gen, None)) is not None:
-                            sent["bytes"] += len(chunk.weights) + len(chunk.state)
-                            yield chunk
-
-            opts = channel_options(
-                max_message_bytes=self.max_message_bytes, keepalive_s=self.limits.keepalive_s, retries=False
-            )  # ImportSlots streams: never resent by the channel
-            try:
-                async with self.dial(req.target, opts) as channel:
-                    resp = await shard_pb2_grpc.MemoryShardStub(channel).ImportSlots(
-                        chunks(), timeout=self.limits.migrate_timeout_s
-                    )
-            except grpc.aio.AioRpcError as exc:
-                store.frozen.unfreeze(froze)
-                raise ShardError(
-                    exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}"
-                ) from None
-            except BaseException:
-                store.frozen.unfreeze(froze)
-                raise
-            store.frozen.arm(slots, self.limits.freeze_lease_s)  # lifts unless a slot map comes in time
-        return shard_pb2.MigrateSlotsResponse(
-            slots_sent=resp.slots_received // max(1, len(store.layouts)), bytes_sent=sent["bytes"]
-        )
-
-    async def import_slots(self, chunks: AsyncIterator[shard_pb2.SlotChunk]) -> shard_pb2.ImportSlotsResponse:
-        received = 0
-        limit = self.limits.migrate_timeout_s
-        async with self.import_lock:
-            try:
-                async with asyncio.timeout(limit):  # a stream that stalls must not hold the import lock
-                    async for chunk in chunks:
-                        received += await self._run(self.staging.add, chunk)
-                for t, s in self.staging.partial_keys()[:1]:
-                    raise invalid(f"stream ended before the last chunk of table {t} slot {s}")
-            except TimeoutError:
-                raise ShardError(
-                    Code.DEADLINE_EXCEEDED,
-                    f"import stream still open after {limit:g} s (cluster.migrate_timeout_s); partial slots dropped",
-                ) from None
-            finally:
-                self.staging.drop_partial()
-        return shard_pb2.ImportSlotsResponse(slots_received=received)
-
-    async def _control_owners(self, epoch: int, owned: list[int], owners: list[int]) -> list[int] | None:
-        """Check a slot map against the control plane's at the same epoch -> the full map, if known.
-
-        The control plane is the source of truth: a map that contradicts its map at the same epoch
-        is refused. Unreachable, or at another epoch: the request stands on its own.
-        """
-        if self.slot_map_source is None:
-            return owners or None
-        try:
-            smap = await asyncio.wait_for(self.slot_map_source(), timeout=2.0)
-        except Exception:  # best effort: the store's own checks still apply
-            return owners or None
-        if smap.epoch < epoch:
-            raise precondition(
-                f"epoch {epoch} is ahead of the control plane's slot map (epoch {smap.epoch}): write the map to the "
-                "control plane first, or clients could never route at this epoch"
-            )
-        if smap.epoch != epoch:
-            return owners or None
-        view = smap.view_for(self.store.shard_id)  # replicas: every slot this shard holds (docs/failover.md)
-        mine = sorted(s for s, o in enumerate(view) if o == self.store.shard_id)
-        if mine != sorted(owned) or (owners and list(owners) != list(view)):
-            raise precondition(
-                f"the control plane's slot map at epoch {epoch} gives shard {self.store.shard_id} slots {mine[:16]}, "
-                f"this request says {sorted(owned)[:16]}{' with other owners' if owners else ''}: refused"
-            )
-        return list(view)
-
-    async def set_slot_map(self, req: shard_pb2.SetSlotMapRequest) -> shard_pb2.SetSlotMapResponse:
-        owned = list(req.owned_slots)
-        owners = await self._control_owners(req.epoch, owned, list(req.owners))
-        view = self.store.view
-        if tuple(sorted(set(owned))) == view.owned and req.epoch > view.epoch and len(owned) == len(set(owned)):
-            async with self.admin, contextlib.AsyncExitStack() as locked:
-                # same slots, newer map (docs/failover.md): only the epoch moves; a step collecting parts stays
-                for t in sorted(self.locks):  # no update mid-write (the shm seqlock has one writer at a time)
-                    await locked.enter_async_context(self.locks[t])
-                self.store.bump_epoch(epoch=req.epoch, owners=owners)
-                self.staging.clear()
-            return shard_pb2.SetSlotMapResponse(slots_dropped=0)
-        async with self.admin, self._all_tables():
-            before = self.store.view.epoch
-            dropped = await self._run(
-                self.store.set_ownership,
-                epoch=req.epoch,
-                owned_slots=owned,
-                owners=owners,
-                staged=self.staging.complete,
-            )
-            if self.store.view.epoch != before:
-                self.staging.clear()
-        return shard_pb2.SetSlotMapResponse(slots_dropped=dropped)
 
     # ---------------------------------------------------------------------------------------
     # stats

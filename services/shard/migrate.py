@@ -12,6 +12,9 @@ Protocol (driven by the rebalancer, e.g. `engram cluster rebalance`):
    in, the source drops the slots it no longer owns, and frozen slots thaw.
 
 A failed stream unfreezes the source's slots and leaves nothing half-staged on the target.
+While a shard imports or holds staged slots it takes no update (UNAVAILABLE, retried by the
+client): a client must not count it done with a step its copies lack. A copy older than a step
+the receiving shard already applied is refused for the same reason (the migration is retried).
 Leases (cluster.freeze_lease_s): a freeze lifts that long after its stream ended, and staged
 slots are dropped that long after they arrived, when no SetSlotMap came; the source then
 refuses a slot map that gives the slot away until it is migrated again (updates may have
@@ -126,6 +129,12 @@ class Staging:
             kind = "no state: the table is read-only" if fmts.read_only(fmt) else f"{store.kind} state"
             raise invalid(f"state: {len(chunk.state)} bytes for {rows} rows, expected {want_state} ({kind})")
         _check_values(chunk, rows=rows, dim=dim, kind=store.kind, fmt=fmt)
+        if chunk.offset_rows == 0 and chunk.applied_step < store.head_step(chunk.table):
+            raise precondition(
+                f"table {chunk.table} slot {chunk.slot}: the copy holds step {chunk.applied_step}, behind step "
+                f"{store.head_step(chunk.table)} that shard {store.shard_id} already applied to its slots (a client "
+                "counted this shard done with steps the copy lacks); retry the migration"
+            )
         if chunk.offset_rows == 0:
             block = SlotData(
                 weights=torch.empty((total, fmts.storage_cols(fmt, dim)), dtype=fmts.STORAGE_DTYPES[fmt]),
@@ -164,6 +173,10 @@ class Staging:
             return True
         self._partial[key] = (block, received)
         return False
+
+    def busy(self) -> bool:
+        """Slots are being received or wait for their slot map (the shard takes no update meanwhile)."""
+        return bool(self.complete or self._partial)
 
     def partial_keys(self) -> list[tuple[int, int]]:
         return list(self._partial)

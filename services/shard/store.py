@@ -17,14 +17,14 @@ after (or, for the few rows being copied at that instant, partly after) the upda
 usual parameter-server read semantics; sync-mode readers look up after the step's apply.
 Weights (and the optional bf16/fp16 mirror, refreshed with every write) live where
 `TableMemory` puts them: in files under cluster.shm_dir that co-located clients read, with a
-seqlock around every write (shm_table.py), or in private memory.
+seqlock around every write (shm_table.py), or in private memory. Slot ownership (epochs, slot
+swaps) and the applied step of every (table, slot) are in ownership.py; the value types in
+store_types.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,83 +32,29 @@ import torch
 from engram.config import Config
 from engram.init import init_rows
 from engram.layout import TableLayout, slot_num_rows, table_layouts
-from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
+from engram.row_optim import AdamParams, lazy_adam_, rowwise_adagrad_
 from services.shard import row_store_format as fmts
 from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
 from services.shard.limits import Freezes
 from services.shard.memory import alloc_state, alloc_table
+from services.shard.ownership import SlotOwnership
 from services.shard.shm_table import Placement, TableMemory
+from services.shard.store_types import (  # noqa: F401 - re-exported: the store's types, as before the split
+    OPTIMIZERS,
+    LookupPlan,
+    SlotData,
+    TableData,
+    Update,
+    View,
+    optimizer_params,
+)
 from services.wire import TORCH_DTYPES, row_bytes
 
-OPTIMIZERS = ("adam", "adagrad")
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
 
 
-@dataclass(slots=True)
-class TableData:
-    base: np.ndarray  # (num_slots,) int64, -1 = slot not owned
-    weights: torch.Tensor  # (R, D) fp32, or (R, storage cols) in engram.row_format (row_store_format.py)
-    state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,); () for read-only (fp8) tables
-    place: Placement  # where weights live, the mirror (R, D) bf16/fp16 if kept, the shared file if any
-
-
-@dataclass(frozen=True, slots=True)
-class LookupPlan:
-    """A validated lookup: gather src[pos] (src: the mirror when it has the wire dtype, else weights)."""
-
-    src: torch.Tensor  # (R, D), or (R, D + D/32) uint8 for fp8 storage
-    pos: np.ndarray  # (n,) int64
-    dtype: int
-    epoch: int
-    applied_step: int
-    dim: int = 0  # values per row D
-
-
-@dataclass(slots=True)
-class SlotData:
-    """One (table, slot) block: views into a table, or a staged copy received from a peer."""
-
-    weights: torch.Tensor  # (n, D) fp32, or (n, storage cols) in the table's storage format
-    state: tuple[torch.Tensor, ...]  # adam: m, v (n, D); adagrad: acc (n,); () for read-only tables
-    applied_step: int
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    """What a request is validated and served against; replaced whole, never mutated."""
-
-    epoch: int
-    owned: tuple[int, ...]  # sorted slots served at this epoch
-    owners: tuple[int, ...] | None  # the full slot map (slot -> shard) when known, for messages
-    tables: dict[int, TableData]
-
-
-@dataclass(slots=True)
-class Update:
-    """A validated gradient for one table (rows unique and owned, grads finite)."""
-
-    table: int
-    rows: np.ndarray  # (U,) int64
-    grads: torch.Tensor  # (U, D) fp32
-    step: int
-    params: AdamParams | AdagradParams
-
-
-def optimizer_params(kind: str, *, lr: float, beta1: float, beta2: float, eps: float) -> AdamParams | AdagradParams:
-    if not (np.isfinite(lr) and lr > 0):
-        raise invalid(f"optimizer.lr: must be a positive number, got {lr}")
-    if not (np.isfinite(eps) and eps > 0):
-        raise invalid(f"optimizer.eps: must be a positive number, got {eps}")
-    if kind == "adagrad":
-        return AdagradParams(lr=lr, eps=eps)
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise invalid(f"optimizer.{name}: must be in [0, 1), got {beta}")
-    return AdamParams(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-
-
-class ShardStore:
+class ShardStore(SlotOwnership):
     def __init__(
         self,
         cfg: Config,
@@ -133,7 +79,8 @@ class ShardStore:
         self.seed = cfg.engram.seed
         self.init_std = cfg.engram.init_std
         self.layouts: dict[int, TableLayout] = table_layouts(cfg.engram)
-        self.applied_step: dict[int, int] = dict.fromkeys(self.layouts, 0)
+        self.applied_step: dict[int, int] = dict.fromkeys(self.layouts, 0)  # the oldest over owned slots
+        self.slot_steps = {t: np.zeros(self.num_slots, dtype=np.int64) for t in self.layouts}  # ownership.py
         self.frozen = Freezes()  # slots being migrated away: updates refused until SetSlotMap or the lease ends
         owned = self._check_slots(owned_slots)
         tables = {t: self._allocate(t, owned, epoch) for t in self.layouts}
@@ -151,14 +98,6 @@ class ShardStore:
 
     # ---------------------------------------------------------------------------------------
     # construction
-
-    def _check_slots(self, slots: list[int] | tuple[int, ...]) -> tuple[int, ...]:
-        bad = [s for s in slots if not 0 <= s < self.num_slots]
-        if bad:
-            raise invalid(f"slots {bad[:8]} are outside 0..{self.num_slots - 1}")
-        if len(set(slots)) != len(slots):
-            raise invalid(f"slots: duplicates in {sorted(slots)}")
-        return tuple(sorted(int(s) for s in slots))
 
     def _allocate(self, table: int, owned: tuple[int, ...], epoch: int) -> TableData:
         layout = self.layouts[table]
@@ -375,169 +314,30 @@ class ShardStore:
     def apply_update(self, upd: Update) -> int:
         """Apply a validated update (the caller holds the table's update lock) -> rows updated."""
         data = self.view.tables[upd.table]
-        idx = torch.from_numpy(self.positions(self.view, upd.table, upd.rows, for_update=True))
+        rows, grads = upd.rows, upd.grads  # (U,), (U, D)
+        behind = self.behind(upd.table, rows, upd.step)  # slots copied after this step already hold it
+        if behind is not None:
+            rows, grads = rows[behind], grads[torch.from_numpy(behind)]
+        idx = torch.from_numpy(self.positions(self.view, upd.table, rows, for_update=True))
         w = data.weights.index_select(0, idx).float()  # (U, D) fp32 (bf16/fp16 storage: computed in fp32)
         if isinstance(upd.params, AdamParams):
             m, v = (s.index_select(0, idx) for s in data.state)  # (U, D) each
-            lazy_adam_(w, m, v, upd.grads, step=upd.step, p=upd.params)
+            lazy_adam_(w, m, v, grads, step=upd.step, p=upd.params)
             data.state[0].index_copy_(0, idx, m)
             data.state[1].index_copy_(0, idx, v)
         else:
             acc = data.state[0].index_select(0, idx)  # (U,)
-            rowwise_adagrad_(w, acc, upd.grads, p=upd.params)
+            rowwise_adagrad_(w, acc, grads, p=upd.params)
             data.state[0].index_copy_(0, idx, acc)
         shm = data.place.shm
         if shm is not None:
             shm.begin_write()
         data.weights.index_copy_(0, idx, w.to(data.weights.dtype))
         data.place.refresh_mirror(idx, w)
-        self.applied_step[upd.table] = upd.step
+        self.advance_steps(upd.table, upd.step)
         if shm is not None:
-            shm.end_write(upd.step)
-        return int(upd.rows.size)
-
-    def rewrite_rows(self, write: Callable[[], None], steps: dict[int, int]) -> None:
-        """Run `write()` (it overwrites owned rows in place, e.g. a restore), then refresh the
-        mirrors and set the tables' applied steps; shared readers retry while it runs."""
-        tables = self.view.tables
-        shms = [d.place.shm for d in tables.values() if d.place.shm is not None]
-        for shm in shms:
-            shm.begin_write()
-        try:
-            try:
-                write()
-            finally:  # the mirror follows the weights, whatever the write left in them
-                for d in tables.values():
-                    d.place.refresh_mirror()
-            self.applied_step.update(steps)
-        finally:
-            for t, d in tables.items():
-                if d.place.shm is not None:
-                    d.place.shm.end_write(self.applied_step[t])
-
-    # ---------------------------------------------------------------------------------------
-    # slots (checkpoints, migration, ownership changes)
-
-    def slot_block(self, table: int, slot: int, view: View | None = None) -> SlotData:
-        """Views (not copies) of one owned slot's rows and state."""
-        view = view or self.view
-        if slot not in view.owned:
-            raise precondition(f"slot {slot} is not owned by shard {self.shard_id} at epoch {view.epoch}")
-        return self._block(table, view.tables[table], slot)
-
-    def _block(self, table: int, data: TableData, slot: int) -> SlotData:
-        a = int(data.base[slot])
-        n = slot_num_rows(self.layouts[table].num_rows, slot, self.num_slots)
-        return SlotData(
-            weights=data.weights[a : a + n],
-            state=tuple(s[a : a + n] for s in data.state),
-            applied_step=self.applied_step[table],
-        )
-
-    def bump_epoch(self, *, epoch: int, owners: list[int] | None) -> None:
-        """The same slots under a newer map (a failover or repair elsewhere): only the epoch moves.
-
-        Rows, tables and pending step parts stay as they are, so this needs no table lock and is not
-        held up by a step collecting parts. Frozen slots thaw, as with any new map."""
-        view = self.view
-        if epoch <= view.epoch:
-            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
-        if epoch > view.epoch + self.max_epoch_jump:
-            raise invalid(
-                f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
-                f"epoch {view.epoch}; send the control plane's current slot map"
-            )
-        if owners is not None and (
-            len(owners) != self.num_slots
-            or any(not 0 <= o < self.num_slots for o in owners)
-            or {s for s, o in enumerate(owners) if o == self.shard_id} != set(view.owned)
-        ):
-            raise invalid(f"owners: not a map of {self.num_slots} slots giving this shard its slots {view.owned[:8]}")
-        for data in view.tables.values():
-            if data.place.shm is not None:
-                data.place.shm.set_epoch(epoch)
-        self.view = View(
-            epoch=epoch, owned=view.owned, owners=tuple(owners) if owners else view.owners, tables=view.tables
-        )
-        self.frozen.clear()
-
-    def set_ownership(
-        self,
-        *,
-        epoch: int,
-        owned_slots: list[int],
-        owners: list[int] | None,
-        staged: dict[tuple[int, int], SlotData],
-    ) -> int:
-        """Install the slots served from `epoch` on -> number of slots dropped.
-
-        Kept slots are copied from the live tables, new ones from `staged` (every table must be
-        staged); the new view is swapped in at once. The caller holds every table's lock.
-        """
-        view = self.view
-        owned = self._check_slots(owned_slots)
-        if epoch < view.epoch:
-            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
-        if epoch == view.epoch:
-            if owned == view.owned:  # the map stands: no migration out of here is pending, so thaw
-                self.frozen.clear()
-                return 0
-            raise precondition(f"epoch {epoch} is already installed with other slots; a new map needs a new epoch")
-        if epoch > view.epoch + self.max_epoch_jump:
-            raise invalid(
-                f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
-                f"epoch {view.epoch}; send the control plane's current slot map"
-            )
-        if owners is not None:
-            if len(owners) != self.num_slots:
-                raise invalid(f"owners: {len(owners)} entries, the cluster has {self.num_slots} slots")
-            bad = sorted({o for o in owners if not 0 <= o < self.num_slots})
-            if bad:
-                raise invalid(f"owners: shard ids {bad[:8]} are outside 0..{self.num_slots - 1}")
-            mismatch = sorted(set(owned) ^ {s for s, o in enumerate(owners) if o == self.shard_id})
-            if mismatch:
-                raise invalid(f"owned_slots and owners disagree about slots {mismatch[:8]}")
-        missing = [(t, s) for s in owned if s not in view.owned for t in self.layouts if (t, s) not in staged]
-        if missing:
-            t, s = missing[0]
-            raise precondition(
-                f"slot {s}: shard {self.shard_id} has no data for it (table {t} not imported); "
-                "migrate it here (MigrateSlots) before handing it over"
-            )
-        dropped = sorted(set(view.owned) - set(owned))
-        if dropped and owners is None:
-            raise precondition(
-                f"the slot map would drop slots {dropped[:8]} ({len(dropped)} in all) without naming their new "
-                "owners: send `owners` (the full slot map) or write the map to the control plane first; refused, "
-                "so no slot is left without a shard"
-            )
-        self.frozen.active()  # lift leases that ran out
-        stale = [s for s in dropped if s in self.frozen.expired]
-        if stale:
-            raise precondition(
-                f"the migration of slot {stale[0]} to {self.frozen.expired[stale[0]]} expired "
-                "(cluster.freeze_lease_s) before this slot map came, and updates may have reached the slot since: "
-                "migrate it again, then send the slot map"
-            )
-        tables = {}
-        for t in self.layouts:
-            new = self._allocate(t, owned, epoch)
-            for s in owned:
-                src = self.slot_block(t, s, view) if s in view.owned else staged[(t, s)]
-                dst = self._block(t, new, s)
-                dst.weights.copy_(src.weights)
-                for d, x in zip(dst.state, src.state, strict=True):
-                    d.copy_(x)
-            tables[t] = new
-            new.place.refresh_mirror()
-            steps = [staged[(t, s)].applied_step for s in owned if s not in view.owned]
-            self.applied_step[t] = max([self.applied_step[t], *steps])
-            if new.place.shm is not None:
-                new.place.shm.set_applied(self.applied_step[t])
-        self.view = View(epoch=epoch, owned=owned, owners=tuple(owners) if owners else None, tables=tables)
-        self.memory.publish({t: d.place for t, d in tables.items()})
-        self.frozen.clear()
-        return len(set(view.owned) - set(owned))
+            shm.end_write(self.applied_step[upd.table])
+        return int(rows.size)
 
     # ---------------------------------------------------------------------------------------
     # stats

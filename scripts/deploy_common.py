@@ -1,7 +1,7 @@
 """What the deploy checkers share: the report, the `engram`/`ray` command checks, small helpers.
 
-Used by scripts/validate_deploy.py (entry point, Dockerfile), validate_compose.py, validate_k8s.py
-and deploy_refs.py; it imports none of them, so there is no import cycle between the checkers.
+Used by scripts/validate_deploy.py (entry point, Dockerfile), validate_compose.py, validate_k8s*.py
+and deploy_refs*.py; it imports none of them, so there is no import cycle between the checkers.
 """
 
 from __future__ import annotations

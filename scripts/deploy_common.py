@@ -175,6 +175,19 @@ class Checker:
 SHELLS = (["sh", "-c"], ["/bin/sh", "-c"], ["bash", "-c"], ["/bin/bash", "-c"])
 
 
+OUR_IMAGE = "engram"  # built from this repository's Dockerfile; its digest exists once an operator pushes it
+DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def unpinned_image(ref: str) -> str | None:
+    """Why a third-party image reference is not reproducible, or None when it is pinned by digest."""
+    if ref.split(":")[0].split("@")[0] == OUR_IMAGE:
+        return None
+    if not DIGEST_RE.search(ref):
+        return f"image {ref}: not pinned by digest (name:tag@sha256:<64 hex>; a tag can move)"
+    return None
+
+
 def shell_engram_argvs(script: str) -> list[list[str]]:
     """The `engram ...` commands of a `sh -c` script (split at ||, &&, ; and newlines)."""
     out = []

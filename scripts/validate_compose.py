@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from deploy_common import SHELLS, Checker, Cmd, host_port, load_json, run_tool, shell_engram_argvs
+from deploy_common import (
+    SHELLS,
+    Checker,
+    Cmd,
+    host_port,
+    load_json,
+    run_tool,
+    shell_engram_argvs,
+    unpinned_image,
+)
 
 WHERE = "docker-compose.yml"
 
@@ -130,6 +139,8 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
                 report.fail(where, f"depends_on {dep}: service_completed_successfully on a long-running service")
             elif condition == "service_started" and dep not in one_shot:
                 report.fail(where, f"depends_on {dep}: use condition service_healthy (start order by health)")
+        if "image" in svc and (problem := unpinned_image(str(svc["image"]))):
+            report.fail(where, problem)
         if not str(svc.get("image", "")).startswith("engram"):
             continue
         files = _mounted_files(root, data, svc)

@@ -16,6 +16,7 @@ from deploy_common import (
     selector_matches,
     shell_engram_argvs,
     table_bytes_per_shard,
+    unpinned_image,
 )
 
 SHARD_CLIENTS = ("serve", "train", "cluster", "bench")  # commands that talk to the shards
@@ -83,6 +84,8 @@ class Rendered:
                 self.report.fail(cw, "securityContext.readOnlyRootFilesystem must be set (true where possible)")
             if not (c.get("resources") or {}).get("requests"):
                 self.report.fail(cw, "no resources.requests")
+            if problem := unpinned_image(str(c.get("image", ""))):
+                self.report.fail(cw, problem)
             if not str(c.get("image", "")).startswith("engram"):
                 continue
             cmd = self._container(doc, role, spec, c, cw, labels)

@@ -153,7 +153,7 @@ def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> Non
                 w,
                 torch.zeros_like(w),
                 torch.zeros_like(w),
-                grads,
+                g=grads,
                 step=1,
                 p=AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8),
             )

@@ -79,7 +79,7 @@ def _replay(state: dict[str, torch.Tensor], accepted: list[shard_pb2.ApplyGradie
         g = torch.from_numpy(np.frombuffer(req.grads, dtype=np.float32).copy()).view(-1, DIM)
         o = req.optimizer
         w, m, v = (state[k][ids] for k in ("w", "m", "v"))
-        lazy_adam_(w, m, v, g, step=req.step, p=AdamParams(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps))
+        lazy_adam_(w, m, v, g=g, step=req.step, p=AdamParams(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps))
         for k, x in (("w", w), ("m", m), ("v", v)):
             state[k][ids] = x
 

@@ -209,7 +209,7 @@ def test_apply_gradients_over_the_wire_equals_local_optimizer(two_shards):
         p0 = clients[1].apply(rows, half, step=step, part="w0", num_parts=2)
         p1 = clients[1].apply(rows[:100], half[:100], step=step, part="w1", num_parts=2)
         assert p0.pending and not p1.pending and p1.applied_step == step and p1.rows_updated == 200
-        lazy_adam_(w, m, v, g, step=step, p=ADAM_LOCAL)
+        lazy_adam_(w, m, v, g=g, step=step, p=ADAM_LOCAL)
     assert torch.equal(clients[1].lookup(rows), w)  # bit-identical to the local optimizer
 
 
@@ -451,7 +451,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     c1.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2, epoch=2)
     w, m, v = init_table(moved_rows), torch.zeros(moved_rows.size, DIM), torch.zeros(moved_rows.size, DIM)
     for step in (1, 2):
-        lazy_adam_(w, m, v, torch.ones(moved_rows.size, DIM), step=step, p=ADAM_LOCAL)
+        lazy_adam_(w, m, v, g=torch.ones(moved_rows.size, DIM), step=step, p=ADAM_LOCAL)
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2

@@ -157,7 +157,7 @@ def test_adam_update_equals_row_optim_and_sparse_adam():
         assert store.apply_update(upd) == 300 and store.applied_step[table] == step
         idx = torch.from_numpy(rows)
         wb, mb, vb = w[idx], m[idx], v[idx]
-        lazy_adam_(wb, mb, vb, g, step=step, p=AdamParams(kw["lr"], kw["beta1"], kw["beta2"], kw["eps"]))
+        lazy_adam_(wb, mb, vb, g=g, step=step, p=AdamParams(kw["lr"], kw["beta1"], kw["beta2"], kw["eps"]))
         w[idx], m[idx], v[idx] = wb, mb, vb
         opt.zero_grad()
         (emb(idx) * g).sum().backward()

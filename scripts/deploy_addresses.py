@@ -45,7 +45,7 @@ def port_number(tpl: dict, target: int | str) -> int | None:
 
 
 def admits(
-    policy: dict, src_labels: dict, src_ns_labels: dict | None, port: int | None, *, same_namespace: bool = True
+    policy: dict, src_labels: dict, *, src_ns_labels: dict | None, port: int | None, same_namespace: bool = True
 ) -> bool:
     """Does one of the policy's ingress rules let a pod (labels, its namespace's labels) in on `port`?
 

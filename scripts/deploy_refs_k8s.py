@@ -72,12 +72,12 @@ class K8sRefs:
         self.namespace = self._namespaces()
         self.published: list[str] = []  # host:port the shards register (gRPC and data plane), expanded
         for where, doc, tpl, ns in self.pods:
-            self._pod(where, doc, tpl, ns)
+            self._pod(where, doc, tpl, ns=ns)
         for where, _doc, tpl, ns in self.pods:
             if ((tpl.get("metadata") or {}).get("labels") or {}).get("engram.io/shard-client") == "true":
                 for address in self.published:
                     host, _, port = address.rpartition(":")
-                    self._dial(f"{where} (shard client)", tpl, ns, host, None, int(port))
+                    self._dial(f"{where} (shard client)", tpl, ns, host=host, scheme=None, port=int(port))
         self._coverage()
         return self.problems
 
@@ -115,21 +115,21 @@ class K8sRefs:
             return True
         return (kind, ns, name) in self.objects
 
-    def _ref(self, where: str, kind: str, ns: str | None, name: str, *, optional: bool = False, what: str = "") -> None:
+    def _ref(self, where: str, kind: str, ns: str | None, *, name: str, optional: bool = False, what: str = "") -> None:
         if name and not self._exists(kind, ns, name) and not (optional and self.lenient):
             hint = " (optional: true only hides the miss: the pod starts without it)" if optional else ""
             self.fail(where, f"{what or kind} {name}: no {kind} {name} rendered in namespace {ns}{hint}")
 
-    def _pod(self, where: str, doc: dict, tpl: dict, ns: str | None) -> None:
+    def _pod(self, where: str, doc: dict, tpl: dict, *, ns: str | None) -> None:
         spec = tpl.get("spec") or {}
         sa = spec.get("serviceAccountName") or spec.get("serviceAccount")
         if sa and sa != "default":
-            self._ref(where, "ServiceAccount", ns, sa, what="serviceAccountName")
+            self._ref(where, "ServiceAccount", ns, name=sa, what="serviceAccountName")
         claims = {t["metadata"]["name"] for t in (doc.get("spec") or {}).get("volumeClaimTemplates") or []}
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         mounted: dict[str, str] = {}  # ConfigMap name -> why it is read
         for v in volumes.values():
-            self._volume(where, v, ns, mounted)
+            self._volume(where, v, ns, mounted=mounted)
         texts: list[str] = (
             [str(doc["spec"]["entrypoint"])] if doc["kind"] == "RayJob" and where.endswith("(ray-head)") else []
         )
@@ -144,7 +144,12 @@ class K8sRefs:
                     ref = src.get(key)
                     if ref:
                         self._ref(
-                            cw, kind, ns, ref.get("name", ""), optional=bool(ref.get("optional")), what=f"envFrom {key}"
+                            cw,
+                            kind,
+                            ns,
+                            name=ref.get("name", ""),
+                            optional=bool(ref.get("optional")),
+                            what=f"envFrom {key}",
                         )
                         obj = self.objects.get((kind, ns, ref.get("name"))) or next(
                             (d for (k, _ns, n), d in self.objects.items() if (k, n) == (kind, ref.get("name"))), None
@@ -160,7 +165,7 @@ class K8sRefs:
                             cw,
                             kind,
                             ns,
-                            ref.get("name", ""),
+                            name=ref.get("name", ""),
                             optional=bool(ref.get("optional")),
                             what=f"env {e['name']} {key}",
                         )
@@ -174,9 +179,9 @@ class K8sRefs:
                 cw,
                 c,
                 doc,
-                ns,
-                env,
-                [
+                ns=ns,
+                env=env,
+                configs=[
                     str(v)
                     for name in mounted
                     for v in ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()
@@ -191,10 +196,10 @@ class K8sRefs:
                     for v in ((self.objects.get(("ConfigMap", ns, name)) or {}).get("data") or {}).values()
                 ]
             ):
-                for host, scheme, port in addresses(self._expand(text, env, doc, ns)):
-                    self._dial(cw, tpl, ns, host, scheme, port)
+                for host, scheme, port in addresses(self._expand(text, env, doc, ns=ns)):
+                    self._dial(cw, tpl, ns, host=host, scheme=scheme, port=port)
 
-    def _row_paths(self, cw: str, c: dict, doc: dict, ns: str | None, env: dict, configs: list[str]) -> list[str]:
+    def _row_paths(self, cw: str, c: dict, doc: dict, *, ns: str | None, env: dict, configs: list[str]) -> list[str]:
         """The shard's data-plane address (dialled like the advertised one) and the shm mount checks."""
         argv = [str(a) for a in c.get("args") or []]
         sets = engram_sets(argv)
@@ -213,16 +218,16 @@ class K8sRefs:
         if data is None:
             self.fail(cw, why)
             return []
-        self.published += [self._expand(a, env, doc, ns) for a in (advertise, data)]
+        self.published += [self._expand(a, env, doc, ns=ns) for a in (advertise, data)]
         return [data]
 
-    def _volume(self, where: str, v: dict, ns: str | None, mounted: dict[str, str]) -> None:
+    def _volume(self, where: str, v: dict, ns: str | None, *, mounted: dict[str, str]) -> None:
         if "configMap" in v:
             self._ref(
                 where,
                 "ConfigMap",
                 ns,
-                v["configMap"].get("name", ""),
+                name=v["configMap"].get("name", ""),
                 optional=bool(v["configMap"].get("optional")),
                 what=f"volume {v['name']} configMap",
             )
@@ -232,7 +237,7 @@ class K8sRefs:
                 where,
                 "Secret",
                 ns,
-                v["secret"].get("secretName", ""),
+                name=v["secret"].get("secretName", ""),
                 optional=bool(v["secret"].get("optional")),
                 what=f"volume {v['name']} secret",
             )
@@ -241,7 +246,7 @@ class K8sRefs:
                 where,
                 "PersistentVolumeClaim",
                 ns,
-                v["persistentVolumeClaim"].get("claimName", ""),
+                name=v["persistentVolumeClaim"].get("claimName", ""),
                 what=f"volume {v['name']} claim",
             )
         for source in (v.get("projected") or {}).get("sources") or []:
@@ -251,13 +256,13 @@ class K8sRefs:
                         where,
                         kind,
                         ns,
-                        source[key].get(name_key, ""),
+                        name=source[key].get(name_key, ""),
                         optional=bool(source[key].get("optional")),
                         what=f"volume {v['name']} projected {key}",
                     )
 
     @staticmethod
-    def _expand(text: str, env: dict, doc: dict, ns: str | None) -> str:
+    def _expand(text: str, env: dict, doc: dict, *, ns: str | None) -> str:
         """$(VAR) -> what Kubernetes substitutes (a sample pod name / node name for per-pod fields)."""
 
         def one(m: re.Match) -> str:
@@ -275,7 +280,7 @@ class K8sRefs:
 
         return VAR_RE.sub(one, text)
 
-    def _dial(self, cw: str, tpl: dict, ns: str | None, host: str, scheme: str | None, port: int | None) -> None:
+    def _dial(self, cw: str, tpl: dict, ns: str | None, *, host: str, scheme: str | None, port: int | None) -> None:
         if is_local(host):
             return
         labels = host.split(".")
@@ -307,9 +312,9 @@ class K8sRefs:
         if port not in exposed:
             self.fail(cw, f"dials {address}: Service {svc_name} exposes {sorted(exposed)}, not {port}")
             return
-        self._admitted(cw, tpl, ns, svc, exposed[port], address)
+        self._admitted(cw, tpl, ns, svc=svc, svc_port=exposed[port], address=address)
 
-    def _admitted(self, cw: str, src: dict, ns: str | None, svc: dict, svc_port: dict, address: str) -> None:
+    def _admitted(self, cw: str, src: dict, ns: str | None, *, svc: dict, svc_port: dict, address: str) -> None:
         src_labels = (src.get("metadata") or {}).get("labels") or {}
         target = svc_port.get("targetPort", svc_port["port"])
         for _where, _doc, tpl, pod_ns in self.pods:
@@ -319,7 +324,9 @@ class K8sRefs:
             policies = [
                 p for p in self._policies_for(labels, ns) if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
             ]
-            if policies and not any(admits(p, src_labels, {}, port_number(tpl, target)) for p in policies):
+            if policies and not any(
+                admits(p, src_labels, src_ns_labels={}, port=port_number(tpl, target)) for p in policies
+            ):
                 names = ", ".join(p["metadata"]["name"] for p in policies)
                 self.fail(
                     cw, f"dials {address}, but NetworkPolicy {names} admits no ingress from this pod on that port"

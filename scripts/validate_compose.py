@@ -198,7 +198,7 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
             host, port = host_port(endpoint, 4317)
             if host not in services or port not in _container_ports(services[host]):
                 report.fail(where, f"OTEL_EXPORTER_OTLP_ENDPOINT {endpoint}: no service {host} exposing {port}")
-    _cross_checks(services, cmds, ray_params, checker)
+    _cross_checks(services, cmds, ray_params=ray_params, checker=checker)
     _shm_volume_size(data, cmds, checker)
     return listen
 
@@ -247,7 +247,7 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
                 )
 
 
-def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, dict], checker: Checker) -> None:
+def _cross_checks(services: dict, cmds: dict[str, Cmd], *, ray_params: dict[str, dict], checker: Checker) -> None:
     report = checker.report
     for name, cmd in cmds.items():
         where = f"{WHERE} services.{name}"

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if "compose" in parts:
             ports |= check_compose(root, args.schemas, checker)
         if "k8s" in parts:
-            ports |= check_k8s(root, args.schemas, args.k8s_version, checker)
+            ports |= check_k8s(root, args.schemas, version=args.k8s_version, checker=checker)
     except ImportError as exc:
         report.fail(
             "validate_deploy",

@@ -15,7 +15,7 @@ from validate_k8s_pods import Rendered
 from validate_k8s_schemas import rayjob_schema, validate_schemas
 
 
-def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[int]:
+def check_k8s(root: Path, schemas: Path, *, version: str, checker: Checker) -> set[int]:
     report = checker.report
     base = root / "k8s" / "base"
     if not base.is_dir():
@@ -37,7 +37,7 @@ def check_k8s(root: Path, schemas: Path, version: str, checker: Checker) -> set[
             report.fail(rel, f"`kubectl kustomize` fails: {r.stderr.strip()}")
             continue
         docs = [d for d in yaml.load_all(r.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
-        validate_schemas(docs, rel, version, ray_schema, checker)
+        validate_schemas(docs, rel, version=version, ray_schema=ray_schema, checker=checker)
         for problem in tls_problems(docs):
             report.fail(rel, problem)
         try:

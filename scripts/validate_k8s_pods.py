@@ -88,12 +88,12 @@ class Rendered:
                 self.report.fail(cw, problem)
             if not str(c.get("image", "")).startswith("engram"):
                 continue
-            cmd = self._container(doc, role, spec, c, cw, labels)
+            cmd = self._container(doc, role, spec, c=c, cw=cw, labels=labels)
             if cmd is not None:
                 cmds[c["name"]] = cmd
         return cmds
 
-    def _container(self, doc: dict, role: str, spec: dict, c: dict, cw: str, labels: dict) -> Cmd | None:
+    def _container(self, doc: dict, role: str, spec: dict, *, c: dict, cw: str, labels: dict) -> Cmd | None:
         env = {e["name"]: e for e in c.get("env") or []}
         names = list(env)
         for src in c.get("envFrom") or []:
@@ -146,7 +146,7 @@ class Rendered:
                     f"{probe}: kubelet's gRPC probe cannot speak TLS to a TLS server; "
                     "exec `engram health` with the pod's certificate",
                 )
-            self._exec_probe(c, probe, cmd, cw, spec)
+            self._exec_probe(c, probe, cmd, cw=cw, spec=spec)
             if cmd.port and c.get(probe) is None and probe != "startupProbe":
                 self.report.fail(cw, f"a server without a {probe}")
         if cmd.port and cmd.cfg is not None and not cmd.cfg.security.tls_enabled:
@@ -157,7 +157,7 @@ class Rendered:
             self._check_addresses(cmd, cw)
         return cmd
 
-    def _exec_probe(self, c: dict, probe: str, cmd: Cmd, cw: str, spec: dict) -> None:
+    def _exec_probe(self, c: dict, probe: str, cmd: Cmd, *, cw: str, spec: dict) -> None:
         """An exec probe running `engram health`: it parses, checks this container's port, and speaks TLS
         exactly when the server does."""
         argv = [str(a) for a in ((c.get(probe) or {}).get("exec") or {}).get("command") or []]
@@ -322,14 +322,14 @@ class Rendered:
         for pw, doc, _role, template, cmds in self.pods:
             for name, cmd in cmds.items():
                 if cmd.name == "shard" and doc["kind"] == "StatefulSet" and init is not None:
-                    self._shards(pw, doc, template, name, cmd, init.cfg)
+                    self._shards(pw, doc, template, name=name, cmd=cmd, cfg=init.cfg)
                 checkpoint = getattr(cmd.args, "checkpoint", None) if cmd.args else None
                 if checkpoint and train is not None and checkpoint != f"{train.train.out_dir}/checkpoint.pt":
                     self.report.fail(
                         pw, f"--checkpoint {checkpoint}, but the RayJob writes {train.train.out_dir}/checkpoint.pt"
                     )
 
-    def _shards(self, pw: str, doc: dict, template: dict, name: str, cmd: Cmd, cfg: Any) -> None:
+    def _shards(self, pw: str, doc: dict, template: dict, *, name: str, cmd: Cmd, cfg: Any) -> None:
         spec = doc["spec"]
         if spec.get("replicas", 1) != cfg.cluster.num_shards:
             self.report.fail(

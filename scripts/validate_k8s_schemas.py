@@ -43,7 +43,7 @@ def rayjob_schema(schemas: Path) -> dict | None:
 _VERDICTS: dict[str, list[str]] = {}  # object (as JSON) + version -> schema problems; base repeats in overlays
 
 
-def validate_schemas(docs: list[dict], rel: str, version: str, ray_schema: dict | None, checker: Checker) -> None:
+def validate_schemas(docs: list[dict], rel: str, *, version: str, ray_schema: dict | None, checker: Checker) -> None:
     for doc in docs:
         where = f"{rel} {doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
         key = f"{version} {ray_schema is not None} {json.dumps(doc, sort_keys=True)}"

@@ -201,13 +201,21 @@ def test_only_operators_reach_the_jaeger_ui(kubectl):
     ]
     assert len(engram_pods) >= 5
     for labels in engram_pods:
-        assert admits(policy, labels, None, 4317), labels
-        assert not admits(policy, labels, None, 16686), labels
-        assert not admits(policy, labels, None, 14269), labels
-    assert admits(policy, {"engram.io/trace-reader": "true"}, None, 16686)
-    assert admits(policy, {"app": "grafana"}, {"engram.io/operators": "true"}, 16686, same_namespace=False)
-    assert not admits(policy, {"app": "grafana"}, {"kubernetes.io/metadata.name": "web"}, 16686, same_namespace=False)
-    assert not admits(policy, {"engram.io/trace-reader": "true"}, {}, 16686, same_namespace=False)
+        assert admits(policy, labels, src_ns_labels=None, port=4317), labels
+        assert not admits(policy, labels, src_ns_labels=None, port=16686), labels
+        assert not admits(policy, labels, src_ns_labels=None, port=14269), labels
+    assert admits(policy, {"engram.io/trace-reader": "true"}, src_ns_labels=None, port=16686)
+    assert admits(
+        policy, {"app": "grafana"}, src_ns_labels={"engram.io/operators": "true"}, port=16686, same_namespace=False
+    )
+    assert not admits(
+        policy,
+        {"app": "grafana"},
+        src_ns_labels={"kubernetes.io/metadata.name": "web"},
+        port=16686,
+        same_namespace=False,
+    )
+    assert not admits(policy, {"engram.io/trace-reader": "true"}, src_ns_labels={}, port=16686, same_namespace=False)
 
 
 def test_shared_memory_component(tmp_path, kubectl):
@@ -295,8 +303,8 @@ def test_data_plane_in_every_overlay(kubectl):
         ]
         assert len(clients) >= 3, clients  # worker, cluster-init, Ray head and workers
         for labels in clients + [shard["metadata"]["labels"]]:
-            assert admits(policy, labels, None, port), labels
-        assert not admits(policy, {"app": "other"}, None, port)
+            assert admits(policy, labels, src_ns_labels=None, port=port), labels
+        assert not admits(policy, {"app": "other"}, src_ns_labels=None, port=port)
 
 
 def test_every_scanner_skip_has_a_reason():

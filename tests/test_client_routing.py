@@ -27,7 +27,7 @@ def fake_rows(ids: np.ndarray, dim: int) -> torch.Tensor:
     return torch.from_numpy(ids[:, None] * 1000.0 + np.arange(dim)[None, :]).float()  # (n, D)
 
 
-def roundtrip(ids_any, owners: np.ndarray, max_rows: int, dim: int = 4) -> torch.Tensor:
+def roundtrip(ids_any, owners: np.ndarray, max_rows: int, *, dim: int = 4) -> torch.Tensor:
     flat, shape = as_id_array(ids_any)
     d = dedup(flat, shape)
     chunks = chunk_groups(split_by_owner(d.unique, owners), max_rows)

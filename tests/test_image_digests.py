@@ -47,7 +47,7 @@ def _validate(root: Path, part: str, capsys: pytest.CaptureFixture[str]) -> tupl
     return rc, capsys.readouterr().out
 
 
-def _copy_with(tmp_path: Path, rel: str, old: str, new: str) -> Path:
+def _copy_with(tmp_path: Path, rel: str, *, old: str, new: str) -> Path:
     root = tmp_path / "deploy"
     root.mkdir()
     for name in ("docker-compose.yml", "Dockerfile", ".dockerignore"):
@@ -75,11 +75,11 @@ def _copy_with(tmp_path: Path, rel: str, old: str, new: str) -> Path:
     ],
 )
 def test_a_tag_without_digest_is_named(
-    part: str, rel: str, pattern: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    part: str, rel: str, pattern: str, *, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = re.search(pattern, (ROOT / rel).read_text())
     assert old is not None, f"test fixture out of date: no {pattern!r} in {rel}"
-    root = _copy_with(tmp_path, rel, old.group(0), old.group(0).split("@")[0])
+    root = _copy_with(tmp_path, rel, old=old.group(0), new=old.group(0).split("@")[0])
     rc, out = _validate(root, part, capsys)
     assert rc == 1, out
     assert expected in out and "not pinned by digest" in out, out

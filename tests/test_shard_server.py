@@ -251,7 +251,7 @@ def redis_args(redis, namespace: str, shard: int) -> list[str]:
     ]
 
 
-async def _init(url: str, namespace: str, num_shards: int, manifest: dict | None = None, **over) -> None:
+async def _init(url: str, namespace: str, num_shards: int, *, manifest: dict | None = None, **over) -> None:
     cfg = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in over.items()])
     cp = ControlPlane.connect(url, namespace)
     try:
@@ -299,7 +299,7 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         ],
     }
 
-    asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
+    asyncio.run(_init(redis_server.url, "three", 3, manifest=manifest, max_message_mb=1))
     three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
     shard_procs.extend(three)
     owners3 = even_slot_map(NSLOTS, 3)
@@ -376,7 +376,7 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     assert "heartbeat failed, still serving" in log and "registered again" in log
 
 
-async def _set_map(url: str, namespace: str, owners: list[int], epoch: int) -> None:
+async def _set_map(url: str, namespace: str, owners: list[int], *, epoch: int) -> None:
     cp = ControlPlane.connect(url, namespace)
     try:
         await cp.set_slot_map(owners, expected_epoch=epoch - 1)
@@ -430,7 +430,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
         "being migrated to",
     )
     new = [1 if s in moved else o for s, o in enumerate(owners)]
-    asyncio.run(_set_map(redis_server.url, "mig", new, 2))
+    asyncio.run(_set_map(redis_server.url, "mig", new, epoch=2))
     for c, shard in ((c1, 1), (c0, 0)):
         c.stub.SetSlotMap(
             shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard], owners=new),
@@ -455,7 +455,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
-    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], 3))
+    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], epoch=3))
     expect_error(
         lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
         grpc.StatusCode.FAILED_PRECONDITION,

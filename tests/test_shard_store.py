@@ -281,7 +281,7 @@ def test_sync_parts_sum_and_apply_once():
     kw = adam_kw()
     opt = shard_pb2.OptimizerParams(kind="adam", lr=kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"])
 
-    def req(rows, g, step, part, num_parts=2):
+    def req(rows, g, step, *, part, num_parts=2):
         return shard_pb2.ApplyGradientsRequest(
             table=table,
             epoch=1,
@@ -296,26 +296,26 @@ def test_sync_parts_sum_and_apply_once():
     async def body():
         with ThreadPoolExecutor(2) as pool:
             eng = ShardEngine(store, pool=pool, max_message_bytes=1 << 20, pending_wait_s=0.5)
-            first = await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+            first = await eng.apply_gradients(req(rows_a, g_a, 1, part="w0"))
             assert first.pending and first.applied_step == 0
             with pytest.raises(ShardError, match="part 'w0' of step 1 .* already received"):
-                await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+                await eng.apply_gradients(req(rows_a, g_a, 1, part="w0"))
             with pytest.raises(ShardError, match="num_parts: 3"):
-                await eng.apply_gradients(req(rows_b, g_b, 1, "w1", num_parts=3))
+                await eng.apply_gradients(req(rows_b, g_b, 1, part="w1", num_parts=3))
             with pytest.raises(ShardError, match="ABORTED|waited 0.5 s for step 1") as err:
-                await eng.apply_gradients(req(rows_b, g_b, 2, "w1"))  # step 2 waits for step 1 ... in vain
+                await eng.apply_gradients(req(rows_b, g_b, 2, part="w1"))  # step 2 waits for step 1 ... in vain
             assert err.value.code == Code.ABORTED
-            later = asyncio.create_task(eng.apply_gradients(req(rows_b, g_b, 2, "w1")))
+            later = asyncio.create_task(eng.apply_gradients(req(rows_b, g_b, 2, part="w1")))
             await asyncio.sleep(0.05)
             assert not later.done()  # waits while step 1 is pending
-            done = await eng.apply_gradients(req(rows_b, g_b, 1, "w1"))
+            done = await eng.apply_gradients(req(rows_b, g_b, 1, part="w1"))
             assert not done.pending and done.applied_step == 1 and done.rows_updated == 5
             assert (await later).pending  # step 2 went in once step 1 was applied
             with pytest.raises(ShardError, match="from the past"):
-                await eng.apply_gradients(req(rows_b, g_b, 1, "w2"))
+                await eng.apply_gradients(req(rows_b, g_b, 1, part="w2"))
             # a worker with no rows for this shard still sends its (empty) part
             empty = np.empty(0, dtype=np.int64)
-            assert (await eng.apply_gradients(req(empty, torch.empty(0, d), 2, "w0"))).applied_step == 2
+            assert (await eng.apply_gradients(req(empty, torch.empty(0, d), 2, part="w0"))).applied_step == 2
 
     asyncio.run(body())
     union = np.array([3, 10, 11, 50, 99], dtype=np.int64)
@@ -437,7 +437,7 @@ def test_slot_chunks_stage_and_switch_ownership():
     moved_rows = rows[np.isin(rows % 16, moved)]
     assert torch.equal(
         lookup(b, table, moved_rows, epoch=2),
-        lookup_after(a, table, rows, g, moved_rows),
+        lookup_after(a, table, rows, g=g, wanted=moved_rows),
     )
     assert b.applied_step[table] == 0  # the oldest over its slots: its own never saw step 1 (ownership.py)
     assert all(b.slot_steps[table][s] == (1 if s in moved else 0) for s in b.view.owned)
@@ -447,7 +447,7 @@ def test_slot_chunks_stage_and_switch_ownership():
         a.set_ownership(epoch=1, owned_slots=[], owners=None, staged={})
 
 
-def lookup_after(store, table, rows, g, wanted):
+def lookup_after(store, table, rows, *, g, wanted):
     """Expected rows after one adagrad step from init (recomputed independently)."""
     layout = store.layouts[table]
     w = torch.from_numpy(init_rows(seed=0, layer_id=table, rows=rows, dim=layout.dim, std=1.0))

@@ -187,7 +187,7 @@ def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, 
 
 def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
     ids = np.random.default_rng(0).integers(0, 1900, size=(2, 40))
-    want = expected_rows(cluster.cfg, 1, ids, torch.float32)
+    want = expected_rows(cluster.cfg, 1, ids, dtype=torch.float32)
 
     async def go() -> None:
         reader = await ShardClient.connect(cluster.control(), wire_dtype="fp32", security=cluster.security("read"))

@@ -32,12 +32,12 @@ else
   echo "setup: keeping the installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
 
-# pip, quiet, without the offline mirror's "Location ... is ignored" lines; its own exit status
+# pip, quiet: its output (less the offline mirror's "Location ... is ignored" lines) only when it fails
 pip_q() {
   local log rc=0
   log=$(mktemp)
   "$VPY" -m pip "$@" >"$log" 2>&1 || rc=$?
-  grep -v "^WARNING: Location" "$log" >&2 || true
+  if [ "$rc" != 0 ]; then grep -v "^WARNING: Location" "$log" >&2 || true; fi
   rm -f "$log"
   return "$rc"
 }

@@ -223,4 +223,3 @@ def _validate_security(s: SecurityConfig) -> None:
             "security.tokens_file: auth without TLS needs the tokens the server accepts "
             "(or set security.tls_enabled with client certificates)"
         )
-

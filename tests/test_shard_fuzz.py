@@ -150,7 +150,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     t0 = time.monotonic()
     window = threading.BoundedSemaphore(16)  # cases are made when a slot frees, so they see fresh applied steps
 
-    def submit(pool: ThreadPoolExecutor, i: int, rpc: str, payload: bytes, *, note: str) -> Future:
+    def submit(pool: ThreadPoolExecutor, i: int, rpc: str, *, payload: bytes, note: str) -> Future:
         window.acquire()
         fut = pool.submit(run, i, rpc, payload, note=note)
         fut.add_done_callback(lambda _: window.release())
@@ -164,9 +164,9 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
                 k % 20 < 2
             ):  # a legal update, on both shards, every so often: the only kind of write allowed to change rows
                 req = valid_step(rng, targets[i], epoch=1, step=applied[i] + 1)
-                futs.append(submit(pool, i, "ApplyGradients", req.SerializeToString(), note="valid"))
+                futs.append(submit(pool, i, "ApplyGradients", payload=req.SerializeToString(), note="valid"))
             c = corpus.case(targets[i], epoch=1, applied=applied[i])
-            futs.append(submit(pool, i, c.rpc, c.payload, note=c.note))
+            futs.append(submit(pool, i, c.rpc, payload=c.payload, note=c.note))
         for f in futs:
             f.result()
     corpus_s = time.monotonic() - t0

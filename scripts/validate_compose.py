@@ -274,26 +274,28 @@ def _cross_checks(services: dict, cmds: dict[str, Cmd], *, ray_params: dict[str,
                     f"dist.ray_address {ray}: {r_host} serves Ray Client on {params.get('ray_client_server_port')}",
                 )
     init = next((c for c in cmds.values() if c.name == "cluster" and c.cfg is not None), None)
-    shards = {n: c for n, c in cmds.items() if c.name == "shard" and c.args is not None}
+    shards = {n: (c, c.args) for n, c in cmds.items() if c.name == "shard" and c.args is not None}
     if shards and init is not None:
-        ids = sorted(c.args.shard_id for c in shards.values())
+        ids = sorted(args.shard_id for _, args in shards.values())
         if ids != list(range(init.cfg.cluster.num_shards)):
             report.fail(
                 WHERE,
                 f"shard services have ids {ids}, but cluster init makes "
                 f"cluster.num_shards={init.cfg.cluster.num_shards} shards",
             )
-    for name, c in shards.items():
-        a_host, a_port = host_port(c.args.advertise) if c.args.advertise else ("", None)
+    for name, (c, args) in shards.items():
+        a_host, a_port = host_port(args.advertise) if args.advertise else ("", None)
         if (a_host, a_port) != (name, c.port):
             report.fail(
                 f"{WHERE} services.{name}",
-                f"--advertise {c.args.advertise!r}: other containers reach this shard as {name}:{c.port}",
+                f"--advertise {args.advertise!r}: other containers reach this shard as {name}:{c.port}",
             )
     train = next((c for c in cmds.values() if c.name == "train" and c.cfg is not None), None)
     for name, c in cmds.items():
         checkpoint = getattr(c.args, "checkpoint", None) if c.name == "serve" and c.args else None
         if checkpoint and train is not None:
-            want = str(Path(train.cfg.train.out_dir) / "checkpoint.pt")
-            if checkpoint != want:
-                report.fail(f"{WHERE} services.{name}", f"--checkpoint {checkpoint}, but the train job writes {want}")
+            written = str(Path(train.cfg.train.out_dir) / "checkpoint.pt")
+            if checkpoint != written:
+                report.fail(
+                    f"{WHERE} services.{name}", f"--checkpoint {checkpoint}, but the train job writes {written}"
+                )

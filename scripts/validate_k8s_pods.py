@@ -340,10 +340,8 @@ class Rendered:
         svc = self.services.get(spec.get("serviceName", ""))
         if svc is None or svc["spec"].get("clusterIP") != "None":
             self.report.fail(pw, f"serviceName {spec.get('serviceName')!r}: needs a headless Service (clusterIP: None)")
-        elif f".{spec['serviceName']}." not in (cmd.args.advertise or ""):
-            self.report.fail(
-                pw, f"--advertise {cmd.args.advertise!r}: not the pod's DNS name under {spec['serviceName']}"
-            )
+        elif f".{spec['serviceName']}." not in (advertise := getattr(cmd.args, "advertise", None) or ""):
+            self.report.fail(pw, f"--advertise {advertise!r}: not the pod's DNS name under {spec['serviceName']}")
         container = next(c for c in template["spec"]["containers"] if c["name"] == name)
         need = table_bytes_per_shard(cfg) + PROCESS_OVERHEAD
         have = quantity(((container.get("resources") or {}).get("requests") or {}).get("memory", 0))

@@ -289,8 +289,10 @@ def train_ray(
             name=RAY_RUN_NAME,
             storage_path=str(out),
             failure_config=FailureConfig(max_failures=0),
-            callbacks=[CheckpointLog(queue)],
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # ray.train exports Train v2's RunConfig/UserCallback at run time, but its __init__ imports
+            # v1's first, and that is the one mypy reads
+            callbacks=[CheckpointLog(queue)],  # type: ignore[list-item]
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
     with DriverConsole(queue, label=label, start=start, total=cfg.train.steps, show_bar=cfg.train.progress):

@@ -218,7 +218,7 @@ def create_file(path: Path, head: bytes, data_bytes: int) -> int:
 
 
 def write_at(fd: int, offset: int, data: np.ndarray) -> None:
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    view = np.ascontiguousarray(data).data.cast("B")
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)

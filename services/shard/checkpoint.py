@@ -107,7 +107,7 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
         with open(tmp, "wb") as f:
             f.write(header)
             for arr in _arrays(block):
-                view = memoryview(arr).cast("B")
+                view = arr.data.cast("B")
                 digest.update(view)
                 f.write(view)
             f.flush()
@@ -220,7 +220,7 @@ def load_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta, dst:
         digest.update(raw)
         check_header(rel, raw, meta)
         for arr in _arrays(dst):
-            view = memoryview(arr).cast("B")
+            view = arr.data.cast("B")
             if f.readinto(view) != view.nbytes:
                 raise _data_loss(rel, "changed while restoring (now shorter)", _PARTLY)
             digest.update(view)

@@ -242,9 +242,11 @@ class KillRestart:
         def run() -> None:
             try:
                 with SyncShardClient.connect(cfg) as rows:
-                    wait_for(f"step {kill} applied", lambda: applied(rows) >= kill, timeout_s, 0.01)
+                    wait_for(f"step {kill} applied", lambda: applied(rows) >= kill, timeout_s=timeout_s, every_s=0.01)
                     self.kill()
-                    wait_for(f"step {restart} applied", lambda: applied(rows) >= restart, timeout_s, 0.05)
+                    wait_for(
+                        f"step {restart} applied", lambda: applied(rows) >= restart, timeout_s=timeout_s, every_s=0.05
+                    )
                     self.restart()
             except BaseException as exc:  # noqa: BLE001 - re-raised by the test
                 self.errors.append(exc)
@@ -314,7 +316,7 @@ class Pusher:
             ids, g = self.grads(step)
             idx = torch.from_numpy(ids)
             ws, ms, vs = w.index_select(0, idx), m.index_select(0, idx), v.index_select(0, idx)  # (k, D) each
-            lazy_adam_(ws, ms, vs, g, step=step, p=p)
+            lazy_adam_(ws, ms, vs, g=g, step=step, p=p)
             w.index_copy_(0, idx, ws)
             m.index_copy_(0, idx, ms)
             v.index_copy_(0, idx, vs)

@@ -159,7 +159,7 @@ def test_fp8_slot_files_and_migration_chunks_keep_the_bytes(tmp_path) -> None:
     block = src.slot_block(table, slot)
     f = ckpt.write_slot(tmp_path, meta, block)
     assert (tmp_path / f["path"]).stat().st_size == meta.file_bytes
-    assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta) == 0
+    assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta) == 0
     fp32_meta = ckpt.SlotMeta(table, slot, 16, meta.rows, dim, "adam")
     with pytest.raises(ShardError, match="row format code 3 \\(expected 0\\)"):
         ckpt.check_header(tmp_path / f["path"], (tmp_path / f["path"]).read_bytes()[:48], fp32_meta)

@@ -60,8 +60,8 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
     assert not list(tmp_path.rglob(".*tmp*"))
     for f, meta in zip(files, _metas(dst, table), strict=True):
         assert f["num_bytes"] == (tmp_path / f["path"]).stat().st_size
-        assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta) == 1
-        ckpt.load_slot(str(tmp_path), f["path"], f["sha256"], meta, dst.slot_block(table, meta.slot))
+        assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta) == 1
+        ckpt.load_slot(str(tmp_path), f["path"], f["sha256"], meta=meta, dst=dst.slot_block(table, meta.slot))
     for a, b in zip(snapshot(src)[:3], snapshot(dst)[:3], strict=True):
         assert torch.equal(a, b)
 
@@ -70,18 +70,18 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[:-10])
     with pytest.raises(ShardError, match="truncated or padded") as err:
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta)
     assert err.value.code == Code.DATA_LOSS and f["path"] in err.value.message
     flipped = bytearray(raw)
     flipped[100] ^= 0xFF
     path.write_bytes(bytes(flipped))
     with pytest.raises(ShardError, match="sha256 mismatch"):
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta)
     path.write_bytes(raw)
     other = _metas(dst, table)[1]  # slot 0's file where slot 1's belongs: the header says which slot it holds
     (tmp_path / ckpt.slot_path(table, other.slot)).write_bytes(raw)
     with pytest.raises(ShardError, match="does not match this cluster's layout: slot"):
-        ckpt.verify_slot(str(tmp_path), ckpt.slot_path(table, other.slot), f["sha256"], other)
+        ckpt.verify_slot(str(tmp_path), ckpt.slot_path(table, other.slot), f["sha256"], meta=other)
     for rel, sha, match in [
         ("../x.bin", f["sha256"], "must be 'table"),
         ("/etc/passwd", f["sha256"], "must be 'table"),
@@ -89,11 +89,11 @@ def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
         (f["path"], "AB" * 32, "sha256 must be 64 lowercase hex digits"),
     ]:
         with pytest.raises(ShardError, match=match) as err:
-            ckpt.verify_slot(str(tmp_path), rel, sha, meta)
+            ckpt.verify_slot(str(tmp_path), rel, sha, meta=meta)
         assert err.value.code == Code.INVALID_ARGUMENT
     path.unlink()
     with pytest.raises(ShardError, match="does not exist") as err:
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
+        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta)
     assert err.value.code == Code.FAILED_PRECONDITION
 
 

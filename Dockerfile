@@ -6,10 +6,14 @@
 #   docker build -t engram:latest .                             # CPU torch (default)
 #   docker build -t engram:cuda --build-arg TORCH_CUDA=cu128 .  # a CUDA build of torch
 #
-# Installs the project the way the README does: torch first, pinned, from PyTorch's wheel
-# index (a bare `torch` requirement would pull CUDA wheels onto a CPU image), then `pip install .`.
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim
+# Installs the project the way scripts/setup.sh does: torch first, pinned, from PyTorch's wheel
+# index (a bare `torch` requirement would pull CUDA wheels onto a CPU image), then the locked
+# dependencies with their hashes (requirements.lock, from scripts/lock.sh), then `pip install --no-deps .`.
+#
+# The base image by digest (the tag is for people; the digest is what is pulled): python:3.11-slim's
+# multi-arch index when it was pinned (Python 3.11.16, Debian trixie). To move it: `docker buildx
+# imagetools inspect python:3.11-slim` and replace tag and digest together.
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 ARG TORCH_VERSION=2.13.0
 # cpu, or a CUDA wheel index of download.pytorch.org/whl (cu126, cu128, ...); scripts/setup.sh uses the same
@@ -25,13 +29,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# Dependencies change less often than code: install them from pyproject.toml alone first so a
-# code edit does not re-download them.
+# Dependencies change less often than code: install them from the lock alone first so a code
+# edit does not re-download them. --require-hashes: every file is the one that was locked.
 WORKDIR /src
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY engram/ engram/
 COPY engram_cli/ engram_cli/
 COPY proto/ proto/

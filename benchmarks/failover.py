@@ -65,7 +65,7 @@ def one_fault(
         smap = wait_for(
             "failover",
             lambda: (m := slot_map(cluster)).epoch > before.epoch and victim not in m.all_holders() and m,
-            wait_s,
+            timeout_s=wait_s,
             every_s=0.02,
         )
         t_seen = time.monotonic()
@@ -80,7 +80,7 @@ def one_fault(
                 wait_for(
                     "the survivor at the new epoch",
                     lambda: int(rows.call(rows.client.stats([survivor]))[survivor].epoch) >= smap.epoch,
-                    wait_s,
+                    timeout_s=wait_s,
                     every_s=0.02,
                 )
             out["promote_s"] = round(time.monotonic() - t0, 3)
@@ -93,7 +93,9 @@ def one_fault(
         else:
             os.kill(pid, signal.SIGCONT)
     try:
-        wait_for("R holders again", lambda: fully_replicated(cluster, {victim, survivor}), wait_s, every_s=0.05)
+        wait_for(
+            "R holders again", lambda: fully_replicated(cluster, {victim, survivor}), timeout_s=wait_s, every_s=0.05
+        )
         out["r_restored_s"] = round(time.monotonic() - t0, 3)
     except TimeoutError:
         out["r_restored_s"] = None
@@ -169,7 +171,7 @@ def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             timers: list[threading.Timer] = []
             pid = cluster.shards[1].pid
 
-            def fault(step0: int, name=name, cluster=cluster, pid=pid, timers=timers) -> None:
+            def fault(step0: int, *, name=name, cluster=cluster, pid=pid, timers=timers) -> None:
                 if step0 == steps // 3:
                     sig = signal.SIGKILL if name == "kill" else signal.SIGSTOP
                     timers.append(threading.Timer(0.01, os.kill, (pid, sig)))
@@ -188,13 +190,13 @@ def training_faults(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 def replicated(c: LocalCluster = cluster) -> Any:
                     return fully_replicated(c, {0, 1})
 
-                smap = wait_for("R holders", replicated, args.wait_s)
+                smap = wait_for("R holders", replicated, timeout_s=args.wait_s)
                 tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
                 addresses = rows.client.addresses
                 same = all(
                     torch.equal(
-                        holder_rows(cfg, smap, addresses, 0, t, tables[t].shape[0]),
-                        holder_rows(cfg, smap, addresses, 1, t, tables[t].shape[0]),
+                        holder_rows(cfg, smap, addresses, shard_id=0, table=t, n=tables[t].shape[0]),
+                        holder_rows(cfg, smap, addresses, shard_id=1, table=t, n=tables[t].shape[0]),
                     )
                     for t in cfg.engram.layer_ids
                 )

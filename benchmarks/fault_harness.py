@@ -31,7 +31,7 @@ from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
 
 
-def wait_for(what: str, pred: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
+def wait_for(what: str, pred: Callable[[], Any], *, timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = pred()
@@ -72,7 +72,7 @@ def p99(xs: list[float]) -> float:
 class LookupLoad:
     """Steady lookups of `ids` of one table from a thread; failures, wrong rows and latencies are kept."""
 
-    def __init__(self, cfg: Any, table: int, ids: np.ndarray, want: torch.Tensor | None = None) -> None:
+    def __init__(self, cfg: Any, table: int, ids: np.ndarray, *, want: torch.Tensor | None = None) -> None:
         self.cfg, self.table, self.ids, self.want = cfg, table, ids, want
         self.ok = self.failed = self.wrong = 0
         self.errors: list[str] = []
@@ -103,7 +103,7 @@ class LookupLoad:
 
     def wait_more(self, n: int = 3, timeout_s: float = 30.0) -> None:
         have = self.ok
-        wait_for(f"{n} more lookups", lambda: self.ok >= have + n or self.failed > 0, timeout_s)
+        wait_for(f"{n} more lookups", lambda: self.ok >= have + n or self.failed > 0, timeout_s=timeout_s)
 
     def __enter__(self) -> LookupLoad:
         self.thread.start()
@@ -154,7 +154,7 @@ def train_remote(
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
 
 
-def holder_rows(cfg: Any, smap: Any, addresses: dict[int, str], shard_id: int, table: int, n: int) -> torch.Tensor:
+def holder_rows(cfg: Any, smap: Any, addresses: dict[int, str], *, shard_id: int, table: int, n: int) -> torch.Tensor:
     """(n, D) fp32 rows of `table` read from one holder only (every slot routed to `shard_id`)."""
 
     async def go() -> torch.Tensor:
@@ -242,9 +242,11 @@ class KillRestart:
         def run() -> None:
             try:
                 with SyncShardClient.connect(cfg) as rows:
-                    wait_for(f"step {kill} applied", lambda: applied(rows) >= kill, timeout_s, 0.01)
+                    wait_for(f"step {kill} applied", lambda: applied(rows) >= kill, timeout_s=timeout_s, every_s=0.01)
                     self.kill()
-                    wait_for(f"step {restart} applied", lambda: applied(rows) >= restart, timeout_s, 0.05)
+                    wait_for(
+                        f"step {restart} applied", lambda: applied(rows) >= restart, timeout_s=timeout_s, every_s=0.05
+                    )
                     self.restart()
             except BaseException as exc:  # noqa: BLE001 - re-raised by the test
                 self.errors.append(exc)
@@ -314,7 +316,7 @@ class Pusher:
             ids, g = self.grads(step)
             idx = torch.from_numpy(ids)
             ws, ms, vs = w.index_select(0, idx), m.index_select(0, idx), v.index_select(0, idx)  # (k, D) each
-            lazy_adam_(ws, ms, vs, g, step=step, p=p)
+            lazy_adam_(ws, ms, vs, g=g, step=step, p=p)
             w.index_copy_(0, idx, ws)
             m.index_copy_(0, idx, ms)
             v.index_copy_(0, idx, vs)

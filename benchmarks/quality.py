@@ -64,7 +64,7 @@ def gate_heatmap(checkpoint: str, text: str, path: Path) -> dict:
     layers = sorted(gates)
     grid = np.stack([gates[layer][0].mean(dim=-1).numpy() for layer in layers])  # (L, T)
     tokens = [tok.decode([i]) for i in ids]
-    plot_gate_heatmap(tokens, grid, layers, path, title="Engram gate per token")
+    plot_gate_heatmap(tokens, grid, layers, path=path, title="Engram gate per token")
     top = np.argsort(-grid.mean(axis=0))[:8]
     return {
         "tokens": tokens,
@@ -91,7 +91,7 @@ def same_params_hidden(cfg: Config, compress_lookup: np.ndarray) -> int:
     return base_hidden + round(extra / (3 * m.d_model * m.n_layer))  # gate_up (2 D H) + down (H D) per layer
 
 
-def variant_config(cfg: Config, name: str, seed: int, compress_lookup: np.ndarray) -> Config:
+def variant_config(cfg: Config, name: str, seed: int, *, compress_lookup: np.ndarray) -> Config:
     c = copy.deepcopy(cfg)
     c.train.seed = c.engram.seed = seed
     if name == "baseline":
@@ -154,7 +154,7 @@ def run(cfg: Config, out_dir: Path, *, seeds: list[int], variants: list[str], js
     }
     curves = {}
     for name, seed in seed_order(variants, seeds):
-        c = variant_config(cfg, name, seed, lookup)
+        c = variant_config(cfg, name, seed, compress_lookup=lookup)
         c.train.out_dir = str(out_dir / f"seed{seed}" / name)
         t0 = time.perf_counter()
         r = train_local(c, data=data, label=f"{name} seed {seed}")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             losses, _, rows = train_remote(cfg, data, steps=10**6, on_step=on_step)
             state["faults"] = faults.restarts
             try:
-                wait_for("R holders", lambda: fully_replicated(cluster, {0, 1}), 120)
+                wait_for("R holders", lambda: fully_replicated(cluster, {0, 1}), timeout_s=120)
                 applied = min(rows.applied_steps().values())
                 faulted = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
             finally:

@@ -78,7 +78,7 @@ def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     return np.uint16 if vocab_size < 2**16 else np.uint32
 
 
-def _write_tokens(tok: Tokenizer, files: list[Path], max_bytes: int, out: Path, dtype: type) -> int:
+def _write_tokens(tok: Tokenizer, files: list[Path], *, max_bytes: int, out: Path, dtype: type) -> int:
     sep: np.ndarray = np.array([eot_id(tok)], dtype=dtype)
     n = 0
     with atomic_open(out) as fh:
@@ -117,7 +117,7 @@ def tokenize_to_memmap(
     meta_path = out.with_suffix(".json")
     if not (out.is_file() and meta_path.is_file()):
         out.parent.mkdir(parents=True, exist_ok=True)
-        n = _write_tokens(tokenizer, files, max_bytes, out, dtype)
+        n = _write_tokens(tokenizer, files, max_bytes=max_bytes, out=out, dtype=dtype)
         meta = {"tokens": n, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "files": len(files)}
         atomic_write_text(meta_path, json.dumps(meta))
     meta = json.loads(meta_path.read_text())

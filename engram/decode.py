@@ -1,6 +1,6 @@
 """Incremental forward of an `EngramLM`: a paged KV cache and cached short-conv state.
 
-`extend(model, pool, seqs, new_ids, rows_at)` runs a ragged batch in which sequence b
+`extend(model, pool, seqs, new_ids=..., rows_at=...)` runs a ragged batch in which sequence b
 already holds `seqs[b].length` cached positions (0 for a fresh prompt) and appends
 `len(new_ids[b])` tokens: a prefill chunk or one decode token. It returns the logits of
 the new positions and writes their K/V into the pool and their conv inputs into the
@@ -138,7 +138,7 @@ class _Plan:
     mask: torch.Tensor  # (B, 1, n, L) bool, True = may attend
 
 
-def _plan(pool: KVPool, seqs: list[SeqState], counts: list[int], n: int, device: torch.device) -> _Plan:
+def _plan(pool: KVPool, seqs: list[SeqState], counts: list[int], *, n: int, device: torch.device) -> _Plan:
     B = len(seqs)
     past = torch.tensor([s.length for s in seqs])  # (B,)
     cnt = torch.tensor(counts)  # (B,)
@@ -214,8 +214,8 @@ def extend(
     model: EngramLM,
     pool: KVPool,
     seqs: list[SeqState],
-    new_ids: list[list[int]],
     *,
+    new_ids: list[list[int]],
     rows_at: Callable[[int], torch.Tensor] | None = None,
     knockout: torch.Tensor | None = None,
     gates_out: dict[int, torch.Tensor] | None = None,
@@ -241,7 +241,7 @@ def extend(
         ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         pos[b] = torch.arange(s.length, s.length + n).clamp_(max=max_len - 1)
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (B, n, hd/2)
-    plan = _plan(pool, seqs, counts, n, dev)
+    plan = _plan(pool, seqs, counts, n=n, device=dev)
     x = model.tok_emb(ids)  # (B, n, D)
     h = x.unsqueeze(2).expand(B, n, model.cfg.model.hc_mult, x.shape[-1])  # (B, n, M, D)
     for i, mod in enumerate(model.blocks):

@@ -115,7 +115,7 @@ class Block(nn.Module):
             )
 
     def forward(
-        self, h_BTMD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: EngramRows | None
+        self, h_BTMD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rows: EngramRows | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = None
         if self.engram is not None:
@@ -210,12 +210,13 @@ class EngramLM(nn.Module):
         if self.indexer is not None and engram_rows is None:
             engram_rows = self.local_rows(self.engram_indices(ids_BT if ids_cpu is None else ids_cpu))
         with autocast(ids_BT.device, self.cfg.train.autocast):
-            return self._forward(ids_BT, targets_BT, engram_rows, return_gates)
+            return self._forward(ids_BT, targets_BT, engram_rows=engram_rows, return_gates=return_gates)
 
     def _forward(
         self,
         ids_BT: torch.Tensor,
         targets_BT: torch.Tensor | None,
+        *,
         engram_rows: Mapping[int, EngramRows] | None,
         return_gates: bool,
     ):  # type: ignore[no-untyped-def]
@@ -226,7 +227,7 @@ class EngramLM(nn.Module):
         gates = {}
         for i, block in enumerate(self.blocks):
             rows = engram_rows.get(i) if engram_rows is not None and block.engram is not None else None
-            h, alpha = block(h, cos, sin, rows)
+            h, alpha = block(h, cos, sin, rows=rows)
             if alpha is not None:
                 gates[i] = alpha
         logits = self.lm_head(self.norm(h.sum(dim=2)))  # (B, T, V)

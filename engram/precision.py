@@ -8,10 +8,13 @@ included) stay fp32 under autocast; bf16 needs no loss scaling.
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 import torch
 
-AUTOCAST_MODES = ("bf16", "off")
+from engram.config_schema import Autocast
+
+AUTOCAST_MODES: tuple[str, ...] = get_args(Autocast)  # the config's enumeration, not a second list
 
 
 def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager:

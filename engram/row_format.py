@@ -201,7 +201,7 @@ def encode_rows(x: np.ndarray, fmt: str) -> np.ndarray:
     return t.view(torch.uint8).numpy().reshape(x.shape[0], -1)
 
 
-def decode_rows(rows: np.ndarray, fmt: str, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode_rows(rows: np.ndarray, fmt: str, dim: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(R, row_nbytes(fmt, dim)) uint8 -> (R, dim) torch `dtype`."""
     check_format(fmt)
     if rows.ndim != 2 or rows.shape[1] != row_nbytes(fmt, dim):

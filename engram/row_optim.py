@@ -32,7 +32,7 @@ class AdagradParams:
     initial_accumulator: float = 0.0
 
 
-def lazy_adam_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, step: int, p: AdamParams) -> None:
+def lazy_adam_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor, step: int, p: AdamParams) -> None:
     """In place on (U, D) blocks w, m, v given summed gradient g (U, D); `step` is 1-based."""
     if step < 1:
         raise ValueError(f"step: must be >= 1, got {step}")
@@ -87,7 +87,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                     state["exp_avg"].index_select(0, rows),
                     state["exp_avg_sq"].index_select(0, rows),
                 )
-                lazy_adam_(w, m, v, values, step=state["step"], p=p_adam)
+                lazy_adam_(w, m, v, g=values, step=state["step"], p=p_adam)
                 p.index_copy_(0, rows, w)
                 state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)

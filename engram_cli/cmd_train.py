@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace, cfg, overrides: list[str]) -> int:  # type:
         f"-> {vocab.size} after compression ({100 * vocab.ratio:.1f}% smaller)"
     )
     if args.ray:
-        return _run_ray(args, cfg, overrides, data)
+        return _run_ray(args, cfg, overrides, data=data)
     from trainer.local import train_local
 
     result = train_local(cfg, data=data, resume=args.resume, label="engram" if cfg.engram.enabled else "baseline")
@@ -108,11 +108,11 @@ def _train(args: argparse.Namespace, cfg, overrides: list[str]) -> int:  # type:
         f"validation loss {result.final_val_loss:.4f} ({result.tokens_per_s:,.0f} tokens/s); "
         f"checkpoint {result.checkpoint}"
     )
-    _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
+    _after_training(args, cfg, data, val_loss=result.final_val_loss, checkpoint=result.checkpoint)
     return 0
 
 
-def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float, checkpoint: str) -> None:  # type: ignore[no-untyped-def]
+def _after_training(args: argparse.Namespace, cfg, data: tuple, *, val_loss: float, checkpoint: str) -> None:  # type: ignore[no-untyped-def]
     """--compare-baseline (the same backbone without Engram, trained locally on the same tokens) and --sample."""
     from trainer.local import train_local
 
@@ -140,7 +140,7 @@ def _after_training(args: argparse.Namespace, cfg, data: tuple, val_loss: float,
         print(f"\nsample ({how}) from {checkpoint}:\n{args.sample}{text}")
 
 
-def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -> int:  # type: ignore[no-untyped-def]
+def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], *, data: tuple) -> int:  # type: ignore[no-untyped-def]
     import ray
 
     from trainer.ray_trainer import check_dist_config, init_ray, train_ray
@@ -180,5 +180,5 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], data: tuple) -
     )
     if not address:
         print("Ray's own output (workers, controller): /tmp/ray/session_latest/logs")
-    _after_training(args, cfg, data, result.final_val_loss, result.checkpoint)
+    _after_training(args, cfg, data, val_loss=result.final_val_loss, checkpoint=result.checkpoint)
     return 0

@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: stop.set())
-        print(f"redis    {cluster.redis_url}  namespace {cluster.namespace}  pid {cluster.redis.proc.pid}")
+        redis = cluster.redis
+        assert redis is not None and redis.proc is not None, "start() leaves a running redis-server"
+        print(f"redis    {cluster.redis_url}  namespace {cluster.namespace}  pid {redis.proc.pid}")
         for shard_id, proc in sorted(cluster.shards.items()):
             print(f"shard {shard_id}  {proc.address}  pid {proc.pid}")
         sets = " ".join(f"--set {item}" for item in [*cluster.cluster_overrides, *cluster.client_overrides("admin")])

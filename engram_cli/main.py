@@ -43,8 +43,9 @@ Quick start:
 
 EPILOG = """\
 Configuration: train, up, shard, cluster and config take --preset NAME, --config FILE (TOML/JSON)
-and --set section.field=value (repeatable). serve takes the model's config from its checkpoint and
---set worker.*/cluster.* only; generate, health, plan and bench take their own flags.
+and --set section.field=value (repeatable); generate and health take them for security.* only.
+serve takes the model's config from its checkpoint and --set worker.*/cluster.*/security.* only;
+plan, certs and bench take their own flags.
 `engram COMMAND --help` describes each command. Errors go to stderr; exit 2 means bad input.
 """
 

@@ -1,7 +1,7 @@
 """What the deploy checkers share: the report, the `engram`/`ray` command checks, small helpers.
 
-Used by scripts/validate_deploy.py (entry point, Dockerfile), validate_compose.py, validate_k8s.py
-and deploy_refs.py; it imports none of them, so there is no import cycle between the checkers.
+Used by scripts/validate_deploy.py (entry point, Dockerfile), validate_compose.py, validate_k8s*.py
+and deploy_refs*.py; it imports none of them, so there is no import cycle between the checkers.
 """
 
 from __future__ import annotations
@@ -173,6 +173,19 @@ class Checker:
 
 
 SHELLS = (["sh", "-c"], ["/bin/sh", "-c"], ["bash", "-c"], ["/bin/bash", "-c"])
+
+
+OUR_IMAGE = "engram"  # built from this repository's Dockerfile; its digest exists once an operator pushes it
+DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def unpinned_image(ref: str) -> str | None:
+    """Why a third-party image reference is not reproducible, or None when it is pinned by digest."""
+    if ref.split(":")[0].split("@")[0] == OUR_IMAGE:
+        return None
+    if not DIGEST_RE.search(ref):
+        return f"image {ref}: not pinned by digest (name:tag@sha256:<64 hex>; a tag can move)"
+    return None
 
 
 def shell_engram_argvs(script: str) -> list[list[str]]:

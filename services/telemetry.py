@@ -86,7 +86,7 @@ class TelemetrySettings:
     resource_attributes: dict[str, str] = field(default_factory=dict)
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+def _choice(env: Mapping[str, str], name: str, default: str, *, allowed: tuple[str, ...]) -> str:
     value = env.get(name, "").strip().lower() or default
     if value not in allowed:
         raise ConfigError(f"{name}: unknown {value!r} (known: {', '.join(allowed)})")
@@ -107,7 +107,7 @@ def settings_from_env(service_name: str, env: Mapping[str, str]) -> TelemetrySet
     metrics = (env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip() or base) if "otlp" in exporters else None
     if traces is None and metrics is None and "prometheus" not in exporters:
         return None
-    protocol = _choice(env, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", PROTOCOLS)
+    protocol = _choice(env, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", allowed=PROTOCOLS)
     sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
     if sampler not in SAMPLERS:
         raise ConfigError(f"OTEL_TRACES_SAMPLER: unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
@@ -131,8 +131,8 @@ def settings_from_env(service_name: str, env: Mapping[str, str]) -> TelemetrySet
         metrics_endpoint=metrics,
         prometheus="prometheus" in exporters,
         resource_attributes=attrs,
-        traces_protocol=_choice(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol, PROTOCOLS),
-        metrics_protocol=_choice(env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol, PROTOCOLS),
+        traces_protocol=_choice(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol, allowed=PROTOCOLS),
+        metrics_protocol=_choice(env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", protocol, allowed=PROTOCOLS),
     )
 
 
@@ -167,7 +167,7 @@ def _sampler():
     chosen = sampling._get_from_env_or_default()  # the SDK's own reading of OTEL_TRACES_SAMPLER(_ARG)
 
     class NoOrphanClientSpans(sampling.Sampler):
-        def should_sample(
+        def should_sample(  # noqa: PLR0917 (the SDK's Sampler interface: it calls this positionally)
             self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
         ):
             parent = otel_trace.get_current_span(parent_context).get_span_context()

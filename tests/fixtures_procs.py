@@ -55,7 +55,7 @@ def run(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
 
 
-def expected_rows(cfg: Config, table: int, ids: np.ndarray, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def expected_rows(cfg: Config, table: int, ids: np.ndarray, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Rows a fresh cluster serves for ids (any shape) -> (*ids.shape, D) in `dtype`."""
     dim = cfg.engram.n_embed_per_ngram // cfg.engram.n_head_per_ngram
     flat = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -142,3 +142,30 @@ def test_every_enumeration_is_checked_in_one_place() -> None:
                 load_config("tiny", None, [f"{section}.{name}=bogus"])
             checked += 1
     assert checked >= 9
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings} & {"--preset", "--config", "--set"}
+
+
+def test_which_commands_take_preset_config_set_is_what_the_readme_and_help_say() -> None:
+    """Every subcommand takes --preset/--config/--set, or the README and `engram --help` say it does not."""
+    takes, only_set, neither = set(), set(), set()
+    for name, sub in _subparsers(build_parser()).items():
+        actions = _subparsers(sub) if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions) else {}
+        for full, parser in {f"{name} {a}": p for a, p in actions.items()}.items() or [(name, sub)]:
+            flags = _config_flags(parser)
+            (takes if len(flags) == 3 else only_set if flags == {"--set"} else neither).add(full)
+            assert flags in (set(), {"--set"}, {"--preset", "--config", "--set"}), (full, flags)
+    cluster = {f"cluster {a}" for a in ("init", "status", "rebalance", "load", "import", "export")}
+    assert takes == {"train", "up", "shard", "config show", "generate", "health", *cluster}
+    assert only_set == {"serve"} and neither == {"plan", "certs", "bench"}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`train`, `up`, `shard`, `cluster init|status|rebalance|load|import|export` and `config show` take" in readme
+    assert "`generate` and `health` take `--preset/--config/--set` for their `security.*` settings only" in readme
+    assert "`serve` takes its model's config from the checkpoint and `--set worker.*|cluster.*` only" in readme
+    assert "`plan`, `certs` and `bench`" in readme and "take their own flags" in readme
+    help_text = " ".join(engram_cli("--help").stdout.split())
+    assert "train, up, shard, cluster and config take --preset NAME" in help_text
+    assert "generate and health take them for security.* only" in help_text
+    assert "plan, certs and bench take their own flags" in help_text

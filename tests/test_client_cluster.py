@@ -69,7 +69,7 @@ def test_fp32_wire_is_exact(cluster: LocalCluster) -> None:
             ids = np.arange(0, 5000, 7)
             rows = await client.lookup(1, ids)
             assert rows.dtype == torch.float32
-            assert torch.equal(rows, expected_rows(client.cfg, 1, ids, torch.float32))
+            assert torch.equal(rows, expected_rows(client.cfg, 1, ids, dtype=torch.float32))
         finally:
             await closing(client)
 
@@ -204,9 +204,9 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
             opt = {"kind": "adam", "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "version": 1}
             result = await client.apply_gradients(1, ids, grads, step=1, optimizer=opt)
             assert result.rows_updated == 500 and result.applied_step == 1 and set(result.shards) == {0, 1}
-            w = expected_rows(cfg, 1, ids, torch.float32).clone()
+            w = expected_rows(cfg, 1, ids, dtype=torch.float32).clone()
             m, v = torch.zeros_like(w), torch.zeros_like(w)
-            lazy_adam_(w, m, v, grads, step=1, p=AdamParams(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8))
+            lazy_adam_(w, m, v, g=grads, step=1, p=AdamParams(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8))
             torch.testing.assert_close(await client.lookup(1, ids), w, rtol=1e-6, atol=1e-6)
             # training lookups: gated on the step, and the handle tells which step the rows have seen
             handle = client.lookup(1, ids, step=2, max_staleness=0)

@@ -27,14 +27,14 @@ def fake_rows(ids: np.ndarray, dim: int) -> torch.Tensor:
     return torch.from_numpy(ids[:, None] * 1000.0 + np.arange(dim)[None, :]).float()  # (n, D)
 
 
-def roundtrip(ids_any, owners: np.ndarray, max_rows: int, dim: int = 4) -> torch.Tensor:
+def roundtrip(ids_any, owners: np.ndarray, max_rows: int, *, dim: int = 4) -> torch.Tensor:
     flat, shape = as_id_array(ids_any)
     d = dedup(flat, shape)
     chunks = chunk_groups(split_by_owner(d.unique, owners), max_rows)
     for c in chunks:  # each chunk only holds ids its shard owns
         assert np.all(owners[c.ids % owners.size] == c.shard)
     parts = [(c.positions, fake_rows(c.ids, dim)) for c in chunks]
-    return expand(assemble(d.unique.size, dim, torch.float32, parts), d)
+    return expand(assemble(d.unique.size, dim, torch.float32, parts=parts), d)
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3, 5])
@@ -65,7 +65,7 @@ def test_duplicates_are_merged_with_inverse() -> None:
 
 def test_single_message_single_shard_needs_no_copy() -> None:
     rows = torch.arange(12.0).view(3, 4)
-    assert assemble(3, 4, torch.float32, [(slice(0, 3), rows)]) is rows
+    assert assemble(3, 4, torch.float32, parts=[(slice(0, 3), rows)]) is rows
 
 
 def test_torch_and_numpy_inputs_agree() -> None:

@@ -121,7 +121,7 @@ def expected_rows_tiny(ids: np.ndarray) -> torch.Tensor:
     from engram.config import load_config
 
     cfg = load_config("tiny", overrides=["engram.table_size_per_ngram=[4099,4099]"])
-    return expected_rows(cfg, 1, ids, torch.float32)
+    return expected_rows(cfg, 1, ids, dtype=torch.float32)
 
 
 def assert_closed(s: socket.socket) -> None:

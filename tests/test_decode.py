@@ -57,7 +57,7 @@ def test_prefill_then_decode_equals_full_forward(overrides) -> None:
     seqs = [SeqState() for _ in prompts]
     for s, p in zip(seqs, prompts):
         s.reserve(pool, len(p))
-    logits = extend(model, pool, seqs, prompts, rows_at=rows_fn(model, prompts, [len(p) for p in prompts]))
+    logits = extend(model, pool, seqs, new_ids=prompts, rows_at=rows_fn(model, prompts, [len(p) for p in prompts]))
     for b, p in enumerate(prompts):  # ragged prefill in one batch
         ref, _ = model(torch.tensor([p]))
         torch.testing.assert_close(logits[b, : len(p)], ref[0], rtol=1e-5, atol=1e-5)
@@ -67,7 +67,7 @@ def test_prefill_then_decode_equals_full_forward(overrides) -> None:
         for s, t, x in zip(seqs, toks, nxt):
             t.extend(x)
             s.reserve(pool, len(t))
-        logits = extend(model, pool, seqs, nxt, rows_at=rows_fn(model, toks, [1] * len(toks)))
+        logits = extend(model, pool, seqs, new_ids=nxt, rows_at=rows_fn(model, toks, [1] * len(toks)))
         for b, t in enumerate(toks):
             ref, _ = model(torch.tensor([t]))
             torch.testing.assert_close(logits[b, 0], ref[0, -1], rtol=1e-5, atol=1e-5)
@@ -87,7 +87,7 @@ def test_chunked_prefill_equals_one_prefill_and_knockout_removes_the_branch() ->
     s.reserve(pool, 30)
     outs = []
     for a, b in ((0, 7), (7, 19), (19, 30)):
-        outs.append(extend(model, pool, [s], [prompt[a:b]], rows_at=rows_fn(model, [prompt[:b]], [b - a]))[0])
+        outs.append(extend(model, pool, [s], new_ids=[prompt[a:b]], rows_at=rows_fn(model, [prompt[:b]], [b - a]))[0])
     ref, _ = model(torch.tensor([prompt]))
     torch.testing.assert_close(torch.cat(outs), ref[0], rtol=1e-5, atol=1e-5)
     # knockout: equals a forward whose Engram output is zero
@@ -98,7 +98,7 @@ def test_chunked_prefill_equals_one_prefill_and_knockout_removes_the_branch() ->
         model,
         pool,
         [s2],
-        [prompt],
+        new_ids=[prompt],
         rows_at=rows_fn(model, [prompt], [30]),
         knockout=torch.tensor([True]),
         gates_out=gates,

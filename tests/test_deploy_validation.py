@@ -66,8 +66,9 @@ def test_real_files_pass():
 
 COMPOSE_BREAKS = {
     "unknown key": (
-        "  redis:\n    image: redis:7.2-alpine\n",
-        "  redis:\n    image: redis:7.2-alpine\n    restart_policy: always\n",
+        "  redis:\n    image: redis:7.2.14-alpine3.21@sha256:dfa18828cbc07b3ae6a95ec7343f6c214fdee2d836197b4be8e9904420762cd8\n",
+        "  redis:\n    image: redis:7.2.14-alpine3.21@sha256:dfa18828cbc07b3ae6a95ec7343f6c214fdee2d836197b4be8e9904420762cd8\n"
+        "    restart_policy: always\n",
         [
             "services/redis: Compose schema: 'restart_policy' does not match",
             "`docker compose config` rejects it",

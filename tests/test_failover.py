@@ -99,7 +99,7 @@ def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
         smap = slot_map(cluster)
         assert [len(smap.holders(s)) for s in range(cfg.cluster.num_slots)] == [2] * cfg.cluster.num_slots
         ids = np.arange(layout.num_rows, dtype=np.int64)
-        with LookupLoad(cfg, table, ids, expected_rows(cfg, table, ids, torch.float32)) as load:
+        with LookupLoad(cfg, table, ids, want=expected_rows(cfg, table, ids, dtype=torch.float32)) as load:
             load.wait_more()
             faults = KillRestart(cluster, 1)
             faults.kill()
@@ -177,7 +177,7 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
             tables = {t: rows.pull_table(t) for t in cfg.engram.layer_ids}
             addresses = rows.client.addresses
             copies = {
-                t: [holder_rows(cfg, smap, addresses, s, t, tables[t].shape[0]) for s in (0, 1)]
+                t: [holder_rows(cfg, smap, addresses, shard_id=s, table=t, n=tables[t].shape[0]) for s in (0, 1)]
                 for t in cfg.engram.layer_ids
             }
         finally:
@@ -226,7 +226,7 @@ def test_epoch_only_slot_map_moves_the_epoch_while_a_step_collects_parts(shard_p
         expect_error(lambda: c.lookup(mine, epoch=1), grpc.StatusCode.FAILED_PRECONDITION, "stale")
         done = c.apply(mine, torch.ones(4, dim), step=1, epoch=2, part="w1", num_parts=2)
         assert not done.pending and done.applied_step == 1  # the step kept its first part across the new map
-        assert not torch.equal(c.lookup(mine, epoch=2), expected_rows(cfg, table, mine, torch.float32))
+        assert not torch.equal(c.lookup(mine, epoch=2), expected_rows(cfg, table, mine, dtype=torch.float32))
         expect_error(
             lambda: c.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=1 << 40, owned_slots=owned), timeout=5),
             grpc.StatusCode.INVALID_ARGUMENT,

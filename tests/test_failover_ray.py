@@ -112,7 +112,7 @@ def replicated_run(root, name: str, data, *, fault: bool):
             watcher.join(240)
             assert not faults.errors, faults.errors
             assert faults.kills == 1 and faults.restarts == 1
-            wait_for("shard 2 rebuilt", lambda: fully_replicated(cluster, {0, 1, 2}), 120)
+            wait_for("shard 2 rebuilt", lambda: fully_replicated(cluster, {0, 1, 2}), timeout_s=120)
         model, _, _ = load_model(result.checkpoint)
         return result, model, [e["kind"] for e in events(cluster)]
     finally:

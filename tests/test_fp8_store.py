@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 FP8_LAYOUT = ["engram.n_head_per_ngram=2", "engram.n_embed_per_ngram=128", "engram.table_size_per_ngram=[211,211]"]
 
 
-def make(fmt: str, shard_id: int = 0, wire: str | None = None, optimizer: str = "adam") -> ShardStore:
+def make(fmt: str, shard_id: int = 0, wire: str | None = None, *, optimizer: str = "adam") -> ShardStore:
     wire = wire or {"fp8": "fp8", "bf16": "bf16"}.get(fmt, "bf16")
     cfg = load_config(
         "tiny",
@@ -42,7 +42,7 @@ def owned(store: ShardStore, table: int) -> np.ndarray:
     return rows[np.isin(rows % store.num_slots, store.view.owned)]
 
 
-def raw_lookup(store: ShardStore, table: int, rows: np.ndarray, dtype: int) -> bytes:
+def raw_lookup(store: ShardStore, table: int, rows: np.ndarray, *, dtype: int) -> bytes:
     resp = shard_pb2.LookupResponse.FromString(
         store.lookup(table=table, epoch=1, row_ids=pack_ids(rows), dtype=dtype).payload
     )
@@ -61,7 +61,7 @@ def test_fp8_table_stores_and_serves_264_byte_rows() -> None:
     rows = np.random.default_rng(0).permutation(owned(store, table))[:300]
     assert store.view.tables[table].weights.shape == (owned(store, table).size, dim + dim // 32)
     assert store.view.tables[table].state == ()  # read-only: no optimizer state
-    got = np.frombuffer(raw_lookup(store, table, rows, FP8), dtype=np.uint8).reshape(rows.size, dim + 2)
+    got = np.frombuffer(raw_lookup(store, table, rows, dtype=FP8), dtype=np.uint8).reshape(rows.size, dim + 2)
     assert np.array_equal(got, encode_rows(init(store, table, rows), "fp8"))  # the stored bytes, in request order
     values = wire_to_values(torch.from_numpy(got.copy()), dim=dim, fp8=True)  # client side: bf16
     assert values.dtype == torch.bfloat16
@@ -73,15 +73,15 @@ def test_wider_wire_formats_are_refused_with_the_storage_format() -> None:
     rows = owned(store, 1)[:3]
     for dtype, name in ((shard_pb2.BF16, "BF16"), (shard_pb2.FP32, "FP32"), (shard_pb2.FP16, "FP16")):
         with pytest.raises(ShardError) as err:
-            raw_lookup(store, 1, rows, dtype)
+            raw_lookup(store, 1, rows, dtype=dtype)
         assert err.value.code == Code.INVALID_ARGUMENT
         assert f"{name} (" in err.value.message and "storage format fp8" in err.value.message
     bf16 = make("bf16")
     with pytest.raises(ShardError, match="wider than table 1's storage format bf16"):
-        raw_lookup(bf16, 1, owned(bf16, 1)[:3], shard_pb2.FP32)
+        raw_lookup(bf16, 1, owned(bf16, 1)[:3], dtype=shard_pb2.FP32)
     tiny = ShardStore.from_slot_map(load_config("tiny"), shard_id=0, owners=even_slot_map(16, 2), epoch=1)
     with pytest.raises(ShardError, match="FP8_E4M3_UE8M0 needs rows of a multiple of 32 values; table 1 has 8"):
-        raw_lookup(tiny, 1, owned(tiny, 1)[:3], FP8)  # 8-dim rows have no fp8 form: a request error, not a crash
+        raw_lookup(tiny, 1, owned(tiny, 1)[:3], dtype=FP8)  # 8-dim rows have no fp8 form: a request error, not a crash
     with pytest.raises(ConfigError, match="cluster.wire_dtype: bf16 rows are wider"):
         load_config("tiny", overrides=[*FP8_LAYOUT, "engram.row_format=fp8", "cluster.wire_dtype=bf16"])
 
@@ -90,10 +90,10 @@ def test_fp32_storage_quantises_on_the_shard_for_an_fp8_lookup() -> None:
     store = make("fp32", wire="fp8")
     rows = owned(store, 1)[::3]
     dim = store.layouts[1].dim
-    got = np.frombuffer(raw_lookup(store, 1, rows, FP8), dtype=np.uint8).reshape(rows.size, dim + 2)
+    got = np.frombuffer(raw_lookup(store, 1, rows, dtype=FP8), dtype=np.uint8).reshape(rows.size, dim + 2)
     values, scales = quantize_fp8(init(store, 1, rows))  # numpy reference (tested against torch's float8)
     assert np.array_equal(got[:, :dim], values) and np.array_equal(got[:, dim:], scales)
-    bf16 = np.frombuffer(raw_lookup(store, 1, rows, shard_pb2.BF16), dtype=np.uint8).size  # the mirror path
+    bf16 = np.frombuffer(raw_lookup(store, 1, rows, dtype=shard_pb2.BF16), dtype=np.uint8).size  # the mirror path
     assert got.size / bf16 == (dim + 2) / (2 * dim)
 
 
@@ -127,7 +127,7 @@ def test_bf16_storage_trains_in_fp32_and_rounds_back() -> None:
     rows = owned(store, 1)[:5]
     dim = store.layouts[1].dim
     start = torch.from_numpy(init(store, 1, rows)).to(torch.bfloat16)
-    served = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.BF16)), dtype=torch.bfloat16)
+    served = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, dtype=shard_pb2.BF16)), dtype=torch.bfloat16)
     assert torch.equal(served.view(rows.size, dim), start)
     g = torch.ones(rows.size, dim)
     store.apply_update(
@@ -144,9 +144,9 @@ def test_bf16_storage_trains_in_fp32_and_rounds_back() -> None:
             eps=1e-10,
         )
     )
-    after = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.BF16)), dtype=torch.bfloat16)
+    after = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, dtype=shard_pb2.BF16)), dtype=torch.bfloat16)
     assert torch.equal(after.view(rows.size, dim), (start.float() - 0.5).to(torch.bfloat16))  # adagrad: lr*sign
-    fp16 = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, shard_pb2.FP16)), dtype=torch.float16)
+    fp16 = torch.frombuffer(bytearray(raw_lookup(store, 1, rows, dtype=shard_pb2.FP16)), dtype=torch.float16)
     assert torch.equal(fp16.view(rows.size, dim), after.view(rows.size, dim).to(torch.float16))
 
 
@@ -159,7 +159,7 @@ def test_fp8_slot_files_and_migration_chunks_keep_the_bytes(tmp_path) -> None:
     block = src.slot_block(table, slot)
     f = ckpt.write_slot(tmp_path, meta, block)
     assert (tmp_path / f["path"]).stat().st_size == meta.file_bytes
-    assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta) == 0
+    assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta=meta) == 0
     fp32_meta = ckpt.SlotMeta(table, slot, 16, meta.rows, dim, "adam")
     with pytest.raises(ShardError, match="row format code 3 \\(expected 0\\)"):
         ckpt.check_header(tmp_path / f["path"], (tmp_path / f["path"]).read_bytes()[:48], fp32_meta)

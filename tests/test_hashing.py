@@ -113,7 +113,7 @@ def test_hand_derived_vector() -> None:
 
 
 @pytest.mark.parametrize("N,H,layers,seed", [(2, 1, [1], 0), (3, 2, [1, 4], 0), (4, 3, [2], 11)])
-def test_equals_demo_formula_numpy_and_torch(N: int, H: int, layers: list[int], seed: int) -> None:
+def test_equals_demo_formula_numpy_and_torch(N: int, H: int, layers: list[int], *, seed: int) -> None:
     rng = np.random.default_rng(seed)
     vocab = 3000
     sizes = [int(s) for s in rng.integers(50, 500, size=N - 1)]

@@ -201,7 +201,7 @@ def test_a_disconnected_stream_frees_its_kv_blocks(server) -> None:
         ([1, 2], 400, "expected a JSON object"),
     ],
 )
-def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, needle) -> None:
+def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, *, needle) -> None:
     r = httpx.post(f"http://{server.http}/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]

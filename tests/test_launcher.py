@@ -21,7 +21,7 @@ from tests.fixtures_procs import ROOT, engram_cli, pid_alive, wait_gone
 pytestmark = pytest.mark.timeout(90)
 
 
-def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float) -> list[str]:
+def read_until(proc: subprocess.Popen, lines: queue.Queue, marker: str, *, timeout_s: float) -> list[str]:
     seen, deadline = [], time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -50,7 +50,7 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
     threading.Thread(target=lambda: [lines.put(x.rstrip()) for x in proc.stdout], daemon=True).start()
     pids: list[int] = []
     try:
-        out = read_until(proc, lines, "ready", 60)
+        out = read_until(proc, lines, "ready", timeout_s=60)
         text = "\n".join(out)
         pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
         assert len(pids) == 3, text  # redis + 2 shards

@@ -80,7 +80,7 @@ def test_same_params_dense_matches_the_engram_model(setup) -> None:
     _, _, cfg, data = setup
     lookup = data[1].lookup
     engram_params = param_counts(cfg, lookup)["total"]
-    dense = variant_config(cfg, "dense-same-params", 7, lookup)
+    dense = variant_config(cfg, "dense-same-params", 7, compress_lookup=lookup)
     assert not dense.engram.enabled and dense.model.mlp_hidden == same_params_hidden(cfg, lookup)
     dense_params = param_counts(dense, lookup)
     per_hidden_unit = 3 * cfg.model.d_model * cfg.model.n_layer

@@ -148,12 +148,12 @@ def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> Non
             assert pusher.epoch == 1
             result = await pusher.apply_gradients(1, rows, grads, step=1, optimizer=opt)
             assert pusher.epoch == 2 and set(result.shards) == {0, 1, 2} and result.rows_updated == 300
-            w = expected_rows(cfg, 1, rows, torch.float32).clone()
+            w = expected_rows(cfg, 1, rows, dtype=torch.float32).clone()
             lazy_adam_(
                 w,
                 torch.zeros_like(w),
                 torch.zeros_like(w),
-                grads,
+                g=grads,
                 step=1,
                 p=AdamParams(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8),
             )

@@ -113,8 +113,8 @@ def test_a_returning_shard_is_rebuilt_from_every_live_replica(tmp_path) -> None:
             assert all(len(smap.holders(s)) == 1 for s in lost)
             pusher.start()  # updates go on while shard 2 restarts and is rebuilt from both survivors
             faults.restart()
-            wait_for("rebuilt", lambda: fully_replicated(cluster, {0, 1, 2}), 90)
-            wait_for("a step after the rebuild", lambda s=pusher.step: pusher.step >= s + 2, 60)
+            wait_for("rebuilt", lambda: fully_replicated(cluster, {0, 1, 2}), timeout_s=90)
+            wait_for("a step after the rebuild", lambda s=pusher.step: pusher.step >= s + 2, timeout_s=60)
             pusher.stop()
             pusher.push(2)
             held = check_every_holder(cluster, cfg, pusher)
@@ -144,7 +144,7 @@ def test_rebalance_moves_replica_sets_while_updates_go_on(tmp_path) -> None:
                     await cp.close()
 
             report = run(move(), timeout_s=150)
-            wait_for("steps after the move", lambda s=pusher.step: pusher.step >= s + 2, 60)
+            wait_for("steps after the move", lambda s=pusher.step: pusher.step >= s + 2, timeout_s=60)
             pusher.stop()
             pusher.push(1)
             held = check_every_holder(cluster, cfg, pusher)

@@ -58,7 +58,7 @@ def test_paths_return_identical_rows(cluster: LocalCluster, dtype: str) -> None:
     ids = np.random.default_rng(0).integers(0, 8000, size=(3, 50))  # duplicates, both shards
     got = run(_lookup_all(cluster, dtype, ids))
     want = expected_rows(
-        cluster.cfg, 1, ids, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        cluster.cfg, 1, ids, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     )
     for path, (rows, big, used) in got.items():
         assert rows.dtype == want.dtype and torch.equal(rows.view(torch.uint8), want.view(torch.uint8)), path
@@ -81,7 +81,7 @@ def test_paths_agree_after_updates(cluster: LocalCluster) -> None:
         finally:
             await pusher.close()
             await pusher.control.close()
-        assert not torch.equal(master, expected_rows(cluster.cfg, 1, ids, torch.float32))
+        assert not torch.equal(master, expected_rows(cluster.cfg, 1, ids, dtype=torch.float32))
         for dtype, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
             for path in ("shm", "tcp"):
                 client = await _client(cluster, path, dtype)
@@ -205,7 +205,7 @@ def test_shard_without_shm_dir_serves_tcp(tmp_path) -> None:
             try:
                 ids = np.arange(0, 8000, 5)
                 rows = await client.lookup(1, ids)
-                assert torch.equal(rows, expected_rows(c.cfg, 1, ids, torch.float16))
+                assert torch.equal(rows, expected_rows(c.cfg, 1, ids, dtype=torch.float16))
                 return dict(client.row_paths.used)
             finally:
                 await client.close()

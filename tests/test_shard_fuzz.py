@@ -79,7 +79,7 @@ def _replay(state: dict[str, torch.Tensor], accepted: list[shard_pb2.ApplyGradie
         g = torch.from_numpy(np.frombuffer(req.grads, dtype=np.float32).copy()).view(-1, DIM)
         o = req.optimizer
         w, m, v = (state[k][ids] for k in ("w", "m", "v"))
-        lazy_adam_(w, m, v, g, step=req.step, p=AdamParams(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps))
+        lazy_adam_(w, m, v, g=g, step=req.step, p=AdamParams(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps))
         for k, x in (("w", w), ("m", m), ("v", v)):
             state[k][ids] = x
 
@@ -135,7 +135,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     counts: dict[tuple[str, str], int] = {}
     lock = threading.Lock()
 
-    def run(i: int, rpc: str, payload, note: str) -> None:
+    def run(i: int, rpc: str, payload, *, note: str) -> None:
         code, reply = _send(channels[i], rpc, payload)
         with lock:
             counts[(rpc, code.name)] = counts.get((rpc, code.name), 0) + 1
@@ -150,9 +150,9 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     t0 = time.monotonic()
     window = threading.BoundedSemaphore(16)  # cases are made when a slot frees, so they see fresh applied steps
 
-    def submit(pool: ThreadPoolExecutor, *args) -> Future:
+    def submit(pool: ThreadPoolExecutor, i: int, rpc: str, *, payload: bytes, note: str) -> Future:
         window.acquire()
-        fut = pool.submit(run, *args)
+        fut = pool.submit(run, i, rpc, payload, note=note)
         fut.add_done_callback(lambda _: window.release())
         return fut
 
@@ -164,9 +164,9 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
                 k % 20 < 2
             ):  # a legal update, on both shards, every so often: the only kind of write allowed to change rows
                 req = valid_step(rng, targets[i], epoch=1, step=applied[i] + 1)
-                futs.append(submit(pool, i, "ApplyGradients", req.SerializeToString(), "valid"))
+                futs.append(submit(pool, i, "ApplyGradients", payload=req.SerializeToString(), note="valid"))
             c = corpus.case(targets[i], epoch=1, applied=applied[i])
-            futs.append(submit(pool, i, c.rpc, c.payload, c.note))
+            futs.append(submit(pool, i, c.rpc, payload=c.payload, note=c.note))
         for f in futs:
             f.result()
     corpus_s = time.monotonic() - t0

@@ -209,7 +209,7 @@ def test_apply_gradients_over_the_wire_equals_local_optimizer(two_shards):
         p0 = clients[1].apply(rows, half, step=step, part="w0", num_parts=2)
         p1 = clients[1].apply(rows[:100], half[:100], step=step, part="w1", num_parts=2)
         assert p0.pending and not p1.pending and p1.applied_step == step and p1.rows_updated == 200
-        lazy_adam_(w, m, v, g, step=step, p=ADAM_LOCAL)
+        lazy_adam_(w, m, v, g=g, step=step, p=ADAM_LOCAL)
     assert torch.equal(clients[1].lookup(rows), w)  # bit-identical to the local optimizer
 
 
@@ -251,7 +251,7 @@ def redis_args(redis, namespace: str, shard: int) -> list[str]:
     ]
 
 
-async def _init(url: str, namespace: str, num_shards: int, manifest: dict | None = None, **over) -> None:
+async def _init(url: str, namespace: str, num_shards: int, *, manifest: dict | None = None, **over) -> None:
     cfg = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in over.items()])
     cp = ControlPlane.connect(url, namespace)
     try:
@@ -299,7 +299,7 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         ],
     }
 
-    asyncio.run(_init(redis_server.url, "three", 3, manifest, max_message_mb=1))
+    asyncio.run(_init(redis_server.url, "three", 3, manifest=manifest, max_message_mb=1))
     three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
     shard_procs.extend(three)
     owners3 = even_slot_map(NSLOTS, 3)
@@ -376,7 +376,7 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     assert "heartbeat failed, still serving" in log and "registered again" in log
 
 
-async def _set_map(url: str, namespace: str, owners: list[int], epoch: int) -> None:
+async def _set_map(url: str, namespace: str, owners: list[int], *, epoch: int) -> None:
     cp = ControlPlane.connect(url, namespace)
     try:
         await cp.set_slot_map(owners, expected_epoch=epoch - 1)
@@ -430,7 +430,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
         "being migrated to",
     )
     new = [1 if s in moved else o for s, o in enumerate(owners)]
-    asyncio.run(_set_map(redis_server.url, "mig", new, 2))
+    asyncio.run(_set_map(redis_server.url, "mig", new, epoch=2))
     for c, shard in ((c1, 1), (c0, 0)):
         c.stub.SetSlotMap(
             shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard], owners=new),
@@ -451,11 +451,11 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     c1.apply(moved_rows, torch.ones(moved_rows.size, DIM), step=2, epoch=2)
     w, m, v = init_table(moved_rows), torch.zeros(moved_rows.size, DIM), torch.zeros(moved_rows.size, DIM)
     for step in (1, 2):
-        lazy_adam_(w, m, v, torch.ones(moved_rows.size, DIM), step=step, p=ADAM_LOCAL)
+        lazy_adam_(w, m, v, g=torch.ones(moved_rows.size, DIM), step=step, p=ADAM_LOCAL)
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
-    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], 3))
+    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], epoch=3))
     expect_error(
         lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
         grpc.StatusCode.FAILED_PRECONDITION,

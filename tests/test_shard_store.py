@@ -1,4 +1,7 @@
-"""Pure unit tests of the shard's store, aggregation, checkpoint files and slot staging (no processes)."""
+"""Pure unit tests of the shard's store: init, lookups, updates and sync-mode aggregation (no processes).
+
+Checkpoint files and slot staging: tests/test_shard_store_slots.py.
+"""
 
 from __future__ import annotations
 
@@ -9,67 +12,27 @@ import numpy as np
 import pytest
 import torch
 
-from engram.config import load_config
 from engram.init import init_rows
-from engram.layout import even_slot_map, slot_num_rows, table_layouts
+from engram.layout import table_layouts
 from engram.row_optim import AdagradParams, AdamParams, lazy_adam_, rowwise_adagrad_
 from proto.shard.v1 import shard_pb2
-from services.shard import checkpoint as ckpt
 from services.shard.engine import ShardEngine
 from services.shard.errors import Code, ShardError
-from services.shard.migrate import Staging, slot_chunks
-from services.shard.store import ShardStore
-from services.wire import pack_ids, unpack_rows
+from services.wire import pack_ids
+from tests.shard_store_helpers import (
+    F32,
+    adam_kw,
+    assert_unchanged,
+    grad_bytes,
+    lookup,
+    lookup_f32,
+    make_cfg,
+    make_store,
+    owned_rows,
+    snapshot,
+)
 
 pytestmark = pytest.mark.timeout(60)
-F32 = np.float32
-
-
-def make_cfg(optimizer: str = "adam"):
-    return load_config("tiny", overrides=[f"cluster.optimizer={optimizer}"])
-
-
-def make_store(cfg, shard_id: int = 0, num_shards: int = 2) -> ShardStore:
-    owners = even_slot_map(cfg.cluster.num_slots, num_shards)
-    return ShardStore.from_slot_map(cfg, shard_id=shard_id, owners=owners, epoch=1, init_threads=2)
-
-
-def owned_rows(store: ShardStore, table: int) -> np.ndarray:
-    n = store.layouts[table].num_rows
-    rows = np.arange(n, dtype=np.int64)
-    return rows[np.isin(rows % store.num_slots, store.view.owned)]
-
-
-def snapshot(store: ShardStore) -> list[torch.Tensor]:
-    return [x.clone() for d in store.view.tables.values() for x in (d.weights, *d.state)] + [
-        torch.tensor(list(store.applied_step.values()))
-    ]
-
-
-def assert_unchanged(store: ShardStore, before: list[torch.Tensor]) -> None:
-    for a, b in zip(before, snapshot(store), strict=True):
-        assert torch.equal(a, b)
-
-
-def adam_kw(**over):
-    kw = dict(kind="adam", lr=float(F32(0.05)), beta1=float(F32(0.9)), beta2=float(F32(0.999)), eps=float(F32(1e-8)))
-    return {**kw, **over}
-
-
-def grad_bytes(g: torch.Tensor) -> bytes:
-    return g.contiguous().numpy().astype("<f4").tobytes()
-
-
-def lookup(store: ShardStore, table: int, rows: np.ndarray, *, dtype=shard_pb2.FP32, epoch=1) -> torch.Tensor:
-    result = store.lookup(table=table, epoch=epoch, row_ids=pack_ids(rows), dtype=dtype)
-    resp = shard_pb2.LookupResponse.FromString(result.payload)  # the hand-built reply parses as protobuf
-    assert (resp.dtype, resp.epoch, resp.applied_step) == (dtype, epoch, store.applied_step[table])
-    assert result.rows == len(rows) and len(resp.rows) == result.rows_nbytes
-    return unpack_rows(resp.rows, dtype, resp.dim).clone()
-
-
-def lookup_f32(store: ShardStore, table: int, rows: np.ndarray) -> torch.Tensor:
-    return lookup(store, table, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +120,7 @@ def test_adam_update_equals_row_optim_and_sparse_adam():
         assert store.apply_update(upd) == 300 and store.applied_step[table] == step
         idx = torch.from_numpy(rows)
         wb, mb, vb = w[idx], m[idx], v[idx]
-        lazy_adam_(wb, mb, vb, g, step=step, p=AdamParams(kw["lr"], kw["beta1"], kw["beta2"], kw["eps"]))
+        lazy_adam_(wb, mb, vb, g=g, step=step, p=AdamParams(kw["lr"], kw["beta1"], kw["beta2"], kw["eps"]))
         w[idx], m[idx], v[idx] = wb, mb, vb
         opt.zero_grad()
         (emb(idx) * g).sum().backward()
@@ -281,7 +244,7 @@ def test_sync_parts_sum_and_apply_once():
     kw = adam_kw()
     opt = shard_pb2.OptimizerParams(kind="adam", lr=kw["lr"], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"])
 
-    def req(rows, g, step, part, num_parts=2):
+    def req(rows, g, step, *, part, num_parts=2):
         return shard_pb2.ApplyGradientsRequest(
             table=table,
             epoch=1,
@@ -296,26 +259,26 @@ def test_sync_parts_sum_and_apply_once():
     async def body():
         with ThreadPoolExecutor(2) as pool:
             eng = ShardEngine(store, pool=pool, max_message_bytes=1 << 20, pending_wait_s=0.5)
-            first = await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+            first = await eng.apply_gradients(req(rows_a, g_a, 1, part="w0"))
             assert first.pending and first.applied_step == 0
             with pytest.raises(ShardError, match="part 'w0' of step 1 .* already received"):
-                await eng.apply_gradients(req(rows_a, g_a, 1, "w0"))
+                await eng.apply_gradients(req(rows_a, g_a, 1, part="w0"))
             with pytest.raises(ShardError, match="num_parts: 3"):
-                await eng.apply_gradients(req(rows_b, g_b, 1, "w1", num_parts=3))
+                await eng.apply_gradients(req(rows_b, g_b, 1, part="w1", num_parts=3))
             with pytest.raises(ShardError, match="ABORTED|waited 0.5 s for step 1") as err:
-                await eng.apply_gradients(req(rows_b, g_b, 2, "w1"))  # step 2 waits for step 1 ... in vain
+                await eng.apply_gradients(req(rows_b, g_b, 2, part="w1"))  # step 2 waits for step 1 ... in vain
             assert err.value.code == Code.ABORTED
-            later = asyncio.create_task(eng.apply_gradients(req(rows_b, g_b, 2, "w1")))
+            later = asyncio.create_task(eng.apply_gradients(req(rows_b, g_b, 2, part="w1")))
             await asyncio.sleep(0.05)
             assert not later.done()  # waits while step 1 is pending
-            done = await eng.apply_gradients(req(rows_b, g_b, 1, "w1"))
+            done = await eng.apply_gradients(req(rows_b, g_b, 1, part="w1"))
             assert not done.pending and done.applied_step == 1 and done.rows_updated == 5
             assert (await later).pending  # step 2 went in once step 1 was applied
             with pytest.raises(ShardError, match="from the past"):
-                await eng.apply_gradients(req(rows_b, g_b, 1, "w2"))
+                await eng.apply_gradients(req(rows_b, g_b, 1, part="w2"))
             # a worker with no rows for this shard still sends its (empty) part
             empty = np.empty(0, dtype=np.int64)
-            assert (await eng.apply_gradients(req(empty, torch.empty(0, d), 2, "w0"))).applied_step == 2
+            assert (await eng.apply_gradients(req(empty, torch.empty(0, d), 2, part="w0"))).applied_step == 2
 
     asyncio.run(body())
     union = np.array([3, 10, 11, 50, 99], dtype=np.int64)
@@ -329,127 +292,3 @@ def test_sync_parts_sum_and_apply_once():
         ref.prepare_update(table=table, epoch=1, row_ids=pack_ids(rows_b), grads=grad_bytes(g_b), step=2, **kw)
     )  # step 2 = w1's part + w0's empty part
     assert torch.equal(lookup_f32(store, table, union), lookup_f32(ref, table, union))
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint files and migration staging
-
-
-def _metas(store, table):
-    layout = store.layouts[table]
-    return [
-        ckpt.SlotMeta(
-            table, s, store.num_slots, slot_num_rows(layout.num_rows, s, store.num_slots), layout.dim, store.kind
-        )
-        for s in store.view.owned
-    ]
-
-
-def test_checkpoint_files_roundtrip_and_detect_damage(tmp_path):
-    cfg = make_cfg("adam")
-    src, dst = make_store(cfg), make_store(cfg)
-    table, layout = next(iter(src.layouts.items()))
-    rows = owned_rows(src, table)
-    src.apply_update(
-        src.prepare_update(
-            table=table,
-            epoch=1,
-            row_ids=pack_ids(rows),
-            grads=grad_bytes(torch.randn(rows.size, layout.dim)),
-            step=1,
-            **adam_kw(),
-        )
-    )
-    files = [ckpt.write_slot(tmp_path, m, src.slot_block(table, m.slot)) for m in _metas(src, table)]
-    assert not list(tmp_path.rglob(".*tmp*"))
-    for f, meta in zip(files, _metas(dst, table), strict=True):
-        assert f["num_bytes"] == (tmp_path / f["path"]).stat().st_size
-        assert ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta) == 1
-        ckpt.load_slot(str(tmp_path), f["path"], f["sha256"], meta, dst.slot_block(table, meta.slot))
-    for a, b in zip(snapshot(src)[:3], snapshot(dst)[:3], strict=True):
-        assert torch.equal(a, b)
-
-    f, meta = files[0], _metas(dst, table)[0]
-    path = tmp_path / f["path"]
-    raw = path.read_bytes()
-    path.write_bytes(raw[:-10])
-    with pytest.raises(ShardError, match="truncated or padded") as err:
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
-    assert err.value.code == Code.DATA_LOSS and f["path"] in err.value.message
-    flipped = bytearray(raw)
-    flipped[100] ^= 0xFF
-    path.write_bytes(bytes(flipped))
-    with pytest.raises(ShardError, match="sha256 mismatch"):
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
-    path.write_bytes(raw)
-    other = _metas(dst, table)[1]  # slot 0's file where slot 1's belongs: the header says which slot it holds
-    (tmp_path / ckpt.slot_path(table, other.slot)).write_bytes(raw)
-    with pytest.raises(ShardError, match="does not match this cluster's layout: slot"):
-        ckpt.verify_slot(str(tmp_path), ckpt.slot_path(table, other.slot), f["sha256"], other)
-    for rel, sha, match in [
-        ("../x.bin", f["sha256"], "must be 'table"),
-        ("/etc/passwd", f["sha256"], "must be 'table"),
-        (f["path"], "", "sha256 must be 64 lowercase hex digits"),
-        (f["path"], "AB" * 32, "sha256 must be 64 lowercase hex digits"),
-    ]:
-        with pytest.raises(ShardError, match=match) as err:
-            ckpt.verify_slot(str(tmp_path), rel, sha, meta)
-        assert err.value.code == Code.INVALID_ARGUMENT
-    path.unlink()
-    with pytest.raises(ShardError, match="does not exist") as err:
-        ckpt.verify_slot(str(tmp_path), f["path"], f["sha256"], meta)
-    assert err.value.code == Code.FAILED_PRECONDITION
-
-
-def test_slot_chunks_stage_and_switch_ownership():
-    cfg = make_cfg("adagrad")
-    a, b = make_store(cfg, 0, 2), make_store(cfg, 1, 2)
-    table, layout = next(iter(a.layouts.items()))
-    moved = list(a.view.owned[:2])
-    rows = owned_rows(a, table)
-    g = torch.randn(rows.size, layout.dim)
-    a.apply_update(
-        a.prepare_update(
-            table=table,
-            epoch=1,
-            row_ids=pack_ids(rows),
-            grads=grad_bytes(g),
-            step=1,
-            kind="adagrad",
-            lr=0.5,
-            beta1=0,
-            beta2=0,
-            eps=1e-10,
-        )
-    )
-    staging = Staging(b)
-    chunks = [c for s in moved for c in slot_chunks(a, table=table, slot=s, epoch=1, chunk_bytes=1000)]
-    assert len(chunks) > len(moved) and all(len(c.weights) + len(c.state) <= 1000 for c in chunks)
-    with pytest.raises(ShardError, match="chunk at row 27 without a start"):
-        staging.add(chunks[1])  # out of order
-    done = [staging.add(c) for c in chunks]
-    assert sum(done) == len(moved) and not staging.partial_keys()
-    with pytest.raises(ShardError, match="no data for it"):
-        b.set_ownership(epoch=2, owned_slots=[*b.view.owned, a.view.owned[2]], owners=None, staged=staging.complete)
-    owners = [1 if (o == 1 or s in moved) else 0 for s, o in enumerate(even_slot_map(16, 2))]
-    assert b.set_ownership(epoch=2, owned_slots=[*b.view.owned, *moved], owners=owners, staged=staging.complete) == 0
-    assert a.set_ownership(epoch=2, owned_slots=list(a.view.owned[2:]), owners=owners, staged={}) == 2
-    moved_rows = rows[np.isin(rows % 16, moved)]
-    assert torch.equal(
-        lookup(b, table, moved_rows, epoch=2),
-        lookup_after(a, table, rows, g, moved_rows),
-    )
-    assert b.applied_step[table] == 0  # the oldest over its slots: its own never saw step 1 (ownership.py)
-    assert all(b.slot_steps[table][s] == (1 if s in moved else 0) for s in b.view.owned)
-    with pytest.raises(ShardError, match="owned by shard 1 at epoch 2"):
-        a.lookup(table=table, epoch=2, row_ids=pack_ids(moved_rows[:1]), dtype=shard_pb2.FP32)
-    with pytest.raises(ShardError, match="stale slot-map epoch 1"):
-        a.set_ownership(epoch=1, owned_slots=[], owners=None, staged={})
-
-
-def lookup_after(store, table, rows, g, wanted):
-    """Expected rows after one adagrad step from init (recomputed independently)."""
-    layout = store.layouts[table]
-    w = torch.from_numpy(init_rows(seed=0, layer_id=table, rows=rows, dim=layout.dim, std=1.0))
-    rowwise_adagrad_(w, torch.zeros(rows.size), g, p=AdagradParams(lr=0.5, eps=1e-10))
-    return w[torch.from_numpy(np.isin(rows, wanted))]

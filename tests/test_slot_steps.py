@@ -59,7 +59,7 @@ def reference(cfg, table: int, *, n_rows: int, dim: int, steps: int) -> torch.Te
         ids, g = grads(n_rows, dim, step)
         idx = torch.from_numpy(ids)
         ws, ms, vs = w.index_select(0, idx), m.index_select(0, idx), v.index_select(0, idx)
-        lazy_adam_(ws, ms, vs, g, step=step, p=p)
+        lazy_adam_(ws, ms, vs, g=g, step=step, p=p)
         w.index_copy_(0, idx, ws)
         m.index_copy_(0, idx, ms)
         v.index_copy_(0, idx, vs)

@@ -82,7 +82,7 @@ def extra(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> di
     }
     secs = {}
     for name, (key, cert) in made.items():
-        c, k = certs.write_pair(out, name, key, cert)
+        c, k = certs.write_pair(out, name, key=key, cert=cert)
         secs[name] = SecurityConfig(
             tls_enabled=True, tls_cert=str(c), tls_key=str(k), tls_ca=str(cluster.certs["admin"].ca), auth_enabled=True
         )
@@ -187,7 +187,7 @@ def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, 
 
 def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:
     ids = np.random.default_rng(0).integers(0, 1900, size=(2, 40))
-    want = expected_rows(cluster.cfg, 1, ids, torch.float32)
+    want = expected_rows(cluster.cfg, 1, ids, dtype=torch.float32)
 
     async def go() -> None:
         reader = await ShardClient.connect(cluster.control(), wire_dtype="fp32", security=cluster.security("read"))
@@ -242,7 +242,7 @@ def test_rotated_certificate_is_served_without_restart(cluster: LocalCluster) ->
     ca_key, ca_cert = certs.load_ca(cluster.certs["shard"].ca.parent)
     key, cert = certs.issue(ca_key, ca_cert, name="engram-shard-rotated", role="admin", hosts=[cluster.host])
     time.sleep(0.01)  # a new mtime
-    certs.write_pair(cluster.certs["shard"].cert.parent, "shard", key, cert)
+    certs.write_pair(cluster.certs["shard"].cert.parent, "shard", key=key, cert=cert)
     assert _served_cn(address, admin) == "engram-shard-rotated"  # gRPC: the next connection
     assert _served_cn(data, admin) == "engram-shard-rotated"  # data plane: the next accept
     assert cluster.shards[0].pid == pid and cluster.shards[0].proc.poll() is None

@@ -111,7 +111,7 @@ def test_decode_with_clean_up_merges_keys(tmp_path: Path) -> None:
     ],
 )
 def test_flag_comes_from_tokenizer_config(
-    tmp_path: Path, in_file: bool | None, override: str | None, want: bool
+    tmp_path: Path, in_file: bool | None, override: str | None, *, want: bool
 ) -> None:
     folder = write_hf_tokenizer(tmp_path / "hf", clean_up=in_file)
     assert read_clean_up_flag(folder / "tokenizer.json") is (bool(in_file) if in_file is not None else False)

@@ -47,7 +47,7 @@ def test_shard_errors_pickle_with_their_cause():
     assert "Lookup of table 1 to shard 1 at 127.0.0.1:5 failed: UNAVAILABLE: connection refused" in str(errors[0])
 
 
-def _cluster(redis, shard_procs, ns: str, over: list[str]):  # noqa: F811
+def _cluster(redis, shard_procs, ns: str, *, over: list[str]):  # noqa: F811
     cfg = load_config("tiny", overrides=[*over, f"cluster.redis_url={redis.url}", f"cluster.namespace={ns}"])
 
     async def init() -> None:
@@ -85,7 +85,12 @@ def test_killed_shard_fails_fast_with_the_cause(redis_server, shard_procs):  # n
         redis_server,
         shard_procs,
         "kill",
-        ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60", "cluster.row_path=tcp"],
+        over=[
+            "cluster.heartbeat_s=0.2",
+            "cluster.heartbeat_ttl_s=1",
+            "cluster.lookup_timeout_s=60",
+            "cluster.row_path=tcp",
+        ],
     )
     table, layout = next(iter(table_layouts(cfg.engram).items()))
     rows = SyncShardClient.connect(cfg)
@@ -110,7 +115,12 @@ def test_stopped_shard_is_noticed_by_its_heartbeat(redis_server, shard_procs):  
         redis_server,
         shard_procs,
         "stop",
-        ["cluster.heartbeat_s=0.2", "cluster.heartbeat_ttl_s=1", "cluster.lookup_timeout_s=60", "cluster.row_path=tcp"],
+        over=[
+            "cluster.heartbeat_s=0.2",
+            "cluster.heartbeat_ttl_s=1",
+            "cluster.lookup_timeout_s=60",
+            "cluster.row_path=tcp",
+        ],
     )  # shm reads a stopped shard's memory (docs/consistency.md)
     table, layout = next(iter(table_layouts(cfg.engram).items()))
     rows = SyncShardClient.connect(cfg)

@@ -63,7 +63,7 @@ async def generate(
 
 
 def check_against_full_forward(
-    model: EngramLM, num_tokens: int, prompt: list[int], events: list[TokenEvent], tol: float
+    model: EngramLM, num_tokens: int, prompt: list[int], *, events: list[TokenEvent], tol: float
 ) -> None:
     ids = list(prompt)
     for ev in events:
@@ -78,7 +78,7 @@ def check_against_full_forward(
         ids.append(ev.token_id)
 
 
-def run_engine(model: EngramLM, source, tok: Tokenizer, prompts, *, max_tokens: int, **sched_kw):
+def run_engine(model: EngramLM, source, tok: Tokenizer, *, prompts, max_tokens: int, **sched_kw):
     async def main():
         ex = cf.ThreadPoolExecutor(1)
         pipe = PrefetchPipeline(model, source) if model.indexer is not None else None
@@ -108,10 +108,10 @@ def test_batched_decode_with_local_tables_equals_the_full_forward(trained) -> No
     model, tok = trained
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, tok.get_vocab_size(), (n,), generator=gen).tolist() for n in (3, 40, 9, 1, 17)]
-    events, stats = run_engine(model, LocalRowSource(model), tok, prompts, max_tokens=14)
+    events, stats = run_engine(model, LocalRowSource(model), tok, prompts=prompts, max_tokens=14)
     for p, evs in zip(prompts, events):
         assert len(evs) == 14 and evs[-1].finish_reason == "length"
-        check_against_full_forward(model, tok.get_vocab_size(), p, evs, 1e-5)
+        check_against_full_forward(model, tok.get_vocab_size(), p, events=evs, tol=1e-5)
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["finished"] == 5
     # every prompt token and every generated token but the last went through the model once
     assert stats["prefill_tokens"] + stats["decode_tokens"] == sum(map(len, prompts)) + 5 * 13
@@ -122,15 +122,15 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(trained) -> None:
     model, tok = trained
     prompts = [[5 + i, 6, 7, 8, 9] for i in range(6)]
     # 64 KiB holds 16 blocks of 8 positions (tiny: 2 layers, d_model 32): fewer than 6 sequences of 30 need
-    events, stats = run_engine(model, LocalRowSource(model), tok, prompts, max_tokens=25, kv_cache_mb=0.0625)
+    events, stats = run_engine(model, LocalRowSource(model), tok, prompts=prompts, max_tokens=25, kv_cache_mb=0.0625)
     assert stats["preemptions"] > 0
     for p, evs in zip(prompts, events):
-        check_against_full_forward(model, tok.get_vocab_size(), p, evs, 1e-5)
+        check_against_full_forward(model, tok.get_vocab_size(), p, events=evs, tol=1e-5)
 
 
 def test_context_shift_past_max_seq_len(trained) -> None:
     model, tok = trained
-    events, _ = run_engine(model, LocalRowSource(model), tok, [[7, 8, 9]], max_tokens=80)
+    events, _ = run_engine(model, LocalRowSource(model), tok, prompts=[[7, 8, 9]], max_tokens=80)
     assert len(events[0]) == 80  # 83 tokens > max_seq_len=64: the window shifted once
 
 
@@ -141,9 +141,9 @@ def test_decode_with_remote_rows_equals_the_full_forward(cluster) -> None:
     _, _, tok_json = load_model(shared_tiny_checkpoint())
     tok = Tokenizer.from_str(tok_json)
     prompts = [[1, 2, 3, 4, 5, 6], [9, 8, 7], list(range(20, 50))]
-    events, stats = run_engine(model, remote_source(cfg, torch.device("cpu")), tok, prompts, max_tokens=10)
+    events, stats = run_engine(model, remote_source(cfg, torch.device("cpu")), tok, prompts=prompts, max_tokens=10)
     for p, evs in zip(prompts, events):
-        check_against_full_forward(model, tok.get_vocab_size(), p, evs, 1e-5)
+        check_against_full_forward(model, tok.get_vocab_size(), p, events=evs, tol=1e-5)
     assert stats["kv_blocks_used"] == 0
 
 

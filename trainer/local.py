@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from engram.checkpoint import load_checkpoint, save_checkpoint
 from engram.config import Config
@@ -16,6 +17,7 @@ from engram.data import TokenDataset, prepare_data
 from engram.model import EngramLM
 from engram.precision import configure_tf32
 from engram.row_optim import SparseRowAdam
+from engram.tokenizer import CompressedVocab
 from trainer.loop import Batches, LoopStats, NoSync, run_loop
 from trainer.plots import plot_loss_curves
 from trainer.step import StepOut, build_optimizers, evaluate, local_slice, set_lr, step_flops
@@ -114,7 +116,7 @@ class LocalCheckpointer:
 def train_local(
     cfg: Config,
     *,
-    data: tuple | None = None,
+    data: tuple[Tokenizer, CompressedVocab, TokenDataset] | None = None,
     resume: bool = False,
     label: str | None = None,
     stop_at: int | None = None,
@@ -126,7 +128,6 @@ def train_local(
     t = cfg.train
     torch.manual_seed(t.seed)
     tokenizer, vocab, dataset = data if data is not None else prepare_data(cfg)
-    dataset: TokenDataset
     model = EngramLM(cfg, vocab.lookup if cfg.engram.enabled else None).to(t.device)
     configure_tf32(t.device, t.tf32)
     backbone_opt, engram_opt = build_optimizers(model, t)

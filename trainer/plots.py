@@ -49,7 +49,9 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_gate_heatmap(tokens: list[str], gates: np.ndarray, layer_ids: list[int], path: Path, title: str = "") -> None:
+def plot_gate_heatmap(
+    tokens: list[str], gates: np.ndarray, layer_ids: list[int], *, path: Path, title: str = ""
+) -> None:
     """gates: (num_layers, T) gate value per Engram layer and token, like the paper's gating figure."""
     if (plt := _pyplot(path)) is None:
         return

@@ -177,7 +177,7 @@ def latest_checkpoint_step(cfg: Config) -> int:
     return int(latest.metrics["step"])
 
 
-def export_model(cfg: Config, ckpt_dir: Path, data: tuple, path: Path) -> Path:
+def export_model(cfg: Config, ckpt_dir: Path, data: tuple, *, path: Path) -> Path:
     """Dense state of `ckpt_dir` + tables pulled from the shards -> an engram.checkpoint file."""
     tokenizer, vocab, _ = data
     state = load_dense(ckpt_dir)
@@ -289,8 +289,10 @@ def train_ray(
             name=RAY_RUN_NAME,
             storage_path=str(out),
             failure_config=FailureConfig(max_failures=0),
-            callbacks=[CheckpointLog(queue)],
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # ray.train exports Train v2's RunConfig/UserCallback at run time, but its __init__ imports
+            # v1's first, and that is the one mypy reads
+            callbacks=[CheckpointLog(queue)],  # type: ignore[list-item]
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
     with DriverConsole(queue, label=label, start=start, total=cfg.train.steps, show_bar=cfg.train.progress):
@@ -308,7 +310,7 @@ def train_ray(
     )
     if int(m.get("step", 0)) == cfg.train.steps and fit.checkpoint is not None:
         with fit.checkpoint.as_directory() as d:
-            result.checkpoint = str(export_model(cfg, Path(d), data, out / "checkpoint.pt"))
+            result.checkpoint = str(export_model(cfg, Path(d), data, path=out / "checkpoint.pt"))
     plot_loss_curves({label: result}, out / "loss.png")
     (out / "result.json").write_text(
         json.dumps(

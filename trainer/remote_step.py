@@ -267,11 +267,11 @@ class RemoteStep:
         `next_x`: the next step's global batch, whose lookups then fly during this step.
         """
         with telemetry.span("train.step", step=step0 + 1, rank=self.rank, mode=self.mode):
-            out = self._train_step(step0, x_BT, y_BT, next_x)
+            out = self._train_step(step0, x_BT, y_BT, next_x=next_x)
         telemetry.record_staleness(out.staleness)
         return out
 
-    def _train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, next_x: np.ndarray | None) -> StepOut:
+    def _train_step(self, step0: int, x_BT: np.ndarray, y_BT: np.ndarray, *, next_x: np.ndarray | None) -> StepOut:
         step, t = step0 + 1, self.cfg.train
         t0 = time.perf_counter()
         pre = self._next

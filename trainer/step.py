@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engram.config import TrainConfig
+from engram.engram_layer import ShortConv
 from engram.model import EngramLM
 from engram.row_optim import SparseRowAdam
 
@@ -101,7 +102,7 @@ def step_flops(model: EngramLM, *, batch_size: int, seq_len: int) -> float:
     )
     if cfg.tie_embeddings:
         matmul_params += model.lm_head.weight.numel()
-    conv = sum(b.engram.short_conv.conv.weight.numel() for b in model.blocks if b.engram is not None)
+    conv = sum(m.conv.weight.numel() for m in model.modules() if isinstance(m, ShortConv))  # none with short_conv off
     tokens = batch_size * seq_len
     per_token = 2 * (matmul_params - conv) + 2 * conv + 2 * cfg.n_layer * seq_len * cfg.d_model
     return 3.0 * per_token * tokens

@@ -44,7 +44,7 @@ class CacheStats:
 
 
 class _LayerCache:
-    def __init__(self, capacity: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, capacity: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
         self.ids = torch.full((capacity,), -1, dtype=torch.int64)  # (C,) row id, -1 empty; CPU
         self.rows = torch.zeros((capacity, dim), dtype=dtype, device=device)  # (C, dh) on the device
         self.last_use = torch.full((capacity,), -1, dtype=torch.int64)  # (C,) LRU tick; CPU
@@ -90,7 +90,7 @@ class HotRowCache:
             capacity = per_layer // (dim * itemsize)
             if capacity < 1:
                 raise ValueError(f"capacity_bytes: {capacity_bytes} B holds no {dim}-dim row for layer {layer}")
-            self.layers[layer] = _LayerCache(capacity, dim, dtype, torch.device(device))
+            self.layers[layer] = _LayerCache(capacity, dim, dtype=dtype, device=torch.device(device))
         self.max_staleness = max_staleness
         self.capacity_bytes = capacity_bytes
         self._tick = 0

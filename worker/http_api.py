@@ -211,7 +211,7 @@ class Api:
         cid, created = proto.completion_id(), proto.now()
         if req.stream:
             return StreamingResponse(
-                self._stream(req, seq, cid, created),
+                self._stream(req, seq, cid, created=created),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -237,9 +237,13 @@ class Api:
         }
         if req.options.return_gates or req.options.knockout:
             choice["engram"] = {"knockout": req.options.knockout, "gates": gates if req.options.return_gates else None}
-        return JSONResponse(proto.chunk(cid, created, self.model_name, choice, proto.usage_of(seq.prompt_len, n)))
+        return JSONResponse(
+            proto.chunk(cid, created, self.model_name, choice=choice, usage=proto.usage_of(seq.prompt_len, n))
+        )
 
-    async def _stream(self, req: proto.CompletionRequest, seq: Sequence, cid: str, created: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, req: proto.CompletionRequest, seq: Sequence, cid: str, *, created: int
+    ) -> AsyncIterator[str]:
         lp = proto.LogprobsBuilder(self.token_text) if req.params.logprobs is not None else None
         offset, n = 0, 0
         try:
@@ -254,9 +258,9 @@ class Api:
                     choice["engram"] = {"gates": {str(k): v for k, v in ev.gates.items()}}
                 offset += len(ev.text)
                 n += 1
-                yield f"data: {json.dumps(proto.chunk(cid, created, self.model_name, choice))}\n\n"
+                yield f"data: {json.dumps(proto.chunk(cid, created, self.model_name, choice=choice))}\n\n"
         except proto.ApiError as exc:  # the status line is sent already: the error goes in the stream
             yield f"data: {json.dumps(exc.body())}\n\n"
         if req.include_usage:
-            yield f"data: {json.dumps(proto.chunk(cid, created, self.model_name, None, proto.usage_of(seq.prompt_len, n)))}\n\n"
+            yield f"data: {json.dumps(proto.chunk(cid, created, self.model_name, choice=None, usage=proto.usage_of(seq.prompt_len, n)))}\n\n"
         yield "data: [DONE]\n\n"

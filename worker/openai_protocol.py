@@ -226,7 +226,7 @@ class LogprobsBuilder:
 
 
 def chunk(
-    cid: str, created: int, model: str, choice: dict[str, Any] | None, usage: dict[str, int] | None = None
+    cid: str, created: int, model: str, *, choice: dict[str, Any] | None, usage: dict[str, int] | None = None
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": cid,

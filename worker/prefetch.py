@@ -244,7 +244,7 @@ class PrefetchHandle:
             stream = torch.cuda.current_stream(landed.rows.device)
             stream.wait_event(landed.event)
             landed.rows.record_stream(stream)
-        rows = self.pipeline.assemble(layer, unique, landed.rows, self.hits.get(layer))
+        rows = self.pipeline.assemble(layer, unique, landed.rows, hit=self.hits.get(layer))
         out = EngramRows(rows=rows, inverse=to_device(inverse, rows.device))
         self._done[layer] = out
         return out
@@ -333,6 +333,7 @@ class PrefetchPipeline:
         layer: int,
         unique: torch.Tensor,
         fetched: torch.Tensor,
+        *,
         hit: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Merge cache hits with fetched misses -> (U, dh) in `unique` order; fill the cache.

@@ -44,7 +44,7 @@ def sample_from_checkpoint(
             feed = list(window)
         state.reserve(pool, state.length + len(feed))
         rows_at = _local_rows(model, window, len(feed)) if model.indexer is not None else None
-        logits = extend(model, pool, [state], [feed], rows_at=rows_at)[0, -1]  # (V,)
+        logits = extend(model, pool, [state], new_ids=[feed], rows_at=rows_at)[0, -1]  # (V,)
         token = sample_next(
             torch.log_softmax(logits[: tok.get_vocab_size()].float(), -1),
             temperature=temperature,

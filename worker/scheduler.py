@@ -272,7 +272,7 @@ class Scheduler:
                     self.model,
                     self.pool,
                     [s.state for s in seqs],
-                    [s.tokens[a : a + c] for s, a, c in zip(seqs, starts, counts)],
+                    new_ids=[s.tokens[a : a + c] for s, a, c in zip(seqs, starts, counts)],
                     rows_at=rows_at if self.pipeline is not None else None,
                     knockout=torch.tensor(knock) if any(knock) else None,
                     gates_out=gates if want_gates else None,

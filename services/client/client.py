@@ -430,7 +430,7 @@ class ShardClient(ShardOps):
             ids.size,
             row_cols(self._dtype, dim),
             self._torch_dtype,
-            [(c.positions, p) for c, (p, _) in zip(chunks, parts)],
+            parts=[(c.positions, p) for c, (p, _) in zip(chunks, parts)],
         )
         return rows, applied
 
@@ -518,7 +518,7 @@ class ShardClient(ShardOps):
         )
         applied = min((a for _, a in parts if a is not None), default=None)
         placed = [(slice(0, ids.size) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
-        return assemble(ids.size, dim, self._torch_dtype, placed), applied
+        return assemble(ids.size, dim, self._torch_dtype, parts=placed), applied
 
     async def _lookup_on(
         self,

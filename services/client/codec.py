@@ -126,4 +126,4 @@ def encode_lookup_request(
         tail += rid
     _put_uint_field(tail, 0x30, step)
     _put_uint_field(tail, 0x38, max_staleness)
-    return b"".join((head, memoryview(row_ids).cast("B"), tail))
+    return b"".join((head, row_ids.data.cast("B"), tail))

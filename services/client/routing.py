@@ -147,7 +147,7 @@ def void_rows(t: torch.Tensor) -> np.ndarray:
 
 
 def assemble(
-    num_unique: int, dim: int, dtype: torch.dtype, parts: list[tuple[np.ndarray | slice, torch.Tensor]]
+    num_unique: int, dim: int, dtype: torch.dtype, *, parts: list[tuple[np.ndarray | slice, torch.Tensor]]
 ) -> torch.Tensor:
     """(positions, rows (m, D)) parts covering 0..U-1 exactly once -> unique_rows (U, D).
 

@@ -134,11 +134,11 @@ def read_header(path: str | Path) -> TensorFile:
         raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
     tensors = {}
     for name, info in header.items():
-        tensors[name] = _entry(path, name, info, data_start, size)
+        tensors[name] = _entry(path, name, info, data_start=data_start, size=size)
     return TensorFile(path=path, size=size, data_start=data_start, metadata=metadata, tensors=tensors)
 
 
-def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
+def _entry(path: Path, name: str, info: object, *, data_start: int, size: int) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise SafetensorsError(f"{path}: tensor {name}: expected dtype, shape and data_offsets, got {info!r:.200}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -218,7 +218,7 @@ def create_file(path: Path, head: bytes, data_bytes: int) -> int:
 
 
 def write_at(fd: int, offset: int, data: np.ndarray) -> None:
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    view = np.ascontiguousarray(data).data.cast("B")
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -42,8 +42,17 @@ def _save_progress(directory: Path, done: dict[str, dict]) -> None:
     atomic_write_text(directory / PROGRESS, json.dumps(done))
 
 
+class RowTable(Protocol):
+    """What `write_table_slots` reads of a table: its shape and strided row slices as tensors."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, rows: slice, /) -> torch.Tensor: ...
+
+
 def write_table_slots(
-    tables: dict[int, torch.Tensor],
+    tables: Mapping[int, RowTable],
     layouts: dict[int, TableLayout],
     *,
     directory: str | Path,

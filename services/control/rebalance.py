@@ -32,6 +32,7 @@ the next step's parts cannot delay: once slots are frozen, parts touching them a
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -165,8 +166,8 @@ async def rebalance(
         try:
             for (source, target), slots in sorted(plan.moves.items()):
                 reply = await _between_steps(
-                    lambda s=source, sl=slots, t=target: client.migrate_slots(
-                        s, sl, addresses[t], epoch=smap.epoch, timeout_s=timeout_s
+                    functools.partial(
+                        client.migrate_slots, source, slots, addresses[target], epoch=smap.epoch, timeout_s=timeout_s
                     ),
                     timeout_s=timeout_s,
                 )
@@ -195,8 +196,8 @@ async def rebalance(
             replies = await asyncio.gather(
                 *(
                     _between_steps(
-                        lambda s=s: client.set_slot_map_on(
-                            s, epoch=new.epoch, owned_slots=new.held_by(s), timeout_s=timeout_s
+                        functools.partial(
+                            client.set_slot_map_on, s, epoch=new.epoch, owned_slots=new.held_by(s), timeout_s=timeout_s
                         ),
                         timeout_s=timeout_s,
                     )

@@ -134,9 +134,10 @@ class ControlPlane(RegistryOps):
     def _pack(self, where: str, value: Any) -> bytes:
         return seal(self.signer, where, msgpack.packb(value, use_bin_type=True))
 
-    def _unpack(self, where: str, data: bytes) -> Any:
+    def _unpack(self, where: str, data: bytes | str) -> Any:
         """Raises Tampered when the entry fails its signature."""
-        return msgpack.unpackb(open_entry(self.signer, where, data), raw=False, strict_map_key=False)
+        raw = data.encode() if isinstance(data, str) else data  # the client returns bytes (no decode_responses)
+        return msgpack.unpackb(open_entry(self.signer, where, raw), raw=False, strict_map_key=False)
 
     def _verified_or(self, where: str, data: Any, what: str) -> Any:
         """A verified value (remembered), else the last verified one, else TamperedEntry; None if absent."""
@@ -332,7 +333,7 @@ class ControlPlane(RegistryOps):
             if await self._r.set(key, str(shard_id), nx=True, px=ms):
                 return True
             holder = await self._r.get(key)
-            if holder is not None and holder.decode() == str(shard_id):
+            if holder is not None and (holder if isinstance(holder, str) else holder.decode()) == str(shard_id):
                 await self._r.pexpire(key, ms)
                 return True
             return False

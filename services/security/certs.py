@@ -122,7 +122,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
-def write_pair(folder: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
+def write_pair(
+    folder: Path, stem: str, *, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> tuple[Path, Path]:
     cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}-key.pem"
     _write(
         key_path,
@@ -139,11 +141,11 @@ def write_bundle(folder: str | Path, *, hosts: list[str] | tuple[str, ...] = (),
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     ca_key, ca_cert = make_ca(days=days)
-    ca_path, _ = write_pair(out, "ca", ca_key, ca_cert)
+    ca_path, _ = write_pair(out, "ca", key=ca_key, cert=ca_cert)
     issued = {}
     for ident, role in IDENTITIES.items():
         key, cert = issue(ca_key, ca_cert, name=f"engram-{ident}", role=role, hosts=hosts, days=days)
-        c, k = write_pair(out, ident, key, cert)
+        c, k = write_pair(out, ident, key=key, cert=cert)
         issued[ident] = Issued(cert=c, key=k, ca=ca_path)
     return issued
 

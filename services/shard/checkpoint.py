@@ -107,7 +107,7 @@ def write_slot(directory: str | Path, meta: SlotMeta, block: SlotData) -> dict:
         with open(tmp, "wb") as f:
             f.write(header)
             for arr in _arrays(block):
-                view = memoryview(arr).cast("B")
+                view = arr.data.cast("B")
                 digest.update(view)
                 f.write(view)
             f.flush()
@@ -172,7 +172,7 @@ def _data_loss(rel: str, what: str, outcome: str = "restore refused, tables unch
     return ShardError(Code.DATA_LOSS, f"checkpoint file {rel}: {what}; {outcome}")
 
 
-def verify_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta) -> int:
+def verify_slot(directory: str | Path, rel: str, sha256: str, *, meta: SlotMeta) -> int:
     """Check one file completely without loading it -> its applied step."""
     check_sha256(sha256, table=meta.table, slot=meta.slot)
     path = resolve(directory, rel, table=meta.table, slot=meta.slot)
@@ -211,7 +211,7 @@ def check_header(rel: str, raw: bytes, meta: SlotMeta) -> int:
     return int(step)
 
 
-def load_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta, dst: SlotData) -> None:
+def load_slot(directory: str | Path, rel: str, sha256: str, *, meta: SlotMeta, dst: SlotData) -> None:
     """Read a verified file straight into the slot block `dst` (weights and state views)."""
     path = resolve(directory, rel, table=meta.table, slot=meta.slot)
     digest = hashlib.sha256()
@@ -220,7 +220,7 @@ def load_slot(directory: str | Path, rel: str, sha256: str, meta: SlotMeta, dst:
         digest.update(raw)
         check_header(rel, raw, meta)
         for arr in _arrays(dst):
-            view = memoryview(arr).cast("B")
+            view = arr.data.cast("B")
             if f.readinto(view) != view.nbytes:
                 raise _data_loss(rel, "changed while restoring (now shorter)", _PARTLY)
             digest.update(view)

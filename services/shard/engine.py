@@ -174,7 +174,7 @@ class ShardEngine(CheckpointOps, SlotMapOps):
     async def lookup(self, req: shard_pb2.LookupRequest) -> LookupResult:
         """-> the serialized LookupResponse (the servicer sends it as is) and its numbers."""
         row_ids = req.row_ids  # each attribute access copies the field
-        kw = dict(
+        kw: dict[str, Any] = dict(
             table=req.table,
             epoch=req.epoch,
             row_ids=row_ids,

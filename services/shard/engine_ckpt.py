@@ -91,12 +91,15 @@ class CheckpointOps:
 
             def verify_all() -> dict[tuple[int, int], int]:  # (table, slot) -> the step its file holds
                 return {
-                    (meta.table, meta.slot): ckpt.verify_slot(directory, f.path, f.sha256, meta) for f, meta in jobs
+                    (meta.table, meta.slot): ckpt.verify_slot(directory, f.path, f.sha256, meta=meta)
+                    for f, meta in jobs
                 }
 
             def load_all() -> None:
                 for f, meta in jobs:
-                    ckpt.load_slot(directory, f.path, f.sha256, meta, store.slot_block(meta.table, meta.slot, view))
+                    ckpt.load_slot(
+                        directory, f.path, f.sha256, meta=meta, dst=store.slot_block(meta.table, meta.slot, view)
+                    )
 
             try:
                 steps = await self._run(verify_all)

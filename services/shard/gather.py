@@ -16,6 +16,7 @@ import ctypes
 import sys
 import threading
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -115,7 +116,8 @@ def encode_lookup(
     `dim`: values per row D (required for fp8 storage, whose rows are D + D/32 bytes)."""
     n, dim = pos.shape[0], dim or weights.shape[1]
     nbytes = n * row_bytes(dtype, dim)
-    head = shard_pb2.LookupResponse(dim=dim, dtype=dtype, epoch=epoch, applied_step=applied_step).SerializeToString()
+    wire = cast("shard_pb2.WireDtype", dtype)  # an int of the enum (proto3 enums are open)
+    head = shard_pb2.LookupResponse(dim=dim, dtype=wire, epoch=epoch, applied_step=applied_step).SerializeToString()
     if nbytes:
         head += b"\x0a" + _varint(nbytes)  # field 1 (rows), length-delimited
     payload, buf = new_bytes(len(head) + nbytes)

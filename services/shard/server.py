@@ -156,7 +156,7 @@ async def _republish(cp: ControlPlane, engine: ShardEngine, cfg: Config) -> None
         )
 
 
-async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, shard_id: int, address: str) -> None:
+async def _heartbeat(cp: ControlPlane, engine: ShardEngine, cfg: Config, *, shard_id: int, address: str) -> None:
     ttl, registered, healthy = cfg.cluster.heartbeat_ttl_s, True, True
     while True:
         await asyncio.sleep(cfg.cluster.heartbeat_s)
@@ -293,7 +293,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         except ControlPlaneUnavailable as exc:
             await server.stop(0)
             raise BootError(str(exc)) from None
-        beat = asyncio.create_task(_heartbeat(cp, engine, cfg, opts.shard_id, address))
+        beat = asyncio.create_task(_heartbeat(cp, engine, cfg, shard_id=opts.shard_id, address=address))
         if cfg.cluster.replicas > 1:
             housekeeping.append(asyncio.create_task(FailoverLoop(cp, cfg, shard_id=opts.shard_id).run()))
     log.info(

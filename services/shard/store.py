@@ -322,7 +322,7 @@ class ShardStore(SlotOwnership):
         w = data.weights.index_select(0, idx).float()  # (U, D) fp32 (bf16/fp16 storage: computed in fp32)
         if isinstance(upd.params, AdamParams):
             m, v = (s.index_select(0, idx) for s in data.state)  # (U, D) each
-            lazy_adam_(w, m, v, grads, step=upd.step, p=upd.params)
+            lazy_adam_(w, m, v, g=grads, step=upd.step, p=upd.params)
             data.state[0].index_copy_(0, idx, m)
             data.state[1].index_copy_(0, idx, v)
         else:

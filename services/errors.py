@@ -105,8 +105,8 @@ class ShardError(RuntimeError):
         fields |= {"address": self.address, "shard_id": self.shard_id, "call": self.call}
         return _rebuild, (type(self), fields), {"notes": getattr(self, "__notes__", [])}
 
-    def __setstate__(self, state: dict) -> None:
-        if state.get("notes"):
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        if state and state.get("notes"):
             self.__notes__ = list(state["notes"])
 
 

@@ -69,7 +69,11 @@ def refused(call) -> grpc.RpcError:
 
 def lookup(stub, rows, *, epoch=1, table=TABLE, step=0, max_staleness=0):
     req = shard_pb2.LookupRequest(
-        table=table, epoch=epoch, row_ids=pack_ids(np.asarray(rows)), dtype=shard_pb2.FP32, step=step,
+        table=table,
+        epoch=epoch,
+        row_ids=pack_ids(np.asarray(rows)),
+        dtype=shard_pb2.FP32,
+        step=step,
         max_staleness=max_staleness,
     )
     return stub.Lookup(req, timeout=10)
@@ -217,8 +221,12 @@ def test_shard_error_crosses_ray_with_its_reason():
         @ray.remote
         def fail() -> None:
             err = ShardError(
-                grpc.StatusCode.FAILED_PRECONDITION, "step 3 is collecting parts", reason=Reason.COLLECTING_PARTS,
-                address="127.0.0.1:1", shard_id=2, call="Restore",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "step 3 is collecting parts",
+                reason=Reason.COLLECTING_PARTS,
+                address="127.0.0.1:1",
+                shard_id=2,
+                call="Restore",
             )
             err.add_note("while restoring")
             raise err
@@ -227,7 +235,10 @@ def test_shard_error_crosses_ray_with_its_reason():
             ray.get(fail.remote())
         err = info.value
         assert (err.code, err.reason, err.shard_id, err.call) == (
-            grpc.StatusCode.FAILED_PRECONDITION, Reason.COLLECTING_PARTS, 2, "Restore",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            Reason.COLLECTING_PARTS,
+            2,
+            "Restore",
         )
         assert error_reason(err) == Reason.COLLECTING_PARTS
     finally:
@@ -236,7 +247,9 @@ def test_shard_error_crosses_ray_with_its_reason():
 
 # A caller that decides what to do from an error's words: `"..." in str(exc)`, `in err.message`,
 # `in exc.details()`. Tests may check messages (they are for people); code may not branch on them.
-TEXT_MATCH = re.compile(r"""["'][^"']*["']\s+(not\s+)?in\s+(str\(\s*(e|err|exc|error)\s*\)|\w+\.(message|details\(\)))""")
+TEXT_MATCH = re.compile(
+    r"""["'][^"']*["']\s+(not\s+)?in\s+(str\(\s*(e|err|exc|error)\s*\)|\w+\.(message|details\(\)))"""
+)
 CODE_DIRS = ("engram", "engram_cli", "services", "worker", "trainer", "benchmarks", "scripts")
 
 

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from proto.shard.v1 import shard_pb2
 from services.client.base import ClientBase
 from services.client.errors import Code, Reason, ShardError
 from services.client.state import gather_or_cancel
+
+if TYPE_CHECKING:
+    from services.client.channels import Endpoint
 
 ADMIN_TIMEOUT_S = 600.0  # checkpoints, restores and migrations move whole tables
 
@@ -146,14 +151,17 @@ class CheckpointOps(ClientBase):
                 )
         deadline = asyncio.get_running_loop().time() + timeout_s
         targets = sorted(per_shard)
+        requests = {t: shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]) for t in targets}
+
+        def restore_on(t: int) -> Callable[[Endpoint, float], Awaitable[shard_pb2.RestoreResponse]]:
+            return lambda ep, tmo: ep.stub.Restore(requests[t], timeout=tmo)
+
         replies = await gather_or_cancel(
             [
                 self._call(
                     t,
                     "Restore",
-                    lambda ep, tmo, t=t: ep.stub.Restore(
-                        shard_pb2.RestoreRequest(name=manifest["name"], files=per_shard[t]), timeout=tmo
-                    ),
+                    restore_on(t),
                     routing=routing,
                     deadline=deadline,
                     idempotent=True,

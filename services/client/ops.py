@@ -17,8 +17,8 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from proto.shard.v1 import shard_pb2
-from services.client.checkpoints import ADMIN_TIMEOUT_S, CheckpointOps
 from services.client.base import ClientBase
+from services.client.checkpoints import ADMIN_TIMEOUT_S, CheckpointOps
 from services.client.errors import ShardError
 from services.client.push import ApplyResult, PushOps
 

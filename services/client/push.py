@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,14 +84,20 @@ class PushOps(ClientBase):
         g = checked_grads(grads, n=ids.size, dim=layout.dim, table=table)  # (U, D)
         opt = optimizer_params(optimizer)
         deadline = asyncio.get_running_loop().time() + (self.timeout_s if timeout_s is None else timeout_s)
-        part = {"step": step, "opt": opt, "part_id": part_id, "num_parts": num_parts, "max_staleness": max_staleness}
+        part: dict[str, Any] = {
+            "step": step,
+            "opt": opt,
+            "part_id": part_id,
+            "num_parts": num_parts,
+            "max_staleness": max_staleness,
+        }
         if self._routing.holders is not None:  # replicated slots: every holder gets the update
             applied = await apply_replicated(self, table=table, ids=ids, grads=g, deadline=deadline, **part)
             return _result(applied, rows=max((r.rows_updated for r in applied.values()), default=0))
         return await self._push_by_owner(table=table, ids=ids, grads=g, deadline=deadline, part=part)
 
     async def _push_by_owner(
-        self, *, table: int, ids: np.ndarray, grads: torch.Tensor, deadline: float, part: dict
+        self, *, table: int, ids: np.ndarray, grads: torch.Tensor, deadline: float, part: dict[str, Any]
     ) -> ApplyResult:
         """R=1: (U,) ids / (U, D) grads to their slots' owners, every owner once; refusals before any
         state changed (a stale map, a migrating slot) are re-routed or waited out."""
@@ -125,7 +132,8 @@ class PushOps(ClientBase):
                 rows[t] = (t_ids, t_g)
                 requests[t] = push_request(table=table, epoch=routing.epoch, ids=t_ids, grads=t_g, **part)
             outcomes = await asyncio.gather(
-                *(self._apply_one(t, requests[t], routing=routing, deadline=deadline) for t in targets), return_exceptions=True
+                *(self._apply_one(t, requests[t], routing=routing, deadline=deadline) for t in targets),
+                return_exceptions=True,
             )
             retry_ids, retry_g, stale, busy, failure = [], [], None, None, None
             for t, out in zip(targets, outcomes, strict=True):

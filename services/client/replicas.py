@@ -94,7 +94,10 @@ async def apply_replicated(
                 num_parts=num_parts,
                 max_staleness=max_staleness,
             )
-        tasks = {t: asyncio.ensure_future(client._apply_one(t, requests[t], routing=routing, deadline=deadline)) for t in targets}
+        tasks = {
+            t: asyncio.ensure_future(client._apply_one(t, requests[t], routing=routing, deadline=deadline))
+            for t in targets
+        }
         fenced: set[int] = set()
         try:
             pending = set(tasks.values())

@@ -216,5 +216,5 @@ def test_idle_connections_are_closed(pair):
         ch.subscribe(note, try_to_connect=False)
         shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5)
         assert seen.wait(6), states  # idle_connection_s=1: the shard sent GOAWAY, the channel went idle
-        assert shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5).shard_id == "1"
+        assert shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5).shard_id == 1
         ch.unsubscribe(note)

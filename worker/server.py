@@ -61,7 +61,7 @@ class Sampling:
     seed: int
 
 
-async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: Reason) -> None:
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, *, reason: Reason) -> None:
     """Abort with a rich status (code, message, ErrorInfo reason), as the shards do (services/errors.py)."""
     await abort(context, ShardError(code, message, reason=reason))
 
@@ -113,7 +113,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             return await self.batcher.submit(work)
         except RowsUnavailable as exc:
-            await _refuse(context, Code.UNAVAILABLE, f"Engram rows unavailable: {exc}", Reason.ROWS_UNAVAILABLE)
+            await _refuse(context, Code.UNAVAILABLE, f"Engram rows unavailable: {exc}", reason=Reason.ROWS_UNAVAILABLE)
             raise  # unreachable: abort raises
 
     async def Score(
@@ -127,7 +127,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 truncate=request.truncate,
             )
         except BadRequest as exc:
-            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), Reason.BAD_REQUEST)
+            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), reason=Reason.BAD_REQUEST)
         logp_TV = await self._run(Work(ids=ids, last_only=False), context)
         targets = torch.tensor(ids[1:], dtype=torch.long)
         lps = logp_TV[:-1].gather(1, targets.unsqueeze(1)).squeeze(1) if len(ids) > 1 else torch.empty(0)  # (T-1,)
@@ -151,7 +151,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 truncate=request.truncate,
             )
         except BadRequest as exc:
-            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), Reason.BAD_REQUEST)
+            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), reason=Reason.BAD_REQUEST)
         seq = Sequence(
             prompt_ids=ids,
             tok=self.tok,
@@ -169,7 +169,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             self.scheduler.submit(seq)
         except Overloaded as exc:
-            await _refuse(context, Code.RESOURCE_EXHAUSTED, f"server overloaded: {exc}", Reason.OVERLOADED)
+            await _refuse(context, Code.RESOURCE_EXHAUSTED, f"server overloaded: {exc}", reason=Reason.OVERLOADED)
         produced, finished = 0, False
         try:
             while True:
@@ -177,8 +177,8 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 if isinstance(ev, ErrorEvent):
                     if ev.unavailable:
                         text = f"Engram rows unavailable: {ev.message}"
-                        await _refuse(context, Code.UNAVAILABLE, text, Reason.ROWS_UNAVAILABLE)
-                    await _refuse(context, Code.INTERNAL, ev.message, Reason.INTERNAL)
+                        await _refuse(context, Code.UNAVAILABLE, text, reason=Reason.ROWS_UNAVAILABLE)
+                    await _refuse(context, Code.INTERNAL, ev.message, reason=Reason.INTERNAL)
                     return  # unreachable: abort raises
                 produced += 1
                 finished = ev.finish_reason is not None

@@ -24,10 +24,9 @@ import numpy as np
 from proto.shard.v1 import shard_pb2
 
 SERVICE = "/engram.shard.v1.MemoryShard/"
-STREAMING = {"LookupStream", "ImportSlots"}
+STREAMING = {"ImportSlots"}
 RPCS = (
     "Lookup",
-    "LookupStream",
     "ApplyGradients",
     "Checkpoint",
     "Restore",
@@ -296,8 +295,8 @@ class Corpus:
                 [self.raw() for _ in range(int(self.rng.integers(0, 4)))] if rpc in STREAMING else self.raw()
             )
             return Case(rpc, payload, "raw")
-        if rpc in ("Lookup", "LookupStream"):
-            msgs = [self.lookup(t, epoch) for _ in range(1 if rpc == "Lookup" else int(self.rng.integers(0, 4)))]
+        if rpc == "Lookup":
+            msgs = [self.lookup(t, epoch)]
         elif rpc == "ApplyGradients":
             msgs = [self.apply(t, epoch, applied)]
         elif rpc == "Checkpoint":

@@ -45,9 +45,6 @@ NSLOTS, DIM, HEADER = CFG.cluster.num_slots, LAYOUT.dim, 48
 
 def _send(channel: grpc.Channel, rpc: str, payload) -> tuple[grpc.StatusCode, bytes | None]:
     try:
-        if rpc == "LookupStream":
-            list(channel.stream_stream(SERVICE + rpc)(iter(payload), timeout=15))
-            return grpc.StatusCode.OK, None
         if rpc in STREAMING:
             return grpc.StatusCode.OK, channel.stream_unary(SERVICE + rpc)(iter(payload), timeout=15)
         return grpc.StatusCode.OK, channel.unary_unary(SERVICE + rpc)(payload, timeout=15)
@@ -177,7 +174,6 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     assert sum(counts.values()) >= N_CASES
     assert {rpc for rpc, _ in counts} == {
         "Lookup",
-        "LookupStream",
         "ApplyGradients",
         "Checkpoint",
         "Restore",

@@ -15,6 +15,7 @@ from engram.config import load_config
 from engram.layout import even_slot_map, table_layouts
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.control import ControlPlane
+from services.errors import Reason
 from tests.fixtures_cluster import ShardProcess, redis_server, shard_procs, start_all  # noqa: F401
 from tests.test_shard_server import Client, _init, expect_error, redis_args, rows_of
 
@@ -133,7 +134,10 @@ def test_migration_freeze_is_a_lease(redis_server, shard_procs):  # noqa: F811
     c0.stub.MigrateSlots(shard_pb2.MigrateSlotsRequest(slots=[3], target=procs[1].address, epoch=1), timeout=30)
     step = _applied(c0) + 1
     expect_error(
-        lambda: c0.apply(moved, torch.ones(4, DIM), step=step), grpc.StatusCode.UNAVAILABLE, "being migrated to"
+        lambda: c0.apply(moved, torch.ones(4, DIM), step=step),
+        grpc.StatusCode.UNAVAILABLE,
+        "being migrated to",
+        reason=Reason.SLOT_FROZEN,
     )
     # nobody sends the new slot map: the freeze lifts after freeze_lease_s=1 ...
     assert _retry(lambda: c0.apply(moved, torch.ones(4, DIM), step=step)).applied_step == step
@@ -212,5 +216,5 @@ def test_idle_connections_are_closed(pair):
         ch.subscribe(note, try_to_connect=False)
         shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5)
         assert seen.wait(6), states  # idle_connection_s=1: the shard sent GOAWAY, the channel went idle
-        assert shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5).shard_id == "1"
+        assert shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5).shard_id == 1
         ch.unsubscribe(note)

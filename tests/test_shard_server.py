@@ -18,6 +18,7 @@ from engram.layout import even_slot_map, table_layouts
 from engram.row_optim import AdamParams, lazy_adam_
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.control import ControlPlane
+from services.errors import Reason, error_reason
 from services.wire import pack_ids, unpack_rows
 from tests.fixtures_cluster import (  # noqa: F401
     ShardProcess,
@@ -85,10 +86,12 @@ class Client:
         self.channel.close()
 
 
-def expect_error(call, code: grpc.StatusCode, *texts: str) -> str:
+def expect_error(call, code: grpc.StatusCode, *texts: str, reason: Reason | None = None) -> str:
     with pytest.raises(grpc.RpcError) as err:
         call()
     assert err.value.code() == code, err.value
+    if reason is not None:
+        assert error_reason(err.value) == reason, (reason, err.value.details())
     for text in texts:
         assert text in err.value.details(), (text, err.value.details())
     return err.value.details()
@@ -121,26 +124,25 @@ def test_lookups_routed_across_two_shards_reassemble(two_shards):
     assert torch.equal(out_f32, init_table(rows))
     assert torch.equal(out_bf16, init_table(rows).to(torch.bfloat16))
     stats = clients[0].stub.Stats(shard_pb2.StatsRequest(), timeout=5)
-    assert stats.shard_id == "0" and list(stats.slots) == list(range(8)) and stats.rss_bytes > 0
+    assert stats.shard_id == 0 and list(stats.slots) == list(range(8)) and stats.rss_bytes > 0
     assert stats.tables[0].num_rows == rows_of(owners, 0).size and stats.lookups >= 2
     assert clients[1].serving() == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_lookup_stream_answers_each_chunk_in_order(two_shards):
+def test_lookups_in_chunks_answer_each_chunk_and_refuse_a_bad_one(two_shards):
+    """A large read is several unary Lookups in flight at once (what the client does), each answered
+    on its own; a bad chunk is refused with its reason and the others are still answered."""
     _, clients = two_shards
     mine = rows_of(even_slot_map(NSLOTS, 2), 1)
     chunks = [mine[i : i + 300] for i in range(0, 1200, 300)]
     reqs = [shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids(c), dtype=shard_pb2.FP16) for c in chunks]
-    resps = list(clients[1].stub.LookupStream(iter(reqs), timeout=10))
-    assert len(resps) == len(chunks)
+    bad = shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids([NROWS]), dtype=shard_pb2.FP32)
+    futures = [clients[1].stub.Lookup.future(r, timeout=10) for r in [*reqs[:2], bad, *reqs[2:]]]
+    resps = [f.result() for i, f in enumerate(futures) if i != 2]
     for c, r in zip(chunks, resps, strict=True):
         assert torch.equal(unpack_rows(r.rows, shard_pb2.FP16, DIM), init_table(c).half())
-    bad = [reqs[0], shard_pb2.LookupRequest(table=TABLE, epoch=1, row_ids=pack_ids([NROWS]), dtype=shard_pb2.FP32)]
-    expect_error(
-        lambda: list(clients[1].stub.LookupStream(iter(bad), timeout=10)),
-        grpc.StatusCode.OUT_OF_RANGE,
-        "chunk 1: row_ids",
-    )
+    text = expect_error(futures[2].result, grpc.StatusCode.OUT_OF_RANGE, "row_ids", reason=Reason.ROW_OUT_OF_RANGE)
+    assert f"{NROWS} at index 0" in text
 
 
 def test_every_bad_request_is_refused_and_changes_nothing(two_shards):

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
+from services.errors import Reason, error_reason
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
@@ -111,8 +112,10 @@ def test_concurrent_requests_are_served_together(stub) -> None:
     ],
 )
 def test_bad_generate_requests_are_invalid_argument(stub, request_, field) -> None:
-    code, details = code_of(lambda: list(stub.Generate(request_, timeout=10)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request_, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+    assert error_reason(info.value) == Reason.BAD_REQUEST  # the ErrorInfo reason, as the shards give
 
 
 def test_bad_score_requests_and_truncation(stub) -> None:

@@ -27,7 +27,7 @@ from engram.data import prepare_data
 from engram.model import EngramLM
 from engram.precision import configure_tf32
 from engram.torch_io import load_checkpoint_file
-from services.client import ShardError
+from services.client import Reason, ShardError, error_reason
 from services.client.sync import SyncShardClient
 from trainer.loop import Bar, DDPSync, GradSync, LoopStats, NoSync, console_bar, mean_timings, run_loop
 from trainer.remote_step import RemoteStep
@@ -55,7 +55,7 @@ def restore_shards(cfg: Config, manifest: dict) -> int:
         try:
             return rows.restore(manifest)
         except ShardError as exc:
-            if exc.code.name != "FAILED_PRECONDITION" or "collecting parts" not in str(exc):
+            if error_reason(exc) != Reason.COLLECTING_PARTS:
                 raise
             rows.discard_pending(int(manifest.get("world", cfg.dist.num_workers)))
             return rows.restore(manifest)

@@ -7,7 +7,8 @@ OpenAI-compatible HTTP API (worker/http_api.py, `worker.http_port`) shares. Stan
 grpc.health.v1 service. SIGTERM or SIGINT -> health NOT_SERVING, `server.stop(grace)` lets
 in-flight requests finish, then the engine and the row source close. Errors: bad input ->
 INVALID_ARGUMENT naming the field; rows that miss the lookup deadline -> UNAVAILABLE; a full
-queue -> RESOURCE_EXHAUSTED; the server keeps serving either way.
+queue -> RESOURCE_EXHAUSTED; each with an ErrorInfo reason (services/errors.py). The server
+keeps serving either way.
 
 Generation past the context shifts the window: the last half is kept and re-prefilled.
 """
@@ -32,6 +33,7 @@ from tokenizers import Tokenizer
 from engram.config import Config, ConfigError
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.errors import Code, Reason, ShardError, abort
 from services.grpc_options import enable_reflection
 from services.security import tls
 from services.security.interceptor import server_interceptors
@@ -57,6 +59,11 @@ class Sampling:
     top_k: int
     top_p: float
     seed: int
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, *, reason: Reason) -> None:
+    """Abort with a rich status (code, message, ErrorInfo reason), as the shards do (services/errors.py)."""
+    await abort(context, ShardError(code, message, reason=reason))
 
 
 def sampling_of(req: worker_pb2.GenerateRequest, *, max_new_tokens_limit: int) -> Sampling:
@@ -106,7 +113,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             return await self.batcher.submit(work)
         except RowsUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Engram rows unavailable: {exc}")
+            await _refuse(context, Code.UNAVAILABLE, f"Engram rows unavailable: {exc}", reason=Reason.ROWS_UNAVAILABLE)
             raise  # unreachable: abort raises
 
     async def Score(
@@ -120,7 +127,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 truncate=request.truncate,
             )
         except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), reason=Reason.BAD_REQUEST)
         logp_TV = await self._run(Work(ids=ids, last_only=False), context)
         targets = torch.tensor(ids[1:], dtype=torch.long)
         lps = logp_TV[:-1].gather(1, targets.unsqueeze(1)).squeeze(1) if len(ids) > 1 else torch.empty(0)  # (T-1,)
@@ -144,7 +151,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 truncate=request.truncate,
             )
         except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(context, Code.INVALID_ARGUMENT, str(exc), reason=Reason.BAD_REQUEST)
         seq = Sequence(
             prompt_ids=ids,
             tok=self.tok,
@@ -162,16 +169,16 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         try:
             self.scheduler.submit(seq)
         except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {exc}")
+            await _refuse(context, Code.RESOURCE_EXHAUSTED, f"server overloaded: {exc}", reason=Reason.OVERLOADED)
         produced, finished = 0, False
         try:
             while True:
                 ev = await seq.events.get()
                 if isinstance(ev, ErrorEvent):
-                    code = grpc.StatusCode.UNAVAILABLE if ev.unavailable else grpc.StatusCode.INTERNAL
-                    await context.abort(
-                        code, f"Engram rows unavailable: {ev.message}" if ev.unavailable else ev.message
-                    )
+                    if ev.unavailable:
+                        text = f"Engram rows unavailable: {ev.message}"
+                        await _refuse(context, Code.UNAVAILABLE, text, reason=Reason.ROWS_UNAVAILABLE)
+                    await _refuse(context, Code.INTERNAL, ev.message, reason=Reason.INTERNAL)
                     return  # unreachable: abort raises
                 produced += 1
                 finished = ev.finish_reason is not None

@@ -36,7 +36,7 @@ from engram.row_format import check_wire_format
 from services import telemetry, wire
 from services.client.channels import ChannelPool, Endpoint, channel_options
 from services.client.codec import encode_lookup_request
-from services.client.errors import RETRYABLE, Code, RetryPolicy, ShardError, from_rpc_error
+from services.client.errors import RETRYABLE, Code, Reason, RetryPolicy, ShardError, from_rpc_error
 from services.client.handle import LookupHandle
 from services.client.ops import ShardOps
 from services.client.replicas import SWITCH_CODES, alternate_owners, holder_matrix
@@ -60,6 +60,7 @@ from services.wire import ROW_DTYPES, TORCH_DTYPES, row_bytes, row_cols
 
 T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 8 << 20  # response bytes per Lookup message: one 64K-row bf16 reply, no reassembly copy
+_MAP_MAY_HAVE_MOVED = frozenset({None, Reason.EPOCH_AHEAD})  # UNAVAILABLE reasons worth a slot-map refresh
 
 
 class ShardClient(ShardOps):
@@ -273,8 +274,9 @@ class ShardClient(ShardOps):
             if loop.time() + delay >= deadline:
                 raise err
             await asyncio.sleep(delay)
-            if self.control is not None and err.code == Code.UNAVAILABLE:
-                # the shard may have restarted on a new address
+            if self.control is not None and err.code == Code.UNAVAILABLE and err.reason in _MAP_MAY_HAVE_MOVED:
+                # the shard may have restarted on a new address (a transport failure has no reason), or
+                # the map moved on (EPOCH_AHEAD); a staleness wait needs no new map
                 await self._newer_than(routing.epoch)
                 current = self._routing
                 if current.epoch == routing.epoch:

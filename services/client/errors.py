@@ -1,12 +1,10 @@
-"""The client's one error type and its retry policy.
+"""The client's errors and its retry policy.
 
-Every failure a caller sees is a `ShardError` carrying the gRPC status code, the shard's
-message, and which shard (id and address) and call it came from. Retries follow a
-`RetryPolicy`: exponential backoff with jitter, only for idempotent calls and only on codes
-that say "try again" (UNAVAILABLE, DEADLINE_EXCEEDED while time is left).
-
-`ShardError` pickles with every field (it crosses Ray from a training worker to the driver,
-whose message must show the real cause, not a TypeError from rebuilding the exception).
+Every failure a caller sees is a `ShardError` (services/errors.py, the one error type of the
+services) carrying the gRPC status code, the shard's reason and message, and which shard (id
+and address) and call it came from. Retries follow a `RetryPolicy`: exponential backoff with
+jitter, only for idempotent calls and only on codes that say "try again" (UNAVAILABLE,
+DEADLINE_EXCEEDED while time is left).
 """
 
 from __future__ import annotations
@@ -14,34 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import grpc
+from services.errors import Code, Reason, ShardError, error_reason, from_rpc_error
 
-Code = grpc.StatusCode
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED})
-
-
-class ShardError(RuntimeError):
-    """A shard call failed; `code` is the gRPC status code."""
-
-    def __init__(
-        self, code: grpc.StatusCode, message: str, *, address: str = "", shard_id: int | None = None, call: str = ""
-    ) -> None:
-        self.code = code
-        self.message = message
-        self.address = address
-        self.shard_id = shard_id
-        self.call = call
-        where = f"shard {shard_id}" if shard_id is not None else "shard"
-        if address:
-            where += f" at {address}"
-        super().__init__(f"{call or 'call'} to {where} failed: {code.name}: {message}")
-
-    def __reduce__(self):
-        return _rebuild, (type(self), self.code.name, self.message, self.address, self.shard_id, self.call)
-
-
-def _rebuild(cls: type[ShardError], code: str, message: str, address: str, shard_id: int | None, call: str):
-    return cls(Code[code], message, address=address, shard_id=shard_id, call=call)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,7 +31,4 @@ class RetryPolicy:
         return cap / 2 + (rng or random).uniform(0, cap / 2)
 
 
-def from_rpc_error(exc: grpc.RpcError, *, address: str, shard_id: int | None, call: str) -> ShardError:
-    code = exc.code() if hasattr(exc, "code") else Code.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return ShardError(code or Code.UNKNOWN, details or "(no details)", address=address, shard_id=shard_id, call=call)
+__all__ = ["RETRYABLE", "Code", "Reason", "RetryPolicy", "ShardError", "error_reason", "from_rpc_error"]

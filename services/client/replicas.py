@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from proto.shard.v1 import shard_pb2
-from services.client.errors import Code, ShardError
+from services.client.errors import Code, Reason, ShardError, error_reason
+from services.client.gradients import push_request
 from services.client.routing import slot_of
 
 SWITCH_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
@@ -49,14 +50,6 @@ def alternate_owners(holders: np.ndarray, exclude: set[int]) -> np.ndarray:
     alt = holders[np.arange(holders.shape[0]), first]
     alt[~ok.any(axis=1)] = -1
     return alt
-
-
-def _from_the_past(err: BaseException) -> bool:
-    return isinstance(err, ShardError) and err.code == Code.FAILED_PRECONDITION and "from the past" in err.message
-
-
-def _already_received(err: BaseException) -> bool:  # a part re-sent after its answer was lost
-    return isinstance(err, ShardError) and err.code == Code.FAILED_PRECONDITION and "already received" in err.message
 
 
 async def apply_replicated(
@@ -90,18 +83,21 @@ async def apply_replicated(
         for t in targets:
             pos = np.flatnonzero((mine == t).any(axis=1))  # (n_t,) rows this holder keeps
             t_ids, t_g = ids[pos], grads[torch.from_numpy(pos)] if pos.size else grads[:0]
-            requests[t] = shard_pb2.ApplyGradientsRequest(
+            requests[t] = push_request(
                 table=table,
                 epoch=routing.epoch,
-                row_ids=t_ids.astype("<i8").tobytes(),
-                grads=t_g.numpy().tobytes(),
+                ids=t_ids,
+                grads=t_g,
                 step=step,
-                optimizer=opt,
+                opt=opt,
                 part_id=part_id,
                 num_parts=num_parts,
                 max_staleness=max_staleness,
             )
-        tasks = {t: asyncio.ensure_future(client._apply_one(t, requests[t], routing, deadline)) for t in targets}
+        tasks = {
+            t: asyncio.ensure_future(client._apply_one(t, requests[t], routing=routing, deadline=deadline))
+            for t in targets
+        }
         fenced: set[int] = set()
         try:
             pending = set(tasks.values())
@@ -130,11 +126,12 @@ async def apply_replicated(
                 busy = busy or t not in fenced
                 continue
             exc = task.exception()
+            reason = None if exc is None else error_reason(exc)
             if exc is None:
                 done[t] = task.result()
-            elif _from_the_past(exc):
+            elif reason == Reason.STEP_FROM_PAST:
                 done[t] = shard_pb2.ApplyGradientsResponse(applied_step=step)
-            elif _already_received(exc):
+            elif reason == Reason.PART_ALREADY_RECEIVED:  # a part re-sent after its answer was lost
                 done[t] = shard_pb2.ApplyGradientsResponse(applied_step=step - 1, pending=True)
             elif isinstance(exc, ShardError) and exc.code == Code.FAILED_PRECONDITION:
                 stale, last_error = True, exc

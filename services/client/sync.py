@@ -26,7 +26,7 @@ import torch
 
 from engram.config import Config
 from services.client.client import ShardClient
-from services.client.errors import Code, ShardError
+from services.client.errors import Code, Reason, ShardError
 from services.client.loop import LoopThread
 from services.client.ops import ApplyResult
 from services.control.liveness import ShardSilent, while_alive
@@ -111,6 +111,7 @@ class SyncShardClient:
                 address=silent.address,
                 shard_id=silent.shard_id,
                 call="a call",
+                reason=Reason.SHARD_DOWN,
             ) from None
 
     # ---------------------------------------------------------------------------------------

@@ -215,15 +215,14 @@ async def rebalance(
 async def _between_steps(call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T:
     """`call()`, again while the shard says a training step is collecting parts, or that a copy is
     behind the steps its receiver applied (retry the migration), bounded by `timeout_s`."""
-    from services.client import ShardError
+    from services.client import Reason, ShardError, error_reason
 
     deadline, delay = time.monotonic() + timeout_s, 0.005
     while True:
         try:
             return await call()
         except ShardError as err:
-            again = "collecting parts" in err.message or "retry the migration" in err.message
-            if err.code.name != "FAILED_PRECONDITION" or not again:
+            if error_reason(err) not in (Reason.COLLECTING_PARTS, Reason.MIGRATION_BEHIND):
                 raise
             if time.monotonic() + delay > deadline:
                 raise

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from services.errors import Code, Reason, ShardError, abort
 from services.security.roles import TokenStore, allows, bearer, required_role, roles_from_uris
 
 _CACHE = 256  # client certificates whose role is remembered (parsing a PEM per call is not free)
@@ -78,14 +79,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if role is None:
                 self.refused += 1
                 why = "the bearer token is not known" if token else "no client certificate role and no bearer token"
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method} needs the '{need}' role: {why}")
+                await abort(context, _refusal(Code.UNAUTHENTICATED, f"{method} needs the '{need}' role: {why}"))
             if not allows(role, need):
                 self.refused += 1
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the '{need}' role; this caller has '{role}'"
-                )
+                text = f"{method} needs the '{need}' role; this caller has '{role}'"
+                await abort(context, _refusal(Code.PERMISSION_DENIED, text))
 
         return _wrap(handler, check)
+
+
+def _refusal(code: grpc.StatusCode, message: str) -> ShardError:
+    reason = Reason.UNAUTHENTICATED if code == Code.UNAUTHENTICATED else Reason.PERMISSION_DENIED
+    return ShardError(code, message, reason=reason)
 
 
 def _wrap(h: Any, check: Callable[[Any], Awaitable[None]]) -> Any:

@@ -22,7 +22,6 @@ _SHARD = "/engram.shard.v1.MemoryShard/"
 _WORKER = "/engram.worker.v1.ModelWorker/"
 METHOD_ROLES = {
     _SHARD + "Lookup": "read",
-    _SHARD + "LookupStream": "read",
     _SHARD + "Stats": "read",
     "/grpc.health.v1.Health/Check": "read",
     "/grpc.health.v1.Health/Watch": "read",

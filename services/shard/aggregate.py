@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.shard.errors import invalid, precondition
+from services.shard.errors import Reason, invalid, precondition
 from services.shard.store import Update
 
 
@@ -72,7 +72,9 @@ class StepAggregator:
         if pend is None:
             pend = self._pending[upd.table] = PendingStep(upd.table, upd.step, num_parts, version)
         elif pend.step != upd.step:
-            raise precondition(f"table {upd.table}: step {pend.step} is pending, not step {upd.step}")
+            raise precondition(
+                f"table {upd.table}: step {pend.step} is pending, not step {upd.step}", Reason.COLLECTING_PARTS
+            )
         if num_parts != pend.num_parts:
             raise invalid(
                 f"num_parts: {num_parts} for part {part_id!r}, but step {pend.step} of table {upd.table} "
@@ -86,7 +88,8 @@ class StepAggregator:
         if part_id in pend.parts:
             raise precondition(
                 f"part {part_id!r} of step {pend.step} (table {upd.table}) was already received "
-                f"({len(pend.parts)} of {pend.num_parts} parts in)"
+                f"({len(pend.parts)} of {pend.num_parts} parts in)",
+                Reason.PART_ALREADY_RECEIVED,
             )
         pend.parts[part_id] = upd
         pend.nbytes += upd.grads.nbytes + upd.rows.nbytes

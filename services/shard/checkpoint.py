@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from engram.row_format import row_nbytes
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition
 from services.shard.row_store_format import read_only
 from services.shard.store import SlotData
 
@@ -169,7 +169,7 @@ def check_sha256(sha256: str, *, table: int, slot: int) -> None:
 
 
 def _data_loss(rel: str, what: str, outcome: str = "restore refused, tables unchanged") -> ShardError:
-    return ShardError(Code.DATA_LOSS, f"checkpoint file {rel}: {what}; {outcome}")
+    return ShardError(Code.DATA_LOSS, f"checkpoint file {rel}: {what}; {outcome}", reason=Reason.DATA_LOSS)
 
 
 def verify_slot(directory: str | Path, rel: str, sha256: str, *, meta: SlotMeta) -> int:
@@ -179,7 +179,9 @@ def verify_slot(directory: str | Path, rel: str, sha256: str, *, meta: SlotMeta)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise precondition(f"checkpoint file {rel} does not exist; restore refused, tables unchanged") from None
+        raise precondition(
+            f"checkpoint file {rel} does not exist; restore refused, tables unchanged", Reason.CHECKPOINT_INVALID
+        ) from None
     if size < _HEADER.size:
         raise _data_loss(rel, f"truncated: {size} bytes, shorter than the {_HEADER.size}-byte header")
     digest = hashlib.sha256()
@@ -201,13 +203,18 @@ def check_header(rel: str, raw: bytes, meta: SlotMeta) -> int:
     if magic != MAGIC:
         raise _data_loss(rel, "not an Engram slot file (bad magic)")
     if version != FORMAT_VERSION:
-        raise precondition(f"checkpoint file {rel}: format version {version}, this shard reads {FORMAT_VERSION}")
+        raise precondition(
+            f"checkpoint file {rel}: format version {version}, this shard reads {FORMAT_VERSION}",
+            Reason.CHECKPOINT_INVALID,
+        )
     got = (table, slot, num_slots, rows, dim, kind, fmt)
     want = (meta.table, meta.slot, meta.num_slots, meta.rows, meta.dim, KIND_CODES[meta.kind], FORMAT_CODES[meta.fmt])
     if got != want:
         names = ("table", "slot", "num_slots", "rows", "dim", "optimizer", "row format code")
         diff = ", ".join(f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want, strict=True) if g != w)
-        raise precondition(f"checkpoint file {rel} does not match this cluster's layout: {diff}")
+        raise precondition(
+            f"checkpoint file {rel} does not match this cluster's layout: {diff}", Reason.CHECKPOINT_INVALID
+        )
     return int(step)
 
 

@@ -40,7 +40,7 @@ from proto.shard.v1 import shard_pb2
 from services.shard.aggregate import StepAggregator
 from services.shard.engine_ckpt import CheckpointOps
 from services.shard.engine_slots import SlotMapOps
-from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult
 from services.shard.limits import InflightBudget
 from services.shard.memory import Trimmer
@@ -122,7 +122,8 @@ class ShardEngine(CheckpointOps, SlotMapOps):
                 p = pending[0]
                 raise precondition(
                     f"step {p.step} of table {p.table} is collecting parts ({len(p.parts)} of {p.num_parts} "
-                    "in); retry once it is applied"
+                    "in); retry once it is applied",
+                    Reason.COLLECTING_PARTS,
                 )
             yield
 
@@ -218,7 +219,8 @@ class ShardEngine(CheckpointOps, SlotMapOps):
                     return await self._apply_locked(req)
                 if req.step < pend.step:
                     raise precondition(
-                        f"step {req.step} of table {t} arrived while step {pend.step} is collecting parts: too late"
+                        f"step {req.step} of table {t} arrived while step {pend.step} is collecting parts: too late",
+                        Reason.STEP_TOO_LATE,
                     )
                 done, waiting_for, got, need = pend.done, pend.step, len(pend.parts), pend.num_parts
             try:
@@ -228,6 +230,7 @@ class ShardEngine(CheckpointOps, SlotMapOps):
                     Code.ABORTED,
                     f"step {req.step} of table {t} waited {self.pending_wait_s:g} s for step {waiting_for} to "
                     f"collect its parts ({got} of {need} received); send the missing parts first",
+                    reason=Reason.PARTS_TIMEOUT,
                 ) from None
 
     async def _apply_locked(self, req: shard_pb2.ApplyGradientsRequest) -> shard_pb2.ApplyGradientsResponse:
@@ -248,7 +251,8 @@ class ShardEngine(CheckpointOps, SlotMapOps):
         self.trimmer.note(3 * upd.grads.nbytes)  # the request and the update's temporaries
         if self.importing or self.staging.busy():  # checked under the table lock, right before the apply
             raise unavailable(
-                f"shard {store.shard_id} is importing slots: updates wait for the new slot map (MigrateSlots); retry"
+                f"shard {store.shard_id} is importing slots: updates wait for the new slot map (MigrateSlots); retry",
+                Reason.SLOT_FROZEN,
             )
         pend = self.agg.pending(t)
         if req.num_parts <= 1:
@@ -309,7 +313,7 @@ class ShardEngine(CheckpointOps, SlotMapOps):
     def stats(self) -> shard_pb2.StatsResponse:
         view = self.store.view
         return shard_pb2.StatsResponse(
-            shard_id=str(self.store.shard_id),
+            shard_id=self.store.shard_id,
             epoch=view.epoch,
             slots=list(view.owned),
             tables=[shard_pb2.TableStats(**d) for d in self.store.table_stats()],

@@ -16,7 +16,7 @@ from engram.fileio import fsync_dir
 from engram.layout import slot_num_rows
 from proto.shard.v1 import shard_pb2
 from services.shard import checkpoint as ckpt
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition
 from services.shard.store import ShardStore
 
 T = TypeVar("T")
@@ -65,7 +65,9 @@ class CheckpointOps:
             try:
                 await self._run(write_all)
             except OSError as exc:
-                raise ShardError(Code.INTERNAL, f"checkpoint {req.name} failed: {exc.strerror or exc}") from exc
+                raise ShardError(
+                    Code.INTERNAL, f"checkpoint {req.name} failed: {exc.strerror or exc}", reason=Reason.INTERNAL
+                ) from exc
         return shard_pb2.CheckpointResponse(files=[shard_pb2.SlotFile(**f) for f in files])
 
     async def restore(self, req: shard_pb2.RestoreRequest) -> shard_pb2.RestoreResponse:
@@ -85,7 +87,8 @@ class CheckpointOps:
             if missing:
                 raise precondition(
                     f"checkpoint {req.name} has no file for table {missing[0][0]} slot {missing[0][1]} "
-                    f"({len(missing)} owned (table, slot) pairs missing); restore refused, tables unchanged"
+                    f"({len(missing)} owned (table, slot) pairs missing); restore refused, tables unchanged",
+                    Reason.CHECKPOINT_INVALID,
                 )
             jobs = [(by_key[(m.table, m.slot)], m) for t in sorted(store.layouts) for m in self._metas(t, view.owned)]
 
@@ -106,6 +109,8 @@ class CheckpointOps:
                 await self._run(store.rewrite_rows, load_all, steps)
             except OSError as exc:
                 raise ShardError(
-                    Code.DATA_LOSS, f"reading checkpoint {req.name} failed: {exc.strerror or exc}"
+                    Code.DATA_LOSS,
+                    f"reading checkpoint {req.name} failed: {exc.strerror or exc}",
+                    reason=Reason.DATA_LOSS,
                 ) from exc
         return shard_pb2.RestoreResponse(step=max(steps.values(), default=0), slots_restored=len(view.owned))

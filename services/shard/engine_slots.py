@@ -16,7 +16,7 @@ import grpc
 from engram.config import ClusterConfig
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.grpc_options import channel_options
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition
 from services.shard.limits import check_peer, check_target
 from services.shard.migrate import Staging, slot_chunks
 from services.shard.store import ShardStore
@@ -62,7 +62,8 @@ class SlotMapOps:
             not_owned = [s for s in slots if s not in view.owned]
             if not_owned:
                 raise precondition(
-                    f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}"
+                    f"slots {not_owned[:8]} are not owned by shard {store.shard_id} at epoch {view.epoch}",
+                    Reason.SLOT_NOT_OWNED,
                 )
             async with self._all_tables():  # in-flight updates finish; later ones see the freeze
                 froze = store.frozen.freeze(slots, req.target)
@@ -87,7 +88,9 @@ class SlotMapOps:
             except grpc.aio.AioRpcError as exc:
                 store.frozen.unfreeze(froze)
                 raise ShardError(
-                    exc.code(), f"migrating slots {slots} to {req.target} failed: {exc.details()}"
+                    exc.code(),
+                    f"migrating slots {slots} to {req.target} failed: {exc.details()}",
+                    reason=Reason.MIGRATION_FAILED,
                 ) from None
             except BaseException:
                 store.frozen.unfreeze(froze)
@@ -113,6 +116,7 @@ class SlotMapOps:
                 raise ShardError(
                     Code.DEADLINE_EXCEEDED,
                     f"import stream still open after {limit:g} s (cluster.migrate_timeout_s); partial slots dropped",
+                    reason=Reason.TIMEOUT,
                 ) from None
             finally:
                 self.importing = False
@@ -134,7 +138,8 @@ class SlotMapOps:
         if smap.epoch < epoch:
             raise precondition(
                 f"epoch {epoch} is ahead of the control plane's slot map (epoch {smap.epoch}): write the map to the "
-                "control plane first, or clients could never route at this epoch"
+                "control plane first, or clients could never route at this epoch",
+                Reason.SLOT_MAP_REFUSED,
             )
         if smap.epoch != epoch:
             return owners or None
@@ -143,7 +148,8 @@ class SlotMapOps:
         if mine != sorted(owned) or (owners and list(owners) != list(view)):
             raise precondition(
                 f"the control plane's slot map at epoch {epoch} gives shard {self.store.shard_id} slots {mine[:16]}, "
-                f"this request says {sorted(owned)[:16]}{' with other owners' if owners else ''}: refused"
+                f"this request says {sorted(owned)[:16]}{' with other owners' if owners else ''}: refused",
+                Reason.SLOT_MAP_REFUSED,
             )
         return list(view)
 

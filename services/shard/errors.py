@@ -1,44 +1,29 @@
-"""The one error type of the shard: a gRPC status code plus a message saying what was wrong.
+"""The shard's errors: `ShardError` (services/errors.py, the one error type) and its shorthands.
 
-The store, checkpoint and migration code raise `ShardError`; the servicer only translates it
-into `context.abort(code, message)`. Nothing that raises it has changed any table state.
+The store, checkpoint and migration code raise `ShardError` with a `Reason`; the servicer only
+translates it into a rich status (`services.errors.abort`). Nothing that raises it has changed
+any table state.
 """
 
 from __future__ import annotations
 
-import grpc
-
-Code = grpc.StatusCode
+from services.errors import Code, Reason, ShardError
 
 
-class ShardError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
-    def __reduce__(self):  # picklable with its code (Exception's default would call __init__(message))
-        return _rebuild, (type(self), self.code.name, self.message)
+def invalid(message: str, reason: Reason = Reason.BAD_REQUEST) -> ShardError:
+    return ShardError(Code.INVALID_ARGUMENT, message, reason=reason)
 
 
-def _rebuild(cls: type[ShardError], code: str, message: str) -> ShardError:
-    return cls(Code[code], message)
+def precondition(message: str, reason: Reason) -> ShardError:
+    return ShardError(Code.FAILED_PRECONDITION, message, reason=reason)
 
 
-def invalid(message: str) -> ShardError:
-    return ShardError(Code.INVALID_ARGUMENT, message)
-
-
-def precondition(message: str) -> ShardError:
-    return ShardError(Code.FAILED_PRECONDITION, message)
-
-
-def unavailable(message: str) -> ShardError:
-    return ShardError(Code.UNAVAILABLE, message)
+def unavailable(message: str, reason: Reason) -> ShardError:
+    return ShardError(Code.UNAVAILABLE, message, reason=reason)
 
 
 class BootError(Exception):
     """A shard cannot start (control plane down or not initialised, bad checkpoint, port in use)."""
+
+
+__all__ = ["BootError", "Code", "Reason", "ShardError", "invalid", "precondition", "unavailable"]

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from services.shard.errors import Code, ShardError, invalid, precondition
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition
 from services.telemetry import record_shard_event
 
 
@@ -87,6 +87,7 @@ class InflightBudget:
                 f"{what} needs {nbytes / 2**20:.1f} MiB but the shard already holds {self.used / 2**20:.1f} of "
                 f"{self.capacity / 2**20:.0f} MiB for requests in flight (cluster.inflight_mb); retry later or "
                 "send smaller requests",
+                reason=Reason.OVERLOADED,
             )
         self.used += nbytes
 
@@ -138,11 +139,16 @@ async def check_peer(target: str, peers: Callable[[], Awaitable[list]] | None, *
     if peers is None:
         raise precondition(
             "target: a standalone shard has no registry to check a migration target against; "
-            "MigrateSlots needs the control plane"
+            "MigrateSlots needs the control plane",
+            Reason.MIGRATION_REFUSED,
         )
     try:
         records = await asyncio.wait_for(peers(), timeout=2.0)
     except Exception as exc:  # noqa: BLE001 - unreachable or tampered: never dial an unchecked address
-        raise ShardError(Code.UNAVAILABLE, f"target: cannot read the shard registry to check {target}: {exc}") from None
+        raise ShardError(
+            Code.UNAVAILABLE,
+            f"target: cannot read the shard registry to check {target}: {exc}",
+            reason=Reason.REGISTRY_UNAVAILABLE,
+        ) from None
     if not any(r.address == target and r.alive and r.shard_id != self_id for r in records):
         raise invalid(f"target: {target[:80]} is not the address of a live shard registered in the control plane")

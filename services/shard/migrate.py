@@ -33,7 +33,7 @@ from engram.layout import slot_num_rows
 from engram.row_format import row_nbytes
 from proto.shard.v1 import shard_pb2
 from services.shard import row_store_format as fmts
-from services.shard.errors import invalid, precondition
+from services.shard.errors import Reason, invalid, precondition
 from services.shard.memory import alloc_state, state_floats_per_row
 from services.shard.store import ShardStore, SlotData
 
@@ -118,7 +118,10 @@ class Staging:
         if not 0 <= chunk.slot < store.num_slots:
             raise invalid(f"slot {chunk.slot} is outside 0..{store.num_slots - 1}")
         if chunk.slot in view.owned:
-            raise precondition(f"slot {chunk.slot} is already served by shard {store.shard_id}; not importing it")
+            raise precondition(
+                f"slot {chunk.slot} is already served by shard {store.shard_id}; not importing it",
+                Reason.MIGRATION_REFUSED,
+            )
         dim, total = layout.dim, slot_num_rows(layout.num_rows, chunk.slot, store.num_slots)
         fmt, width = store.row_format, row_nbytes(store.row_format, dim)
         if len(chunk.weights) % width:
@@ -133,7 +136,8 @@ class Staging:
             raise precondition(
                 f"table {chunk.table} slot {chunk.slot}: the copy holds step {chunk.applied_step}, behind step "
                 f"{store.head_step(chunk.table)} that shard {store.shard_id} already applied to its slots (a client "
-                "counted this shard done with steps the copy lacks); retry the migration"
+                "counted this shard done with steps the copy lacks); retry the migration",
+                Reason.MIGRATION_BEHIND,
             )
         if chunk.offset_rows == 0:
             block = SlotData(
@@ -145,7 +149,8 @@ class Staging:
             self.complete.pop(key, None)
         if key not in self._partial:
             raise precondition(
-                f"table {chunk.table} slot {chunk.slot}: chunk at row {chunk.offset_rows} without a start"
+                f"table {chunk.table} slot {chunk.slot}: chunk at row {chunk.offset_rows} without a start",
+                Reason.MIGRATION_REFUSED,
             )
         block, received = self._partial[key]
         if chunk.offset_rows != received or received + rows > total:

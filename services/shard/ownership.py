@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from engram.layout import TableLayout, slot_num_rows
-from services.shard.errors import invalid, precondition
+from services.shard.errors import Reason, invalid, precondition
 from services.shard.limits import Freezes
 from services.shard.shm_table import TableMemory
 from services.shard.store_types import SlotData, TableData, View
@@ -107,7 +107,9 @@ class SlotOwnership:
         """Views (not copies) of one owned slot's rows and state."""
         view = view or self.view
         if slot not in view.owned:
-            raise precondition(f"slot {slot} is not owned by shard {self.shard_id} at epoch {view.epoch}")
+            raise precondition(
+                f"slot {slot} is not owned by shard {self.shard_id} at epoch {view.epoch}", Reason.SLOT_NOT_OWNED
+            )
         return self._block(table, view.tables[table], slot)
 
     def _block(self, table: int, data: TableData, slot: int) -> SlotData:
@@ -126,7 +128,9 @@ class SlotOwnership:
         held up by a step collecting parts. Frozen slots thaw, as with any new map."""
         view = self.view
         if epoch <= view.epoch:
-            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+            raise precondition(
+                f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map", Reason.EPOCH_STALE
+            )
         if epoch > view.epoch + self.max_epoch_jump:
             raise invalid(
                 f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
@@ -162,12 +166,17 @@ class SlotOwnership:
         view = self.view
         owned = self._check_slots(owned_slots)
         if epoch < view.epoch:
-            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+            raise precondition(
+                f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map", Reason.EPOCH_STALE
+            )
         if epoch == view.epoch:
             if owned == view.owned:  # the map stands: no migration out of here is pending, so thaw
                 self.frozen.clear()
                 return 0
-            raise precondition(f"epoch {epoch} is already installed with other slots; a new map needs a new epoch")
+            raise precondition(
+                f"epoch {epoch} is already installed with other slots; a new map needs a new epoch",
+                Reason.SLOT_MAP_REFUSED,
+            )
         if epoch > view.epoch + self.max_epoch_jump:
             raise invalid(
                 f"epoch {epoch} is more than cluster.max_epoch_jump={self.max_epoch_jump} ahead of this shard's "
@@ -187,14 +196,16 @@ class SlotOwnership:
             t, s = missing[0]
             raise precondition(
                 f"slot {s}: shard {self.shard_id} has no data for it (table {t} not imported); "
-                "migrate it here (MigrateSlots) before handing it over"
+                "migrate it here (MigrateSlots) before handing it over",
+                Reason.SLOT_MAP_REFUSED,
             )
         dropped = sorted(set(view.owned) - set(owned))
         if dropped and owners is None:
             raise precondition(
                 f"the slot map would drop slots {dropped[:8]} ({len(dropped)} in all) without naming their new "
                 "owners: send `owners` (the full slot map) or write the map to the control plane first; refused, "
-                "so no slot is left without a shard"
+                "so no slot is left without a shard",
+                Reason.SLOT_MAP_REFUSED,
             )
         self.frozen.active()  # lift leases that ran out
         stale = [s for s in dropped if s in self.frozen.expired]
@@ -202,7 +213,8 @@ class SlotOwnership:
             raise precondition(
                 f"the migration of slot {stale[0]} to {self.frozen.expired[stale[0]]} expired "
                 "(cluster.freeze_lease_s) before this slot map came, and updates may have reached the slot since: "
-                "migrate it again, then send the slot map"
+                "migrate it again, then send the slot map",
+                Reason.SLOT_MAP_REFUSED,
             )
         tables = {}
         for t in self.layouts:

@@ -19,7 +19,7 @@ import torch
 
 from engram.row_format import FORMATS, FP8_BLOCK, encode_rows, quantize_fp8_torch, row_nbytes
 from proto.shard.v1 import shard_pb2
-from services.shard.errors import invalid, precondition
+from services.shard.errors import Reason, invalid, precondition
 from services.wire import FORMAT_OF, ROW_DTYPES
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -85,7 +85,8 @@ def refuse_write(fmt: str, table: int, what: str) -> None:
     if read_only(fmt):
         raise precondition(
             f"{what}: table {table} is stored as {describe(fmt)}, which is read-only (no optimizer state; "
-            "serve it, or train an fp32 copy: engram.row_format=fp32)"
+            "serve it, or train an fp32 copy: engram.row_format=fp32)",
+            Reason.READ_ONLY_TABLE,
         )
 
 

@@ -1,5 +1,8 @@
 """The MemoryShard gRPC servicer: translation only (messages in, messages out, errors to status).
 
+Every refusal is a rich status: the code, a message for people and a `google.rpc.ErrorInfo`
+reason for programs (services/errors.py).
+
 A refused request costs one log line (rate-limited, `BadRequestLog`), never a traceback; bytes
 that do not parse as the request message are refused with INVALID_ARGUMENT the same way
 (the deserializer hands the handler a `Malformed` marker instead of raising inside gRPC).
@@ -16,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
+from services.errors import Code, Reason, abort
 from services.shard.engine import ShardEngine
 from services.shard.errors import ShardError, invalid
 from services.shard.limits import BadRequestLog
@@ -48,10 +52,11 @@ async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T], what: s
         return await work
     except ShardError as exc:
         bad_requests.note(what, exc)
-        await context.abort(exc.code, exc.message)
+        await abort(context, exc)
     except Exception as exc:  # a bug, not bad input: log it with the traceback, say so on the wire
         log.exception("%s failed", what)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the shard: {exc!r}")
+        bug = ShardError(Code.INTERNAL, f"{what} failed inside the shard: {exc!r}", reason=Reason.INTERNAL)
+        await abort(context, bug)
     raise AssertionError("unreachable: context.abort raises")
 
 
@@ -66,21 +71,6 @@ class MemoryShardServicer(shard_pb2_grpc.MemoryShardServicer):
         record_lookup(time.perf_counter() - t0, result.rows, side="shard", table=request.table)
         annotate(bytes_out=result.rows_nbytes, applied_step=result.applied_step)
         return result.payload  # already a serialized LookupResponse (see add_to_server)
-
-    async def LookupStream(
-        self, request_iterator: AsyncIterator[shard_pb2.LookupRequest], context
-    ) -> AsyncIterator[bytes]:
-        i = 0
-        async for request in request_iterator:
-            try:
-                if isinstance(request, Malformed):
-                    raise request.error
-                result = await self.engine.lookup(request)
-            except ShardError as exc:
-                bad_requests.note("LookupStream", exc)
-                await context.abort(exc.code, f"chunk {i}: {exc.message}")
-            yield result.payload
-            i += 1
 
     async def ApplyGradients(self, request, context):
         annotate_rows(
@@ -127,13 +117,13 @@ def _refuse_malformed(handler, name: str):
     async def unary(request, context):
         if isinstance(request, Malformed):
             bad_requests.note(name, request.error)
-            await context.abort(request.error.code, request.error.message)
+            await abort(context, request.error)
         return await handler(request, context)
 
     return unary
 
 
-PRE_SERIALIZED = {"Lookup", "LookupStream"}  # handlers that return serialized responses
+PRE_SERIALIZED = {"Lookup"}  # handlers that return serialized responses
 
 
 def _serialize(message) -> bytes:

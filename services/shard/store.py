@@ -34,7 +34,7 @@ from engram.init import init_rows
 from engram.layout import TableLayout, slot_num_rows, table_layouts
 from engram.row_optim import AdamParams, lazy_adam_, rowwise_adagrad_
 from services.shard import row_store_format as fmts
-from services.shard.errors import Code, ShardError, invalid, precondition, unavailable
+from services.shard.errors import Code, Reason, ShardError, invalid, precondition, unavailable
 from services.shard.gather import LookupResult, encode_lookup
 from services.shard.limits import Freezes
 from services.shard.memory import alloc_state, alloc_table
@@ -140,9 +140,11 @@ class ShardStore(SlotOwnership):
 
     def check_epoch(self, view: View, epoch: int) -> None:
         if epoch < view.epoch:
-            raise precondition(f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map")
+            raise precondition(
+                f"stale slot-map epoch {epoch} (shard is at {view.epoch}): refresh the slot map", Reason.EPOCH_STALE
+            )
         if epoch > view.epoch:
-            raise unavailable(f"shard at epoch {view.epoch} has not seen epoch {epoch} yet; retry")
+            raise unavailable(f"shard at epoch {view.epoch} has not seen epoch {epoch} yet; retry", Reason.EPOCH_AHEAD)
 
     def table(self, view: View, table: int) -> tuple[TableLayout, TableData]:
         if table not in view.tables:
@@ -171,6 +173,7 @@ class ShardStore(SlotOwnership):
                 Code.OUT_OF_RANGE,
                 f"row_ids: {bad.size} of {ids.size} ids are outside table {table}'s rows 0..{layout.num_rows - 1}"
                 f" (first: {int(ids[bad[0]])} at index {int(bad[0])})",
+                reason=Reason.ROW_OUT_OF_RANGE,
             )
         mask = self.num_slots - 1
         pow2 = not self.num_slots & mask  # a mask and a shift instead of two int64 divisions
@@ -181,7 +184,8 @@ class ShardStore(SlotOwnership):
             slot = int(slots[i])
             raise precondition(
                 f"row {int(ids[i])} is in slot {slot} owned by {self._owner_text(view, slot)} at epoch "
-                f"{view.epoch} (this is shard {self.shard_id}); refresh the slot map"
+                f"{view.epoch} (this is shard {self.shard_id}); refresh the slot map",
+                Reason.SLOT_NOT_OWNED,
             )
         frozen = self.frozen.active() if for_update else {}
         if frozen:
@@ -190,7 +194,8 @@ class ShardStore(SlotOwnership):
                 slot = int(slots[np.flatnonzero(moving)[0]])
                 raise unavailable(
                     f"slot {slot} is being migrated to {frozen[slot]}: updates to it wait for the new "
-                    f"slot map (epoch > {view.epoch}); retry"
+                    f"slot map (epoch > {view.epoch}); retry",
+                    Reason.SLOT_FROZEN,
                 )
         base += (ids >> (mask.bit_length())) if pow2 else ids // self.num_slots
         return base
@@ -207,7 +212,8 @@ class ShardStore(SlotOwnership):
             raise ShardError(
                 Code.RESOURCE_EXHAUSTED,
                 f"row_ids: {ids_bytes // 8} rows of table {table} make a {reply / 2**20:.1f} MiB reply, over "
-                f"cluster.max_message_mb={self.max_message_bytes >> 20}; split the lookup (or use LookupStream)",
+                f"cluster.max_message_mb={self.max_message_bytes >> 20}; split the lookup",
+                reason=Reason.REPLY_TOO_LARGE,
             )
 
     def lookup(
@@ -240,7 +246,8 @@ class ShardStore(SlotOwnership):
             raise unavailable(
                 f"rows of table {table} for step {step} would miss {step - 1 - applied} steps of updates "
                 f"(applied step {applied}, staleness bound {max_staleness}); retry once step "
-                f"{step - 1 - max_staleness} is applied"
+                f"{step - 1 - max_staleness} is applied",
+                Reason.STALENESS_BOUND,
             )
         mirror = data.place.mirror
         src = mirror if mirror is not None and mirror.dtype == TORCH_DTYPES.get(dtype) else data.weights
@@ -272,20 +279,24 @@ class ShardStore(SlotOwnership):
         if kind not in OPTIMIZERS:
             raise invalid(f"optimizer.kind: unknown {kind!r} (adam or adagrad)")
         if kind != self.kind:
-            raise precondition(f"optimizer.kind: this shard keeps {self.kind} state; cannot apply {kind}")
+            raise precondition(
+                f"optimizer.kind: this shard keeps {self.kind} state; cannot apply {kind}", Reason.OPTIMIZER_MISMATCH
+            )
         params = optimizer_params(kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
         if step < 1:
             raise invalid(f"step: must be >= 1 (1-based optimizer step), got {step}")
         if step <= self.applied_step[table]:
             raise precondition(
-                f"step {step} for table {table} is from the past: step {self.applied_step[table]} is already applied"
+                f"step {step} for table {table} is from the past: step {self.applied_step[table]} is already applied",
+                Reason.STEP_FROM_PAST,
             )
         if step > self.applied_step[table] + self.max_step_jump:
             raise precondition(
                 f"step {step} for table {table} is too far ahead: the shard has applied step "
                 f"{self.applied_step[table]} and takes at most step {self.applied_step[table] + self.max_step_jump} "
                 f"next (cluster.max_step_jump={self.max_step_jump}); restore a checkpoint or resume from the "
-                "shard's applied step"
+                "shard's applied step",
+                Reason.STEP_TOO_FAR_AHEAD,
             )
         ids = self.decode_ids(row_ids)
         n, dim = ids.size, layout.dim

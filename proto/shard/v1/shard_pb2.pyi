@@ -239,7 +239,7 @@ class StatsResponse(_message.Message):
     ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_SEEN_FIELD_NUMBER: _ClassVar[int]
-    shard_id: str
+    shard_id: int
     epoch: int
     slots: _containers.RepeatedScalarFieldContainer[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
@@ -248,4 +248,4 @@ class StatsResponse(_message.Message):
     rows_served: int
     updates: int
     max_staleness_seen: int
-    def __init__(self, shard_id: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., updates: _Optional[int] = ..., max_staleness_seen: _Optional[int] = ...) -> None: ...
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., updates: _Optional[int] = ..., max_staleness_seen: _Optional[int] = ...) -> None: ...

@@ -39,11 +39,6 @@ class MemoryShardStub:
                 request_serializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.SerializeToString,
                 response_deserializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.FromString,
                 _registered_method=True)
-        self.LookupStream = channel.stream_stream(
-                '/engram.shard.v1.MemoryShard/LookupStream',
-                request_serializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.SerializeToString,
-                response_deserializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.FromString,
-                _registered_method=True)
         self.ApplyGradients = channel.unary_unary(
                 '/engram.shard.v1.MemoryShard/ApplyGradients',
                 request_serializer=proto_dot_shard_dot_v1_dot_shard__pb2.ApplyGradientsRequest.SerializeToString,
@@ -86,14 +81,6 @@ class MemoryShardServicer:
 
     def Lookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def LookupStream(self, request_iterator, context):
-        """Chunked form for requests larger than one message: each request chunk is answered by
-        one response chunk, in order.
-        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -145,11 +132,6 @@ def add_MemoryShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.FromString,
-                    response_serializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.SerializeToString,
-            ),
-            'LookupStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.LookupStream,
                     request_deserializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.FromString,
                     response_serializer=proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.SerializeToString,
             ),
@@ -214,33 +196,6 @@ class MemoryShard:
             request,
             target,
             '/engram.shard.v1.MemoryShard/Lookup',
-            proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.SerializeToString,
-            proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def LookupStream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/engram.shard.v1.MemoryShard/LookupStream',
             proto_dot_shard_dot_v1_dot_shard__pb2.LookupRequest.SerializeToString,
             proto_dot_shard_dot_v1_dot_shard__pb2.LookupResponse.FromString,
             options,

@@ -290,10 +290,11 @@ class ShardStore(SlotOwnership):
                 f"step {step} for table {table} is from the past: step {self.applied_step[table]} is already applied",
                 Reason.STEP_FROM_PAST,
             )
-        if step > self.applied_step[table] + self.max_step_jump:
+        head = self.head_step(table)  # slots copied in at a later step bound the jump, not the oldest slot
+        if step > head + self.max_step_jump:
             raise precondition(
                 f"step {step} for table {table} is too far ahead: the shard has applied step "
-                f"{self.applied_step[table]} and takes at most step {self.applied_step[table] + self.max_step_jump} "
+                f"{head} and takes at most step {head + self.max_step_jump} "
                 f"next (cluster.max_step_jump={self.max_step_jump}); restore a checkpoint or resume from the "
                 "shard's applied step",
                 Reason.STEP_TOO_FAR_AHEAD,

@@ -146,16 +146,81 @@ class RowPaths:
         if peer is None or self.mode == "grpc":
             return None
         if self.mode in ("auto", "shm") and not peer.shm_off and dtype in TORCH_DTYPES:  # fp8 rows: not in shm
-            got = await self._shm(peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
+            got = await self._shm(
+                peer,
+                address,
+                table=table,
+                ids=ids,
+                dtype=dtype,
+                dim=dim,
+                epoch=epoch,
+                step=step,
+                max_staleness=max_staleness,
+                deadline=deadline,
+            )
             if got is not None:
                 self._count_shm(ids.size, step, got[1])
                 return got
         if not peer.tcp_off:
-            got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
+            got = await self._tcp(
+                peer,
+                address,
+                shard_id=shard_id,
+                table=table,
+                ids=ids,
+                dtype=dtype,
+                dim=dim,
+                epoch=epoch,
+                step=step,
+                max_staleness=max_staleness,
+                deadline=deadline,
+            )
             if got is not None:
                 self.used["tcp"] += 1
                 return got
         return None
+
+    def tcp_first(self, address: str, dtype: int) -> bool:
+        """Would `lookup()` try this shard's TCP data plane first (not shared memory, not gRPC)?"""
+        peer = self._peers.get(address)
+        if peer is None or peer.tcp_off or self.mode == "grpc":
+            return False
+        return self.mode == "tcp" or bool(peer.shm_off) or dtype not in TORCH_DTYPES
+
+    async def tcp_once(
+        self,
+        *,
+        shard_id: int,
+        address: str,
+        table: int,
+        ids: np.ndarray,
+        dtype: int,
+        dim: int,
+        epoch: int,
+        step: int,
+        max_staleness: int,
+        deadline: float,
+    ) -> tuple[torch.Tensor, int]:
+        """One data-plane request and nothing else (`tcp_first` said so): ((n, D) rows, applied step).
+
+        Raises what went wrong (ShardError, DataPlaneDown, TimeoutError) for the caller to take
+        the call from the top with `lookup()`, whose retries and fallbacks then apply.
+        """
+        peer = self._peers[address]
+        if peer.tcp is None:
+            peer.tcp = DataPlaneClient(
+                peer.data_address,
+                shard_id=shard_id,
+                shard_address=address,
+                ssl_context=self.tcp_ssl,
+                server_name=self.tcp_server_name,
+            )
+        async with asyncio.timeout_at(deadline):
+            got = await peer.tcp.lookup(
+                table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
+            )
+        self.used["tcp"] += 1
+        return got
 
     def read_now(
         self,
@@ -164,6 +229,7 @@ class RowPaths:
         table: int,
         ids: np.ndarray,
         out: torch.Tensor,
+        out_rows: np.ndarray | None = None,
         epoch: int,
         step: int,
         max_staleness: int,
@@ -188,7 +254,7 @@ class RowPaths:
             reader = self._reader(peer, address, table, int(out.shape[1]))
             if reader is None:
                 return None
-        got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+        got = reader.read(ids, out, rows=out_rows, epoch=epoch, step=step, max_staleness=max_staleness)
         if isinstance(got, Miss):
             return None
         self._count_shm(ids.size, step, got)
@@ -218,7 +284,7 @@ class RowPaths:
             return None
         return reader
 
-    async def _shm(self, peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _shm(self, peer, address, *, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         out = torch.empty((ids.size, dim), dtype=TORCH_DTYPES[dtype])  # (n, D)
         big = ids.size * dim * ITEMSIZE[dtype] > INLINE_SHM_BYTES
@@ -263,7 +329,7 @@ class RowPaths:
             return None  # not yet at this epoch, rows moved, or a busy writer: the gRPC path sorts it out
         return None
 
-    async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _tcp(self, peer, address, *, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         if peer.tcp is None:
             peer.tcp = DataPlaneClient(

@@ -69,7 +69,7 @@ BATCHES = [1024, 4096, 16384, 65536, 262144]
 # shards
 
 
-async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None) -> list:
+async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, *, table: np.ndarray | None) -> list:
     out = []
     for path in args.paths:
         if cluster.tls and path == "shm":
@@ -231,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_numpy(table, batches, args)
                 results += bench_dedup(batches, args)
                 r = load_redis(cluster.redis_url, table, args.dtypes)
-                results += bench_redis(r, table.shape[1], batches, args)
+                results += bench_redis(r, batches, args, dim=table.shape[1])
                 r.close()
             num_rows = int(table.shape[0]) if table is not None else sum(cfg_rows(cfg))
-            results += run_loop(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table), args.loop)
+            results += run_loop(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table=table), args.loop)
     fp8 = None
     if args.fp8:  # its own clusters (256-dim rows, fp8 and fp32 storage); prints the fp8 vs bf16 line
         from benchmarks.lookup_fp8 import run_fp8

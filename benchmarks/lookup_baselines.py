@@ -103,7 +103,7 @@ def load_redis(url: str, table: np.ndarray, dtypes: list[str]) -> Any:
     return r
 
 
-def bench_redis(r: Any, dim: int, batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
+def bench_redis(r: Any, batches: Batches, args: argparse.Namespace, *, dim: int) -> list[dict[str, Any]]:
     import redis.utils
 
     out = []

@@ -111,7 +111,7 @@ class RowPaths:
                 peer.tcp_off = "the shard registered no data-plane address"
             self._peers[r.address] = peer
 
-    def _fallback(self, what: str, peer: _Peer, address: str, reason: str) -> None:
+    def _fallback(self, what: str, peer: _Peer, *, address: str, reason: str) -> None:
         """Turn a path off for one shard; log it once per client and path."""
         setattr(peer, f"{what}_off", reason)
         if what not in self._warned:
@@ -251,7 +251,7 @@ class RowPaths:
         if reader is None or reader.retired:
             if not open_files:
                 return None
-            reader = self._reader(peer, address, table, int(out.shape[1]))
+            reader = self._reader(peer, address, table=table, dim=int(out.shape[1]))
             if reader is None:
                 return None
         got = reader.read(ids, out, rows=out_rows, epoch=epoch, step=step, max_staleness=max_staleness)
@@ -269,18 +269,18 @@ class RowPaths:
             if step:
                 r.max_staleness_seen = max(r.max_staleness_seen, step - 1 - applied)
 
-    def _reader(self, peer: _Peer, address: str, table: int, dim: int) -> ShmTableReader | None:
+    def _reader(self, peer: _Peer, address: str, *, table: int, dim: int) -> ShmTableReader | None:
         reader = peer.readers.get(table)
         if reader is not None and not reader.retired:
             return reader
         name = peer.shm_files.get(table)
         if name is None:
-            self._fallback("shm", peer, address, f"table {table} is not in shared memory")
+            self._fallback("shm", peer, address=address, reason=f"table {table} is not in shared memory")
             return None
         try:
             reader = peer.readers[table] = ShmTableReader(os.path.join(self.shm_dir, name), token=peer.token, dim=dim)
         except ShmUnavailable as exc:
-            self._fallback("shm", peer, address, str(exc))
+            self._fallback("shm", peer, address=address, reason=str(exc))
             return None
         return reader
 
@@ -290,7 +290,7 @@ class RowPaths:
         big = ids.size * dim * ITEMSIZE[dtype] > INLINE_SHM_BYTES
         attempt = 0
         for _ in range(3):  # a retired file is reopened at most twice per call
-            reader = self._reader(peer, address, table, dim)
+            reader = self._reader(peer, address, table=table, dim=dim)
             if reader is None:
                 return None
             while True:
@@ -364,7 +364,7 @@ class RowPaths:
                     call=f"Lookup (data plane at {peer.data_address})",
                 ) from None
             except DataPlaneDown as exc:
-                self._fallback("tcp", peer, address, str(exc))
+                self._fallback("tcp", peer, address=address, reason=str(exc))
                 peer.tcp_off = ""  # try the data plane again next call; this one goes over gRPC
                 return None
             except ShardError as err:

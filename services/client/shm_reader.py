@@ -102,10 +102,12 @@ class ShmTableReader:
         self.shift = num_slots.bit_length() - 1 if num_slots & (num_slots - 1) == 0 else -1
         with warnings.catch_warnings():  # read-only mapping: these tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            self.weights = mapped(self.mm, torch.float32, rows, dim, int(h[H_WEIGHTS_OFFSET]))  # (R, D)
+            self.weights = mapped(self.mm, torch.float32, rows=rows, dim=dim, offset=int(h[H_WEIGHTS_OFFSET]))  # (R, D)
             code = int(h[H_MIRROR_DTYPE])
             self.mirror = (
-                None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim, int(h[H_MIRROR_OFFSET]))
+                None
+                if not code
+                else mapped(self.mm, TORCH_DTYPES[code], rows=rows, dim=dim, offset=int(h[H_MIRROR_OFFSET]))
             )  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
         self._regions = {torch.float32: (int(h[H_WEIGHTS_OFFSET]), rows * dim * 4)}  # dtype -> (offset, bytes)

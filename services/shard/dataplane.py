@@ -169,7 +169,7 @@ class DataPlane:
         finally:
             sock.close()
 
-    async def _error(self, conn: _Connection, code: Code, message: str, request_id: int = 0) -> None:
+    async def _error(self, conn: _Connection, code: Code, message: str, *, request_id: int = 0) -> None:
         self.errors_sent += 1
         await conn.send(error_reply(code, message, request_id))
 
@@ -193,18 +193,18 @@ class DataPlane:
                 Code.INVALID_ARGUMENT,
                 f"bad frame: magic {req.magic:#x} version {req.version} "
                 f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing",
-                rid,
+                request_id=rid,
             )
             return False
         problem = self._check_header(req)
         if problem is not None:
             code, message = problem
             if req.body_len > self.max_request_bytes:
-                await self._error(conn, code, message + "; the body is too large to skip, closing", rid)
+                await self._error(conn, code, message + "; the body is too large to skip, closing", request_id=rid)
                 return False
             if await conn.drain(req.body_len) < req.body_len:
                 return False
-            await self._error(conn, code, message, rid)
+            await self._error(conn, code, message, request_id=rid)
             return True
         ids = conn.ids_buffer(req.n_ids)
         got = await conn.recv_into(ids.view(np.uint8), req.body_len)
@@ -213,7 +213,7 @@ class DataPlane:
                 conn,
                 Code.INVALID_ARGUMENT,
                 f"truncated frame: the connection ended after {got} of {req.body_len} id bytes",
-                rid,
+                request_id=rid,
             )
             return False
         try:
@@ -226,7 +226,7 @@ class DataPlane:
                 max_staleness=req.max_staleness,
             )
         except ShardError as exc:
-            await self._error(conn, exc.code, exc.message, rid)
+            await self._error(conn, exc.code, exc.message, request_id=rid)
             return True
         await self._reply(conn, req, plan)
         return True

@@ -38,7 +38,7 @@ from services.security.tlsio import PlainIO, TlsIO
 from services.shard.engine import INLINE_LOOKUP_ROWS, ShardEngine
 from services.shard.errors import Code, ShardError
 from services.shard.gather import gather_into
-from services.shard.store import LookupPlan
+from services.shard.store_types import LookupPlan
 from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 log = logging.getLogger("engram.shard")

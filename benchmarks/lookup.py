@@ -34,13 +34,23 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import psutil
 import torch
 
+from benchmarks.lookup_baselines import (
+    ITEMSIZE,
+    Batches,
+    bench_dedup,
+    bench_numpy,
+    bench_redis,
+    load_redis,
+    reps_for,
+    summarize,
+)
+from benchmarks.lookup_report import MGET_TARGET, TARGETS, print_table, targets, tls_cost
 from benchmarks.machine import machine_info, write_report
 from engram.config import Config, load_config
 from engram.config_args import add_config_args
@@ -53,141 +63,23 @@ TABLE = [
     "cluster.optimizer=adagrad",
 ]  # 16 heads: ~1.05M rows x 64
 BATCHES = [1024, 4096, 16384, 65536, 262144]
-ITEMSIZE = {"bf16": 2, "fp32": 4}
-
-
-class Batches:
-    """Batches of B distinct rows: windows of one random permutation at random offsets."""
-
-    def __init__(self, num_rows: int, seed: int = 0) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.perm = self.rng.permutation(num_rows).astype(np.int64)
-
-    def __call__(self, size: int) -> np.ndarray:
-        start = int(self.rng.integers(0, self.perm.size - size + 1))
-        return self.perm[start : start + size]
-
-
-def summarize(lat_s: list[float], rows: int, row_bytes: int, cpu: dict[str, float] | None = None) -> dict[str, Any]:
-    lat = np.asarray(lat_s)
-    p50 = float(np.median(lat))
-    out = {
-        "reps": int(lat.size),
-        "p50_ms": p50 * 1e3,
-        "p99_ms": float(np.percentile(lat, 99)) * 1e3,
-        "min_ms": float(lat.min()) * 1e3,
-        "rows_per_s": rows / p50,
-        "gb_per_s": rows * row_bytes / p50 / 1e9,
-    }
-    for k, v in (cpu or {}).items():
-        out[f"{k}_cpu_ms"] = v * 1e3 / lat.size
-    return out
-
-
-def reps_for(rows: int, args: argparse.Namespace) -> int:
-    return int(np.clip(args.target_rows // rows, args.min_reps, args.max_reps))
-
-
-def timed(fn: Callable[[np.ndarray], Any], batches: Batches, rows: int, reps: int) -> list[float]:
-    fn(batches(rows))  # warm-up
-    lat = []
-    for _ in range(reps):
-        ids = batches(rows)
-        t0 = time.perf_counter()
-        fn(ids)
-        lat.append(time.perf_counter() - t0)
-    return lat
-
-
-# -------------------------------------------------------------------------------------------------
-# baselines
-
-
-def bench_numpy(table: np.ndarray, batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = []
-    default_threads = torch.get_num_threads()
-    for dtype in args.dtypes:
-
-        def gather(ids: np.ndarray, dtype: str = dtype) -> torch.Tensor:
-            rows = torch.from_numpy(np.take(table, ids, axis=0))  # (B, D) fp32
-            return rows.to(torch.bfloat16) if dtype == "bf16" else rows
-
-        for rows in args.batches:
-            best = None
-            for threads in sorted({1, default_threads}):
-                torch.set_num_threads(threads)
-                r = summarize(
-                    timed(gather, batches, rows, reps_for(rows, args)), rows, table.shape[1] * ITEMSIZE[dtype]
-                )
-                r["torch_threads"] = threads
-                best = r if best is None or r["rows_per_s"] > best["rows_per_s"] else best
-            assert best is not None
-            out.append({"method": "numpy", "dtype": dtype, "batch": rows, **best})
-    torch.set_num_threads(args.torch_threads)
-    return out
-
-
-def load_redis(url: str, table: np.ndarray, dtypes: list[str]) -> Any:
-    import redis
-
-    r = redis.Redis.from_url(url, socket_timeout=60)
-    n, dim = table.shape
-    for dtype in dtypes:
-        data = torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy() if dtype == "bf16" else table
-        raw, width = memoryview(data.tobytes()), dim * ITEMSIZE[dtype]
-        for a in range(0, n, 20000):
-            b = min(n, a + 20000)
-            r.mset({b"%s:%d" % (dtype.encode(), i): raw[i * width : (i + 1) * width] for i in range(a, b)})
-    return r
-
-
-def bench_redis(r: Any, dim: int, batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
-    import redis.utils
-
-    out = []
-    for dtype in args.dtypes:
-        np_dtype, prefix = (np.int16 if dtype == "bf16" else np.float32), dtype.encode() + b":%d"
-
-        def fetch(ids: np.ndarray, np_dtype: Any = np_dtype, prefix: bytes = prefix) -> torch.Tensor:
-            values = r.mget([prefix % i for i in ids.tolist()])
-            rows = torch.from_numpy(np.frombuffer(b"".join(values), dtype=np_dtype).reshape(ids.size, dim))
-            return rows.view(torch.bfloat16) if np_dtype is np.int16 else rows
-
-        for rows in args.batches:
-            reps = max(3, reps_for(rows, args) // 4)
-            res = summarize(timed(fetch, batches, rows, reps), rows, dim * ITEMSIZE[dtype])
-            out.append(
-                {"method": "redis_mget", "dtype": dtype, "batch": rows, "hiredis": redis.utils.HIREDIS_AVAILABLE, **res}
-            )
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
 # shards
 
 
-def bench_dedup(batches: Batches, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The client's duplicate check (services.client.routing.dedup) on the same distinct ids."""
-    from services.client.routing import dedup
-
-    out = []
-    for rows in args.batches:
-        res = summarize(timed(lambda ids: dedup(ids, ids.shape), batches, rows, reps_for(rows, args)), rows, 8)
-        out.append({"method": "client_dedup", "dtype": "int64", "batch": rows, **res})
-    return out
-
-
-async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None) -> list:
+async def bench_shards(cluster: Any, batches: Batches, args: argparse.Namespace, *, table: np.ndarray | None) -> list:
     out = []
     for path in args.paths:
         if cluster.tls and path == "shm":
             continue  # shared memory never crosses the network: nothing for TLS to cost
-        out += await bench_path(cluster, batches, args, table, path)
+        out += await bench_path(cluster, batches, args, table=table, path=path)
     return out
 
 
 async def bench_path(
-    cluster: Any, batches: Batches, args: argparse.Namespace, table: np.ndarray | None, path: str
+    cluster: Any, batches: Batches, args: argparse.Namespace, *, table: np.ndarray | None, path: str
 ) -> list:
     label = f"{path}+tls" if cluster.tls else path
     from services.client import ShardClient
@@ -220,7 +112,7 @@ async def bench_path(
                         "client": time.process_time() - cpu0,
                         "shards": sum(sum(p.cpu_times()[:2]) for p in procs) - srv0,
                     }
-                    res = summarize(lat, rows, dim * ITEMSIZE[dtype], cpu)
+                    res = summarize(lat, rows, dim * ITEMSIZE[dtype], cpu=cpu)
                     used = {k: v for k, v in client.row_paths.used.items() if v}
                     if set(used) != {path}:  # a fallback would make the row lie
                         raise RuntimeError(f"row path {path}: lookups went over {used}")
@@ -252,84 +144,6 @@ async def fetch_table(cluster: Any) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------------
-
-
-def print_table(results: list[dict[str, Any]]) -> None:
-    print(
-        f"\n{'method':<18} {'dtype':<5} {'batch':>7} {'Mrows/s':>9} {'GB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
-        f"{'reps':>5} {'client cpu ms':>13} {'shard cpu ms':>12}"
-    )
-    for r in results:
-        name = f"{r['method']} {r['shards']} shard{'s' if r['shards'] > 1 else ''}" if "shards" in r else r["method"]
-        client_cpu = f"{r['client_cpu_ms']:.2f}" if "client_cpu_ms" in r else ""
-        shard_cpu = f"{r['shards_cpu_ms']:.2f}" if "shards_cpu_ms" in r else ""
-        print(
-            f"{name:<18} {r['dtype']:<5} {r['batch']:>7} {r['rows_per_s'] / 1e6:>9.2f} {r['gb_per_s']:>7.2f} "
-            f"{r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['reps']:>5} {client_cpu:>13} {shard_cpu:>12}"
-        )
-
-
-def tls_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each `<path>+tls` row beside its plain row: throughput and p50 ratios (same run, same ids)."""
-    plain = {(r["method"], r.get("shards"), r["dtype"], r["batch"]): r for r in results}
-    out = []
-    for r in results:
-        if not r["method"].endswith("+tls"):
-            continue
-        base = plain.get((r["method"][: -len("+tls")], r.get("shards"), r["dtype"], r["batch"]))
-        if base is None:
-            continue
-        out.append(
-            {
-                "path": base["method"],
-                "shards": r["shards"],
-                "dtype": r["dtype"],
-                "batch": r["batch"],
-                "plain_p50_ms": base["p50_ms"],
-                "tls_p50_ms": r["p50_ms"],
-                "p50_ratio": r["p50_ms"] / base["p50_ms"],
-                "throughput_ratio": r["rows_per_s"] / base["rows_per_s"],
-            }
-        )
-    return out
-
-
-TARGETS = {"shm": {"of_numpy": 0.9, "p50_1k_ms": 0.1}, "tcp": {"of_numpy": 0.75, "p50_1k_ms": 0.4}, "grpc": {}}
-MGET_TARGET = 25.0
-
-
-def targets(results: list[dict[str, Any]], batch: int = 65536, small: int = 1024) -> dict[str, Any]:
-    """The issue's figures: 64K bf16 rows from one shard vs numpy and Redis; 1K-row p50s."""
-
-    def row(method: str, size: int, **kw: Any) -> dict[str, Any] | None:
-        for r in results:
-            if (
-                r["method"] == method
-                and r["dtype"] == "bf16"
-                and r["batch"] == size
-                and all(r.get(k) == v for k, v in kw.items())
-            ):
-                return r
-        return None
-
-    local, mget = row("numpy", batch), row("redis_mget", batch)
-    out: dict[str, Any] = {"batch": batch, "dtype": "bf16", "shards": 1}
-    for path, want in TARGETS.items():
-        r, r1k = row(path, batch, shards=1), row(path, small, shards=1)
-        t: dict[str, Any] = {}
-        if r and local:
-            t["of_numpy"] = r["rows_per_s"] / local["rows_per_s"]
-        if r and mget:
-            t["over_redis_mget"] = r["rows_per_s"] / mget["rows_per_s"]
-        if r1k:
-            t["p50_1k_ms"] = r1k["p50_ms"]
-        if t:
-            out[path] = (
-                t
-                | {f"{k}_target": v for k, v in want.items()}
-                | ({"over_redis_mget_target": MGET_TARGET} if want else {})
-            )
-    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -417,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_numpy(table, batches, args)
                 results += bench_dedup(batches, args)
                 r = load_redis(cluster.redis_url, table, args.dtypes)
-                results += bench_redis(r, table.shape[1], batches, args)
+                results += bench_redis(r, batches, args, dim=table.shape[1])
                 r.close()
             num_rows = int(table.shape[0]) if table is not None else sum(cfg_rows(cfg))
-            results += run_loop(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table), args.loop)
+            results += run_loop(bench_shards(cluster, Batches(num_rows, seed=num_shards), args, table=table), args.loop)
     fp8 = None
     if args.fp8:  # its own clusters (256-dim rows, fp8 and fp32 storage); prints the fp8 vs bf16 line
         from benchmarks.lookup_fp8 import run_fp8

@@ -112,6 +112,22 @@ def test_out_of_range_ids_are_named() -> None:
     check_range(np.array([0, 9]), 10, 1)
     with pytest.raises(ValueError, match=r"2 of 3 ids are outside table 1's rows 0..9 \(first: -1 at index 0\)"):
         check_range(np.array([-1, 3, 10]), 10, 1)
+    for bad in (np.array([3, -(2**63)], dtype=np.int64), np.array([3, -5], dtype=np.int32), np.array([2**40, 1])):
+        with pytest.raises(ValueError, match="1 of 2 ids are outside"):  # one unsigned pass catches both ends
+            check_range(bad, 10, 1)
+    check_range(np.array([0, 9], dtype=np.int32), 10, 1)
+
+
+def test_a_known_sole_owner_skips_the_split() -> None:
+    ids = np.array([5, 1, 7], dtype=np.int64)
+    owners = np.zeros(8, dtype=np.int64)
+    (g,) = split_by_owner(ids, owners, sole=0)
+    assert g.shard == 0 and g.positions is None and g.ids is ids
+    owners[3] = 1  # two owners: `sole=None` from the caller means "split"
+    groups = split_by_owner(ids, owners, sole=None)
+    assert [g.shard for g in groups] == [0] and groups[0].positions is None  # no id in slot 3
+    groups = split_by_owner(np.array([3, 5], dtype=np.int64), owners)
+    assert sorted(g.shard for g in groups) == [0, 1]
 
 
 @pytest.mark.parametrize("n", [0, 1, 1000])

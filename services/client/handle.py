@@ -82,6 +82,8 @@ class LookupHandle:
     async def _landed(self) -> torch.Tensor:
         if self._task.done():  # e.g. a shm read done at issue: still yield once, so that a caller's loop
             await asyncio.sleep(0)  # of lookups cannot starve the other tasks on this event loop
+            rows, self._applied = self._task.result()  # (no shield: nothing left to protect)
+            return rows
         rows, self._applied = await asyncio.shield(self._task)
         return rows
 

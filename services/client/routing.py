@@ -12,6 +12,7 @@ When the ids hold no duplicates, `unique` keeps the request order and `inverse` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,8 @@ def dedup(flat: np.ndarray, shape: tuple[int, ...]) -> Dedup:
 
 
 def check_range(flat: np.ndarray, num_rows: int, table: int) -> None:
-    if flat.size and (flat.min() < 0 or flat.max() >= num_rows):
+    """(N,) int64 ids all in 0..num_rows-1, else ValueError naming the first that is not."""
+    if flat.size and int(flat.astype(np.int64, copy=False).view(np.uint64).max()) >= num_rows:  # negative: >= 2**63
         bad = np.flatnonzero((flat < 0) | (flat >= num_rows))
         raise ValueError(
             f"row_ids: {bad.size} of {flat.size} ids are outside table {table}'s rows 0..{num_rows - 1} "
@@ -84,16 +86,24 @@ def slot_of(ids: np.ndarray, num_slots: int) -> np.ndarray:
     return ids % num_slots
 
 
-def split_by_owner(unique: np.ndarray, owners: np.ndarray) -> list[Group]:
+def sole_owner(owners: np.ndarray) -> int | None:
+    """owners (num_slots,) -> the shard that owns every slot, or None."""
+    return int(owners[0]) if owners.size and owners.min() == owners.max() else None
+
+
+def split_by_owner(unique: np.ndarray, owners: np.ndarray, *, sole: int | None = -1) -> list[Group]:
     """unique (U,) ids, owners (num_slots,) shard per slot -> one Group per shard with ids.
 
-    Inside a group, ids keep their order in `unique` (stable sort on the owner).
+    Inside a group, ids keep their order in `unique` (stable sort on the owner). `sole`: the
+    caller's `sole_owner(owners)` when it keeps it (-1: not known, worked out here).
     """
     if unique.size == 0:
         return []
     num_slots = owners.shape[0]
-    if owners.min() == owners.max():  # one shard owns every slot: no per-id work
-        return [Group(shard=int(owners[0]), ids=unique, positions=None)]
+    if sole == -1:
+        sole = sole_owner(owners)
+    if sole is not None:  # one shard owns every slot: no per-id work
+        return [Group(shard=sole, ids=unique, positions=None)]
     owner = owners[slot_of(unique, num_slots)]  # (U,) shard of each id
     first = owner[0]
     if np.all(owner == first):
@@ -169,10 +179,29 @@ def assemble(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _void(width: int) -> np.dtype:
+    return np.dtype((np.void, width))
+
+
+def new_rows(n: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """-> an uninitialised (n, D) tensor and (n,) numpy opaque rows on the same memory.
+
+    numpy first, then one `frombuffer` and one view: each torch view costs microseconds, which
+    is what a 1K-row lookup's own gather takes per ~100 rows.
+    """
+    rows = np.empty(n, dtype=_void(dim * dtype.itemsize))  # (n,)
+    if not n:
+        return torch.empty((0, dim), dtype=dtype), rows
+    return torch.frombuffer(rows, dtype=dtype).view(n, dim), rows
+
+
 def expand(unique_rows: torch.Tensor, d: Dedup) -> torch.Tensor:
     """unique_rows (U, D) -> rows in request order (*shape, D)."""
     dim = unique_rows.shape[1]
     if d.inverse is None:
+        if len(d.shape) == 1 and unique_rows.shape[0] == d.shape[0]:
+            return unique_rows  # (U, D) already: a view would cost as much as a hundred rows' copy
         return unique_rows.view(*d.shape, dim)
     if d.inverse.size == 0 or unique_rows.shape[0] == 0:
         return unique_rows.new_empty((*d.shape, dim))

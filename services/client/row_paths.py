@@ -111,7 +111,7 @@ class RowPaths:
                 peer.tcp_off = "the shard registered no data-plane address"
             self._peers[r.address] = peer
 
-    def _fallback(self, what: str, peer: _Peer, address: str, reason: str) -> None:
+    def _fallback(self, what: str, peer: _Peer, *, address: str, reason: str) -> None:
         """Turn a path off for one shard; log it once per client and path."""
         setattr(peer, f"{what}_off", reason)
         if what not in self._warned:
@@ -146,16 +146,81 @@ class RowPaths:
         if peer is None or self.mode == "grpc":
             return None
         if self.mode in ("auto", "shm") and not peer.shm_off and dtype in TORCH_DTYPES:  # fp8 rows: not in shm
-            got = await self._shm(peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
+            got = await self._shm(
+                peer,
+                address,
+                table=table,
+                ids=ids,
+                dtype=dtype,
+                dim=dim,
+                epoch=epoch,
+                step=step,
+                max_staleness=max_staleness,
+                deadline=deadline,
+            )
             if got is not None:
                 self._count_shm(ids.size, step, got[1])
                 return got
         if not peer.tcp_off:
-            got = await self._tcp(peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline)
+            got = await self._tcp(
+                peer,
+                address,
+                shard_id=shard_id,
+                table=table,
+                ids=ids,
+                dtype=dtype,
+                dim=dim,
+                epoch=epoch,
+                step=step,
+                max_staleness=max_staleness,
+                deadline=deadline,
+            )
             if got is not None:
                 self.used["tcp"] += 1
                 return got
         return None
+
+    def tcp_first(self, address: str, dtype: int) -> bool:
+        """Would `lookup()` try this shard's TCP data plane first (not shared memory, not gRPC)?"""
+        peer = self._peers.get(address)
+        if peer is None or peer.tcp_off or self.mode == "grpc":
+            return False
+        return self.mode == "tcp" or bool(peer.shm_off) or dtype not in TORCH_DTYPES
+
+    async def tcp_once(
+        self,
+        *,
+        shard_id: int,
+        address: str,
+        table: int,
+        ids: np.ndarray,
+        dtype: int,
+        dim: int,
+        epoch: int,
+        step: int,
+        max_staleness: int,
+        deadline: float,
+    ) -> tuple[torch.Tensor, int]:
+        """One data-plane request and nothing else (`tcp_first` said so): ((n, D) rows, applied step).
+
+        Raises what went wrong (ShardError, DataPlaneDown, TimeoutError) for the caller to take
+        the call from the top with `lookup()`, whose retries and fallbacks then apply.
+        """
+        peer = self._peers[address]
+        if peer.tcp is None:
+            peer.tcp = DataPlaneClient(
+                peer.data_address,
+                shard_id=shard_id,
+                shard_address=address,
+                ssl_context=self.tcp_ssl,
+                server_name=self.tcp_server_name,
+            )
+        async with asyncio.timeout_at(deadline):
+            got = await peer.tcp.lookup(
+                table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
+            )
+        self.used["tcp"] += 1
+        return got
 
     def read_now(
         self,
@@ -164,6 +229,7 @@ class RowPaths:
         table: int,
         ids: np.ndarray,
         out: torch.Tensor,
+        out_rows: np.ndarray | None = None,
         epoch: int,
         step: int,
         max_staleness: int,
@@ -185,10 +251,10 @@ class RowPaths:
         if reader is None or reader.retired:
             if not open_files:
                 return None
-            reader = self._reader(peer, address, table, int(out.shape[1]))
+            reader = self._reader(peer, address, table=table, dim=int(out.shape[1]))
             if reader is None:
                 return None
-        got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+        got = reader.read(ids, out, rows=out_rows, epoch=epoch, step=step, max_staleness=max_staleness)
         if isinstance(got, Miss):
             return None
         self._count_shm(ids.size, step, got)
@@ -203,28 +269,28 @@ class RowPaths:
             if step:
                 r.max_staleness_seen = max(r.max_staleness_seen, step - 1 - applied)
 
-    def _reader(self, peer: _Peer, address: str, table: int, dim: int) -> ShmTableReader | None:
+    def _reader(self, peer: _Peer, address: str, *, table: int, dim: int) -> ShmTableReader | None:
         reader = peer.readers.get(table)
         if reader is not None and not reader.retired:
             return reader
         name = peer.shm_files.get(table)
         if name is None:
-            self._fallback("shm", peer, address, f"table {table} is not in shared memory")
+            self._fallback("shm", peer, address=address, reason=f"table {table} is not in shared memory")
             return None
         try:
             reader = peer.readers[table] = ShmTableReader(os.path.join(self.shm_dir, name), token=peer.token, dim=dim)
         except ShmUnavailable as exc:
-            self._fallback("shm", peer, address, str(exc))
+            self._fallback("shm", peer, address=address, reason=str(exc))
             return None
         return reader
 
-    async def _shm(self, peer, address, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _shm(self, peer, address, *, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         out = torch.empty((ids.size, dim), dtype=TORCH_DTYPES[dtype])  # (n, D)
         big = ids.size * dim * ITEMSIZE[dtype] > INLINE_SHM_BYTES
         attempt = 0
         for _ in range(3):  # a retired file is reopened at most twice per call
-            reader = self._reader(peer, address, table, dim)
+            reader = self._reader(peer, address, table=table, dim=dim)
             if reader is None:
                 return None
             while True:
@@ -263,7 +329,7 @@ class RowPaths:
             return None  # not yet at this epoch, rows moved, or a busy writer: the gRPC path sorts it out
         return None
 
-    async def _tcp(self, peer, address, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _tcp(self, peer, address, *, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
         loop = asyncio.get_running_loop()
         if peer.tcp is None:
             peer.tcp = DataPlaneClient(
@@ -298,7 +364,7 @@ class RowPaths:
                     call=f"Lookup (data plane at {peer.data_address})",
                 ) from None
             except DataPlaneDown as exc:
-                self._fallback("tcp", peer, address, str(exc))
+                self._fallback("tcp", peer, address=address, reason=str(exc))
                 peer.tcp_off = ""  # try the data plane again next call; this one goes over gRPC
                 return None
             except ShardError as err:

@@ -102,10 +102,12 @@ class ShmTableReader:
         self.shift = num_slots.bit_length() - 1 if num_slots & (num_slots - 1) == 0 else -1
         with warnings.catch_warnings():  # read-only mapping: these tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            self.weights = mapped(self.mm, torch.float32, rows, dim, int(h[H_WEIGHTS_OFFSET]))  # (R, D)
+            self.weights = mapped(self.mm, torch.float32, rows=rows, dim=dim, offset=int(h[H_WEIGHTS_OFFSET]))  # (R, D)
             code = int(h[H_MIRROR_DTYPE])
             self.mirror = (
-                None if not code else mapped(self.mm, TORCH_DTYPES[code], rows, dim, int(h[H_MIRROR_OFFSET]))
+                None
+                if not code
+                else mapped(self.mm, TORCH_DTYPES[code], rows=rows, dim=dim, offset=int(h[H_MIRROR_OFFSET]))
             )  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
         self._regions = {torch.float32: (int(h[H_WEIGHTS_OFFSET]), rows * dim * 4)}  # dtype -> (offset, bytes)
@@ -146,9 +148,18 @@ class ShmTableReader:
         return pos
 
     def read(
-        self, ids: np.ndarray, out: torch.Tensor, *, epoch: int, step: int = 0, max_staleness: int = 0
+        self,
+        ids: np.ndarray,
+        out: torch.Tensor,
+        *,
+        rows: np.ndarray | None = None,
+        epoch: int,
+        step: int = 0,
+        max_staleness: int = 0,
     ) -> int | Miss:
-        """out (n, D) <- rows of ids (n,) -> the table's applied step (the rows are at least that new)."""
+        """out (n, D) <- rows of ids (n,) -> the table's applied step (the rows are at least that new).
+
+        `rows`: out's (n,) opaque rows when the caller has them (routing.new_rows), else made here."""
         h = self.header
         if h[H_RETIRED]:
             return Miss("retired")
@@ -158,7 +169,9 @@ class ShmTableReader:
         if pos is None:
             return Miss("moved")
         self.populate(out.dtype)  # once per source; a set lookup after that
-        rows = self._whole_rows.get(out.dtype)  # the mirror or the weights in the wire dtype: whole-row copies
+        src = self._whole_rows.get(out.dtype)  # the mirror or the weights in the wire dtype: whole-row copies
+        if src is not None and rows is None:
+            rows = void_rows(out)
         for attempt in range(SEQ_TRIES):
             seq = int(h[H_SEQ])
             if seq & 1:  # an update is writing rows right now
@@ -167,8 +180,8 @@ class ShmTableReader:
             applied = int(h[H_APPLIED_STEP])
             if step and step - 1 - applied > max_staleness:
                 return Miss("stale", applied_step=applied)
-            if rows is not None:
-                np.take(rows, pos, out=void_rows(out), mode="clip")  # ids checked: no buffering
+            if src is not None:
+                src.take(pos, out=rows, mode="clip")  # ids checked: no buffering
             else:
                 gather_into(self.weights, torch.from_numpy(pos), out)  # fp32 rounded to the wire dtype on the way
             if int(h[H_SEQ]) == seq:

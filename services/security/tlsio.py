@@ -16,13 +16,22 @@ RECV_CHUNK = 256 << 10
 SEND_CHUNK = 256 << 10  # plaintext per SSLObject.write: bounded ciphertext buffering
 
 
+async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view) -> int:
+    """What is already there without a loop round (uvloop's sock_recv_into always waits for the
+    socket to poll readable first: one more loop iteration per call), else wait for it."""
+    try:
+        return sock.recv_into(view)
+    except (BlockingIOError, InterruptedError):
+        return await loop.sock_recv_into(sock, view)
+
+
 class PlainIO:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
 
     async def recv_into(self, view: memoryview) -> int:
-        return await self.loop.sock_recv_into(self.sock, view)
+        return await _recv_into(self.loop, self.sock, view)
 
     async def sendall(self, data) -> None:
         await self.loop.sock_sendall(self.sock, data)
@@ -44,7 +53,7 @@ class TlsIO:
             await self.loop.sock_sendall(self.sock, self._out.read())
 
     async def _fill(self) -> None:
-        n = await self.loop.sock_recv_into(self.sock, self._buf)
+        n = await _recv_into(self.loop, self.sock, self._buf)
         if n == 0:
             self._eof = True
             self._in.write_eof()

@@ -31,13 +31,14 @@ import ssl as ssl_module
 import numpy as np
 import torch
 
-from services.frames import KIND_LOOKUP, REQUEST, REQUEST_MAGIC, VERSION, Reply, Request, error_reply
+from services.frames import KIND_LOOKUP, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, VERSION, Request, error_reply
 from services.security.roles import allows
 from services.security.tls import ServerSSL, peer_role
 from services.security.tlsio import PlainIO, TlsIO
 from services.shard.engine import INLINE_LOOKUP_ROWS, ShardEngine
 from services.shard.errors import Code, ShardError
 from services.shard.gather import gather_into
+from services.shard.store_types import LookupPlan
 from services.wire import ROW_DTYPES, row_bytes, row_cols
 
 log = logging.getLogger("engram.shard")
@@ -45,6 +46,7 @@ SOCK_BUF = 4 << 20
 CHUNK_BYTES = 2 << 20  # reply bytes per gather step of a large reply
 INLINE_BYTES = 256 << 10  # smaller replies are gathered on the loop (no thread hop)
 HANDSHAKE_S = 10.0  # a TLS handshake that takes longer costs only its connection
+FAIR_EVERY = 16  # requests served back to back on one connection before yielding to the loop
 
 
 class Disconnected(Exception):
@@ -149,8 +151,11 @@ class DataPlane:
             sock.close()
             return
         try:
+            served = 0
             while await self._one(conn):
-                pass
+                served += 1
+                if served % FAIR_EVERY == 0:  # reads take what is already there: let the loop's other work in
+                    await asyncio.sleep(0)
         except Disconnected:
             pass
         except (ConnectionError, OSError) as exc:  # the client went away mid-reply
@@ -164,7 +169,7 @@ class DataPlane:
         finally:
             sock.close()
 
-    async def _error(self, conn: _Connection, code: Code, message: str, request_id: int = 0) -> None:
+    async def _error(self, conn: _Connection, code: Code, message: str, *, request_id: int = 0) -> None:
         self.errors_sent += 1
         await conn.send(error_reply(code, message, request_id))
 
@@ -188,18 +193,18 @@ class DataPlane:
                 Code.INVALID_ARGUMENT,
                 f"bad frame: magic {req.magic:#x} version {req.version} "
                 f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing",
-                rid,
+                request_id=rid,
             )
             return False
         problem = self._check_header(req)
         if problem is not None:
             code, message = problem
             if req.body_len > self.max_request_bytes:
-                await self._error(conn, code, message + "; the body is too large to skip, closing", rid)
+                await self._error(conn, code, message + "; the body is too large to skip, closing", request_id=rid)
                 return False
             if await conn.drain(req.body_len) < req.body_len:
                 return False
-            await self._error(conn, code, message, rid)
+            await self._error(conn, code, message, request_id=rid)
             return True
         ids = conn.ids_buffer(req.n_ids)
         got = await conn.recv_into(ids.view(np.uint8), req.body_len)
@@ -208,7 +213,7 @@ class DataPlane:
                 conn,
                 Code.INVALID_ARGUMENT,
                 f"truncated frame: the connection ended after {got} of {req.body_len} id bytes",
-                rid,
+                request_id=rid,
             )
             return False
         try:
@@ -221,7 +226,7 @@ class DataPlane:
                 max_staleness=req.max_staleness,
             )
         except ShardError as exc:
-            await self._error(conn, exc.code, exc.message, rid)
+            await self._error(conn, exc.code, exc.message, request_id=rid)
             return True
         await self._reply(conn, req, plan)
         return True
@@ -248,33 +253,30 @@ class DataPlane:
             )
         return None
 
-    async def _reply(self, conn: _Connection, req: Request, plan) -> None:
+    async def _reply(self, conn: _Connection, req: Request, plan: LookupPlan) -> None:
         n, dim = plan.pos.shape[0], plan.dim
-        dtype, cols, width = ROW_DTYPES[plan.dtype], row_cols(plan.dtype, dim), row_bytes(plan.dtype, dim)
+        width = row_bytes(plan.dtype, dim)
         nbytes = n * width
-        head = Reply(
-            status=0,
-            request_id=req.request_id,
-            epoch=plan.epoch,
-            applied_step=plan.applied_step,
-            dim=dim,
-            dtype=plan.dtype,
-            body_len=nbytes,
-        ).pack()
-        buf = conn.reply_buffer(len(head) + nbytes)  # (48 + nbytes,) uint8
-        buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        out = buf[len(head) : len(head) + nbytes].view(dtype).view(n, cols)  # (n, D), fp8: (n, D + D/32)
-        idx = torch.from_numpy(plan.pos)
+        head = REPLY.pack(REPLY_MAGIC, 0, req.request_id, plan.epoch, plan.applied_step, dim, plan.dtype, nbytes)
+        buf = conn.reply_buffer(REPLY.size + nbytes)  # (48 + nbytes,) uint8: header then rows, sent as one
+        raw = memoryview(buf)
+        raw[: REPLY.size] = head
         engine = self.engine
         engine.lookups += 1
         engine.rows_served += n
         if req.step:
             engine.max_staleness_seen = max(engine.max_staleness_seen, max(0, req.step - 1 - plan.applied_step))
-        raw = memoryview(buf.numpy())
+        body = buf[REPLY.size : REPLY.size + nbytes]  # (nbytes,)
         if nbytes <= INLINE_BYTES or n <= INLINE_LOOKUP_ROWS:
-            gather_into(plan.src, idx, out)
-            await conn.send(raw[: len(head) + nbytes])
+            src_rows = whole_rows(plan.src, plan.dtype)  # (R,) opaque rows: one memcpy a row, no torch calls
+            if src_rows is not None and n:
+                src_rows.take(plan.pos, out=body.view(src_rows.dtype), mode="clip")  # ids checked: no buffering
+            elif n:
+                gather_into(plan.src, torch.from_numpy(plan.pos), _rows_view(body, plan.dtype, n=n, dim=dim))
+            await conn.send(raw[: REPLY.size + nbytes])
             return
+        out = _rows_view(body, plan.dtype, n=n, dim=dim)  # (n, D), fp8: (n, D + D/32)
+        idx = torch.from_numpy(plan.pos)
         loop = asyncio.get_running_loop()
         step = max(1, self.chunk_bytes // width)
         sent = 0
@@ -288,7 +290,7 @@ class DataPlane:
                         await pending_send  # the previous chunk goes out while this one is gathered
                 finally:
                     await gathered
-                end = len(head) + b * width
+                end = REPLY.size + b * width
                 pending_send = asyncio.ensure_future(conn.send(raw[sent:end]))
                 sent = end
             assert pending_send is not None
@@ -300,6 +302,19 @@ class DataPlane:
                     await pending_send
 
 
+def whole_rows(src: torch.Tensor, dtype: int) -> np.ndarray | None:
+    """src (R, D) already in the wire dtype -> (R,) numpy opaque rows on its memory; None: rows need converting."""
+    if ROW_DTYPES[dtype] != src.dtype:
+        return None
+    raw = src.view(torch.uint8).numpy()  # (R, D * itemsize)
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(src.shape[0])
+
+
+def _rows_view(body: np.ndarray, dtype: int, *, n: int, dim: int) -> torch.Tensor:
+    """(n * row_bytes,) uint8 -> (n, D) tensor in the wire dtype on the same memory (fp8: (n, D + D/32))."""
+    return torch.from_numpy(body).view(ROW_DTYPES[dtype]).view(n, row_cols(dtype, dim))
+
+
 class _Connection:
     """One client connection and its reusable buffers."""
 
@@ -308,7 +323,7 @@ class _Connection:
         self.io = io
         self.head = bytearray(REQUEST.size)
         self._ids = np.empty(0, dtype="<i8")
-        self._reply = torch.empty(0, dtype=torch.uint8)
+        self._reply = np.empty(0, dtype=np.uint8)
         self._scratch = bytearray(64 << 10)
 
     def ids_buffer(self, n: int) -> np.ndarray:
@@ -316,9 +331,9 @@ class _Connection:
             self._ids = np.empty(n, dtype="<i8")
         return self._ids[:n]
 
-    def reply_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._reply.numel() < nbytes or self._reply.numel() > 4 * max(nbytes, 1 << 20):  # grow, or shrink back
-            self._reply = torch.empty(nbytes, dtype=torch.uint8)
+    def reply_buffer(self, nbytes: int) -> np.ndarray:
+        if self._reply.size < nbytes or self._reply.size > 4 * max(nbytes, 1 << 20):  # grow, or shrink back
+            self._reply = np.empty(nbytes, dtype=np.uint8)
         return self._reply
 
     async def recv_into(self, buf, nbytes: int) -> int:

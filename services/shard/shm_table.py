@@ -69,7 +69,7 @@ def local_host_id(configured: str) -> str:
     return configured or socket.gethostname()
 
 
-def mapped(buf, dtype: torch.dtype, rows: int, dim: int, offset: int) -> torch.Tensor:
+def mapped(buf, dtype: torch.dtype, *, rows: int, dim: int, offset: int) -> torch.Tensor:
     """(rows, dim) tensor on buf at offset (an empty one for a shard owning no rows)."""
     if rows * dim == 0:
         return torch.empty((rows, dim), dtype=dtype)
@@ -144,8 +144,10 @@ class ShmTable:
             self.mm.madvise(_MADV_HUGEPAGE, weights_offset, size - weights_offset)
         self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64
         np.frombuffer(self.mm, dtype="<i8", count=base.size, offset=BASE_OFFSET)[:] = base
-        self.weights = mapped(self.mm, torch.float32, rows, dim, weights_offset)  # (R, D)
-        self.mirror = None if mirror is None else mapped(self.mm, mirror, rows, dim, mirror_offset)  # (R, D)
+        self.weights = mapped(self.mm, torch.float32, rows=rows, dim=dim, offset=weights_offset)  # (R, D)
+        self.mirror = (
+            None if mirror is None else mapped(self.mm, mirror, rows=rows, dim=dim, offset=mirror_offset)
+        )  # (R, D)
         h = self.header
         h[H_VERSION], h[H_SEQ], h[H_APPLIED_STEP], h[H_EPOCH], h[H_RETIRED] = VERSION, 0, 0, epoch, 0
         h[H_SHARD], h[H_TABLE], h[H_ROWS], h[H_DIM], h[H_NUM_SLOTS] = shard_id, table, rows, dim, base.size

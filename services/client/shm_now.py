@@ -1,0 +1,107 @@
+"""Lookups answered on the calling thread from shared memory, before any task exists (a mixin of
+`ShardLookups`): every shard of a small lookup (<= INLINE_SHM_BYTES of rows) mapped here, and
+each read succeeding at once, else the lookup goes the async way (row_paths.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from opentelemetry import trace as otel_trace
+
+from engram.layout import TableLayout
+from services import telemetry
+from services.client.routing import as_id_array, check_range, new_rows, sole_owner, split_by_owner
+from services.client.row_paths import INLINE_SHM_BYTES, RowPaths
+from services.client.state import Routing
+from services.wire import TORCH_DTYPES, row_bytes
+
+
+class ShmNow:
+    layouts: dict[int, TableLayout]
+    _dtype: int
+    _torch_dtype: torch.dtype
+    row_paths: RowPaths
+    _routing: Routing
+    _sole: tuple[Routing, int | None] | None = None  # (the map it was worked out for, sole owner)
+
+    def layout(self, table: int) -> TableLayout:
+        try:
+            return self.layouts[table]
+        except KeyError:
+            raise ValueError(f"table {table}: no such Engram table (layers {sorted(self.layouts)})") from None
+
+    def _read_now(
+        self, table: int, ids: np.ndarray, *, step: int, max_staleness: int, open_files: bool = True
+    ) -> tuple[torch.Tensor, int | None] | None:
+        """(U,) distinct ids -> ((U, D) rows, oldest applied step) read from shared memory on this
+        thread, when every shard of a small lookup (<= INLINE_SHM_BYTES) is mapped here and each
+        read succeeds at once; else None and the lookup goes the async way (row_paths.py)."""
+        dim = self.layouts[table].dim
+        if self._dtype not in TORCH_DTYPES or not ids.size or ids.size * row_bytes(self._dtype, dim) > INLINE_SHM_BYTES:
+            return None  # fp8 rows are not in shared memory
+        if self.row_paths.mode not in ("auto", "shm"):
+            return None
+        routing = self._routing
+        out, out_rows = new_rows(ids.size, dim, self._torch_dtype)  # (U, D) and its (U,) opaque rows
+        applied: int | None = None
+        for g in split_by_owner(ids, routing.owners, sole=self._sole_owner(routing)):
+            address = routing.addresses.get(g.shard)
+            part, part_rows = (out, out_rows) if g.positions is None else new_rows(g.ids.size, dim, self._torch_dtype)
+            got = (
+                None
+                if not address
+                else self.row_paths.read_now(
+                    address=address,
+                    table=table,
+                    ids=g.ids,
+                    out=part,
+                    out_rows=part_rows,
+                    epoch=routing.epoch,
+                    step=step,
+                    max_staleness=max_staleness,
+                    open_files=open_files,
+                )
+            )
+            if got is None:
+                return None
+            if g.positions is not None:
+                np.put(out_rows, g.positions, part_rows)
+            applied = got if applied is None else min(applied, got)
+        return out, applied
+
+    def read_now(
+        self, table: int, row_ids: np.ndarray | torch.Tensor, *, step: int = 0, max_staleness: int = 0
+    ) -> tuple[torch.Tensor, int | None] | None:
+        """For a thread other than the client's loop (SyncShardClient): (U,) distinct ids -> ((U, D)
+        rows in the wire dtype, oldest applied step) from shared memory now, or None (then call
+        `lookup` on the loop). Only reads; shared-memory files are opened by loop-side lookups."""
+        flat, _ = as_id_array(row_ids)  # (U,)
+        check_range(flat, self.layout(table).num_rows, table)
+        t0 = time.time_ns()
+        now = self._read_now(table, flat, step=step, max_staleness=max_staleness, open_files=False)
+        if now is not None:
+            self._inline_span(t0, table=table, rows=int(flat.size), ids=int(flat.size))
+        return now
+
+    @staticmethod
+    def _inline_span(t0_ns: int, *, table: int, rows: int, ids: int) -> Any:
+        """The "lookup" span and client metrics of a lookup already read from shared memory."""
+        telemetry.record_lookup((time.time_ns() - t0_ns) * 1e-9, rows, side="client", table=table)
+        if not telemetry.enabled():
+            return otel_trace.INVALID_SPAN
+        sp = telemetry.tracer().start_span(
+            "lookup", start_time=t0_ns, attributes={"table": table, "rows": rows, "ids": ids, "row_path": "shm"}
+        )
+        sp.end()
+        return sp
+
+    def _sole_owner(self, routing: Routing) -> int | None:
+        """The shard that owns every slot of `routing` (one shard, or no map yet split), else None; kept per map."""
+        kept = self._sole
+        if kept is None or kept[0] is not routing:
+            kept = self._sole = (routing, sole_owner(routing.owners))
+        return kept[1]

@@ -33,7 +33,7 @@ def worker(checkpoint):
 
 @pytest.fixture(scope="module")
 def stub(worker):
-    with grpc.insecure_channel(worker.address) as channel:
+    with worker.channel() as channel:
         yield worker_pb2_grpc.ModelWorkerStub(channel)
 
 
@@ -44,7 +44,7 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
 
 
 def test_health_and_score_match_the_model(worker, stub, checkpoint) -> None:
-    with grpc.insecure_channel(worker.address) as ch:
+    with worker.channel() as ch:
         for service in ("", "engram.worker.v1.ModelWorker"):
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -143,7 +143,7 @@ def test_cancel_mid_stream_stops_generation_and_serves_others(worker, stub) -> N
 def test_sigterm_finishes_in_flight_requests_then_exits(checkpoint) -> None:
     proc = WorkerProcess(checkpoint, "--grace", "30").start()
     try:
-        with grpc.insecure_channel(proc.address) as ch:
+        with proc.channel() as ch:
             stub = worker_pb2_grpc.ModelWorkerStub(ch)
             stream = stub.Generate(pb.GenerateRequest(prompt="def", max_new_tokens=60, temperature=0, ignore_eot=True))
             first = next(stream)

@@ -191,8 +191,9 @@ def shard_procs() -> Iterator[list[ShardProcess]]:
             p.kill()
 
 
-def run_shard_to_exit(args: list[str], timeout_s: float = 60.0, *, tls: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m services.shard` expecting it to exit (bad configuration paths); TLS as ShardProcess."""
+def run_shard_to_exit(args: list[str], timeout_s: float = 60.0, *, tls: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m services.shard` expecting it to exit on bad configuration (it never serves, so
+    no identity by default: the cases check the configuration the test gives; `tls` adds ShardProcess's)."""
     ident = fixtures_tls.sets("shard") if tls else []
     return subprocess.run(
         [sys.executable, "-m", "services.shard", *ident, *args],

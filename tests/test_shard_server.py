@@ -242,7 +242,6 @@ def test_bad_configuration_exits_2():
 def redis_args(redis, namespace: str, shard: int) -> list[str]:
     return [
         *TINY,
-        "--set",
         *[a for o in redis.overrides for a in ("--set", o)],  # its URL, password and cluster key
         "--set",
         f"cluster.namespace={namespace}",

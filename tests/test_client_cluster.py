@@ -21,6 +21,7 @@ from engram.config import load_config
 from engram.row_optim import AdamParams, lazy_adam_
 from services.client import ShardClient, ShardError
 from services.launcher import LocalCluster, ShardProcess, free_port
+from tests import fixtures_tls
 from tests.fixtures_procs import cluster_fixture, expected_rows, run
 
 READ_ONLY_ROWS = 150_000
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def connect(c: LocalCluster, **kw) -> ShardClient:
-    return await ShardClient.connect(c.control(), **kw)
+    """A client with the CLI's identity (admin: these tests checkpoint and restore too)."""
+    return await ShardClient.connect(c.control(), security=c.security("admin"), **kw)
 
 
 async def closing(client: ShardClient) -> None:
@@ -156,7 +158,13 @@ def test_unreachable_shard_is_unavailable_within_the_deadline(cluster: LocalClus
         cfg, smap = await cp.config(), await cp.slot_map()
         await cp.close()
         dead = f"127.0.0.1:{free_port()}"
-        client = ShardClient(cfg, epoch=smap.epoch, owners=smap.owners, addresses={0: cluster.addresses[0], 1: dead})
+        client = ShardClient(
+            cfg,
+            epoch=smap.epoch,
+            owners=smap.owners,
+            addresses={0: cluster.addresses[0], 1: dead},
+            security=cluster.security("read"),
+        )
         try:
             t0 = time.monotonic()
             with pytest.raises(ShardError) as info:
@@ -244,6 +252,7 @@ def test_standalone_shards_without_a_control_plane(tmp_path) -> None:
                 "services.shard",
                 "--preset",
                 "tiny",
+                *fixtures_tls.sets("shard"),
                 "--standalone",
                 "--shard-id",
                 str(i),
@@ -259,7 +268,7 @@ def test_standalone_shards_without_a_control_plane(tmp_path) -> None:
         addresses = [p.wait_ready(60) for p in procs]
 
         async def main() -> None:
-            client = ShardClient.standalone(cfg, addresses)
+            client = ShardClient.standalone(cfg, addresses, security=fixtures_tls.security("read"))
             try:
                 ids = np.random.default_rng(6).integers(0, client.layouts[1].num_rows, size=(10, 10))
                 assert torch.equal(await client.lookup(1, ids), expected_rows(cfg, 1, ids))

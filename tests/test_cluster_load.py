@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import grpc
 import httpx
 import pytest
 import torch
@@ -15,6 +14,7 @@ from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from services.client.table_load import checkpoint_tables, write_table_slots
+from tests import fixtures_tls
 from tests.fixtures_procs import cluster_fixture
 from tests.worker_proc import ROOT, WorkerProcess, shared_tiny_checkpoint
 
@@ -25,6 +25,8 @@ pytestmark = pytest.mark.timeout(180)
 def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
     ck = shared_tiny_checkpoint()
     sets = [f"--set={o}" for o in cluster.cluster_overrides]
+    admin = [f"--set={o}" for o in cluster.client_overrides("admin")]  # the CLI restores: admin
+    read = [f"--set={o}" for o in cluster.client_overrides("read")]  # a worker reads rows: read
     out = subprocess.run(
         [
             sys.executable,
@@ -36,6 +38,7 @@ def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
             "--preset",
             "tiny",
             *sets,
+            *admin,
             "--name",
             "slots",
             "--no-progress",
@@ -48,7 +51,7 @@ def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "16 slots restored" in out.stdout and "(0 slot files reused)" in out.stdout  # tiny: 16 slots, 2 shards
     worker = WorkerProcess(
-        ck, *sets, "--set=worker.row_source=remote", "--set=cluster.wire_dtype=fp32", "--set=worker.http_port=0"
+        ck, *sets, *read, "--set=worker.row_source=remote", "--set=cluster.wire_dtype=fp32", "--set=worker.http_port=0"
     ).start()
     try:
         assert "differ" not in worker.stderr()  # the shards hold the checkpoint's rows now
@@ -59,12 +62,14 @@ def test_load_then_serve_gives_the_trained_logits(cluster, tmp_path) -> None:
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids]))[0][0, :, : tok.get_vocab_size()], -1)  # (T, V)
         expected = logp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-        with grpc.insecure_channel(worker.address) as ch:
+        with fixtures_tls.channel(worker.address, "read") as ch:  # the worker serves mTLS with roles too
             reply = worker_pb2_grpc.ModelWorkerStub(ch).Score(pb.ScoreRequest(text=text), timeout=60)
         torch.testing.assert_close(torch.tensor(list(reply.logprobs)), expected, rtol=0, atol=1e-6)
+        assert worker.base_url.startswith("https://")
         r = httpx.post(
-            f"http://{worker.http}/v1/completions",
+            f"{worker.base_url}/v1/completions",
             timeout=60,
+            verify=fixtures_tls.ssl_context("read"),
             json={
                 "model": "engram",
                 "prompt": text,

@@ -9,7 +9,6 @@ import asyncio
 import shutil
 import time
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from engram.layout import table_layouts
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.client import ShardClient
 from services.control import ControlPlane
+from tests import fixtures_tls
 from tests.fixtures_cluster import RedisServer, ShardProcess, shard_procs, start_all  # noqa: F401
 
 pytestmark = pytest.mark.timeout(150)
@@ -28,7 +28,7 @@ ADAM = shard_pb2.OptimizerParams(kind="adam", lr=0.05, beta1=0.9, beta2=0.999, e
 
 
 def _cp(redis: RedisServer, ns: str) -> ControlPlane:
-    return ControlPlane.connect(redis.url, ns, timeout_s=1.0, retries=0)
+    return redis.control(ns, timeout_s=1.0, retries=0)
 
 
 async def _init(redis: RedisServer, ns: str) -> None:
@@ -46,8 +46,7 @@ def _shards(redis: RedisServer, ns: str, ids=(0,), *extra: str) -> list[ShardPro
             [
                 "--preset",
                 "tiny",
-                "--set",
-                f"cluster.redis_url={redis.url}",
+                *[a for o in redis.overrides for a in ("--set", o)],  # URL, password, cluster key
                 "--set",
                 f"cluster.namespace={ns}",
                 "--shard-id",
@@ -61,7 +60,9 @@ def _shards(redis: RedisServer, ns: str, ids=(0,), *extra: str) -> list[ShardPro
 
 async def _lookup_all(redis: RedisServer, ns: str) -> torch.Tensor:
     """A brand-new client: reads the layout, slot map and registry, then looks up every row."""
-    async with await ShardClient.connect(_cp(redis, ns), timeout_s=10) as client:
+    async with await ShardClient.connect(
+        _cp(redis, ns), timeout_s=10, security=fixtures_tls.security("read")
+    ) as client:
         return await client.lookup(TABLE, np.arange(LAYOUT.num_rows, dtype=np.int64))
 
 
@@ -82,7 +83,7 @@ def _wait(what: str, check, timeout_s: float = 20.0):
 
 def _push(address: str, step: int, epoch: int = 1) -> None:
     """One update on every row the shard owns (so rows differ from a fresh init)."""
-    with grpc.insecure_channel(address) as ch:
+    with fixtures_tls.channel(address, "train") as ch:
         stub = shard_pb2_grpc.MemoryShardStub(ch)
         slots = list(stub.Stats(shard_pb2.StatsRequest(), timeout=5).slots)
         rows = np.arange(LAYOUT.num_rows, dtype=np.int64)
@@ -164,7 +165,7 @@ def test_shard_boots_from_older_manifest_when_newest_folder_is_gone(shard_procs,
             name = f"step{step}"
             files = []
             for p in shards:
-                with grpc.insecure_channel(p.address) as ch:
+                with p.channel() as ch:
                     resp = shard_pb2_grpc.MemoryShardStub(ch).Checkpoint(
                         shard_pb2.CheckpointRequest(name=name, step=step), timeout=30
                     )
@@ -196,7 +197,7 @@ def test_shard_boots_from_older_manifest_when_newest_folder_is_gone(shard_procs,
         for p in again:
             log = p.stderr()
             assert "booted from an older checkpoint, step 1" in log and "step2" in log, log[-2000:]
-            with grpc.insecure_channel(p.address) as ch:
+            with p.channel() as ch:
                 stats = shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5)
             assert stats.tables[0].applied_step == 1
     finally:

@@ -23,7 +23,7 @@ def test_init_config_and_slot_map_roundtrip(redis_server):  # noqa: F811
     cfg = load_config("tiny")
 
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "t1")
+        cp = redis_server.control("t1")
         try:
             sm = await cp.init_cluster(cfg, num_shards=3)
             assert sm.epoch == 1 and sm.owners == even_slot_map(cfg.cluster.num_slots, 3)
@@ -47,7 +47,7 @@ def test_init_config_and_slot_map_roundtrip(redis_server):  # noqa: F811
 
 def test_uninitialised_namespace_is_a_clear_error(redis_server):  # noqa: F811
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "empty")
+        cp = redis_server.control("empty")
         try:
             with pytest.raises(ConfigError, match="not initialised"):
                 await cp.config()
@@ -64,7 +64,7 @@ def test_set_slot_map_is_compare_and_set(redis_server):  # noqa: F811
     cfg = load_config("tiny")
 
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "cas")
+        cp = redis_server.control("cas")
         try:
             sm = await cp.init_cluster(cfg, num_shards=2)
             owners = list(sm.owners)
@@ -93,7 +93,7 @@ def test_set_slot_map_is_compare_and_set(redis_server):  # noqa: F811
 
 def test_registry_heartbeat_and_expiry(redis_server):  # noqa: F811
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "reg")
+        cp = redis_server.control("reg")
         try:
             await cp.register_shard(1, "127.0.0.1:5001", {"rows": 10}, ttl_s=0.3)
             await cp.register_shard(0, "127.0.0.1:5000", {"rows": 5}, ttl_s=30)
@@ -117,7 +117,7 @@ def test_registry_heartbeat_and_expiry(redis_server):  # noqa: F811
 
 def test_manifests_latest_and_history(redis_server):  # noqa: F811
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "man")
+        cp = redis_server.control("man")
         try:
             for step in (10, 20):
                 await cp.put_manifest({"step": step, "directory": "/ckpt", "files": [{"table": 1, "slot": 0}]})
@@ -135,7 +135,7 @@ def test_namespaces_are_isolated(redis_server):  # noqa: F811
     cfg = load_config("tiny")
 
     async def body():
-        a, b = ControlPlane.connect(redis_server.url, "a"), ControlPlane.connect(redis_server.url, "b")
+        a, b = redis_server.control("a"), redis_server.control("b")
         try:
             await a.init_cluster(cfg, num_shards=2)
             await b.init_cluster(cfg, num_shards=1)
@@ -168,7 +168,7 @@ def test_redis_down_is_control_plane_unavailable():
 
 def test_redis_restart_loses_registration_and_client_recovers(redis_server):  # noqa: F811
     async def body():
-        cp = ControlPlane.connect(redis_server.url, "rs", timeout_s=0.5, retries=0)
+        cp = redis_server.control("rs", timeout_s=0.5, retries=0)
         try:
             await cp.register_shard(0, "h:1", {}, ttl_s=10)
             redis_server.stop()

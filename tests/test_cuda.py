@@ -165,7 +165,9 @@ def test_cuda_autocast_off_keeps_fp32() -> None:
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_cuda_remote_fp32_logits_equal_the_local_table_bitwise(cluster: LocalCluster, prefetch: bool) -> None:
     """Real shard processes, fp32 wire, on the GPU: the same logits bit for bit as tables in HBM."""
-    cfg = load_config("tiny", None, [*cluster.cluster_overrides, "cluster.wire_dtype=fp32"])
+    cfg = load_config(
+        "tiny", None, [*cluster.cluster_overrides, *cluster.client_overrides("read"), "cluster.wire_dtype=fp32"]
+    )  # a worker: the read identity
     model = EngramLM(cfg, np.arange(cfg.model.vocab_size)).cuda().eval()  # fresh tables == a fresh cluster
     ids = torch.randint(0, cfg.model.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
     ref, _ = model(ids.cuda(), ids_cpu=ids)

@@ -47,7 +47,9 @@ Code = grpc.StatusCode
 def shard(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     shm = tmp_path_factory.mktemp("shm")
-    proc = ShardProcess([*ARGS, "--set", f"cluster.data_port={port}", "--set", f"cluster.shm_dir={shm}"])
+    # plaintext: these cases speak raw frames and half-close TCP (SHUT_WR), which a TLS session
+    # cannot; the TLS data plane's refusals are in tests/test_tls_cluster.py
+    proc = ShardProcess([*ARGS, "--set", f"cluster.data_port={port}", "--set", f"cluster.shm_dir={shm}"], tls=False)
     try:
         proc.start()
         proc.data_port = port

@@ -28,6 +28,7 @@ from services.client.engram_safetensors import (
     served_digests,
 )
 from services.client.safetensors_io import layout_tensors
+from tests import fixtures_tls
 from tests.fixtures_procs import cluster_fixture, engram_cli, run
 
 LAYOUT = [
@@ -76,7 +77,7 @@ def write_checkpoint(
 
 
 async def fp8_client(c, **kw) -> ShardClient:
-    return await ShardClient.connect(c.control(), wire_dtype="fp8", **kw)
+    return await ShardClient.connect(c.control(), wire_dtype="fp8", security=c.security("admin"), **kw)
 
 
 async def digests_now(c) -> dict[str, str]:
@@ -108,7 +109,7 @@ def test_safetensors_header_is_the_librarys(tmp_path) -> None:
 def test_import_lookup_export_round_trip(cluster, tmp_path) -> None:
     src = tmp_path / "ckpt"
     rows = write_checkpoint(src)
-    sets = [f"--set={o}" for o in cluster.cluster_overrides]
+    sets = [f"--set={o}" for o in [*cluster.cluster_overrides, *cluster.client_overrides("admin")]]  # the CLI
     out = engram_cli(
         "cluster",
         "import",
@@ -208,7 +209,9 @@ def test_bad_checkpoints_are_refused_and_nothing_is_imported(cluster, tmp_path) 
         assert not list((cluster.checkpoint_dir / f"slots-{name}").glob("table*")), name  # not one slot file written
     assert run(digests_now(cluster), timeout_s=60) == before  # the shards serve what they served
 
-    sets = [f"--set={o}" for o in cluster.cluster_overrides]  # the CLI says the same, exit 1
+    sets = [
+        f"--set={o}" for o in [*cluster.cluster_overrides, *cluster.client_overrides("admin")]
+    ]  # the CLI  # the CLI says the same, exit 1
     out = engram_cli(
         "cluster",
         "import",
@@ -285,7 +288,7 @@ def test_fp8_tables_refuse_pushes_and_wider_lookups(cluster) -> None:
                     1, np.array([0]), torch.zeros(1, 256), step=1, optimizer={"kind": "adam", "lr": 0.1}
                 )
             address = client.addresses[0]
-            async with grpc.aio.insecure_channel(address) as ch:
+            async with fixtures_tls.aio_channel(address, "train") as ch:  # a trainer's rights: push
                 stub = shard_pb2_grpc.MemoryShardStub(ch)
                 row = next(r for r in range(100) if client.owners[r % 16] == 0)
                 req = shard_pb2.ApplyGradientsRequest(
@@ -313,7 +316,7 @@ def test_fp8_tables_refuse_pushes_and_wider_lookups(cluster) -> None:
         cp = cluster.control()
         try:
             with pytest.raises(ValueError, match="wire format bf16 .* wider than the table's storage format fp8"):
-                await ShardClient.connect(cp, wire_dtype="bf16")
+                await ShardClient.connect(cp, wire_dtype="bf16", security=cluster.security("read"))
         finally:
             await cp.close()
 

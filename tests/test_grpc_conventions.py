@@ -19,6 +19,7 @@ import pytest
 
 from proto.shard.v1 import shard_pb2
 from services.grpc_options import IDEMPOTENT_METHODS, channel_options, server_options, service_config
+from tests import fixtures_tls
 from tests.fixtures_cluster import ShardProcess, shard_procs  # noqa: F401
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
@@ -32,8 +33,11 @@ def grpcurl() -> str:
     return found
 
 
-def _grpcurl(*args: str) -> str:
-    r = subprocess.run([grpcurl(), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+def _grpcurl(*args: str, role: str = "admin") -> str:
+    """grpcurl over mTLS with the session's `role` certificate (the servers run with TLS and roles on)."""
+    c = fixtures_tls.bundle()[role]
+    creds = ["-cacert", str(c.ca), "-cert", str(c.cert), "-key", str(c.key)]
+    r = subprocess.run([grpcurl(), *creds, *args], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -51,9 +55,9 @@ def test_grpcurl_lists_and_describes_the_shard_service(shard_procs):  # noqa: F8
 
 
 def test_grpcurl_lists_the_worker_service() -> None:
-    worker = WorkerProcess(shared_tiny_checkpoint()).start()
+    worker = WorkerProcess(shared_tiny_checkpoint(), *fixtures_tls.sets("read")).start()
     try:
-        services = set(_grpcurl(worker.address, "list").split())
+        services = set(_grpcurl(worker.address, "list").split())  # reflection needs admin (unlisted RPC)
         assert {"engram.worker.v1.ModelWorker", "grpc.health.v1.Health"} <= services
     finally:
         assert worker.terminate() == 0

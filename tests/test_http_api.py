@@ -1,12 +1,17 @@
 """`engram serve`'s OpenAI-compatible HTTP API as a real process: the openai client, curl, 32
-concurrent streams, cancel frees KV blocks, bad input, overload, Engram knockout and gates."""
+concurrent streams, cancel frees KV blocks, bad input, overload, Engram knockout and gates.
+
+The worker runs with TLS and auth on (tests/worker_proc.py): HTTPS, and a client presents a
+certificate from the session CA (tests/fixtures_tls.py), as every client here does."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -18,10 +23,29 @@ import torch
 from tokenizers import Tokenizer
 
 from engram.checkpoint import load_model
+from tests import fixtures_tls
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "engram"
+
+
+@functools.cache
+def tls() -> ssl.SSLContext:
+    return fixtures_tls.ssl_context("read")
+
+
+def _get(url: str, **kw) -> httpx.Response:
+    return httpx.get(url, verify=tls(), **kw)
+
+
+def _post(url: str, **kw) -> httpx.Response:
+    return httpx.post(url, verify=tls(), **kw)
+
+
+def _curl_tls() -> list[str]:
+    c = fixtures_tls.bundle()["read"]
+    return ["--cacert", str(c.ca), "--cert", str(c.cert), "--key", str(c.key)]
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +64,20 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"http://{server.http}/v1", api_key="unused", max_retries=0, timeout=60)
+    http = httpx.Client(verify=tls(), timeout=60)  # the session CA and the read certificate
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, http_client=http)
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(f"http://{server.http}/metrics", timeout=10).text
+    text = _get(f"{server.base_url}/metrics", timeout=10).text
     m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
 
 
 def serving(server) -> None:
-    assert httpx.get(f"http://{server.http}/health", timeout=10).status_code == 200
-    r = httpx.post(
-        f"http://{server.http}/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2}, timeout=30
-    )
+    assert _get(f"{server.base_url}/health", timeout=10).status_code == 200
+    r = _post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
@@ -114,10 +137,10 @@ def test_stop_strings_cut_the_text(client) -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl(server) -> None:
-    url = f"http://{server.http}/v1/completions"
+    url = f"{server.base_url}/v1/completions"
     body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 4, "stream": True, "ignore_eos": True})
     out = subprocess.run(
-        ["curl", "-sN", url, "-H", "Content-Type: application/json", "-d", body],
+        ["curl", "-sN", *_curl_tls(), url, "-H", "Content-Type: application/json", "-d", body],
         capture_output=True,
         text=True,
         timeout=60,
@@ -126,7 +149,7 @@ def test_curl(server) -> None:
     assert out.returncode == 0 and events[-1] == "[DONE]" and len(events) == 5
     assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
     plain = subprocess.run(
-        ["curl", "-s", url, "-d", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2})],
+        ["curl", "-s", *_curl_tls(), url, "-d", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2})],
         capture_output=True,
         text=True,
         timeout=60,
@@ -169,7 +192,10 @@ def test_32_concurrent_streams(server, client) -> None:
 def test_a_disconnected_stream_frees_its_kv_blocks(server) -> None:
     assert metric(server, "engram_kv_cache_blocks_used") == 0
     body = {"model": MODEL, "prompt": "def", "max_tokens": 500, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as c, c.stream("POST", f"http://{server.http}/v1/completions", json=body) as r:
+    with (
+        httpx.Client(timeout=30, verify=tls()) as c,
+        c.stream("POST", f"{server.base_url}/v1/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert sum(g.startswith("data: ") for g in got) >= 3
@@ -202,15 +228,15 @@ def test_a_disconnected_stream_frees_its_kv_blocks(server) -> None:
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_field(server, body, status, *, needle) -> None:
-    r = httpx.post(f"http://{server.http}/v1/completions", json=body, timeout=30)
+    r = _post(f"{server.base_url}/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
     serving(server)
 
 
 def test_non_json_and_openai_client_errors(server, client) -> None:
-    r = httpx.post(
-        f"http://{server.http}/v1/completions",
+    r = _post(
+        f"{server.base_url}/v1/completions",
         content=b"{not json",
         timeout=30,
         headers={"Content-Type": "application/json"},
@@ -226,13 +252,15 @@ def test_non_json_and_openai_client_errors(server, client) -> None:
 def test_raw_socket_disconnect_mid_request_keeps_serving(server) -> None:
     host, port = server.http.rsplit(":", 1)
     body = json.dumps({"model": MODEL, "prompt": "def", "max_tokens": 300, "stream": True, "ignore_eos": True})
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with tls().wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host) as s:
         s.sendall(
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
         )
         assert b"200 OK" in s.recv(4096)
-    with socket.create_connection((host, int(port)), timeout=10) as s:  # half a body, then gone
+    with tls().wrap_socket(  # half a body, then gone
+        socket.create_connection((host, int(port)), timeout=10), server_hostname=host
+    ) as s:
         s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"')
     deadline = time.monotonic() + 20
     while metric(server, "engram_kv_cache_blocks_used") > 0:
@@ -258,13 +286,11 @@ def test_overload_gets_429_and_the_server_recovers(checkpoint) -> None:
         checkpoint, "--set", "worker.http_port=0", "--set", "worker.max_queue=1", "--set", "worker.max_running=1"
     ).start()
     try:
-        url = f"http://{proc.http}/v1/completions"
+        url = f"{proc.base_url}/v1/completions"
         codes: list[int] = []
 
         def one() -> None:
-            r = httpx.post(
-                url, json={"model": MODEL, "prompt": "def", "max_tokens": 40, "ignore_eos": True}, timeout=60
-            )
+            r = _post(url, json={"model": MODEL, "prompt": "def", "max_tokens": 40, "ignore_eos": True}, timeout=60)
             codes.append(r.status_code)
             if r.status_code == 429:
                 assert "worker.max_queue=1" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
@@ -278,3 +304,23 @@ def test_overload_gets_429_and_the_server_recovers(checkpoint) -> None:
         serving(proc)
     finally:
         proc.kill()
+
+
+def test_https_refuses_plaintext_and_clients_without_a_certificate(server) -> None:
+    assert server.base_url.startswith("https://")
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port: no HTTP answer
+        httpx.get(f"http://{server.http}/health", timeout=10)
+    with pytest.raises(httpx.ConnectError):  # a server certificate from another CA is not trusted
+        httpx.get(f"{server.base_url}/health", timeout=10, verify=True)
+    ca_only = ssl.create_default_context(cafile=str(fixtures_tls.bundle()["read"].ca))
+    with pytest.raises(httpx.HTTPError):  # the CA but no client certificate: mTLS refuses
+        httpx.get(f"{server.base_url}/health", timeout=10, verify=ca_only)
+    serving(server)
+
+
+def test_plaintext_http_on_a_public_address_is_refused(checkpoint) -> None:
+    proc = WorkerProcess(checkpoint, "--host", "0.0.0.0", "--set", "worker.http_port=0", tls=False)
+    proc.launch()
+    assert proc.proc is not None and proc.proc.wait(timeout=120) != 0
+    err = proc.stderr()
+    assert "without TLS; refusing" in err and "allow_plaintext_public" in err, err[-2000:]

@@ -66,6 +66,11 @@ def test_engram_up_status_and_ctrl_c_leaves_nothing_behind() -> None:
         # secure by default: a Redis password and a cluster key, as files; without them Redis says NOAUTH
         assert any(s.startswith("security.redis_password_file=") for s in sets)
         assert any(s.startswith("security.cluster_key_file=") for s in sets)
+        # and mTLS with roles: the printed values give the CLI the admin identity; plaintext gets no answer
+        assert "security.tls_enabled=true" in sets and "security.auth_enabled=true" in sets, sets
+        assert "TLS + roles on" in text
+        health = engram_cli("health", "--address", addresses[0], "--timeout-s", "3")
+        assert health.returncode != 0, health.stdout
         url = next(s.split("=", 1)[1] for s in sets if s.startswith("cluster.redis_url="))
         with pytest.raises(ControlPlaneUnavailable, match="unreachable"):
             asyncio.run(ControlPlane.connect(url, "engram", timeout_s=2, retries=0).slot_map())

@@ -27,7 +27,7 @@ _BUSY_PARENT = textwrap.dedent(
     from concurrent import futures
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from services.launcher import _spawn
+    from services.launcher.processes import spawn as _spawn
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
@@ -66,7 +66,7 @@ def test_spawn_runs_no_grpc_fork_handlers_in_a_busy_grpc_process() -> None:
 _PARENT = textwrap.dedent(
     """
     import time
-    from services.launcher import _spawn
+    from services.launcher.processes import spawn as _spawn
 
     child = _spawn(["sleep", "60"])
     print("CHILD", child.pid, flush=True)

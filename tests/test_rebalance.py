@@ -95,11 +95,12 @@ cluster = cluster_fixture(num_shards=2, overrides=["engram.table_size_per_ngram=
 def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> None:
     async def main() -> None:
         cp = cluster.control()
-        client = await ShardClient.connect(cp)  # keeps looking up throughout
-        stale = await ShardClient.connect(cp)  # at epoch 1, first used after the move
-        pusher = await ShardClient.connect(cp, wire_dtype="fp32")  # pushes a gradient with the old map
+        read, train = cluster.security("read"), cluster.security("train")  # a worker's and a trainer's identity
+        client = await ShardClient.connect(cp, security=read)  # keeps looking up throughout
+        stale = await ShardClient.connect(cp, security=read)  # at epoch 1, first used after the move
+        pusher = await ShardClient.connect(cp, wire_dtype="fp32", security=train)  # pushes with the old map
         cfg, n = client.cfg, client.layouts[1].num_rows
-        standalone = ShardClient(cfg, epoch=1, owners=client.owners, addresses=cluster.addresses)
+        standalone = ShardClient(cfg, epoch=1, owners=client.owners, addresses=cluster.addresses, security=read)
         stop, epochs, bad = asyncio.Event(), [], []
 
         async def load() -> None:
@@ -115,7 +116,7 @@ def test_live_rebalance_two_to_three_under_lookups(cluster: LocalCluster) -> Non
         try:
             await asyncio.sleep(0.3)
             assert await cluster.aadd_shard() == 2
-            report = await rebalance(cp, num_shards=3)
+            report = await rebalance(cp, num_shards=3, security=cluster.security("admin"))
             await asyncio.sleep(0.5)
         finally:
             stop.set()
@@ -175,7 +176,7 @@ def test_failed_rebalance_leaves_the_old_map_serving_updates(failing_cluster: Lo
 
     async def main() -> None:
         cp = failing_cluster.control()
-        pusher = await ShardClient.connect(cp, wire_dtype="fp32")
+        pusher = await ShardClient.connect(cp, wire_dtype="fp32", security=failing_cluster.security("train"))
         try:
             assert await failing_cluster.aadd_shard() == 2
 
@@ -184,7 +185,7 @@ def test_failed_rebalance_leaves_the_old_map_serving_updates(failing_cluster: Lo
 
             monkeypatch.setattr(cp, "set_slot_map", lost_race)
             with pytest.raises(ValueError, match="slot map changed"):
-                await rebalance(cp, num_shards=3)
+                await rebalance(cp, num_shards=3, security=failing_cluster.security("admin"))
             monkeypatch.undo()
             assert (await cp.slot_map()).epoch == 1
             n = pusher.layouts[1].num_rows

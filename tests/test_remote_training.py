@@ -29,6 +29,7 @@ from engram.data import prepare_data
 from services.client import ShardError
 from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
+from tests import fixtures_tls
 from tests.corpus import write_code_corpus
 from tests.faults import ExitAfter
 from trainer.local import train_local
@@ -68,9 +69,15 @@ def overrides(root, name: str, *extra: str) -> list[str]:
 def start_cluster(root, name: str, *extra: str, num_shards: int = 2) -> tuple[LocalCluster, list[str]]:
     ov = overrides(root, name, *extra)
     cluster = LocalCluster(
-        preset="tiny", overrides=ov, num_shards=num_shards, log_dir=root / f"{name}-logs", shard_args=["--threads", "2"]
+        preset="tiny",
+        overrides=ov,
+        num_shards=num_shards,
+        log_dir=root / f"{name}-logs",
+        shard_args=["--threads", "2"],
+        secure=True,
+        certs=fixtures_tls.bundle(),
     ).start()
-    return cluster, ov + cluster.cluster_overrides
+    return cluster, ov + cluster.cluster_overrides + cluster.client_overrides("train")  # the trainer's identity
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,7 @@ def latest_manifest(cfg) -> dict | None:
     from services.control.store import ControlPlane
 
     async def read():
-        cp = ControlPlane.connect(cfg.cluster.redis_url, cfg.cluster.namespace)
+        cp = ControlPlane.from_config(cfg)  # the cluster's password and key
         try:
             return await cp.latest_manifest()
         finally:
@@ -293,13 +300,13 @@ def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, 
 
         async def move() -> None:
             cp = cluster.control()
-            client = await ShardClient.connect(cp)
+            client = await ShardClient.connect(cp, security=cluster.security("admin"))
             try:
                 deadline = time.monotonic() + 180
                 while min((await client.applied_steps()).values()) < 3:  # training is under way
                     assert time.monotonic() < deadline, "training did not start"
                     await asyncio.sleep(0.01)
-                seen["report"] = await rebalance(cp, num_shards=2)
+                seen["report"] = await rebalance(cp, num_shards=2, security=cluster.security("admin"))
                 seen["applied_after"] = min((await client.applied_steps()).values())
             finally:
                 await client.close()

@@ -15,6 +15,7 @@ import torch
 
 from services.client import ShardClient
 from services.launcher import LocalCluster
+from tests import fixtures_tls
 from tests.fixtures_procs import expected_rows, run
 
 OVERRIDES = ["cluster.optimizer=adagrad", "engram.table_size_per_ngram=[4099,4099]"]
@@ -29,6 +30,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         num_shards=2,
         log_dir=tmp_path_factory.mktemp("logs"),
         startup_timeout_s=60,
+        secure=True,
+        certs=fixtures_tls.bundle(),  # the TCP path runs TLS; shared memory never leaves the host
     ) as c:
         c.shm = shm
         yield c
@@ -36,6 +39,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 async def _client(c: LocalCluster, path: str, dtype: str, **kw) -> ShardClient:
+    kw.setdefault("security", c.security("read"))
     return await ShardClient.connect(c.control(), wire_dtype=dtype, row_path=path, shm_dir=str(c.shm), **kw)
 
 
@@ -68,7 +72,7 @@ def test_paths_return_identical_rows(cluster: LocalCluster, dtype: str) -> None:
 
 def test_paths_agree_after_updates(cluster: LocalCluster) -> None:
     async def go() -> None:
-        pusher = await _client(cluster, "grpc", "fp32")
+        pusher = await _client(cluster, "grpc", "fp32", security=cluster.security("train"))
         try:
             ids = np.arange(0, 4000, 3)
             grads = torch.randn(ids.size, pusher.layouts[1].dim) * 0.1
@@ -167,7 +171,15 @@ def test_sync_facade_reads_shared_memory_on_the_callers_thread(cluster: LocalClu
     from services.client.sync import SyncShardClient
 
     cfg = load_config(
-        "tiny", None, [*OVERRIDES, f"cluster.shm_dir={cluster.shm}", "cluster.row_path=shm", *cluster.cluster_overrides]
+        "tiny",
+        None,
+        [
+            *OVERRIDES,
+            f"cluster.shm_dir={cluster.shm}",
+            "cluster.row_path=shm",
+            *cluster.cluster_overrides,
+            *cluster.client_overrides("read"),
+        ],
     )
     with SyncShardClient.connect(cfg) as shards:
         ids = np.arange(7, 4000, 6)  # rows no test updates (1 mod 3)
@@ -191,7 +203,11 @@ def client_deadline(seconds: float = 5.0) -> float:
 def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluster, caplog) -> None:
     async def go() -> dict:
         client = await ShardClient.connect(
-            cluster.control(), wire_dtype="bf16", row_path="auto", shm_dir="/nonexistent-engram-shm"
+            cluster.control(),
+            wire_dtype="bf16",
+            row_path="auto",
+            shm_dir="/nonexistent-engram-shm",
+            security=cluster.security("read"),
         )
         try:
             ids = np.arange(1, 2000, 3)  # rows the update test above did not touch
@@ -212,10 +228,18 @@ def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluste
 
 def test_shard_without_shm_dir_serves_tcp(tmp_path) -> None:
     overrides = [*OVERRIDES, "cluster.shm_dir=/nonexistent-engram-shm"]
-    with LocalCluster(preset="tiny", overrides=overrides, num_shards=1, log_dir=tmp_path, startup_timeout_s=60) as c:
+    with LocalCluster(
+        preset="tiny",
+        overrides=overrides,
+        num_shards=1,
+        log_dir=tmp_path,
+        startup_timeout_s=60,
+        secure=True,
+        certs=fixtures_tls.bundle(),
+    ) as c:
 
         async def go() -> dict:
-            client = await ShardClient.connect(c.control(), wire_dtype="fp16")
+            client = await ShardClient.connect(c.control(), wire_dtype="fp16", security=c.security("read"))
             try:
                 ids = np.arange(0, 8000, 5)
                 rows = await client.lookup(1, ids)

@@ -1,11 +1,14 @@
 """The red-team list of issue 12, replayed against real processes: every attack must fail.
 
-One secure LocalCluster (Redis with a generated password, a signed control plane, two shards,
-a checkpoint root in a temp folder). The attacker is a plain gRPC client on loopback and, for
-the control-plane attacks, a Redis client that knows the password but not the cluster key.
+One LocalCluster as `engram up` starts it (mTLS and roles, Redis with a generated password, a
+signed control plane, two shards, a checkpoint root in a temp folder). The attacker holds even
+the admin certificate, so each attack reaches its handler: confinement must not depend on the
+role. For the control-plane attacks it is a Redis client that knows the password but not the
+cluster key.
 
 Attacks on the roles (an unauthenticated ApplyGradients at lr=50, admin RPCs without the admin
-role) run against a standalone shard with auth on (bearer tokens), at the end.
+role) run against a standalone shard with auth on and bearer tokens over plaintext (the trusted
+network case, the one without TLS), at the end; tests/test_tls_cluster.py covers them over mTLS.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from services.client import ShardClient
 from services.control import ControlPlane, ControlPlaneUnavailable
 from services.launcher import LocalCluster
 from services.wire import pack_ids
+from tests import fixtures_tls
 from tests.fixtures_cluster import ShardProcess, shard_procs  # noqa: F401
 from tests.fixtures_procs import cluster_fixture, expected_rows, run
 
-cluster = cluster_fixture(num_shards=2, overrides=[], secure=True)
+cluster = cluster_fixture(num_shards=2, overrides=[])
 pytestmark = pytest.mark.timeout(120)
 TABLE = 1
 
@@ -42,10 +46,10 @@ _channels: dict[str, grpc.Channel] = {}
 
 
 def stub(c: LocalCluster, shard: int) -> shard_pb2_grpc.MemoryShardStub:
-    """A plain client: no credentials of any kind."""
+    """The strongest client: the admin certificate (every RPC gets past the roles to its checks)."""
     address = c.addresses[shard]
     if address not in _channels:
-        _channels[address] = grpc.insecure_channel(address)
+        _channels[address] = fixtures_tls.channel(address, "admin")
     return shard_pb2_grpc.MemoryShardStub(_channels[address])
 
 
@@ -122,7 +126,7 @@ def test_tampered_slot_map_is_ignored_and_reported(cluster: LocalCluster) -> Non
     ids = np.arange(0, 3000, 7)
 
     async def main() -> None:
-        client = await ShardClient.connect(cluster.control(), row_path="grpc")
+        client = await ShardClient.connect(cluster.control(), row_path="grpc", security=cluster.security("read"))
         try:
             owners = client.owners
             forged = {"epoch": 2, "owners": [0] * len(owners)}  # every slot to shard 0
@@ -138,7 +142,7 @@ def test_tampered_slot_map_is_ignored_and_reported(cluster: LocalCluster) -> Non
                 assert torch.equal(await client.lookup(TABLE, ids), expected_rows(client.cfg, TABLE, ids))
             fresh = cluster.control()  # never saw a verified map: refuses to use this one
             with pytest.raises(ControlPlaneUnavailable, match="slot map fails its signature"):
-                await ShardClient.connect(fresh)
+                await ShardClient.connect(fresh, security=cluster.security("read"))
             assert fresh.tampered.total == 1
             await fresh.close()
         finally:
@@ -156,7 +160,7 @@ def test_overwritten_shard_address_is_ignored_and_repaired(cluster: LocalCluster
     good = cluster.addresses
 
     async def main() -> None:
-        client = await ShardClient.connect(cluster.control(), row_path="grpc")
+        client = await ShardClient.connect(cluster.control(), row_path="grpc", security=cluster.security("read"))
         try:
             record = msgpack.unpackb(
                 r.hget(key, "1")[35:], strict_map_key=False
@@ -384,7 +388,8 @@ def _auth_shard(tmp_path: Path, shard_procs: list) -> ShardProcess:  # noqa: F81
             "security.auth_enabled=true",
             "--set",
             f"security.tokens_file={tokens}",
-        ]
+        ],
+        tls=False,  # bearer tokens over plaintext: the trusted-network case
     )
     shard_procs.append(shard)
     shard.start()

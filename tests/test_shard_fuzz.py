@@ -24,7 +24,6 @@ from engram.config import load_config
 from engram.layout import table_layouts
 from engram.row_optim import AdamParams, lazy_adam_
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from services.control import ControlPlane
 from tests.fixtures_cluster import ShardProcess, free_port, redis_server, shard_procs, start_all  # noqa: F401
 from tests.fuzz_corpus import SERVICE, STREAMING, Corpus, Target, valid_step
 
@@ -87,7 +86,7 @@ def _applied(stub) -> int:
 
 def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shard_procs, tmp_path):  # noqa: F811
     async def init() -> None:
-        cp = ControlPlane.connect(redis_server.url, "fuzz")
+        cp = redis_server.control("fuzz")
         await cp.init_cluster(CFG, num_shards=2)
         await cp.close()
 
@@ -95,8 +94,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     args = [
         "--preset",
         "tiny",
-        "--set",
-        f"cluster.redis_url={redis_server.url}",
+        *[a for o in redis_server.overrides for a in ("--set", o)],  # URL, password, cluster key
         "--set",
         "cluster.namespace=fuzz",
         "--set",
@@ -107,7 +105,7 @@ def test_fuzz_corpus_leaves_every_shard_serving_and_unchanged(redis_server, shar
     procs = start_all([ShardProcess([*args, "--shard-id", str(i)]) for i in range(2)])
     shard_procs.extend(procs)
     opts = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
-    channels = [grpc.insecure_channel(p.address, options=opts) for p in procs]
+    channels = [p.channel(options=opts) for p in procs]  # as admin: every RPC reaches its handler
     stubs = [shard_pb2_grpc.MemoryShardStub(ch) for ch in channels]
     owned = [list(stubs[i].Stats(shard_pb2.StatsRequest(), timeout=10).slots) for i in range(2)]
     targets = [

@@ -14,7 +14,6 @@ import torch
 from engram.config import load_config
 from engram.layout import even_slot_map, table_layouts
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from services.control import ControlPlane
 from services.errors import Reason
 from tests.fixtures_cluster import ShardProcess, redis_server, shard_procs, start_all  # noqa: F401
 from tests.test_shard_server import Client, _init, expect_error, redis_args, rows_of
@@ -115,8 +114,8 @@ def test_partial_multi_part_step_expires(pair):
     assert "discarded step" in procs[1].stderr()
 
 
-async def _set_map(url: str, namespace: str, owners: list[int]) -> None:
-    cp = ControlPlane.connect(url, namespace)
+async def _set_map(redis, namespace: str, owners: list[int]) -> None:
+    cp = redis.control(namespace)
     try:
         await cp.set_slot_map(owners, expected_epoch=1)
     finally:
@@ -125,7 +124,7 @@ async def _set_map(url: str, namespace: str, owners: list[int]) -> None:
 
 def test_migration_freeze_is_a_lease(redis_server, shard_procs):  # noqa: F811
     # MigrateSlots dials only shards the control plane registered: this pair boots from one
-    asyncio.run(_init(redis_server.url, "lease", 2, pending_step_timeout_s=1, freeze_lease_s=1))
+    asyncio.run(_init(redis_server, "lease", 2, pending_step_timeout_s=1, freeze_lease_s=1))
     procs = start_all([ShardProcess(redis_args(redis_server, "lease", i)) for i in range(2)])
     shard_procs.extend(procs)
     c0 = Client(procs[0].address)
@@ -144,7 +143,7 @@ def test_migration_freeze_is_a_lease(redis_server, shard_procs):  # noqa: F811
     # ... and a map giving slot 3 away is refused: updates reached it after the copy
     new = [1 if s == 3 else o for s, o in enumerate(OWNERS)]
     owned0 = [s for s, o in enumerate(new) if o == 0]
-    asyncio.run(_set_map(redis_server.url, "lease", new))  # even with the control plane's word for it
+    asyncio.run(_set_map(redis_server, "lease", new))  # even with the control plane's word for it
     expect_error(
         lambda: c0.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=owned0, owners=new), timeout=5),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -174,7 +173,7 @@ def test_reply_size_and_inflight_memory_checked_before_work(pair):
     big = shard_pb2.LookupRequest(
         table=TABLE, epoch=1, row_ids=np.resize(mine, (3584 << 10) // 8).tobytes(), dtype=shard_pb2.FP32
     )
-    with grpc.insecure_channel(procs[0].address, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+    with procs[0].channel(options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
         expect_error(
             lambda: shard_pb2_grpc.MemoryShardStub(ch).Lookup(big, timeout=10),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -186,7 +185,7 @@ def test_reply_size_and_inflight_memory_checked_before_work(pair):
 
 def test_malformed_bytes_get_one_line_not_a_traceback(pair):
     procs, clients = pair
-    with grpc.insecure_channel(procs[0].address) as ch:
+    with procs[0].channel() as ch:
         for rpc in ("Lookup", "ApplyGradients", "SetSlotMap", "Stats"):
             call = ch.unary_unary(f"/engram.shard.v1.MemoryShard/{rpc}")
             expect_error(
@@ -212,7 +211,7 @@ def test_idle_connections_are_closed(pair):
         if grpc.ChannelConnectivity.READY in states and state == grpc.ChannelConnectivity.IDLE:
             seen.set()
 
-    with grpc.insecure_channel(procs[1].address) as ch:
+    with procs[1].channel() as ch:
         ch.subscribe(note, try_to_connect=False)
         shard_pb2_grpc.MemoryShardStub(ch).Stats(shard_pb2.StatsRequest(), timeout=5)
         assert seen.wait(6), states  # idle_connection_s=1: the shard sent GOAWAY, the channel went idle

@@ -17,9 +17,9 @@ from engram.init import init_rows
 from engram.layout import even_slot_map, table_layouts
 from engram.row_optim import AdamParams, lazy_adam_
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from services.control import ControlPlane
 from services.errors import Reason, error_reason
 from services.wire import pack_ids, unpack_rows
+from tests import fixtures_tls
 from tests.fixtures_cluster import (  # noqa: F401
     ShardProcess,
     free_port,
@@ -51,9 +51,9 @@ def rows_of(owners: list[int], shard: int) -> np.ndarray:
 class Client:
     """A minimal synchronous client for tests (the real one is async and lives elsewhere)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, role: str = "admin") -> None:
         opts = [("grpc.max_receive_message_length", 16 << 20)]
-        self.channel = grpc.insecure_channel(address, options=opts)
+        self.channel = fixtures_tls.channel(address, role, opts)  # the shards serve mTLS with roles on
         self.stub = shard_pb2_grpc.MemoryShardStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -244,8 +244,7 @@ def test_bad_configuration_exits_2():
 def redis_args(redis, namespace: str, shard: int) -> list[str]:
     return [
         *TINY,
-        "--set",
-        f"cluster.redis_url={redis.url}",
+        *[a for o in redis.overrides for a in ("--set", o)],  # its URL, password and cluster key
         "--set",
         f"cluster.namespace={namespace}",
         "--shard-id",
@@ -253,9 +252,9 @@ def redis_args(redis, namespace: str, shard: int) -> list[str]:
     ]
 
 
-async def _init(url: str, namespace: str, num_shards: int, *, manifest: dict | None = None, **over) -> None:
+async def _init(redis, namespace: str, num_shards: int, *, manifest: dict | None = None, **over) -> None:
     cfg = load_config("tiny", overrides=[f"cluster.{k}={v}" for k, v in over.items()])
-    cp = ControlPlane.connect(url, namespace)
+    cp = redis.control(namespace)
     try:
         await cp.init_cluster(cfg, num_shards=num_shards)
         if manifest is not None:
@@ -264,8 +263,8 @@ async def _init(url: str, namespace: str, num_shards: int, *, manifest: dict | N
         await cp.close()
 
 
-async def _shards(url: str, namespace: str):
-    cp = ControlPlane.connect(url, namespace, timeout_s=0.5, retries=0)
+async def _shards(redis, namespace: str):
+    cp = redis.control(namespace, timeout_s=0.5, retries=0)
     try:
         return await cp.shards()
     finally:
@@ -273,7 +272,7 @@ async def _shards(url: str, namespace: str):
 
 
 def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs, tmp_path):  # noqa: F811
-    asyncio.run(_init(redis_server.url, "two", 2, max_message_mb=1))
+    asyncio.run(_init(redis_server, "two", 2, max_message_mb=1))
     root = ["--set", f"cluster.checkpoint_dir={tmp_path}"]  # every shard's checkpoint root (requests name checkpoints)
     two = start_all([ShardProcess([*redis_args(redis_server, "two", i), *root]) for i in range(2)])
     shard_procs.extend(two)
@@ -301,7 +300,7 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         ],
     }
 
-    asyncio.run(_init(redis_server.url, "three", 3, manifest=manifest, max_message_mb=1))
+    asyncio.run(_init(redis_server, "three", 3, manifest=manifest, max_message_mb=1))
     three = start_all([ShardProcess([*redis_args(redis_server, "three", i), *root]) for i in range(3)])
     shard_procs.extend(three)
     owners3 = even_slot_map(NSLOTS, 3)
@@ -314,11 +313,11 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
         by_slot = {f.slot: f.sha256 for f in files}
         assert all(by_slot[f.slot] == f.sha256 for f in again.files)  # identical rows and optimizer state
     assert torch.equal(got, expected) and not torch.equal(got, init_table(everything))
-    assert {s.shard_id for s in asyncio.run(_shards(redis_server.url, "three")) if s.alive} == {0, 1, 2}
+    assert {s.shard_id for s in asyncio.run(_shards(redis_server, "three")) if s.alive} == {0, 1, 2}
 
     # SetSlotMap without `owners`: the shard reads them from the control plane for its messages
     async def bump() -> None:
-        cp = ControlPlane.connect(redis_server.url, "three")
+        cp = redis_server.control("three")
         await cp.set_slot_map(owners3, expected_epoch=1)
         await cp.close()
 
@@ -356,10 +355,10 @@ def test_checkpoint_on_two_shards_restores_onto_three(redis_server, shard_procs,
 
 
 def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  # noqa: F811
-    asyncio.run(_init(redis_server.url, "hb", 1, heartbeat_s=0.2, heartbeat_ttl_s=1.0))
+    asyncio.run(_init(redis_server, "hb", 1, heartbeat_s=0.2, heartbeat_ttl_s=1.0))
     p = ShardProcess(redis_args(redis_server, "hb", 0)).start()
     shard_procs.append(p)
-    assert [s.alive for s in asyncio.run(_shards(redis_server.url, "hb"))] == [True]
+    assert [s.alive for s in asyncio.run(_shards(redis_server, "hb"))] == [True]
     c = Client(p.address)
     rows = np.arange(0, NROWS, 7)
     redis_server.stop()
@@ -369,7 +368,7 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     redis_server.start()  # restarted empty (no persistence): the shard registers again
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        shards = asyncio.run(_shards(redis_server.url, "hb"))
+        shards = asyncio.run(_shards(redis_server, "hb"))
         if shards and shards[0].alive:
             break
         time.sleep(0.2)
@@ -378,8 +377,8 @@ def test_heartbeats_survive_redis_down_and_restart(redis_server, shard_procs):  
     assert "heartbeat failed, still serving" in log and "registered again" in log
 
 
-async def _set_map(url: str, namespace: str, owners: list[int], *, epoch: int) -> None:
-    cp = ControlPlane.connect(url, namespace)
+async def _set_map(redis, namespace: str, owners: list[int], *, epoch: int) -> None:
+    cp = redis.control(namespace)
     try:
         await cp.set_slot_map(owners, expected_epoch=epoch - 1)
     finally:
@@ -388,7 +387,7 @@ async def _set_map(url: str, namespace: str, owners: list[int], *, epoch: int) -
 
 def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noqa: F811
     # MigrateSlots dials only shards the control plane registered: these two boot from it
-    asyncio.run(_init(redis_server.url, "mig", 2, max_message_mb=1))
+    asyncio.run(_init(redis_server, "mig", 2, max_message_mb=1))
     procs = start_all([ShardProcess(redis_args(redis_server, "mig", i)) for i in range(2)])
     shard_procs.extend(procs)
     owners = even_slot_map(NSLOTS, 2)
@@ -432,7 +431,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
         "being migrated to",
     )
     new = [1 if s in moved else o for s, o in enumerate(owners)]
-    asyncio.run(_set_map(redis_server.url, "mig", new, epoch=2))
+    asyncio.run(_set_map(redis_server, "mig", new, epoch=2))
     for c, shard in ((c1, 1), (c0, 0)):
         c.stub.SetSlotMap(
             shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[s for s, o in enumerate(new) if o == shard], owners=new),
@@ -457,7 +456,7 @@ def test_migrate_slots_while_lookups_continue(redis_server, shard_procs):  # noq
     assert torch.equal(c1.lookup(moved_rows, epoch=2), w)
     stats = c0.stub.Stats(shard_pb2.StatsRequest(), timeout=5)
     assert list(stats.slots) == [0, 1, 2, 3, 4, 5] and stats.epoch == 2
-    asyncio.run(_set_map(redis_server.url, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], epoch=3))
+    asyncio.run(_set_map(redis_server, "mig", [1 if s == 0 else 0 for s in range(NSLOTS)], epoch=3))
     expect_error(
         lambda: c1.stub.SetSlotMap(shard_pb2.SetSlotMapRequest(epoch=3, owned_slots=[0]), timeout=10),
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -24,6 +24,7 @@ from scripts.otlp_receiver import OtlpReceiver
 from services import telemetry
 from services.client import ShardClient
 from services.launcher import LocalCluster
+from tests import fixtures_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 RPC = "/engram.shard.v1.MemoryShard/Lookup"
@@ -35,7 +36,7 @@ def _clean_env() -> dict[str, str]:
 
 async def _lookup(cluster: LocalCluster, ids: np.ndarray):
     control = cluster.control()
-    client = await ShardClient.connect(control, row_path="grpc")  # the traced path into the shards
+    client = await ShardClient.connect(control, row_path="grpc", security=cluster.security("read"))  # traced path
     try:
         handle = client.lookup(1, ids)  # the requests leave now
         return await handle, handle.unique_ids
@@ -53,7 +54,7 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
         monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
         tel = telemetry.setup_telemetry("engram-test", env={**_clean_env(), **env})
         try:
-            with LocalCluster(preset="tiny", num_shards=2) as cluster:
+            with LocalCluster(preset="tiny", num_shards=2, secure=True, certs=fixtures_tls.bundle()) as cluster:
                 ids = np.concatenate([np.arange(0, 64), np.arange(0, 32)]).astype(np.int64)  # both shards, repeats
                 rows, unique = asyncio.run(_lookup(cluster, ids))
                 assert tuple(rows.shape) == (
@@ -61,7 +62,10 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
                     cluster.cfg.engram.n_embed_per_ngram // cluster.cfg.engram.n_head_per_ngram,
                 )
                 health = subprocess.run(
-                    [sys.executable, "-m", "engram_cli.main", "health", "--address", cluster.addresses[0]],
+                    [
+                        *[sys.executable, "-m", "engram_cli.main", "health", "--address", cluster.addresses[0]],
+                        *fixtures_tls.sets("read"),
+                    ],
                     cwd=ROOT,
                     capture_output=True,
                     text=True,

@@ -20,8 +20,8 @@ from engram.config import load_config
 from engram.layout import table_layouts
 from services.client.errors import ShardError as ClientShardError
 from services.client.sync import SyncShardClient
-from services.control import ControlPlane
 from services.shard.errors import ShardError as ServerShardError
+from tests import fixtures_tls
 from tests.fixtures_cluster import ShardProcess, redis_server, shard_procs, start_all  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,10 +48,13 @@ def test_shard_errors_pickle_with_their_cause():
 
 
 def _cluster(redis, shard_procs, ns: str, *, over: list[str]):  # noqa: F811
-    cfg = load_config("tiny", overrides=[*over, f"cluster.redis_url={redis.url}", f"cluster.namespace={ns}"])
+    # the trainer's view: its control plane credentials and its "train" certificate
+    cfg = load_config(
+        "tiny", overrides=[*over, *redis.overrides, f"cluster.namespace={ns}", *fixtures_tls.overrides("train")]
+    )
 
     async def init() -> None:
-        cp = ControlPlane.connect(redis.url, ns)
+        cp = redis.control(ns)
         await cp.init_cluster(cfg, num_shards=2)
         await cp.close()
 
@@ -62,8 +65,7 @@ def _cluster(redis, shard_procs, ns: str, *, over: list[str]):  # noqa: F811
                 [
                     "--preset",
                     "tiny",
-                    "--set",
-                    f"cluster.redis_url={redis.url}",
+                    *[a for o in redis.overrides for a in ("--set", o)],
                     "--set",
                     f"cluster.namespace={ns}",
                     "--shard-id",

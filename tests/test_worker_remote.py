@@ -17,6 +17,7 @@ from engram.model import EngramLM
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from services.launcher import LocalCluster
+from tests import fixtures_tls
 from tests.fixtures_procs import cluster_fixture
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 from worker.prefetch import PrefetchPipeline
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def serving_cfg(c: LocalCluster, *extra: str):
-    return load_config("tiny", None, [*c.cluster_overrides, *extra])
+    return load_config("tiny", None, [*c.cluster_overrides, *c.client_overrides("read"), *extra])  # a worker: read
 
 
 @torch.no_grad()
@@ -69,6 +70,7 @@ def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster) ->
         f"--set={o}"
         for o in [
             *cluster.cluster_overrides,
+            *cluster.client_overrides("read"),
             "worker.row_source=remote",
             "cluster.lookup_timeout_s=1.5",
             # shm would read the stopped shard's memory (docs/consistency.md)
@@ -78,7 +80,7 @@ def test_a_stalled_shard_is_unavailable_and_the_worker_keeps_serving(cluster) ->
     worker = WorkerProcess(checkpoint, *sets).start()
     shard_pid = cluster.shards[0].proc.pid
     try:
-        with grpc.insecure_channel(worker.address) as ch:
+        with fixtures_tls.channel(worker.address, "read") as ch:
             stub = worker_pb2_grpc.ModelWorkerStub(ch)
             assert len(stub.Score(pb.ScoreRequest(text="def f(x):"), timeout=30).logprobs) > 0
             assert "WARNING: the cluster's rows of Engram layers [1] differ" in worker.stderr()  # trained != fresh

@@ -136,7 +136,9 @@ def test_context_shift_past_max_seq_len(trained) -> None:
 
 @torch.no_grad()
 def test_decode_with_remote_rows_equals_the_full_forward(cluster) -> None:
-    cfg = load_config("tiny", None, [*cluster.cluster_overrides, "cluster.wire_dtype=fp32"])
+    cfg = load_config(
+        "tiny", None, [*cluster.cluster_overrides, *cluster.client_overrides("read"), "cluster.wire_dtype=fp32"]
+    )  # a worker: the read identity
     model = randomise_conv(EngramLM(cfg, np.arange(cfg.model.vocab_size)).eval())  # fresh tables == the cluster's
     _, _, tok_json = load_model(shared_tiny_checkpoint())
     tok = Tokenizer.from_str(tok_json)

@@ -15,6 +15,7 @@ from engram.checkpoint import load_model
 from proto.worker.v1 import worker_pb2 as pb
 from proto.worker.v1 import worker_pb2_grpc
 from services.errors import Reason, error_reason
+from tests import fixtures_tls
 from tests.worker_proc import WorkerProcess, shared_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(90)
@@ -34,7 +35,7 @@ def worker(checkpoint):
 
 @pytest.fixture(scope="module")
 def stub(worker):
-    with grpc.insecure_channel(worker.address) as channel:
+    with worker.channel() as channel:
         yield worker_pb2_grpc.ModelWorkerStub(channel)
 
 
@@ -45,7 +46,7 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
 
 
 def test_health_and_score_match_the_model(worker, stub, checkpoint) -> None:
-    with grpc.insecure_channel(worker.address) as ch:
+    with worker.channel() as ch:
         for service in ("", "engram.worker.v1.ModelWorker"):
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -146,7 +147,7 @@ def test_cancel_mid_stream_stops_generation_and_serves_others(worker, stub) -> N
 def test_sigterm_finishes_in_flight_requests_then_exits(checkpoint) -> None:
     proc = WorkerProcess(checkpoint, "--grace", "30").start()
     try:
-        with grpc.insecure_channel(proc.address) as ch:
+        with proc.channel() as ch:
             stub = worker_pb2_grpc.ModelWorkerStub(ch)
             stream = stub.Generate(pb.GenerateRequest(prompt="def", max_new_tokens=60, temperature=0, ignore_eot=True))
             first = next(stream)
@@ -178,7 +179,10 @@ def test_engram_generate_cli(worker) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+            [
+                *[sys.executable, "-m", "engram_cli.main", "generate", *args, "--address", worker.address],
+                *fixtures_tls.sets("read"),  # the worker serves mTLS with roles on: a reader's identity
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -9,6 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc
+
+from tests import fixtures_tls
 from tests.corpus import write_code_corpus
 from tests.line_process import LineProcess
 
@@ -51,19 +54,32 @@ class WorkerProcess(LineProcess):
 
     name = "worker"
 
-    def __init__(self, checkpoint: Path, *args: str) -> None:
+    def __init__(self, checkpoint: Path, *args: str, tls: bool = True) -> None:
+        """`tls` (the default): the worker's gRPC and HTTP serve mTLS with roles on, as the session's
+        "read" identity (tests/fixtures_tls.py); `args` come after it, so a test's own `--set`s win."""
+        ident = fixtures_tls.sets("read") if tls else []
         super().__init__(
-            [sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint), "--port", "0", *args]
+            [
+                *[sys.executable, "-m", "engram_cli.main", "serve", "--checkpoint", str(checkpoint)],
+                *["--port", "0", *ident, *args],
+            ]
         )
+        self.tls = tls
         self.address = ""
         self.http = ""  # host:port of the HTTP API when worker.http_port >= 0
+        self.base_url = ""  # http(s)://host:port of the HTTP API (https when the worker has TLS on)
 
     def start(self, timeout_s: float = 60.0) -> WorkerProcess:
         self.launch()
         line = self.wait_line("READY ", timeout_s)
         fields = dict(p.split("=", 1) for p in line.split()[1:])
         self.address, self.http = fields["address"], fields.get("http", "")
+        self.base_url = f"{fields.get('http_scheme', 'http')}://{self.http}" if self.http else ""
         return self
+
+    def channel(self, role: str = "read") -> grpc.Channel:
+        """A sync channel to the worker's gRPC as `role` (plaintext when it runs without TLS)."""
+        return fixtures_tls.channel(self.address, role) if self.tls else grpc.insecure_channel(self.address)
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         return super().terminate(timeout_s)

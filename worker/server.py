@@ -30,7 +30,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from engram.config import Config, ConfigError
+from engram.config import Config
 from engram.tokenizer import eot_id
 from proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.errors import Code, Reason, ShardError, abort
@@ -215,15 +215,8 @@ async def serve(
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     w = cfg.worker
     tls.check_bind(host, cfg.security, what=f"the worker's gRPC on {host}")
-    if (
-        (w.http_port if http_port is None else http_port) >= 0
-        and not tls.is_loopback(host)
-        and not cfg.security.allow_plaintext_public
-    ):
-        raise ConfigError(
-            f"worker.http_port: the HTTP API has neither TLS nor roles; refusing to serve it on {host}. "
-            "Bind a loopback address (behind a TLS proxy) or set security.allow_plaintext_public=true"
-        )
+    if (w.http_port if http_port is None else http_port) >= 0:  # HTTPS with TLS on; else loopback only
+        tls.check_bind(host, cfg.security, what=f"the worker's HTTP API on {host}")
     model_thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-model")  # the one model thread
     batcher: DynamicBatcher = DynamicBatcher(
         engine.logprobs, max_batch=w.max_batch, timeout_ms=w.batch_timeout_ms, executor=model_thread
@@ -264,7 +257,7 @@ async def serve(
 
         http = HttpServer(scheduler=scheduler, tok=tok, cfg=cfg, host=host, port=port_http, grace_s=grace_s)
         await http.start()
-    http_note = f" http={host}:{http.port}" if http is not None else ""
+    http_note = f" http={host}:{http.port} http_scheme={http.scheme}" if http is not None else ""
     print(f"READY address={host}:{bound}{http_note} row_source={cfg.worker.row_source}", flush=True)
     await stop.wait()
     print("STOPPING", flush=True)

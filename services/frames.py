@@ -64,7 +64,7 @@ class Request:
         )
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Request:
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Request:
         (magic, version, kind, request_id, table, dtype, epoch, step, max_staleness, flags, n_ids, body_len) = (
             REQUEST.unpack(data)
         )
@@ -101,7 +101,7 @@ class Reply:
         )
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Reply:
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Reply:
         magic, status, request_id, epoch, applied_step, dim, dtype, body_len = REPLY.unpack(data)
         return cls(
             status=status,

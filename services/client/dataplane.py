@@ -169,7 +169,7 @@ class DataPlaneClient:
             )
         out = torch.empty((n, row_cols(dtype, dim)), dtype=ROW_DTYPES[dtype])  # (n, D), fp8 (n, D + D/32)
         if nbytes:
-            await self._recv_exact(conn.io, memoryview(out.view(torch.uint8).numpy()).cast("B"))
+            await self._recv_exact(conn.io, out.view(torch.uint8).numpy().data.cast("B"))
         return out, applied_step
 
     @staticmethod

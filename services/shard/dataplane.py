@@ -259,7 +259,7 @@ class DataPlane:
         nbytes = n * width
         head = REPLY.pack(REPLY_MAGIC, 0, req.request_id, plan.epoch, plan.applied_step, dim, plan.dtype, nbytes)
         buf = conn.reply_buffer(REPLY.size + nbytes)  # (48 + nbytes,) uint8: header then rows, sent as one
-        raw = memoryview(buf)
+        raw = buf.data  # memoryview of the (48 + nbytes,) uint8 buffer
         raw[: REPLY.size] = head
         engine = self.engine
         engine.lookups += 1

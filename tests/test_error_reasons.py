@@ -24,6 +24,7 @@ from proto.shard.v1 import shard_pb2, shard_pb2_grpc
 from services.client import Reason, RetryPolicy, ShardClient, ShardError, error_reason
 from services.errors import DOMAIN, rich_status
 from services.wire import pack_ids
+from tests import fixtures_tls
 from tests.fixtures_cluster import ShardProcess, free_port, start_all
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,10 +152,11 @@ def test_the_client_branches_on_reasons_and_keeps_them(pair):
     procs, _, _ = pair
     addresses = [p.address for p in procs]
     no_retry = RetryPolicy(max_attempts=1, max_refreshes=0)
+    cfg = load_config("tiny", overrides=["cluster.max_message_mb=1", *fixtures_tls.overrides("read")])  # a worker
 
     async def go() -> list[ShardError]:
         errors = []
-        async with ShardClient.standalone(CFG, addresses, retry=no_retry, timeout_s=5) as client:
+        async with ShardClient.standalone(cfg, addresses, retry=no_retry, timeout_s=5) as client:
             client.set_routing(epoch=2, owners=OWNERS)  # ahead of both shards: EPOCH_AHEAD, not retried
             with pytest.raises(ShardError) as err:
                 await client.lookup(TABLE, rows_of(0)[:8])
@@ -164,7 +166,7 @@ def test_the_client_branches_on_reasons_and_keeps_them(pair):
                 await client.lookup(TABLE, rows_of(1)[:8])
             errors.append(err.value)
         dead = {0: addresses[0], 1: f"127.0.0.1:{free_port()}"}  # nothing listens: a transport failure
-        async with ShardClient(CFG, epoch=1, owners=OWNERS, addresses=dead, retry=no_retry, timeout_s=5) as client:
+        async with ShardClient(cfg, epoch=1, owners=OWNERS, addresses=dead, retry=no_retry, timeout_s=5) as client:
             with pytest.raises(ShardError) as err:
                 await client.lookup(TABLE, rows_of(1)[:8])
             errors.append(err.value)

@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         if x["over_local"] is not None:
             over_local.setdefault(x["way"], {})[f"{x['workload']} C={x['concurrency']}"] = x["over_local"]["median"]
     for way, ratios in over_local.items():
-        print(f"{way} throughput / local (median of {rounds}): " + ", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
+        print(
+            f"{way} throughput / local (median of {rounds}): " + ", ".join(f"{k}: {v:.3f}" for k, v in ratios.items())
+        )
     out = {
         "machine": machine_info(),
         "load_average_1m": os.getloadavg()[0],

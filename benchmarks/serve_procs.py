@@ -1,10 +1,10 @@
 """The processes of the serve benchmark (benchmarks/serve.py): a checkpoint, the shard cluster, `engram serve`.
 
-    checkpoint = make_checkpoint(tmp, "cpu")           # 2 training steps: the weights do not matter for speed
-    cluster = start_cluster(checkpoint, "cpu", tmp)   # 2 shard processes + `engram cluster load`
-    server = start_way("shm", checkpoint=checkpoint, sets=[...], tmp=tmp, cluster=cluster)
-    ... http://{server.http}/v1/completions ...
-    stop(server.proc); cluster.stop()
+checkpoint = make_checkpoint(tmp, "cpu")           # 2 training steps: the weights do not matter for speed
+cluster = start_cluster(checkpoint, "cpu", tmp)   # 2 shard processes + `engram cluster load`
+server = start_way("shm", checkpoint=checkpoint, sets=[...], tmp=tmp, cluster=cluster)
+... http://{server.http}/v1/completions ...
+stop(server.proc); cluster.stop()
 """
 
 from __future__ import annotations

@@ -50,9 +50,7 @@ def test_inline_shm_reads_are_lookup_time_not_compute(tmp_path) -> None:
         torch.manual_seed(0)
         model = EngramLM(cfg, np.arange(cfg.model.vocab_size), local_tables=False)
         opt, _ = build_optimizers(model, cfg.train)
-        step = RemoteStep(
-            model=model, ddp=model, shards=rows, backbone_opt=opt, cfg=cfg, rank=0, world=1, device="cpu"
-        )
+        step = RemoteStep(model=model, ddp=model, shards=rows, backbone_opt=opt, cfg=cfg, rank=0, world=1, device="cpu")
         rng = np.random.default_rng(0)
         x = [rng.integers(0, cfg.model.vocab_size, (4, 16)) for _ in range(5)]
         results = []

@@ -220,8 +220,15 @@ class RemoteRowSource(RowSource):
 
         tasks = [asyncio.ensure_future(one(layer, ids, fut)) for layer, (ids, fut) in layers.items()]
         for task, (_, fut) in zip(tasks, layers.values()):  # a reader that gives up (fut.cancel()) stops its lookup
-            fut.add_done_callback(lambda f, t=task: f.cancelled() and self.loop.loop.call_soon_threadsafe(t.cancel))
+            fut.add_done_callback(self._cancel_with(task))
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _cancel_with(self, task: asyncio.Future[None]) -> Callable[[cf.Future[Landed]], None]:
+        def done(fut: cf.Future[Landed]) -> None:
+            if fut.cancelled():
+                self.loop.loop.call_soon_threadsafe(task.cancel)
+
+        return done
 
     def close(self) -> None:
         if self._close_client is not None:

@@ -59,6 +59,15 @@ WORKLOADS = {
 }
 
 
+def fit_workloads(window: int) -> dict[str, dict[str, int]]:
+    """WORKLOADS shrunk to a model.max_seq_len of `window`: new tokens at most half of it, the prompt the rest."""
+    out = {}
+    for name, wl in WORKLOADS.items():
+        new = min(wl["max_tokens"], window // 2)
+        out[name] = {"prompt_tokens": min(wl["prompt_tokens"], window - new), "max_tokens": new}
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -148,13 +157,14 @@ def run_rounds(
     concurrency: list[int],
     requests: int,
     prompts: dict[str, list[list[int]]],
+    workloads: dict[str, dict[str, int]],
 ) -> list[dict[str, Any]]:
     """Every (workload, C) level on every way, `rounds` times -> one row per (round, way, workload, C)."""
     ways = list(servers)
     rows = []
     for r in range(rounds):
         print(f"round {r + 1}/{rounds} (load average {os.getloadavg()[0]:.1f})", flush=True)
-        for name, wl in WORKLOADS.items():
+        for name, wl in workloads.items():
             for c in concurrency:
                 for way in round_order(ways, r):
                     res = asyncio.run(
@@ -270,12 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {k:<32} {v:8.1f} tok/s")
             print(f"  speed-up {kv['speedup']:.2f}x (same greedy tokens: {kv['same_greedy_tokens']})", flush=True)
         gen = np.random.default_rng(1)
-        window = load_config(args.preset).model.max_seq_len  # a prompt plus its new tokens must fit
+        workloads = fit_workloads(load_config(args.preset).model.max_seq_len)  # prompt + new tokens must fit
         prompts = {
-            name: [
-                gen.integers(3, vocab, min(wl["prompt_tokens"], window - wl["max_tokens"])).tolist() for _ in range(16)
-            ]
-            for name, wl in WORKLOADS.items()
+            name: [gen.integers(3, vocab, wl["prompt_tokens"]).tolist() for _ in range(16)]
+            for name, wl in workloads.items()
         }
         print(f"part 2: offered load against engram serve (HTTP, streaming), {rounds} round(s)", flush=True)
         servers: dict[str, Server] = {}
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             for way in ways:  # every server up first
                 servers[way] = start_way(way, checkpoint=checkpoint, sets=sets, tmp=tmp, cluster=cluster)
             for way, server in servers.items():  # first requests (lazy set-up on each path) are not measured
-                for name, wl in WORKLOADS.items():
+                for name, wl in workloads.items():
                     warm = asyncio.run(
                         offered_load(
                             f"http://{server.http}/v1/completions",
@@ -302,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                         raise RuntimeError(f"{way}: the warm-up request failed: {warm['first_error']}")
             t0 = time.perf_counter()
             rows = run_rounds(
-                servers, rounds=rounds, concurrency=args.concurrency, requests=args.requests, prompts=prompts
+                servers,
+                rounds=rounds,
+                concurrency=args.concurrency,
+                requests=args.requests,
+                prompts=prompts,
+                workloads=workloads,
             )
             part2_s = time.perf_counter() - t0
         finally:
@@ -329,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_cache_vs_full_window": kv,  # None with --no-kv
         "offered_load": rows,  # one row per (round, way, workload, C)
         "over_local": over_local,
+        "workloads": workloads,
         "rounds": rounds,
         "round_order": [round_order(ways, r) for r in range(rounds)],
         "offered_load_seconds": part2_s,

@@ -156,3 +156,46 @@ def test_a_training_cache_refetches_rows_older_than_the_staleness_bound(model, l
     pipe.step = 2
     pipe.prefetch(x).wait()  # a new step: every row is too old, fetched again
     assert len(client.calls) == 4 and cache.stats().stale == cache.stats().inserts
+
+
+class PerTableDelay(DelayedClient):
+    """Table-specific delays; records lookups that were cancelled before they answered."""
+
+    def __init__(self, model: EngramLM, delays: dict[int, float]) -> None:
+        super().__init__(model)
+        self.delays, self.cancelled = delays, []
+
+    async def lookup(self, table: int, row_ids: torch.Tensor) -> torch.Tensor:
+        self.calls.append((table, time.perf_counter()))
+        try:
+            await asyncio.sleep(self.delays[table])
+        except asyncio.CancelledError:
+            self.cancelled.append(table)
+            raise
+        return self.tables[table][row_ids]
+
+
+@torch.no_grad()
+@pytest.mark.timeout(30)
+def test_every_layer_goes_to_the_loop_in_one_hop_and_lands_on_its_own(model, loop, monkeypatch) -> None:
+    hops = []
+    real_submit = loop.submit
+    monkeypatch.setattr(loop, "submit", lambda coro: hops.append(coro) or real_submit(coro))
+    client = PerTableDelay(model, {1: 0.0, 2: 0.5})
+    source = RemoteRowSource(client, loop=loop)
+    rows = {1: torch.tensor([3, 7, 11]), 2: torch.tensor([5, 9])}
+    futures = source.issue(rows)
+    assert len(hops) == 1, "both layers' lookups must reach the loop thread in one submission"
+    first = futures[1].result(timeout=5)  # layer 1's rows land while layer 2's lookup still waits
+    assert not futures[2].done()
+    assert torch.equal(first.rows, client.tables[1][rows[1]])
+    assert torch.equal(futures[2].result(timeout=5).rows, client.tables[2][rows[2]])
+    # a reader that gives up on a layer (PrefetchHandle's deadline) stops that layer's lookup
+    client.delays[2] = 5.0
+    futures = source.issue(rows)
+    futures[1].result(timeout=5)
+    assert futures[2].cancel()
+    deadline = time.monotonic() + 5
+    while client.cancelled != [2] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.cancelled == [2]

@@ -30,7 +30,11 @@ async: pushes are chained on the client's loop (step s+1 is sent after step s wa
 and not waited for; P_{s+1} is gated at applied >= s-k by the shards and needs no re-read.
 
 Timing (StepOut): lookup_s and push_s are the time the training thread waits on the shards
-(blocked_s); everything else of the step is compute_s.
+(blocked_s); everything else of the step is compute_s. Issuing a lookup is lookup time too,
+wherever in the step it happens: a lookup whose rows are mapped from shared memory is read on
+the training thread inside `SyncShardClient.lookup` (no hop to the loop thread), so issuing the
+prefetch P_{s+1} and the re-read R_{s+1} during step s blocks the thread for the whole read.
+That time moves from compute_s to lookup_s (`_lookup` counts it).
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class RemoteStep:
         self.mode, self.k = cfg.dist.mode, cfg.dist.staleness
         self.timeout_s = cfg.dist.step_timeout_s if timeout_s is None else timeout_s
         self.staleness = StalenessStats()
+        self.issue_s = 0.0  # seconds the training thread spent inside the row client's lookup calls
         self._next: Prefetch | None = None
         self._pushes: list[cf.Future] = []  # async: answered in order, errors raised on the training thread
 
@@ -124,13 +129,19 @@ class RemoteStep:
         behind = 0 if self.mode == "sync" else self.k
         return max(0, step - 1 - behind)
 
+    def _lookup(self, layer: int, ids: np.ndarray, *, step: int, max_staleness: int) -> cf.Future:
+        """`shards.lookup`, timed: a shared-memory lookup is read right here, on this thread (blocked time)."""
+        t0 = time.perf_counter()
+        try:
+            return self.shards.lookup(layer, ids, step=step, max_staleness=max_staleness, timeout_s=self.timeout_s)
+        finally:
+            self.issue_s += time.perf_counter() - t0
+
     def _issue(self, step: int, x_BT: np.ndarray, *, max_staleness: int) -> Prefetch:
         x_cpu = torch.from_numpy(local_slice(x_BT, self.rank, self.world))  # (B/world, T)
         indices = self.model.engram_indices(x_cpu)  # CPU: no device sync (engram.indexer)
         futures = {
-            layer: self.shards.lookup(
-                layer, u.cpu().numpy(), step=step, max_staleness=max_staleness, timeout_s=self.timeout_s
-            )
+            layer: self._lookup(layer, u.cpu().numpy(), step=step, max_staleness=max_staleness)
             for layer, (u, _) in indices.items()
         }
         return Prefetch(step=step, max_staleness=max_staleness, x_BT=x_BT, indices=indices, futures=futures)
@@ -148,7 +159,7 @@ class RemoteStep:
                         f"step {step}: the rows of table {layer} did not arrive ({err}); {self.mode} mode needs the "
                         f"shards at applied step >= {step - 1 - max_staleness}"
                     ) from err
-            fut = self.shards.lookup(layer, ids, step=step, max_staleness=max_staleness, timeout_s=self.timeout_s)
+            fut = self._lookup(layer, ids, step=step, max_staleness=max_staleness)
 
     def fetch(self, step: int, pre: Prefetch, *, need_grad: bool) -> tuple[dict[int, EngramRows], int, int]:
         """The rows of `step` from its prefetch (+ re-read) -> (rows, staleness, rows read again)."""
@@ -199,10 +210,7 @@ class RemoteStep:
                 continue  # answered after step `step` was applied: nothing to read again
             ids = unique.cpu().numpy()
             pos = np.flatnonzero(np.isin(ids, updated[layer][0].cpu().numpy()))
-            pre.reread[layer] = (
-                pos,
-                self.shards.lookup(layer, ids[pos], step=step + 1, max_staleness=0, timeout_s=self.timeout_s),
-            )
+            pre.reread[layer] = (pos, self._lookup(layer, ids[pos], step=step + 1, max_staleness=0))
 
     # ---------------------------------------------------------------------------------------
     # stage 4: pushes
@@ -282,6 +290,7 @@ class RemoteStep:
             engram_rows, stale, reread = self.fetch(step, pre, need_grad=True)
         self.staleness.add(stale)
         t1 = time.perf_counter()
+        issued1 = self.issue_s  # lookups issued from here on (prefetch, re-read) ran inside the compute stages
         self._prefetch_next(step, next_x)
         y = torch.from_numpy(local_slice(y_BT, self.rank, self.world)).to(self.device)
         x = torch.from_numpy(local_slice(x_BT, self.rank, self.world)).to(self.device)  # (B/world, T)
@@ -315,13 +324,14 @@ class RemoteStep:
             global_loss /= self.world
         self._reread(step, x_BT)
         t4 = time.perf_counter()
+        inline = self.issue_s - issued1  # shared-memory reads (and lookup issues) on this thread after t1
         return StepOut(
             loss=float(global_loss),
             tokens=x_BT.size,
             staleness=stale,
             lr=lr,
-            lookup_s=t1 - t0,
-            compute_s=(t2 - t1) + (t4 - t3),
+            lookup_s=(t1 - t0) + inline,
+            compute_s=(t2 - t1) + (t4 - t3) - inline,
             push_s=t3 - t2,
             reread_rows=reread,
         )

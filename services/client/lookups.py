@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -27,7 +27,9 @@ from services.client.errors import Code, RetryPolicy, ShardError
 from services.client.handle import LookupHandle
 from services.client.replicas import SWITCH_CODES, alternate_owners
 from services.client.routing import (
+    Chunk,
     Dedup,
+    Group,
     as_id_array,
     assemble,
     check_range,
@@ -184,29 +186,51 @@ class ShardLookups(ShmNow):
         chunks = chunk_groups(
             split_by_owner(ids, routing.owners, sole=self._sole_owner(routing)), self._chunk_rows(dim)
         )
+        return await self._fan_out(
+            table,
+            ids.size,
+            chunks,
+            routing=routing,
+            deadline=deadline,
+            refreshes=refreshes,
+            step=step,
+            max_staleness=max_staleness,
+        )
+
+    async def _fan_out(
+        self,
+        table: int,
+        num_ids: int,
+        groups: Sequence[Group | Chunk],
+        *,
+        routing: Routing,
+        deadline: float,
+        refreshes: int,
+        step: int,
+        max_staleness: int,
+        tried: frozenset[int] = frozenset(),
+    ) -> tuple[torch.Tensor, int | None]:
+        """Groups of ids by holder -> ((U, D) rows in the ids' order, the oldest applied step), all at once."""
         parts = await gather_or_cancel(
             [
                 self._lookup_chunk(
                     table,
-                    shard_id=c.shard,
-                    ids=c.ids,
+                    shard_id=g.shard,
+                    ids=g.ids,
                     routing=routing,
                     deadline=deadline,
                     refreshes=refreshes,
                     step=step,
                     max_staleness=max_staleness,
+                    tried=tried,
                 )
-                for c in chunks
+                for g in groups
             ]
         )
         applied = min((a for _, a in parts if a is not None), default=None)
-        rows = assemble(
-            ids.size,
-            row_cols(self._dtype, dim),
-            self._torch_dtype,
-            parts=[(c.positions, p) for c, (p, _) in zip(chunks, parts)],
-        )
-        return rows, applied
+        placed = [(slice(0, num_ids) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
+        cols = row_cols(self._dtype, self.layouts[table].dim)  # fp8: D + D/32 bytes a row
+        return assemble(num_ids, cols, self._torch_dtype, parts=placed), applied
 
     async def _lookup_chunk(
         self,
@@ -288,27 +312,17 @@ class ShardLookups(ShmNow):
                 max_staleness=max_staleness,
             )
         self.replica_switches += 1
-        dim = self.layouts[table].dim
-        groups = split_by_owner(ids, alt)
-        parts = await gather_or_cancel(
-            [
-                self._lookup_chunk(
-                    table,
-                    shard_id=g.shard,
-                    ids=g.ids,
-                    routing=routing,
-                    deadline=deadline,
-                    refreshes=refreshes,
-                    step=step,
-                    max_staleness=max_staleness,
-                    tried=tried,
-                )
-                for g in groups
-            ]
+        return await self._fan_out(
+            table,
+            ids.size,
+            split_by_owner(ids, alt),
+            routing=routing,
+            deadline=deadline,
+            refreshes=refreshes,
+            step=step,
+            max_staleness=max_staleness,
+            tried=tried,
         )
-        applied = min((a for _, a in parts if a is not None), default=None)
-        placed = [(slice(0, ids.size) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
-        return assemble(ids.size, dim, self._torch_dtype, parts=placed), applied
 
     async def _lookup_on(
         self,

@@ -158,11 +158,9 @@ def _run_ray(args: argparse.Namespace, cfg, overrides: list[str], *, data: tuple
             tls=not args.insecure,
             secure=not args.insecure,
         ).start()
-        # the trainer's role is train; resuming restores the tables (Restore: admin) into the cluster
-        # this command started and owns, so --resume runs with the admin identity
-        identity = "admin" if args.resume else "train"
+        # the trainer's role is train: it pushes, checkpoints and, on --resume, restores
         cfg = load_config(
-            args.preset, args.config, overrides + cluster.cluster_overrides + cluster.client_overrides(identity)
+            args.preset, args.config, overrides + cluster.cluster_overrides + cluster.client_overrides("train")
         )
         print(f"cluster: redis {cluster.redis_url}, shards {cluster.addresses}")
     address = os.environ.get("RAY_ADDRESS") or cfg.dist.ray_address  # Ray's own convention, read only here

@@ -52,13 +52,13 @@ def test_slots_move_from_two_sources_during_sync_training(ray_session, workdir, 
 
         async def move() -> None:
             cp = cluster.control()
-            client = await ShardClient.connect(cp)
+            client = await ShardClient.connect(cp, security=cluster.security("admin"))
             try:
                 deadline = time.monotonic() + 180
                 while min((await client.applied_steps()).values()) < 3:  # training is under way
                     assert time.monotonic() < deadline, "training did not start"
                     await asyncio.sleep(0.01)
-                seen["report"] = await rebalance(cp, num_shards=3)
+                seen["report"] = await rebalance(cp, num_shards=3, security=cluster.security("admin"))
                 seen["applied_after"] = min((await client.applied_steps()).values())
             finally:
                 await client.close()

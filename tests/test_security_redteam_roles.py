@@ -99,9 +99,15 @@ def test_admin_rpcs_are_refused_without_the_admin_role(tmp_path: Path, shard_pro
                 lambda md=md: s.SetSlotMap(
                     shard_pb2.SetSlotMapRequest(epoch=2, owned_slots=[]), timeout=10, metadata=md
                 ),
-                lambda md=md: s.Restore(shard_pb2.RestoreRequest(), timeout=10, metadata=md),
+                lambda md=md: s.MigrateSlots(
+                    shard_pb2.MigrateSlotsRequest(slots=[0], target="127.0.0.1:1", epoch=1), timeout=10, metadata=md
+                ),
                 lambda md=md: s.ImportSlots(iter([]), timeout=10, metadata=md),
             ):
                 refused(call, code, "admin")
+        # Restore is the trainer's (--resume): a worker or an anonymous caller still cannot roll tables back
+        for who, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("read", grpc.StatusCode.PERMISSION_DENIED)):
+            md = _as(who)
+            refused(lambda md=md: s.Restore(shard_pb2.RestoreRequest(), timeout=10, metadata=md), code, "train")
         stats = s.Stats(shard_pb2.StatsRequest(), timeout=10, metadata=_as("read"))
         assert len(stats.slots) > 0  # no slot was dropped

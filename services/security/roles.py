@@ -28,10 +28,12 @@ METHOD_ROLES = {
     _WORKER + "Score": "read",
     _WORKER + "Generate": "read",
     _SHARD + "ApplyGradients": "train",
-    # the trainer's rank 0 checkpoints mid-run (trainer/ray_trainer.py); it only reads the tables and
-    # writes under the shard's checkpoint root. Restore, which overwrites tables, stays admin.
+    # the trainer's rank 0 checkpoints mid-run and restores on --resume (trainer/ray_worker.py): both
+    # take a name under the shard's checkpoint root, and a restore only files that verify against
+    # their sha256. A train client can move every row through the optimizer anyway; rolling the
+    # tables back to one of the cluster's own checkpoints gives it no more than that.
     _SHARD + "Checkpoint": "train",
-    _SHARD + "Restore": "admin",
+    _SHARD + "Restore": "train",
     _SHARD + "MigrateSlots": "admin",
     _SHARD + "ImportSlots": "admin",
     _SHARD + "SetSlotMap": "admin",

@@ -11,10 +11,6 @@ One Ray instance (2 CPUs) for the module; one Ray run at a time.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -24,7 +20,15 @@ from engram.checkpoint import load_model
 from engram.config import load_config
 from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
-from tests.test_remote_training import overrides, pull_tables, ray_session, reference, start_cluster, workdir  # noqa: F401
+from tests.test_remote_training import (  # noqa: F401
+    overrides,
+    pull_tables,
+    ray_session,
+    reference,
+    start_cluster,
+    train_while_rebalancing,
+    workdir,
+)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(300)
@@ -39,45 +43,14 @@ FAST = [
 def test_slots_move_from_two_sources_during_sync_training(ray_session, workdir, reference) -> None:  # noqa: F811
     """2 -> 3 shards while two Ray workers train: shard 2 receives slots from shards 0 and 1, which
     may stand at different steps when copied (each source is frozen in turn)."""
-    from services.client import ShardClient
-    from services.control.rebalance import rebalance
-    from trainer.ray_trainer import train_ray
-
     _, data, local, local_model = reference
     cluster, ov = start_cluster(workdir, "move2", num_shards=2)
     try:
         assert cluster.add_shard() == 2
         cfg = load_config("tiny", None, ov)
-        seen: dict = {}
-
-        async def move() -> None:
-            cp = cluster.control()
-            client = await ShardClient.connect(cp, security=cluster.security("admin"))
-            try:
-                deadline = time.monotonic() + 180
-                while min((await client.applied_steps()).values()) < 3:  # training is under way
-                    assert time.monotonic() < deadline, "training did not start"
-                    await asyncio.sleep(0.01)
-                seen["report"] = await rebalance(cp, num_shards=3, security=cluster.security("admin"))
-                seen["applied_after"] = min((await client.applied_steps()).values())
-            finally:
-                await client.close()
-                await cp.close()
-
-        def run_move() -> None:
-            try:
-                asyncio.run(move())
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-                seen["error"] = exc
-
-        mover = threading.Thread(target=run_move, daemon=True)
-        mover.start()
-        result = train_ray(cfg, data=data)
-        mover.join(timeout=60)
-        assert not mover.is_alive() and "error" not in seen, seen.get("error")
-        report = seen["report"]
+        result, report, applied_after = train_while_rebalancing(cluster, cfg, data, num_shards=3)
         assert set(report.moves) == {(0, 2), (1, 2)}, report.moves  # two sources
-        assert seen["applied_after"] < cfg.train.steps, "the slots moved after training had finished"
+        assert applied_after < cfg.train.steps, "the slots moved after training had finished"
         np.testing.assert_allclose(result.train_losses, local.train_losses, rtol=1e-6, atol=0)
         with SyncShardClient.connect(cfg) as shards:
             stats = shards.stats()

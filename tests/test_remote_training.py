@@ -280,10 +280,10 @@ def test_bad_gradients_are_refused_through_the_push_path(workdir) -> None:
         cluster.stop()
 
 
-def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, workdir, reference) -> None:
-    """1 -> 2 shards while the trainer runs: lookups and pushes follow the new slot map, and the run
-    equals single-process training (the rebalancer waits out half-collected steps; parts touching
-    migrating slots are re-sent once the new map is installed)."""
+def train_while_rebalancing(cluster: LocalCluster, cfg, data, *, num_shards: int):
+    """Sync Ray training while a rebalancer (admin identity) moves the cluster to `num_shards` once
+    training is under way (step 3 applied) -> (training result, rebalance report, the oldest applied
+    step right after the move)."""
     import threading
     import time
 
@@ -291,42 +291,49 @@ def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, 
     from services.control.rebalance import rebalance
     from trainer.ray_trainer import train_ray
 
+    seen: dict = {}
+
+    async def move() -> None:
+        cp = cluster.control()
+        client = await ShardClient.connect(cp, security=cluster.security("admin"))
+        try:
+            deadline = time.monotonic() + 180
+            while min((await client.applied_steps()).values()) < 3:  # training is under way
+                assert time.monotonic() < deadline, "training did not start"
+                await asyncio.sleep(0.01)
+            seen["report"] = await rebalance(cp, num_shards=num_shards, security=cluster.security("admin"))
+            seen["applied_after"] = min((await client.applied_steps()).values())
+        finally:
+            await client.close()
+            await cp.close()
+
+    def run_move() -> None:
+        try:
+            asyncio.run(move())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            seen["error"] = exc
+
+    mover = threading.Thread(target=run_move, daemon=True)
+    mover.start()
+    result = train_ray(cfg, data=data)
+    mover.join(timeout=60)
+    assert not mover.is_alive() and "error" not in seen, seen.get("error")
+    return result, seen["report"], seen["applied_after"]
+
+
+def test_slots_move_during_sync_training_and_the_losses_stay_equal(ray_session, workdir, reference) -> None:
+    """1 -> 2 shards while the trainer runs: lookups and pushes follow the new slot map, and the run
+    equals single-process training (the rebalancer waits out half-collected steps; parts touching
+    migrating slots are re-sent once the new map is installed)."""
     _, data, local, local_model = reference
     cluster, ov = start_cluster(workdir, "move", num_shards=1)
     try:
         assert cluster.add_shard() == 1  # registered, owns no slots until the rebalance
         cfg = load_config("tiny", None, ov)
-        seen: dict = {}
-
-        async def move() -> None:
-            cp = cluster.control()
-            client = await ShardClient.connect(cp, security=cluster.security("admin"))
-            try:
-                deadline = time.monotonic() + 180
-                while min((await client.applied_steps()).values()) < 3:  # training is under way
-                    assert time.monotonic() < deadline, "training did not start"
-                    await asyncio.sleep(0.01)
-                seen["report"] = await rebalance(cp, num_shards=2, security=cluster.security("admin"))
-                seen["applied_after"] = min((await client.applied_steps()).values())
-            finally:
-                await client.close()
-                await cp.close()
-
-        def run_move() -> None:
-            try:
-                asyncio.run(move())
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-                seen["error"] = exc
-
-        mover = threading.Thread(target=run_move, daemon=True)
-        mover.start()
-        result = train_ray(cfg, data=data)
-        mover.join(timeout=60)
-        assert not mover.is_alive() and "error" not in seen, seen.get("error")
-        report = seen["report"]
+        result, report, applied_after = train_while_rebalancing(cluster, cfg, data, num_shards=2)
         assert (report.old_epoch, report.new_epoch) == (1, 2) and report.moves and list(report.moves) == [(0, 1)]
         assert len(report.moves[(0, 1)]) == cfg.cluster.num_slots // 2
-        assert seen["applied_after"] < cfg.train.steps, "the slots moved after training had finished"
+        assert applied_after < cfg.train.steps, "the slots moved after training had finished"
         np.testing.assert_allclose(result.train_losses, local.train_losses, rtol=1e-4, atol=0)
         np.testing.assert_allclose([v for _, v in result.val_losses], [v for _, v in local.val_losses], rtol=1e-4)
         assert result.staleness["max"] == 0

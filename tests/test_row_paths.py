@@ -166,6 +166,31 @@ def test_small_shm_lookups_are_read_at_issue_and_counted(cluster: LocalCluster) 
     run(go())
 
 
+def test_decode_sized_shm_reads_go_row_by_row_and_equal_the_rows(cluster: LocalCluster) -> None:
+    """<= 64 rows over both shards (a decode step's lookup) take the row-by-row reader
+    (services/client/shm_small.py): same rows, counted once per shard read."""
+
+    async def go() -> None:
+        client = await _client(cluster, "shm", "bf16")
+        try:
+            ids = np.arange(4, 3000, 9)  # rows no test updates (1 mod 3)
+            await client.lookup(1, ids)  # opens both files
+            before = client.row_paths.used["shm"]
+            small = ids[7:47]  # 40 rows, both shards
+            assert len(set((small % client.cfg.cluster.num_slots).tolist())) > 1
+            handle = client.lookup(1, small)
+            assert handle.done()
+            rows = await handle
+            assert torch.equal(rows.view(torch.uint8), expected_rows(cluster.cfg, 1, small).view(torch.uint8))
+            assert client.row_paths.used["shm"] - before == 2
+            assert client._kept_small is not None and client._kept_small[1][2] is not None  # the row-by-row reader
+        finally:
+            await client.close()
+            await client.control.close()
+
+    run(go())
+
+
 def test_sync_facade_reads_shared_memory_on_the_callers_thread(cluster: LocalCluster) -> None:
     from engram.config import load_config
     from services.client.sync import SyncShardClient

@@ -183,9 +183,8 @@ class ShardLookups(ShmNow):
                     )
                 except (ShardError, DataPlaneDown, TimeoutError):
                     pass  # the general way below sees the same failure and handles it (retry, refresh, fallback)
-        chunks = chunk_groups(
-            split_by_owner(ids, routing.owners, sole=self._sole_owner(routing)), self._chunk_rows(dim)
-        )
+        sole, shards = self._owners(routing)
+        chunks = chunk_groups(split_by_owner(ids, routing.owners, sole=sole, shards=shards), self._chunk_rows(dim))
         return await self._fan_out(
             table,
             ids.size,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+FEW_SHARDS = 8  # maps of up to this many owners are split with a mask per shard (else a radix sort)
+
 
 @dataclass(frozen=True, slots=True)
 class Dedup:
@@ -47,9 +49,15 @@ class Chunk:
 def as_id_array(row_ids: np.ndarray | torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
     """Any-shape integer ids (numpy or torch, any device) -> ((N,) int64 contiguous, shape)."""
     if isinstance(row_ids, torch.Tensor):
+        if row_ids.dtype is torch.int64 and not row_ids.requires_grad and row_ids.device.type == "cpu":
+            flat = row_ids.numpy().reshape(-1)  # the common case, in as few calls as possible
+            if flat.flags.c_contiguous:
+                return flat, tuple(row_ids.shape)
         if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
             raise ValueError(f"row_ids: expected an integer tensor, got {row_ids.dtype}")
-        row_ids = row_ids.detach().to(device="cpu", dtype=torch.int64).numpy()
+        if row_ids.dtype != torch.int64 or row_ids.device.type != "cpu" or row_ids.requires_grad:
+            row_ids = row_ids.detach().to(device="cpu", dtype=torch.int64)
+        row_ids = row_ids.numpy()  # (each torch call costs microseconds: a small lookup's budget)
     arr = np.asarray(row_ids)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"row_ids: expected integers, got dtype {arr.dtype}")
@@ -79,6 +87,12 @@ def check_range(flat: np.ndarray, num_rows: int, table: int) -> None:
         )
 
 
+def check_range_small(ids: list[int], flat: np.ndarray, *, num_rows: int, table: int) -> None:
+    """`check_range` for a few ids already as python ints (`ids` = flat.tolist()): no numpy call."""
+    if ids and (min(ids) < 0 or max(ids) >= num_rows):
+        check_range(flat, num_rows, table)
+
+
 def slot_of(ids: np.ndarray, num_slots: int) -> np.ndarray:
     """(n,) non-negative ids -> (n,) slots; a mask instead of a division for power-of-two slot counts."""
     if num_slots & (num_slots - 1) == 0:
@@ -91,11 +105,19 @@ def sole_owner(owners: np.ndarray) -> int | None:
     return int(owners[0]) if owners.size and owners.min() == owners.max() else None
 
 
-def split_by_owner(unique: np.ndarray, owners: np.ndarray, *, sole: int | None = -1) -> list[Group]:
+def owner_shards(owners: np.ndarray) -> tuple[int, ...]:
+    """owners (num_slots,) -> the distinct shards that own slots, ascending."""
+    return tuple(np.unique(owners).tolist())
+
+
+def split_by_owner(
+    unique: np.ndarray, owners: np.ndarray, *, sole: int | None = -1, shards: tuple[int, ...] = ()
+) -> list[Group]:
     """unique (U,) ids, owners (num_slots,) shard per slot -> one Group per shard with ids.
 
-    Inside a group, ids keep their order in `unique` (stable sort on the owner). `sole`: the
-    caller's `sole_owner(owners)` when it keeps it (-1: not known, worked out here).
+    Inside a group, ids keep their order in `unique`. `sole`: the caller's `sole_owner(owners)`
+    when it keeps it (-1: not known, worked out here); `shards`: its `owner_shards(owners)`,
+    which lets a map of a few shards be split with one mask per shard instead of a sort.
     """
     if unique.size == 0:
         return []
@@ -105,16 +127,25 @@ def split_by_owner(unique: np.ndarray, owners: np.ndarray, *, sole: int | None =
     if sole is not None:  # one shard owns every slot: no per-id work
         return [Group(shard=sole, ids=unique, positions=None)]
     owner = owners[slot_of(unique, num_slots)]  # (U,) shard of each id
+    if 0 < len(shards) <= FEW_SHARDS:  # a small lookup's cost is its numpy calls: ~2 per shard here
+        groups = []
+        for shard in shards:
+            pos = np.flatnonzero(owner == shard)  # (n_s,) ascending: ids keep their order
+            if pos.size == unique.size:
+                return [Group(shard=shard, ids=unique, positions=None)]
+            if pos.size:
+                groups.append(Group(shard=shard, ids=unique[pos], positions=pos))
+        return groups
     first = owner[0]
     if np.all(owner == first):
         return [Group(shard=int(first), ids=unique, positions=None)]
     # shard ids are small: a 16/32-bit key makes numpy's stable sort a radix sort, O(U)
     key = owner.astype(np.uint16 if owners.max() < 65536 else np.uint32)
     order = np.argsort(key, kind="stable")  # (U,) positions grouped by shard
-    shards, starts = np.unique(key[order], return_index=True)
+    present, starts = np.unique(key[order], return_index=True)
     bounds = [*starts.tolist(), unique.size]
     groups = []
-    for i, shard in enumerate(shards.tolist()):
+    for i, shard in enumerate(present.tolist()):
         pos = order[bounds[i] : bounds[i + 1]]
         groups.append(Group(shard=int(shard), ids=unique[pos], positions=pos.astype(np.int64, copy=False)))
     return groups

@@ -159,7 +159,7 @@ class RowPaths:
                 deadline=deadline,
             )
             if got is not None:
-                self._count_shm(ids.size, step, got[1])
+                self.count_shm(ids.size, step, got[1])
                 return got
         if not peer.tcp_off:
             got = await self._tcp(
@@ -228,14 +228,16 @@ class RowPaths:
         address: str,
         table: int,
         ids: np.ndarray,
-        out: torch.Tensor,
-        out_rows: np.ndarray | None = None,
+        rows: np.ndarray,
+        dtype: torch.dtype,
+        dim: int,
         epoch: int,
         step: int,
         max_staleness: int,
         open_files: bool = True,
     ) -> int | None:
-        """out (n, D) <- the rows of ids (n,) from shared memory, on the calling thread -> applied step.
+        """rows (n,) opaque rows of D values in `dtype` <- the rows of ids (n,) from shared memory,
+        on the calling thread -> applied step.
 
         None when the rows need more than one read (no shared memory for that shard, a file to
         open and `open_files` is off, any `Miss`): `lookup()` then takes the call from the top.
@@ -251,20 +253,39 @@ class RowPaths:
         if reader is None or reader.retired:
             if not open_files:
                 return None
-            reader = self._reader(peer, address, table=table, dim=int(out.shape[1]))
+            reader = self._reader(peer, address, table=table, dim=dim)
             if reader is None:
                 return None
-        got = reader.read(ids, out, rows=out_rows, epoch=epoch, step=step, max_staleness=max_staleness)
+        got = reader.read(ids, rows=rows, dtype=dtype, epoch=epoch, step=step, max_staleness=max_staleness)
         if isinstance(got, Miss):
             return None
-        self._count_shm(ids.size, step, got)
+        self.count_shm(ids.size, step, got)
         return got
 
-    def _count_shm(self, rows: int, step: int, applied: int) -> None:
+    def open_readers(
+        self, addresses: dict[int, str], shards: tuple[int, ...], table: int
+    ) -> dict[int, ShmTableReader] | None:
+        """{shard: its open, unretired file of `table`} for every one of `shards`, or None if one has none
+        (nothing is opened here: any thread may ask)."""
+        if self.mode not in ("auto", "shm"):
+            return None
+        out = {}
+        for shard in shards:
+            peer = self._peers.get(addresses.get(shard, ""))
+            if peer is None or peer.shm_off:
+                return None
+            reader = peer.readers.get(table)
+            if reader is None or reader.retired:
+                return None
+            out[shard] = reader
+        return out
+
+    def count_shm(self, rows: int, step: int, applied: int, *, shards: int = 1) -> None:
+        """`rows` read from `shards` shards' files (a read per shard, as the shards count their lookups)."""
         with self._count_lock:
-            self.used["shm"] += 1
+            self.used["shm"] += shards
             r = self.shm_reads
-            r.lookups += 1
+            r.lookups += shards
             r.rows += int(rows)
             if step:
                 r.max_staleness_seen = max(r.max_staleness_seen, step - 1 - applied)

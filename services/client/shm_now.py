@@ -14,8 +14,18 @@ from opentelemetry import trace as otel_trace
 
 from engram.layout import TableLayout
 from services import telemetry
-from services.client.routing import as_id_array, check_range, new_rows, sole_owner, split_by_owner
+from services.client.routing import (
+    as_id_array,
+    check_range,
+    check_range_small,
+    new_rows,
+    owner_shards,
+    sole_owner,
+    split_by_owner,
+)
 from services.client.row_paths import INLINE_SHM_BYTES, RowPaths
+from services.client.shm_reader import ShmTableReader
+from services.client.shm_small import SMALL_READ_ROWS, SmallReads, small_reads_for
 from services.client.state import Routing
 from services.wire import TORCH_DTYPES, row_bytes
 
@@ -26,7 +36,8 @@ class ShmNow:
     _torch_dtype: torch.dtype
     row_paths: RowPaths
     _routing: Routing
-    _sole: tuple[Routing, int | None] | None = None  # (the map it was worked out for, sole owner)
+    _kept_small: dict[int, tuple[Routing, tuple[ShmTableReader, ...], SmallReads | None]] | None = None  # per table
+    _kept_owners: tuple[Routing, int | None, tuple[int, ...]] | None = None  # (its map, sole owner, owners)
 
     def layout(self, table: int) -> TableLayout:
         try:
@@ -35,7 +46,14 @@ class ShmNow:
             raise ValueError(f"table {table}: no such Engram table (layers {sorted(self.layouts)})") from None
 
     def _read_now(
-        self, table: int, ids: np.ndarray, *, step: int, max_staleness: int, open_files: bool = True
+        self,
+        table: int,
+        ids: np.ndarray,
+        *,
+        step: int,
+        max_staleness: int,
+        open_files: bool = True,
+        small: list[int] | None = None,
     ) -> tuple[torch.Tensor, int | None] | None:
         """(U,) distinct ids -> ((U, D) rows, oldest applied step) read from shared memory on this
         thread, when every shard of a small lookup (<= INLINE_SHM_BYTES) is mapped here and each
@@ -46,11 +64,19 @@ class ShmNow:
         if self.row_paths.mode not in ("auto", "shm"):
             return None
         routing = self._routing
+        sole, shards = self._owners(routing)
+        if ids.size <= SMALL_READ_ROWS:
+            reads = self._small_reads(table, routing, shards)
+            read = None if reads is None else reads.read(small or ids.tolist(), step=step, max_staleness=max_staleness)
+            if read is not None:
+                rows, oldest, shards_read = read
+                self.row_paths.count_shm(ids.size, step, oldest, shards=shards_read)
+                return rows, oldest
         out, out_rows = new_rows(ids.size, dim, self._torch_dtype)  # (U, D) and its (U,) opaque rows
         applied: int | None = None
-        for g in split_by_owner(ids, routing.owners, sole=self._sole_owner(routing)):
+        for g in split_by_owner(ids, routing.owners, sole=sole, shards=shards):
             address = routing.addresses.get(g.shard)
-            part, part_rows = (out, out_rows) if g.positions is None else new_rows(g.ids.size, dim, self._torch_dtype)
+            part_rows = out_rows if g.positions is None else np.empty(g.ids.size, dtype=out_rows.dtype)  # (n_s,)
             got = (
                 None
                 if not address
@@ -58,8 +84,9 @@ class ShmNow:
                     address=address,
                     table=table,
                     ids=g.ids,
-                    out=part,
-                    out_rows=part_rows,
+                    rows=part_rows,
+                    dtype=self._torch_dtype,
+                    dim=dim,
                     epoch=routing.epoch,
                     step=step,
                     max_staleness=max_staleness,
@@ -69,7 +96,7 @@ class ShmNow:
             if got is None:
                 return None
             if g.positions is not None:
-                np.put(out_rows, g.positions, part_rows)
+                out_rows[g.positions] = part_rows
             applied = got if applied is None else min(applied, got)
         return out, applied
 
@@ -80,9 +107,13 @@ class ShmNow:
         rows in the wire dtype, oldest applied step) from shared memory now, or None (then call
         `lookup` on the loop). Only reads; shared-memory files are opened by loop-side lookups."""
         flat, _ = as_id_array(row_ids)  # (U,)
-        check_range(flat, self.layout(table).num_rows, table)
+        small = flat.tolist() if flat.size <= SMALL_READ_ROWS else None  # a decode step's few rows: python ints
+        if small is not None:
+            check_range_small(small, flat, num_rows=self.layout(table).num_rows, table=table)
+        else:
+            check_range(flat, self.layout(table).num_rows, table)
         t0 = time.time_ns()
-        now = self._read_now(table, flat, step=step, max_staleness=max_staleness, open_files=False)
+        now = self._read_now(table, flat, step=step, max_staleness=max_staleness, open_files=False, small=small)
         if now is not None:
             self._inline_span(t0, table=table, rows=int(flat.size), ids=int(flat.size))
         return now
@@ -99,9 +130,27 @@ class ShmNow:
         sp.end()
         return sp
 
+    def _small_reads(self, table: int, routing: Routing, shards: tuple[int, ...]) -> SmallReads | None:
+        """The row-by-row reader of `table` for this map and the files open now; kept while both stay."""
+        readers = self.row_paths.open_readers(routing.addresses, shards, table)
+        if readers is None:
+            return None
+        files = tuple(readers.values())
+        if self._kept_small is None:
+            self._kept_small = {}
+        kept = self._kept_small.get(table)
+        if kept is None or kept[0] is not routing or kept[1] != files:
+            small = small_reads_for(readers, routing.owners, epoch=routing.epoch, dtype=self._torch_dtype)
+            kept = self._kept_small[table] = (routing, files, small)
+        return kept[2]
+
+    def _owners(self, routing: Routing) -> tuple[int | None, tuple[int, ...]]:
+        """(the shard that owns every slot of `routing` or None, the shards that own slots); kept per map."""
+        kept = self._kept_owners
+        if kept is None or kept[0] is not routing:
+            kept = self._kept_owners = (routing, sole_owner(routing.owners), owner_shards(routing.owners))
+        return kept[1], kept[2]
+
     def _sole_owner(self, routing: Routing) -> int | None:
         """The shard that owns every slot of `routing` (one shard, or no map yet split), else None; kept per map."""
-        kept = self._sole
-        if kept is None or kept[0] is not routing:
-            kept = self._sole = (routing, sole_owner(routing.owners))
-        return kept[1]
+        return self._owners(routing)[0]

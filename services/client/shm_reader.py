@@ -54,6 +54,11 @@ MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now (mmap has no nam
 PAGE = mmap.PAGESIZE
 
 
+def rows_tensor(dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """An empty (0, D) tensor (frombuffer refuses an empty buffer)."""
+    return torch.empty((0, dim), dtype=dtype)
+
+
 class ShmUnavailable(Exception):
     """The file cannot be used (missing, not this shard's, malformed): the reason is the message."""
 
@@ -117,6 +122,18 @@ class ShmTableReader:
         self._all_owned = bool(num_slots) and int(self.base.min()) >= 0  # then no per-read ownership check
 
     @property
+    def header_words(self) -> memoryview:
+        """The live header as (512,) uint64 words: reads of python ints, no numpy scalar per word."""
+        return memoryview(self.mm)[: HEADER_WORDS * 8].cast("Q")
+
+    def row_bytes(self, dtype: torch.dtype) -> memoryview | None:
+        """The rows stored in `dtype` (mirror or weights) as one byte view, row r at r * D * itemsize; None if none."""
+        if dtype not in self._whole_rows:
+            return None
+        offset, nbytes = self._regions[dtype]
+        return memoryview(self.mm)[offset : offset + nbytes]
+
+    @property
     def retired(self) -> bool:
         return bool(self.header[H_RETIRED])
 
@@ -150,16 +167,18 @@ class ShmTableReader:
     def read(
         self,
         ids: np.ndarray,
-        out: torch.Tensor,
+        out: torch.Tensor | None = None,
         *,
         rows: np.ndarray | None = None,
+        dtype: torch.dtype | None = None,
         epoch: int,
         step: int = 0,
         max_staleness: int = 0,
     ) -> int | Miss:
         """out (n, D) <- rows of ids (n,) -> the table's applied step (the rows are at least that new).
 
-        `rows`: out's (n,) opaque rows when the caller has them (routing.new_rows), else made here."""
+        Either `out`, or `rows` (n,) opaque rows of D values in `dtype` (a numpy buffer, no torch
+        call: `routing.new_rows`); given both, `rows` is out's memory."""
         h = self.header
         if h[H_RETIRED]:
             return Miss("retired")
@@ -168,8 +187,18 @@ class ShmTableReader:
         pos = self.positions(ids)
         if pos is None:
             return Miss("moved")
-        self.populate(out.dtype)  # once per source; a set lookup after that
-        src = self._whole_rows.get(out.dtype)  # the mirror or the weights in the wire dtype: whole-row copies
+        if out is None:
+            if dtype is None or rows is None:
+                raise ValueError("ShmTableReader.read: give `out`, or `rows` with their `dtype`")
+            # (n, D) on rows' memory; only the fp32-rounding gather below needs it as a tensor
+            out = (
+                torch.frombuffer(rows, dtype=dtype).view(rows.size, self.dim)
+                if rows.size
+                else rows_tensor(dtype, self.dim)
+            )
+        dtype = out.dtype
+        self.populate(dtype)  # once per source; a set lookup after that
+        src = self._whole_rows.get(dtype)  # the mirror or the weights in the wire dtype: whole-row copies
         if src is not None and rows is None:
             rows = void_rows(out)
         for attempt in range(SEQ_TRIES):

@@ -187,20 +187,22 @@ class ShmTableReader:
         pos = self.positions(ids)
         if pos is None:
             return Miss("moved")
-        if out is None:
-            if dtype is None or rows is None:
-                raise ValueError("ShmTableReader.read: give `out`, or `rows` with their `dtype`")
-            # (n, D) on rows' memory; only the fp32-rounding gather below needs it as a tensor
+        if out is not None:
+            dtype = out.dtype
+        elif dtype is None or rows is None:
+            raise ValueError("ShmTableReader.read: give `out`, or `rows` with their `dtype`")
+        self.populate(dtype)  # once per source; a set lookup after that
+        src = self._whole_rows.get(dtype)  # the mirror or the weights in the wire dtype: whole-row copies
+        if src is not None and rows is None:
+            assert out is not None  # (given when rows are not)
+            rows = void_rows(out)
+        elif src is None and out is None:  # fp32 rows rounded on the way: gather_into writes an (n, D) tensor
+            assert rows is not None
             out = (
                 torch.frombuffer(rows, dtype=dtype).view(rows.size, self.dim)
                 if rows.size
                 else rows_tensor(dtype, self.dim)
             )
-        dtype = out.dtype
-        self.populate(dtype)  # once per source; a set lookup after that
-        src = self._whole_rows.get(dtype)  # the mirror or the weights in the wire dtype: whole-row copies
-        if src is not None and rows is None:
-            rows = void_rows(out)
         for attempt in range(SEQ_TRIES):
             seq = int(h[H_SEQ])
             if seq & 1:  # an update is writing rows right now
@@ -212,6 +214,7 @@ class ShmTableReader:
             if src is not None:
                 src.take(pos, out=rows, mode="clip")  # ids checked: no buffering
             else:
+                assert out is not None
                 gather_into(self.weights, torch.from_numpy(pos), out)  # fp32 rounded to the wire dtype on the way
             if int(h[H_SEQ]) == seq:
                 return applied

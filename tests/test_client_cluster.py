@@ -226,6 +226,11 @@ def test_gradients_checkpoint_and_restore(cluster: LocalCluster, tmp_path) -> No
             assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             assert await client.applied_steps() == {1: 1} and await client.wait_applied(1) == {1: 1}
             torch.testing.assert_close((await client.pull_table(1))[torch.from_numpy(ids)], w, rtol=1e-6, atol=1e-6)
+            narrow = await connect(cluster, wire_dtype="bf16")  # pulls fp32 through a sibling client: same identity
+            try:
+                assert torch.equal(await narrow.pull_table(1), await client.pull_table(1))
+            finally:
+                await closing(narrow)
 
             manifest = await client.checkpoint("ckpt", step=1)
             assert manifest["step"] == 1 and len(manifest["files"]) == cfg.cluster.num_slots

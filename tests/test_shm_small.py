@@ -57,7 +57,7 @@ def _files(tmp_path, *, mirror: torch.dtype | None = torch.bfloat16, hole: int |
     return writers, readers, owners, full
 
 
-def _numpy_read(readers, owners, ids: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _numpy_read(readers, owners, ids: np.ndarray, *, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((ids.size, DIM), dtype=dtype)
     for shard, reader in readers.items():
         sel = np.flatnonzero(owners[ids % SLOTS] == shard)
@@ -78,7 +78,7 @@ def test_small_reads_equal_the_numpy_reader(tmp_path, mirror, dtype) -> None:
     got = small.read(ids.tolist(), step=0, max_staleness=0)
     assert got is not None
     rows, applied, shards_read = got
-    assert torch.equal(rows.view(torch.uint8), _numpy_read(readers, owners, ids, dtype).view(torch.uint8))
+    assert torch.equal(rows.view(torch.uint8), _numpy_read(readers, owners, ids, dtype=dtype).view(torch.uint8))
     assert torch.equal(rows.float(), full[torch.from_numpy(ids)].to(dtype).float())
     assert (applied, shards_read) == (5, 2)  # the oldest of the shards read
     only0 = [int(i) for i in ids if owners[i % SLOTS] == 0]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from engram.config import Config
+    from engram.config_schema import SecurityConfig
     from engram.layout import TableLayout
     from services.client.channels import Endpoint
     from services.client.errors import RetryPolicy
@@ -31,6 +32,7 @@ class ClientBase:
     timeout_s: float
     max_message_bytes: int
     wire_dtype: str
+    security: SecurityConfig  # this process's certificates or token
     _routing: Routing
 
     if TYPE_CHECKING:

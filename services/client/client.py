@@ -85,7 +85,7 @@ class ShardClient(ShardLookups, ShardOps):
         self._routing = Routing(
             epoch, np.asarray(owners, dtype=np.int64), dict(addresses), holder_matrix(list(owners), replicas)
         )
-        sec = security if security is not None else cfg.security
+        sec = self.security = security if security is not None else cfg.security  # this process's identity
         self._pool = ChannelPool(
             [*channel_options(cfg.cluster.max_message_mb, keepalive_s=cfg.cluster.keepalive_s), *channel_args], sec
         )

@@ -65,6 +65,8 @@ class AdminOps(ClientBase):
                 control=self.control,
                 wire_dtype="fp32",
                 timeout_s=self.timeout_s,
+                security=self.security,  # cfg may be the cluster's stored layout: not this process's certificates
+                row_path="grpc",  # one whole-table read: the row paths' set-up is not worth it
             )
             try:
                 return await sibling.pull_table(table, chunk_rows=chunk_rows)

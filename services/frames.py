@@ -8,6 +8,8 @@ One request, then one reply, at a time on a connection; all integers little-endi
                         then body: rows (n, dim) in dtype (status 0), or a UTF-8 message (status != 0)
 
 `status` is a gRPC status code number (0 = OK), so errors mean what the gRPC Lookup's would.
+In an error reply `dim` carries the `Reason` (services/errors.py) as its number in
+`WIRE_REASONS` (0: none), the same reason a gRPC Lookup's ErrorInfo would give.
 The reply's body length follows from the request (n_ids * dim * itemsize) and is checked
 against the shard's limit before anything is gathered. Every field is checked on receipt.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.errors import Reason
+
 REQUEST = struct.Struct("<IHHQiIQQIIQQ")
 REPLY = struct.Struct("<IIQQQIIQ")
 REQUEST_MAGIC = 0x51524745  # b"EGRQ"
@@ -27,6 +31,47 @@ VERSION = 1
 KIND_LOOKUP = 1
 MAX_ERROR_BYTES = 4096
 assert REQUEST.size == 64 and REPLY.size == 48
+
+# Reason <-> number in an error reply's `dim` field. Append only: a number never changes meaning.
+WIRE_REASONS: tuple[Reason, ...] = (
+    Reason.BAD_REQUEST,
+    Reason.ROW_OUT_OF_RANGE,
+    Reason.REPLY_TOO_LARGE,
+    Reason.EPOCH_STALE,
+    Reason.EPOCH_AHEAD,
+    Reason.SLOT_NOT_OWNED,
+    Reason.SLOT_FROZEN,
+    Reason.SLOT_MAP_REFUSED,
+    Reason.STALENESS_BOUND,
+    Reason.COLLECTING_PARTS,
+    Reason.STEP_FROM_PAST,
+    Reason.STEP_TOO_FAR_AHEAD,
+    Reason.STEP_TOO_LATE,
+    Reason.PART_ALREADY_RECEIVED,
+    Reason.PARTS_TIMEOUT,
+    Reason.OPTIMIZER_MISMATCH,
+    Reason.READ_ONLY_TABLE,
+    Reason.CHECKPOINT_INVALID,
+    Reason.DATA_LOSS,
+    Reason.MIGRATION_REFUSED,
+    Reason.MIGRATION_FAILED,
+    Reason.MIGRATION_BEHIND,
+    Reason.REGISTRY_UNAVAILABLE,
+    Reason.OVERLOADED,
+    Reason.ROWS_UNAVAILABLE,
+    Reason.SHARD_DOWN,
+    Reason.TIMEOUT,
+    Reason.INTERNAL,
+    Reason.UNAUTHENTICATED,
+    Reason.PERMISSION_DENIED,
+)
+REASON_NUMBER: dict[Reason, int] = {r: i + 1 for i, r in enumerate(WIRE_REASONS)}
+
+
+def reason_of_number(number: int) -> Reason | None:
+    """An error reply's `dim` -> its Reason; None for 0 or a number this client does not know."""
+    return WIRE_REASONS[number - 1] if 0 < number <= len(WIRE_REASONS) else None
+
 
 STATUS_OF: dict[grpc.StatusCode, int] = {c: c.value[0] for c in grpc.StatusCode}
 CODE_OF: dict[int, grpc.StatusCode] = {v: c for c, v in STATUS_OF.items()}
@@ -115,12 +160,21 @@ class Reply:
         )
 
 
-def error_reply(code: grpc.StatusCode, message: str, request_id: int = 0) -> bytes:
-    """A complete error frame: header + message (truncated to MAX_ERROR_BYTES)."""
+def error_reply(
+    code: grpc.StatusCode, message: str, request_id: int = 0, *, reason: Reason | str | None = None
+) -> bytes:
+    """A complete error frame: header (the reason's number in `dim`) + message (truncated to MAX_ERROR_BYTES)."""
     body = message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+    number = REASON_NUMBER.get(reason, 0) if isinstance(reason, Reason) else 0
     return (
         Reply(
-            status=STATUS_OF[code], request_id=request_id, epoch=0, applied_step=0, dim=0, dtype=0, body_len=len(body)
+            status=STATUS_OF[code],
+            request_id=request_id,
+            epoch=0,
+            applied_step=0,
+            dim=number,
+            dtype=0,
+            body_len=len(body),
         ).pack()
         + body
     )

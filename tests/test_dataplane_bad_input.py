@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from proto.shard.v1 import shard_pb2, shard_pb2_grpc
-from services.frames import REPLY, REPLY_MAGIC, REQUEST, STATUS_OF, Reply, Request
+from services.errors import Reason
+from services.frames import REPLY, REPLY_MAGIC, REQUEST, STATUS_OF, WIRE_REASONS, Reply, Request, reason_of_number
 from tests.fixtures_cluster import ShardProcess, free_port
 from tests.fixtures_procs import expected_rows
 
@@ -100,10 +101,12 @@ def request(
     return Request(**fields).pack() + ids.astype("<i8").tobytes()
 
 
-def assert_error(s: socket.socket, code: Code, *words: str) -> str:
+def assert_error(s: socket.socket, code: Code, *words: str, reason: Reason = Reason.BAD_REQUEST) -> str:
+    """The next frame is an error with this code, reason (in its `dim` field) and words."""
     reply, body = read_reply(s)
     text = body.decode()
     assert reply.status == STATUS_OF[code], (reply.status, text)
+    assert reason_of_number(reply.dim) == reason, (reply.dim, text)
     for w in words:
         assert w in text, text
     return text
@@ -132,6 +135,12 @@ def assert_closed(s: socket.socket) -> None:
         assert s.recv(1) == b""
     except ConnectionResetError:  # closed with the rest of our bytes unread: the kernel resets
         pass
+
+
+def test_every_reason_has_one_wire_number() -> None:
+    assert sorted(WIRE_REASONS) == sorted(Reason) and len(set(WIRE_REASONS)) == len(WIRE_REASONS)
+    assert [reason_of_number(i + 1) for i in range(len(WIRE_REASONS))] == list(WIRE_REASONS)
+    assert reason_of_number(0) is None and reason_of_number(len(WIRE_REASONS) + 1) is None  # none, or a newer one
 
 
 def test_truncated_header_and_body(shard) -> None:
@@ -163,18 +172,18 @@ def test_recoverable_errors_keep_the_connection(shard) -> None:
         assert_error(s, Code.INVALID_ARGUMENT, "dtype")
         assert_good(s)
         s.sendall(request(np.array([1, 2, shard.num_rows + 5])))
-        assert_error(s, Code.OUT_OF_RANGE, "outside", str(shard.num_rows + 5))
+        assert_error(s, Code.OUT_OF_RANGE, "outside", str(shard.num_rows + 5), reason=Reason.ROW_OUT_OF_RANGE)
         s.sendall(request(np.array([-1, 2])))
-        assert_error(s, Code.OUT_OF_RANGE, "-1")
+        assert_error(s, Code.OUT_OF_RANGE, "-1", reason=Reason.ROW_OUT_OF_RANGE)
         assert_good(s)
         s.sendall(request(ids, epoch=0))
-        assert_error(s, Code.FAILED_PRECONDITION, "stale slot-map epoch")
+        assert_error(s, Code.FAILED_PRECONDITION, "stale slot-map epoch", reason=Reason.EPOCH_STALE)
         s.sendall(request(ids, epoch=5))
-        assert_error(s, Code.UNAVAILABLE, "epoch 5")
+        assert_error(s, Code.UNAVAILABLE, "epoch 5", reason=Reason.EPOCH_AHEAD)
         s.sendall(request(ids, kind=3))
         assert_error(s, Code.UNIMPLEMENTED, "kind")
         s.sendall(request(ids, step=10, max_staleness=2))
-        assert_error(s, Code.UNAVAILABLE, "staleness bound 2")
+        assert_error(s, Code.UNAVAILABLE, "staleness bound 2", reason=Reason.STALENESS_BOUND)
         assert_good(s)
 
 
@@ -183,7 +192,7 @@ def test_oversized_requests(shard) -> None:
         n = (1 << 20) // (DIM * 4) + 1  # reply just over cluster.max_message_mb=1
         t0 = time.monotonic()
         s.sendall(request(np.zeros(n, dtype=np.int64)))
-        assert_error(s, Code.RESOURCE_EXHAUSTED, "oversized", str(n))
+        assert_error(s, Code.RESOURCE_EXHAUSTED, "oversized", str(n), reason=Reason.REPLY_TOO_LARGE)
         assert_good(s)
         assert time.monotonic() - t0 < 10
     with connect(shard) as s:  # a body that cannot be skipped: answered, then closed
@@ -192,7 +201,7 @@ def test_oversized_requests(shard) -> None:
                 request_id=3, table=1, dtype=1, epoch=1, step=0, max_staleness=0, n_ids=1 << 40, body_len=8 << 40
             ).pack()
         )
-        assert_error(s, Code.RESOURCE_EXHAUSTED, "oversized", "closing")
+        assert_error(s, Code.RESOURCE_EXHAUSTED, "oversized", "closing", reason=Reason.REPLY_TOO_LARGE)
         assert_closed(s)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
 from services.client.errors import Code, ShardError
+from services.errors import Reason, error_reason
 from services.frames import REPLY, REQUEST, STATUS_OF, Reply, Request, error_reply
 
 DIM = 4
@@ -88,7 +89,9 @@ async def lookup(client: DataPlaneClient, ids: np.ndarray) -> torch.Tensor:
 
 def test_rows_error_frames_and_reuse() -> None:
     def error(req: Request, ids: np.ndarray) -> tuple[bytes, bool]:
-        return error_reply(Code.OUT_OF_RANGE, "row_ids: 1 of 2 ids are outside", req.request_id), True
+        return error_reply(
+            Code.OUT_OF_RANGE, "row_ids: 1 of 2 ids are outside", req.request_id, reason=Reason.ROW_OUT_OF_RANGE
+        ), True
 
     async def body(client: DataPlaneClient, scripts: list[Script]) -> None:
         ids = np.array([3, 1, 4, 1_000_000])
@@ -96,6 +99,7 @@ def test_rows_error_frames_and_reuse() -> None:
         with pytest.raises(ShardError) as info:
             await lookup(client, np.array([5, -1]))
         assert info.value.code == Code.OUT_OF_RANGE and "outside" in str(info.value)
+        assert error_reason(info.value) == Reason.ROW_OUT_OF_RANGE  # the frame's reason, as gRPC's ErrorInfo
         assert (await lookup(client, np.zeros(0))).shape == (0, DIM)
         big = np.arange(20000)  # ids written apart from the header, rows over many reads
         assert torch.equal(await lookup(client, big), torch.from_numpy(rows_for(big)))

@@ -21,6 +21,7 @@ import torch
 from engram.config import SecurityConfig
 from services.client import ShardClient, ShardError
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
+from services.errors import Reason, error_reason
 from services.launcher import LocalCluster
 from services.security import certs
 from services.security.tls import sync_channel
@@ -180,6 +181,7 @@ def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, 
     with pytest.raises(ShardError) as err:
         run(probe())
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "'read' role" in err.value.message
+    assert error_reason(err.value) == Reason.PERMISSION_DENIED  # the frame carries the reason gRPC's would
 
 
 def test_roles_look_up_push_and_checkpoint(cluster: LocalCluster) -> None:

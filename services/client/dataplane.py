@@ -18,7 +18,18 @@ import numpy as np
 import torch
 
 from services.client.errors import Code, ShardError
-from services.frames import CODE_OF, KIND_LOOKUP, MAX_ERROR_BYTES, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, VERSION
+from services.errors import Reason
+from services.frames import (
+    CODE_OF,
+    KIND_LOOKUP,
+    MAX_ERROR_BYTES,
+    REPLY,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    VERSION,
+    reason_of_number,
+)
 from services.security.tlsio import PlainIO, TlsIO
 from services.wire import ROW_DTYPES, row_bytes, row_cols
 
@@ -101,10 +112,11 @@ class DataPlaneClient:
             conn.sock.close()
         return await self._connect()
 
-    def _error(self, code: Code, message: str) -> ShardError:
+    def _error(self, code: Code, message: str, *, reason: Reason | None = None) -> ShardError:
         return ShardError(
             code,
             message,
+            reason=reason,
             address=self.shard_address,
             shard_id=self.shard_id,
             call=f"Lookup (data plane at {self.address})",
@@ -158,7 +170,9 @@ class DataPlaneClient:
                 raise DataPlaneDown(f"data plane at {self.address}: {body_len}-byte error message")
             body = bytearray(body_len)
             await self._recv_exact(conn.io, memoryview(body))
-            err = self._error(CODE_OF.get(status, Code.UNKNOWN), body.decode("utf-8", "replace"))
+            err = self._error(
+                CODE_OF.get(status, Code.UNKNOWN), body.decode("utf-8", "replace"), reason=reason_of_number(reply_dim)
+            )
             err.connection_closed = bool(connection_error)  # type: ignore[attr-defined]  # the shard closes it
             raise err
         nbytes = n * row_bytes(dtype, dim)

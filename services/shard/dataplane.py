@@ -31,6 +31,7 @@ import ssl as ssl_module
 import numpy as np
 import torch
 
+from services.errors import Reason
 from services.frames import KIND_LOOKUP, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, VERSION, Request, error_reply
 from services.security.roles import allows
 from services.security.tls import ServerSSL, peer_role
@@ -47,6 +48,15 @@ CHUNK_BYTES = 2 << 20  # reply bytes per gather step of a large reply
 INLINE_BYTES = 256 << 10  # smaller replies are gathered on the loop (no thread hop)
 HANDSHAKE_S = 10.0  # a TLS handshake that takes longer costs only its connection
 FAIR_EVERY = 16  # requests served back to back on one connection before yielding to the loop
+
+
+FRAME_REASONS = {  # what an error frame's code means when the frame itself was refused (services/errors.py)
+    Code.INVALID_ARGUMENT: Reason.BAD_REQUEST,
+    Code.UNIMPLEMENTED: Reason.BAD_REQUEST,
+    Code.RESOURCE_EXHAUSTED: Reason.REPLY_TOO_LARGE,
+    Code.PERMISSION_DENIED: Reason.PERMISSION_DENIED,
+    Code.INTERNAL: Reason.INTERNAL,
+}
 
 
 class Disconnected(Exception):
@@ -165,13 +175,19 @@ class DataPlane:
         except Exception:
             log.exception("data plane: connection handler failed")
             with contextlib.suppress(Exception):
-                await conn.send(error_reply(Code.INTERNAL, "the shard's data plane failed; see its log"))
+                await conn.send(
+                    error_reply(Code.INTERNAL, "the shard's data plane failed; see its log", reason=Reason.INTERNAL)
+                )
         finally:
             sock.close()
 
-    async def _error(self, conn: _Connection, code: Code, message: str, *, request_id: int = 0) -> None:
+    async def _error(
+        self, conn: _Connection, code: Code, message: str, *, request_id: int = 0, reason: Reason | str | None = None
+    ) -> None:
+        """An error frame; the reason defaults to what the code means on this plane (a malformed frame,
+        a reply over the limit, the role check, a bug)."""
         self.errors_sent += 1
-        await conn.send(error_reply(code, message, request_id))
+        await conn.send(error_reply(code, message, request_id, reason=reason or FRAME_REASONS.get(code)))
 
     async def _one(self, conn: _Connection) -> bool:
         """Serve one request -> keep the connection?"""
@@ -226,7 +242,7 @@ class DataPlane:
                 max_staleness=req.max_staleness,
             )
         except ShardError as exc:
-            await self._error(conn, exc.code, exc.message, request_id=rid)
+            await self._error(conn, exc.code, exc.message, request_id=rid, reason=exc.reason)
             return True
         await self._reply(conn, req, plan)
         return True

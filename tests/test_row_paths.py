@@ -191,6 +191,31 @@ def test_decode_sized_shm_reads_go_row_by_row_and_equal_the_rows(cluster: LocalC
     run(go())
 
 
+def test_a_shard_restarted_on_its_address_gets_its_new_row_paths() -> None:
+    """Pure unit test of RowPaths.update. A LocalCluster restarts a shard on a new port (a new
+    peer, covered by tests/test_failover.py); compose and k8s restart it on the same address. The
+    client must then not keep the old process's token (its files look foreign, so shared memory
+    stayed off for good) nor its data port."""
+    from types import SimpleNamespace
+
+    from services.client.row_paths import RowPaths
+
+    def record(token: str, port: int) -> SimpleNamespace:
+        paths = {"host_id": "h", "data_address": f"127.0.0.1:{port}", "shm_files": {"1": "t1"}, "shm_token": token}
+        return SimpleNamespace(address="127.0.0.1:7000", info={"row_paths": paths})
+
+    paths = RowPaths(host_id="h")
+    paths.update([record("aa" * 16, 7001)])
+    first = paths._peers["127.0.0.1:7000"]
+    first.shm_off = "the file belongs to another shard process"  # what the old process's peer learnt
+    paths.update([record("aa" * 16, 7001)])  # the same process, registered again: kept as it is
+    assert paths._peers["127.0.0.1:7000"] is first
+    paths.update([record("bb" * 16, 7002)])  # a new process on the same address
+    new = paths._peers["127.0.0.1:7000"]
+    assert new is not first and new.data_address == "127.0.0.1:7002" and new.token == bytes.fromhex("bb" * 16)
+    assert not new.shm_off and not new.tcp_off
+
+
 def test_sync_facade_reads_shared_memory_on_the_callers_thread(cluster: LocalCluster) -> None:
     from engram.config import load_config
     from services.client.sync import SyncShardClient

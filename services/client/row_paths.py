@@ -87,10 +87,12 @@ class RowPaths:
     # ---------------------------------------------------------------------------------------
 
     def update(self, records: list[Any]) -> None:
-        """Take the registered row paths of shard records (`ControlPlane.shards()`)."""
+        """Take the registered row paths of shard records (`ControlPlane.shards()`). A record whose
+        row paths changed on a known address (the shard restarted there: a new token, files and
+        data port) replaces that shard's state, fallbacks included; an unchanged one keeps it."""
         for r in records:
             info = (getattr(r, "info", None) or {}).get("row_paths")
-            if not isinstance(info, dict) or r.address in self._peers:
+            if not isinstance(info, dict):
                 continue
             try:
                 files = {int(t): str(name) for t, name in dict(info.get("shm_files") or {}).items()}
@@ -103,6 +105,17 @@ class RowPaths:
             except (TypeError, ValueError) as exc:
                 log.warning("shard %s registered unreadable row paths (%s); using gRPC for it", r.address, exc)
                 continue
+            old = self._peers.get(r.address)
+            if old is not None:
+                if (old.token, old.data_address, old.shm_files, old.host_id) == (
+                    peer.token,
+                    peer.data_address,
+                    peer.shm_files,
+                    peer.host_id,
+                ):
+                    continue  # the same shard process: keep its open files and connections
+                if old.tcp is not None:  # a new process on the same address (a restart): its own files and port
+                    old.tcp.close()
             if not peer.shm_files:
                 peer.shm_off = f"the shard publishes no tables in shared memory ({info.get('shm_reason') or '?'})"
             elif peer.host_id != self.host_id:

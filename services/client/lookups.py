@@ -13,17 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from engram.config import Config
-from engram.layout import TableLayout
+from services.client.base import ClientBase
 from services.client.codec import encode_lookup_request
 from services.client.dataplane import DataPlaneDown
-from services.client.errors import Code, RetryPolicy, ShardError
+from services.client.errors import Code, ShardError
 from services.client.handle import LookupHandle
 from services.client.replicas import SWITCH_CODES, alternate_owners
 from services.client.routing import (
@@ -45,39 +44,17 @@ from services.client.state import Routing, gather_or_cancel
 from services.telemetry import traced_task
 from services.wire import row_bytes, row_cols
 
-T = TypeVar("T")
 
+class ShardLookups(ShmNow, ClientBase):
+    """Lookups by any row path; needs the attributes below (and ClientBase's) from `ShardClient`."""
 
-class ShardLookups(ShmNow):
-    """Lookups by any row path; needs the attributes below from `ShardClient`."""
-
-    cfg: Config
-    layouts: dict[int, TableLayout]
-    wire_dtype: str
     _dtype: int
     _torch_dtype: torch.dtype
-    timeout_s: float
-    retry: RetryPolicy
-    max_message_bytes: int
     chunk_bytes: int
     replica_switches: int
     row_paths: RowPaths
-    _routing: Routing
 
     if TYPE_CHECKING:
-
-        async def _call(
-            self,
-            shard_id: int,
-            call: str,
-            invoke: Callable[[Any, float], Awaitable[T]],
-            *,
-            routing: Routing,
-            deadline: float,
-            idempotent: bool,
-        ) -> T: ...
-
-        async def _newer_than(self, epoch: int) -> bool: ...
 
         def _keep_fresh(self) -> None: ...
 

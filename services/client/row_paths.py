@@ -219,17 +219,9 @@ class RowPaths:
         Raises what went wrong (ShardError, DataPlaneDown, TimeoutError) for the caller to take
         the call from the top with `lookup()`, whose retries and fallbacks then apply.
         """
-        peer = self._peers[address]
-        if peer.tcp is None:
-            peer.tcp = DataPlaneClient(
-                peer.data_address,
-                shard_id=shard_id,
-                shard_address=address,
-                ssl_context=self.tcp_ssl,
-                server_name=self.tcp_server_name,
-            )
+        tcp = self._data_plane(self._peers[address], address, shard_id=shard_id)
         async with asyncio.timeout_at(deadline):
-            got = await peer.tcp.lookup(
+            got = await tcp.lookup(
                 table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
             )
         self.used["tcp"] += 1
@@ -363,8 +355,8 @@ class RowPaths:
             return None  # not yet at this epoch, rows moved, or a busy writer: the gRPC path sorts it out
         return None
 
-    async def _tcp(self, peer, address, *, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
-        loop = asyncio.get_running_loop()
+    def _data_plane(self, peer: _Peer, address: str, *, shard_id: int) -> DataPlaneClient:
+        """The shard's data-plane client (its connection pool), made on first use."""
         if peer.tcp is None:
             peer.tcp = DataPlaneClient(
                 peer.data_address,
@@ -373,6 +365,11 @@ class RowPaths:
                 ssl_context=self.tcp_ssl,
                 server_name=self.tcp_server_name,
             )
+        return peer.tcp
+
+    async def _tcp(self, peer, address, *, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+        loop = asyncio.get_running_loop()
+        tcp = self._data_plane(peer, address, shard_id=shard_id)
         attempt = 0
         while True:
             remaining = deadline - loop.time()
@@ -386,7 +383,7 @@ class RowPaths:
                 )
             try:
                 async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
-                    return await peer.tcp.lookup(
+                    return await tcp.lookup(
                         table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
                     )
             except TimeoutError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 import time
 
 import grpc
@@ -210,6 +211,27 @@ def test_bad_magic_closes_with_an_error_frame(shard) -> None:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
         assert_error(s, Code.INVALID_ARGUMENT, "bad frame", "closing")
         assert_closed(s)
+
+
+def test_a_client_that_sends_without_reading_gets_every_reply_intact(shard) -> None:
+    """Requests sent back to back while no reply is read for a second: ~20 MiB of replies pile up
+    past the socket buffers, the shard stops reading requests until they drain, and a reply
+    buffer still being sent is never reused for the next reply."""
+    rng = np.random.default_rng(3)
+    sets = [rng.integers(0, shard.num_rows, size=int(rng.integers(6000, 7800))) for _ in range(90)]
+    with connect(shard) as s:
+        s.settimeout(60)
+        sender = threading.Thread(target=lambda: [s.sendall(request(ids, rid=100 + i)) for i, ids in enumerate(sets)])
+        sender.start()
+        time.sleep(1.0)
+        for i, ids in enumerate(sets):
+            reply, body = read_reply(s)
+            assert reply.status == 0 and reply.request_id == 100 + i, (i, reply)
+            rows = torch.frombuffer(bytearray(body), dtype=torch.float32).view(-1, DIM)
+            assert torch.equal(rows, expected_rows_tiny(ids)), i
+        sender.join(10)
+        assert not sender.is_alive()
+        assert_good(s)
 
 
 def test_client_leaving_mid_reply_and_fuzz_leave_the_shard_serving(shard) -> None:

@@ -41,11 +41,12 @@ from services.client.routing import (
 from services.client.row_paths import RowPaths
 from services.client.shm_now import ShmNow
 from services.client.state import Routing, gather_or_cancel
+from services.client.tcp_now import TcpNow
 from services.telemetry import traced_task
 from services.wire import row_bytes, row_cols
 
 
-class ShardLookups(ShmNow, ClientBase):
+class ShardLookups(TcpNow, ShmNow, ClientBase):
     """Lookups by any row path; needs the attributes below (and ClientBase's) from `ShardClient`."""
 
     _dtype: int
@@ -95,6 +96,21 @@ class ShardLookups(ShmNow, ClientBase):
             span = self._inline_span(t0, table=table, rows=int(d.unique.size), ids=int(flat.size))
             return LookupHandle(table=table, dedup=d, task=landed, upcast=upcast, span=span, dim=layout.dim)
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
+        sent = self._issue_tcp(  # written to the data plane already: the connection's future, no task
+            table,
+            d.unique,
+            dim=layout.dim,
+            deadline=deadline,
+            refreshes=self.retry.max_refreshes,
+            step=step,
+            max_staleness=max_staleness,
+            t0_ns=t0,
+            num_ids=int(flat.size),
+        )
+        if sent is not None:
+            return LookupHandle(
+                table=table, dedup=d, task=sent, upcast=upcast, dim=layout.dim, fp8=self.wire_dtype == "fp8"
+            )
         task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
             self._gather(
                 table,
@@ -141,25 +157,24 @@ class ShardLookups(ShmNow, ClientBase):
         dim = self.layouts[table].dim
         self._keep_fresh()
         routing = self._routing
-        if direct and routing.holders is None and ids.size <= self._chunk_rows(dim):
-            shard = self._sole_owner(routing)
-            address = routing.addresses.get(shard) if shard is not None else None
-            if shard is not None and address and self.row_paths.tcp_first(address, self._dtype):
-                try:
-                    return await self.row_paths.tcp_once(
-                        shard_id=shard,
-                        address=address,
-                        table=table,
-                        ids=ids,
-                        dtype=self._dtype,
-                        dim=dim,
-                        epoch=routing.epoch,
-                        step=step,
-                        max_staleness=max_staleness,
-                        deadline=deadline,
-                    )
-                except (ShardError, DataPlaneDown, TimeoutError):
-                    pass  # the general way below sees the same failure and handles it (retry, refresh, fallback)
+        target = self._direct_shard(routing, ids.size, dim) if direct else None
+        if target is not None:
+            shard, address = target
+            try:
+                return await self.row_paths.tcp_once(
+                    shard_id=shard,
+                    address=address,
+                    table=table,
+                    ids=ids,
+                    dtype=self._dtype,
+                    dim=dim,
+                    epoch=routing.epoch,
+                    step=step,
+                    max_staleness=max_staleness,
+                    deadline=deadline,
+                )
+            except (ShardError, DataPlaneDown, TimeoutError):
+                pass  # the general way below sees the same failure and handles it (retry, refresh, fallback)
         sole, shards = self._owners(routing)
         chunks = chunk_groups(split_by_owner(ids, routing.owners, sole=sole, shards=shards), self._chunk_rows(dim))
         return await self._fan_out(

@@ -227,6 +227,26 @@ class RowPaths:
         self.used["tcp"] += 1
         return got
 
+    def tcp_issue(
+        self,
+        *,
+        shard_id: int,
+        address: str,
+        table: int,
+        ids: np.ndarray,
+        dtype: int,
+        dim: int,
+        epoch: int,
+        step: int,
+        max_staleness: int,
+    ) -> asyncio.Future[tuple[torch.Tensor, int]] | None:
+        """One data-plane request written now on an idle connection (`tcp_first` said so) -> its future
+        ((n, D) rows, applied step), or None when no connection is idle (then `await tcp_once(...)`)."""
+        tcp = self._data_plane(self._peers[address], address, shard_id=shard_id)
+        return tcp.issue(
+            table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
+        )
+
     def read_now(
         self,
         *,

@@ -119,13 +119,14 @@ class ShmNow:
         return now
 
     @staticmethod
-    def _inline_span(t0_ns: int, *, table: int, rows: int, ids: int) -> Any:
-        """The "lookup" span and client metrics of a lookup already read from shared memory."""
+    def _inline_span(t0_ns: int, *, table: int, rows: int, ids: int, row_path: str = "shm") -> Any:
+        """The "lookup" span and client metrics of a lookup answered without a task (shared memory, or
+        the data plane's future: tcp_now.py), from its issue until now."""
         telemetry.record_lookup((time.time_ns() - t0_ns) * 1e-9, rows, side="client", table=table)
         if not telemetry.enabled():
             return otel_trace.INVALID_SPAN
         sp = telemetry.tracer().start_span(
-            "lookup", start_time=t0_ns, attributes={"table": table, "rows": rows, "ids": ids, "row_path": "shm"}
+            "lookup", start_time=t0_ns, attributes={"table": table, "rows": rows, "ids": ids, "row_path": row_path}
         )
         sp.end()
         return sp

@@ -1,12 +1,17 @@
 """The shard's TCP row data plane: lookups as length-prefixed frames (services/frames.py).
 
-Runs on the shard's event loop next to gRPC. Per connection one request at a time: the 64-byte
-header is read into a fixed buffer and checked field by field, the reply size is computed
-from it and checked against the limit before anything else, the ids land in a per-connection
-buffer, the request is validated like a gRPC Lookup (`ShardStore.plan_lookup`: epoch, table,
-dtype, range, ownership, staleness), and the rows are gathered into a per-connection reply
-buffer. Large replies are gathered in chunks in the worker pool, each sent while the next is
-gathered, so the gather overlaps the send.
+Runs on the shard's event loop next to gRPC. Each connection is an asyncio `BufferedProtocol`
+(`_Conn`): the loop reads straight into the buffer the frame needs next (the 64-byte header,
+then the ids into a per-connection buffer) and calls back when it is full; nothing waits in
+a coroutine and no reader is registered per request. The header is checked field by field,
+the reply size is computed from it and checked against the limit before anything else, the
+request is validated like a gRPC Lookup (`ShardStore.plan_lookup`: epoch, table, dtype, range,
+ownership, staleness), and the rows are gathered into a per-connection reply buffer and
+written from the callback. Large replies are gathered in chunks in the worker pool by a task,
+each chunk written while the next is gathered, so the gather overlaps the send. The reply
+buffer is reused only once the transport has sent all of the previous reply, and a connection
+holding more than WRITE_HIGH unsent bytes (a client that sends and never reads) reads no further
+request until they are out.
 
 Bad input gets an error frame with a gRPC status code and a message. After a bad header
 field, a wrong length or an oversized request whose body can be skipped, and after any
@@ -27,6 +32,7 @@ import contextlib
 import logging
 import socket
 import ssl as ssl_module
+from typing import cast
 
 import numpy as np
 import torch
@@ -35,7 +41,6 @@ from services.errors import Reason
 from services.frames import KIND_LOOKUP, REPLY, REPLY_MAGIC, REQUEST, REQUEST_MAGIC, VERSION, Request, error_reply
 from services.security.roles import allows
 from services.security.tls import ServerSSL, peer_role
-from services.security.tlsio import PlainIO, TlsIO
 from services.shard.engine import INLINE_LOOKUP_ROWS, ShardEngine
 from services.shard.errors import Code, ShardError
 from services.shard.gather import gather_into
@@ -45,9 +50,10 @@ from services.wire import ROW_DTYPES, row_bytes, row_cols
 log = logging.getLogger("engram.shard")
 SOCK_BUF = 4 << 20
 CHUNK_BYTES = 2 << 20  # reply bytes per gather step of a large reply
-INLINE_BYTES = 256 << 10  # smaller replies are gathered on the loop (no thread hop)
+INLINE_BYTES = 256 << 10  # smaller replies are gathered in the read callback (no thread hop)
 HANDSHAKE_S = 10.0  # a TLS handshake that takes longer costs only its connection
-FAIR_EVERY = 16  # requests served back to back on one connection before yielding to the loop
+WRITE_HIGH = 4 << 20  # unsent reply bytes at which a connection stops reading requests (pause_writing)
+REFUSED_LINGER_S = 1.0  # a refused connection is closed once its request is read (FIN, not RST), or after this
 
 
 FRAME_REASONS = {  # what an error frame's code means when the frame itself was refused (services/errors.py)
@@ -57,10 +63,6 @@ FRAME_REASONS = {  # what an error frame's code means when the frame itself was 
     Code.PERMISSION_DENIED: Reason.PERMISSION_DENIED,
     Code.INTERNAL: Reason.INTERNAL,
 }
-
-
-class Disconnected(Exception):
-    pass
 
 
 class DataPlane:
@@ -82,7 +84,8 @@ class DataPlane:
         self.port = 0
         self._listener: socket.socket | None = None
         self._accept: asyncio.Task | None = None
-        self._conns: set[asyncio.Task] = set()
+        self._opening: set[asyncio.Task] = set()  # TLS handshakes in progress
+        self.conns: set[_Conn] = set()
         self.errors_sent = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -102,11 +105,12 @@ class DataPlane:
         return self.port
 
     async def stop(self) -> None:
-        if self._accept is not None:
-            self._accept.cancel()
-        for t in list(self._conns):
+        tasks = [t for t in (self._accept, *self._opening) if t is not None]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._conns, *([self._accept] if self._accept else []), return_exceptions=True)
+        for conn in list(self.conns):
+            conn.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
 
@@ -114,140 +118,45 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(listener)
+                sock, _ = await loop.sock_accept(listener)
             except OSError as exc:  # e.g. EMFILE: keep serving the connections there are
                 log.warning("data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
-            task = asyncio.create_task(self._serve(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+            task = asyncio.create_task(self._open(sock))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
 
-    # ---------------------------------------------------------------------------------------
-
-    async def _secure(self, sock: socket.socket) -> _Connection | None:
-        """The connection's byte stream: TLS handshake and role check when TLS is on -> None: refused."""
-        if self.ssl is None:
-            return _Connection(sock, PlainIO(sock))
-        io = TlsIO(sock, self.ssl.current(), server_side=True)
+    async def _open(self, sock: socket.socket) -> None:
+        """The connection's transport: plain, or TLS with the current certificate (a failed handshake
+        costs only this connection)."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(io.handshake(), HANDSHAKE_S)
+            if self.ssl is None:
+                await loop.connect_accepted_socket(lambda: _Conn(self), sock)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: _Conn(self), sock, ssl=self.ssl.current(), ssl_handshake_timeout=HANDSHAKE_S
+                )
         except (OSError, TimeoutError, ssl_module.SSLError) as exc:
             log.info("data plane: TLS handshake refused: %s", exc)
-            return None
-        conn = _Connection(sock, io)
-        if self.need_role is not None:
-            role = peer_role(io.peercert())
-            if not allows(role, self.need_role):
-                why = f"this caller has '{role}'" if role else "the client certificate carries no engram role"
-                await self._error(
-                    conn, Code.PERMISSION_DENIED, f"the data plane needs the '{self.need_role}' role; {why}"
-                )
-                with contextlib.suppress(OSError, TimeoutError):  # read the request: close with FIN, not RST
-                    await asyncio.wait_for(io.recv_into(memoryview(conn.head)), 1.0)
-                return None
-        return conn
-
-    async def _serve(self, sock: socket.socket) -> None:
-        try:
-            conn = await self._secure(sock)
+            sock.close()
         except BaseException:
             sock.close()
             raise
-        if conn is None:
-            sock.close()
-            return
-        try:
-            served = 0
-            while await self._one(conn):
-                served += 1
-                if served % FAIR_EVERY == 0:  # reads take what is already there: let the loop's other work in
-                    await asyncio.sleep(0)
-        except Disconnected:
-            pass
-        except (ConnectionError, OSError) as exc:  # the client went away mid-reply
-            log.debug("data plane: connection lost: %s", exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("data plane: connection handler failed")
-            with contextlib.suppress(Exception):
-                await conn.send(
-                    error_reply(Code.INTERNAL, "the shard's data plane failed; see its log", reason=Reason.INTERNAL)
-                )
-        finally:
-            sock.close()
 
-    async def _error(
-        self, conn: _Connection, code: Code, message: str, *, request_id: int = 0, reason: Reason | str | None = None
-    ) -> None:
+    def error_frame(
+        self, code: Code, message: str, *, request_id: int = 0, reason: Reason | str | None = None
+    ) -> bytes:
         """An error frame; the reason defaults to what the code means on this plane (a malformed frame,
         a reply over the limit, the role check, a bug)."""
         self.errors_sent += 1
-        await conn.send(error_reply(code, message, request_id, reason=reason or FRAME_REASONS.get(code)))
+        return error_reply(code, message, request_id, reason=reason or FRAME_REASONS.get(code))
 
-    async def _one(self, conn: _Connection) -> bool:
-        """Serve one request -> keep the connection?"""
-        got = await conn.recv_into(conn.head, REQUEST.size)
-        if got == 0:
-            return False
-        if got < REQUEST.size:
-            await self._error(
-                conn,
-                Code.INVALID_ARGUMENT,
-                f"truncated frame: the connection ended after {got} of {REQUEST.size} header bytes",
-            )
-            return False
-        req = Request.unpack(conn.head)
-        rid = req.request_id
-        if req.magic != REQUEST_MAGIC or req.version != VERSION:
-            await self._error(
-                conn,
-                Code.INVALID_ARGUMENT,
-                f"bad frame: magic {req.magic:#x} version {req.version} "
-                f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing",
-                request_id=rid,
-            )
-            return False
-        problem = self._check_header(req)
-        if problem is not None:
-            code, message = problem
-            if req.body_len > self.max_request_bytes:
-                await self._error(conn, code, message + "; the body is too large to skip, closing", request_id=rid)
-                return False
-            if await conn.drain(req.body_len) < req.body_len:
-                return False
-            await self._error(conn, code, message, request_id=rid)
-            return True
-        ids = conn.ids_buffer(req.n_ids)
-        got = await conn.recv_into(ids.view(np.uint8), req.body_len)
-        if got < req.body_len:
-            await self._error(
-                conn,
-                Code.INVALID_ARGUMENT,
-                f"truncated frame: the connection ended after {got} of {req.body_len} id bytes",
-                request_id=rid,
-            )
-            return False
-        try:
-            plan = self.engine.store.plan_lookup(
-                table=req.table,
-                epoch=req.epoch,
-                ids=ids,
-                dtype=req.dtype,
-                step=req.step,
-                max_staleness=req.max_staleness,
-            )
-        except ShardError as exc:
-            await self._error(conn, exc.code, exc.message, request_id=rid, reason=exc.reason)
-            return True
-        await self._reply(conn, req, plan)
-        return True
-
-    def _check_header(self, req: Request) -> tuple[Code, str] | None:
+    def check_header(self, req: Request) -> tuple[Code, str] | None:
         store = self.engine.store
         if req.kind != KIND_LOOKUP:
             return Code.UNIMPLEMENTED, f"kind: {req.kind} is not a request kind (1 = lookup)"
@@ -269,108 +178,264 @@ class DataPlane:
             )
         return None
 
-    async def _reply(self, conn: _Connection, req: Request, plan: LookupPlan) -> None:
+
+_HEAD, _IDS, _SKIP, _BUSY, _REFUSED, _CLOSING = range(6)  # what a connection is reading or doing
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One client connection: its frame state and reusable buffers."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.head = bytearray(REQUEST.size)
+        self._ids = np.empty(0, dtype="<i8")
+        self._reply = np.empty(0, dtype=np.uint8)
+        self._scratch = bytearray(64 << 10)
+        self._state = _HEAD
+        self._view = memoryview(self.head)
+        self._got = 0
+        self._req: Request | None = None
+        self._skip: tuple[int, bytes] = (0, b"")  # (body bytes left to skip, the error frame to send after)
+        self._writing = False  # over WRITE_HIGH unsent reply bytes: read no request until they are out
+        self._eof = False
+        self._big: asyncio.Task | None = None
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=WRITE_HIGH)  # past it: read no request until the replies are out
+        self.plane.conns.add(self)
+        need = self.plane.need_role
+        if need is not None and self.plane.ssl is not None:
+            role = peer_role(t.get_extra_info("peercert"))
+            if not allows(role, need):
+                why = f"this caller has '{role}'" if role else "the client certificate carries no engram role"
+                self._write(
+                    self.plane.error_frame(Code.PERMISSION_DENIED, f"the data plane needs the '{need}' role; {why}")
+                )
+                self._state = _REFUSED  # read the request, then close: FIN, not RST
+                asyncio.get_running_loop().call_later(REFUSED_LINGER_S, t.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.plane.conns.discard(self)
+        self._state = _CLOSING
+        if self._big is not None:
+            self._big.cancel()
+
+    def pause_writing(self) -> None:
+        self._writing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing = False
+        if self._state in (_HEAD, _IDS, _SKIP, _REFUSED) and self.transport is not None:
+            self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._state == _SKIP:
+            return memoryview(self._scratch)[: min(len(self._scratch), self._skip[0])]
+        if self._state in (_HEAD, _IDS):
+            return self._view[self._got :]
+        return memoryview(self._scratch)  # refused, busy or closing: nothing read here is served
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._received(nbytes)
+        except Exception:
+            log.exception("data plane: connection handler failed")
+            self._fail("the shard's data plane failed; see its log")
+
+    def eof_received(self) -> bool:
+        """The client half-closed: a frame cut short is answered, then the connection closed."""
+        if self._state == _HEAD and self._got:
+            self._close_with(
+                Code.INVALID_ARGUMENT,
+                f"truncated frame: the connection ended after {self._got} of {REQUEST.size} header bytes",
+            )
+        elif self._state == _IDS:
+            assert self._req is not None
+            self._close_with(
+                Code.INVALID_ARGUMENT,
+                f"truncated frame: the connection ended after {self._got} of {self._req.body_len} id bytes",
+                request_id=self._req.request_id,
+            )
+        elif self._state == _BUSY:
+            self._eof = True  # a large reply is on its way: close once it is sent
+            return True
+        return False  # close (after what is written)
+
+    # --- frames ------------------------------------------------------------------------------
+
+    def _received(self, nbytes: int) -> None:
+        state = self._state
+        if state == _SKIP:
+            left, frame = self._skip
+            left -= nbytes
+            self._skip = (left, frame)
+            if not left:
+                self._expect(_HEAD, memoryview(self.head))
+                self._write(frame)
+            return
+        if state not in (_HEAD, _IDS):
+            if state == _REFUSED and self.transport is not None:
+                self.transport.close()
+            return
+        self._got += nbytes
+        if self._got < len(self._view):
+            return
+        if state == _HEAD:
+            self._on_header()
+        else:
+            self._on_ids()
+
+    def _expect(self, state: int, view: memoryview) -> None:
+        self._state, self._view, self._got = state, view, 0
+
+    def _on_header(self) -> None:
+        plane = self.plane
+        req = self._req = Request.unpack(self.head)
+        rid = req.request_id
+        if req.magic != REQUEST_MAGIC or req.version != VERSION:
+            self._close_with(
+                Code.INVALID_ARGUMENT,
+                f"bad frame: magic {req.magic:#x} version {req.version} "
+                f"(expected {REQUEST_MAGIC:#x} version {VERSION}); closing",
+                request_id=rid,
+            )
+            return
+        problem = plane.check_header(req)
+        if problem is not None:
+            code, message = problem
+            if req.body_len > plane.max_request_bytes:
+                self._close_with(code, message + "; the body is too large to skip, closing", request_id=rid)
+                return
+            frame = plane.error_frame(code, message, request_id=rid)
+            if req.body_len:
+                self._state, self._skip = _SKIP, (req.body_len, frame)  # answered once the body is read
+            else:
+                self._expect(_HEAD, memoryview(self.head))
+                self._write(frame)
+            return
+        if self._ids.size < req.n_ids:
+            self._ids = np.empty(req.n_ids, dtype="<i8")
+        self._expect(_IDS, self._ids[: req.n_ids].view(np.uint8).data)
+        if not req.body_len:
+            self._on_ids()
+
+    def _on_ids(self) -> None:
+        req = self._req
+        assert req is not None
+        self._expect(_HEAD, memoryview(self.head))
+        try:
+            plan = self.plane.engine.store.plan_lookup(
+                table=req.table,
+                epoch=req.epoch,
+                ids=self._ids[: req.n_ids],
+                dtype=req.dtype,
+                step=req.step,
+                max_staleness=req.max_staleness,
+            )
+        except ShardError as exc:
+            self._write(self.plane.error_frame(exc.code, exc.message, request_id=req.request_id, reason=exc.reason))
+            return
+        self._reply_rows(req, plan)
+
+    def _reply_rows(self, req: Request, plan: LookupPlan) -> None:
         n, dim = plan.pos.shape[0], plan.dim
         width = row_bytes(plan.dtype, dim)
         nbytes = n * width
         head = REPLY.pack(REPLY_MAGIC, 0, req.request_id, plan.epoch, plan.applied_step, dim, plan.dtype, nbytes)
-        buf = conn.reply_buffer(REPLY.size + nbytes)  # (48 + nbytes,) uint8: header then rows, sent as one
-        raw = buf.data  # memoryview of the (48 + nbytes,) uint8 buffer
+        total = REPLY.size + nbytes
+        assert self.transport is not None
+        if (
+            self._reply.size < total
+            or self._reply.size > 4 * max(total, 1 << 20)  # grow, or shrink back
+            or self.transport.get_write_buffer_size()  # the last reply is not all out (a pipelining client)
+        ):
+            self._reply = np.empty(total, dtype=np.uint8)
+        buf = self._reply  # (48 + nbytes,) uint8: header then rows, sent as one
+        raw = buf.data  # memoryview of the buffer
         raw[: REPLY.size] = head
-        engine = self.engine
+        engine = self.plane.engine
         engine.lookups += 1
         engine.rows_served += n
         if req.step:
             engine.max_staleness_seen = max(engine.max_staleness_seen, max(0, req.step - 1 - plan.applied_step))
-        body = buf[REPLY.size : REPLY.size + nbytes]  # (nbytes,)
+        body = buf[REPLY.size : total]  # (nbytes,)
         if nbytes <= INLINE_BYTES or n <= INLINE_LOOKUP_ROWS:
-            src_rows = whole_rows(plan.src, plan.dtype)  # (R,) opaque rows: one memcpy a row, no torch calls
+            src_rows = plan.src_rows  # (R,) opaque rows: one memcpy a row, no torch calls
             if src_rows is not None and n:
                 src_rows.take(plan.pos, out=body.view(src_rows.dtype), mode="clip")  # ids checked: no buffering
             elif n:
                 gather_into(plan.src, torch.from_numpy(plan.pos), _rows_view(body, plan.dtype, n=n, dim=dim))
-            await conn.send(raw[: REPLY.size + nbytes])
+            self._write(raw[:total])
             return
-        out = _rows_view(body, plan.dtype, n=n, dim=dim)  # (n, D), fp8: (n, D + D/32)
+        self._state = _BUSY
+        self.transport.pause_reading()
+        self._big = asyncio.get_running_loop().create_task(self._chunked(plan, raw=raw, body=body, width=width))
+        self._big.add_done_callback(self._big_done)
+
+    async def _chunked(self, plan: LookupPlan, *, raw: memoryview, body: np.ndarray, width: int) -> None:
+        """A large reply: gathered chunk by chunk in the worker pool, each chunk written as soon as it is
+        gathered (the loop sends it while the next is gathered)."""
+        n = plan.pos.shape[0]
+        out = _rows_view(body, plan.dtype, n=n, dim=plan.dim)  # (n, D), fp8: (n, D + D/32)
         idx = torch.from_numpy(plan.pos)
         loop = asyncio.get_running_loop()
-        step = max(1, self.chunk_bytes // width)
+        pool = self.plane.engine.pool
+        step = max(1, self.plane.chunk_bytes // width)
         sent = 0
-        pending_send: asyncio.Future | None = None
-        try:
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                gathered = loop.run_in_executor(engine.pool, gather_into, plan.src, idx[a:b], out[a:b])
-                try:
-                    if pending_send is not None:
-                        await pending_send  # the previous chunk goes out while this one is gathered
-                finally:
-                    await gathered
-                end = REPLY.size + b * width
-                pending_send = asyncio.ensure_future(conn.send(raw[sent:end]))
-                sent = end
-            assert pending_send is not None
-            await pending_send
-        finally:
-            if pending_send is not None and not pending_send.done():
-                pending_send.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending_send
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            await loop.run_in_executor(pool, gather_into, plan.src, idx[a:b], out[a:b])
+            end = REPLY.size + b * width
+            self._write(raw[sent:end])
+            sent = end
 
+    def _big_done(self, task: asyncio.Task) -> None:
+        self._big = None
+        if task.cancelled() or self._state == _CLOSING:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("data plane: a large reply failed", exc_info=exc)
+            self._fail("the shard's data plane failed; see its log")
+            return
+        self._expect(_HEAD, memoryview(self.head))
+        if self._eof:
+            assert self.transport is not None
+            self.transport.close()
+        elif not self._writing and self.transport is not None:
+            self.transport.resume_reading()
 
-def whole_rows(src: torch.Tensor, dtype: int) -> np.ndarray | None:
-    """src (R, D) already in the wire dtype -> (R,) numpy opaque rows on its memory; None: rows need converting."""
-    if ROW_DTYPES[dtype] != src.dtype:
-        return None
-    raw = src.view(torch.uint8).numpy()  # (R, D * itemsize)
-    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(src.shape[0])
+    # --- writing -----------------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close_with(self, code: Code, message: str, *, request_id: int = 0) -> None:
+        """An error frame, then close once it is sent: the stream cannot be trusted any more."""
+        self._write(self.plane.error_frame(code, message, request_id=request_id))
+        self._state = _CLOSING
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self._write(self.plane.error_frame(Code.INTERNAL, message, reason=Reason.INTERNAL))
+        self._state = _CLOSING
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def _rows_view(body: np.ndarray, dtype: int, *, n: int, dim: int) -> torch.Tensor:
     """(n * row_bytes,) uint8 -> (n, D) tensor in the wire dtype on the same memory (fp8: (n, D + D/32))."""
     return torch.from_numpy(body).view(ROW_DTYPES[dtype]).view(n, row_cols(dtype, dim))
-
-
-class _Connection:
-    """One client connection and its reusable buffers."""
-
-    def __init__(self, sock: socket.socket, io: PlainIO | TlsIO) -> None:
-        self.sock = sock
-        self.io = io
-        self.head = bytearray(REQUEST.size)
-        self._ids = np.empty(0, dtype="<i8")
-        self._reply = np.empty(0, dtype=np.uint8)
-        self._scratch = bytearray(64 << 10)
-
-    def ids_buffer(self, n: int) -> np.ndarray:
-        if self._ids.size < n:
-            self._ids = np.empty(n, dtype="<i8")
-        return self._ids[:n]
-
-    def reply_buffer(self, nbytes: int) -> np.ndarray:
-        if self._reply.size < nbytes or self._reply.size > 4 * max(nbytes, 1 << 20):  # grow, or shrink back
-            self._reply = np.empty(nbytes, dtype=np.uint8)
-        return self._reply
-
-    async def recv_into(self, buf, nbytes: int) -> int:
-        """Fill buf[:nbytes] -> bytes received (fewer only if the peer closed)."""
-        view = memoryview(buf).cast("B")[:nbytes]
-        got = 0
-        while got < nbytes:
-            k = await self.io.recv_into(view[got:])
-            if k == 0:
-                break
-            got += k
-        return got
-
-    async def drain(self, nbytes: int) -> int:
-        got = 0
-        while got < nbytes:
-            k = await self.io.recv_into(memoryview(self._scratch)[: min(len(self._scratch), nbytes - got)])
-            if k == 0:
-                break
-            got += k
-        return got
-
-    async def send(self, data) -> None:
-        await self.io.sendall(data)

@@ -49,7 +49,7 @@ from services.shard.store_types import (  # noqa: F401 - re-exported: the store'
     View,
     optimizer_params,
 )
-from services.wire import TORCH_DTYPES, row_bytes
+from services.wire import ROW_DTYPES, TORCH_DTYPES, row_bytes
 
 _INIT_CHUNK_ELEMS = 1 << 20  # elements per init_rows call (its float64 temporaries stay ~8 MB each)
 
@@ -167,7 +167,9 @@ class ShardStore(SlotOwnership):
         layout, data = self.table(view, table)
         if ids.size == 0:
             return np.empty(0, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= layout.num_rows:
+        if (
+            int(ids.astype(np.int64, copy=False).view(np.uint64).max()) >= layout.num_rows
+        ):  # one pass: a negative id is >= 2**63 as uint64
             bad = np.flatnonzero((ids < 0) | (ids >= layout.num_rows))
             raise ShardError(
                 Code.OUT_OF_RANGE,
@@ -179,7 +181,7 @@ class ShardStore(SlotOwnership):
         pow2 = not self.num_slots & mask  # a mask and a shift instead of two int64 divisions
         slots = ids & mask if pow2 else ids % self.num_slots
         base = data.base[slots]  # (n,) a fresh array
-        if data.base.min() < 0 and base.min() < 0:  # (S,) first: a shard owning every slot skips the (n,) pass
+        if not data.all_owned and base.min() < 0:  # a shard owning every slot skips the (n,) pass
             i = int(np.flatnonzero(base < 0)[0])
             slot = int(slots[i])
             raise precondition(
@@ -250,8 +252,18 @@ class ShardStore(SlotOwnership):
                 Reason.STALENESS_BOUND,
             )
         mirror = data.place.mirror
-        src = mirror if mirror is not None and mirror.dtype == TORCH_DTYPES.get(dtype) else data.weights
-        return LookupPlan(src=src, pos=pos, dtype=dtype, epoch=view.epoch, applied_step=applied, dim=layout.dim)
+        use_mirror = mirror is not None and mirror.dtype == TORCH_DTYPES.get(dtype)
+        src = mirror if use_mirror else data.weights
+        assert src is not None
+        return LookupPlan(
+            src=src,
+            pos=pos,
+            dtype=dtype,
+            epoch=view.epoch,
+            applied_step=applied,
+            dim=layout.dim,
+            src_rows=data.opaque_rows(use_mirror) if src.dtype == ROW_DTYPES[dtype] else None,
+        )
 
     # ---------------------------------------------------------------------------------------
     # updates

@@ -5,7 +5,7 @@ Replaced whole or built per request; nothing here touches a table (store.py, own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,23 @@ class TableData:
     weights: torch.Tensor  # (R, D) fp32, or (R, storage cols) in engram.row_format (row_store_format.py)
     state: tuple[torch.Tensor, ...]  # adam: m, v (R, D); adagrad: acc (R,); () for read-only (fp8) tables
     place: Placement  # where weights live, the mirror (R, D) bf16/fp16 if kept, the shared file if any
+    all_owned: bool = field(init=False)  # every slot has rows here: lookups skip the per-id ownership pass
+    _opaque: dict[bool, np.ndarray] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.all_owned = bool(self.base.size) and int(self.base.min()) >= 0
+
+    def opaque_rows(self, mirror: bool) -> np.ndarray:
+        """The mirror's (or the weights') (R,) rows as opaque numpy items on their memory, made once:
+        a gather of whole rows is then one `take` (a view per lookup costs more than a 1K-row gather's
+        share of it)."""
+        rows = self._opaque.get(mirror)
+        if rows is None:
+            src = self.place.mirror if mirror else self.weights
+            assert src is not None
+            raw = src.view(torch.uint8).numpy()  # (R, row bytes)
+            rows = self._opaque[mirror] = raw.view(np.dtype((np.void, raw.shape[1]))).reshape(src.shape[0])
+        return rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +52,7 @@ class LookupPlan:
     epoch: int
     applied_step: int
     dim: int = 0  # values per row D
+    src_rows: np.ndarray | None = None  # (R,) src's rows as opaque items when src is in the wire dtype, else None
 
 
 @dataclass(slots=True)

@@ -23,7 +23,8 @@ from services.client.routing import (
     sole_owner,
     split_by_owner,
 )
-from services.client.row_paths import INLINE_SHM_BYTES, RowPaths
+from services.client.row_paths import RowPaths
+from services.client.shm_paths import INLINE_SHM_BYTES
 from services.client.shm_reader import ShmTableReader
 from services.client.shm_small import SMALL_READ_ROWS, SmallReads, small_reads_for
 from services.client.state import Routing

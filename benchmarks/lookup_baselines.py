@@ -8,6 +8,7 @@ client's dedup check on the same ids.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,6 +102,25 @@ def load_redis(url: str, table: np.ndarray, dtypes: list[str]) -> Any:
             b = min(n, a + 20000)
             r.mset({b"%s:%d" % (dtype.encode(), i): raw[i * width : (i + 1) * width] for i in range(a, b)})
     return r
+
+
+def settle_redis(r: Any, timeout_s: float = 300.0) -> float:
+    """Rewrite Redis's append-only file now and wait for it -> seconds waited.
+
+    Loading a million rows grows the AOF past its rewrite threshold; left alone, Redis forks and
+    rewrites it (a core busy for seconds) in the middle of whatever is timed next, on a
+    2-core machine the shards' lookups and the MGETs themselves."""
+    t0 = time.monotonic()
+    if not int(r.info("persistence").get("aof_enabled", 0)):
+        return 0.0
+    with contextlib.suppress(Exception):  # "already in progress": wait for that one
+        r.bgrewriteaof()
+    while time.monotonic() - t0 < timeout_s:
+        p = r.info("persistence")
+        if not (p.get("aof_rewrite_in_progress") or p.get("aof_rewrite_scheduled") or p.get("rdb_bgsave_in_progress")):
+            break
+        time.sleep(0.1)
+    return time.monotonic() - t0
 
 
 def bench_redis(r: Any, batches: Batches, args: argparse.Namespace, *, dim: int) -> list[dict[str, Any]]:

@@ -206,12 +206,7 @@ class TableMemory:
             self.reason = f"cluster.shm_dir {path} is not writable"
         else:
             self.reason = ""
-            name = f"engram.{self.namespace}.shard{self.shard_id}."
-            for stale in [*path.glob(name + "*"), *path.glob("." + name + "*")]:
-                if not _owner_alive(stale):  # left by an earlier process of this shard that was killed
-                    _retire_file(stale)  # readers that still map it reopen by name and find this process's
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
+            sweep_dead_tables(path, f"engram.{self.namespace}.shard{self.shard_id}.")  # an earlier, killed process's
             return path
         log.warning(
             "shard %d keeps its tables in private memory: %s (co-located clients use the TCP data plane)",
@@ -276,19 +271,45 @@ class TableMemory:
         self.published.clear()
 
 
-def _owner_alive(path: Path) -> bool:
-    """Does the process that wrote this table file still run (in this PID namespace)?"""
+def sweep_dead_tables(shm_dir: Path, prefix: str = "engram.", *, headerless: bool = True) -> int:
+    """Retire and unlink the table files under `shm_dir` named `prefix*` whose writer no longer runs
+    (a shard killed before it could unlink them) -> how many. Readers that still map one reopen by
+    name and find the live shard's file, or fall back to the network. `headerless=False` leaves
+    files without a table header (another program's, or one being created) alone."""
+    swept = 0
+    names = [*shm_dir.glob(prefix + "*"), *(shm_dir.glob("." + prefix + "*") if headerless else [])]
+    for stale in names:
+        if (headerless or _writer_pid(stale) > 0) and not _owner_alive(stale):
+            _retire_file(stale)
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                swept += 1
+    return swept
+
+
+def _writer_pid(path: Path) -> int:
+    """The pid in a table file's header; 0 when it has no table header; -1 when unreadable."""
     try:
         with path.open("rb") as f:
             head = np.frombuffer(f.read(8 * (H_PID + 1)), dtype="<u8")
-        pid = int(head[H_PID]) if head.size > H_PID and int(head[H_MAGIC]) == MAGIC else 0
-        if pid <= 0 or pid == os.getpid():
-            return False
+    except (OSError, ValueError):
+        return -1
+    return int(head[H_PID]) if head.size > H_PID and int(head[H_MAGIC]) == MAGIC else 0
+
+
+def _owner_alive(path: Path) -> bool:
+    """Does the process that wrote this table file still run (in this PID namespace)?"""
+    pid = _writer_pid(path)
+    if pid < 0:
+        return True  # cannot tell (another user's file, unreadable): leave it
+    if pid == 0 or pid == os.getpid():
+        return False
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (OSError, ValueError):
-        return True  # cannot tell (another user's process, an unreadable file): leave it
+    except OSError:
+        return True  # e.g. another user's process
     return True
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,26 +26,12 @@ import torch
 
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
 from services.client.errors import Code, RetryPolicy, ShardError
+from services.client.peers import Peer
 from services.client.shm_paths import ShmPaths, ShmReads
-from services.client.shm_reader import ShmTableReader
 from services.shard.shm_table import local_host_id
 from services.wire import TORCH_DTYPES
 
 log = logging.getLogger("engram.client")
-
-
-@dataclass(slots=True)
-class _Peer:
-    """What one shard (by gRPC address) registered, and this client's state for it."""
-
-    host_id: str
-    data_address: str
-    shm_files: dict[int, str]
-    token: bytes
-    shm_off: str = ""  # why shared memory is not used for this shard
-    tcp_off: str = ""
-    readers: dict[int, ShmTableReader] = field(default_factory=dict)
-    tcp: DataPlaneClient | None = None
 
 
 class RowPaths(ShmPaths):
@@ -70,7 +55,7 @@ class RowPaths(ShmPaths):
         self.shm_dir = shm_dir
         self.retry = retry or RetryPolicy()
         self.tcp_ssl, self.tcp_server_name = tcp_ssl, tcp_server_name  # TLS on the data plane (ssl.SSLContext)
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, Peer] = {}
         self._warned: set[str] = set()
         self.used: dict[str, int] = {"shm": 0, "tcp": 0, "grpc": 0}  # lookups served per path
         self.shm_reads = ShmReads()
@@ -88,7 +73,7 @@ class RowPaths(ShmPaths):
                 continue
             try:
                 files = {int(t): str(name) for t, name in dict(info.get("shm_files") or {}).items()}
-                peer = _Peer(
+                peer = Peer(
                     host_id=str(info.get("host_id", "")),
                     data_address=str(info.get("data_address", "")),
                     shm_files=files,
@@ -116,7 +101,7 @@ class RowPaths(ShmPaths):
                 peer.tcp_off = "the shard registered no data-plane address"
             self._peers[r.address] = peer
 
-    def _fallback(self, what: str, peer: _Peer, *, address: str, reason: str) -> None:
+    def _fallback(self, what: str, peer: Peer, *, address: str, reason: str) -> None:
         """Turn a path off for one shard; log it once per client and path."""
         setattr(peer, f"{what}_off", reason)
         if what not in self._warned:
@@ -239,7 +224,7 @@ class RowPaths(ShmPaths):
             table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
         )
 
-    def _data_plane(self, peer: _Peer, address: str, *, shard_id: int) -> DataPlaneClient:
+    def _data_plane(self, peer: Peer, address: str, *, shard_id: int) -> DataPlaneClient:
         """The shard's data-plane client (its connection pool), made on first use."""
         if peer.tcp is None:
             peer.tcp = DataPlaneClient(

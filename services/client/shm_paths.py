@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from services.client.errors import Code, RetryPolicy, ShardError
+from services.client.peers import Peer
 from services.client.shm_reader import Miss, ShmTableReader, ShmUnavailable
 from services.wire import ITEMSIZE, TORCH_DTYPES
-
-if TYPE_CHECKING:
-    from services.client.row_paths import _Peer
 
 INLINE_SHM_BYTES = 1 << 20  # smaller shared-memory gathers run on the loop; larger ones in a thread
 
@@ -45,12 +43,12 @@ class ShmPaths:
     retry: RetryPolicy
     used: dict[str, int]
     shm_reads: ShmReads
-    _peers: dict[str, _Peer]
+    _peers: dict[str, Peer]
     _count_lock: threading.Lock
 
     if TYPE_CHECKING:
 
-        def _fallback(self, what: str, peer: _Peer, *, address: str, reason: str) -> None: ...
+        def _fallback(self, what: str, peer: Peer, *, address: str, reason: str) -> None: ...
 
     def read_now(
         self,
@@ -120,7 +118,7 @@ class ShmPaths:
             if step:
                 r.max_staleness_seen = max(r.max_staleness_seen, step - 1 - applied)
 
-    def _reader(self, peer: _Peer, address: str, *, table: int, dim: int) -> ShmTableReader | None:
+    def _reader(self, peer: Peer, address: str, *, table: int, dim: int) -> ShmTableReader | None:
         reader = peer.readers.get(table)
         if reader is not None and not reader.retired:
             return reader

@@ -110,10 +110,12 @@ def settle_redis(r: Any, timeout_s: float = 300.0) -> float:
     Loading a million rows grows the AOF past its rewrite threshold; left alone, Redis forks and
     rewrites it (a core busy for seconds) in the middle of whatever is timed next, on a
     2-core machine the shards' lookups and the MGETs themselves."""
+    import redis
+
     t0 = time.monotonic()
     if not int(r.info("persistence").get("aof_enabled", 0)):
         return 0.0
-    with contextlib.suppress(Exception):  # "already in progress": wait for that one
+    with contextlib.suppress(redis.ResponseError):  # "already in progress": wait for that one
         r.bgrewriteaof()
     while time.monotonic() - t0 < timeout_s:
         p = r.info("persistence")

@@ -279,11 +279,13 @@ def sweep_dead_tables(shm_dir: Path, prefix: str = "engram.", *, headerless: boo
     swept = 0
     names = [*shm_dir.glob(prefix + "*"), *(shm_dir.glob("." + prefix + "*") if headerless else [])]
     for stale in names:
-        if (headerless or _writer_pid(stale) > 0) and not _owner_alive(stale):
-            _retire_file(stale)
-            with contextlib.suppress(OSError):
-                stale.unlink()
-                swept += 1
+        pid = _writer_pid(stale)
+        if pid < 0 or (pid == 0 and not headerless) or _running(pid):
+            continue  # unreadable (cannot tell), not a table file, or its writer still runs
+        _retire_file(stale)
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            swept += 1
     return swept
 
 
@@ -297,19 +299,17 @@ def _writer_pid(path: Path) -> int:
     return int(head[H_PID]) if head.size > H_PID and int(head[H_MAGIC]) == MAGIC else 0
 
 
-def _owner_alive(path: Path) -> bool:
-    """Does the process that wrote this table file still run (in this PID namespace)?"""
-    pid = _writer_pid(path)
-    if pid < 0:
-        return True  # cannot tell (another user's file, unreadable): leave it
-    if pid == 0 or pid == os.getpid():
+def _running(pid: int) -> bool:
+    """Does the process that wrote a table file (pid from its header, 0: none) still run, in this
+    PID namespace? This process's own pid counts as gone: its files are the ones it is replacing."""
+    if pid <= 0 or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # e.g. another user's process
+        return True  # e.g. another user's process: leave its files
     return True
 
 

@@ -45,13 +45,15 @@ ARGS = [
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory: pytest.TempPathFactory):
+def start_shard(tmp_path_factory: pytest.TempPathFactory, *overrides: str):
     port = free_port()
     shm = tmp_path_factory.mktemp("shm")
+    sets = [a for o in overrides for a in ("--set", o)]
     # plaintext: these cases speak raw frames and half-close TCP (SHUT_WR), which a TLS session
     # cannot; the TLS data plane's refusals are in tests/test_tls_cluster.py
-    proc = ShardProcess([*ARGS, "--set", f"cluster.data_port={port}", "--set", f"cluster.shm_dir={shm}"], tls=False)
+    proc = ShardProcess(
+        [*ARGS, "--set", f"cluster.data_port={port}", "--set", f"cluster.shm_dir={shm}", *sets], tls=False
+    )
     try:
         proc.start()
         proc.data_port = port
@@ -61,6 +63,17 @@ def shard(tmp_path_factory: pytest.TempPathFactory):
         yield proc
     finally:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory: pytest.TempPathFactory):
+    yield from start_shard(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def big_shard(tmp_path_factory: pytest.TempPathFactory):
+    """Replies up to 32 MiB: many chunks of a large reply (2 MiB each, services/shard/dataplane.py)."""
+    yield from start_shard(tmp_path_factory, "cluster.max_message_mb=32")
 
 
 def connect(shard) -> socket.socket:
@@ -265,3 +278,32 @@ def test_client_leaving_mid_reply_and_fuzz_leave_the_shard_serving(shard) -> Non
         got = torch.frombuffer(bytearray(resp.rows), dtype=torch.float32).view(-1, DIM)
         assert torch.equal(got, expected_rows_tiny(ids))
     assert shard.proc.poll() is None
+
+
+def test_a_slow_reader_of_a_chunked_reply_holds_up_no_other_connection(big_shard) -> None:
+    """A 24 MiB reply (12 chunks, more than the kernel's socket buffers hold) read 64 KiB at a
+    time: the shard waits for its bytes to go out before it gathers more, serves another
+    connection meanwhile, and the slow reader gets every row intact and keeps a usable
+    connection. (A shard that never woke from that wait would leave this reply unfinished.)"""
+    ids = np.random.default_rng(5).integers(0, big_shard.num_rows, size=(24 << 20) // (DIM * 4))
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # a small window: the rest waits at the shard
+    slow.settimeout(30)
+    slow.connect(("127.0.0.1", big_shard.data_port))
+    with slow, connect(big_shard) as other:
+        slow.sendall(request(ids, rid=11))
+        reply = Reply.unpack(recv_exact(slow, REPLY.size))
+        assert reply.status == 0 and reply.request_id == 11 and reply.body_len == ids.size * DIM * 4
+        body = bytearray()
+        for i in range(8):  # half a second of slow reading, another client served in between
+            body += slow.recv(64 << 10)
+            time.sleep(0.05)
+            if i == 3:
+                t0 = time.monotonic()
+                assert_good(other)
+                assert time.monotonic() - t0 < 5.0
+        body += recv_exact(slow, reply.body_len - len(body))
+        rows = torch.frombuffer(body, dtype=torch.float32).view(-1, DIM)
+        assert torch.equal(rows, expected_rows_tiny(ids))
+        assert_good(slow)
+    assert big_shard.proc.poll() is None

@@ -7,8 +7,10 @@ a coroutine and no reader is registered per request. The header is checked field
 the reply size is computed from it and checked against the limit before anything else, the
 request is validated like a gRPC Lookup (`ShardStore.plan_lookup`: epoch, table, dtype, range,
 ownership, staleness), and the rows are gathered into a per-connection reply buffer and
-written from the callback. Large replies are gathered in chunks in the worker pool by a task,
-each chunk written while the next is gathered, so the gather overlaps the send. The reply
+written from the callback. Large replies are gathered by a task in 2 MiB chunks (on the loop
+when they are whole-row copies, in the worker pool when rows are converted), each chunk
+written as soon as it is gathered: the kernel sends one chunk while the next is gathered, and
+a chunk waits while more than a chunk is unsent (a slow reader holds up nobody else). The reply
 buffer is reused only once the transport has sent all of the previous reply, and a connection
 holding more than WRITE_HIGH unsent bytes (a client that sends and never reads) reads no further
 request until they are out.
@@ -200,6 +202,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._writing = False  # over WRITE_HIGH unsent reply bytes: read no request until they are out
         self._eof = False
         self._big: asyncio.Task | None = None
+        self._drain: asyncio.Future | None = None  # set while a large reply waits for its bytes to go out
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -231,6 +234,8 @@ class _Conn(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
         if self._state in (_HEAD, _IDS, _SKIP, _REFUSED) and self.transport is not None:
             self.transport.resume_reading()
 
@@ -379,21 +384,41 @@ class _Conn(asyncio.BufferedProtocol):
         self._big.add_done_callback(self._big_done)
 
     async def _chunked(self, plan: LookupPlan, *, raw: memoryview, body: np.ndarray, width: int) -> None:
-        """A large reply: gathered chunk by chunk in the worker pool, each chunk written as soon as it is
-        gathered (the loop sends it while the next is gathered)."""
+        """A large reply, chunk by chunk, each chunk written as soon as it is gathered: whole rows of
+        the wire dtype gathered here on the loop (a chunk's take costs less than a thread hop), rows
+        to convert in the worker pool. While the kernel sends a chunk the next is gathered; a chunk
+        waits while more than a chunk is unsent (the loop then serves other connections)."""
         n = plan.pos.shape[0]
+        loop = asyncio.get_running_loop()
+        step = max(1, self.plane.chunk_bytes // width)
+        src_rows = plan.src_rows
+        out_rows = None if src_rows is None else body.view(src_rows.dtype)  # (n,) opaque rows
         out = _rows_view(body, plan.dtype, n=n, dim=plan.dim)  # (n, D), fp8: (n, D + D/32)
         idx = torch.from_numpy(plan.pos)
-        loop = asyncio.get_running_loop()
         pool = self.plane.engine.pool
-        step = max(1, self.plane.chunk_bytes // width)
         sent = 0
         for a in range(0, n, step):
             b = min(n, a + step)
-            await loop.run_in_executor(pool, gather_into, plan.src, idx[a:b], out[a:b])
+            if src_rows is not None and out_rows is not None:
+                src_rows.take(plan.pos[a:b], out=out_rows[a:b], mode="clip")  # ids checked: no buffering
+            else:
+                await loop.run_in_executor(pool, gather_into, plan.src, idx[a:b], out[a:b])
             end = REPLY.size + b * width
             self._write(raw[sent:end])
             sent = end
+            await self._drained(self.plane.chunk_bytes)
+
+    async def _drained(self, limit: int) -> None:
+        """Wait until at most `limit` reply bytes are unsent (or the connection is gone)."""
+        t = self.transport
+        while t is not None and not t.is_closing() and t.get_write_buffer_size() > limit:
+            self._drain = asyncio.get_running_loop().create_future()
+            t.set_write_buffer_limits(high=limit, low=limit)
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+                t.set_write_buffer_limits(high=WRITE_HIGH)
 
     def _big_done(self, task: asyncio.Task) -> None:
         self._big = None

@@ -1,4 +1,4 @@
-"""Frames of the TCP row data plane (services/shard/dataplane.py <-> services/client/dataplane.py).
+"""Frames of the TCP row data plane (services/shard/dataplane_conn.py <-> services/client/dataplane.py).
 
 One request, then one reply, at a time on a connection; all integers little-endian.
 

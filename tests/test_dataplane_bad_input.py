@@ -72,7 +72,7 @@ def shard(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def big_shard(tmp_path_factory: pytest.TempPathFactory):
-    """Replies up to 32 MiB: many chunks of a large reply (2 MiB each, services/shard/dataplane.py)."""
+    """Replies up to 32 MiB: many chunks of a large reply (2 MiB each, services/shard/dataplane_conn.py)."""
     yield from start_shard(tmp_path_factory, "cluster.max_message_mb=32")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
 from services.client.errors import Code, ShardError
+from services.client.row_request import RowRequest
 from services.errors import Reason, error_reason
 from services.frames import REPLY, REQUEST, STATUS_OF, Reply, Request, error_reply
 
@@ -82,7 +83,7 @@ def run(scripts: list[Script], body: Callable[[DataPlaneClient, list[Script]], A
 
 
 async def lookup(client: DataPlaneClient, ids: np.ndarray) -> torch.Tensor:
-    rows, applied = await client.lookup(table=1, ids=np.asarray(ids, dtype=np.int64), dtype=FP32, dim=DIM, epoch=1)
+    rows, applied = await client.lookup(RowRequest(1, np.asarray(ids, dtype=np.int64), FP32, DIM, 1))
     assert applied == 3
     return rows
 

@@ -21,6 +21,7 @@ import torch
 from engram.config import SecurityConfig
 from services.client import ShardClient, ShardError
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
+from services.client.row_request import RowRequest
 from services.errors import Reason, error_reason
 from services.launcher import LocalCluster
 from services.security import certs
@@ -141,7 +142,7 @@ def test_forged_and_expired_certificates_are_refused(cluster: LocalCluster, extr
         async def probe(sec: SecurityConfig = extra[bad], data: str = data) -> None:
             client = DataPlaneClient(data, ssl_context=_client_ssl(sec))
             try:
-                await client.lookup(table=1, ids=np.arange(4), dtype=2, dim=8, epoch=1)
+                await client.lookup(RowRequest(1, np.arange(4), 2, 8, 1))
             finally:
                 client.close()
 
@@ -174,7 +175,7 @@ def test_data_plane_needs_the_read_role(cluster: LocalCluster, extra: dict[str, 
     async def probe() -> None:
         client = DataPlaneClient(data, ssl_context=_client_ssl(extra["norole"]))
         try:
-            await client.lookup(table=1, ids=np.arange(4), dtype=2, dim=8, epoch=1)
+            await client.lookup(RowRequest(1, np.arange(4), 2, 8, 1))
         finally:
             client.close()
 

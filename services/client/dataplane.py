@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from services.client.errors import Code, ShardError
+from services.client.row_request import RowRequest
 from services.errors import Reason
 from services.frames import (
     CODE_OF,
@@ -279,52 +280,34 @@ class DataPlaneClient:
             call=f"Lookup (data plane at {self.address})",
         )
 
-    def _send(
-        self,
-        conn: _Conn,
-        *,
-        table: int,
-        ids: np.ndarray,
-        dtype: int,
-        dim: int,
-        epoch: int,
-        step: int,
-        max_staleness: int,
-    ) -> asyncio.Future[Rows]:
+    def _send(self, conn: _Conn, req: RowRequest) -> asyncio.Future[Rows]:
         rid = next(self._ids)
-        n = int(ids.size)
+        n = int(req.ids.size)
         head = REQUEST.pack(
-            REQUEST_MAGIC, VERSION, KIND_LOOKUP, rid, table, dtype, epoch, step, max_staleness, 0, n, 8 * n
-        )
-        ids = np.ascontiguousarray(ids, dtype="<i8")
-        return conn.request(head, ids, want=(rid, n, dtype, dim))
+            REQUEST_MAGIC, VERSION, KIND_LOOKUP, rid, req.table, req.dtype, req.epoch, req.step, req.max_staleness,
+            0, n, 8 * n,
+        )  # fmt: skip
+        ids = np.ascontiguousarray(req.ids, dtype="<i8")
+        return conn.request(head, ids, want=(rid, n, req.dtype, req.dim))
 
-    def issue(
-        self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0
-    ) -> asyncio.Future[Rows] | None:
+    def issue(self, req: RowRequest) -> asyncio.Future[Rows] | None:
         """Write the lookup now on an idle connection -> its future, or None when none is idle (then
         `await lookup(...)`). The future raises ShardError (an error frame) or ConnectionError /
         DataPlaneDown (the connection broke); cancelling it drops the connection."""
         conn = self._take_idle()
         if conn is None:
             return None
-        return self._send(
-            conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
-        )
+        return self._send(conn, req)
 
-    async def lookup(
-        self, *, table: int, ids: np.ndarray, dtype: int, dim: int, epoch: int, step: int = 0, max_staleness: int = 0
-    ) -> Rows:
-        """(n,) int64 ids -> ((n, D) rows in `dtype` (fp8: (n, D + D/32) bytes), the shard's applied step). Raises ShardError
-        for an error frame, DataPlaneDown when the connection fails.
+    async def lookup(self, req: RowRequest) -> Rows:
+        """-> ((n, D) rows in the request's dtype (fp8: (n, D + D/32) bytes), the shard's applied step).
+        Raises ShardError for an error frame, DataPlaneDown when the connection fails.
 
         A reused connection that breaks before any byte of its reply (the shard closed it while it
         was idle, and the close crossed the request) is replaced once: a lookup only reads."""
         for attempt in range(2):
             conn = self._take_idle() or await self._connect()
-            fut = self._send(
-                conn, table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
-            )
+            fut = self._send(conn, req)
             try:
                 return await fut
             except (ConnectionError, OSError) as exc:

@@ -39,6 +39,7 @@ from services.client.routing import (
     split_by_owner,
 )
 from services.client.row_paths import RowPaths
+from services.client.row_request import RowRequest
 from services.client.shm_now import ShmNow
 from services.client.state import Routing, gather_or_cancel
 from services.client.tcp_now import TcpNow
@@ -161,18 +162,8 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
         if target is not None:
             shard, address = target
             try:
-                return await self.row_paths.tcp_once(
-                    shard_id=shard,
-                    address=address,
-                    table=table,
-                    ids=ids,
-                    dtype=self._dtype,
-                    dim=dim,
-                    epoch=routing.epoch,
-                    step=step,
-                    max_staleness=max_staleness,
-                    deadline=deadline,
-                )
+                req = RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness)
+                return await self.row_paths.tcp_once(req, shard_id=shard, address=address, deadline=deadline)
             except (ShardError, DataPlaneDown, TimeoutError):
                 pass  # the general way below sees the same failure and handles it (retry, refresh, fallback)
         sole, shards = self._owners(routing)
@@ -336,15 +327,9 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
                 None
                 if not address
                 else await self.row_paths.lookup(
+                    RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness),
                     shard_id=shard_id,
                     address=address,
-                    table=table,
-                    ids=ids,
-                    dtype=self._dtype,
-                    dim=dim,
-                    epoch=routing.epoch,
-                    step=step,
-                    max_staleness=max_staleness,
                     deadline=deadline,
                 )
             )

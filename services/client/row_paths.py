@@ -21,12 +21,12 @@ import logging
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 
 from services.client.dataplane import DataPlaneClient, DataPlaneDown
 from services.client.errors import Code, RetryPolicy, ShardError
 from services.client.peers import Peer
+from services.client.row_request import RowRequest
 from services.client.shm_paths import ShmPaths, ShmReads
 from services.shard.shm_table import local_host_id
 from services.wire import TORCH_DTYPES
@@ -118,53 +118,19 @@ class RowPaths(ShmPaths):
     # ---------------------------------------------------------------------------------------
 
     async def lookup(
-        self,
-        *,
-        shard_id: int,
-        address: str,
-        table: int,
-        ids: np.ndarray,
-        dtype: int,
-        dim: int,
-        epoch: int,
-        step: int,
-        max_staleness: int,
-        deadline: float,
+        self, req: RowRequest, *, shard_id: int, address: str, deadline: float
     ) -> tuple[torch.Tensor, int] | None:
         """-> ((n, D) rows, applied step) by shared memory or TCP, or None: use gRPC."""
         peer = self._peers.get(address)
         if peer is None or self.mode == "grpc":
             return None
-        if self.mode in ("auto", "shm") and not peer.shm_off and dtype in TORCH_DTYPES:  # fp8 rows: not in shm
-            got = await self._shm(
-                peer,
-                address,
-                table=table,
-                ids=ids,
-                dtype=dtype,
-                dim=dim,
-                epoch=epoch,
-                step=step,
-                max_staleness=max_staleness,
-                deadline=deadline,
-            )
+        if self.mode in ("auto", "shm") and not peer.shm_off and req.dtype in TORCH_DTYPES:  # fp8: not in shm
+            got = await self._shm(peer, address, req, deadline=deadline)
             if got is not None:
-                self.count_shm(ids.size, step, got[1])
+                self.count_shm(req.ids.size, req.step, got[1])
                 return got
         if not peer.tcp_off:
-            got = await self._tcp(
-                peer,
-                address,
-                shard_id=shard_id,
-                table=table,
-                ids=ids,
-                dtype=dtype,
-                dim=dim,
-                epoch=epoch,
-                step=step,
-                max_staleness=max_staleness,
-                deadline=deadline,
-            )
+            got = await self._tcp(peer, address, req, shard_id=shard_id, deadline=deadline)
             if got is not None:
                 self.used["tcp"] += 1
                 return got
@@ -178,18 +144,7 @@ class RowPaths(ShmPaths):
         return self.mode == "tcp" or bool(peer.shm_off) or dtype not in TORCH_DTYPES
 
     async def tcp_once(
-        self,
-        *,
-        shard_id: int,
-        address: str,
-        table: int,
-        ids: np.ndarray,
-        dtype: int,
-        dim: int,
-        epoch: int,
-        step: int,
-        max_staleness: int,
-        deadline: float,
+        self, req: RowRequest, *, shard_id: int, address: str, deadline: float
     ) -> tuple[torch.Tensor, int]:
         """One data-plane request and nothing else (`tcp_first` said so): ((n, D) rows, applied step).
 
@@ -198,31 +153,16 @@ class RowPaths(ShmPaths):
         """
         tcp = self._data_plane(self._peers[address], address, shard_id=shard_id)
         async with asyncio.timeout_at(deadline):
-            got = await tcp.lookup(
-                table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
-            )
+            got = await tcp.lookup(req)
         self.used["tcp"] += 1
         return got
 
     def tcp_issue(
-        self,
-        *,
-        shard_id: int,
-        address: str,
-        table: int,
-        ids: np.ndarray,
-        dtype: int,
-        dim: int,
-        epoch: int,
-        step: int,
-        max_staleness: int,
+        self, req: RowRequest, *, shard_id: int, address: str
     ) -> asyncio.Future[tuple[torch.Tensor, int]] | None:
         """One data-plane request written now on an idle connection (`tcp_first` said so) -> its future
         ((n, D) rows, applied step), or None when no connection is idle (then `await tcp_once(...)`)."""
-        tcp = self._data_plane(self._peers[address], address, shard_id=shard_id)
-        return tcp.issue(
-            table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
-        )
+        return self._data_plane(self._peers[address], address, shard_id=shard_id).issue(req)
 
     def _data_plane(self, peer: Peer, address: str, *, shard_id: int) -> DataPlaneClient:
         """The shard's data-plane client (its connection pool), made on first use."""
@@ -236,7 +176,9 @@ class RowPaths(ShmPaths):
             )
         return peer.tcp
 
-    async def _tcp(self, peer, address, *, shard_id, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _tcp(
+        self, peer: Peer, address: str, req: RowRequest, *, shard_id: int, deadline: float
+    ) -> tuple[torch.Tensor, int] | None:
         loop = asyncio.get_running_loop()
         tcp = self._data_plane(peer, address, shard_id=shard_id)
         attempt = 0
@@ -252,9 +194,7 @@ class RowPaths(ShmPaths):
                 )
             try:
                 async with asyncio.timeout_at(deadline):  # no extra task, unlike wait_for
-                    return await tcp.lookup(
-                        table=table, ids=ids, dtype=dtype, dim=dim, epoch=epoch, step=step, max_staleness=max_staleness
-                    )
+                    return await tcp.lookup(req)
             except TimeoutError:
                 raise ShardError(
                     Code.DEADLINE_EXCEEDED,

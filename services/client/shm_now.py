@@ -24,6 +24,7 @@ from services.client.routing import (
     split_by_owner,
 )
 from services.client.row_paths import RowPaths
+from services.client.row_request import RowRequest
 from services.client.shm_paths import INLINE_SHM_BYTES
 from services.client.shm_reader import ShmTableReader
 from services.client.shm_small import SMALL_READ_ROWS, SmallReads, small_reads_for
@@ -82,15 +83,9 @@ class ShmNow:
                 None
                 if not address
                 else self.row_paths.read_now(
+                    RowRequest(table, g.ids, self._dtype, dim, routing.epoch, step, max_staleness),
                     address=address,
-                    table=table,
-                    ids=g.ids,
                     rows=part_rows,
-                    dtype=self._torch_dtype,
-                    dim=dim,
-                    epoch=routing.epoch,
-                    step=step,
-                    max_staleness=max_staleness,
                     open_files=open_files,
                 )
             )

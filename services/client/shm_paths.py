@@ -9,6 +9,7 @@ slot map ahead of the file's, a busy writer) is a `Miss`; the caller then takes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from services.client.errors import Code, RetryPolicy, ShardError
 from services.client.peers import Peer
+from services.client.row_request import RowRequest
 from services.client.shm_reader import Miss, ShmTableReader, ShmUnavailable
 from services.wire import ITEMSIZE, TORCH_DTYPES
 
@@ -50,22 +52,9 @@ class ShmPaths:
 
         def _fallback(self, what: str, peer: Peer, *, address: str, reason: str) -> None: ...
 
-    def read_now(
-        self,
-        *,
-        address: str,
-        table: int,
-        ids: np.ndarray,
-        rows: np.ndarray,
-        dtype: torch.dtype,
-        dim: int,
-        epoch: int,
-        step: int,
-        max_staleness: int,
-        open_files: bool = True,
-    ) -> int | None:
-        """rows (n,) opaque rows of D values in `dtype` <- the rows of ids (n,) from shared memory,
-        on the calling thread -> applied step.
+    def read_now(self, req: RowRequest, *, address: str, rows: np.ndarray, open_files: bool = True) -> int | None:
+        """rows (n,) opaque rows of D values in the request's dtype <- the rows of its ids (n,) from
+        shared memory, on the calling thread -> applied step.
 
         None when the rows need more than one read (no shared memory for that shard, a file to
         open and `open_files` is off, any `Miss`): `lookup()` then takes the call from the top.
@@ -77,17 +66,24 @@ class ShmPaths:
         peer = self._peers.get(address)
         if peer is None or peer.shm_off:
             return None
-        reader = peer.readers.get(table)
+        reader = peer.readers.get(req.table)
         if reader is None or reader.retired:
             if not open_files:
                 return None
-            reader = self._reader(peer, address, table=table, dim=dim)
+            reader = self._reader(peer, address, table=req.table, dim=req.dim)
             if reader is None:
                 return None
-        got = reader.read(ids, rows=rows, dtype=dtype, epoch=epoch, step=step, max_staleness=max_staleness)
+        got = reader.read(
+            req.ids,
+            rows=rows,
+            dtype=TORCH_DTYPES[req.dtype],
+            epoch=req.epoch,
+            step=req.step,
+            max_staleness=req.max_staleness,
+        )
         if isinstance(got, Miss):
             return None
-        self.count_shm(ids.size, step, got)
+        self.count_shm(req.ids.size, req.step, got)
         return got
 
     def open_readers(
@@ -133,22 +129,23 @@ class ShmPaths:
             return None
         return reader
 
-    async def _shm(self, peer, address, *, table, ids, dtype, dim, epoch, step, max_staleness, deadline):
+    async def _shm(
+        self, peer: Peer, address: str, req: RowRequest, *, deadline: float
+    ) -> tuple[torch.Tensor, int] | None:
         loop = asyncio.get_running_loop()
-        out = torch.empty((ids.size, dim), dtype=TORCH_DTYPES[dtype])  # (n, D)
-        big = ids.size * dim * ITEMSIZE[dtype] > INLINE_SHM_BYTES
+        ids = req.ids
+        out = torch.empty((ids.size, req.dim), dtype=TORCH_DTYPES[req.dtype])  # (n, D)
+        big = ids.size * req.dim * ITEMSIZE[req.dtype] > INLINE_SHM_BYTES
         attempt = 0
         for _ in range(3):  # a retired file is reopened at most twice per call
-            reader = self._reader(peer, address, table=table, dim=dim)
+            reader = self._reader(peer, address, table=req.table, dim=req.dim)
             if reader is None:
                 return None
+            read = functools.partial(
+                reader.read, ids, out, epoch=req.epoch, step=req.step, max_staleness=req.max_staleness
+            )
             while True:
-                if big:
-                    got = await loop.run_in_executor(
-                        None, lambda r=reader: r.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
-                    )
-                else:
-                    got = reader.read(ids, out, epoch=epoch, step=step, max_staleness=max_staleness)
+                got = await loop.run_in_executor(None, read) if big else read()
                 if not isinstance(got, Miss):
                     return out, got
                 if got.reason != "stale":
@@ -158,20 +155,20 @@ class ShmPaths:
                 if loop.time() + delay >= deadline:
                     raise ShardError(
                         Code.DEADLINE_EXCEEDED,
-                        f"rows of table {table} for step {step} still miss "
-                        f"{step - 1 - got.applied_step} steps of updates (staleness bound "
-                        f"{max_staleness})",
+                        f"rows of table {req.table} for step {req.step} still miss "
+                        f"{req.step - 1 - got.applied_step} steps of updates (staleness bound "
+                        f"{req.max_staleness})",
                         address=address,
                         call="Lookup (shm)",
                     )
                 await asyncio.sleep(delay)
             if got.reason == "retired":
-                peer.readers.pop(table, None)
+                peer.readers.pop(req.table, None)
                 continue
-            if got.reason == "epoch" and got.epoch > epoch:
+            if got.reason == "epoch" and got.epoch > req.epoch:
                 raise ShardError(
                     Code.FAILED_PRECONDITION,
-                    f"stale slot-map epoch {epoch} (shard is at {got.epoch}): refresh the slot map",
+                    f"stale slot-map epoch {req.epoch} (shard is at {got.epoch}): refresh the slot map",
                     address=address,
                     call="Lookup (shm)",
                 )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from services.client.row_paths import RowPaths
+from services.client.row_request import RowRequest
 from services.client.state import Routing
 
 Landed = tuple[torch.Tensor, int | None]  # ((U, D) rows in the wire dtype, the oldest applied step)
@@ -79,17 +80,8 @@ class TcpNow:
         if target is None:
             return None
         shard, address = target
-        sent = self.row_paths.tcp_issue(
-            shard_id=shard,
-            address=address,
-            table=table,
-            ids=ids,
-            dtype=self._dtype,
-            dim=dim,
-            epoch=routing.epoch,
-            step=step,
-            max_staleness=max_staleness,
-        )
+        req = RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness)
+        sent = self.row_paths.tcp_issue(req, shard_id=shard, address=address)
         if sent is None:
             return None
         loop = asyncio.get_running_loop()

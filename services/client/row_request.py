@@ -1,0 +1,19 @@
+"""`RowRequest`: one shard's share of a lookup, as every row path (shared memory, the TCP data
+plane, the gRPC Lookup) is asked it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    table: int
+    ids: np.ndarray  # (n,) int64 row ids, checked in range
+    dtype: int  # the wire dtype's code (services/wire.py)
+    dim: int  # values per row D
+    epoch: int  # the slot map the ids were routed by
+    step: int = 0  # training: the 1-based step the rows are for (0: not training)
+    max_staleness: int = 0  # steps of updates the rows may miss (with `step`)

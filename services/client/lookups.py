@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -97,31 +97,36 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
             span = self._inline_span(t0, table=table, rows=int(d.unique.size), ids=int(flat.size))
             return LookupHandle(table=table, dedup=d, task=landed, upcast=upcast, span=span, dim=layout.dim)
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
-        sent = self._issue_tcp(  # written to the data plane already: the connection's future, no task
-            table,
-            d.unique,
-            dim=layout.dim,
-            deadline=deadline,
-            refreshes=self.retry.max_refreshes,
-            step=step,
-            max_staleness=max_staleness,
-            t0_ns=t0,
-            num_ids=int(flat.size),
-        )
-        if sent is not None:
-            return LookupHandle(
-                table=table, dedup=d, task=sent, upcast=upcast, dim=layout.dim, fp8=self.wire_dtype == "fp8"
-            )
-        task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
-            self._gather(
+
+        def general(direct: bool = False) -> Coroutine[Any, Any, tuple[torch.Tensor, int | None]]:
+            """The lookup as a coroutine: routed, chunked, retried, refreshed, falling back."""
+            return self._gather(
                 table,
                 d.unique,
                 deadline=deadline,
                 refreshes=self.retry.max_refreshes,
                 step=step,
                 max_staleness=max_staleness,
-                direct=True,
-            ),
+                direct=direct,
+            )
+
+        sent = self._issue_tcp(  # written to the data plane already: the connection's future, no task
+            table,
+            d.unique,
+            dim=layout.dim,
+            deadline=deadline,
+            step=step,
+            max_staleness=max_staleness,
+            t0_ns=t0,
+            num_ids=int(flat.size),
+            general=general,
+        )
+        if sent is not None:
+            return LookupHandle(
+                table=table, dedup=d, task=sent, upcast=upcast, dim=layout.dim, fp8=self.wire_dtype == "fp8"
+            )
+        task, span = traced_task(  # span "lookup": issue -> rows landed; the per-shard RPC spans are its children
+            general(direct=True),
             "lookup",
             table=table,
             rows=int(d.unique.size),

@@ -12,7 +12,7 @@ refreshes and fallbacks then apply.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,17 +35,6 @@ class TcpNow:
         def _keep_fresh(self) -> None: ...
         def _chunk_rows(self, dim: int) -> int: ...
         def _sole_owner(self, routing: Routing) -> int | None: ...
-        def _gather(
-            self,
-            table: int,
-            ids: np.ndarray,
-            *,
-            deadline: float,
-            refreshes: int,
-            step: int = 0,
-            max_staleness: int = 0,
-            direct: bool = False,
-        ) -> Coroutine[Any, Any, Landed]: ...
         @staticmethod
         def _inline_span(t0_ns: int, *, table: int, rows: int, ids: int, row_path: str = "shm") -> Any: ...
 
@@ -67,13 +56,14 @@ class TcpNow:
         *,
         dim: int,
         deadline: float,
-        refreshes: int,
         step: int,
         max_staleness: int,
         t0_ns: int,
         num_ids: int,
+        general: Callable[[], Coroutine[Any, Any, Landed]],
     ) -> asyncio.Future[Landed] | None:
-        """(U,) distinct ids -> the future of their rows, the request already written; None: issue a task."""
+        """(U,) distinct ids -> the future of their rows, the request already written; None: issue a task.
+        `general()`: the lookup the general way (a coroutine), taken when this one fails."""
         self._keep_fresh()
         routing = self._routing
         target = self._direct_shard(routing, ids.size, dim)
@@ -97,10 +87,7 @@ class TcpNow:
                 self._inline_span(t0_ns, table=table, rows=int(ids.size), ids=num_ids, row_path="tcp")
                 landed.set_result(f.result())
                 return
-            again = asyncio.ensure_future(  # the general way sees the same failure and handles it
-                self._gather(table, ids, deadline=deadline, refreshes=refreshes, step=step, max_staleness=max_staleness)
-            )
-            _chain(again, landed)
+            _chain(asyncio.ensure_future(general()), landed)  # the general way sees the same failure and handles it
 
         sent.add_done_callback(done)
         landed.add_done_callback(lambda f: sent.cancel() if f.cancelled() else None)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from services.client import ShardClient
+from services.client.row_request import LookupCall
 from services.launcher import LocalCluster
 from tests import fixtures_tls
 from tests.fixtures_procs import expected_rows, run
@@ -111,26 +112,18 @@ def test_training_lookups_carry_step_and_return_applied_step(cluster: LocalClust
                 applied = stats[shard].tables[0].applied_step
                 ids = np.array([5], dtype=np.int64)
                 rows, got = await client._lookup_chunk(
-                    1,
+                    LookupCall(1, client_deadline(), refreshes=0, step=applied + 1, max_staleness=0),
                     shard_id=shard,
                     ids=ids,
                     routing=routing,
-                    deadline=client_deadline(),
-                    refreshes=0,
-                    step=applied + 1,
-                    max_staleness=0,
                 )
                 assert got == applied and rows.shape == (1, client.layouts[1].dim)
                 with pytest.raises(Exception) as info:  # 3 steps ahead of the updates: refused until the deadline
                     await client._lookup_chunk(
-                        1,
+                        LookupCall(1, client_deadline(0.4), refreshes=0, step=applied + 3, max_staleness=1),
                         shard_id=shard,
                         ids=ids,
                         routing=routing,
-                        deadline=client_deadline(0.4),
-                        refreshes=0,
-                        step=applied + 3,
-                        max_staleness=1,
                     )
                 assert getattr(info.value, "code", None) is not None
                 assert info.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), info.value

@@ -39,7 +39,7 @@ from services.client.routing import (
     split_by_owner,
 )
 from services.client.row_paths import RowPaths
-from services.client.row_request import RowRequest
+from services.client.row_request import LookupCall
 from services.client.shm_now import ShmNow
 from services.client.state import Routing, gather_or_cancel
 from services.client.tcp_now import TcpNow
@@ -98,28 +98,14 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
             return LookupHandle(table=table, dedup=d, task=landed, upcast=upcast, span=span, dim=layout.dim)
         deadline = loop.time() + (self.timeout_s if timeout_s is None else timeout_s)
 
+        call = LookupCall(table, deadline, self.retry.max_refreshes, step, max_staleness)
+
         def general(direct: bool = False) -> Coroutine[Any, Any, tuple[torch.Tensor, int | None]]:
             """The lookup as a coroutine: routed, chunked, retried, refreshed, falling back."""
-            return self._gather(
-                table,
-                d.unique,
-                deadline=deadline,
-                refreshes=self.retry.max_refreshes,
-                step=step,
-                max_staleness=max_staleness,
-                direct=direct,
-            )
+            return self._gather(call, d.unique, direct=direct)
 
         sent = self._issue_tcp(  # written to the data plane already: the connection's future, no task
-            table,
-            d.unique,
-            dim=layout.dim,
-            deadline=deadline,
-            step=step,
-            max_staleness=max_staleness,
-            t0_ns=t0,
-            num_ids=int(flat.size),
-            general=general,
+            call, d.unique, dim=layout.dim, t0_ns=t0, num_ids=int(flat.size), general=general
         )
         if sent is not None:
             return LookupHandle(
@@ -144,15 +130,7 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
         return max(1, min(limit, self.chunk_bytes // width))
 
     async def _gather(
-        self,
-        table: int,
-        ids: np.ndarray,
-        *,
-        deadline: float,
-        refreshes: int,
-        step: int = 0,
-        max_staleness: int = 0,
-        direct: bool = False,
+        self, call: LookupCall, ids: np.ndarray, *, direct: bool = False
     ) -> tuple[torch.Tensor, int | None]:
         """(n,) distinct ids -> ((n, D) rows in the wire dtype in the order of `ids` (fp8: (n, D + D/32)
         bytes, dequantised by the handle), oldest applied_step of the shards asked, None if none was).
@@ -160,111 +138,61 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
         `direct`: a lookup that one shard serves in one data-plane message is first sent as just
         that (no chunking, reassembly or retry layers: they cost more than the request on a 1K-row
         lookup); anything unexpected and it is taken from the top, the general way."""
-        dim = self.layouts[table].dim
+        dim = self.layouts[call.table].dim
         self._keep_fresh()
         routing = self._routing
         target = self._direct_shard(routing, ids.size, dim) if direct else None
         if target is not None:
             shard, address = target
             try:
-                req = RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness)
-                return await self.row_paths.tcp_once(req, shard_id=shard, address=address, deadline=deadline)
+                req = call.rows(ids, dtype=self._dtype, dim=dim, epoch=routing.epoch)
+                return await self.row_paths.tcp_once(req, shard_id=shard, address=address, deadline=call.deadline)
             except (ShardError, DataPlaneDown, TimeoutError):
                 pass  # the general way below sees the same failure and handles it (retry, refresh, fallback)
         sole, shards = self._owners(routing)
         chunks = chunk_groups(split_by_owner(ids, routing.owners, sole=sole, shards=shards), self._chunk_rows(dim))
-        return await self._fan_out(
-            table,
-            ids.size,
-            chunks,
-            routing=routing,
-            deadline=deadline,
-            refreshes=refreshes,
-            step=step,
-            max_staleness=max_staleness,
-        )
+        return await self._fan_out(call, ids.size, chunks, routing=routing)
 
     async def _fan_out(
         self,
-        table: int,
+        call: LookupCall,
         num_ids: int,
         groups: Sequence[Group | Chunk],
         *,
         routing: Routing,
-        deadline: float,
-        refreshes: int,
-        step: int,
-        max_staleness: int,
         tried: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, int | None]:
         """Groups of ids by holder -> ((U, D) rows in the ids' order, the oldest applied step), all at once."""
         parts = await gather_or_cancel(
-            [
-                self._lookup_chunk(
-                    table,
-                    shard_id=g.shard,
-                    ids=g.ids,
-                    routing=routing,
-                    deadline=deadline,
-                    refreshes=refreshes,
-                    step=step,
-                    max_staleness=max_staleness,
-                    tried=tried,
-                )
-                for g in groups
-            ]
+            [self._lookup_chunk(call, shard_id=g.shard, ids=g.ids, routing=routing, tried=tried) for g in groups]
         )
         applied = min((a for _, a in parts if a is not None), default=None)
         placed = [(slice(0, num_ids) if g.positions is None else g.positions, p) for g, (p, _) in zip(groups, parts)]
-        cols = row_cols(self._dtype, self.layouts[table].dim)  # fp8: D + D/32 bytes a row
+        cols = row_cols(self._dtype, self.layouts[call.table].dim)  # fp8: D + D/32 bytes a row
         return assemble(num_ids, cols, self._torch_dtype, parts=placed), applied
 
     async def _lookup_chunk(
         self,
-        table: int,
+        call: LookupCall,
         *,
         shard_id: int,
         ids: np.ndarray,
         routing: Routing,
-        deadline: float,
-        refreshes: int,
-        step: int = 0,
-        max_staleness: int = 0,
         tried: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the applied step): from `shard_id`, or, with replicas, from the next holder of
         the slots when it fails or does not answer in cluster.replica_switch_s (services/client/replicas.py)."""
         if routing.holders is None:
-            return await self._lookup_on(
-                table,
-                shard_id=shard_id,
-                ids=ids,
-                routing=routing,
-                deadline=deadline,
-                refreshes=refreshes,
-                step=step,
-                max_staleness=max_staleness,
-            )
+            return await self._lookup_on(call, shard_id=shard_id, ids=ids, routing=routing)
         loop = asyncio.get_running_loop()
         tried = tried | {shard_id}
         alt = alternate_owners(routing.holders, set(tried))  # (S,) next holder per slot, -1 if none left
         alt_of_ids = alt[slot_of(ids, alt.shape[0])]  # (n,)
         can_switch = bool(ids.size) and bool((alt_of_ids >= 0).all())
-        budget = min(deadline - loop.time(), self.cfg.cluster.replica_switch_s)
+        budget = min(call.deadline - loop.time(), self.cfg.cluster.replica_switch_s)
         try:
-            return await asyncio.wait_for(
-                self._lookup_on(  # no retries here: the next holder is the retry
-                    table,
-                    shard_id=shard_id,
-                    ids=ids,
-                    routing=routing,
-                    deadline=deadline,
-                    refreshes=refreshes,
-                    step=step,
-                    max_staleness=max_staleness,
-                    retry=False,
-                ),
-                budget,
+            return await asyncio.wait_for(  # no retries here: the next holder is the retry
+                self._lookup_on(call, shard_id=shard_id, ids=ids, routing=routing, retry=False), budget
             )
         except TimeoutError:
             err = ShardError(
@@ -276,87 +204,55 @@ class ShardLookups(TcpNow, ShmNow, ClientBase):
             )
         except ShardError as exc:
             err = exc
-        if err.code not in SWITCH_CODES or loop.time() >= deadline:
+        if err.code not in SWITCH_CODES or loop.time() >= call.deadline:
             raise err
         if not can_switch:
             # no other holder in this map: a newer one may list one (failover, repair); else keep waiting here
             try:
-                moved = refreshes > 0 and await self._newer_than(routing.epoch)
+                moved = call.refreshes > 0 and await self._newer_than(routing.epoch)
             except Exception:  # noqa: BLE001 - the control plane is down: this shard is all we know
                 moved = False
             if moved:
-                return await self._gather(
-                    table, ids, deadline=deadline, refreshes=refreshes - 1, step=step, max_staleness=max_staleness
-                )
-            return await self._lookup_on(
-                table,
-                shard_id=shard_id,
-                ids=ids,
-                routing=routing,
-                deadline=deadline,
-                refreshes=refreshes,
-                step=step,
-                max_staleness=max_staleness,
-            )
+                return await self._gather(call.refreshed(), ids)
+            return await self._lookup_on(call, shard_id=shard_id, ids=ids, routing=routing)
         self.replica_switches += 1
-        return await self._fan_out(
-            table,
-            ids.size,
-            split_by_owner(ids, alt),
-            routing=routing,
-            deadline=deadline,
-            refreshes=refreshes,
-            step=step,
-            max_staleness=max_staleness,
-            tried=tried,
-        )
+        return await self._fan_out(call, ids.size, split_by_owner(ids, alt), routing=routing, tried=tried)
 
     async def _lookup_on(
-        self,
-        table: int,
-        *,
-        shard_id: int,
-        ids: np.ndarray,
-        routing: Routing,
-        deadline: float,
-        refreshes: int,
-        step: int = 0,
-        max_staleness: int = 0,
-        retry: bool = True,
+        self, call: LookupCall, *, shard_id: int, ids: np.ndarray, routing: Routing, retry: bool = True
     ) -> tuple[torch.Tensor, int | None]:
         """-> ((n, D) rows, the shard's applied step): shared memory, TCP data plane or gRPC (row_paths.py)."""
-        dim = self.layouts[table].dim
+        dim = self.layouts[call.table].dim
+        req = call.rows(ids, dtype=self._dtype, dim=dim, epoch=routing.epoch)
         try:
             address = routing.addresses.get(shard_id)
             fast = (
                 None
                 if not address
-                else await self.row_paths.lookup(
-                    RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness),
-                    shard_id=shard_id,
-                    address=address,
-                    deadline=deadline,
-                )
+                else await self.row_paths.lookup(req, shard_id=shard_id, address=address, deadline=call.deadline)
             )
             if fast is not None:
                 return fast
             self.row_paths.used["grpc"] += 1
             request = encode_lookup_request(
-                table=table, epoch=routing.epoch, row_ids=ids, dtype=self._dtype, step=step, max_staleness=max_staleness
+                table=req.table,
+                epoch=req.epoch,
+                row_ids=ids,
+                dtype=req.dtype,
+                step=req.step,
+                max_staleness=req.max_staleness,
             )
             reply = await self._call(
                 shard_id,
                 "Lookup",
                 lambda ep, t: ep.lookup_raw(request, timeout=t),
                 routing=routing,
-                deadline=deadline,
+                deadline=call.deadline,
                 idempotent=retry,
             )
         except ShardError as err:
-            if err.code == Code.FAILED_PRECONDITION and refreshes > 0 and await self._newer_than(routing.epoch):
-                return await self._gather(
-                    table, ids, deadline=deadline, refreshes=refreshes - 1, step=step, max_staleness=max_staleness
-                )
+            if err.code == Code.FAILED_PRECONDITION and call.refreshes > 0 and await self._newer_than(routing.epoch):
+                return await self._gather(call.refreshed(), ids)
             raise
         n = ids.size
         if reply.dtype != self._dtype or reply.dim != dim or len(reply.rows) != n * row_bytes(self._dtype, dim):

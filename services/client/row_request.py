@@ -17,3 +17,22 @@ class RowRequest:
     epoch: int  # the slot map the ids were routed by
     step: int = 0  # training: the 1-based step the rows are for (0: not training)
     max_staleness: int = 0  # steps of updates the rows may miss (with `step`)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupCall:
+    """One client lookup's terms, the same at every layer it passes (routing, chunks, replicas, retries)."""
+
+    table: int
+    deadline: float  # on the client's loop clock
+    refreshes: int  # slot-map refreshes this call may still take
+    step: int = 0
+    max_staleness: int = 0
+
+    def refreshed(self) -> LookupCall:
+        """The same call after one slot-map refresh."""
+        return LookupCall(self.table, self.deadline, self.refreshes - 1, self.step, self.max_staleness)
+
+    def rows(self, ids: np.ndarray, *, dtype: int, dim: int, epoch: int) -> RowRequest:
+        """What one shard is asked for `ids` of this call."""
+        return RowRequest(self.table, ids, dtype, dim, epoch, self.step, self.max_staleness)

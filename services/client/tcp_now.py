@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.client.row_paths import RowPaths
-from services.client.row_request import RowRequest
+from services.client.row_request import LookupCall
 from services.client.state import Routing
 
 Landed = tuple[torch.Tensor, int | None]  # ((U, D) rows in the wire dtype, the oldest applied step)
@@ -51,13 +51,10 @@ class TcpNow:
 
     def _issue_tcp(
         self,
-        table: int,
+        call: LookupCall,
         ids: np.ndarray,
         *,
         dim: int,
-        deadline: float,
-        step: int,
-        max_staleness: int,
         t0_ns: int,
         num_ids: int,
         general: Callable[[], Coroutine[Any, Any, Landed]],
@@ -70,13 +67,13 @@ class TcpNow:
         if target is None:
             return None
         shard, address = target
-        req = RowRequest(table, ids, self._dtype, dim, routing.epoch, step, max_staleness)
+        req = call.rows(ids, dtype=self._dtype, dim=dim, epoch=routing.epoch)
         sent = self.row_paths.tcp_issue(req, shard_id=shard, address=address)
         if sent is None:
             return None
         loop = asyncio.get_running_loop()
         landed: asyncio.Future[Landed] = loop.create_future()
-        timer = loop.call_at(deadline, sent.cancel)  # past the deadline: drop it, the general way then says so
+        timer = loop.call_at(call.deadline, sent.cancel)  # past the deadline: drop it, the general way then says so
 
         def done(f: asyncio.Future) -> None:
             timer.cancel()
@@ -84,7 +81,7 @@ class TcpNow:
                 return
             if not f.cancelled() and f.exception() is None:
                 self.row_paths.used["tcp"] += 1
-                self._inline_span(t0_ns, table=table, rows=int(ids.size), ids=num_ids, row_path="tcp")
+                self._inline_span(t0_ns, table=call.table, rows=int(ids.size), ids=num_ids, row_path="tcp")
                 landed.set_result(f.result())
                 return
             _chain(asyncio.ensure_future(general()), landed)  # the general way sees the same failure and handles it

@@ -69,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     lookup_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
+    if "--json" in lookup_args:  # ours wherever it stands: each run's own report goes to a temporary file
+        at = lookup_args.index("--json")
+        own += lookup_args[at : at + 2]
+        del lookup_args[at : at + 2]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="how many runs (each its own process); >= 1")
     parser.add_argument("--json", default="", help="write the runs and their summary here")
     args = parser.parse_args(own)
     if args.runs < 1:
         parser.error(f"--runs {args.runs}: must be >= 1")
-    if "--json" in lookup_args:
-        parser.error("give --json before the '--' (each run's own report goes to a temporary file)")
     runs, started = [], time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):

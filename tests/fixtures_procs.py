@@ -28,6 +28,17 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def secure_cluster(overrides: list[str], *, num_shards: int, log_dir: Any, **kw: Any) -> LocalCluster:
+    """A tiny-preset LocalCluster as `engram up` starts one (Redis with a password, a signed control
+    plane, mTLS and roles on every shard with the session's certificates), not started yet;
+    `kw`: LocalCluster's other arguments (replicas, shard_args, startup_timeout_s: 60 here)."""
+    kw.setdefault("preset", "tiny")
+    kw.setdefault("startup_timeout_s", 60)
+    return LocalCluster(
+        overrides=overrides, num_shards=num_shards, log_dir=log_dir, secure=True, certs=fixtures_tls.bundle(), **kw
+    )
+
+
 def cluster_fixture(
     *, num_shards: int, overrides: list[str], preset: str = "tiny", secure: bool = True, tls: bool = True
 ) -> Any:

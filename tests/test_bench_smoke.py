@@ -54,6 +54,13 @@ CASES: dict[str, object] = {
         "1",
         "--no-baselines",
     ],
+    "lookup_runs": lambda tmp: [
+        "--runs",
+        "2",
+        "--",
+        *["--shards", "1", "--batches", "256", "--dtypes", "fp32", "--paths", "tcp", "--target-rows", "256"],
+        *["--min-reps", "1", "--max-reps", "1", "--no-baselines"],
+    ],
     "ngram_stats": lambda tmp: ["--preset", "tiny", *_tiny(tmp)],
     "prefetch": lambda tmp: ["--preset", "tiny", "--shards", "1", "--batches", "1", "--repeats", "1", *_tiny(tmp)],
     "quality": lambda tmp: [
@@ -161,3 +168,5 @@ def test_benchmark_runs_at_its_smallest_size(name: str, tmp_path: Path) -> None:
     assert r.returncode == 0, f"{name}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     report = json.loads(out.read_text())
     assert isinstance(report, dict) and report, name
+    if name == "lookup_runs":  # two whole runs and a summary of both
+        assert len(report["per_run"]) == 2 and report["summary"]["tcp fp32 256 1 shard(s)"]["runs"] == 2

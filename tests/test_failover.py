@@ -32,11 +32,9 @@ from engram.data import prepare_data
 from engram.layout import table_layouts
 from services.client.replicas import alternate_owners, holder_matrix
 from services.control.replicas import drop_shards, held_by, place_replicas, plan_repair
-from services.launcher import LocalCluster
-from tests import fixtures_tls
 from tests.corpus import write_code_corpus
 from tests.fixtures_cluster import ShardProcess, shard_procs, start_all  # noqa: F401
-from tests.fixtures_procs import expected_rows
+from tests.fixtures_procs import expected_rows, secure_cluster
 
 pytestmark = pytest.mark.timeout(180)
 FAST = [
@@ -91,16 +89,7 @@ def test_client_holder_matrix_and_alternates():
 
 def test_lookups_survive_kill_restart_and_stop_with_zero_failures(tmp_path):
     over = [*FAST, "cluster.wire_dtype=fp32", "cluster.row_path=tcp"]  # tcp: a stopped shard answers nothing
-    cluster = LocalCluster(
-        preset="tiny",
-        overrides=over,
-        num_shards=2,
-        replicas=2,
-        log_dir=tmp_path / "logs",
-        startup_timeout_s=60,
-        secure=True,
-        certs=fixtures_tls.bundle(),
-    )
+    cluster = secure_cluster(over, num_shards=2, replicas=2, log_dir=tmp_path / "logs")
     with cluster:
         cfg = load_config("tiny", None, [*over, *cluster.cluster_overrides, *cluster.client_overrides("read")])
         table, layout = next(iter(table_layouts(cfg.engram).items()))
@@ -165,17 +154,7 @@ def test_sync_training_survives_a_killed_shard_with_equal_weights(tmp_path):
         f"train.out_dir={tmp_path / 'run'}",
     ]
     data = prepare_data(load_config("tiny", None, base))
-    cluster = LocalCluster(
-        preset="tiny",
-        overrides=base,
-        num_shards=2,
-        replicas=2,
-        log_dir=tmp_path / "logs",
-        startup_timeout_s=60,
-        shard_args=["--threads", "2"],
-        secure=True,
-        certs=fixtures_tls.bundle(),
-    )
+    cluster = secure_cluster(base, num_shards=2, replicas=2, log_dir=tmp_path / "logs", shard_args=["--threads", "2"])
     with cluster:
         cfg = load_config("tiny", None, [*base, *cluster.cluster_overrides, *cluster.client_overrides("train")])
         # kill -9 inside step 4 (its lookups, compute or push); restarted before step 7, rebuilt while training goes on

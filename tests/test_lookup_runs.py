@@ -40,5 +40,5 @@ def test_bad_arguments_are_refused(capsys) -> None:
         main(["--runs", "0"])
     assert "--runs 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--runs", "1", "--", "--json", "x.json"])
-    assert "before the '--'" in capsys.readouterr().err
+        main(["--json"])
+    assert "--json" in capsys.readouterr().err

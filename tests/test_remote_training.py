@@ -29,9 +29,9 @@ from engram.data import prepare_data
 from services.client import ShardError
 from services.client.sync import SyncShardClient
 from services.launcher import LocalCluster
-from tests import fixtures_tls
 from tests.corpus import write_code_corpus
 from tests.faults import ExitAfter
+from tests.fixtures_procs import secure_cluster
 from trainer.local import train_local
 
 ray = pytest.importorskip("ray")
@@ -68,14 +68,8 @@ def overrides(root, name: str, *extra: str) -> list[str]:
 
 def start_cluster(root, name: str, *extra: str, num_shards: int = 2) -> tuple[LocalCluster, list[str]]:
     ov = overrides(root, name, *extra)
-    cluster = LocalCluster(
-        preset="tiny",
-        overrides=ov,
-        num_shards=num_shards,
-        log_dir=root / f"{name}-logs",
-        shard_args=["--threads", "2"],
-        secure=True,
-        certs=fixtures_tls.bundle(),
+    cluster = secure_cluster(
+        ov, num_shards=num_shards, log_dir=root / f"{name}-logs", shard_args=["--threads", "2"], startup_timeout_s=120
     ).start()
     return cluster, ov + cluster.cluster_overrides + cluster.client_overrides("train")  # the trainer's identity
 

@@ -30,8 +30,7 @@ from engram.layout import even_slot_map
 from services.control.rebalance import plan_slot_map, rebalance
 from services.control.replicas import holders, place_replicas, plan_replica_moves
 from services.launcher import LocalCluster
-from tests import fixtures_tls
-from tests.fixtures_procs import run
+from tests.fixtures_procs import run, secure_cluster
 
 pytestmark = pytest.mark.timeout(240)
 FAST = [
@@ -96,16 +95,7 @@ def check_every_holder(cluster: LocalCluster, cfg, pusher: Pusher) -> dict[int, 
 
 
 def test_a_returning_shard_is_rebuilt_from_every_live_replica(tmp_path) -> None:
-    cluster = LocalCluster(
-        preset="tiny",
-        overrides=FAST,
-        num_shards=3,
-        replicas=2,
-        log_dir=tmp_path / "logs",
-        startup_timeout_s=60,
-        secure=True,
-        certs=fixtures_tls.bundle(),
-    )
+    cluster = secure_cluster(FAST, num_shards=3, replicas=2, log_dir=tmp_path / "logs")
     with cluster:  # the pusher is a trainer: the train identity
         cfg = load_config("tiny", None, [*FAST, *cluster.cluster_overrides, *cluster.client_overrides("train")])
         table = cfg.engram.layer_ids[0]
@@ -133,16 +123,7 @@ def test_a_returning_shard_is_rebuilt_from_every_live_replica(tmp_path) -> None:
 
 
 def test_rebalance_moves_replica_sets_while_updates_go_on(tmp_path) -> None:
-    cluster = LocalCluster(
-        preset="tiny",
-        overrides=FAST,
-        num_shards=2,
-        replicas=2,
-        log_dir=tmp_path / "logs",
-        startup_timeout_s=60,
-        secure=True,
-        certs=fixtures_tls.bundle(),
-    )
+    cluster = secure_cluster(FAST, num_shards=2, replicas=2, log_dir=tmp_path / "logs")
     with cluster:  # the pusher is a trainer: the train identity
         cfg = load_config("tiny", None, [*FAST, *cluster.cluster_overrides, *cluster.client_overrides("train")])
         table = cfg.engram.layer_ids[0]

@@ -16,8 +16,7 @@ import torch
 from services.client import ShardClient
 from services.client.row_request import LookupCall
 from services.launcher import LocalCluster
-from tests import fixtures_tls
-from tests.fixtures_procs import expected_rows, run
+from tests.fixtures_procs import expected_rows, run, secure_cluster
 
 OVERRIDES = ["cluster.optimizer=adagrad", "engram.table_size_per_ngram=[4099,4099]"]
 
@@ -25,14 +24,9 @@ OVERRIDES = ["cluster.optimizer=adagrad", "engram.table_size_per_ngram=[4099,409
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     shm = tmp_path_factory.mktemp("shm")
-    with LocalCluster(
-        preset="tiny",
-        overrides=[*OVERRIDES, f"cluster.shm_dir={shm}"],
-        num_shards=2,
-        log_dir=tmp_path_factory.mktemp("logs"),
-        startup_timeout_s=60,
-        secure=True,
-        certs=fixtures_tls.bundle(),  # the TCP path runs TLS; shared memory never leaves the host
+    # the TCP path runs TLS; shared memory never leaves the host
+    with secure_cluster(
+        [*OVERRIDES, f"cluster.shm_dir={shm}"], num_shards=2, log_dir=tmp_path_factory.mktemp("logs")
     ) as c:
         c.shm = shm
         yield c
@@ -271,15 +265,7 @@ def test_missing_shm_dir_falls_back_to_tcp_with_one_warning(cluster: LocalCluste
 
 def test_shard_without_shm_dir_serves_tcp(tmp_path) -> None:
     overrides = [*OVERRIDES, "cluster.shm_dir=/nonexistent-engram-shm"]
-    with LocalCluster(
-        preset="tiny",
-        overrides=overrides,
-        num_shards=1,
-        log_dir=tmp_path,
-        startup_timeout_s=60,
-        secure=True,
-        certs=fixtures_tls.bundle(),
-    ) as c:
+    with secure_cluster(overrides, num_shards=1, log_dir=tmp_path) as c:
 
         async def go() -> dict:
             client = await ShardClient.connect(c.control(), wire_dtype="fp16", security=c.security("read"))

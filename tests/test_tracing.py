@@ -25,6 +25,7 @@ from services import telemetry
 from services.client import ShardClient
 from services.launcher import LocalCluster
 from tests import fixtures_tls
+from tests.fixtures_procs import secure_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RPC = "/engram.shard.v1.MemoryShard/Lookup"
@@ -54,7 +55,7 @@ def test_lookup_trace_spans_processes_with_parent_links(monkeypatch):
         monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
         tel = telemetry.setup_telemetry("engram-test", env={**_clean_env(), **env})
         try:
-            with LocalCluster(preset="tiny", num_shards=2, secure=True, certs=fixtures_tls.bundle()) as cluster:
+            with secure_cluster([], num_shards=2, log_dir=None, startup_timeout_s=120) as cluster:
                 ids = np.concatenate([np.arange(0, 64), np.arange(0, 32)]).astype(np.int64)  # both shards, repeats
                 rows, unique = asyncio.run(_lookup(cluster, ids))
                 assert tuple(rows.shape) == (

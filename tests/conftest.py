@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import engram  # noqa: F401 - first, before any matmul: MKL's reproducible mode (engram/__init__.py)
 from services.shard.shm_table import sweep_dead_tables
 
 

@@ -1,5 +1,7 @@
-"""`RowRequest`: one shard's share of a lookup, as every row path (shared memory, the TCP data
-plane, the gRPC Lookup) is asked it."""
+"""What a lookup carries down the client's layers: `LookupCall`, one lookup's terms (table,
+deadline, refreshes left, step, staleness bound) through routing, chunks, replicas and retries
+(lookups.py); `RowRequest`, one shard's share of it, as every row path (shared memory, the TCP
+data plane, the gRPC Lookup) is asked it."""
 
 from __future__ import annotations
 

@@ -125,6 +125,7 @@ class ClusterConfig:
     # a client reads rows from shared memory only when its host_id equals the shard's (set it to the
     # node name where containers on one node have different hostnames)
     shm_dir: str = "/dev/shm"  # where shards publish their tables (a tmpfs shared by shards and workers)
+    shm_huge_pages: bool = True  # once a table file is filled, ask the kernel for 2 MiB pages (MADV_COLLAPSE)
     row_path: RowPath = "auto"  # auto (shm on the same host, else tcp) | shm | tcp | grpc: how lookups travel
     data_port: int = 0  # the shard's TCP data-plane port; 0 -> a free port (registered next to its gRPC address)
     row_mirror: RowMirror = "bf16"  # "" (none) | bf16 | fp16: a narrow copy of the fp32 rows kept next to them

@@ -47,6 +47,7 @@ from services.shard.shm_table import (
     header_token,
     mapped,
 )
+from services.shm_map import FileMap
 from services.wire import TORCH_DTYPES
 
 SEQ_TRIES = 64  # gathers tried while updates keep overlapping, then the caller takes another path
@@ -82,13 +83,14 @@ class ShmTableReader:
             size = os.fstat(fd).st_size
             if size < BASE_OFFSET:
                 raise ShmUnavailable(f"{path}: {size} bytes, too small for a table file")
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self.map = FileMap(fd, size, writable=False)  # 2 MiB-aligned: the shard's huge pages map whole
         except OSError as exc:
             raise ShmUnavailable(f"cannot map {path}: {exc.strerror}") from None
         finally:
             os.close(fd)
         self.path = path
-        h = self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64, live
+        buf = self.map.buf
+        h = self.header = np.frombuffer(buf, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64, live
         if int(h[H_MAGIC]) != MAGIC or int(h[H_VERSION]) != VERSION:
             raise ShmUnavailable(f"{path}: not an Engram table file of version {VERSION}")
         if header_token(h) != token:
@@ -103,16 +105,16 @@ class ShmTableReader:
             )
         self.epoch = int(h[H_EPOCH])
         self.num_slots = num_slots
-        self.base = np.frombuffer(self.mm, dtype="<i8", count=num_slots, offset=BASE_OFFSET).copy()  # (S,)
+        self.base = np.frombuffer(buf, dtype="<i8", count=num_slots, offset=BASE_OFFSET).copy()  # (S,)
         self.shift = num_slots.bit_length() - 1 if num_slots & (num_slots - 1) == 0 else -1
         with warnings.catch_warnings():  # read-only mapping: these tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            self.weights = mapped(self.mm, torch.float32, rows=rows, dim=dim, offset=int(h[H_WEIGHTS_OFFSET]))  # (R, D)
+            self.weights = mapped(buf, torch.float32, rows=rows, dim=dim, offset=int(h[H_WEIGHTS_OFFSET]))  # (R, D)
             code = int(h[H_MIRROR_DTYPE])
             self.mirror = (
                 None
                 if not code
-                else mapped(self.mm, TORCH_DTYPES[code], rows=rows, dim=dim, offset=int(h[H_MIRROR_OFFSET]))
+                else mapped(buf, TORCH_DTYPES[code], rows=rows, dim=dim, offset=int(h[H_MIRROR_OFFSET]))
             )  # (R, D)
         self._whole_rows = {t.dtype: void_rows(t) for t in (self.weights, self.mirror) if t is not None}  # (R,) each
         self._regions = {torch.float32: (int(h[H_WEIGHTS_OFFSET]), rows * dim * 4)}  # dtype -> (offset, bytes)
@@ -124,14 +126,14 @@ class ShmTableReader:
     @property
     def header_words(self) -> memoryview:
         """The live header as (512,) uint64 words: reads of python ints, no numpy scalar per word."""
-        return memoryview(self.mm)[: HEADER_WORDS * 8].cast("Q")
+        return self.map.buf[: HEADER_WORDS * 8].cast("Q")
 
     def row_bytes(self, dtype: torch.dtype) -> memoryview | None:
         """The rows stored in `dtype` (mirror or weights) as one byte view, row r at r * D * itemsize; None if none."""
         if dtype not in self._whole_rows:
             return None
         offset, nbytes = self._regions[dtype]
-        return memoryview(self.mm)[offset : offset + nbytes]
+        return self.map.buf[offset : offset + nbytes]
 
     @property
     def retired(self) -> bool:
@@ -152,9 +154,9 @@ class ShmTableReader:
         if not nbytes:
             return
         try:
-            self.mm.madvise(MADV_POPULATE_READ, offset, nbytes)
+            self.map.madvise(MADV_POPULATE_READ, offset, nbytes)
         except (OSError, ValueError):  # an older kernel: touch one byte per page instead
-            np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=offset)[::PAGE].max()
+            np.frombuffer(self.map.buf, dtype=np.uint8, count=nbytes, offset=offset)[::PAGE].max()
 
     def positions(self, ids: np.ndarray) -> np.ndarray | None:
         """(n,) ids -> (n,) positions, or None if a row's slot is not in this file."""

@@ -203,6 +203,7 @@ async def serve(cfg: Config, opts: ServeOptions, *, ready_out=sys.stdout) -> int
         shm_dir=cfg.cluster.shm_dir,
         namespace=cfg.cluster.namespace,
         shard_id=opts.shard_id,
+        huge_pages=cfg.cluster.shm_huge_pages,
     )
     # a checkpoint overwrites every owned row (or the shard does not start): skip the init then
     try:

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import secrets
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from services.shm_map import MADV_HUGEPAGE, FileMap
 
 log = logging.getLogger("engram.shard")
 
@@ -61,7 +64,6 @@ ALIGN = 2 << 20  # row arrays start on 2 MiB boundaries (huge pages where tmpfs 
 ) = range(18)
 MIRROR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIRROR_CODES = {torch.bfloat16: 2, torch.float16: 3}  # = shard_pb2.WireDtype BF16 / FP16 (checked in tests)
-_MADV_HUGEPAGE = 14
 
 
 def local_host_id(configured: str) -> str:
@@ -137,17 +139,21 @@ class ShmTable:
         try:
             self.inode = os.fstat(fd).st_ino
             os.ftruncate(fd, size)
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.map = FileMap(fd, size, writable=True)  # 2 MiB-aligned: its rows can sit on huge pages
         finally:
             os.close(fd)
         with contextlib.suppress(Exception):  # best effort; tmpfs honours it with shmem_enabled=advise
-            self.mm.madvise(_MADV_HUGEPAGE, weights_offset, size - weights_offset)
-        self.header = np.frombuffer(self.mm, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64
-        np.frombuffer(self.mm, dtype="<i8", count=base.size, offset=BASE_OFFSET)[:] = base
-        self.weights = mapped(self.mm, torch.float32, rows=rows, dim=dim, offset=weights_offset)  # (R, D)
+            self.map.madvise(MADV_HUGEPAGE, weights_offset, size - weights_offset)
+        buf = self.map.buf
+        self.header = np.frombuffer(buf, dtype="<u8", count=HEADER_WORDS)  # (512,) uint64
+        np.frombuffer(buf, dtype="<i8", count=base.size, offset=BASE_OFFSET)[:] = base
+        self.weights = mapped(buf, torch.float32, rows=rows, dim=dim, offset=weights_offset)  # (R, D)
         self.mirror = (
-            None if mirror is None else mapped(self.mm, mirror, rows=rows, dim=dim, offset=mirror_offset)
+            None if mirror is None else mapped(buf, mirror, rows=rows, dim=dim, offset=mirror_offset)
         )  # (R, D)
+        self.regions = [(weights_offset, self.weights.nbytes)]  # (offset, bytes) of the row arrays
+        if self.mirror is not None:
+            self.regions.append((mirror_offset, self.mirror.nbytes))
         h = self.header
         h[H_VERSION], h[H_SEQ], h[H_APPLIED_STEP], h[H_EPOCH], h[H_RETIRED] = VERSION, 0, 0, epoch, 0
         h[H_SHARD], h[H_TABLE], h[H_ROWS], h[H_DIM], h[H_NUM_SLOTS] = shard_id, table, rows, dim, base.size
@@ -156,6 +162,11 @@ class ShmTable:
         h[H_TOKEN0], h[H_TOKEN1] = np.frombuffer(token, dtype="<u8")
         h[H_PID] = os.getpid()
         h[H_MAGIC] = MAGIC  # last: a reader that sees the magic sees a complete header
+
+    def collapse(self) -> tuple[int, int]:
+        """Back the filled row arrays with 2 MiB pages where the kernel can -> (bytes collapsed, bytes)."""
+        done = sum(self.map.collapse(offset, nbytes) for offset, nbytes in self.regions)
+        return done, sum(nbytes for _, nbytes in self.regions)
 
     def begin_write(self) -> None:
         self.header[H_SEQ] += 1  # odd: rows are being written
@@ -187,8 +198,11 @@ class ShmTable:
 class TableMemory:
     """Allocates table memory for a store: shared files when `shm_dir` works, else private."""
 
-    def __init__(self, *, mirror: str = "", shm_dir: str = "", namespace: str = "", shard_id: int = 0) -> None:
+    def __init__(
+        self, *, mirror: str = "", shm_dir: str = "", namespace: str = "", shard_id: int = 0, huge_pages: bool = True
+    ) -> None:
         self.mirror_dtype = MIRROR_DTYPES.get(mirror) if mirror else None
+        self.huge_pages = huge_pages
         self.shard_id = shard_id
         self.namespace = namespace
         self.token = secrets.token_bytes(16)  # tells a reader this file is this shard process's
@@ -259,6 +273,26 @@ class TableMemory:
             if old is not None:
                 old.retire()
                 old.unlink()  # a no-op when the new file took its name
+        fresh = [p.shm for p in placements.values() if p.shm is not None]
+        if self.huge_pages and fresh:
+            threading.Thread(target=self._collapse, args=(fresh,), name="engram-huge-pages", daemon=True).start()
+
+    def _collapse(self, tables: list[ShmTable]) -> None:
+        """Beside serving: the filled files onto 2 MiB pages (services/shm_map.py), logged once."""
+        t0 = time.perf_counter()
+        done = total = 0
+        for shm in tables:
+            got, nbytes = shm.collapse()
+            done, total = done + got, total + nbytes
+        how = "on 2 MiB pages" if done else "on 4 KiB pages (the kernel collapsed none: MADV_COLLAPSE needs Linux 6.1+)"
+        log.info(
+            "shard %d: %d MiB of its %d MiB of table rows %s (%.2f s)",
+            self.shard_id,
+            done >> 20,
+            total >> 20,
+            how,
+            time.perf_counter() - t0,
+        )
 
     def files(self) -> dict[int, str]:
         return {t: s.path.name for t, s in self.published.items()}

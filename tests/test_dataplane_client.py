@@ -8,13 +8,14 @@ a reply cut off mid-rows, an idle close). The real shard's side is tests/test_da
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
 import torch
 
-from services.client.dataplane import DataPlaneClient, DataPlaneDown
+from services.client.dataplane import RCV_LOWAT, DataPlaneClient, DataPlaneDown, _Conn
 from services.client.errors import Code, ShardError
 from services.client.row_request import RowRequest
 from services.errors import Reason, error_reason
@@ -22,7 +23,8 @@ from services.frames import REPLY, REQUEST, STATUS_OF, Reply, Request, error_rep
 
 DIM = 4
 FP32 = 1
-Script = Callable[[Request, np.ndarray], tuple[bytes, bool]]  # -> (bytes to send, keep the connection open)
+Script = Callable[[Request, np.ndarray], tuple[bytes | list[bytes], bool]]  # -> (bytes, or pieces sent
+# apart with a pause between them, and whether to keep the connection open)
 
 
 def rows_for(ids: np.ndarray) -> np.ndarray:
@@ -53,8 +55,11 @@ async def serve(scripts: list[Script]) -> tuple[asyncio.AbstractServer, list[int
                 req = Request.unpack(await reader.readexactly(REQUEST.size))
                 ids = np.frombuffer(await reader.readexactly(req.body_len), dtype="<i8")
                 data, keep = scripts.pop(0)(req, ids)
-                writer.write(data)
-                await writer.drain()
+                for piece in data if isinstance(data, list) else [data]:
+                    writer.write(piece)
+                    await writer.drain()
+                    if isinstance(data, list):
+                        await asyncio.sleep(0.01)
                 if not keep:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -147,3 +152,48 @@ def test_an_idle_connection_the_server_closed_is_not_used() -> None:
         assert torch.equal(await lookup(client, np.array([7])), torch.from_numpy(rows_for(np.array([7]))))
 
     assert run([last], body) == 2
+
+
+def in_pieces(data: bytes, sizes: list[int]) -> list[bytes]:
+    cuts = np.cumsum([0, *sizes])
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)] + [data[cuts[-1] :]]
+
+
+def test_a_large_reply_arriving_slowly_wakes_the_reader_per_lowat_and_never_waits_past_its_end() -> None:
+    """A reply over RCV_LOWAT: the socket's SO_RCVLOWAT is raised for its body, lowered to what is
+    still owed near the end (a last piece smaller than RCV_LOWAT still completes it), back to 1
+    after; a reply cut short mid-body still fails at once (a close wakes the reader)."""
+    ids = np.arange(40_000)  # 640 KB of fp32 rows, > RCV_LOWAT
+    body_bytes = len(rows_for(ids).tobytes())
+    assert body_bytes > 2 * RCV_LOWAT
+
+    def slow(req: Request, ids: np.ndarray) -> tuple[bytes | list[bytes], bool]:
+        return in_pieces(reply(req, ids), [REPLY.size, 100_000, 300_000, 999]), True  # then the ~240 KB rest
+
+    def cut(req: Request, ids: np.ndarray) -> tuple[bytes | list[bytes], bool]:
+        return in_pieces(reply(req, ids)[: REPLY.size + 300_000], [REPLY.size, 100_000]), False
+
+    async def body(client: DataPlaneClient, scripts: list[Script]) -> None:
+        rows = await asyncio.wait_for(lookup(client, ids), 5)
+        assert torch.equal(rows, torch.from_numpy(rows_for(ids)))
+        conn = client._idle[0]
+        assert conn._sock is not None and conn._lowat == 1
+        assert conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # idle: any byte wakes it
+        with pytest.raises(DataPlaneDown, match="closed"):
+            await asyncio.wait_for(lookup(client, ids), 5)  # cut mid-body with SO_RCVLOWAT raised
+
+    seen: list[int] = []
+    real = _Conn._set_lowat
+
+    def spy(self: _Conn, nbytes: int) -> None:
+        seen.append(nbytes)
+        real(self, nbytes)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Conn, "_set_lowat", spy)
+        assert run([slow, cut], body) == 1  # the cut reply came on the same (reused) connection
+    first = seen[: seen.index(1) + 1]  # the slow reply: raised, lowered near its end, back to 1
+    assert first[0] == RCV_LOWAT and first[-1] == 1
+    owed = first[1:-1]
+    assert owed and all(0 < n < RCV_LOWAT for n in owed) and owed == sorted(owed, reverse=True)
+    assert seen[len(first)] == RCV_LOWAT  # raised again for the reply that was cut

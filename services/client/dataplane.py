@@ -43,6 +43,7 @@ from services.wire import ROW_DTYPES, row_bytes, row_cols
 SOCK_BUF = 4 << 20
 MAX_IDLE = 8  # idle connections kept per shard
 SMALL_IDS = 8192  # up to this many ids the header and ids leave as one write (one segment)
+RCV_LOWAT = 256 << 10  # a large plaintext reply wakes the loop per this many bytes (SO_RCVLOWAT), not per segment
 Rows = tuple[torch.Tensor, int]  # ((n, D) rows in the wire dtype, the shard's applied step)
 
 _HEAD, _BODY, _ERROR, _IDLE = range(4)  # what the bytes arriving on a connection are
@@ -72,11 +73,15 @@ class _Conn(asyncio.BufferedProtocol):
         self.refusal: ShardError | None = None  # the error frame that refused this connection at connect
         self.reused = False  # has served a request before (a failure before any reply byte may be a stale close)
         self.replied = False  # bytes of the current reply arrived
+        self._sock: socket.socket | None = None  # plaintext connections: the socket, for SO_RCVLOWAT
+        self._lowat = 1  # the socket's SO_RCVLOWAT now
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.owner.ssl_context is None:  # (TLS: the socket's bytes are not the reply's bytes)
+            self._sock = transport.get_extra_info("socket")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -99,6 +104,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.replied = True
         self._got += nbytes
         if self._got < len(self._view):
+            if self._got + self._lowat > len(self._view):
+                self._set_lowat(len(self._view) - self._got)  # never wait for more than is still to come
             return
         try:
             if self._state == _HEAD:
@@ -163,6 +170,19 @@ class _Conn(asyncio.BufferedProtocol):
             self._finish(result=(self._rows, applied_step))
             return
         self._expect(_BODY, self._rows.view(torch.uint8).numpy().data.cast("B"))
+        if nbytes > RCV_LOWAT:
+            self._set_lowat(RCV_LOWAT)
+
+    def _set_lowat(self, nbytes: int) -> None:
+        """Wake this connection's reads only once `nbytes` have arrived (a shard closing or failing
+        still wakes it at once): a large reply costs ~8x fewer wake-ups, on both ends. Plaintext only,
+        and never more than the reply still owes."""
+        if self._sock is not None and nbytes != self._lowat:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+                self._lowat = nbytes
+            except OSError:
+                self._sock = None  # (not a TCP socket after all): read per segment
 
     def _on_error_body(self) -> None:
         status, reason, closing = self._status
@@ -181,6 +201,8 @@ class _Conn(asyncio.BufferedProtocol):
         fut, self._future = self._future, None
         self._expect(_IDLE, memoryview(self.head))
         self._rows = None
+        if self._lowat != 1:
+            self._set_lowat(1)
         if drop is not None:
             self._drop(drop)
         else:

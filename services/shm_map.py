@@ -27,7 +27,7 @@ import numpy as np
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25  # Linux 6.1+
-_MAP_FIXED = 0x10
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 if _libc is not None:
@@ -45,7 +45,8 @@ class FileMap:
         self.size = size
         self.aligned = False
         if _libc is not None and size >= HUGE_PAGE:
-            self._owner = mmap.mmap(-1, size + HUGE_PAGE, prot=prot)  # the reservation: only addresses
+            # the reservation: only addresses (private, no swap reserved: never touched, no memory)
+            self._owner = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=prot)
             start = int(np.frombuffer(self._owner, dtype=np.uint8, count=1).ctypes.data)
             skew = -start % HUGE_PAGE
             got = _libc.mmap(start + skew, size, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)

@@ -26,6 +26,7 @@ import numpy as np
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now (mmap has no name for it before Python 3.13)
 MADV_COLLAPSE = 25  # Linux 6.1+
 _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux
 

@@ -19,7 +19,7 @@ import torch
 from services.client.shm_reader import ShmTableReader
 from services.launcher.cluster import LocalCluster
 from services.shard.shm_table import HEADER_WORDS, header_token
-from services.shm_map import HUGE_PAGE, FileMap
+from services.shm_map import HUGE_PAGE, MADV_POPULATE_READ, FileMap
 from tests.fixtures_procs import pid_alive
 
 SHM = Path("/dev/shm")
@@ -89,7 +89,7 @@ def test_collapse_puts_the_filled_rows_on_huge_pages_for_every_mapping(shm_file)
     assert done == 5 * HUGE_PAGE
     assert pmd_mapped_kib(os.getpid(), path) >= 5 * HUGE_PAGE // 1024
     reader = FileMap(fd, size, writable=False)  # a co-located client mapping it afterwards
-    reader.madvise(22, 0, size)  # MADV_POPULATE_READ
+    reader.madvise(MADV_POPULATE_READ, 0, size)
     assert pmd_mapped_kib(os.getpid(), path) >= 2 * 5 * HUGE_PAGE // 1024
     assert np.array_equal(np.frombuffer(reader.buf, dtype=np.int64), rows)
     assert writer.collapse(0, HUGE_PAGE - 4096) == 0  # no whole unit: nothing asked

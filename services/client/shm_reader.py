@@ -47,11 +47,10 @@ from services.shard.shm_table import (
     header_token,
     mapped,
 )
-from services.shm_map import FileMap
+from services.shm_map import MADV_POPULATE_READ, FileMap
 from services.wire import TORCH_DTYPES
 
 SEQ_TRIES = 64  # gathers tried while updates keep overlapping, then the caller takes another path
-MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages now (mmap has no name for it before Python 3.13)
 PAGE = mmap.PAGESIZE
 
 

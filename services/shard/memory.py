@@ -19,8 +19,9 @@ from concurrent.futures import Executor
 
 import torch
 
+from services.shm_map import HUGE_PAGE, MADV_HUGEPAGE
+
 _M_ARENA_MAX = -8
-_HUGE_PAGE, _MADV_HUGEPAGE = 2 << 20, 14
 _libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
@@ -31,10 +32,10 @@ def alloc_table(shape: tuple[int, ...]) -> torch.Tensor:
     Advised before the first touch, so the pages are huge when they fault in.
     """
     t = torch.empty(shape, dtype=torch.float32)
-    if t.nbytes >= 4 * _HUGE_PAGE and _libc is not None:
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        end = (t.data_ptr() + t.nbytes) & ~(_HUGE_PAGE - 1)
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # best effort
+    if t.nbytes >= 4 * HUGE_PAGE and _libc is not None:
+        start = (t.data_ptr() + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        end = (t.data_ptr() + t.nbytes) & ~(HUGE_PAGE - 1)
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)  # best effort
     return t
 
 

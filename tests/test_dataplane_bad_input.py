@@ -136,11 +136,11 @@ def assert_good(s: socket.socket, rid: int = 99) -> None:
     assert torch.equal(rows, expected_rows_tiny(ids))
 
 
-def expected_rows_tiny(ids: np.ndarray) -> torch.Tensor:
+def expected_rows_tiny(ids: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from engram.config import load_config
 
     cfg = load_config("tiny", overrides=["engram.table_size_per_ngram=[4099,4099]"])
-    return expected_rows(cfg, 1, ids, dtype=torch.float32)
+    return expected_rows(cfg, 1, ids, dtype=dtype)
 
 
 def assert_closed(s: socket.socket) -> None:
@@ -306,4 +306,18 @@ def test_a_slow_reader_of_a_chunked_reply_holds_up_no_other_connection(big_shard
         rows = torch.frombuffer(body, dtype=torch.float32).view(-1, DIM)
         assert torch.equal(rows, expected_rows_tiny(ids))
         assert_good(slow)
+    assert big_shard.proc.poll() is None
+
+
+def test_a_chunked_reply_of_converted_rows_is_gathered_in_the_pool_and_exact(big_shard) -> None:
+    """fp16 from the fp32 weights (no fp16 mirror): each 2 MiB chunk is converted in the shard's
+    worker pool, not taken whole on its loop; the rows equal the weights rounded to fp16."""
+    ids = np.random.default_rng(6).integers(0, big_shard.num_rows, size=(6 << 20) // (DIM * 2))
+    with connect(big_shard) as s:
+        s.sendall(request(ids, rid=12, dtype=shard_pb2.FP16))
+        reply, body = read_reply(s)
+        assert reply.status == 0 and reply.request_id == 12 and reply.body_len == ids.size * DIM * 2
+        rows = torch.frombuffer(bytearray(body), dtype=torch.float16).view(-1, DIM)
+        assert torch.equal(rows, expected_rows_tiny(ids, torch.float16))
+        assert_good(s)
     assert big_shard.proc.poll() is None

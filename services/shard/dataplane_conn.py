@@ -324,14 +324,16 @@ class Connection(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         step = max(1, self.rules.chunk_bytes // width)
         src_rows = plan.src_rows
-        out_rows = None if src_rows is None else body.view(src_rows.dtype)  # (n,) opaque rows
-        out = _rows_view(body, plan.dtype, n=n, dim=plan.dim)  # (n, D), fp8: (n, D + D/32)
-        idx = torch.from_numpy(plan.pos)
+        if src_rows is not None:
+            out_rows = body.view(src_rows.dtype)  # (n,) opaque rows
+        else:
+            out = _rows_view(body, plan.dtype, n=n, dim=plan.dim)  # (n, D), fp8: (n, D + D/32)
+            idx = torch.from_numpy(plan.pos)
         pool = self.rules.engine.pool
         sent = 0
         for a in range(0, n, step):
             b = min(n, a + step)
-            if src_rows is not None and out_rows is not None:
+            if src_rows is not None:
                 src_rows.take(plan.pos[a:b], out=out_rows[a:b], mode="clip")  # ids checked: no buffering
             else:
                 await loop.run_in_executor(pool, gather_into, plan.src, idx[a:b], out[a:b])

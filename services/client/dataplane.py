@@ -201,8 +201,7 @@ class _Conn(asyncio.BufferedProtocol):
         fut, self._future = self._future, None
         self._expect(_IDLE, memoryview(self.head))
         self._rows = None
-        if self._lowat != 1:
-            self._set_lowat(1)
+        self._set_lowat(1)  # (a no-op unless a large reply raised it)
         if drop is not None:
             self._drop(drop)
         else:
